@@ -141,6 +141,24 @@ macro_rules! catalogue {
                 }
             }
 
+            /// Fuzzing property: a payload that validates deserializes to a value whose
+            /// re-encoding validates and deserializes to the same value.
+            #[cfg(any(test, fuzzing))]
+            pub fn check_reencode(message_type: MessageType, payload: &[u8]) {
+                match message_type {
+                    MessageType::Deliver => {
+                        if let Ok(deliver) = access_deliver(payload) {
+                            reencode::<Envelope>(deliver.envelope);
+                        }
+                    }
+                    $(MessageType::$name => {
+                        if let Ok(archived) = access::<$name>(payload) {
+                            reencode::<$name>(archived);
+                        }
+                    })*
+                }
+            }
+
             /// The frame type of this payload.
             pub fn message_type(&self) -> MessageType {
                 match self {
@@ -224,6 +242,25 @@ catalogue! {
     0x070D => ExportRequest,
     0x070E => ExportReady,
     0x070F => PushRegister,
+}
+
+/// Deserializes `archived`, encodes the value again and checks that it reads back equal.
+#[cfg(any(test, fuzzing))]
+fn reencode<T>(archived: &T::Archived)
+where
+    T: Archive
+        + PartialEq
+        + core::fmt::Debug
+        + for<'a, 'b> rkyv::Serialize<crate::WireSerializer<'a, 'b>>,
+    T::Archived: rkyv::Deserialize<T, rkyv::rancor::Strategy<rkyv::de::Pool, Failure>>
+        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, Failure>>,
+{
+    let value: T = rkyv::deserialize::<T, Failure>(archived).expect("a valid archive deserializes");
+    let mut bytes = Vec::new();
+    crate::encode_archive(&mut bytes, &value).expect("a deserialized value encodes");
+    let again = rkyv::access::<T::Archived, Failure>(&bytes).expect("a re-encoding validates");
+    let back: T = rkyv::deserialize::<T, Failure>(again).expect("and deserializes");
+    assert_eq!(back, value, "re-encoding changed the value");
 }
 
 /// The server-made content of an envelope, validated according to its kind.

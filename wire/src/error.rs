@@ -113,10 +113,9 @@ pub enum EncodeError {
 impl fmt::Display for EncodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            EncodeError::FrameTooLarge { frame_bytes, max_frame_bytes } => write!(
-                f,
-                "frame of {frame_bytes} bytes exceeds the maximum of {max_frame_bytes}"
-            ),
+            EncodeError::FrameTooLarge { frame_bytes, max_frame_bytes } => {
+                write!(f, "frame of {frame_bytes} bytes exceeds the maximum of {max_frame_bytes}")
+            }
             EncodeError::Unrepresentable => {
                 write!(f, "value cannot be archived (a length does not fit in 32 bits)")
             }

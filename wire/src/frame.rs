@@ -313,7 +313,10 @@ fn encode_frame_with(
     let frame_bytes = out.len() - start;
     if frame_bytes as u64 > u64::from(max_frame_bytes) {
         out.truncate(start);
-        return Err(EncodeError::FrameTooLarge { frame_bytes: frame_bytes as u64, max_frame_bytes });
+        return Err(EncodeError::FrameTooLarge {
+            frame_bytes: frame_bytes as u64,
+            max_frame_bytes,
+        });
     }
     let header = FrameHeader {
         payload_len: (frame_bytes - HEADER_BYTES) as u32,

@@ -16,10 +16,7 @@ const MAX: u32 = ABSOLUTE_MAX_FRAME_BYTES;
 /// Encodes `value` as a frame, decodes it back and checks header, length and content.
 fn check_round_trip<T>(value: &T, request_id: u32)
 where
-    T: Payload
-        + PartialEq
-        + core::fmt::Debug
-        + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    T: Payload + PartialEq + core::fmt::Debug + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
     T::Archived: rkyv::Deserialize<T, rkyv::rancor::Strategy<rkyv::de::Pool, Failure>>
         + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, Failure>>,
 {
@@ -168,7 +165,11 @@ proptest! {
         let copies: Vec<DeviceCopyRef<'_>> = send
             .copies
             .iter()
-            .map(|c| DeviceCopyRef { device_id: c.device_id, e2e_type: c.e2e_type, ciphertext: &c.ciphertext })
+            .map(|c| DeviceCopyRef {
+                device_id: c.device_id,
+                e2e_type: c.e2e_type,
+                ciphertext: &c.ciphertext,
+            })
             .collect();
         let send_ref = SendMessageRef {
             client_message_id: send.client_message_id,
@@ -230,7 +231,8 @@ proptest! {
             }
             rest = &rest[n..];
             while let Some(frame) = decoder.next_frame().unwrap() {
-                seen.push((frame.header.message_type, frame.header.request_id, frame.payload.to_vec()));
+                let header = frame.header;
+                seen.push((header.message_type, header.request_id, frame.payload.to_vec()));
             }
         }
         prop_assert_eq!(decoder.buffered_bytes(), 0);
@@ -252,7 +254,12 @@ proptest! {
         payload in proptest::collection::vec(any::<u8>(), 0..300),
     ) {
         let ty = MessageType::ALL[code_index];
-        let header = FrameHeader { payload_len: payload.len() as u32, message_type: ty, flags: 0, request_id: 1 };
+        let header = FrameHeader {
+            payload_len: payload.len() as u32,
+            message_type: ty,
+            flags: 0,
+            request_id: 1,
+        };
         let mut bytes = header.to_bytes().to_vec();
         bytes.extend_from_slice(&payload);
         match decode_frame(&bytes, MAX) {
@@ -263,12 +270,17 @@ proptest! {
             Ok(None) => prop_assert!(false, "a whole frame reported incomplete"),
             Err(error) => prop_assert_eq!(error, DecodeError::BadPayload { message_type: ty }),
         }
+        Message::check_reencode(ty, &payload);
     }
 
     /// Flipping any byte of a valid frame gives a typed error, incompleteness, or a
     /// frame that is still valid; never a panic.
     #[test]
-    fn bit_flips_never_panic(verify: Verify, position in any::<prop::sample::Index>(), mask in 1u8..) {
+    fn bit_flips_never_panic(
+        verify: Verify,
+        position in any::<prop::sample::Index>(),
+        mask in 1u8..,
+    ) {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, 1, 0, &verify, MAX).unwrap();
         let i = position.index(bytes.len());
@@ -381,7 +393,11 @@ fn lying_lengths_are_incomplete_or_bad() {
         to: Conversation::User(2),
         kind: EnvelopeKind::Text,
         ttl_s: 0,
-        copies: vec![DeviceCopy { device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: vec![7; 100] }],
+        copies: vec![DeviceCopy {
+            device_id: 1,
+            e2e_type: E2eType::OlmMessage,
+            ciphertext: vec![7; 100],
+        }],
     };
     let mut bytes = Vec::new();
     encode_frame(&mut bytes, 0, 0, &send, MAX).unwrap();
