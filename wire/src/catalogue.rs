@@ -102,6 +102,15 @@ macro_rules! catalogue {
                 self as u16
             }
 
+            /// Size of the payload's root object (for `Deliver`: the envelope's), which
+            /// `docs/PROTOCOL.md` lists; variable-size data comes before it.
+            pub fn archived_root_bytes(self) -> usize {
+                match self {
+                    MessageType::Deliver => core::mem::size_of::<ArchivedEnvelope>(),
+                    $(MessageType::$name => core::mem::size_of::<<$name as Archive>::Archived>(),)*
+                }
+            }
+
             /// The type's name, for logs and errors.
             pub fn name(self) -> &'static str {
                 match self {

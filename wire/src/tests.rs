@@ -518,3 +518,24 @@ fn message_type_codes_are_distinct() {
         assert_eq!(MessageType::from_code(ty.code()), Some(*ty));
     }
 }
+
+/// `docs/PROTOCOL.md` has a catalogue table with a row per type: code, name and root
+/// size. This keeps it true: a new type, a changed code or a resized root fails here.
+#[test]
+fn protocol_doc_catalogue_matches_the_code() {
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    let mut missing = Vec::new();
+    for ty in MessageType::ALL {
+        let row = format!(
+            "| `0x{:04X}` | [`{}`](#{}) | {} |",
+            ty.code(),
+            ty.name(),
+            ty.name().to_lowercase(),
+            ty.archived_root_bytes()
+        );
+        if !doc.contains(&row) {
+            missing.push(row);
+        }
+    }
+    assert!(missing.is_empty(), "docs/PROTOCOL.md lacks these rows:\n{}", missing.join("\n"));
+}
