@@ -1,9 +1,33 @@
-//! `tern-engine`: Tern's embedded store (append-only segment log, mailbox index, state
-//! tables, checkpoints, space reclaim).
+//! `tern-engine`: Tern's embedded store. Per shard: an append-only log of numbered
+//! segment files, a mailbox index keyed by recipient device, state tables, group
+//! commit, checkpoints, recovery and space reclaim. `docs/STORAGE.md` specifies the files
+//! to the byte and argues crash safety case by case.
 //!
-//! Not built yet: the engine is the subject of the next milestone issue. The format it
-//! will store is already fixed by `tern-wire`: an envelope record is the rkyv archive
-//! of `tern_wire::messages::Envelope`, appended as-is and later framed for delivery
-//! with `tern_wire::encode_deliver` without re-encoding.
+//! A shard belongs to one core: its state is plain owned data behind an `Rc<RefCell>`,
+//! nothing is `Send`, and there is no lock. I/O goes through the [`storage::Storage`]
+//! seam: glommio DMA files (io_uring) in the server ([`uring`]), `std::fs` for tools and
+//! tests, and a simulated disk that models power cuts and failing operations.
+//!
+//! The record is the frame: an envelope is archived once (`tern_wire::EnvelopeRef`),
+//! appended inside an envelope record, and read back as the same bytes, which the edge
+//! frames with `tern_wire::encode_deliver`.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // mmap needs it, once, in `storage::map_file` (with its SAFETY note).
+
+pub mod body;
+pub mod checkpoint;
+mod error;
+pub mod record;
+mod recovery;
+mod shard;
+pub mod state;
+pub mod storage;
+pub mod uring;
+
+pub use body::{AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ReportRecord, StateOp};
+pub use error::{CorruptRecord, OpenError, WriteError};
+pub use shard::{
+    Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
+    ShardConfig, ShardCounters, ShardHandle,
+};
+pub use storage::{PowerCut, SimStorage, StdStorage, Storage, StorageFile};

@@ -23,7 +23,7 @@ mod error;
 mod frame;
 pub mod messages;
 
-pub use borrowed::{DeviceCopyRef, EnvelopeRef, SendMessageRef};
+pub use borrowed::{DeviceCopyRef, EnvelopeRef, SendMessageRef, SliceAsVec};
 pub use catalogue::{
     access, Deliver, EnvelopeContent, Message, MessageType, Payload, DELIVER_PREFIX_BYTES,
 };

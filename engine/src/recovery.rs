@@ -1,0 +1,232 @@
+//! Opening a shard: newest valid checkpoint, then replay of the log after it.
+//!
+//! The cases, in the order `docs/STORAGE.md` (section 6) argues them:
+//! 1. No files: a fresh shard; segment 1 is created and its header synced.
+//! 2. Checkpoints: the newest one that passes its CRCs and decodes is used; damaged ones
+//!    are skipped (an older one, or none, means a longer replay, never lost data, since
+//!    segments are deleted only after a newer checkpoint covers them).
+//! 3. Segments are scanned in id order; records newer than the checkpoint are replayed.
+//!    A gap in the ids, or an unreadable segment with records newer than the checkpoint,
+//!    refuses to open (`SegmentLost`): acknowledged data would be missing.
+//! 4. Damage inside synced data (valid records after it) is quarantined and counted; the
+//!    records around it are replayed.
+//! 5. The last segment may end in a torn batch (a crash between write and sync): it is
+//!    cut at the last complete batch and the torn bytes are zeroed on disk, so a later
+//!    scan cannot mistake them for data.
+//! 6. A last segment whose header never reached the disk (a crash right after it was
+//!    created) held nothing acknowledged: it is removed.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::checkpoint;
+use crate::error::OpenError;
+use crate::record::{
+    align_up, first_record_offset, scan_segment, segment_file_name, ScanEnd, SegmentHeader,
+};
+use crate::shard::{segment_ids, Loc, Shard, ShardConfig};
+use crate::storage::{Mapped, Storage, StorageFile};
+
+fn io_error(during: &'static str) -> impl FnOnce(std::io::Error) -> OpenError {
+    move |source| OpenError::Io { during, source }
+}
+
+pub(crate) async fn recover<S: Storage + Clone>(
+    storage: S,
+    config: ShardConfig,
+) -> Result<Shard<S>, OpenError> {
+    let alignment = storage.write_alignment().max(1);
+    let names = storage.list().map_err(io_error("listing the shard directory"))?;
+    for temp in names.iter().filter(|n| n.ends_with(".tmp")) {
+        // A checkpoint that was being written when we stopped: never renamed, never used.
+        storage.remove(temp).await.map_err(io_error("removing a temp file"))?;
+    }
+
+    // Case 2: the newest checkpoint that reads back.
+    let mut checkpoints: Vec<(u64, &String)> =
+        names.iter().filter_map(|n| checkpoint::parse_file_name(n).map(|seq| (seq, n))).collect();
+    checkpoints.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut bad_checkpoints = 0;
+    let mut snapshot = None;
+    for (_, name) in &checkpoints {
+        let bytes = storage.map(name).map_err(io_error("reading a checkpoint"))?;
+        match checkpoint::decode(&bytes) {
+            Ok(found) => {
+                snapshot = Some(found);
+                break;
+            }
+            Err(_) => bad_checkpoints += 1,
+        }
+    }
+    let covered_seq = snapshot.as_ref().map_or(0, |s| s.covered_seq);
+    let covered_segments: BTreeMap<u32, u64> = snapshot
+        .as_ref()
+        .map(|s| s.segments.iter().map(|g| (g.segment_id, g.last_record_seq)).collect())
+        .unwrap_or_default();
+
+    let mut ids = segment_ids(&names);
+    // Case 6: a last segment whose header was never synced.
+    if let Some(&last) = ids.last() {
+        let name = segment_file_name(last);
+        let map = storage.map(&name).map_err(io_error("mapping a segment"))?;
+        if SegmentHeader::decode(&map).is_none() {
+            storage.remove(&name).await.map_err(io_error("removing an empty segment"))?;
+            storage.sync_dir().await.map_err(io_error("syncing the directory"))?;
+            ids.pop();
+        }
+    }
+
+    // Case 1: nothing on disk yet.
+    if ids.is_empty() {
+        let segment_id = covered_segments.keys().next_back().map_or(1, |id| id + 1);
+        let next_record_seq = snapshot.as_ref().map_or(1, |s| s.next_record_seq);
+        let (file, buffer) =
+            create_segment(&storage, &config, alignment, segment_id, next_record_seq).await?;
+        let mut shard = Shard::assemble(
+            storage,
+            config,
+            alignment,
+            segment_id,
+            Rc::new(file),
+            buffer,
+            BTreeMap::new(),
+            next_record_seq,
+        );
+        if let Some(snapshot) = snapshot {
+            shard.restore_snapshot(snapshot);
+        }
+        shard.counters_mut().corrupt_records += bad_checkpoints;
+        return Ok(shard);
+    }
+
+    // Case 3: segment ids must be contiguous from the first one still needed.
+    for pair in ids.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(OpenError::SegmentLost { segment_id: pair[0] + 1 });
+        }
+    }
+
+    let mut maps: BTreeMap<u32, Mapped> = BTreeMap::new();
+    for &id in &ids {
+        let map = storage.map(&segment_file_name(id)).map_err(io_error("mapping a segment"))?;
+        maps.insert(id as u32, map);
+    }
+    let last_id = *ids.last().expect("non-empty") as u32;
+
+    // Scan what is not covered by the checkpoint (and always the last segment).
+    let mut corrupt = bad_checkpoints;
+    let mut max_seq = covered_seq;
+    let mut torn = 0;
+    let mut replays: Vec<(Loc, crate::record::RecordType, u8, u64, Vec<u8>)> = Vec::new();
+    let mut written: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut active_end = first_record_offset(alignment);
+    for (&id, map) in &maps {
+        let fully_covered = covered_segments.get(&id).is_some_and(|last| *last <= covered_seq);
+        if fully_covered && id != last_id {
+            continue;
+        }
+        let scan = match scan_segment(map) {
+            Ok(scan) => scan,
+            Err(_) if fully_covered => {
+                corrupt += 1;
+                continue;
+            }
+            Err(_) => return Err(OpenError::SegmentLost { segment_id: u64::from(id) }),
+        };
+        if scan.header.shard_id != config.shard_id {
+            return Err(OpenError::WrongShard {
+                found: scan.header.shard_id,
+                expected: config.shard_id,
+            });
+        }
+        corrupt += scan.faults.len() as u64;
+        for record in &scan.records {
+            max_seq = max_seq.max(record.header.record_seq);
+            if record.header.record_seq > covered_seq {
+                let loc = Loc { segment_id: id, offset: record.offset as u32 };
+                replays.push((
+                    loc,
+                    record.header.record_type,
+                    record.header.flags,
+                    record.header.record_seq,
+                    record.body.to_vec(),
+                ));
+            }
+        }
+        let end = scan.end.committed_end();
+        written.insert(id, end);
+        if id == last_id {
+            active_end = end;
+            if let ScanEnd::TornTail { .. } = scan.end {
+                torn += 1;
+            }
+        }
+    }
+
+    // Case 5: zero whatever lies past the committed end of the last segment.
+    let last_map = maps.remove(&last_id).expect("last segment mapped");
+    let last_nonzero = last_map.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1);
+    let active_file = storage
+        .open(&segment_file_name(u64::from(last_id)))
+        .await
+        .map_err(io_error("opening the active segment"))?;
+    if last_nonzero > active_end {
+        let zero_end = align_up(last_nonzero, alignment);
+        let zeros = vec![0u8; (zero_end - active_end) as usize];
+        active_file.write_at(&zeros, active_end).await.map_err(io_error("zeroing a torn tail"))?;
+        active_file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
+    }
+    let active_buffer = last_map[..active_end as usize].to_vec();
+    drop(last_map);
+
+    let next_record_seq = (max_seq + 1).max(snapshot.as_ref().map_or(1, |s| s.next_record_seq));
+    let mut shard = Shard::assemble(
+        storage,
+        config,
+        alignment,
+        last_id,
+        Rc::new(active_file),
+        active_buffer,
+        maps,
+        next_record_seq,
+    );
+    if let Some(snapshot) = snapshot {
+        shard.restore_snapshot(snapshot);
+    }
+    for (loc, record_type, flags, seq, body) in replays {
+        shard.replay(loc, record_type, flags, seq, &body);
+    }
+    shard.note_written(&written);
+    shard.set_checkpoint_seq(covered_seq);
+    let counters = shard.counters_mut();
+    counters.corrupt_records += corrupt;
+    counters.torn_tails += torn;
+    Ok(shard)
+}
+
+/// Creates a segment and makes its header durable (file, data and directory).
+async fn create_segment<S: Storage>(
+    storage: &S,
+    config: &ShardConfig,
+    alignment: u32,
+    segment_id: u32,
+    first_record_seq: u64,
+) -> Result<(S::File, Vec<u8>), OpenError> {
+    let name = segment_file_name(u64::from(segment_id));
+    let file = storage
+        .create(&name, config.segment_bytes)
+        .await
+        .map_err(io_error("creating a segment"))?;
+    let header = SegmentHeader {
+        shard_id: config.shard_id,
+        segment_id: u64::from(segment_id),
+        first_record_seq,
+        commit_alignment: alignment,
+    };
+    let mut bytes = header.to_bytes().to_vec();
+    bytes.resize(first_record_offset(alignment) as usize, 0);
+    file.write_at(&bytes, 0).await.map_err(io_error("writing a segment header"))?;
+    file.sync_data().await.map_err(io_error("syncing a segment header"))?;
+    storage.sync_dir().await.map_err(io_error("syncing the directory"))?;
+    Ok((file, bytes))
+}

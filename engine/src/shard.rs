@@ -1,0 +1,1348 @@
+//! One shard's store: the segment log with group commit, the mailbox index, the state
+//! tables, the dedup window, and their recovery.
+//!
+//! The shard is split the quinn way. [`Shard`] is plain owned state with synchronous
+//! methods: appends queue records into the pending batch and update the in-memory
+//! index at once; nothing here awaits. [`ShardHandle`] wraps it in `Rc<RefCell<_>>` and
+//! owns the I/O: [`ShardHandle::commit`] takes the pending batch out (a short borrow),
+//! writes and syncs it with no borrow held — so appends keep arriving meanwhile and form
+//! the next batch by themselves — then marks it durable. That is group commit with no
+//! timer: an idle shard commits one record at once, a busy one commits whatever
+//! accumulated during the previous sync.
+//!
+//! Visibility: index entries point into the log by [`Loc`]; a mailbox read stops at the
+//! first entry at or past the durable end, so nothing is served before it is on disk.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use rkyv::rancor::Failure;
+use tern_wire::messages::{ArchivedEnvelope, DeviceId, SignedPrekey, UserId};
+use tern_wire::{encode_archive, EnvelopeRef};
+
+use crate::body::{
+    AckRecord, ArchivedEnvelopeRecord, CommitRecord, EnvelopeRecordRef, MailboxSlot, StateOp,
+};
+use crate::checkpoint::{self, Snapshot};
+use crate::error::{CorruptRecord, OpenError, WriteError};
+use crate::record::{
+    align_up, append_record, check_record, first_record_offset, parse_segment_file_name,
+    scan_segment, segment_file_name, RecordFault, RecordType, SegmentHeader, FLAG_MOVED,
+    RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
+use crate::state::StateTables;
+use crate::storage::{Mapped, Storage, StorageFile};
+
+/// A device's mailbox address.
+pub type DeviceAddr = (UserId, DeviceId);
+
+/// Where a record is: segment id and offset of its header. Ordered by log position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Loc {
+    /// The segment (ids fit 32 bits: 4 billion segments).
+    pub segment_id: u32,
+    /// Offset of the record header in the segment.
+    pub offset: u32,
+}
+
+impl Loc {
+    /// A mailbox entry whose record was lost to corruption before a checkpoint covered
+    /// it; reads skip it and count it.
+    pub const LOST: Loc = Loc { segment_id: u32::MAX, offset: u32::MAX };
+}
+
+/// Tunables of a shard. Each limit says why it is what it is.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// The shard's id (also the top 16 bits of its message ids).
+    pub shard_id: u32,
+    /// Segment file size. 32 MiB: large enough that rotation (a file create and a
+    /// directory sync) is rare, small enough that one mostly-dead segment is cheap to
+    /// compact and the active segment's in-memory copy stays small.
+    pub segment_bytes: u64,
+    /// Undelivered envelopes are dropped after this (30 days).
+    pub default_ttl_ms: u64,
+    /// How long a (sender device, client message id) pair is remembered (24 hours: a
+    /// client retries within minutes; a day covers a phone offline overnight).
+    pub dedup_window_ms: u64,
+    /// At most this many remembered pairs (bounds memory whatever the send rate).
+    pub dedup_entries_max: usize,
+    /// A sealed segment whose live bytes fall below this percentage of its size is
+    /// compacted (live records rewritten at the head).
+    pub compact_live_percent_max: u8,
+}
+
+impl ShardConfig {
+    /// Defaults for shard `shard_id`.
+    pub fn new(shard_id: u32) -> ShardConfig {
+        ShardConfig {
+            shard_id,
+            segment_bytes: 32 * 1024 * 1024,
+            default_ttl_ms: 30 * 24 * 3600 * 1000,
+            dedup_window_ms: 24 * 3600 * 1000,
+            dedup_entries_max: 1 << 20,
+            compact_live_percent_max: 25,
+        }
+    }
+}
+
+/// Counters an operator reads (exported as metrics by the edge).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// Batches written and synced.
+    pub commits: u64,
+    /// Records in those batches.
+    pub committed_records: u64,
+    /// Bytes written by commits (with padding).
+    pub committed_bytes: u64,
+    /// Records found corrupt (at recovery or on read) and quarantined.
+    pub corrupt_records: u64,
+    /// Torn tails truncated at recovery.
+    pub torn_tails: u64,
+    /// Segments deleted by space reclaim.
+    pub segments_deleted: u64,
+    /// Live records rewritten by compaction.
+    pub records_compacted: u64,
+    /// Mailbox entries dropped because their envelope expired.
+    pub expired_entries: u64,
+}
+
+/// The result of appending an envelope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The record's sequence number: durable once [`ShardHandle::durable_seq`] reaches it.
+    pub record_seq: u64,
+    /// The mailbox sequence number the envelope got in each recipient's mailbox.
+    pub mailbox_seqs: Vec<u64>,
+}
+
+/// One envelope read from a mailbox: its sequence number and the stored bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct MailboxEntry<'a> {
+    /// Position in the mailbox.
+    pub mailbox_seq: u64,
+    /// The `Envelope` archive, exactly as stored: frame it with `encode_deliver`.
+    pub envelope: &'a [u8],
+}
+
+/// What a mailbox read found.
+#[derive(Debug, Default)]
+pub struct MailboxRead<'a> {
+    /// Envelopes in order.
+    pub entries: Vec<MailboxEntry<'a>>,
+    /// Entries skipped because their record is corrupt or lost (reported, not served).
+    pub corrupt: Vec<CorruptRecord>,
+    /// Entries skipped because their envelope expired.
+    pub expired: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Mailbox {
+    /// Sequence number of `entries[0]`.
+    head_seq: u64,
+    entries: VecDeque<Loc>,
+}
+
+impl Mailbox {
+    fn next_seq(&self) -> u64 {
+        self.head_seq + self.entries.len() as u64
+    }
+}
+
+/// Per-segment accounting for space reclaim.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentStats {
+    /// Envelope records some mailbox still references.
+    pub live_records: u64,
+    /// Their bytes (headers included).
+    pub live_bytes: u64,
+    /// Latest expiry of any envelope in the segment.
+    pub max_expires_ms: u64,
+    /// Sequence number of the segment's last record.
+    pub last_record_seq: u64,
+    /// Bytes written (committed end).
+    pub written_bytes: u64,
+}
+
+struct SealedSegment {
+    map: Mapped,
+}
+
+struct ActiveSegment<F> {
+    segment_id: u32,
+    file: Rc<F>,
+    /// The segment's bytes from 0 to its committed end (reads of the active segment).
+    buffer: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    segment_id: u32,
+    start_offset: u64,
+    bytes: Vec<u8>,
+    first_seq: u64,
+    records: u32,
+    new_segment: bool,
+}
+
+/// Space reserved at the end of a batch for its `Commit` record.
+const COMMIT_RESERVE_BYTES: u64 = 64;
+
+/// Durability notifications: the watermark and the tasks waiting for it.
+#[derive(Default)]
+struct Notifier {
+    durable_seq: Cell<u64>,
+    failed: Cell<Option<WriteError>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier").field("durable_seq", &self.durable_seq.get()).finish()
+    }
+}
+
+impl Notifier {
+    fn wake_all(&self) {
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+/// Resolves when a record is durable (or the shard failed).
+#[derive(Debug)]
+pub struct Durable {
+    notifier: Rc<Notifier>,
+    record_seq: u64,
+}
+
+impl Future for Durable {
+    type Output = Result<(), WriteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.notifier.durable_seq.get() >= self.record_seq {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(error) = self.notifier.failed.take() {
+            self.notifier.failed.set(Some(error.clone()));
+            return Poll::Ready(Err(error));
+        }
+        self.notifier.waiters.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The in-memory state of one shard (see the module docs for the split).
+pub struct Shard<S: Storage> {
+    storage: S,
+    config: ShardConfig,
+    alignment: u32,
+    sealed: BTreeMap<u32, SealedSegment>,
+    stats: BTreeMap<u32, SegmentStats>,
+    active: ActiveSegment<S::File>,
+    /// Batches being formed, in log order (two when a batch had to open a new segment).
+    pending: Vec<PendingBatch>,
+    /// Where the next batch starts when `pending` is empty.
+    next_batch_start: (u32, u64),
+    commit_in_flight: bool,
+    next_record_seq: u64,
+    /// End of the durable log: entries at or past it are not served.
+    durable_end: Loc,
+    poisoned: Option<WriteError>,
+    notifier: Rc<Notifier>,
+    mailboxes: HashMap<DeviceAddr, Mailbox>,
+    /// Remaining references of envelope records that are in more than one mailbox.
+    shared_refs: HashMap<Loc, u32>,
+    state: StateTables,
+    dedup: HashMap<(UserId, DeviceId, u64), (u64, u64)>,
+    dedup_order: VecDeque<(u64, (UserId, DeviceId, u64))>,
+    last_message_id: u64,
+    checkpoint_seq: u64,
+    scratch: Vec<u8>,
+    counters: ShardCounters,
+}
+
+impl<S: Storage> std::fmt::Debug for Shard<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("shard_id", &self.config.shard_id)
+            .field("active_segment", &self.active.segment_id)
+            .field("next_record_seq", &self.next_record_seq)
+            .field("durable_seq", &self.notifier.durable_seq.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds of the message-id epoch (2024-01-01T00:00:00Z).
+const MESSAGE_ID_EPOCH_MS: u64 = 1_704_067_200_000;
+
+impl<S: Storage> Shard<S> {
+    // -----------------------------------------------------------------------------------
+    // Appends (synchronous: they queue into the pending batch)
+    // -----------------------------------------------------------------------------------
+
+    /// Allocates a server message id: shard id in the top 16 bits, then milliseconds
+    /// since 2024 shifted left by 8, bumped to stay strictly increasing (so ids are unique
+    /// per shard across restarts as long as the clock does not run backwards past the
+    /// last id recovered from the log).
+    pub fn allocate_message_id(&mut self, now_ms: u64) -> u64 {
+        let time_part = (now_ms.saturating_sub(MESSAGE_ID_EPOCH_MS) << 8) & ((1 << 48) - 1);
+        let low = time_part.max((self.last_message_id & ((1 << 48) - 1)) + 1);
+        self.last_message_id = (u64::from(self.config.shard_id) << 48) | low;
+        self.last_message_id
+    }
+
+    /// The server message id of an earlier send with this key, if it is remembered.
+    pub fn lookup_send(
+        &self,
+        sender_user: UserId,
+        sender_device: DeviceId,
+        client_message_id: u64,
+    ) -> Option<u64> {
+        self.dedup.get(&(sender_user, sender_device, client_message_id)).map(|(id, _)| *id)
+    }
+
+    /// Appends an envelope to the mailboxes of `recipients` (one record, however many
+    /// recipients: the ciphertext is stored once). The envelope's bytes are laid out
+    /// here, once; reads hand out exactly these bytes.
+    pub fn append_envelope(
+        &mut self,
+        envelope: &EnvelopeRef<'_>,
+        recipients: &[DeviceAddr],
+    ) -> Result<Appended, WriteError> {
+        if recipients.is_empty() {
+            return Err(WriteError::NoRecipients);
+        }
+        let slots: Vec<MailboxSlot> = recipients
+            .iter()
+            .map(|&(user_id, device_id)| MailboxSlot {
+                user_id,
+                device_id,
+                mailbox_seq: self.mailboxes.get(&(user_id, device_id)).map_or(0, Mailbox::next_seq),
+            })
+            .collect();
+        let mut envelope_bytes = std::mem::take(&mut self.scratch);
+        envelope_bytes.clear();
+        encode_archive(&mut envelope_bytes, envelope).expect("an envelope always archives");
+        let record = EnvelopeRecordRef { slots: &slots, envelope: &envelope_bytes };
+        let result = self.append(RecordType::Envelope, 0, |out| {
+            encode_archive(out, &record).map(|_| ()).map_err(|_| WriteError::NoRecipients)
+        });
+        self.scratch = envelope_bytes;
+        let (record_seq, loc, record_bytes) = result?;
+        self.index_envelope(&slots, loc, record_bytes, envelope, record_seq);
+        Ok(Appended { record_seq, mailbox_seqs: slots.iter().map(|s| s.mailbox_seq).collect() })
+    }
+
+    /// Acknowledges a device's mailbox up to and including `up_to_mailbox_seq` (clamped
+    /// to what has been durable, i.e. could have been delivered). Returns how many
+    /// entries were released.
+    pub fn ack(&mut self, device: DeviceAddr, up_to_mailbox_seq: u64) -> Result<u64, WriteError> {
+        let Some(mailbox) = self.mailboxes.get(&device) else { return Ok(0) };
+        let durable_entries =
+            mailbox.entries.iter().take_while(|loc| **loc < self.durable_end).count() as u64;
+        let limit = (mailbox.head_seq + durable_entries).min(up_to_mailbox_seq.saturating_add(1));
+        if limit <= mailbox.head_seq {
+            return Ok(0);
+        }
+        let up_to = limit - 1;
+        let record = AckRecord { user_id: device.0, device_id: device.1, up_to_mailbox_seq: up_to };
+        self.append(RecordType::Ack, 0, |out| {
+            encode_archive(out, &record).map(|_| ()).map_err(|_| WriteError::NoRecipients)
+        })?;
+        Ok(self.apply_ack(device, up_to))
+    }
+
+    /// Appends a change to the state tables and applies it at once (later reads see it;
+    /// it is durable when the returned sequence number is).
+    pub fn apply_state(&mut self, op: StateOp) -> Result<u64, WriteError> {
+        let (seq, _, _) = self.append(RecordType::State, 0, |out| {
+            encode_archive(out, &op).map(|_| ()).map_err(|_| WriteError::NoRecipients)
+        })?;
+        self.state.apply(&op);
+        Ok(seq)
+    }
+
+    /// Takes the oldest one-time prekey of a device out of its stock, for good. Hand it
+    /// out only once the returned sequence number is durable: then it is handed out at
+    /// most once even across a crash. `None` when the stock is empty (use the fallback).
+    pub fn claim_one_time_key(
+        &mut self,
+        user_id: UserId,
+        device_id: DeviceId,
+    ) -> Result<Option<(SignedPrekey, u64)>, WriteError> {
+        let Some(key) =
+            self.state.device(user_id, device_id).and_then(|d| d.one_time_keys.first()).cloned()
+        else {
+            return Ok(None);
+        };
+        let seq =
+            self.apply_state(StateOp::ClaimOneTimeKey { user_id, device_id, key_id: key.key_id })?;
+        Ok(Some((key, seq)))
+    }
+
+    /// Appends one record to the pending batch; returns its sequence number, location and
+    /// size.
+    fn append(
+        &mut self,
+        record_type: RecordType,
+        flags: u8,
+        write_body: impl FnOnce(&mut Vec<u8>) -> Result<(), WriteError>,
+    ) -> Result<(u64, Loc, u64), WriteError> {
+        if let Some(error) = &self.poisoned {
+            return Err(error.clone());
+        }
+        // Lay the body out in scratch space first: its length decides the segment.
+        let mut body = Vec::new();
+        write_body(&mut body)?;
+        let record_bytes = (RECORD_HEADER_BYTES + body.len()) as u64;
+        let usable = self.config.segment_bytes - SEGMENT_HEADER_BYTES as u64 - COMMIT_RESERVE_BYTES;
+        if record_bytes > usable - u64::from(self.alignment) {
+            return Err(WriteError::RecordTooLarge { record_bytes });
+        }
+
+        let (segment_id, offset) = self.write_head();
+        if offset + record_bytes + COMMIT_RESERVE_BYTES > self.config.segment_bytes {
+            self.open_next_segment_batch();
+        }
+        let seq = self.next_record_seq;
+        let (segment_id_now, offset) = self.write_head();
+        debug_assert!(segment_id_now >= segment_id);
+        let batch = self.pending_batch_at_head();
+        let loc = Loc { segment_id: segment_id_now, offset: offset as u32 };
+        append_record(&mut batch.bytes, record_type, flags, seq, segment_id_now, |out| {
+            out.extend_from_slice(&body);
+            Ok::<(), WriteError>(())
+        })?;
+        batch.records += 1;
+        self.next_record_seq += 1;
+        Ok((seq, loc, record_bytes))
+    }
+
+    /// Where the next record goes: the end of the last pending batch, or the start of
+    /// the next batch.
+    fn write_head(&self) -> (u32, u64) {
+        match self.pending.last() {
+            Some(batch) => (batch.segment_id, batch.start_offset + batch.bytes.len() as u64),
+            None => self.next_batch_start,
+        }
+    }
+
+    fn pending_batch_at_head(&mut self) -> &mut PendingBatch {
+        if self.pending.is_empty() {
+            let (segment_id, start_offset) = self.next_batch_start;
+            self.pending.push(PendingBatch {
+                segment_id,
+                start_offset,
+                bytes: Vec::new(),
+                first_seq: self.next_record_seq,
+                records: 0,
+                new_segment: false,
+            });
+        }
+        self.pending.last_mut().expect("just ensured")
+    }
+
+    /// Closes the current batch with its `Commit` record and starts one at the beginning
+    /// of the next segment (whose header it carries).
+    fn open_next_segment_batch(&mut self) {
+        if !self.pending.is_empty() {
+            self.close_last_batch();
+        }
+        let (segment_id, _) = self.write_head();
+        let next_segment = segment_id + 1;
+        let header = SegmentHeader {
+            shard_id: self.config.shard_id,
+            segment_id: u64::from(next_segment),
+            first_record_seq: self.next_record_seq,
+            commit_alignment: self.alignment,
+        };
+        let mut bytes = header.to_bytes().to_vec();
+        bytes.resize(first_record_offset(self.alignment) as usize, 0);
+        self.pending.push(PendingBatch {
+            segment_id: next_segment,
+            start_offset: 0,
+            bytes,
+            first_seq: self.next_record_seq,
+            records: 0,
+            new_segment: true,
+        });
+        self.stats.entry(next_segment).or_default();
+    }
+
+    /// Appends the `Commit` record to the last pending batch and pads it to alignment.
+    fn close_last_batch(&mut self) {
+        let seq = self.next_record_seq;
+        let alignment = self.alignment;
+        let batch = self.pending.last_mut().expect("a batch to close");
+        let commit =
+            CommitRecord { batch_first_seq: batch.first_seq, batch_records: batch.records + 1 };
+        let segment_id = batch.segment_id;
+        append_record(&mut batch.bytes, RecordType::Commit, 0, seq, segment_id, |out| {
+            encode_archive(out, &commit).map(|_| ())
+        })
+        .expect("a commit record always archives");
+        batch.records += 1;
+        let end = batch.start_offset + batch.bytes.len() as u64;
+        batch.bytes.resize((align_up(end, alignment) - batch.start_offset) as usize, 0);
+        self.stats.entry(segment_id).or_default().last_record_seq = seq;
+        self.next_record_seq += 1;
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Index maintenance (shared by live appends and replay)
+    // -----------------------------------------------------------------------------------
+
+    fn index_envelope(
+        &mut self,
+        slots: &[MailboxSlot],
+        loc: Loc,
+        record_bytes: u64,
+        envelope: &EnvelopeRef<'_>,
+        record_seq: u64,
+    ) {
+        let mut added = 0u32;
+        for slot in slots {
+            let mailbox = self.mailboxes.entry((slot.user_id, slot.device_id)).or_default();
+            if slot.mailbox_seq < mailbox.next_seq() {
+                continue; // Already indexed (replay over a checkpoint).
+            }
+            if mailbox.entries.is_empty() && mailbox.head_seq < slot.mailbox_seq {
+                mailbox.head_seq = slot.mailbox_seq; // Earlier entries were all acked.
+            }
+            while mailbox.next_seq() < slot.mailbox_seq {
+                mailbox.entries.push_back(Loc::LOST); // A corrupt record left a gap.
+            }
+            mailbox.entries.push_back(loc);
+            added += 1;
+        }
+        if added == 0 {
+            return;
+        }
+        if added > 1 {
+            self.shared_refs.insert(loc, added);
+        }
+        let stats = self.stats.entry(loc.segment_id).or_default();
+        stats.live_records += 1;
+        stats.live_bytes += record_bytes;
+        stats.max_expires_ms = stats.max_expires_ms.max(envelope.expires_ms);
+        stats.last_record_seq = stats.last_record_seq.max(record_seq);
+        self.remember_send(envelope);
+    }
+
+    fn remember_send(&mut self, envelope: &EnvelopeRef<'_>) {
+        if envelope.server_message_id >> 48 == u64::from(self.config.shard_id) {
+            self.last_message_id = self.last_message_id.max(envelope.server_message_id);
+        }
+        if envelope.client_message_id == 0 {
+            return; // Server-generated envelopes have no client id.
+        }
+        let key = (envelope.sender_user, envelope.sender_device, envelope.client_message_id);
+        if self.dedup.contains_key(&key) {
+            return;
+        }
+        self.dedup.insert(key, (envelope.server_message_id, envelope.server_time_ms));
+        self.dedup_order.push_back((envelope.server_time_ms, key));
+        let horizon = envelope.server_time_ms.saturating_sub(self.config.dedup_window_ms);
+        while let Some(&(time_ms, old)) = self.dedup_order.front() {
+            if time_ms >= horizon && self.dedup_order.len() <= self.config.dedup_entries_max {
+                break;
+            }
+            self.dedup_order.pop_front();
+            self.dedup.remove(&old);
+        }
+    }
+
+    fn apply_ack(&mut self, device: DeviceAddr, up_to: u64) -> u64 {
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return 0 };
+        let mut released = Vec::new();
+        while mailbox.head_seq <= up_to {
+            let Some(loc) = mailbox.entries.pop_front() else {
+                mailbox.head_seq = up_to + 1;
+                break;
+            };
+            mailbox.head_seq += 1;
+            released.push(loc);
+        }
+        let count = released.len() as u64;
+        for loc in released {
+            self.release(loc);
+        }
+        count
+    }
+
+    /// Drops one reference to an envelope record; the last one makes it garbage.
+    fn release(&mut self, loc: Loc) {
+        if loc == Loc::LOST {
+            return;
+        }
+        if let Some(refs) = self.shared_refs.get_mut(&loc) {
+            *refs -= 1;
+            if *refs > 0 {
+                return;
+            }
+            self.shared_refs.remove(&loc);
+        }
+        let record_bytes = self.record_len(loc).unwrap_or(0);
+        if let Some(stats) = self.stats.get_mut(&loc.segment_id) {
+            stats.live_records = stats.live_records.saturating_sub(1);
+            stats.live_bytes = stats.live_bytes.saturating_sub(record_bytes);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Reads
+    // -----------------------------------------------------------------------------------
+
+    /// Reads up to `limit` envelopes of a mailbox starting at `from_mailbox_seq`, in
+    /// order, zero-copy (slices of the active segment's buffer or of an mmap). Only
+    /// durable, unexpired, intact envelopes are returned; the others are reported.
+    pub fn read_mailbox(
+        &self,
+        device: DeviceAddr,
+        from_mailbox_seq: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> MailboxRead<'_> {
+        let mut read = MailboxRead::default();
+        let Some(mailbox) = self.mailboxes.get(&device) else { return read };
+        let skip = from_mailbox_seq.saturating_sub(mailbox.head_seq) as usize;
+        let mut seq = mailbox.head_seq + skip as u64;
+        for loc in mailbox.entries.iter().skip(skip) {
+            if read.entries.len() >= limit || *loc >= self.durable_end {
+                break;
+            }
+            match self.envelope_at(*loc) {
+                Ok((bytes, envelope)) => {
+                    if envelope.expires_ms.to_native() <= now_ms {
+                        read.expired += 1;
+                    } else {
+                        read.entries.push(MailboxEntry { mailbox_seq: seq, envelope: bytes });
+                    }
+                }
+                Err(corrupt) => read.corrupt.push(corrupt),
+            }
+            seq += 1;
+        }
+        read
+    }
+
+    /// Number of envelopes queued for a device (acked ones excluded).
+    pub fn mailbox_len(&self, device: DeviceAddr) -> u64 {
+        self.mailboxes.get(&device).map_or(0, |m| m.entries.len() as u64)
+    }
+
+    /// The next mailbox sequence number of a device.
+    pub fn mailbox_next_seq(&self, device: DeviceAddr) -> u64 {
+        self.mailboxes.get(&device).map_or(0, Mailbox::next_seq)
+    }
+
+    /// Devices with a non-empty mailbox and their backlog.
+    pub fn mailbox_backlogs(&self) -> impl Iterator<Item = (DeviceAddr, u64)> + '_ {
+        self.mailboxes
+            .iter()
+            .filter(|(_, m)| !m.entries.is_empty())
+            .map(|(a, m)| (*a, m.entries.len() as u64))
+    }
+
+    /// The state tables (read-only; change them with [`Shard::apply_state`]).
+    pub fn state(&self) -> &StateTables {
+        &self.state
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> &ShardCounters {
+        &self.counters
+    }
+
+    /// Per-segment accounting.
+    pub fn segment_stats(&self) -> &BTreeMap<u32, SegmentStats> {
+        &self.stats
+    }
+
+    /// Whether records wait for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The highest durable record sequence number.
+    pub fn durable_seq(&self) -> u64 {
+        self.notifier.durable_seq.get()
+    }
+
+    /// Resolves once `record_seq` is durable, or with the error that prevents it.
+    pub fn durable(&self, record_seq: u64) -> Durable {
+        Durable { notifier: self.notifier.clone(), record_seq }
+    }
+
+    /// Index memory for queued envelopes, in bytes (a benchmark divides by the count).
+    pub fn index_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<Loc>();
+        let per_mailbox = std::mem::size_of::<(DeviceAddr, Mailbox)>() + 8;
+        self.mailboxes.values().map(|m| m.entries.capacity() * entry + per_mailbox).sum::<usize>()
+            + self.shared_refs.capacity() * (std::mem::size_of::<(Loc, u32)>() + 1)
+    }
+
+    fn segment_bytes(&self, segment_id: u32) -> Option<&[u8]> {
+        if segment_id == self.active.segment_id {
+            Some(&self.active.buffer)
+        } else {
+            self.sealed.get(&segment_id).map(|s| &s.map[..])
+        }
+    }
+
+    fn record_len(&self, loc: Loc) -> Option<u64> {
+        let bytes = self.segment_bytes(loc.segment_id)?.get(loc.offset as usize..)?;
+        crate::record::check_header(bytes, loc.segment_id).ok().map(|h| h.record_bytes() as u64)
+    }
+
+    /// The envelope stored at `loc`, checked (record CRCs and archive validation).
+    fn envelope_at(&self, loc: Loc) -> Result<(&[u8], &ArchivedEnvelope), CorruptRecord> {
+        let corrupt =
+            |fault| CorruptRecord { segment_id: loc.segment_id, offset: loc.offset, fault };
+        if loc == Loc::LOST {
+            return Err(corrupt(RecordFault::BadBody));
+        }
+        let segment = self.segment_bytes(loc.segment_id).ok_or(corrupt(RecordFault::Truncated))?;
+        let bytes = segment.get(loc.offset as usize..).ok_or(corrupt(RecordFault::Truncated))?;
+        let (_, body) = check_record(bytes, loc.segment_id).map_err(corrupt)?;
+        let record = rkyv::access::<ArchivedEnvelopeRecord, Failure>(body)
+            .map_err(|_| corrupt(RecordFault::BadBody))?;
+        let envelope_bytes: &[u8] = &record.envelope;
+        let envelope = rkyv::access::<ArchivedEnvelope, Failure>(envelope_bytes)
+            .map_err(|_| corrupt(RecordFault::BadBody))?;
+        Ok((envelope_bytes, envelope))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Commit (the I/O half lives in ShardHandle)
+    // -----------------------------------------------------------------------------------
+
+    fn take_commit_job(&mut self) -> Option<CommitJob<S>> {
+        if self.pending.is_empty() || self.commit_in_flight || self.poisoned.is_some() {
+            return None;
+        }
+        self.close_last_batch();
+        let batches = std::mem::take(&mut self.pending);
+        let last = batches.last().expect("non-empty");
+        self.next_batch_start = (last.segment_id, last.start_offset + last.bytes.len() as u64);
+        self.commit_in_flight = true;
+        Some(CommitJob {
+            storage: self.storage.clone(),
+            active_file: self.active.file.clone(),
+            segment_bytes: self.config.segment_bytes,
+            last_seq: self.next_record_seq - 1,
+            batches,
+        })
+    }
+
+    fn finish_commit(
+        &mut self,
+        batches: Vec<PendingBatch>,
+        created: Vec<Rc<S::File>>,
+        result: Result<(), WriteError>,
+        last_seq: u64,
+    ) -> Result<u64, WriteError> {
+        self.commit_in_flight = false;
+        if let Err(error) = result {
+            self.poisoned = Some(error.clone());
+            self.notifier.failed.set(Some(error.clone()));
+            self.notifier.wake_all();
+            return Err(error);
+        }
+        let mut created = created.into_iter();
+        for batch in batches {
+            if batch.new_segment {
+                let file = created.next().expect("a file per new segment");
+                self.seal_active().map_err(|e| {
+                    self.poison(WriteError::from_io("mapping a sealed segment", &e))
+                })?;
+                self.active =
+                    ActiveSegment { segment_id: batch.segment_id, file, buffer: Vec::new() };
+            }
+            debug_assert_eq!(batch.segment_id, self.active.segment_id);
+            debug_assert_eq!(self.active.buffer.len() as u64, batch.start_offset);
+            self.active.buffer.extend_from_slice(&batch.bytes);
+            self.counters.commits += 1;
+            self.counters.committed_records += u64::from(batch.records);
+            self.counters.committed_bytes += batch.bytes.len() as u64;
+            let end = self.active.buffer.len() as u64;
+            self.stats.entry(batch.segment_id).or_default().written_bytes = end;
+            self.durable_end = Loc { segment_id: batch.segment_id, offset: end as u32 };
+        }
+        self.notifier.durable_seq.set(last_seq);
+        self.notifier.wake_all();
+        Ok(last_seq)
+    }
+
+    fn poison(&mut self, error: WriteError) -> WriteError {
+        self.poisoned = Some(error.clone());
+        self.notifier.failed.set(Some(error.clone()));
+        self.notifier.wake_all();
+        error
+    }
+
+    fn seal_active(&mut self) -> std::io::Result<()> {
+        let name = segment_file_name(u64::from(self.active.segment_id));
+        let map = self.storage.map(&name)?;
+        self.sealed.insert(self.active.segment_id, SealedSegment { map });
+        Ok(())
+    }
+}
+
+struct CommitJob<S: Storage> {
+    storage: S,
+    active_file: Rc<S::File>,
+    segment_bytes: u64,
+    last_seq: u64,
+    batches: Vec<PendingBatch>,
+}
+
+impl<S: Storage> CommitJob<S> {
+    /// Writes and syncs every batch, creating segments as needed. One write and one
+    /// `fdatasync` per batch (two batches only when the log rolls to a new segment).
+    async fn run(&self) -> (Vec<Rc<S::File>>, Result<(), WriteError>) {
+        let mut created = Vec::new();
+        let mut file = self.active_file.clone();
+        for batch in &self.batches {
+            if batch.new_segment {
+                let name = segment_file_name(u64::from(batch.segment_id));
+                match self.storage.create(&name, self.segment_bytes).await {
+                    Ok(new_file) => file = Rc::new(new_file),
+                    Err(e) => return (created, Err(WriteError::from_io("creating a segment", &e))),
+                }
+                // The new file must survive a crash before anything in it is acknowledged.
+                if let Err(e) = self.storage.sync_dir().await {
+                    return (created, Err(WriteError::from_io("syncing the directory", &e)));
+                }
+                created.push(file.clone());
+            }
+            if let Err(e) = file.write_at(&batch.bytes, batch.start_offset).await {
+                return (created, Err(WriteError::from_io("writing a batch", &e)));
+            }
+            if let Err(e) = file.sync_data().await {
+                return (created, Err(WriteError::from_io("syncing a batch", &e)));
+            }
+        }
+        (created, Ok(()))
+    }
+}
+
+/// A shard shared by the tasks of one core: appends through [`ShardHandle::borrow_mut`],
+/// I/O through the async methods. Not `Send`, by design.
+pub struct ShardHandle<S: Storage> {
+    shard: Rc<RefCell<Shard<S>>>,
+}
+
+impl<S: Storage> Clone for ShardHandle<S> {
+    fn clone(&self) -> Self {
+        ShardHandle { shard: self.shard.clone() }
+    }
+}
+
+impl<S: Storage> std::fmt::Debug for ShardHandle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shard.borrow().fmt(f)
+    }
+}
+
+impl<S: Storage + Clone> ShardHandle<S> {
+    /// Borrows the shard for synchronous work. Never hold the borrow across an await.
+    pub fn borrow(&self) -> std::cell::Ref<'_, Shard<S>> {
+        self.shard.borrow()
+    }
+
+    /// Borrows the shard mutably for appends. Never hold the borrow across an await.
+    pub fn borrow_mut(&self) -> std::cell::RefMut<'_, Shard<S>> {
+        self.shard.borrow_mut()
+    }
+
+    /// Writes and syncs everything appended so far, as one batch. Returns the durable
+    /// sequence number (unchanged when there was nothing to commit or a commit is in
+    /// flight: call again after it).
+    pub async fn commit(&self) -> Result<u64, WriteError> {
+        let job = {
+            let mut shard = self.shard.borrow_mut();
+            if let Some(error) = &shard.poisoned {
+                return Err(error.clone());
+            }
+            match shard.take_commit_job() {
+                Some(job) => job,
+                None => return Ok(shard.durable_seq()),
+            }
+        };
+        let (created, result) = job.run().await;
+        let CommitJob { batches, last_seq, .. } = job;
+        self.shard.borrow_mut().finish_commit(batches, created, result, last_seq)
+    }
+
+    /// Writes a checkpoint of the state tables and indexes (zstd, CRC, temp file +
+    /// sync + rename + directory sync) and removes older ones. Commits first, so the
+    /// checkpoint covers a batch boundary.
+    pub async fn checkpoint(&self) -> Result<u64, WriteError> {
+        // Commit until nothing is pending, so the snapshot matches a log position.
+        loop {
+            self.commit().await?;
+            if !self.shard.borrow().has_pending() {
+                break;
+            }
+        }
+        let (bytes, covered_seq, storage, old) = {
+            let shard = self.shard.borrow();
+            let snapshot = Snapshot::capture(&shard);
+            let bytes = checkpoint::encode(&snapshot, shard.config.shard_id);
+            let old: Vec<String> = shard
+                .storage
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| checkpoint::parse_file_name(n).is_some())
+                .collect();
+            (bytes, shard.durable_seq(), shard.storage.clone(), old)
+        };
+        let name = checkpoint::file_name(covered_seq);
+        let temp = format!("{name}.tmp");
+        let result: Result<(), WriteError> = async {
+            storage
+                .write_file(&temp, &bytes)
+                .await
+                .map_err(|e| WriteError::from_io("writing a checkpoint", &e))?;
+            storage
+                .rename(&temp, &name)
+                .await
+                .map_err(|e| WriteError::from_io("renaming a checkpoint", &e))?;
+            // The rename must be durable before older checkpoints go.
+            storage.sync_dir().await.map_err(|e| WriteError::from_io("syncing the directory", &e))
+        }
+        .await;
+        if let Err(error) = result {
+            // A failed checkpoint loses nothing (the log still has everything); remove
+            // the temp file if we can and report.
+            let _ = storage.remove(&temp).await;
+            return Err(error);
+        }
+        for old_name in old.iter().filter(|n| **n != name) {
+            let _ = storage.remove(old_name).await;
+        }
+        let _ = storage.sync_dir().await;
+        self.shard.borrow_mut().checkpoint_seq = covered_seq;
+        Ok(covered_seq)
+    }
+
+    /// Reclaims space: rewrites the live envelopes of mostly-dead sealed segments at the
+    /// head (compaction), checkpoints, then deletes sealed segments that the checkpoint
+    /// covers and that hold no live or unexpired envelope. Returns segments deleted.
+    pub async fn reclaim(&self, now_ms: u64) -> Result<u64, WriteError> {
+        let compacted = self.shard.borrow_mut().compact(now_ms)?;
+        self.shard.borrow_mut().drop_expired_entries(now_ms);
+        if compacted > 0
+            || self.shard.borrow().checkpoint_seq < self.shard.borrow().durable_seq()
+            || self.shard.borrow().has_pending()
+        {
+            self.checkpoint().await?;
+        }
+        let (storage, doomed) = {
+            let shard = self.shard.borrow();
+            let doomed: Vec<u32> = shard
+                .sealed
+                .keys()
+                .copied()
+                .filter(|id| {
+                    let stats = shard.stats.get(id).copied().unwrap_or_default();
+                    stats.last_record_seq <= shard.checkpoint_seq
+                        && (stats.live_records == 0 || stats.max_expires_ms <= now_ms)
+                })
+                .collect();
+            (shard.storage.clone(), doomed)
+        };
+        let mut deleted = 0;
+        for segment_id in &doomed {
+            let name = segment_file_name(u64::from(*segment_id));
+            storage
+                .remove(&name)
+                .await
+                .map_err(|e| WriteError::from_io("removing a segment", &e))?;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            storage
+                .sync_dir()
+                .await
+                .map_err(|e| WriteError::from_io("syncing the directory", &e))?;
+            let mut shard = self.shard.borrow_mut();
+            for segment_id in doomed {
+                shard.sealed.remove(&segment_id);
+                shard.stats.remove(&segment_id);
+            }
+            shard.counters.segments_deleted += deleted;
+        }
+        Ok(deleted)
+    }
+
+    /// Opens (recovers) a shard from `storage`: the newest valid checkpoint, then the log
+    /// after it. A torn tail is truncated; corrupt records are quarantined and counted.
+    pub async fn open(storage: S, config: ShardConfig) -> Result<ShardHandle<S>, OpenError> {
+        let shard = crate::recovery::recover(storage, config).await?;
+        Ok(ShardHandle { shard: Rc::new(RefCell::new(shard)) })
+    }
+}
+
+// Internals used by recovery, compaction and checkpoints.
+impl<S: Storage> Shard<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        storage: S,
+        config: ShardConfig,
+        alignment: u32,
+        active_segment_id: u32,
+        active_file: Rc<S::File>,
+        active_buffer: Vec<u8>,
+        sealed: BTreeMap<u32, Mapped>,
+        next_record_seq: u64,
+    ) -> Shard<S> {
+        let end = active_buffer.len() as u64;
+        let notifier = Rc::new(Notifier::default());
+        notifier.durable_seq.set(next_record_seq.saturating_sub(1));
+        Shard {
+            storage,
+            config,
+            alignment,
+            sealed: sealed.into_iter().map(|(id, map)| (id, SealedSegment { map })).collect(),
+            stats: BTreeMap::new(),
+            active: ActiveSegment {
+                segment_id: active_segment_id,
+                file: active_file,
+                buffer: active_buffer,
+            },
+            pending: Vec::new(),
+            next_batch_start: (active_segment_id, end),
+            commit_in_flight: false,
+            next_record_seq,
+            durable_end: Loc { segment_id: active_segment_id, offset: end as u32 },
+            poisoned: None,
+            notifier,
+            mailboxes: HashMap::new(),
+            shared_refs: HashMap::new(),
+            state: StateTables::default(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            last_message_id: 0,
+            checkpoint_seq: 0,
+            scratch: Vec::new(),
+            counters: ShardCounters::default(),
+        }
+    }
+
+    /// Applies one replayed record (recovery), whose location is `loc`.
+    pub(crate) fn replay(
+        &mut self,
+        loc: Loc,
+        record_type: RecordType,
+        flags: u8,
+        seq: u64,
+        body: &[u8],
+    ) {
+        match record_type {
+            RecordType::Envelope => {
+                let Ok(record) = rkyv::access::<ArchivedEnvelopeRecord, Failure>(body) else {
+                    self.counters.corrupt_records += 1;
+                    return;
+                };
+                let Ok(envelope) = rkyv::access::<ArchivedEnvelope, Failure>(&record.envelope)
+                else {
+                    self.counters.corrupt_records += 1;
+                    return;
+                };
+                let slots: Vec<MailboxSlot> = record
+                    .slots
+                    .iter()
+                    .map(|s| MailboxSlot {
+                        user_id: s.user_id.to_native(),
+                        device_id: s.device_id.to_native(),
+                        mailbox_seq: s.mailbox_seq.to_native(),
+                    })
+                    .collect();
+                let record_bytes = (RECORD_HEADER_BYTES + body.len()) as u64;
+                if flags & FLAG_MOVED != 0 {
+                    self.relocate(&slots, loc, record_bytes, envelope.expires_ms.to_native(), seq);
+                } else {
+                    let owned = envelope_ref_of(envelope);
+                    self.index_envelope(&slots, loc, record_bytes, &owned, seq);
+                }
+            }
+            RecordType::Ack => {
+                if let Ok(ack) = rkyv::access::<crate::body::ArchivedAckRecord, Failure>(body) {
+                    let device = (ack.user_id.to_native(), ack.device_id.to_native());
+                    self.apply_ack(device, ack.up_to_mailbox_seq.to_native());
+                } else {
+                    self.counters.corrupt_records += 1;
+                }
+            }
+            RecordType::State => {
+                match rkyv::access::<crate::body::ArchivedStateOp, Failure>(body)
+                    .and_then(|op| rkyv::deserialize::<StateOp, Failure>(op))
+                {
+                    Ok(op) => self.state.apply(&op),
+                    Err(_) => self.counters.corrupt_records += 1,
+                }
+            }
+            RecordType::Commit => {}
+        }
+        let stats = self.stats.entry(loc.segment_id).or_default();
+        stats.last_record_seq = stats.last_record_seq.max(seq);
+    }
+
+    /// Points the mailbox entries of `slots` that still reference an older copy of a
+    /// record at `loc` instead (compaction moved it).
+    fn relocate(
+        &mut self,
+        slots: &[MailboxSlot],
+        loc: Loc,
+        record_bytes: u64,
+        expires_ms: u64,
+        seq: u64,
+    ) {
+        let mut moved = 0u32;
+        let mut old_loc = None;
+        for slot in slots {
+            let Some(mailbox) = self.mailboxes.get_mut(&(slot.user_id, slot.device_id)) else {
+                continue;
+            };
+            let Some(index) = slot.mailbox_seq.checked_sub(mailbox.head_seq) else { continue };
+            let Some(entry) = mailbox.entries.get_mut(index as usize) else { continue };
+            if *entry == Loc::LOST || *entry >= loc {
+                continue;
+            }
+            old_loc = Some(*entry);
+            *entry = loc;
+            moved += 1;
+        }
+        if moved == 0 {
+            return;
+        }
+        if let Some(old) = old_loc {
+            let old_bytes = self.record_len(old).unwrap_or(record_bytes);
+            self.shared_refs.remove(&old);
+            if let Some(stats) = self.stats.get_mut(&old.segment_id) {
+                stats.live_records = stats.live_records.saturating_sub(1);
+                stats.live_bytes = stats.live_bytes.saturating_sub(old_bytes);
+            }
+        }
+        if moved > 1 {
+            self.shared_refs.insert(loc, moved);
+        }
+        let stats = self.stats.entry(loc.segment_id).or_default();
+        stats.live_records += 1;
+        stats.live_bytes += record_bytes;
+        stats.max_expires_ms = stats.max_expires_ms.max(expires_ms);
+        stats.last_record_seq = stats.last_record_seq.max(seq);
+    }
+
+    /// Rewrites the live envelopes of mostly-dead sealed segments at the head of the log.
+    /// Returns how many records were rewritten.
+    fn compact(&mut self, now_ms: u64) -> Result<u64, WriteError> {
+        let limit = u64::from(self.config.compact_live_percent_max);
+        let candidates: Vec<u32> = self
+            .sealed
+            .keys()
+            .copied()
+            .filter(|id| {
+                let stats = self.stats.get(id).copied().unwrap_or_default();
+                stats.live_records > 0
+                    && stats.max_expires_ms > now_ms
+                    && stats.live_bytes * 100 < stats.written_bytes.max(1) * limit
+            })
+            .collect();
+        let mut rewritten = 0;
+        for segment_id in candidates {
+            let map = self.sealed[&segment_id].map.clone();
+            let Ok(scan) = scan_segment(&map) else { continue };
+            for record in
+                scan.records.iter().filter(|r| r.header.record_type == RecordType::Envelope)
+            {
+                let old = Loc { segment_id, offset: record.offset as u32 };
+                let Ok(archived) = rkyv::access::<ArchivedEnvelopeRecord, Failure>(record.body)
+                else {
+                    continue;
+                };
+                let live_slots: Vec<MailboxSlot> = archived
+                    .slots
+                    .iter()
+                    .map(|s| MailboxSlot {
+                        user_id: s.user_id.to_native(),
+                        device_id: s.device_id.to_native(),
+                        mailbox_seq: s.mailbox_seq.to_native(),
+                    })
+                    .filter(|s| self.entry_at(*s) == Some(old))
+                    .collect();
+                if live_slots.is_empty() {
+                    continue;
+                }
+                let envelope_bytes: &[u8] = &archived.envelope;
+                let copy = EnvelopeRecordRef { slots: &live_slots, envelope: envelope_bytes };
+                let (seq, loc, record_bytes) =
+                    self.append(RecordType::Envelope, FLAG_MOVED, |out| {
+                        encode_archive(out, &copy).map(|_| ()).map_err(|_| WriteError::NoRecipients)
+                    })?;
+                let expires_ms = rkyv::access::<ArchivedEnvelope, Failure>(envelope_bytes)
+                    .map(|e| e.expires_ms.to_native())
+                    .unwrap_or(u64::MAX);
+                self.relocate(&live_slots, loc, record_bytes, expires_ms, seq);
+                rewritten += 1;
+            }
+        }
+        self.counters.records_compacted += rewritten;
+        Ok(rewritten)
+    }
+
+    fn entry_at(&self, slot: MailboxSlot) -> Option<Loc> {
+        let mailbox = self.mailboxes.get(&(slot.user_id, slot.device_id))?;
+        let index = slot.mailbox_seq.checked_sub(mailbox.head_seq)?;
+        mailbox.entries.get(index as usize).copied()
+    }
+
+    /// Drops leading mailbox entries whose segment is gone or whose envelope expired.
+    fn drop_expired_entries(&mut self, now_ms: u64) {
+        let devices: Vec<DeviceAddr> = self.mailboxes.keys().copied().collect();
+        for device in devices {
+            loop {
+                let Some(loc) = self.mailboxes[&device].entries.front().copied() else { break };
+                if loc >= self.durable_end {
+                    break;
+                }
+                let expired = match self.envelope_at(loc) {
+                    Ok((_, envelope)) => envelope.expires_ms.to_native() <= now_ms,
+                    Err(_) => false,
+                };
+                if !expired {
+                    break;
+                }
+                let mailbox = self.mailboxes.get_mut(&device).expect("present");
+                mailbox.entries.pop_front();
+                mailbox.head_seq += 1;
+                self.counters.expired_entries += 1;
+                self.release(loc);
+            }
+        }
+    }
+
+    pub(crate) fn counters_mut(&mut self) -> &mut ShardCounters {
+        &mut self.counters
+    }
+
+    pub(crate) fn note_written(&mut self, written: &BTreeMap<u32, u64>) {
+        for (id, end) in written {
+            self.stats.entry(*id).or_default().written_bytes = *end;
+        }
+    }
+
+    pub(crate) fn set_checkpoint_seq(&mut self, seq: u64) {
+        self.checkpoint_seq = seq;
+    }
+
+    pub(crate) fn snapshot_parts(
+        &self,
+    ) -> (
+        &HashMap<DeviceAddr, Mailbox>,
+        &HashMap<Loc, u32>,
+        &BTreeMap<u32, SegmentStats>,
+        &StateTables,
+        &HashMap<(UserId, DeviceId, u64), (u64, u64)>,
+        u64,
+        u64,
+    ) {
+        (
+            &self.mailboxes,
+            &self.shared_refs,
+            &self.stats,
+            &self.state,
+            &self.dedup,
+            self.last_message_id,
+            self.next_record_seq,
+        )
+    }
+
+    pub(crate) fn restore_snapshot(&mut self, snapshot: Snapshot) {
+        self.mailboxes = snapshot
+            .mailboxes
+            .into_iter()
+            .map(|m| {
+                let entries = m
+                    .entries
+                    .into_iter()
+                    .map(|(segment_id, offset)| Loc { segment_id, offset })
+                    .collect();
+                ((m.user_id, m.device_id), Mailbox { head_seq: m.head_seq, entries })
+            })
+            .collect();
+        self.shared_refs = snapshot
+            .shared_refs
+            .into_iter()
+            .map(|(segment_id, offset, refs)| (Loc { segment_id, offset }, refs))
+            .collect();
+        self.stats = snapshot
+            .segments
+            .into_iter()
+            .map(|s| {
+                (
+                    s.segment_id,
+                    SegmentStats {
+                        live_records: s.live_records,
+                        live_bytes: s.live_bytes,
+                        max_expires_ms: s.max_expires_ms,
+                        last_record_seq: s.last_record_seq,
+                        written_bytes: s.written_bytes,
+                    },
+                )
+            })
+            .collect();
+        self.state = snapshot.state.into_tables();
+        let mut dedup: Vec<_> = snapshot.dedup;
+        dedup.sort_by_key(|d| d.time_ms);
+        for d in dedup {
+            let key = (d.sender_user, d.sender_device, d.client_message_id);
+            self.dedup.insert(key, (d.server_message_id, d.time_ms));
+            self.dedup_order.push_back((d.time_ms, key));
+        }
+        self.last_message_id = snapshot.last_message_id;
+        self.checkpoint_seq = snapshot.covered_seq;
+    }
+
+    pub(crate) fn mailbox_parts(m: &Mailbox) -> (u64, &VecDeque<Loc>) {
+        (m.head_seq, &m.entries)
+    }
+}
+
+/// An `EnvelopeRef` view of an archived envelope (for replay, which indexes from the
+/// stored bytes).
+fn envelope_ref_of(envelope: &ArchivedEnvelope) -> EnvelopeRef<'_> {
+    use tern_wire::messages::{ArchivedConversation, Conversation};
+    EnvelopeRef {
+        server_message_id: envelope.server_message_id.to_native(),
+        client_message_id: envelope.client_message_id.to_native(),
+        server_time_ms: envelope.server_time_ms.to_native(),
+        expires_ms: envelope.expires_ms.to_native(),
+        sender_user: envelope.sender_user.to_native(),
+        sender_device: envelope.sender_device.to_native(),
+        conversation: match &envelope.conversation {
+            ArchivedConversation::User(u) => Conversation::User(u.to_native()),
+            ArchivedConversation::Group(g) => Conversation::Group(g.to_native()),
+        },
+        conversation_seq: envelope.conversation_seq.to_native(),
+        kind: rkyv::deserialize::<_, Failure>(&envelope.kind).expect("validated tag"),
+        e2e_type: rkyv::deserialize::<_, Failure>(&envelope.e2e_type).expect("validated tag"),
+        body: &envelope.body,
+    }
+}
+
+/// Used by recovery to list segment files in order.
+pub(crate) fn segment_ids(names: &[String]) -> Vec<u64> {
+    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
+    ids.sort_unstable();
+    ids
+}
