@@ -63,6 +63,9 @@ pub(crate) async fn recover<S: Storage + Clone>(
         .as_ref()
         .map(|s| s.segments.iter().map(|g| (g.segment_id, g.last_record_seq)).collect())
         .unwrap_or_default();
+    // The segment that was active when the checkpoint was taken kept receiving records
+    // afterwards: only segments before it were sealed, hence fully covered.
+    let active_at_checkpoint = covered_segments.keys().next_back().copied().unwrap_or(0);
 
     let mut ids = segment_ids(&names);
     // Case 6: a last segment whose header was never synced.
@@ -121,7 +124,8 @@ pub(crate) async fn recover<S: Storage + Clone>(
     let mut written: BTreeMap<u32, u64> = BTreeMap::new();
     let mut active_end = first_record_offset(alignment);
     for (&id, map) in &maps {
-        let fully_covered = covered_segments.get(&id).is_some_and(|last| *last <= covered_seq);
+        let fully_covered = id < active_at_checkpoint
+            && covered_segments.get(&id).is_some_and(|last| *last <= covered_seq);
         if fully_covered && id != last_id {
             continue;
         }
