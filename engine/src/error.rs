@@ -115,25 +115,28 @@ impl fmt::Display for WriteError {
 
 impl std::error::Error for WriteError {}
 
-/// A stored record failed its checks when read: it is not served.
+/// A stored record failed its checks: it is not served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CorruptRecord {
-    /// The segment.
-    pub segment_id: u32,
-    /// The record's offset in it.
-    pub offset: u32,
+    /// The mailbox position it held, when it was read through a mailbox.
+    pub mailbox_seq: Option<u64>,
+    /// Segment id and offset, when known (a record found damaged at recovery, before it
+    /// could be indexed, leaves only a gap in the mailbox; see `Shard::quarantined`).
+    pub location: Option<(u32, u32)>,
     /// What was wrong.
     pub fault: RecordFault,
 }
 
 impl fmt::Display for CorruptRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "corrupt record in segment {} at offset {} ({:?}); it is quarantined and not \
-             served; `ternctl verify` lists all such records",
-            self.segment_id, self.offset, self.fault
-        )
+        write!(f, "corrupt record ({:?})", self.fault)?;
+        if let Some((segment_id, offset)) = self.location {
+            write!(f, " in segment {segment_id} at offset {offset}")?;
+        }
+        if let Some(seq) = self.mailbox_seq {
+            write!(f, " (mailbox position {seq})")?;
+        }
+        write!(f, "; it is quarantined and not served; `ternctl verify` lists such records")
     }
 }
 

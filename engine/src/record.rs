@@ -357,7 +357,15 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan<'_>, SegmentFault> {
             Err(RecordFault::Empty) if offset == committed_end => {
                 break ScanEnd::Clean { committed_end };
             }
-            Err(fault) => match find_later_record(bytes, offset, segment_id, alignment) {
+            Err(RecordFault::BadBody) => {
+                // The header checked out, so its length is trustworthy: quarantine just
+                // this record and go on with the next one.
+                let length = check_header(rest, segment_id).map_or(0, |h| h.record_bytes());
+                let next = offset + length as u64;
+                faults.push(ScanFault { offset, fault: RecordFault::BadBody, resumed_at: next });
+                offset = next;
+            }
+            Err(fault) => match find_later_record(bytes, offset, segment_id) {
                 Some(resumed_at) => {
                     // Synced data is damaged: keep the intact records before the damage
                     // and resume at the next valid record.
@@ -375,15 +383,15 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan<'_>, SegmentFault> {
     Ok(SegmentScan { header, records, faults, end })
 }
 
-/// The offset of the first valid record at an aligned offset past `from`, if any.
-fn find_later_record(bytes: &[u8], from: u64, segment_id: u32, alignment: u32) -> Option<u64> {
-    let step = u64::from(alignment);
-    let mut offset = align_up(from + 1, alignment);
-    while (offset as usize) < bytes.len() {
-        if check_record(&bytes[offset as usize..], segment_id).is_ok() {
-            return Some(offset);
-        }
-        offset += step;
-    }
-    None
+/// The offset of the first valid record past `from`, if any. Every byte offset is
+/// tried (records inside a batch are not aligned); a false match needs a header CRC and a
+/// body CRC to agree by chance. Only runs on damage, bounded by the segment length.
+fn find_later_record(bytes: &[u8], from: u64, segment_id: u32) -> Option<u64> {
+    let start = from as usize + 1;
+    let rest = bytes.get(start..)?;
+    rest.windows(RECORD_MAGIC.len())
+        .enumerate()
+        .filter(|(_, window)| *window == RECORD_MAGIC)
+        .map(|(i, _)| (start + i) as u64)
+        .find(|&offset| check_record(&bytes[offset as usize..], segment_id).is_ok())
 }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::checkpoint;
-use crate::error::OpenError;
+use crate::error::{CorruptRecord, OpenError};
 use crate::record::{
     align_up, first_record_offset, scan_segment, segment_file_name, ScanEnd, SegmentHeader,
 };
@@ -122,6 +122,7 @@ pub(crate) async fn recover<S: Storage + Clone>(
     let mut torn = 0;
     let mut replays: Vec<(Loc, crate::record::RecordType, u8, u64, Vec<u8>)> = Vec::new();
     let mut written: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut quarantined = Vec::new();
     let mut active_end = first_record_offset(alignment);
     for (&id, map) in &maps {
         let fully_covered = id < active_at_checkpoint
@@ -144,6 +145,13 @@ pub(crate) async fn recover<S: Storage + Clone>(
             });
         }
         corrupt += scan.faults.len() as u64;
+        for fault in &scan.faults {
+            quarantined.push(CorruptRecord {
+                mailbox_seq: None,
+                location: Some((id, fault.offset as u32)),
+                fault: fault.fault,
+            });
+        }
         for record in &scan.records {
             max_seq = max_seq.max(record.header.record_seq);
             if record.header.record_seq > covered_seq {
@@ -201,6 +209,9 @@ pub(crate) async fn recover<S: Storage + Clone>(
         shard.replay(loc, record_type, flags, seq, &body);
     }
     shard.note_written(&written);
+    for record in quarantined {
+        shard.quarantine(record);
+    }
     shard.set_checkpoint_seq(covered_seq);
     let counters = shard.counters_mut();
     counters.corrupt_records += corrupt;

@@ -265,6 +265,7 @@ pub struct Shard<S: Storage> {
     checkpoint_seq: u64,
     scratch: Vec<u8>,
     counters: ShardCounters,
+    quarantined: Vec<CorruptRecord>,
 }
 
 impl<S: Storage> std::fmt::Debug for Shard<S> {
@@ -345,7 +346,7 @@ impl<S: Storage> Shard<S> {
     pub fn ack(&mut self, device: DeviceAddr, up_to_mailbox_seq: u64) -> Result<u64, WriteError> {
         let Some(mailbox) = self.mailboxes.get(&device) else { return Ok(0) };
         let durable_entries =
-            mailbox.entries.iter().take_while(|loc| **loc < self.durable_end).count() as u64;
+            mailbox.entries.iter().take_while(|loc| self.is_durable(**loc)).count() as u64;
         let limit = (mailbox.head_seq + durable_entries).min(up_to_mailbox_seq.saturating_add(1));
         if limit <= mailbox.head_seq {
             return Ok(0);
@@ -614,7 +615,7 @@ impl<S: Storage> Shard<S> {
         let skip = from_mailbox_seq.saturating_sub(mailbox.head_seq) as usize;
         let mut seq = mailbox.head_seq + skip as u64;
         for loc in mailbox.entries.iter().skip(skip) {
-            if read.entries.len() >= limit || *loc >= self.durable_end {
+            if read.entries.len() >= limit || !self.is_durable(*loc) {
                 break;
             }
             match self.envelope_at(*loc) {
@@ -625,7 +626,9 @@ impl<S: Storage> Shard<S> {
                         read.entries.push(MailboxEntry { mailbox_seq: seq, envelope: bytes });
                     }
                 }
-                Err(corrupt) => read.corrupt.push(corrupt),
+                Err(corrupt) => {
+                    read.corrupt.push(CorruptRecord { mailbox_seq: Some(seq), ..corrupt })
+                }
             }
             seq += 1;
         }
@@ -653,6 +656,11 @@ impl<S: Storage> Shard<S> {
     /// The state tables (read-only; change them with [`Shard::apply_state`]).
     pub fn state(&self) -> &StateTables {
         &self.state
+    }
+
+    /// Damaged records found at recovery (never served).
+    pub fn quarantined(&self) -> &[CorruptRecord] {
+        &self.quarantined
     }
 
     /// Counters for metrics.
@@ -688,6 +696,11 @@ impl<S: Storage> Shard<S> {
             + self.shared_refs.capacity() * (std::mem::size_of::<(Loc, u32)>() + 1)
     }
 
+    /// Whether a mailbox entry may be served: its record is on disk (or known lost).
+    fn is_durable(&self, loc: Loc) -> bool {
+        loc == Loc::LOST || loc < self.durable_end
+    }
+
     fn segment_bytes(&self, segment_id: u32) -> Option<&[u8]> {
         if segment_id == self.active.segment_id {
             Some(&self.active.buffer)
@@ -703,11 +716,18 @@ impl<S: Storage> Shard<S> {
 
     /// The envelope stored at `loc`, checked (record CRCs and archive validation).
     fn envelope_at(&self, loc: Loc) -> Result<(&[u8], &ArchivedEnvelope), CorruptRecord> {
-        let corrupt =
-            |fault| CorruptRecord { segment_id: loc.segment_id, offset: loc.offset, fault };
         if loc == Loc::LOST {
-            return Err(corrupt(RecordFault::BadBody));
+            return Err(CorruptRecord {
+                mailbox_seq: None,
+                location: None,
+                fault: RecordFault::BadBody,
+            });
         }
+        let corrupt = |fault| CorruptRecord {
+            mailbox_seq: None,
+            location: Some((loc.segment_id, loc.offset)),
+            fault,
+        };
         let segment = self.segment_bytes(loc.segment_id).ok_or(corrupt(RecordFault::Truncated))?;
         let bytes = segment.get(loc.offset as usize..).ok_or(corrupt(RecordFault::Truncated))?;
         let (_, body) = check_record(bytes, loc.segment_id).map_err(corrupt)?;
@@ -1035,6 +1055,7 @@ impl<S: Storage> Shard<S> {
             checkpoint_seq: 0,
             scratch: Vec::new(),
             counters: ShardCounters::default(),
+            quarantined: Vec::new(),
         }
     }
 
@@ -1212,7 +1233,7 @@ impl<S: Storage> Shard<S> {
         for device in devices {
             loop {
                 let Some(loc) = self.mailboxes[&device].entries.front().copied() else { break };
-                if loc >= self.durable_end {
+                if !self.is_durable(loc) {
                     break;
                 }
                 let expired = match self.envelope_at(loc) {
@@ -1229,6 +1250,10 @@ impl<S: Storage> Shard<S> {
                 self.release(loc);
             }
         }
+    }
+
+    pub(crate) fn quarantine(&mut self, record: CorruptRecord) {
+        self.quarantined.push(record);
     }
 
     pub(crate) fn counters_mut(&mut self) -> &mut ShardCounters {

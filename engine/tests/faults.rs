@@ -1,0 +1,136 @@
+//! Storage faults: a failed fsync poisons the shard (never retry-and-hope), a full disk
+//! is a clear error, corrupt records are quarantined and never served, and a damaged
+//! checkpoint falls back to the log. In every case nothing acknowledged is lost.
+
+mod common;
+
+use std::io::ErrorKind;
+
+use common::*;
+use futures_lite::future::block_on;
+use tern_engine::{PowerCut, SimStorage, Storage, WriteError};
+
+fn fill(shard: &tern_engine::ShardHandle<SimStorage>, device: (u64, u32), from: u64, count: u64) {
+    for id in from..from + count {
+        shard
+            .borrow_mut()
+            .append_envelope(&envelope(5, id, id, &id.to_le_bytes()), &[device])
+            .unwrap();
+    }
+}
+
+#[test]
+fn failed_fsync_poisons_the_shard_and_loses_nothing_acknowledged() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    fill(&shard, device, 1, 10);
+    block_on(shard.commit()).unwrap();
+
+    fill(&shard, device, 11, 5);
+    let seq = shard.borrow_mut().append_envelope(&envelope(5, 99, 99, b"x"), &[device]).unwrap();
+    disk.fail_after(1, ErrorKind::Other); // write succeeds, fdatasync fails
+    let error = block_on(shard.commit()).unwrap_err();
+    assert_eq!(error, WriteError::Io { during: "syncing a batch", kind: ErrorKind::Other });
+    disk.clear_failure();
+
+    // Waiters for the failed batch get the error, not an ack.
+    let waited = block_on(shard.borrow().durable(seq.record_seq));
+    assert_eq!(waited, Err(error.clone()));
+    // The shard refuses further writes even though the disk "works" again.
+    let refused = shard.borrow_mut().append_envelope(&envelope(5, 100, 100, b"y"), &[device]);
+    assert_eq!(refused.unwrap_err(), error);
+    assert!(matches!(block_on(shard.commit()), Err(WriteError::Io { .. })));
+    drop(shard);
+
+    // Power cut: the unsynced batch may vanish; the acknowledged ten never do.
+    let disk = disk.power_cut(|_, _| PowerCut::DropAll);
+    let shard = open(disk, small_config());
+    let read = read_all(&shard, device);
+    assert_eq!(read.len(), 10);
+    assert_eq!(read[9].1, 10u64.to_le_bytes());
+}
+
+#[test]
+fn full_disk_is_a_clear_error_and_loses_nothing_acknowledged() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    fill(&shard, device, 1, 3);
+    block_on(shard.commit()).unwrap();
+
+    fill(&shard, device, 4, 3);
+    disk.fail_after(0, ErrorKind::StorageFull);
+    assert_eq!(block_on(shard.commit()), Err(WriteError::StorageFull));
+    disk.clear_failure();
+    drop(shard);
+
+    // After space is freed (here: the failure cleared) a reopen serves what was acked.
+    let shard = open(disk, small_config());
+    assert_eq!(read_all(&shard, device).len(), 3);
+    fill(&shard, device, 10, 1);
+    block_on(shard.commit()).unwrap();
+    assert_eq!(read_all(&shard, device).len(), 4);
+}
+
+#[test]
+fn corrupt_record_in_a_sealed_segment_is_quarantined_not_served() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    let other = (2, 1);
+    // Enough to fill several 64 KiB segments; one commit per 20 appends.
+    for batch in 0..30u64 {
+        for i in 0..20 {
+            let id = batch * 20 + i + 1;
+            let body = vec![id as u8; 200];
+            let target = if id == 7 { other } else { device };
+            shard.borrow_mut().append_envelope(&envelope(5, id, id, &body), &[target]).unwrap();
+        }
+        block_on(shard.commit()).unwrap();
+    }
+    drop(shard);
+
+    // Flip a byte inside the body of the 5th record of segment 1 (sealed).
+    let segment = "seg-00000000000000000001.log";
+    let map = disk.map(segment).unwrap();
+    let scan = tern_engine::record::scan_segment(&map).unwrap();
+    let victim = scan.records[4];
+    assert_eq!(victim.header.record_type, tern_engine::record::RecordType::Envelope);
+    disk.corrupt(segment, |bytes| bytes[victim.offset as usize + 40] ^= 0x55);
+
+    let shard = open(disk.clone(), small_config());
+    let borrowed = shard.borrow();
+    let read = borrowed.read_mailbox(device, 0, usize::MAX, NOW_MS);
+    assert_eq!(read.corrupt.len(), 1, "the damaged record is reported");
+    assert_eq!(read.corrupt[0].mailbox_seq, Some(4));
+    let quarantined = borrowed.quarantined();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(quarantined[0].location, Some((1, victim.offset as u32)));
+    assert_eq!(read.entries.len(), 600 - 1 - 1, "everything else is served");
+    assert!(read.entries.iter().all(|e| e.mailbox_seq != 4));
+    // Another mailbox is unaffected.
+    assert_eq!(borrowed.read_mailbox(other, 0, 10, NOW_MS).entries.len(), 1);
+    assert!(borrowed.counters().corrupt_records >= 1);
+}
+
+#[test]
+fn damaged_checkpoint_falls_back_to_the_log() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    fill(&shard, device, 1, 20);
+    block_on(shard.checkpoint()).unwrap();
+    fill(&shard, device, 21, 5);
+    block_on(shard.commit()).unwrap();
+    drop(shard);
+
+    let name = disk.list().unwrap().into_iter().find(|n| n.starts_with("checkpoint-")).unwrap();
+    disk.corrupt(&name, |bytes| {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+    });
+    let shard = open(disk, small_config());
+    assert_eq!(read_all(&shard, device).len(), 25);
+    assert!(shard.borrow().counters().corrupt_records >= 1, "the bad checkpoint is counted");
+}
