@@ -378,8 +378,10 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan<'_>, SegmentFault> {
             },
         }
     };
-    // Records after the last Commit belong to an incomplete batch: drop them.
+    // Records after the last Commit belong to an incomplete batch: drop them, and
+    // forget damage seen there (it is a torn write, not corruption).
     records.truncate(batch_start_index);
+    faults.retain(|f| f.offset < end.committed_end());
     Ok(SegmentScan { header, records, faults, end })
 }
 
