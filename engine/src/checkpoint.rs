@@ -6,8 +6,6 @@
 //! frame of the rkyv archive of [`Snapshot`]. Written to a temp file, synced, renamed,
 //! directory synced: a crash leaves either the old or the new checkpoint, never half.
 
-use std::collections::HashMap;
-
 use rkyv::rancor::Failure;
 use rkyv::{Archive, Deserialize, Serialize};
 use tern_wire::encode_archive;
@@ -106,8 +104,12 @@ impl StateSnapshot {
                 .groups
                 .into_iter()
                 .map(|g| (g.group_id, g))
-                .collect::<HashMap<GroupId, _>>(),
-            media: self.media.into_iter().map(|m| (m.media_id, m)).collect::<HashMap<MediaId, _>>(),
+                .collect::<std::collections::HashMap<GroupId, _>>(),
+            media: self
+                .media
+                .into_iter()
+                .map(|m| (m.media_id, m))
+                .collect::<std::collections::HashMap<MediaId, _>>(),
             reports: self.reports,
         }
     }

@@ -117,66 +117,13 @@ pub(crate) async fn recover<S: Storage + Clone>(
     let last_id = *ids.last().expect("non-empty") as u32;
 
     // Scan what is not covered by the checkpoint (and always the last segment).
-    let mut corrupt = bad_checkpoints;
-    let mut max_seq = covered_seq;
-    let mut torn = 0;
-    let mut replays: Vec<(Loc, crate::record::RecordType, u8, u64, Vec<u8>)> = Vec::new();
-    let mut written: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut quarantined = Vec::new();
-    let mut active_end = first_record_offset(alignment);
-    for (&id, map) in &maps {
-        let fully_covered = id < active_at_checkpoint
-            && covered_segments.get(&id).is_some_and(|last| *last <= covered_seq);
-        if fully_covered && id != last_id {
-            continue;
-        }
-        let scan = match scan_segment(map) {
-            Ok(scan) => scan,
-            Err(_) if fully_covered => {
-                corrupt += 1;
-                continue;
-            }
-            Err(_) => return Err(OpenError::SegmentLost { segment_id: u64::from(id) }),
-        };
-        if scan.header.shard_id != config.shard_id {
-            return Err(OpenError::WrongShard {
-                found: scan.header.shard_id,
-                expected: config.shard_id,
-            });
-        }
-        corrupt += scan.faults.len() as u64;
-        for fault in &scan.faults {
-            quarantined.push(CorruptRecord {
-                mailbox_seq: None,
-                location: Some((id, fault.offset as u32)),
-                fault: fault.fault,
-            });
-        }
-        for record in &scan.records {
-            max_seq = max_seq.max(record.header.record_seq);
-            if record.header.record_seq > covered_seq {
-                let loc = Loc { segment_id: id, offset: record.offset as u32 };
-                replays.push((
-                    loc,
-                    record.header.record_type,
-                    record.header.flags,
-                    record.header.record_seq,
-                    record.body.to_vec(),
-                ));
-            }
-        }
-        let end = scan.end.committed_end();
-        written.insert(id, end);
-        if id == last_id {
-            active_end = end;
-            if let ScanEnd::TornTail { .. } = scan.end {
-                torn += 1;
-            }
-        }
-    }
-
-    // Case 5: zero whatever lies past the committed end of the last segment.
-    let last_map = maps.remove(&last_id).expect("last segment mapped");
+    // Case 5: the last segment decides the active end; zero whatever lies past it.
+    let last_map = maps.get(&last_id).expect("last segment mapped").clone();
+    let last_scan = scan_segment(&last_map)
+        .map_err(|_| OpenError::SegmentLost { segment_id: u64::from(last_id) })?;
+    let active_end = last_scan.end.committed_end();
+    let torn = u64::from(matches!(last_scan.end, ScanEnd::TornTail { .. }));
+    drop(last_scan);
     let last_nonzero = last_map.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1);
     let active_file = storage
         .open(&segment_file_name(u64::from(last_id)))
@@ -189,29 +136,64 @@ pub(crate) async fn recover<S: Storage + Clone>(
         active_file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
     }
     let active_buffer = last_map[..active_end as usize].to_vec();
-    drop(last_map);
 
-    let next_record_seq = (max_seq + 1).max(snapshot.as_ref().map_or(1, |s| s.next_record_seq));
+    let mut sealed = maps.clone();
+    sealed.remove(&last_id);
+    let next_record_seq = snapshot.as_ref().map_or(1, |s| s.next_record_seq);
     let mut shard = Shard::assemble(
         storage,
-        config,
+        config.clone(),
         alignment,
         last_id,
         Rc::new(active_file),
         active_buffer,
-        maps,
+        sealed,
         next_record_seq,
     );
     if let Some(snapshot) = snapshot {
         shard.restore_snapshot(snapshot);
     }
-    for (loc, record_type, flags, seq, body) in replays {
-        shard.replay(loc, record_type, flags, seq, &body);
+
+    // Cases 3 and 4: replay what the checkpoint does not cover, straight from the maps.
+    let mut corrupt = bad_checkpoints;
+    let mut max_seq = covered_seq;
+    let mut written: BTreeMap<u32, u64> = BTreeMap::new();
+    for (&id, map) in &maps {
+        let fully_covered = id < active_at_checkpoint
+            && covered_segments.get(&id).is_some_and(|last| *last <= covered_seq);
+        if fully_covered {
+            continue;
+        }
+        let scan = match scan_segment(map) {
+            Ok(scan) => scan,
+            Err(_) => return Err(OpenError::SegmentLost { segment_id: u64::from(id) }),
+        };
+        if scan.header.shard_id != config.shard_id {
+            return Err(OpenError::WrongShard {
+                found: scan.header.shard_id,
+                expected: config.shard_id,
+            });
+        }
+        corrupt += scan.faults.len() as u64;
+        for fault in &scan.faults {
+            shard.quarantine(CorruptRecord {
+                mailbox_seq: None,
+                location: Some((id, fault.offset as u32)),
+                fault: fault.fault,
+            });
+        }
+        for record in &scan.records {
+            let header = record.header;
+            max_seq = max_seq.max(header.record_seq);
+            if header.record_seq > covered_seq {
+                let loc = Loc { segment_id: id, offset: record.offset as u32 };
+                shard.replay(loc, header.record_type, header.flags, header.record_seq, record.body);
+            }
+        }
+        written.insert(id, scan.end.committed_end());
     }
+    shard.resume_after(max_seq);
     shard.note_written(&written);
-    for record in quarantined {
-        shard.quarantine(record);
-    }
     shard.set_checkpoint_seq(covered_seq);
     let counters = shard.counters_mut();
     counters.corrupt_records += corrupt;

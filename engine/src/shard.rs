@@ -14,7 +14,11 @@
 //! first entry at or past the durable end, so nothing is served before it is on disk.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Hash maps keyed partly by client-chosen ids: foldhash is fast and randomly seeded
+/// per process, so a client cannot aim for collisions.
+pub(crate) type HashMap<K, V> = foldhash::HashMap<K, V>;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -266,6 +270,7 @@ pub struct Shard<S: Storage> {
     scratch: Vec<u8>,
     counters: ShardCounters,
     quarantined: Vec<CorruptRecord>,
+    replay_slots: Vec<MailboxSlot>,
 }
 
 impl<S: Storage> std::fmt::Debug for Shard<S> {
@@ -1046,16 +1051,17 @@ impl<S: Storage> Shard<S> {
             durable_end: Loc { segment_id: active_segment_id, offset: end as u32 },
             poisoned: None,
             notifier,
-            mailboxes: HashMap::new(),
-            shared_refs: HashMap::new(),
+            mailboxes: HashMap::default(),
+            shared_refs: HashMap::default(),
             state: StateTables::default(),
-            dedup: HashMap::new(),
+            dedup: HashMap::default(),
             dedup_order: VecDeque::new(),
             last_message_id: 0,
             checkpoint_seq: 0,
             scratch: Vec::new(),
             counters: ShardCounters::default(),
             quarantined: Vec::new(),
+            replay_slots: Vec::new(),
         }
     }
 
@@ -1079,15 +1085,13 @@ impl<S: Storage> Shard<S> {
                     self.counters.corrupt_records += 1;
                     return;
                 };
-                let slots: Vec<MailboxSlot> = record
-                    .slots
-                    .iter()
-                    .map(|s| MailboxSlot {
-                        user_id: s.user_id.to_native(),
-                        device_id: s.device_id.to_native(),
-                        mailbox_seq: s.mailbox_seq.to_native(),
-                    })
-                    .collect();
+                let mut slots = std::mem::take(&mut self.replay_slots);
+                slots.clear();
+                slots.extend(record.slots.iter().map(|s| MailboxSlot {
+                    user_id: s.user_id.to_native(),
+                    device_id: s.device_id.to_native(),
+                    mailbox_seq: s.mailbox_seq.to_native(),
+                }));
                 let record_bytes = (RECORD_HEADER_BYTES + body.len()) as u64;
                 if flags & FLAG_MOVED != 0 {
                     self.relocate(&slots, loc, record_bytes, envelope.expires_ms.to_native(), seq);
@@ -1095,6 +1099,7 @@ impl<S: Storage> Shard<S> {
                     let owned = envelope_ref_of(envelope);
                     self.index_envelope(&slots, loc, record_bytes, &owned, seq);
                 }
+                self.replay_slots = slots;
             }
             RecordType::Ack => {
                 if let Ok(ack) = rkyv::access::<crate::body::ArchivedAckRecord, Failure>(body) {
@@ -1258,6 +1263,12 @@ impl<S: Storage> Shard<S> {
 
     pub(crate) fn counters_mut(&mut self) -> &mut ShardCounters {
         &mut self.counters
+    }
+
+    /// After replay: new records continue after the highest sequence number seen.
+    pub(crate) fn resume_after(&mut self, max_seq: u64) {
+        self.next_record_seq = self.next_record_seq.max(max_seq + 1);
+        self.notifier.durable_seq.set(self.next_record_seq - 1);
     }
 
     pub(crate) fn note_written(&mut self, written: &BTreeMap<u32, u64>) {

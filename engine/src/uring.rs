@@ -31,6 +31,9 @@ impl UringStorage {
     pub fn new(dir: impl Into<PathBuf>) -> io::Result<UringStorage> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
+        // glommio opens paths relative to no directory fd: a relative path fails with
+        // EBADF, so keep the absolute one.
+        let dir = std::fs::canonicalize(&dir)?;
         Ok(UringStorage { dir })
     }
 

@@ -1,0 +1,172 @@
+//! Engine figures for `docs/BENCHMARKS.md`: durable append throughput and commit latency
+//! at batch sizes 1, 64 and 1024 (io_uring, as the server runs it), recovery replay speed,
+//! index memory per queued message, and reading a 10,000-message mailbox.
+//!
+//! Run: `cargo run --release -p tern-bench --bin engine_figures -- [DIR] [--quick]`.
+//! DIR must be on a real file system (O_DIRECT); default `target/engine-figures`. The
+//! directory is emptied first. Compare with `bench/fio-baseline.sh` in the same session.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tern_engine::uring::UringStorage;
+use tern_engine::{ShardConfig, ShardHandle, StdStorage};
+use tern_wire::messages::{Conversation, E2eType, EnvelopeKind};
+use tern_wire::EnvelopeRef;
+
+const CIPHERTEXT: [u8; 100] = [0x5A; 100];
+const NOW_MS: u64 = 1_800_000_000_000;
+
+fn envelope(id: u64) -> EnvelopeRef<'static> {
+    EnvelopeRef {
+        server_message_id: id,
+        client_message_id: id,
+        server_time_ms: NOW_MS,
+        expires_ms: NOW_MS + 30 * 86_400_000,
+        sender_user: 42,
+        sender_device: 1,
+        conversation: Conversation::User(42),
+        conversation_seq: id,
+        kind: EnvelopeKind::Text,
+        e2e_type: E2eType::OlmMessage,
+        body: &CIPHERTEXT,
+    }
+}
+
+fn fresh(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    path
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Durable appends through io_uring: `batches` commits of `batch` envelopes each.
+fn durable_append(dir: &Path, batch: u64, batches: u64) {
+    let path = fresh(dir, &format!("append-{batch}"));
+    glommio::LocalExecutorBuilder::default().make().unwrap().run(async move {
+        let shard = ShardHandle::open(UringStorage::new(&path).unwrap(), ShardConfig::new(0))
+            .await
+            .unwrap();
+        let devices = 1000u64;
+        let mut latencies = Vec::with_capacity(batches as usize);
+        let bytes_before = shard.borrow().counters().committed_bytes;
+        let start = Instant::now();
+        let mut id = 0u64;
+        for _ in 0..batches {
+            let t = Instant::now();
+            for _ in 0..batch {
+                id += 1;
+                let device = (id % devices, 1);
+                shard.borrow_mut().append_envelope(&envelope(id), &[device]).unwrap();
+            }
+            shard.commit().await.unwrap();
+            latencies.push(t.elapsed());
+        }
+        let elapsed = start.elapsed();
+        let messages = batch * batches;
+        let written = shard.borrow().counters().committed_bytes - bytes_before;
+        latencies.sort();
+        println!(
+            "durable append batch {batch:>4}: {:>9.0} msg/s {:>7.1} MB/s written | commit p50 {:>7.1} µs p99 {:>7.1} µs | {messages} msgs in {:.2} s",
+            messages as f64 / elapsed.as_secs_f64(),
+            written as f64 / elapsed.as_secs_f64() / 1e6,
+            percentile(&latencies, 0.5).as_secs_f64() * 1e6,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e6,
+            elapsed.as_secs_f64(),
+        );
+    });
+}
+
+/// Builds a log of about `target_bytes` with std I/O, then times recovery (page cache warm).
+fn recovery(dir: &Path, target_bytes: u64) {
+    let path = fresh(dir, "recovery");
+    let storage = StdStorage::new(&path).unwrap();
+    let config = ShardConfig::new(0);
+    futures_lite::future::block_on(async {
+        let shard = ShardHandle::open(storage.clone(), config.clone()).await.unwrap();
+        let mut id = 0u64;
+        while shard.borrow().counters().committed_bytes < target_bytes {
+            for _ in 0..4096 {
+                id += 1;
+                shard.borrow_mut().append_envelope(&envelope(id), &[(id % 10_000, 1)]).unwrap();
+            }
+            shard.commit().await.unwrap();
+        }
+        let bytes = shard.borrow().counters().committed_bytes;
+        drop(shard);
+        // Warm the page cache, as after a process restart on a live machine.
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let _ = std::fs::read(entry.unwrap().path());
+        }
+        let start = Instant::now();
+        let shard = ShardHandle::open(storage.clone(), config.clone()).await.unwrap();
+        let elapsed = start.elapsed();
+        let queued: u64 = shard.borrow().mailbox_backlogs().map(|(_, n)| n).sum();
+        println!(
+            "recovery: {:.0} MiB log, {queued} queued envelopes, replayed in {:.3} s = {:.2} GB/s",
+            bytes as f64 / (1 << 20) as f64,
+            elapsed.as_secs_f64(),
+            bytes as f64 / elapsed.as_secs_f64() / 1e9,
+        );
+        let index = shard.borrow().index_bytes();
+        println!(
+            "index memory: {index} bytes for {queued} queued envelopes = {:.1} bytes/envelope",
+            index as f64 / queued as f64
+        );
+    });
+}
+
+/// Reads a 10,000-message mailbox (zero-copy slices) and frames it for delivery.
+fn mailbox_read(dir: &Path) {
+    let path = fresh(dir, "read");
+    let storage = StdStorage::new(&path).unwrap();
+    futures_lite::future::block_on(async {
+        let shard = ShardHandle::open(storage, ShardConfig::new(0)).await.unwrap();
+        let device = (7, 1);
+        for id in 1..=10_000u64 {
+            shard.borrow_mut().append_envelope(&envelope(id), &[device]).unwrap();
+        }
+        shard.commit().await.unwrap();
+        let borrowed = shard.borrow();
+        let mut out = Vec::with_capacity(4 << 20);
+        let rounds = 50;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            out.clear();
+            let read = borrowed.read_mailbox(device, 0, usize::MAX, NOW_MS);
+            assert_eq!(read.entries.len(), 10_000);
+            for entry in &read.entries {
+                tern_wire::encode_deliver(&mut out, 0, entry.mailbox_seq, entry.envelope, u32::MAX)
+                    .unwrap();
+            }
+        }
+        let elapsed = start.elapsed();
+        println!(
+            "mailbox read: 10,000 envelopes read + framed as Deliver in {:.2} ms = {:.2} M msg/s",
+            elapsed.as_secs_f64() * 1e3 / rounds as f64,
+            (10_000 * rounds) as f64 / elapsed.as_secs_f64() / 1e6
+        );
+    });
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let dir = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/engine-figures"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scale = if quick { 10 } else { 1 };
+    durable_append(&dir, 1, 5000 / scale);
+    durable_append(&dir, 64, 1000 / scale);
+    durable_append(&dir, 1024, 200 / scale);
+    recovery(&dir, if quick { 64 << 20 } else { 1 << 30 });
+    mailbox_read(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
