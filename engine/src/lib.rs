@@ -17,6 +17,7 @@
 pub mod body;
 pub mod checkpoint;
 mod error;
+pub mod manifest;
 pub mod record;
 mod recovery;
 mod shard;
@@ -26,6 +27,7 @@ pub mod uring;
 
 pub use body::{AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ReportRecord, StateOp};
 pub use error::{CorruptRecord, OpenError, WriteError};
+pub use manifest::{DataDir, Manifest, ManifestError};
 pub use shard::{
     Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
     ShardConfig, ShardCounters, ShardHandle,

@@ -270,7 +270,11 @@ pub struct Shard<S: Storage> {
     scratch: Vec<u8>,
     counters: ShardCounters,
     quarantined: Vec<CorruptRecord>,
+    /// Scratch for mailbox slots (appends and replay), reused to avoid an allocation per
+    /// record.
     replay_slots: Vec<MailboxSlot>,
+    /// Scratch for record bodies, reused likewise.
+    body_scratch: Vec<u8>,
 }
 
 impl<S: Storage> std::fmt::Debug for Shard<S> {
@@ -324,14 +328,13 @@ impl<S: Storage> Shard<S> {
         if recipients.is_empty() {
             return Err(WriteError::NoRecipients);
         }
-        let slots: Vec<MailboxSlot> = recipients
-            .iter()
-            .map(|&(user_id, device_id)| MailboxSlot {
-                user_id,
-                device_id,
-                mailbox_seq: self.mailboxes.get(&(user_id, device_id)).map_or(0, Mailbox::next_seq),
-            })
-            .collect();
+        let mut slots = std::mem::take(&mut self.replay_slots);
+        slots.clear();
+        slots.extend(recipients.iter().map(|&(user_id, device_id)| MailboxSlot {
+            user_id,
+            device_id,
+            mailbox_seq: self.mailboxes.get(&(user_id, device_id)).map_or(0, Mailbox::next_seq),
+        }));
         let mut envelope_bytes = std::mem::take(&mut self.scratch);
         envelope_bytes.clear();
         encode_archive(&mut envelope_bytes, envelope).expect("an envelope always archives");
@@ -340,9 +343,12 @@ impl<S: Storage> Shard<S> {
             encode_archive(out, &record).map(|_| ()).map_err(|_| WriteError::NoRecipients)
         });
         self.scratch = envelope_bytes;
-        let (record_seq, loc, record_bytes) = result?;
-        self.index_envelope(&slots, loc, record_bytes, envelope, record_seq);
-        Ok(Appended { record_seq, mailbox_seqs: slots.iter().map(|s| s.mailbox_seq).collect() })
+        let appended = result.map(|(record_seq, loc, record_bytes)| {
+            self.index_envelope(&slots, loc, record_bytes, envelope, record_seq);
+            Appended { record_seq, mailbox_seqs: slots.iter().map(|s| s.mailbox_seq).collect() }
+        });
+        self.replay_slots = slots;
+        appended
     }
 
     /// Acknowledges a device's mailbox up to and including `up_to_mailbox_seq` (clamped
@@ -404,8 +410,25 @@ impl<S: Storage> Shard<S> {
             return Err(error.clone());
         }
         // Lay the body out in scratch space first: its length decides the segment.
-        let mut body = Vec::new();
-        write_body(&mut body)?;
+        let mut body = std::mem::take(&mut self.body_scratch);
+        body.clear();
+        if let Err(error) = write_body(&mut body) {
+            self.body_scratch = body;
+            return Err(error);
+        }
+        let result = self.place_record(record_type, flags, &body);
+        self.body_scratch = body;
+        result
+    }
+
+    /// Copies a laid-out record body into the pending batch (opening the next segment
+    /// when it does not fit).
+    fn place_record(
+        &mut self,
+        record_type: RecordType,
+        flags: u8,
+        body: &[u8],
+    ) -> Result<(u64, Loc, u64), WriteError> {
         let record_bytes = (RECORD_HEADER_BYTES + body.len()) as u64;
         let usable = self.config.segment_bytes - SEGMENT_HEADER_BYTES as u64 - COMMIT_RESERVE_BYTES;
         if record_bytes > usable - u64::from(self.alignment) {
@@ -422,7 +445,7 @@ impl<S: Storage> Shard<S> {
         let batch = self.pending_batch_at_head();
         let loc = Loc { segment_id: segment_id_now, offset: offset as u32 };
         append_record(&mut batch.bytes, record_type, flags, seq, segment_id_now, |out| {
-            out.extend_from_slice(&body);
+            out.extend_from_slice(body);
             Ok::<(), WriteError>(())
         })?;
         batch.records += 1;
@@ -1062,6 +1085,7 @@ impl<S: Storage> Shard<S> {
             counters: ShardCounters::default(),
             quarantined: Vec::new(),
             replay_slots: Vec::new(),
+            body_scratch: Vec::new(),
         }
     }
 
