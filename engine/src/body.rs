@@ -35,7 +35,10 @@ pub struct EnvelopeRecord {
 
 /// [`EnvelopeRecord`] borrowing its parts, for appending without building `Vec`s.
 #[derive(Archive, Serialize, Debug)]
-#[rkyv(as = ArchivedEnvelopeRecord, serialize_bounds(__S: rkyv::ser::Allocator + rkyv::ser::Writer))]
+#[rkyv(
+    as = ArchivedEnvelopeRecord,
+    serialize_bounds(__S: rkyv::ser::Allocator + rkyv::ser::Writer)
+)]
 pub struct EnvelopeRecordRef<'a> {
     /// See [`EnvelopeRecord::slots`].
     #[rkyv(with = SliceAsVec, omit_bounds)]

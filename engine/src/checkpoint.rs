@@ -139,8 +139,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Captures a shard with nothing pending.
     pub(crate) fn capture<S: Storage>(shard: &Shard<S>) -> Snapshot {
-        let (mailboxes, shared, stats, state, dedup, last_message_id, next_record_seq) =
-            shard.snapshot_parts();
+        let parts = shard.snapshot_parts();
+        let (mailboxes, shared, stats, state, dedup) =
+            (parts.mailboxes, parts.shared_refs, parts.stats, parts.state, parts.dedup);
+        let (last_message_id, next_record_seq) = (parts.last_message_id, parts.next_record_seq);
         let mut mailboxes: Vec<MailboxSnapshot> = mailboxes
             .iter()
             .map(|(&(user_id, device_id), mailbox)| {

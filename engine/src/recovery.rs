@@ -45,7 +45,7 @@ pub(crate) async fn recover<S: Storage + Clone>(
     // Case 2: the newest checkpoint that reads back.
     let mut checkpoints: Vec<(u64, &String)> =
         names.iter().filter_map(|n| checkpoint::parse_file_name(n).map(|seq| (seq, n))).collect();
-    checkpoints.sort_by(|a, b| b.0.cmp(&a.0));
+    checkpoints.sort_by_key(|c| std::cmp::Reverse(c.0));
     let mut bad_checkpoints = 0;
     let mut snapshot = None;
     for (_, name) in &checkpoints {

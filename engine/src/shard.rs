@@ -157,6 +157,17 @@ impl Mailbox {
     }
 }
 
+/// What a checkpoint captures, borrowed from a shard with nothing pending.
+pub(crate) struct SnapshotParts<'a> {
+    pub(crate) mailboxes: &'a HashMap<DeviceAddr, Mailbox>,
+    pub(crate) shared_refs: &'a HashMap<Loc, u32>,
+    pub(crate) stats: &'a BTreeMap<u32, SegmentStats>,
+    pub(crate) state: &'a StateTables,
+    pub(crate) dedup: &'a HashMap<(UserId, DeviceId, u64), (u64, u64)>,
+    pub(crate) last_message_id: u64,
+    pub(crate) next_record_seq: u64,
+}
+
 /// Per-segment accounting for space reclaim.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SegmentStats {
@@ -641,8 +652,8 @@ impl<S: Storage> Shard<S> {
         let mut read = MailboxRead::default();
         let Some(mailbox) = self.mailboxes.get(&device) else { return read };
         let skip = from_mailbox_seq.saturating_sub(mailbox.head_seq) as usize;
-        let mut seq = mailbox.head_seq + skip as u64;
-        for loc in mailbox.entries.iter().skip(skip) {
+        let first_seq = mailbox.head_seq + skip as u64;
+        for (seq, loc) in (first_seq..).zip(mailbox.entries.iter().skip(skip)) {
             if read.entries.len() >= limit || !self.is_durable(*loc) {
                 break;
             }
@@ -658,7 +669,6 @@ impl<S: Storage> Shard<S> {
                     read.corrupt.push(CorruptRecord { mailbox_seq: Some(seq), ..corrupt })
                 }
             }
-            seq += 1;
         }
         read
     }
@@ -1135,7 +1145,7 @@ impl<S: Storage> Shard<S> {
             }
             RecordType::State => {
                 match rkyv::access::<crate::body::ArchivedStateOp, Failure>(body)
-                    .and_then(|op| rkyv::deserialize::<StateOp, Failure>(op))
+                    .and_then(rkyv::deserialize::<StateOp, Failure>)
                 {
                     Ok(op) => self.state.apply(&op),
                     Err(_) => self.counters.corrupt_records += 1,
@@ -1260,8 +1270,7 @@ impl<S: Storage> Shard<S> {
     fn drop_expired_entries(&mut self, now_ms: u64) {
         let devices: Vec<DeviceAddr> = self.mailboxes.keys().copied().collect();
         for device in devices {
-            loop {
-                let Some(loc) = self.mailboxes[&device].entries.front().copied() else { break };
+            while let Some(loc) = self.mailboxes[&device].entries.front().copied() {
                 if !self.is_durable(loc) {
                     break;
                 }
@@ -1305,26 +1314,16 @@ impl<S: Storage> Shard<S> {
         self.checkpoint_seq = seq;
     }
 
-    pub(crate) fn snapshot_parts(
-        &self,
-    ) -> (
-        &HashMap<DeviceAddr, Mailbox>,
-        &HashMap<Loc, u32>,
-        &BTreeMap<u32, SegmentStats>,
-        &StateTables,
-        &HashMap<(UserId, DeviceId, u64), (u64, u64)>,
-        u64,
-        u64,
-    ) {
-        (
-            &self.mailboxes,
-            &self.shared_refs,
-            &self.stats,
-            &self.state,
-            &self.dedup,
-            self.last_message_id,
-            self.next_record_seq,
-        )
+    pub(crate) fn snapshot_parts(&self) -> SnapshotParts<'_> {
+        SnapshotParts {
+            mailboxes: &self.mailboxes,
+            shared_refs: &self.shared_refs,
+            stats: &self.stats,
+            state: &self.state,
+            dedup: &self.dedup,
+            last_message_id: self.last_message_id,
+            next_record_seq: self.next_record_seq,
+        }
     }
 
     pub(crate) fn restore_snapshot(&mut self, snapshot: Snapshot) {

@@ -30,7 +30,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..3usize, 1..=3usize, 0..700usize).prop_map(|(first, fanout, len)| Op::Append { first, fanout, len }),
+        6 => (0..3usize, 1..=3usize, 0..700usize)
+            .prop_map(|(first, fanout, len)| Op::Append { first, fanout, len }),
         2 => (0..3usize, 0..4usize).prop_map(|(device, keep)| Op::Ack { device, keep }),
         2 => (0..3usize).prop_map(|device| Op::Read { device }),
         3 => Just(Op::Commit),
@@ -64,7 +65,8 @@ proptest! {
         for op in ops {
             match op {
                 Op::Append { first, fanout, len } => {
-                    let recipients: Vec<_> = (0..fanout).map(|i| DEVICES[(first + i) % 3]).collect();
+                    let recipients: Vec<_> =
+                        (0..fanout).map(|i| DEVICES[(first + i) % 3]).collect();
                     let body: Vec<u8> = (0..len).map(|i| (i as u64 * 31 + next_id) as u8).collect();
                     let appended = shard
                         .borrow_mut()
@@ -94,7 +96,8 @@ proptest! {
                 Op::Read { device } => {
                     // Reads serve exactly the committed entries (pending ones are not yet durable).
                     let device = DEVICES[device];
-                    let actual: BTreeMap<u64, Vec<u8>> = read_all(&shard, device).into_iter().collect();
+                    let actual: BTreeMap<u64, Vec<u8>> =
+                        read_all(&shard, device).into_iter().collect();
                     prop_assert_eq!(actual, committed.get(&device).cloned().unwrap_or_default());
                 }
                 Op::Commit | Op::Checkpoint | Op::Reclaim => {

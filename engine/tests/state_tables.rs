@@ -104,7 +104,7 @@ fn one_time_keys_are_handed_out_exactly_once_across_crashes() {
 fn state_tables_survive_restart_with_and_without_checkpoint() {
     let disk = SimStorage::new(1);
     let shard = open(disk.clone(), small_config());
-    let ops = vec![
+    let ops = [
         StateOp::PutAccount { user_id: 7, phone: "+4915550007".into(), created_ms: 5 },
         StateOp::PutDevice { user_id: 7, device: device(1, 3) },
         StateOp::PutDevice { user_id: 7, device: device(2, 2) },
