@@ -204,6 +204,10 @@ struct PendingBatch {
     new_segment: bool,
 }
 
+/// Committed batch buffers kept for reuse: two cover a commit in flight plus the batch
+/// forming behind it.
+const SPARE_BUFFERS_MAX: usize = 2;
+
 /// Space reserved at the end of a batch for its `Commit` record.
 const COMMIT_RESERVE_BYTES: u64 = 64;
 
@@ -286,6 +290,8 @@ pub struct Shard<S: Storage> {
     replay_slots: Vec<MailboxSlot>,
     /// Scratch for record bodies, reused likewise.
     body_scratch: Vec<u8>,
+    /// Batch buffers of committed batches, reused for the next ones.
+    spare_buffers: Vec<Vec<u8>>,
 }
 
 impl<S: Storage> std::fmt::Debug for Shard<S> {
@@ -479,7 +485,7 @@ impl<S: Storage> Shard<S> {
             self.pending.push(PendingBatch {
                 segment_id,
                 start_offset,
-                bytes: Vec::new(),
+                bytes: self.spare_buffers.pop().unwrap_or_default(),
                 first_seq: self.next_record_seq,
                 records: 0,
                 new_segment: false,
@@ -502,7 +508,8 @@ impl<S: Storage> Shard<S> {
             first_record_seq: self.next_record_seq,
             commit_alignment: self.alignment,
         };
-        let mut bytes = header.to_bytes().to_vec();
+        let mut bytes = self.spare_buffers.pop().unwrap_or_default();
+        bytes.extend_from_slice(&header.to_bytes());
         bytes.resize(first_record_offset(self.alignment) as usize, 0);
         self.pending.push(PendingBatch {
             segment_id: next_segment,
@@ -820,8 +827,8 @@ impl<S: Storage> Shard<S> {
                 self.seal_active().map_err(|e| {
                     self.poison(WriteError::from_io("mapping a sealed segment", &e))
                 })?;
-                self.active =
-                    ActiveSegment { segment_id: batch.segment_id, file, buffer: Vec::new() };
+                let buffer = Vec::with_capacity(self.config.segment_bytes as usize);
+                self.active = ActiveSegment { segment_id: batch.segment_id, file, buffer };
             }
             debug_assert_eq!(batch.segment_id, self.active.segment_id);
             debug_assert_eq!(self.active.buffer.len() as u64, batch.start_offset);
@@ -832,6 +839,12 @@ impl<S: Storage> Shard<S> {
             let end = self.active.buffer.len() as u64;
             self.stats.entry(batch.segment_id).or_default().written_bytes = end;
             self.durable_end = Loc { segment_id: batch.segment_id, offset: end as u32 };
+            // Keep the buffer: a fresh large allocation per batch costs page faults.
+            if self.spare_buffers.len() < SPARE_BUFFERS_MAX {
+                let mut bytes = batch.bytes;
+                bytes.clear();
+                self.spare_buffers.push(bytes);
+            }
         }
         self.notifier.durable_seq.set(last_seq);
         self.notifier.wake_all();
@@ -1096,6 +1109,7 @@ impl<S: Storage> Shard<S> {
             quarantined: Vec::new(),
             replay_slots: Vec::new(),
             body_scratch: Vec::new(),
+            spare_buffers: Vec::new(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! index memory per queued message, and reading a 10,000-message mailbox.
 //!
 //! Run: `cargo run --release -p tern-bench --bin engine_figures -- [DIR] [--quick]
-//! [--only append|recovery|read]`.
+//! [--only append|recovery|read] [--batch 1|64|1024]`.
 //! DIR must be on a real file system (O_DIRECT); default `target/engine-figures`. The
 //! directory is emptied first. Compare with `bench/fio-baseline.sh` in the same session.
 
@@ -180,17 +180,25 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let dir = args
         .iter()
-        .find(|a| !a.starts_with("--") && !["append", "recovery", "read"].contains(&a.as_str()))
+        .find(|a| {
+            !a.starts_with("--")
+                && !["append", "recovery", "read"].contains(&a.as_str())
+                && a.parse::<u64>().is_err()
+        })
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/engine-figures"));
     std::fs::create_dir_all(&dir).unwrap();
     let scale = if quick { 10 } else { 1 };
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let batch: Option<u64> =
+        args.iter().position(|a| a == "--batch").and_then(|i| args.get(i + 1)?.parse().ok());
     if wanted("append") {
-        durable_append(&dir, 1, 5000 / scale);
-        durable_append(&dir, 64, 1000 / scale);
-        durable_append(&dir, 1024, 200 / scale);
+        for (size, batches) in [(1, 5000), (64, 1000), (1024, 200)] {
+            if batch.is_none_or(|b| b == size) {
+                durable_append(&dir, size, batches / scale);
+            }
+        }
     }
     if wanted("recovery") {
         recovery(&dir, if quick { 64 << 20 } else { 1 << 30 });
