@@ -18,6 +18,7 @@ fn send_frame() -> Vec<u8> {
         kind: EnvelopeKind::Text,
         ttl_s: 0,
         copies: vec![DeviceCopy {
+            user_id: 42,
             device_id: 1,
             e2e_type: E2eType::OlmMessage,
             ciphertext: CIPHERTEXT.to_vec(),
@@ -99,7 +100,7 @@ fn encode(c: &mut Criterion) {
     let mut out = Vec::with_capacity(4096);
 
     let copies =
-        [DeviceCopyRef { device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: &CIPHERTEXT }];
+        [DeviceCopyRef { user_id: 42, device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: &CIPHERTEXT }];
     group.bench_function("send_100B/borrowed", |b| {
         b.iter(|| {
             out.clear();

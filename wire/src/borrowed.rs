@@ -73,6 +73,8 @@ pub struct EnvelopeRef<'a> {
 #[derive(Archive, Serialize, Debug, Clone)]
 #[rkyv(as = ArchivedDeviceCopy, serialize_bounds(__S: Allocator + Writer))]
 pub struct DeviceCopyRef<'a> {
+    /// See [`crate::messages::DeviceCopy::user_id`].
+    pub user_id: UserId,
     /// See [`crate::messages::DeviceCopy::device_id`].
     pub device_id: DeviceId,
     /// See [`crate::messages::DeviceCopy::e2e_type`].

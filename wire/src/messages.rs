@@ -504,6 +504,9 @@ payload! {
 payload! {
     /// One recipient device's copy of a message.
     pub struct DeviceCopy {
+        /// The device's user: the recipient, or the sender for its own other devices (0
+        /// for the single copy of a group message).
+        pub user_id: UserId,
         /// The recipient device (0 for the single copy of a group message).
         pub device_id: DeviceId,
         /// How it was encrypted.
@@ -515,7 +518,8 @@ payload! {
 
 payload! {
     /// Send a message. To a user: one copy per device of the recipient and one per
-    /// other device of the sender. To a group: exactly one copy, with `device_id` 0.
+    /// other device of the sender. To a group: exactly one copy, with `user_id` and
+    /// `device_id` 0.
     pub struct SendMessage {
         /// Chosen by the sending device; a retry with the same id is not duplicated.
         pub client_message_id: u64,
@@ -580,7 +584,9 @@ payload! {
         pub sender_user: UserId,
         /// The sender's device.
         pub sender_device: DeviceId,
-        /// The conversation.
+        /// The conversation as the mailbox owner sees it: for a 1:1 message, the other
+        /// party (the sender for the recipient's devices, the recipient for the sender's
+        /// other devices); for a group message, the group.
         pub conversation: Conversation,
         /// Position in the conversation: per sender for 1:1, per group for groups.
         pub conversation_seq: u64,

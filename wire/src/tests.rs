@@ -166,6 +166,7 @@ proptest! {
             .copies
             .iter()
             .map(|c| DeviceCopyRef {
+                user_id: c.user_id,
                 device_id: c.device_id,
                 e2e_type: c.e2e_type,
                 ciphertext: &c.ciphertext,
@@ -394,6 +395,7 @@ fn lying_lengths_are_incomplete_or_bad() {
         kind: EnvelopeKind::Text,
         ttl_s: 0,
         copies: vec![DeviceCopy {
+            user_id: 42,
             device_id: 1,
             e2e_type: E2eType::OlmMessage,
             ciphertext: vec![7; 100],

@@ -99,6 +99,7 @@ fn send_message() -> SendMessage {
         kind: EnvelopeKind::Text,
         ttl_s: 0,
         copies: vec![DeviceCopy {
+            user_id: 42,
             device_id: 1,
             e2e_type: E2eType::OlmMessage,
             ciphertext: (0u8..16).collect(),

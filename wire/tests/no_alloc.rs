@@ -16,6 +16,7 @@ fn send_frame() -> Vec<u8> {
         kind: EnvelopeKind::Text,
         ttl_s: 0,
         copies: vec![DeviceCopy {
+            user_id: 42,
             device_id: 1,
             e2e_type: E2eType::OlmMessage,
             ciphertext: vec![0xC5; 100],
@@ -33,7 +34,7 @@ fn hot_path_does_not_allocate() {
     let mut record = Vec::with_capacity(4096);
     let mut outbound = Vec::with_capacity(4096);
     let copies =
-        [DeviceCopyRef { device_id: 2, e2e_type: E2eType::OlmMessage, ciphertext: &[0xC5; 100] }];
+        [DeviceCopyRef { user_id: 42, device_id: 2, e2e_type: E2eType::OlmMessage, ciphertext: &[0xC5; 100] }];
 
     let step = |decoder: &mut FrameDecoder, record: &mut Vec<u8>, outbound: &mut Vec<u8>| {
         // Receive: bytes in, validated view out.
