@@ -99,8 +99,12 @@ fn encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut out = Vec::with_capacity(4096);
 
-    let copies =
-        [DeviceCopyRef { user_id: 42, device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: &CIPHERTEXT }];
+    let copies = [DeviceCopyRef {
+        user_id: 42,
+        device_id: 1,
+        e2e_type: E2eType::OlmMessage,
+        ciphertext: &CIPHERTEXT,
+    }];
     group.bench_function("send_100B/borrowed", |b| {
         b.iter(|| {
             out.clear();

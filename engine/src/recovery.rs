@@ -102,10 +102,14 @@ pub(crate) async fn recover<S: Storage + Clone>(
         return Ok(shard);
     }
 
-    // Case 3: segment ids must be contiguous from the first one still needed.
+    // Case 3: space reclaim deletes dead segments in any order, but only segments sealed
+    // before the checkpoint it wrote; a gap at or after the segment that was active at
+    // the loaded checkpoint means records it does not cover are gone.
     for pair in ids.windows(2) {
-        if pair[1] != pair[0] + 1 {
-            return Err(OpenError::SegmentLost { segment_id: pair[0] + 1 });
+        for missing in pair[0] + 1..pair[1] {
+            if missing >= u64::from(active_at_checkpoint) {
+                return Err(OpenError::SegmentLost { segment_id: missing });
+            }
         }
     }
 

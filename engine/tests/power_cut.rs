@@ -72,7 +72,8 @@ fn check(
 fn power_cut_campaign() {
     let cycles: u64 =
         std::env::var("TERN_POWER_CUT_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let seeds = 20;
+    // Long runs per seed: reclaim and rotation bugs need many segments to show.
+    let seeds = (cycles / 500).max(1);
     for seed in 0..seeds {
         let mut rng = Rng(seed * 7919 + 1);
         let mut disk = SimStorage::new(512);

@@ -33,8 +33,12 @@ fn hot_path_does_not_allocate() {
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
     let mut record = Vec::with_capacity(4096);
     let mut outbound = Vec::with_capacity(4096);
-    let copies =
-        [DeviceCopyRef { user_id: 42, device_id: 2, e2e_type: E2eType::OlmMessage, ciphertext: &[0xC5; 100] }];
+    let copies = [DeviceCopyRef {
+        user_id: 42,
+        device_id: 2,
+        e2e_type: E2eType::OlmMessage,
+        ciphertext: &[0xC5; 100],
+    }];
 
     let step = |decoder: &mut FrameDecoder, record: &mut Vec<u8>, outbound: &mut Vec<u8>| {
         // Receive: bytes in, validated view out.
