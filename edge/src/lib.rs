@@ -1,11 +1,16 @@
-//! `tern-edge`: `ternd`, the thread-per-core server (executors, listeners, sessions,
-//! routing, presence, push, admin endpoint).
+//! `tern-edge`: `ternd`, Tern's server.
 //!
-//! Not built yet: the server is the subject of the edge milestone issue, after the
-//! engine. `ternd` says so and exits with status 2 rather than pretend to serve.
+//! What is built so far: one glommio executor serving TCP connections (handshake,
+//! registration with a logged verification code, token auth, durable 1:1 messaging with
+//! sent/delivered/read ticks, one-time-key hand-out) over the engine's shards. The
+//! protocol logic lives in [`core`] (synchronous, no I/O); [`runtime`] is the thin glommio
+//! driver. Not built yet: several executors with the channel mesh and fd hand-off, TLS,
+//! WebSocket, the admin endpoint, the webhook code sender, rate limits beyond code
+//! requests (see README.md, Status).
 
 #![forbid(unsafe_code)]
 
-/// What `ternd` prints while the server does not exist yet.
-pub const NOT_BUILT: &str = "ternd: the server is not built yet; this build contains the \
-wire protocol (tern-wire) only. See README.md, section Status.";
+pub mod code_sender;
+pub mod core;
+pub mod runtime;
+pub mod secrets;

@@ -1,6 +1,57 @@
-//! `ternd` entry point. Exits non-zero until the server exists (see the crate docs).
+//! `ternd` entry point: flags, logging, then the server (see the crate docs for what is
+//! built so far).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("{}", tern_edge::NOT_BUILT);
-    std::process::ExitCode::from(2)
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tern_edge::core::CoreConfig;
+use tern_edge::runtime::{run, ServerConfig};
+
+/// Tern's messaging server.
+#[derive(Debug, Parser)]
+#[command(name = "ternd", version)]
+struct Args {
+    /// Data directory (created on first start).
+    #[arg(long, default_value = "tern-data")]
+    data_dir: PathBuf,
+    /// TCP listen address for the binary protocol (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Shard count of a new data directory (fixed once created).
+    #[arg(long, default_value_t = 8)]
+    shards: u32,
+    /// Largest frame accepted after the handshake, in bytes.
+    #[arg(long, default_value_t = tern_wire::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: u32,
+    /// Verification code requests allowed per phone number per hour.
+    #[arg(long, default_value_t = 5)]
+    code_requests_per_hour: u32,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let core = CoreConfig {
+        max_frame_bytes: args.max_frame_bytes,
+        code_requests_per_hour: args.code_requests_per_hour,
+        ..CoreConfig::default()
+    };
+    let config =
+        ServerConfig { data_dir: args.data_dir, listen: args.listen, shards: args.shards, core };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "ternd stopped");
+            eprintln!("ternd: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

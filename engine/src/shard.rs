@@ -142,6 +142,10 @@ pub struct MailboxRead<'a> {
     pub corrupt: Vec<CorruptRecord>,
     /// Entries skipped because their envelope expired.
     pub expired: u64,
+    /// The mailbox sequence number after the last entry examined: where the next read
+    /// should start (expired and corrupt entries included, so a reader never stalls on
+    /// them).
+    pub next_seq: u64,
 }
 
 #[derive(Debug, Default)]
@@ -656,14 +660,16 @@ impl<S: Storage> Shard<S> {
         limit: usize,
         now_ms: u64,
     ) -> MailboxRead<'_> {
-        let mut read = MailboxRead::default();
+        let mut read = MailboxRead { next_seq: from_mailbox_seq, ..MailboxRead::default() };
         let Some(mailbox) = self.mailboxes.get(&device) else { return read };
         let skip = from_mailbox_seq.saturating_sub(mailbox.head_seq) as usize;
         let first_seq = mailbox.head_seq + skip as u64;
+        read.next_seq = read.next_seq.max(first_seq);
         for (seq, loc) in (first_seq..).zip(mailbox.entries.iter().skip(skip)) {
             if read.entries.len() >= limit || !self.is_durable(*loc) {
                 break;
             }
+            read.next_seq = seq + 1;
             match self.envelope_at(*loc) {
                 Ok((bytes, envelope)) => {
                     if envelope.expires_ms.to_native() <= now_ms {
@@ -721,6 +727,11 @@ impl<S: Storage> Shard<S> {
     /// Whether records wait for a commit.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// The sequence number of the last record appended (durable or not).
+    pub fn appended_seq(&self) -> u64 {
+        self.next_record_seq - 1
     }
 
     /// The highest durable record sequence number.

@@ -1,0 +1,1166 @@
+//! The per-core server logic: sessions, registration, auth and 1:1 messaging over the
+//! engine's shards. Synchronous and I/O-free.
+//!
+//! The runtime (`runtime.rs`) feeds it decoded frames (`Core::handle_frame`) and tells
+//! it when a commit made records durable (`Core::on_durable`); the core answers by
+//! appending frames to each connection's outbound buffer and waking its writer. Nothing
+//! here awaits: a reply that must wait for durability (the **sent** tick, a handed-out
+//! one-time key, a registration) is parked as a [`PendingReply`] with the record
+//! sequence numbers it needs, and released by `on_durable`. Time comes in as `now_ms`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::task::Waker;
+
+use rkyv::rancor::Failure;
+use tern_engine::{DeviceRecord, Shard, ShardHandle, StateOp, Storage};
+use tern_wire::messages::*;
+use tern_wire::{
+    encode_archive, encode_deliver, encode_frame, negotiate_max_frame_bytes, negotiate_version,
+    EnvelopeRef, ErrorCode, Frame, Message, MessageType, Payload, WireSerializer, FLAG_RESPONSE,
+    HANDSHAKE_MAX_FRAME_BYTES,
+};
+
+use crate::code_sender::CodeSender;
+use crate::secrets;
+
+/// A connection's id within its core.
+pub type ConnId = u64;
+
+/// Envelopes sent to a device and not yet acknowledged, at most. 256 keeps a fast
+/// client busy across a 100 ms round trip at ~2,500 messages/s, while bounding what a
+/// slow one holds in flight.
+pub const DELIVERY_WINDOW: u64 = 256;
+/// A connection whose unsent output exceeds this is not fed from its mailbox until it
+/// drains: a slow reader stops costing memory (its messages wait on disk).
+pub const OUTBOUND_BYTES_MAX: usize = 1 << 20;
+/// A device is told to upload more one-time prekeys below this stock.
+pub const ONE_TIME_KEYS_LOW: u32 = 15;
+/// Devices per account (a primary and four companions).
+pub const DEVICES_MAX: usize = 5;
+
+/// Tunables of the core that tests and operators change.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Largest frame the server accepts after the handshake.
+    pub max_frame_bytes: u32,
+    /// Verification codes stop working after this.
+    pub code_ttl_ms: u64,
+    /// Code requests per phone number per hour.
+    pub code_requests_per_hour: u32,
+    /// Wrong codes accepted per issued code before it is burnt.
+    pub code_attempts_max: u32,
+    /// Default time-to-live of undelivered envelopes.
+    pub default_ttl_ms: u64,
+    /// Heartbeat interval advertised in `Welcome`.
+    pub heartbeat_interval_ms: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            max_frame_bytes: tern_wire::DEFAULT_MAX_FRAME_BYTES,
+            code_ttl_ms: 10 * 60 * 1000,
+            code_requests_per_hour: 5,
+            code_attempts_max: 5,
+            default_ttl_ms: 30 * 24 * 3600 * 1000,
+            heartbeat_interval_ms: 30_000,
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Waiting for `Hello`.
+    AwaitHello,
+    /// Handshake done; not yet registered or authenticated.
+    Open,
+    /// Speaking for this device.
+    Authenticated {
+        /// The user.
+        user_id: UserId,
+        /// The device.
+        device_id: DeviceId,
+    },
+}
+
+/// One connection as the core sees it.
+#[derive(Debug)]
+pub struct Connection {
+    /// Its state.
+    pub state: ConnState,
+    /// Bytes waiting to be written to the socket.
+    pub outbound: Vec<u8>,
+    /// Wakes the connection's task when `outbound` grows or it must close.
+    pub waker: Option<Waker>,
+    /// Close once `outbound` is flushed.
+    pub closing: bool,
+    /// The negotiated frame limit.
+    pub max_frame_bytes: u32,
+    /// Next mailbox sequence number to deliver.
+    deliver_cursor: u64,
+    /// Everything before this mailbox sequence number was acknowledged.
+    acked_through: u64,
+}
+
+impl Connection {
+    fn new() -> Connection {
+        Connection {
+            state: ConnState::AwaitHello,
+            outbound: Vec::new(),
+            waker: None,
+            closing: false,
+            max_frame_bytes: HANDSHAKE_MAX_FRAME_BYTES,
+            deliver_cursor: 0,
+            acked_through: 0,
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PendingCode {
+    code: String,
+    expires_ms: u64,
+    attempts_left: u32,
+}
+
+/// A reply that may be sent only once some records are durable.
+#[derive(Debug)]
+struct PendingReply {
+    conn: ConnId,
+    waits: Vec<(u32, u64)>,
+    frame: Vec<u8>,
+}
+
+/// Counters exported as metrics.
+#[derive(Clone, Debug, Default)]
+pub struct CoreCounters {
+    /// Frames decoded.
+    pub frames_in: u64,
+    /// Messages accepted (sent ticks given).
+    pub messages_sent: u64,
+    /// Envelopes written to sockets.
+    pub messages_delivered: u64,
+    /// Connections closed for a protocol error.
+    pub protocol_errors: u64,
+}
+
+/// The state of one core.
+pub struct Core<S: Storage> {
+    shards: Vec<ShardHandle<S>>,
+    config: CoreConfig,
+    code_sender: Box<dyn CodeSender>,
+    conns: HashMap<ConnId, Connection>,
+    next_conn_id: ConnId,
+    online: HashMap<(UserId, DeviceId), ConnId>,
+    codes: HashMap<String, PendingCode>,
+    code_requests: HashMap<String, Vec<u64>>,
+    pending: Vec<PendingReply>,
+    /// Devices whose mailboxes got envelopes since the last delivery pass.
+    dirty: HashSet<(UserId, DeviceId)>,
+    counters: CoreCounters,
+}
+
+impl<S: Storage> std::fmt::Debug for Core<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("shards", &self.shards.len())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The home shard of a user: its id carries it in the top 16 bits.
+pub fn home_shard_of_user(user_id: UserId) -> u32 {
+    (user_id >> 48) as u32
+}
+
+/// The shard that owns a phone number (and so the account registered with it).
+pub fn home_shard_of_phone(phone: &str, shard_count: u32) -> u32 {
+    // FNV-1a: stable across builds and machines, which a std hasher is not.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in phone.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(shard_count)) as u32
+}
+
+fn valid_phone(phone: &str) -> bool {
+    let digits = phone.strip_prefix('+').unwrap_or("");
+    (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl<S: Storage> Core<S> {
+    /// A core over `shards` (index = shard id).
+    pub fn new(
+        shards: Vec<ShardHandle<S>>,
+        config: CoreConfig,
+        code_sender: Box<dyn CodeSender>,
+    ) -> Core<S> {
+        Core {
+            shards,
+            config,
+            code_sender,
+            conns: HashMap::new(),
+            next_conn_id: 1,
+            online: HashMap::new(),
+            codes: HashMap::new(),
+            code_requests: HashMap::new(),
+            pending: Vec::new(),
+            dirty: HashSet::new(),
+            counters: CoreCounters::default(),
+        }
+    }
+
+    /// The shards, for the committer.
+    pub fn shards(&self) -> &[ShardHandle<S>] {
+        &self.shards
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> &CoreCounters {
+        &self.counters
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Registers a new connection.
+    pub fn open_connection(&mut self) -> ConnId {
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        self.conns.insert(id, Connection::new());
+        id
+    }
+
+    /// A connection, for its driver.
+    pub fn connection(&mut self, conn: ConnId) -> Option<&mut Connection> {
+        self.conns.get_mut(&conn)
+    }
+
+    /// Forgets a connection (its socket closed).
+    pub fn close_connection(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if let ConnState::Authenticated { user_id, device_id } = c.state {
+                if self.online.get(&(user_id, device_id)) == Some(&conn) {
+                    self.online.remove(&(user_id, device_id));
+                }
+            }
+        }
+        self.pending.retain(|p| p.conn != conn);
+    }
+
+    /// The frame size limit currently in force for reading from `conn`.
+    pub fn max_frame_bytes(&self, conn: ConnId) -> u32 {
+        self.conns.get(&conn).map_or(HANDSHAKE_MAX_FRAME_BYTES, |c| c.max_frame_bytes)
+    }
+
+    /// The driver wrote some output: feed the connection more of its mailbox if it had
+    /// been held back.
+    pub fn on_writable(&mut self, conn: ConnId, now_ms: u64) {
+        self.pump(conn, now_ms);
+    }
+
+    /// Sends a typed error for undecodable input and marks the connection for closing.
+    pub fn reject_malformed(&mut self, conn: ConnId, error: tern_wire::DecodeError) {
+        self.counters.protocol_errors += 1;
+        self.error_reply(conn, 0, 0, error.error_code(), &error.to_string(), 0);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+            c.wake();
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Frames in
+    // -----------------------------------------------------------------------------------
+
+    /// Handles one validated frame from `conn`.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: &Frame<'_>, now_ms: u64) {
+        self.counters.frames_in += 1;
+        let Some(state) = self.conns.get(&conn).map(|c| c.state) else { return };
+        let rid = frame.header.request_id;
+        let ty = frame.header.message_type;
+        match (state, frame.message) {
+            (ConnState::AwaitHello, Message::Hello(hello)) => self.hello(conn, rid, hello, now_ms),
+            (ConnState::AwaitHello, _) => self.fatal(
+                conn,
+                rid,
+                ty,
+                ErrorCode::UnexpectedFrame,
+                "the first frame must be Hello",
+            ),
+            (_, Message::Hello(_)) => {
+                self.fatal(conn, rid, ty, ErrorCode::UnexpectedFrame, "Hello was already sent")
+            }
+            (_, Message::Ping(ping)) => {
+                let pong = Pong { nonce: ping.nonce.to_native() };
+                self.reply(conn, rid, &pong);
+            }
+            (_, Message::Pong(_)) => {}
+            (ConnState::Open, Message::RequestCode(request)) => {
+                self.request_code(conn, rid, request, now_ms)
+            }
+            (ConnState::Open, Message::Verify(verify)) => self.verify(conn, rid, verify, now_ms),
+            (ConnState::Open, Message::Auth(auth)) => self.auth(conn, rid, auth, now_ms),
+            (ConnState::Open, _) => self.error_reply(
+                conn,
+                rid,
+                ty.code(),
+                ErrorCode::AuthRequired,
+                "authenticate (Auth) or register (RequestCode, Verify) first",
+                0,
+            ),
+            (ConnState::Authenticated { user_id, device_id }, message) => {
+                self.authenticated(conn, rid, (user_id, device_id), message, now_ms)
+            }
+        }
+    }
+
+    fn authenticated(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        message: Message<'_>,
+        now_ms: u64,
+    ) {
+        let ty = message.message_type();
+        match message {
+            Message::SendMessage(send) => self.send(conn, rid, me, send, now_ms),
+            Message::DeliveryAck(ack) => {
+                self.delivery_ack(conn, me, ack.up_to_mailbox_seq.to_native(), now_ms)
+            }
+            Message::Resync(resync) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    let from = resync.from_mailbox_seq.to_native().max(c.acked_through);
+                    c.deliver_cursor = from;
+                }
+                self.pump(conn, now_ms);
+            }
+            Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
+            Message::UploadKeys(upload) => self.upload_keys(conn, rid, me, upload),
+            Message::FetchBundles(fetch) => self.fetch_bundles(conn, rid, me, fetch),
+            Message::DeviceListRequest(_) => self.device_list(conn, rid, me),
+            Message::Auth(_) | Message::Verify(_) | Message::RequestCode(_) => self.error_reply(
+                conn,
+                rid,
+                ty.code(),
+                ErrorCode::UnexpectedFrame,
+                "this connection is already authenticated",
+                0,
+            ),
+            _ => self.error_reply(
+                conn,
+                rid,
+                ty.code(),
+                ErrorCode::UnexpectedFrame,
+                "not supported by this server version yet",
+                0,
+            ),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Handshake, registration, auth
+    // -----------------------------------------------------------------------------------
+
+    fn hello(&mut self, conn: ConnId, rid: u32, hello: &ArchivedHello, now_ms: u64) {
+        match negotiate_version(hello) {
+            Ok(version) => {
+                let max = negotiate_max_frame_bytes(
+                    hello.max_frame_bytes.to_native(),
+                    self.config.max_frame_bytes,
+                );
+                let welcome = Welcome {
+                    version,
+                    max_frame_bytes: max,
+                    server_time_ms: now_ms,
+                    heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+                    server: concat!("ternd/", env!("CARGO_PKG_VERSION")).to_string(),
+                };
+                self.reply(conn, rid, &welcome);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = ConnState::Open;
+                    c.max_frame_bytes = max;
+                }
+            }
+            Err(error) => {
+                self.fatal(conn, rid, MessageType::Hello, error.error_code(), &error.to_string())
+            }
+        }
+    }
+
+    fn request_code(&mut self, conn: ConnId, rid: u32, request: &ArchivedRequestCode, now_ms: u64) {
+        let phone = request.phone.as_str();
+        let ty = MessageType::RequestCode.code();
+        if !valid_phone(phone) {
+            let message = "phone must be E.164: '+' and 8 to 15 digits";
+            return self.error_reply(conn, rid, ty, ErrorCode::InvalidArgument, message, 0);
+        }
+        let hour_ago = now_ms.saturating_sub(3_600_000);
+        let times = self.code_requests.entry(phone.to_string()).or_default();
+        times.retain(|t| *t > hour_ago);
+        if times.len() as u32 >= self.config.code_requests_per_hour {
+            let retry_after = (times[0] + 3_600_000).saturating_sub(now_ms);
+            let message = "too many codes requested for this number";
+            return self.error_reply(
+                conn,
+                rid,
+                ty,
+                ErrorCode::RateLimited,
+                message,
+                retry_after as u32,
+            );
+        }
+        times.push(now_ms);
+        let code = secrets::new_code(6);
+        self.code_sender.send_code(phone, &code);
+        self.codes.insert(
+            phone.to_string(),
+            PendingCode {
+                code,
+                expires_ms: now_ms + self.config.code_ttl_ms,
+                attempts_left: self.config.code_attempts_max,
+            },
+        );
+        let sent = CodeSent {
+            expires_in_s: (self.config.code_ttl_ms / 1000) as u32,
+            retry_after_s: 0,
+            code_length: 6,
+        };
+        self.reply(conn, rid, &sent);
+    }
+
+    fn verify(&mut self, conn: ConnId, rid: u32, verify: &ArchivedVerify, now_ms: u64) {
+        let phone = verify.phone.as_str();
+        let ty = MessageType::Verify.code();
+        let checked = match self.codes.get_mut(phone) {
+            None => Err((ErrorCode::InvalidCode, "no code was requested for this number")),
+            Some(pending) if pending.expires_ms <= now_ms => {
+                Err((ErrorCode::CodeExpired, "the code expired; request a new one"))
+            }
+            Some(pending) if !secrets::code_matches(verify.code.as_str(), &pending.code) => {
+                pending.attempts_left = pending.attempts_left.saturating_sub(1);
+                if pending.attempts_left == 0 {
+                    self.codes.remove(phone);
+                    Err((
+                        ErrorCode::InvalidCode,
+                        "wrong code; too many attempts, request a new one",
+                    ))
+                } else {
+                    Err((ErrorCode::InvalidCode, "wrong code"))
+                }
+            }
+            Some(_) => Ok(()),
+        };
+        if let Err((code, message)) = checked {
+            return self.error_reply(conn, rid, ty, code, message, 0);
+        }
+        self.codes.remove(phone);
+
+        let Ok(device_keys) = rkyv::deserialize::<NewDevice, Failure>(&verify.device) else {
+            let message = "unreadable device keys";
+            return self.error_reply(conn, rid, ty, ErrorCode::Malformed, message, 0);
+        };
+        let shard_id = home_shard_of_phone(phone, self.shards.len() as u32);
+        let token = secrets::new_token();
+        let result = {
+            let mut shard = self.shards[shard_id as usize].borrow_mut();
+            register(&mut shard, phone, device_keys, &token, now_ms)
+        };
+        match result {
+            Ok((user_id, new_account, seq)) => {
+                let registered = Registered { user_id, device_id: 1, token, new_account };
+                self.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
+            }
+            Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
+    }
+
+    fn auth(&mut self, conn: ConnId, rid: u32, auth: &ArchivedAuth, now_ms: u64) {
+        let user_id = auth.user_id.to_native();
+        let device_id = auth.device_id.to_native();
+        let shard_id = home_shard_of_user(user_id);
+        let ty = MessageType::Auth.code();
+        let found = self.shards.get(shard_id as usize).and_then(|shard| {
+            let shard = shard.borrow();
+            let device = shard.state().device(user_id, device_id)?;
+            secrets::token_matches(&auth.token, &device.token_hash).then(|| {
+                (shard.mailbox_len((user_id, device_id)), device.one_time_keys.len() as u32)
+            })
+        });
+        let Some((pending, keys)) = found else {
+            self.counters.protocol_errors += 1;
+            let message = "unknown device or wrong token";
+            return self.error_reply(conn, rid, ty, ErrorCode::BadToken, message, 0);
+        };
+        // One connection per device: a newer login replaces the older one.
+        if let Some(old) = self.online.insert((user_id, device_id), conn) {
+            if old != conn {
+                if let Some(c) = self.conns.get_mut(&old) {
+                    c.state = ConnState::Open;
+                    c.closing = true;
+                    c.wake();
+                }
+            }
+        }
+        let head = self.shards[shard_id as usize].borrow().mailbox_next_seq((user_id, device_id))
+            - pending;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = ConnState::Authenticated { user_id, device_id };
+            c.deliver_cursor = head;
+            c.acked_through = head;
+        }
+        let ok =
+            AuthOk { user_id, device_id, mailbox_pending: pending, one_time_keys_remaining: keys };
+        self.reply(conn, rid, &ok);
+        if keys < ONE_TIME_KEYS_LOW {
+            let low = KeysLow { one_time_keys_remaining: keys, threshold: ONE_TIME_KEYS_LOW };
+            self.push(conn, &low);
+        }
+        self.pump(conn, now_ms);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Messaging
+    // -----------------------------------------------------------------------------------
+
+    fn send(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        (user_id, device_id): (UserId, DeviceId),
+        send: &ArchivedSendMessage,
+        now_ms: u64,
+    ) {
+        let ty = MessageType::SendMessage.code();
+        let client_message_id = send.client_message_id.to_native();
+        let send_error = |code: ErrorCode, missing, extra| SendError {
+            client_message_id,
+            code: code as u16,
+            retry_after_ms: 0,
+            missing_devices: missing,
+            extra_devices: extra,
+        };
+        let ArchivedConversation::User(peer) = &send.to else {
+            let error = send_error(ErrorCode::UnexpectedFrame, Vec::new(), Vec::new());
+            return self.reply(conn, rid, &error);
+        };
+        let peer = peer.to_native();
+        let kind = match send.kind {
+            ArchivedEnvelopeKind::Text => EnvelopeKind::Text,
+            ArchivedEnvelopeKind::Media => EnvelopeKind::Media,
+            ArchivedEnvelopeKind::Control => EnvelopeKind::Control,
+            _ => {
+                let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+                return self.reply(conn, rid, &error);
+            }
+        };
+        let peer_shard = home_shard_of_user(peer);
+        if peer_shard as usize >= self.shards.len() {
+            let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
+            return self.reply(conn, rid, &error);
+        }
+        // A retry of an accepted send: answer with the original id once it is durable.
+        let duplicate = {
+            let shard = self.shards[peer_shard as usize].borrow();
+            shard
+                .lookup_send(user_id, device_id, client_message_id)
+                .map(|id| (id, shard.appended_seq()))
+        };
+        if let Some((server_message_id, seq)) = duplicate {
+            let ack = SendAck {
+                client_message_id,
+                server_message_id,
+                server_time_ms: now_ms,
+                duplicate: true,
+            };
+            return self.reply_when_durable(conn, rid, &ack, vec![(peer_shard, seq)]);
+        }
+
+        // The copies must match the recipient's devices and the sender's other devices.
+        let Some(expected) = self.expected_devices(peer, (user_id, device_id)) else {
+            let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
+            return self.reply(conn, rid, &error);
+        };
+        let given: Vec<(UserId, DeviceId)> =
+            send.copies.iter().map(|c| (c.user_id.to_native(), c.device_id.to_native())).collect();
+        let given_set: HashSet<_> = given.iter().copied().collect();
+        if given_set.len() != given.len() {
+            let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+            return self.reply(conn, rid, &error);
+        }
+        let missing: Vec<_> = expected.iter().filter(|d| !given_set.contains(d)).copied().collect();
+        let extra: Vec<_> = given.iter().filter(|d| !expected.contains(d)).copied().collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let error = send_error(ErrorCode::StaleDevices, missing, extra);
+            return self.reply(conn, rid, &error);
+        }
+
+        let sender_shard = home_shard_of_user(user_id);
+        let server_message_id =
+            self.shards[sender_shard as usize].borrow_mut().allocate_message_id(now_ms);
+        let ttl_ms = match send.ttl_s.to_native() {
+            0 => self.config.default_ttl_ms,
+            s => (u64::from(s) * 1000).min(self.config.default_ttl_ms),
+        };
+        let mut waits = Vec::with_capacity(send.copies.len());
+        for copy in send.copies.iter() {
+            let owner = (copy.user_id.to_native(), copy.device_id.to_native());
+            // The conversation as the mailbox owner sees it: the other party.
+            let conversation = if owner.0 == peer && peer != user_id {
+                Conversation::User(user_id)
+            } else {
+                Conversation::User(peer)
+            };
+            let envelope = EnvelopeRef {
+                server_message_id,
+                client_message_id,
+                server_time_ms: now_ms,
+                expires_ms: now_ms + ttl_ms,
+                sender_user: user_id,
+                sender_device: device_id,
+                conversation,
+                conversation_seq: 0,
+                kind,
+                e2e_type: e2e_type_of(&copy.e2e_type),
+                body: &copy.ciphertext,
+            };
+            let shard_id = home_shard_of_user(owner.0);
+            let appended =
+                self.shards[shard_id as usize].borrow_mut().append_envelope(&envelope, &[owner]);
+            match appended {
+                Ok(appended) => {
+                    waits.push((shard_id, appended.record_seq));
+                    self.dirty.insert(owner);
+                }
+                Err(error) => return self.storage_error(conn, rid, ty, &error),
+            }
+        }
+        self.counters.messages_sent += 1;
+        let ack = SendAck {
+            client_message_id,
+            server_message_id,
+            server_time_ms: now_ms,
+            duplicate: false,
+        };
+        self.reply_when_durable(conn, rid, &ack, waits);
+    }
+
+    /// Every device that must get a copy of a message from `me` to `peer`: the peer's
+    /// devices and `me`'s other devices. `None` if the peer does not exist.
+    fn expected_devices(
+        &self,
+        peer: UserId,
+        me: (UserId, DeviceId),
+    ) -> Option<Vec<(UserId, DeviceId)>> {
+        let devices_of = |user: UserId| -> Option<Vec<(UserId, DeviceId)>> {
+            let shard = self.shards.get(home_shard_of_user(user) as usize)?.borrow();
+            let account = shard.state().account(user)?;
+            Some(account.devices.iter().map(|d| (user, d.device_id)).collect())
+        };
+        let mut expected = devices_of(peer)?;
+        if peer != me.0 {
+            expected.extend(devices_of(me.0).unwrap_or_default());
+        }
+        expected.retain(|d| *d != me);
+        Some(expected)
+    }
+
+    fn delivery_ack(&mut self, conn: ConnId, me: (UserId, DeviceId), up_to: u64, now_ms: u64) {
+        let shard_id = home_shard_of_user(me.0);
+        // Collect delivered receipts for what is acknowledged now, grouped by sender.
+        let mut receipts: BTreeMap<UserId, Vec<MessageId>> = BTreeMap::new();
+        {
+            let shard = self.shards[shard_id as usize].borrow();
+            let from = self.conns.get(&conn).map_or(0, |c| c.acked_through);
+            let count = up_to.saturating_add(1).saturating_sub(from) as usize;
+            let read = shard.read_mailbox(me, from, count, now_ms);
+            for entry in read.entries.iter().filter(|e| e.mailbox_seq <= up_to) {
+                let Ok(envelope) = rkyv::access::<ArchivedEnvelope, Failure>(entry.envelope) else {
+                    continue;
+                };
+                let client_kind = matches!(
+                    envelope.kind,
+                    ArchivedEnvelopeKind::Text
+                        | ArchivedEnvelopeKind::Media
+                        | ArchivedEnvelopeKind::Control
+                );
+                let sender = envelope.sender_user.to_native();
+                if client_kind && sender != me.0 {
+                    receipts
+                        .entry(sender)
+                        .or_default()
+                        .push(envelope.server_message_id.to_native());
+                }
+            }
+        }
+        let acked = self.shards[shard_id as usize].borrow_mut().ack(me, up_to);
+        if let Err(error) = acked {
+            return self.storage_error(conn, 0, MessageType::DeliveryAck.code(), &error);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.acked_through = c.acked_through.max(up_to.saturating_add(1)).min(c.deliver_cursor);
+        }
+        for (sender, message_ids) in receipts {
+            let body = ReceiptBody {
+                kind: ReceiptKind::Delivered,
+                by_user: me.0,
+                by_device: me.1,
+                conversation: Conversation::User(me.0),
+                message_ids,
+                time_ms: now_ms,
+            };
+            // A failed receipt append is not the acking device's problem; it is logged.
+            if let Err(error) =
+                self.append_server_envelope(sender, me, EnvelopeKind::Receipt, &body, now_ms)
+            {
+                tracing::warn!(%error, sender, "could not queue a delivered receipt");
+            }
+        }
+        self.pump(conn, now_ms);
+    }
+
+    fn send_receipt(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        receipt: &ArchivedSendReceipt,
+        now_ms: u64,
+    ) {
+        let to_user = receipt.to_user.to_native();
+        let body = ReceiptBody {
+            kind: ReceiptKind::Read,
+            by_user: me.0,
+            by_device: me.1,
+            conversation: Conversation::User(me.0),
+            message_ids: receipt.message_ids.iter().map(|id| id.to_native()).collect(),
+            time_ms: now_ms,
+        };
+        match self.append_server_envelope(to_user, me, EnvelopeKind::Receipt, &body, now_ms) {
+            Ok(waits) => self.reply_when_durable(conn, rid, &Done {}, waits),
+            Err(error) => self.storage_error(conn, rid, MessageType::SendReceipt.code(), &error),
+        }
+    }
+
+    /// Appends a server-made envelope (receipt, notice) to every device of `to_user`.
+    fn append_server_envelope<T>(
+        &mut self,
+        to_user: UserId,
+        from: (UserId, DeviceId),
+        kind: EnvelopeKind,
+        body: &T,
+        now_ms: u64,
+    ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError>
+    where
+        T: for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let shard_id = home_shard_of_user(to_user);
+        let Some(handle) = self.shards.get(shard_id as usize) else { return Ok(Vec::new()) };
+        let devices: Vec<(UserId, DeviceId)> = handle
+            .borrow()
+            .state()
+            .account(to_user)
+            .map(|a| a.devices.iter().map(|d| (to_user, d.device_id)).collect())
+            .unwrap_or_default();
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut bytes = Vec::new();
+        encode_archive(&mut bytes, body).expect("server bodies always archive");
+        let mut shard = handle.borrow_mut();
+        let envelope = EnvelopeRef {
+            server_message_id: shard.allocate_message_id(now_ms),
+            client_message_id: 0,
+            server_time_ms: now_ms,
+            expires_ms: now_ms + self.config.default_ttl_ms,
+            sender_user: from.0,
+            sender_device: from.1,
+            conversation: Conversation::User(from.0),
+            conversation_seq: 0,
+            kind,
+            e2e_type: E2eType::Plain,
+            body: &bytes,
+        };
+        let appended = shard.append_envelope(&envelope, &devices)?;
+        drop(shard);
+        self.dirty.extend(devices);
+        Ok(vec![(shard_id, appended.record_seq)])
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Keys and devices
+    // -----------------------------------------------------------------------------------
+
+    fn upload_keys(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        upload: &ArchivedUploadKeys,
+    ) {
+        let ty = MessageType::UploadKeys.code();
+        let Ok(upload) = rkyv::deserialize::<UploadKeys, Failure>(upload) else {
+            return self.error_reply(conn, rid, ty, ErrorCode::Malformed, "unreadable keys", 0);
+        };
+        let shard_id = home_shard_of_user(me.0);
+        let result = (|| {
+            let mut shard = self.shards[shard_id as usize].borrow_mut();
+            let mut seq = shard.appended_seq();
+            if let Some(key) = upload.fallback_key {
+                seq = shard.apply_state(StateOp::SetFallbackKey {
+                    user_id: me.0,
+                    device_id: me.1,
+                    key,
+                })?;
+            }
+            if !upload.one_time_keys.is_empty() {
+                let keys = upload.one_time_keys;
+                seq = shard.apply_state(StateOp::AddOneTimeKeys {
+                    user_id: me.0,
+                    device_id: me.1,
+                    keys,
+                })?;
+            }
+            let stored =
+                shard.state().device(me.0, me.1).map_or(0, |d| d.one_time_keys.len() as u32);
+            Ok::<_, tern_engine::WriteError>((seq, stored))
+        })();
+        match result {
+            Ok((seq, stored)) => {
+                let reply = KeysUploaded { one_time_keys_stored: stored };
+                self.reply_when_durable(conn, rid, &reply, vec![(shard_id, seq)]);
+            }
+            Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
+    }
+
+    fn fetch_bundles(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        _me: (UserId, DeviceId),
+        fetch: &ArchivedFetchBundles,
+    ) {
+        let ty = MessageType::FetchBundles.code();
+        let target = fetch.user_id.to_native();
+        let shard_id = home_shard_of_user(target);
+        let Some(handle) = self.shards.get(shard_id as usize).cloned() else {
+            return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0);
+        };
+        let wanted: Vec<DeviceId> = fetch.device_ids.iter().map(|d| d.to_native()).collect();
+        let devices: Vec<DeviceRecord> = match handle.borrow().state().account(target) {
+            Some(account) => account
+                .devices
+                .iter()
+                .filter(|d| wanted.is_empty() || wanted.contains(&d.device_id))
+                .cloned()
+                .collect(),
+            None => return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0),
+        };
+        let mut bundles = Vec::with_capacity(devices.len());
+        let mut waits = Vec::new();
+        let mut low = Vec::new();
+        for device in devices {
+            // Each one-time key leaves the stock for good before it is handed out.
+            let claimed = handle.borrow_mut().claim_one_time_key(target, device.device_id);
+            let one_time_key = match claimed {
+                Ok(Some((key, seq))) => {
+                    waits.push((shard_id, seq));
+                    Some(key)
+                }
+                Ok(None) => None,
+                Err(error) => return self.storage_error(conn, rid, ty, &error),
+            };
+            let left = device.one_time_keys.len().saturating_sub(1) as u32;
+            if left < ONE_TIME_KEYS_LOW {
+                low.push(((target, device.device_id), left));
+            }
+            bundles.push(DeviceBundle {
+                device_id: device.device_id,
+                identity_key: device.identity_key,
+                signing_key: device.signing_key,
+                one_time_key,
+                fallback_key: device.fallback_key,
+            });
+        }
+        let reply = Bundles { user_id: target, devices: bundles };
+        self.reply_when_durable(conn, rid, &reply, waits);
+        for (device, left) in low {
+            if let Some(&owner_conn) = self.online.get(&device) {
+                let event = KeysLow { one_time_keys_remaining: left, threshold: ONE_TIME_KEYS_LOW };
+                self.push(owner_conn, &event);
+            }
+        }
+    }
+
+    fn device_list(&mut self, conn: ConnId, rid: u32, me: (UserId, DeviceId)) {
+        let shard = self.shards[home_shard_of_user(me.0) as usize].clone();
+        let devices = shard
+            .borrow()
+            .state()
+            .account(me.0)
+            .map(|a| {
+                a.devices
+                    .iter()
+                    .map(|d| DeviceInfo {
+                        device_id: d.device_id,
+                        name: d.name.clone(),
+                        created_ms: d.created_ms,
+                        last_seen_ms: 0,
+                        primary: d.device_id == 1,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.reply(conn, rid, &DeviceList { devices });
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Durability and delivery
+    // -----------------------------------------------------------------------------------
+
+    /// After a commit: releases replies whose records are durable and delivers new
+    /// envelopes to connected devices.
+    pub fn on_durable(&mut self, now_ms: u64) {
+        let durable: Vec<u64> = self.shards.iter().map(|s| s.borrow().durable_seq()).collect();
+        tracing::debug!(?durable, pending = self.pending.len(), "records durable");
+        let mut still_waiting = Vec::new();
+        for reply in std::mem::take(&mut self.pending) {
+            if reply.waits.iter().all(|(shard, seq)| durable[*shard as usize] >= *seq) {
+                if let Some(c) = self.conns.get_mut(&reply.conn) {
+                    c.outbound.extend_from_slice(&reply.frame);
+                    c.wake();
+                }
+            } else {
+                still_waiting.push(reply);
+            }
+        }
+        self.pending = still_waiting;
+        let dirty: Vec<_> = self.dirty.drain().collect();
+        for device in dirty {
+            if let Some(&conn) = self.online.get(&device) {
+                self.pump(conn, now_ms);
+            }
+        }
+    }
+
+    /// Whether any shard has records waiting for a commit.
+    pub fn has_pending_writes(&self) -> bool {
+        self.shards.iter().any(|s| s.borrow().has_pending())
+    }
+
+    /// Feeds a connection from its mailbox, within its delivery window and output bound.
+    fn pump(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let ConnState::Authenticated { user_id, device_id } = c.state else { return };
+        if c.closing || c.outbound.len() >= OUTBOUND_BYTES_MAX {
+            return;
+        }
+        let in_flight = c.deliver_cursor.saturating_sub(c.acked_through);
+        let room = DELIVERY_WINDOW.saturating_sub(in_flight);
+        if room == 0 {
+            return;
+        }
+        let shard = self.shards[home_shard_of_user(user_id) as usize].borrow();
+        let read =
+            shard.read_mailbox((user_id, device_id), c.deliver_cursor, room as usize, now_ms);
+        let mut delivered = 0;
+        for entry in &read.entries {
+            if c.outbound.len() >= OUTBOUND_BYTES_MAX {
+                break;
+            }
+            let written = encode_deliver(
+                &mut c.outbound,
+                0,
+                entry.mailbox_seq,
+                entry.envelope,
+                c.max_frame_bytes,
+            );
+            if written.is_err() {
+                tracing::warn!(
+                    user_id,
+                    device_id,
+                    seq = entry.mailbox_seq,
+                    "envelope larger than the frame limit"
+                );
+            }
+            c.deliver_cursor = entry.mailbox_seq + 1;
+            delivered += 1;
+        }
+        if read.entries.is_empty() {
+            // Skip what is expired or corrupt (reported by the engine) at the head.
+            c.deliver_cursor = c
+                .deliver_cursor
+                .max(read.next_seq.min(shard.mailbox_next_seq((user_id, device_id))));
+        }
+        for corrupt in &read.corrupt {
+            tracing::error!(%corrupt, user_id, device_id, "corrupt envelope not delivered");
+        }
+        drop(shard);
+        if delivered > 0 {
+            self.counters.messages_delivered += delivered;
+            c.wake();
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Replies
+    // -----------------------------------------------------------------------------------
+
+    fn reply<T>(&mut self, conn: ConnId, rid: u32, value: &T)
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let flags = if rid == 0 { 0 } else { FLAG_RESPONSE };
+        if encode_frame(&mut c.outbound, rid, flags, value, c.max_frame_bytes).is_err() {
+            tracing::warn!(
+                message_type = T::TYPE.name(),
+                "reply larger than the client's frame limit"
+            );
+        }
+        c.wake();
+    }
+
+    fn push<T>(&mut self, conn: ConnId, value: &T)
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        self.reply(conn, 0, value);
+    }
+
+    fn reply_when_durable<T>(&mut self, conn: ConnId, rid: u32, value: &T, waits: Vec<(u32, u64)>)
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let max = self.max_frame_bytes(conn);
+        let mut frame = Vec::new();
+        let flags = if rid == 0 { 0 } else { FLAG_RESPONSE };
+        if encode_frame(&mut frame, rid, flags, value, max).is_err() {
+            tracing::warn!(
+                message_type = T::TYPE.name(),
+                "reply larger than the client's frame limit"
+            );
+            return;
+        }
+        let durable_now = waits
+            .iter()
+            .all(|(shard, seq)| self.shards[*shard as usize].borrow().durable_seq() >= *seq);
+        if durable_now {
+            // Nothing to wait for (no write, or already synced): no commit will come to
+            // release it, so send it now.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.outbound.extend_from_slice(&frame);
+                c.wake();
+            }
+            return;
+        }
+        tracing::debug!(conn, ?waits, message_type = T::TYPE.name(), "reply waits for durability");
+        self.pending.push(PendingReply { conn, waits, frame });
+    }
+
+    fn error_reply(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        failed_type: u16,
+        code: ErrorCode,
+        message: &str,
+        retry_after_ms: u32,
+    ) {
+        let error = ErrorFrame {
+            code: code as u16,
+            failed_type,
+            retry_after_ms,
+            message: message.to_string(),
+        };
+        self.reply(conn, rid, &error);
+    }
+
+    fn fatal(&mut self, conn: ConnId, rid: u32, ty: MessageType, code: ErrorCode, message: &str) {
+        self.counters.protocol_errors += 1;
+        self.error_reply(conn, rid, ty.code(), code, message, 0);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+            c.wake();
+        }
+    }
+
+    fn storage_error(&mut self, conn: ConnId, rid: u32, ty: u16, error: &tern_engine::WriteError) {
+        tracing::error!(%error, "storage refused a write");
+        let code = match error {
+            tern_engine::WriteError::StorageFull => ErrorCode::StorageFull,
+            tern_engine::WriteError::RecordTooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Internal,
+        };
+        self.error_reply(conn, rid, ty, code, "the server could not store this; retry later", 1000);
+    }
+}
+
+fn e2e_type_of(archived: &ArchivedE2eType) -> E2eType {
+    match archived {
+        ArchivedE2eType::Plain => E2eType::Plain,
+        ArchivedE2eType::OlmPreKey => E2eType::OlmPreKey,
+        ArchivedE2eType::OlmMessage => E2eType::OlmMessage,
+        ArchivedE2eType::Megolm => E2eType::Megolm,
+    }
+}
+
+/// Creates the account for `phone` (or moves an existing one to a new primary device,
+/// revoking every old device and token). Returns (user id, new account?, record seq).
+fn register<S: Storage>(
+    shard: &mut Shard<S>,
+    phone: &str,
+    device: NewDevice,
+    token: &Token,
+    now_ms: u64,
+) -> Result<(UserId, bool, u64), tern_engine::WriteError> {
+    let existing = shard.state().user_by_phone(phone);
+    let (user_id, new_account) = match existing {
+        Some(user_id) => (user_id, false),
+        None => {
+            let user_id = shard.allocate_message_id(now_ms);
+            shard.apply_state(StateOp::PutAccount {
+                user_id,
+                phone: phone.to_string(),
+                created_ms: now_ms,
+            })?;
+            (user_id, true)
+        }
+    };
+    if !new_account {
+        let old: Vec<DeviceId> = shard
+            .state()
+            .account(user_id)
+            .map(|a| a.devices.iter().map(|d| d.device_id).collect())
+            .unwrap_or_default();
+        for device_id in old.into_iter().filter(|d| *d != 1) {
+            shard.apply_state(StateOp::RemoveDevice { user_id, device_id })?;
+        }
+    }
+    let record = DeviceRecord {
+        device_id: 1,
+        name: device.name,
+        token_hash: secrets::token_hash(token),
+        identity_key: device.keys.identity_key,
+        signing_key: device.keys.signing_key,
+        fallback_key: device.keys.fallback_key,
+        one_time_keys: device.keys.one_time_keys,
+        push: None,
+        created_ms: now_ms,
+    };
+    let seq = shard.apply_state(StateOp::PutDevice { user_id, device: record })?;
+    Ok((user_id, new_account, seq))
+}

@@ -1,0 +1,67 @@
+//! Bearer tokens and verification codes: random generation, hashing, constant-time checks.
+//!
+//! Tokens are 256 random bits from the OS. The server stores only their SHA-256 and
+//! compares hashes in constant time, so a stolen data directory does not yield working
+//! tokens and timing does not leak how much of a guess was right.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tern_wire::messages::Token;
+
+/// A fresh random token.
+pub fn new_token() -> Token {
+    let mut token = [0u8; 32];
+    getrandom::fill(&mut token).expect("the OS random source works");
+    token
+}
+
+/// What the server stores for a token.
+pub fn token_hash(token: &Token) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// Whether `token` matches a stored hash, in constant time.
+pub fn token_matches(token: &Token, stored_hash: &[u8; 32]) -> bool {
+    token_hash(token).ct_eq(stored_hash).into()
+}
+
+/// A random numeric verification code of `digits` digits (leading zeros kept).
+pub fn new_code(digits: u32) -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    let modulus = 10u64.pow(digits);
+    // The bias of u64 % 10^6 is below 2^-44: irrelevant for a rate-limited code.
+    format!("{:0width$}", u64::from_le_bytes(bytes) % modulus, width = digits as usize)
+}
+
+/// Whether a submitted code equals the issued one, in constant time.
+pub fn code_matches(submitted: &str, issued: &str) -> bool {
+    submitted.len() == issued.len() && bool::from(submitted.as_bytes().ct_eq(issued.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_checked_by_hash() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        let stored = token_hash(&a);
+        assert!(token_matches(&a, &stored));
+        assert!(!token_matches(&b, &stored));
+    }
+
+    #[test]
+    fn codes_have_the_asked_length() {
+        for _ in 0..100 {
+            let code = new_code(6);
+            assert_eq!(code.len(), 6);
+            assert!(code.bytes().all(|b| b.is_ascii_digit()));
+        }
+        assert!(code_matches("012345", "012345"));
+        assert!(!code_matches("012346", "012345"));
+        assert!(!code_matches("01234", "012345"));
+    }
+}

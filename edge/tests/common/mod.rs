@@ -1,0 +1,384 @@
+//! A real `ternd` on a loopback port with a temporary data directory, and a small
+//! synchronous client on top of `tern-wire` (the SDK comes later).
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use rkyv::rancor::Failure;
+use tern_wire::messages::*;
+use tern_wire::*;
+
+/// How long any single wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `ternd`; killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    log: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Server {
+    /// Starts `ternd` on `data_dir` (O_DIRECT needs a real file system: use the target dir).
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--shards", "4"])
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ternd starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            data_dir: data_dir.into(),
+            log,
+            seen: Vec::new(),
+        };
+        let line = server.wait_for_log(|l| l.contains("listening (tcp)"));
+        let addr = line
+            .split("local=")
+            .nth(1)
+            .expect("local= in the log")
+            .split_whitespace()
+            .next()
+            .unwrap();
+        server.addr = addr.parse().expect("a socket address");
+        server
+    }
+
+    /// Waits for a log line matching `predicate` (earlier lines included).
+    pub fn wait_for_log(&mut self, predicate: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.seen.iter().find(|l| predicate(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.log.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no matching log line; log so far:\n{}", self.seen.join("\n"))
+            });
+            self.seen.push(line.clone());
+            if predicate(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// The verification code the log sender wrote for `phone` (the latest one).
+    pub fn code_for(&mut self, phone: &str) -> String {
+        let needle = format!("phone=\"{phone}\"");
+        // Drain what is there, then pick the last matching line.
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+        if !self.seen.iter().any(|l| l.contains(&needle) && l.contains("code=")) {
+            self.wait_for_log(|l| l.contains(&needle) && l.contains("code="));
+        }
+        let line =
+            self.seen.iter().rev().find(|l| l.contains(&needle) && l.contains("code=")).unwrap();
+        let code = line.split("code=\"").nth(1).unwrap().split('"').next().unwrap();
+        code.to_string()
+    }
+
+    /// Stops the server abruptly (like a crash: nothing is flushed beyond what was synced).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            // Show the server's side of a failing test.
+            while let Ok(line) = self.log.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push(line);
+            }
+            eprintln!("--- ternd log ---\n{}\n--- end of ternd log ---", self.seen.join("\n"));
+        }
+    }
+}
+
+/// A decoded frame, owned.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub header: FrameHeader,
+    pub payload: Vec<u8>,
+}
+
+impl Received {
+    pub fn access<T: Payload>(&self) -> &T::Archived
+    where
+        T::Archived:
+            for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, Failure>>,
+    {
+        assert_eq!(self.header.message_type, T::TYPE, "unexpected frame: {:?}", self.describe());
+        access::<T>(&self.payload).unwrap()
+    }
+
+    pub fn deliver(&self) -> Deliver<'_> {
+        match Message::validate(self.header.message_type, &self.payload).unwrap() {
+            Message::Deliver(d) => d,
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match Message::validate(self.header.message_type, &self.payload) {
+            Ok(Message::ErrorFrame(e)) => format!(
+                "ErrorFrame {:?}: {}",
+                ErrorCode::from_u16(e.code.to_native()),
+                e.message.as_str()
+            ),
+            Ok(m) => format!("{:?}", m.message_type()),
+            Err(e) => format!("undecodable: {e}"),
+        }
+    }
+
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match Message::validate(self.header.message_type, &self.payload) {
+            Ok(Message::ErrorFrame(e)) => ErrorCode::from_u16(e.code.to_native()),
+            _ => None,
+        }
+    }
+}
+
+/// A blocking test client.
+pub struct Client {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    next_request_id: u32,
+    /// Frames received while waiting for something else.
+    pub inbox: Vec<Received>,
+}
+
+impl Client {
+    /// Connects and performs the handshake.
+    pub fn connect(addr: SocketAddr) -> Client {
+        let mut client = Client::connect_raw(addr);
+        let hello = Hello {
+            magic: HELLO_MAGIC,
+            version_min: 1,
+            version_max: 1,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            client: "tern-test".into(),
+        };
+        let welcome = client.request(&hello);
+        assert_eq!(welcome.access::<Welcome>().version, 1);
+        client
+    }
+
+    /// Connects without a handshake.
+    pub fn connect_raw(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect to ternd");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            decoder: FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES),
+            next_request_id: 1,
+            inbox: Vec::new(),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends a request and returns its id.
+    pub fn send<T>(&mut self, value: &T) -> u32
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, id, 0, value, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        self.send_raw(&bytes);
+        id
+    }
+
+    /// Reads the next frame from the socket.
+    pub fn read_frame(&mut self) -> Option<Received> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    return Some(Received { header: frame.header, payload: frame.payload.to_vec() })
+                }
+                Ok(None) => {}
+                Err(e) => panic!("server sent an undecodable frame: {e}"),
+            }
+            let mut buf = [0u8; 65536];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.decoder.feed(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!(
+                        "timed out waiting for a frame; inbox: {:?}",
+                        self.inbox.iter().map(|r| r.describe()).collect::<Vec<_>>()
+                    )
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the response to request `id`, keeping other frames in the inbox.
+    pub fn response(&mut self, id: u32) -> Received {
+        if let Some(i) =
+            self.inbox.iter().position(|r| r.header.request_id == id && r.header.is_response())
+        {
+            return self.inbox.remove(i);
+        }
+        loop {
+            let frame = self.read_frame().expect("connection closed while waiting for a response");
+            if frame.header.request_id == id && frame.header.is_response() {
+                return frame;
+            }
+            self.inbox.push(frame);
+        }
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn request<T>(&mut self, value: &T) -> Received
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let id = self.send(value);
+        self.response(id)
+    }
+
+    /// Waits for the next unsolicited frame of a type.
+    pub fn next_of(&mut self, ty: MessageType) -> Received {
+        if let Some(i) = self.inbox.iter().position(|r| r.header.message_type == ty) {
+            return self.inbox.remove(i);
+        }
+        loop {
+            let frame = self.read_frame().expect("connection closed while waiting");
+            if frame.header.message_type == ty {
+                return frame;
+            }
+            self.inbox.push(frame);
+        }
+    }
+
+    /// Whether the server closed the connection (reads until EOF or timeout).
+    pub fn is_closed(&mut self) -> bool {
+        self.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// Test key material (real keys come with the SDK; the server does not look inside).
+pub fn keys(one_time: u64) -> DeviceKeys {
+    let key = |id: u64| SignedPrekey { key_id: id, public_key: [id as u8; 32], signature: [9; 64] };
+    DeviceKeys {
+        identity_key: [1; 32],
+        signing_key: [2; 32],
+        fallback_key: key(1_000),
+        one_time_keys: (1..=one_time).map(key).collect(),
+    }
+}
+
+/// A registered device and its credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct Account {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub token: Token,
+}
+
+/// Registers `phone` through the protocol, reading the code from the server log.
+pub fn register(server: &mut Server, phone: &str, one_time_keys: u64) -> Account {
+    let mut client = Client::connect(server.addr);
+    let sent = client.request(&RequestCode {
+        phone: phone.into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    });
+    sent.access::<CodeSent>();
+    let code = server.code_for(phone);
+    let registered = client.request(&Verify {
+        phone: phone.into(),
+        code,
+        device: NewDevice { name: "test phone".into(), keys: keys(one_time_keys) },
+        registration_lock_pin: None,
+    });
+    let r = registered.access::<Registered>();
+    Account { user_id: r.user_id.to_native(), device_id: r.device_id.to_native(), token: r.token }
+}
+
+/// Connects and authenticates as `account`.
+pub fn login(server: &Server, account: Account) -> Client {
+    let mut client = Client::connect(server.addr);
+    let ok = client.request(&Auth {
+        user_id: account.user_id,
+        device_id: account.device_id,
+        token: account.token,
+    });
+    assert_eq!(ok.access::<AuthOk>().user_id.to_native(), account.user_id, "{}", ok.describe());
+    client
+}
+
+/// A text message from `from` to `to`'s device 1.
+pub fn text(to: Account, client_message_id: u64, body: &[u8]) -> SendMessage {
+    SendMessage {
+        client_message_id,
+        to: Conversation::User(to.user_id),
+        kind: EnvelopeKind::Text,
+        ttl_s: 0,
+        copies: vec![DeviceCopy {
+            user_id: to.user_id,
+            device_id: to.device_id,
+            e2e_type: E2eType::OlmMessage,
+            ciphertext: body.to_vec(),
+        }],
+    }
+}
+
+/// A temp data dir on the target file system.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
