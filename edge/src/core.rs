@@ -21,6 +21,7 @@ use tern_wire::{
 };
 
 use crate::code_sender::CodeSender;
+use crate::limits::{Rate, RateLimiter};
 use crate::secrets;
 
 /// A connection's id within its core.
@@ -53,6 +54,11 @@ pub struct CoreConfig {
     pub default_ttl_ms: u64,
     /// Heartbeat interval advertised in `Welcome`.
     pub heartbeat_interval_ms: u32,
+    /// Sends per device: a burst, then a steady rate (typed `RateLimited` beyond it).
+    pub send_rate: Rate,
+    /// Key-bundle fetches per (requester, target) pair: a client needs a handful per
+    /// contact; draining someone's one-time keys needs many.
+    pub fetch_rate: Rate,
 }
 
 impl Default for CoreConfig {
@@ -64,6 +70,8 @@ impl Default for CoreConfig {
             code_attempts_max: 5,
             default_ttl_ms: 30 * 24 * 3600 * 1000,
             heartbeat_interval_ms: 30_000,
+            send_rate: Rate { burst: 200.0, per_second: 50.0 },
+            fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
         }
     }
 }
@@ -164,6 +172,8 @@ pub struct Core<S: Storage> {
     pending: Vec<PendingReply>,
     /// Devices whose mailboxes got envelopes since the last delivery pass.
     dirty: HashSet<(UserId, DeviceId)>,
+    send_limits: RateLimiter<(UserId, DeviceId)>,
+    fetch_limits: RateLimiter<(UserId, UserId)>,
     counters: CoreCounters,
 }
 
@@ -206,6 +216,8 @@ impl<S: Storage> Core<S> {
     ) -> Core<S> {
         Core {
             shards,
+            send_limits: RateLimiter::new(config.send_rate),
+            fetch_limits: RateLimiter::new(config.fetch_rate),
             config,
             code_sender,
             conns: HashMap::new(),
@@ -349,7 +361,7 @@ impl<S: Storage> Core<S> {
             }
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
             Message::UploadKeys(upload) => self.upload_keys(conn, rid, me, upload),
-            Message::FetchBundles(fetch) => self.fetch_bundles(conn, rid, me, fetch),
+            Message::FetchBundles(fetch) => self.fetch_bundles(conn, rid, me, fetch, now_ms),
             Message::DeviceListRequest(_) => self.device_list(conn, rid, me),
             Message::Auth(_) | Message::Verify(_) | Message::RequestCode(_) => self.error_reply(
                 conn,
@@ -566,6 +578,11 @@ impl<S: Storage> Core<S> {
                 return self.reply(conn, rid, &error);
             }
         };
+        if let Err(wait_ms) = self.send_limits.take((user_id, device_id), now_ms) {
+            let mut error = send_error(ErrorCode::RateLimited, Vec::new(), Vec::new());
+            error.retry_after_ms = wait_ms.min(u64::from(u32::MAX)) as u32;
+            return self.reply(conn, rid, &error);
+        }
         let peer_shard = home_shard_of_user(peer);
         if peer_shard as usize >= self.shards.len() {
             let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
@@ -850,11 +867,17 @@ impl<S: Storage> Core<S> {
         &mut self,
         conn: ConnId,
         rid: u32,
-        _me: (UserId, DeviceId),
+        me: (UserId, DeviceId),
         fetch: &ArchivedFetchBundles,
+        now_ms: u64,
     ) {
         let ty = MessageType::FetchBundles.code();
         let target = fetch.user_id.to_native();
+        if let Err(wait_ms) = self.fetch_limits.take((me.0, target), now_ms) {
+            let message = "too many key fetches for this user";
+            let wait = wait_ms.min(u64::from(u32::MAX)) as u32;
+            return self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait);
+        }
         let shard_id = home_shard_of_user(target);
         let Some(handle) = self.shards.get(shard_id as usize).cloned() else {
             return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0);

@@ -12,5 +12,6 @@
 
 pub mod code_sender;
 pub mod core;
+pub mod limits;
 pub mod runtime;
 pub mod secrets;

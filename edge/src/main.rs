@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tern_edge::core::CoreConfig;
+use tern_edge::limits::Rate;
 use tern_edge::runtime::{run, ServerConfig};
 
 /// Tern's messaging server.
@@ -28,6 +29,12 @@ struct Args {
     /// Verification code requests allowed per phone number per hour.
     #[arg(long, default_value_t = 5)]
     code_requests_per_hour: u32,
+    /// Sends per device per second (steady rate; bursts up to 4 seconds' worth).
+    #[arg(long, default_value_t = 50.0)]
+    sends_per_second: f64,
+    /// Key-bundle fetches allowed per (requester, target) pair per hour.
+    #[arg(long, default_value_t = 10)]
+    key_fetches_per_hour: u32,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +49,11 @@ fn main() -> ExitCode {
     let core = CoreConfig {
         max_frame_bytes: args.max_frame_bytes,
         code_requests_per_hour: args.code_requests_per_hour,
+        send_rate: Rate { burst: args.sends_per_second * 4.0, per_second: args.sends_per_second },
+        fetch_rate: Rate {
+            burst: f64::from(args.key_fetches_per_hour),
+            per_second: f64::from(args.key_fetches_per_hour) / 3600.0,
+        },
         ..CoreConfig::default()
     };
     let config =

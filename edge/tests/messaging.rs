@@ -224,3 +224,71 @@ fn code_requests_are_rate_limited_and_wrong_codes_refused() {
     let bad_phone = c.request(&RequestCode { phone: "12345".into(), ..request });
     assert_eq!(bad_phone.error_code(), Some(ErrorCode::InvalidArgument));
 }
+
+#[test]
+fn sends_and_key_fetches_are_rate_limited() {
+    let dir = data_dir();
+    let mut server =
+        Server::start(dir.path(), &["--sends-per-second", "5", "--key-fetches-per-hour", "2"]);
+    let alice = register(&mut server, "+15550071", 5);
+    let bob = register(&mut server, "+15550072", 5);
+    let mut a = login(&server, alice);
+    // A burst of 20 is allowed, then 5 per second: 40 sends in well under 4 s must hit it.
+    let mut limited = None;
+    for i in 1..=40u64 {
+        let reply = a.request(&text(bob, i, b"spam?"));
+        if reply.header.message_type == MessageType::SendError {
+            limited = Some(reply);
+            break;
+        }
+        reply.access::<SendAck>();
+    }
+    let limited = limited.expect("the send rate limit never triggered");
+    let error = limited.access::<SendError>();
+    assert_eq!(ErrorCode::from_u16(error.code.to_native()), Some(ErrorCode::RateLimited));
+    assert!(error.retry_after_ms.to_native() > 0);
+
+    // Key fetches: two per (requester, target) pair, then a typed refusal.
+    let fetch = FetchBundles { user_id: bob.user_id, device_ids: vec![] };
+    a.request(&fetch).access::<Bundles>();
+    a.request(&fetch).access::<Bundles>();
+    let third = a.request(&fetch);
+    assert_eq!(third.error_code(), Some(ErrorCode::RateLimited), "{}", third.describe());
+}
+
+/// Goal: a device that never acknowledges gets at most the delivery window, and the
+/// rest stays on disk until it acks. Method: 300 queued messages; count what arrives
+/// before a ping round trip; ack some; count again.
+#[test]
+fn delivery_stops_at_the_window_until_acked() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--sends-per-second", "10000"]);
+    let alice = register(&mut server, "+15550081", 5);
+    let bob = register(&mut server, "+15550082", 5);
+    let mut a = login(&server, alice);
+    for i in 1..=300u64 {
+        a.request(&text(bob, i, b"queued")).access::<SendAck>();
+    }
+    let mut b = login(&server, bob);
+    b.request(&Ping { nonce: 1 }).access::<Pong>();
+    let mut seqs: Vec<u64> = Vec::new();
+    // Everything the server wanted to send is in before the pong (one stream, in order).
+    drain_deliveries(&mut b, &mut seqs);
+    assert_eq!(seqs.len(), 256, "the window is 256 envelopes");
+    b.send(&DeliveryAck { up_to_mailbox_seq: 99 });
+    b.request(&Ping { nonce: 2 }).access::<Pong>();
+    drain_deliveries(&mut b, &mut seqs);
+    assert_eq!(seqs.len(), 300);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, no gaps or repeats");
+}
+
+/// Moves the mailbox sequence numbers of delivered envelopes out of the inbox.
+fn drain_deliveries(client: &mut Client, seqs: &mut Vec<u64>) {
+    for frame in std::mem::take(&mut client.inbox) {
+        if frame.header.message_type == MessageType::Deliver {
+            seqs.push(frame.deliver().mailbox_seq);
+        } else {
+            client.inbox.push(frame);
+        }
+    }
+}
