@@ -282,6 +282,25 @@ impl<S: Storage> Core<S> {
         self.pump(conn, now_ms);
     }
 
+    /// A connection missed its auth deadline or idled too long: tell it, then close.
+    pub fn time_out(&mut self, conn: ConnId) {
+        let message = "no authentication or traffic in time; reconnect";
+        self.fatal(conn, 0, MessageType::Ping, ErrorCode::Timeout, message);
+    }
+
+    /// The server is stopping: tell every client and close after flushing.
+    pub fn shut_down(&mut self) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            let message = "the server is stopping; reconnect later";
+            self.error_reply(conn, 0, 0, ErrorCode::ShuttingDown, message, 1000);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.closing = true;
+                c.wake();
+            }
+        }
+    }
+
     /// Sends a typed error for undecodable input and marks the connection for closing.
     pub fn reject_malformed(&mut self, conn: ConnId, error: tern_wire::DecodeError) {
         self.counters.protocol_errors += 1;

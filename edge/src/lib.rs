@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod code_sender;
 pub mod core;
 pub mod limits;

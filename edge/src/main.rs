@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tern_edge::core::CoreConfig;
@@ -20,6 +21,15 @@ struct Args {
     /// TCP listen address for the binary protocol (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// Admin HTTP address for /healthz and /metrics ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    admin: String,
+    /// Seconds a connection has to authenticate or register.
+    #[arg(long, default_value_t = 10.0)]
+    auth_deadline_s: f64,
+    /// Seconds of silence after which an authenticated connection is closed.
+    #[arg(long, default_value_t = 90.0)]
+    idle_timeout_s: f64,
     /// Shard count of a new data directory (fixed once created).
     #[arg(long, default_value_t = 8)]
     shards: u32,
@@ -56,8 +66,26 @@ fn main() -> ExitCode {
         },
         ..CoreConfig::default()
     };
-    let config =
-        ServerConfig { data_dir: args.data_dir, listen: args.listen, shards: args.shards, core };
+    let admin = match args.admin.as_str() {
+        "off" => None,
+        address => match address.parse() {
+            Ok(address) => Some(address),
+            Err(error) => {
+                let hint = "use an address like 127.0.0.1:7401, or off";
+                eprintln!("ternd: --admin {address}: {error} ({hint})");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let config = ServerConfig {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        shards: args.shards,
+        admin,
+        auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
+        idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
+        core,
+    };
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -13,18 +13,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
 use tern_engine::uring::UringStorage;
 use tern_engine::{DataDir, ShardConfig, ShardHandle};
 use tern_wire::FrameDecoder;
 
 use crate::code_sender::LogCodeSender;
-use crate::core::{ConnId, Core, CoreConfig};
+use crate::core::{ConnId, ConnState, Core, CoreConfig};
 
 /// How `ternd` is started.
 #[derive(Clone, Debug)]
@@ -35,6 +38,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Shards of a new data directory (an existing one keeps its own count).
     pub shards: u32,
+    /// The admin HTTP address (`/healthz`, `/metrics`), if any.
+    pub admin: Option<SocketAddr>,
+    /// A connection must finish the handshake and authenticate (or register) this fast.
+    pub auth_deadline: Duration,
+    /// An authenticated connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
     /// Protocol limits.
     pub core: CoreConfig,
 }
@@ -109,14 +118,23 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         shards = manifest.shard_count,
         "data directory open"
     );
+    // SIGINT/SIGTERM set a flag the executor checks: stop accepting, flush, exit 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(ServerError::Io)?;
+    }
     let handle = LocalExecutorBuilder::new(Placement::Fixed(0))
         .name("tern-core-0")
-        .spawn(move || serve(config, data_dir))
+        .spawn(move || serve(config, data_dir, stop))
         .map_err(|e| ServerError::Io(io::Error::other(e.to_string())))?;
     handle.join().map_err(|e| ServerError::Io(io::Error::other(e.to_string())))?
 }
 
-async fn serve(config: ServerConfig, data_dir: DataDir) -> Result<(), ServerError> {
+async fn serve(
+    config: ServerConfig,
+    data_dir: DataDir,
+    stop: Arc<AtomicBool>,
+) -> Result<(), ServerError> {
     let shard_count = data_dir.manifest().shard_count;
     let mut shards = Vec::with_capacity(shard_count as usize);
     for shard_id in 0..shard_count {
@@ -129,26 +147,69 @@ async fn serve(config: ServerConfig, data_dir: DataDir) -> Result<(), ServerErro
     let core =
         Rc::new(RefCell::new(Core::new(shards, config.core.clone(), Box::new(LogCodeSender))));
     let commit_needed = Rc::new(Notify::default());
+    let stopping = Rc::new(Notify::default());
 
     glommio::spawn_local(committer(core.clone(), commit_needed.clone())).detach();
+    glommio::spawn_local(watch_signals(stop, stopping.clone())).detach();
+    if let Some(admin) = config.admin {
+        let listener = TcpListener::bind(admin).map_err(|e| ServerError::Io(e.into()))?;
+        let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
+        tracing::info!(%local, "admin endpoint listening (/healthz, /metrics)");
+        glommio::spawn_local(crate::admin::serve(listener, core.clone())).detach();
+    }
 
     let listener = TcpListener::bind(config.listen).map_err(|e| ServerError::Io(e.into()))?;
     let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
     tracing::info!(%local, "listening (tcp)");
+    let limits = (config.auth_deadline, config.idle_timeout);
     loop {
-        let stream = match listener.accept().await {
-            Ok(stream) => stream,
-            Err(error) => {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stopping.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
                 // Out of descriptors or a connection reset during accept: keep serving.
                 tracing::warn!(%error, "accept failed");
                 continue;
             }
+            None => break,
         };
         let _ = stream.set_nodelay(true);
         let conn = core.borrow_mut().open_connection();
-        glommio::spawn_local(connection(core.clone(), commit_needed.clone(), conn, stream))
-            .detach();
+        let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits);
+        glommio::spawn_local(task).detach();
     }
+
+    // Shutdown: no new connections; make everything appended durable, release the
+    // replies that waited for it, tell clients, give their sockets a moment to flush.
+    tracing::info!("stopping: flushing and closing connections");
+    let shards: Vec<_> = core.borrow().shards().to_vec();
+    for shard in &shards {
+        while shard.borrow().has_pending() {
+            if shard.commit().await.is_err() {
+                break;
+            }
+        }
+    }
+    core.borrow_mut().on_durable(now_ms());
+    core.borrow_mut().shut_down();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while core.borrow().connection_count() > 0 && std::time::Instant::now() < deadline {
+        Timer::new(Duration::from_millis(20)).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Turns the signal flag into a wake-up of the accept loop.
+async fn watch_signals(stop: Arc<AtomicBool>, stopping: Rc<Notify>) {
+    while !stop.load(Ordering::Relaxed) {
+        Timer::new(Duration::from_millis(100)).await;
+    }
+    stopping.notify();
 }
 
 /// Commits whatever the shards accumulated, as long as there is something, then lets
@@ -181,6 +242,7 @@ enum Event {
     Read(usize),
     Wrote(usize),
     Closed,
+    TimedOut,
 }
 
 /// Moves bytes for one connection until it closes.
@@ -189,13 +251,21 @@ async fn connection(
     commit_needed: Rc<Notify>,
     conn: ConnId,
     mut stream: TcpStream,
+    (auth_deadline, idle_timeout): (Duration, Duration),
 ) {
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
     let mut buffer = vec![0u8; 64 * 1024];
+    // Until authenticated, the auth deadline runs from the connection's start; after,
+    // the idle timeout runs from the last frame received.
+    let mut timer = Timer::new(auth_deadline);
     loop {
-        let event =
-            std::future::poll_fn(|cx| poll_connection(&core, conn, &mut stream, &mut buffer, cx))
-                .await;
+        let event = std::future::poll_fn(|cx| {
+            if Pin::new(&mut timer).poll(cx).is_ready() {
+                return Poll::Ready(Event::TimedOut);
+            }
+            poll_connection(&core, conn, &mut stream, &mut buffer, cx)
+        })
+        .await;
         match event {
             Event::Read(n) => {
                 decoder.feed(&buffer[..n]);
@@ -211,6 +281,12 @@ async fn connection(
                         }
                     }
                 }
+                let authenticated = core_ref
+                    .connection(conn)
+                    .is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
+                if authenticated {
+                    timer = Timer::new(idle_timeout);
+                }
                 if core_ref.has_pending_writes() {
                     commit_needed.notify();
                 }
@@ -221,6 +297,24 @@ async fn connection(
                     c.outbound.drain(..n);
                 }
                 core_ref.on_writable(conn, now_ms());
+            }
+            Event::TimedOut => {
+                core.borrow_mut().time_out(conn);
+                // Give the error frame a chance to go out, then close regardless.
+                timer = Timer::new(Duration::from_secs(1));
+                let flushed = std::future::poll_fn(|cx| {
+                    if Pin::new(&mut timer).poll(cx).is_ready() {
+                        return Poll::Ready(Event::Closed);
+                    }
+                    poll_connection(&core, conn, &mut stream, &mut buffer, cx)
+                })
+                .await;
+                if let Event::Wrote(n) = flushed {
+                    if let Some(c) = core.borrow_mut().connection(conn) {
+                        c.outbound.drain(..n);
+                    }
+                }
+                break;
             }
             Event::Closed => break,
         }

@@ -21,6 +21,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub data_dir: PathBuf,
     log: Receiver<String>,
     seen: Vec<String>,
@@ -32,7 +33,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--shards", "4"])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--shards", "4"])
             .args(extra_args)
             .env("RUST_LOG", std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -50,22 +51,21 @@ impl Server {
                 }
             }
         });
+        let unset: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut server = Server {
             child,
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addr: unset,
+            admin: unset,
             data_dir: data_dir.into(),
             log,
             seen: Vec::new(),
         };
-        let line = server.wait_for_log(|l| l.contains("listening (tcp)"));
-        let addr = line
-            .split("local=")
-            .nth(1)
-            .expect("local= in the log")
-            .split_whitespace()
-            .next()
-            .unwrap();
-        server.addr = addr.parse().expect("a socket address");
+        let local = |line: String| -> SocketAddr {
+            let addr = line.split("local=").nth(1).expect("local= in the log");
+            addr.split_whitespace().next().unwrap().parse().expect("a socket address")
+        };
+        server.admin = local(server.wait_for_log(|l| l.contains("admin endpoint listening")));
+        server.addr = local(server.wait_for_log(|l| l.contains("listening (tcp)")));
         server
     }
 
@@ -101,6 +101,32 @@ impl Server {
             self.seen.iter().rev().find(|l| l.contains(&needle) && l.contains("code=")).unwrap();
         let code = line.split("code=\"").nth(1).unwrap().split('"').next().unwrap();
         code.to_string()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ternd did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A GET on the admin endpoint: (status line, body).
+    pub fn admin_get(&self, path: &str) -> (String, String) {
+        let mut stream = TcpStream::connect(self.admin).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        (head.lines().next().unwrap().to_string(), body.to_string())
     }
 
     /// Stops the server abruptly (like a crash: nothing is flushed beyond what was synced).
