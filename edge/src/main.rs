@@ -10,6 +10,7 @@ use clap::Parser;
 use tern_edge::core::CoreConfig;
 use tern_edge::limits::Rate;
 use tern_edge::runtime::{run, ServerConfig};
+use tern_edge::tls::CertSource;
 
 /// Tern's messaging server.
 #[derive(Debug, Parser)]
@@ -21,6 +22,16 @@ struct Args {
     /// TCP listen address for the binary protocol (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// TLS 1.3 listen address ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    tls_listen: String,
+    /// TLS certificate chain (PEM); without it a development certificate is created in
+    /// the data directory.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Admin HTTP address for /healthz and /metrics ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:7401")]
     admin: String,
@@ -66,22 +77,23 @@ fn main() -> ExitCode {
         },
         ..CoreConfig::default()
     };
-    let admin = match args.admin.as_str() {
-        "off" => None,
-        address => match address.parse() {
-            Ok(address) => Some(address),
-            Err(error) => {
-                let hint = "use an address like 127.0.0.1:7401, or off";
-                eprintln!("ternd: --admin {address}: {error} ({hint})");
-                return ExitCode::from(2);
-            }
-        },
+    let (Some(admin), Some(tls_listen)) = (
+        optional_address("--admin", &args.admin),
+        optional_address("--tls-listen", &args.tls_listen),
+    ) else {
+        return ExitCode::from(2);
+    };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => CertSource::Files { cert, key },
+        _ => CertSource::Development { data_dir: args.data_dir.clone() },
     };
     let config = ServerConfig {
         data_dir: args.data_dir,
         listen: args.listen,
         shards: args.shards,
         admin,
+        tls_listen,
+        tls,
         auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
         core,
@@ -92,6 +104,23 @@ fn main() -> ExitCode {
             tracing::error!(%error, "ternd stopped");
             eprintln!("ternd: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses an address flag that may be "off": `Some(None)` for off, `None` (after telling
+/// the operator) when it is not an address.
+fn optional_address(flag: &str, value: &str) -> Option<Option<SocketAddr>> {
+    if value == "off" {
+        return Some(None);
+    }
+    match value.parse() {
+        Ok(address) => Some(Some(address)),
+        Err(error) => {
+            eprintln!(
+                "ternd: {flag} {value}: {error} (use an address like 127.0.0.1:7401, or off)"
+            );
+            None
         }
     }
 }

@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Shards of a new data directory (an existing one keeps its own count).
     pub shards: u32,
+    /// The TLS listen address, if any.
+    pub tls_listen: Option<SocketAddr>,
+    /// The TLS certificate.
+    pub tls: crate::tls::CertSource,
     /// The admin HTTP address (`/healthz`, `/metrics`), if any.
     pub admin: Option<SocketAddr>,
     /// A connection must finish the handshake and authenticate (or register) this fast.
@@ -58,6 +62,8 @@ pub fn now_ms() -> u64 {
 struct Notify {
     set: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    raised: Cell<bool>,
+    raised_waiters: RefCell<Vec<Waker>>,
 }
 
 impl Notify {
@@ -66,6 +72,27 @@ impl Notify {
         if let Some(waker) = self.waker.borrow_mut().take() {
             waker.wake();
         }
+        for waker in self.raised_waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// A notification that stays raised, for broadcasts like "stopping" (every waiter,
+    /// now or later, sees it).
+    fn raise(&self) {
+        self.raised.set(true);
+        self.notify();
+    }
+
+    fn wait_raised(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.raised.get() {
+                Poll::Ready(())
+            } else {
+                self.raised_waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
     }
 
     fn wait(&self) -> impl Future<Output = ()> + '_ {
@@ -158,29 +185,34 @@ async fn serve(
         glommio::spawn_local(crate::admin::serve(listener, core.clone())).detach();
     }
 
+    let limits = (config.auth_deadline, config.idle_timeout);
     let listener = TcpListener::bind(config.listen).map_err(|e| ServerError::Io(e.into()))?;
     let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
     tracing::info!(%local, "listening (tcp)");
-    let limits = (config.auth_deadline, config.idle_timeout);
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stopping.wait().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                // Out of descriptors or a connection reset during accept: keep serving.
-                tracing::warn!(%error, "accept failed");
-                continue;
-            }
-            None => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let conn = core.borrow_mut().open_connection();
-        let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits);
-        glommio::spawn_local(task).detach();
+    let mut accepting = vec![glommio::spawn_local(accept_loop(
+        listener,
+        None,
+        core.clone(),
+        commit_needed.clone(),
+        stopping.clone(),
+        limits,
+    ))];
+    if let Some(tls_listen) = config.tls_listen {
+        let tls_config = crate::tls::server_config(&config.tls).map_err(ServerError::Io)?;
+        let listener = TcpListener::bind(tls_listen).map_err(|e| ServerError::Io(e.into()))?;
+        let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
+        tracing::info!(%local, "listening (tls)");
+        accepting.push(glommio::spawn_local(accept_loop(
+            listener,
+            Some(tls_config),
+            core.clone(),
+            commit_needed.clone(),
+            stopping.clone(),
+            limits,
+        )));
+    }
+    for task in accepting {
+        task.await;
     }
 
     // Shutdown: no new connections; make everything appended durable, release the
@@ -204,12 +236,53 @@ async fn serve(
     Ok(())
 }
 
-/// Turns the signal flag into a wake-up of the accept loop.
+/// Accepts connections on one listener until the server stops.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    core: Rc<RefCell<Core<UringStorage>>>,
+    commit_needed: Rc<Notify>,
+    stopping: Rc<Notify>,
+    limits: (Duration, Duration),
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stopping.wait_raised().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
+                // Out of descriptors or a connection reset during accept: keep serving.
+                tracing::warn!(%error, "accept failed");
+                continue;
+            }
+            None => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let wire = match &tls {
+            None => Wire::plain(),
+            Some(config) => match Wire::tls(config) {
+                Ok(wire) => wire,
+                Err(error) => {
+                    tracing::warn!(%error, "could not start TLS");
+                    continue;
+                }
+            },
+        };
+        let conn = core.borrow_mut().open_connection();
+        let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits, wire);
+        glommio::spawn_local(task).detach();
+    }
+}
+
+/// Turns the signal flag into a wake-up of the accept loops.
 async fn watch_signals(stop: Arc<AtomicBool>, stopping: Rc<Notify>) {
     while !stop.load(Ordering::Relaxed) {
         Timer::new(Duration::from_millis(100)).await;
     }
-    stopping.notify();
+    stopping.raise();
 }
 
 /// Commits whatever the shards accumulated, as long as there is something, then lets
@@ -245,6 +318,56 @@ enum Event {
     TimedOut,
 }
 
+/// The byte transport under the frames: the socket itself, or TLS over it.
+struct Wire {
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// TLS records waiting for the socket.
+    tls_out: Vec<u8>,
+}
+
+impl Wire {
+    fn plain() -> Wire {
+        Wire { tls: None, tls_out: Vec::new() }
+    }
+
+    fn tls(config: &Arc<rustls::ServerConfig>) -> io::Result<Wire> {
+        let connection = rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?;
+        Ok(Wire { tls: Some(Box::new(connection)), tls_out: Vec::new() })
+    }
+
+    /// Bytes from the socket; returns the frame bytes they carry (TLS: the plaintext).
+    fn received<'a>(
+        &mut self,
+        bytes: &'a [u8],
+        plaintext: &'a mut Vec<u8>,
+    ) -> io::Result<&'a [u8]> {
+        let Some(tls) = &mut self.tls else { return Ok(bytes) };
+        let mut rest = bytes;
+        plaintext.clear();
+        while !rest.is_empty() {
+            tls.read_tls(&mut rest)?;
+            let state = tls.process_new_packets();
+            // Queue whatever rustls wants to say (handshake, alerts) even on error.
+            while tls.wants_write() {
+                tls.write_tls(&mut self.tls_out)?;
+            }
+            let state = state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let mut available = state.plaintext_bytes_to_read();
+            while available > 0 {
+                let start = plaintext.len();
+                plaintext.resize(start + available, 0);
+                let n = io::Read::read(&mut tls.reader(), &mut plaintext[start..])?;
+                plaintext.truncate(start + n);
+                available -= n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(plaintext)
+    }
+}
+
 /// Moves bytes for one connection until it closes.
 async fn connection(
     core: Rc<RefCell<Core<UringStorage>>>,
@@ -252,23 +375,36 @@ async fn connection(
     conn: ConnId,
     mut stream: TcpStream,
     (auth_deadline, idle_timeout): (Duration, Duration),
+    mut wire: Wire,
 ) {
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
     let mut buffer = vec![0u8; 64 * 1024];
-    // Until authenticated, the auth deadline runs from the connection's start; after,
-    // the idle timeout runs from the last frame received.
+    let mut plaintext = Vec::new();
+    // Until authenticated, the auth deadline runs from the connection's start (TLS and
+    // handshake included); after, the idle timeout runs from the last frame received.
     let mut timer = Timer::new(auth_deadline);
     loop {
         let event = std::future::poll_fn(|cx| {
             if Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Event::TimedOut);
             }
-            poll_connection(&core, conn, &mut stream, &mut buffer, cx)
+            poll_connection(&core, conn, &mut stream, &mut wire, &mut buffer, cx)
         })
         .await;
         match event {
             Event::Read(n) => {
-                decoder.feed(&buffer[..n]);
+                let bytes = match wire.received(&buffer[..n], &mut plaintext) {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        // Send rustls's alert (queued in `tls_out`), then close.
+                        tracing::debug!(%error, "TLS error; closing");
+                        if let Some(c) = core.borrow_mut().connection(conn) {
+                            c.closing = true;
+                        }
+                        continue;
+                    }
+                };
+                decoder.feed(bytes);
                 let mut core_ref = core.borrow_mut();
                 loop {
                     decoder.set_max_frame_bytes(core_ref.max_frame_bytes(conn));
@@ -292,26 +428,39 @@ async fn connection(
                 }
             }
             Event::Wrote(n) => {
-                let mut core_ref = core.borrow_mut();
-                if let Some(c) = core_ref.connection(conn) {
-                    c.outbound.drain(..n);
+                if wire.tls.is_some() {
+                    wire.tls_out.drain(..n);
+                } else {
+                    let mut core_ref = core.borrow_mut();
+                    if let Some(c) = core_ref.connection(conn) {
+                        c.outbound.drain(..n);
+                    }
                 }
-                core_ref.on_writable(conn, now_ms());
+                core.borrow_mut().on_writable(conn, now_ms());
             }
             Event::TimedOut => {
                 core.borrow_mut().time_out(conn);
-                // Give the error frame a chance to go out, then close regardless.
+                // Give the error frame a moment to go out, then close regardless.
                 timer = Timer::new(Duration::from_secs(1));
-                let flushed = std::future::poll_fn(|cx| {
-                    if Pin::new(&mut timer).poll(cx).is_ready() {
-                        return Poll::Ready(Event::Closed);
-                    }
-                    poll_connection(&core, conn, &mut stream, &mut buffer, cx)
-                })
-                .await;
-                if let Event::Wrote(n) = flushed {
-                    if let Some(c) = core.borrow_mut().connection(conn) {
-                        c.outbound.drain(..n);
+                loop {
+                    let flushed = std::future::poll_fn(|cx| {
+                        if Pin::new(&mut timer).poll(cx).is_ready() {
+                            return Poll::Ready(Event::Closed);
+                        }
+                        poll_connection(&core, conn, &mut stream, &mut wire, &mut buffer, cx)
+                    })
+                    .await;
+                    match flushed {
+                        Event::Wrote(n) if wire.tls.is_some() => {
+                            wire.tls_out.drain(..n);
+                        }
+                        Event::Wrote(n) => {
+                            if let Some(c) = core.borrow_mut().connection(conn) {
+                                c.outbound.drain(..n);
+                            }
+                        }
+                        Event::Read(_) => {}
+                        Event::Closed | Event::TimedOut => break,
                     }
                 }
                 break;
@@ -327,14 +476,33 @@ fn poll_connection(
     core: &Rc<RefCell<Core<UringStorage>>>,
     conn: ConnId,
     stream: &mut TcpStream,
+    wire: &mut Wire,
     buffer: &mut [u8],
     cx: &mut Context<'_>,
 ) -> Poll<Event> {
     let mut core_ref = core.borrow_mut();
     let Some(c) = core_ref.connection(conn) else { return Poll::Ready(Event::Closed) };
     c.waker = Some(cx.waker().clone());
-    if !c.outbound.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, &c.outbound) {
+    // With TLS, frames go through rustls first; what it accepts leaves `outbound`, so
+    // the core's output bound still applies to what is not yet encrypted.
+    if let Some(tls) = &mut wire.tls {
+        if !c.outbound.is_empty() {
+            match io::Write::write(&mut tls.writer(), &c.outbound) {
+                Ok(n) => {
+                    c.outbound.drain(..n);
+                }
+                Err(_) => return Poll::Ready(Event::Closed),
+            }
+        }
+        while tls.wants_write() {
+            if tls.write_tls(&mut wire.tls_out).is_err() {
+                return Poll::Ready(Event::Closed);
+            }
+        }
+    }
+    let pending_output: &[u8] = if wire.tls.is_some() { &wire.tls_out } else { &c.outbound };
+    if !pending_output.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, pending_output) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed),
             Poll::Ready(Ok(n)) => return Poll::Ready(Event::Wrote(n)),
             Poll::Pending => {}

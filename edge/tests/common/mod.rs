@@ -22,6 +22,7 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    pub tls_addr: SocketAddr,
     pub data_dir: PathBuf,
     log: Receiver<String>,
     seen: Vec<String>,
@@ -33,7 +34,15 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ternd"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--shards", "4"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--tls-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--shards", "4"])
             .args(extra_args)
             .env("RUST_LOG", std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -56,6 +65,7 @@ impl Server {
             child,
             addr: unset,
             admin: unset,
+            tls_addr: unset,
             data_dir: data_dir.into(),
             log,
             seen: Vec::new(),
@@ -66,6 +76,7 @@ impl Server {
         };
         server.admin = local(server.wait_for_log(|l| l.contains("admin endpoint listening")));
         server.addr = local(server.wait_for_log(|l| l.contains("listening (tcp)")));
+        server.tls_addr = local(server.wait_for_log(|l| l.contains("listening (tls)")));
         server
     }
 
@@ -194,9 +205,14 @@ impl Received {
     }
 }
 
+/// A byte stream: plain TCP or TLS over it.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 /// A blocking test client.
 pub struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
+    tcp: TcpStream,
     decoder: FrameDecoder,
     next_request_id: u32,
     /// Frames received while waiting for something else.
@@ -207,6 +223,39 @@ impl Client {
     /// Connects and performs the handshake.
     pub fn connect(addr: SocketAddr) -> Client {
         let mut client = Client::connect_raw(addr);
+        client.handshake();
+        client
+    }
+
+    /// Connects without a handshake.
+    pub fn connect_raw(addr: SocketAddr) -> Client {
+        let tcp = TcpStream::connect(addr).expect("connect to ternd");
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let stream = Box::new(tcp.try_clone().unwrap());
+        Client::over(stream, tcp)
+    }
+
+    fn over(stream: Box<dyn Stream>, tcp: TcpStream) -> Client {
+        let decoder = FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES);
+        Client { stream, tcp, decoder, next_request_id: 1, inbox: Vec::new() }
+    }
+
+    /// Connects over TLS (pinning the server's development certificate) and performs
+    /// the protocol handshake.
+    pub fn connect_tls(server: &Server) -> Client {
+        let config = tls_client_config(server, &[&rustls::version::TLS13]);
+        let tcp = TcpStream::connect(server.tls_addr).expect("connect to ternd (tls)");
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = rustls::ClientConnection::new(config, name).unwrap();
+        let stream = Box::new(rustls::StreamOwned::new(tls, tcp.try_clone().unwrap()));
+        let mut client = Client::over(stream, tcp);
+        client.handshake();
+        client
+    }
+
+    fn handshake(&mut self) {
         let hello = Hello {
             magic: HELLO_MAGIC,
             version_min: 1,
@@ -214,22 +263,8 @@ impl Client {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             client: "tern-test".into(),
         };
-        let welcome = client.request(&hello);
+        let welcome = self.request(&hello);
         assert_eq!(welcome.access::<Welcome>().version, 1);
-        client
-    }
-
-    /// Connects without a handshake.
-    pub fn connect_raw(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect to ternd");
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Client {
-            stream,
-            decoder: FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES),
-            next_request_id: 1,
-            inbox: Vec::new(),
-        }
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -318,7 +353,7 @@ impl Client {
 
     /// Whether the server closed the connection (reads until EOF or timeout).
     pub fn is_closed(&mut self) -> bool {
-        self.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        self.tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut buf = [0u8; 4096];
         loop {
             match self.stream.read(&mut buf) {
@@ -407,4 +442,35 @@ pub fn text(to: Account, client_message_id: u64, body: &[u8]) -> SendMessage {
 /// A temp data dir on the target file system.
 pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+/// A TLS client configuration that trusts only the server's development certificate.
+pub fn tls_client_config(
+    server: &Server,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(server.data_dir.join("tls").join("dev-cert.pem")).expect("dev cert");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+/// Registers and logs in over TLS.
+pub fn login_tls(server: &Server, account: Account) -> Client {
+    let mut client = Client::connect_tls(server);
+    let ok = client.request(&Auth {
+        user_id: account.user_id,
+        device_id: account.device_id,
+        token: account.token,
+    });
+    assert_eq!(ok.access::<AuthOk>().user_id.to_native(), account.user_id, "{}", ok.describe());
+    client
 }
