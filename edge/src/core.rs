@@ -231,6 +231,11 @@ impl<S: Storage> Core<S> {
         }
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
     /// The shards, for the committer.
     pub fn shards(&self) -> &[ShardHandle<S>] {
         &self.shards

@@ -25,6 +25,12 @@ struct Args {
     /// TLS 1.3 listen address ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:7443")]
     tls_listen: String,
+    /// WebSocket listen address, binary messages ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    ws_listen: String,
+    /// WebSocket-over-TLS listen address ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:7481")]
+    wss_listen: String,
     /// TLS certificate chain (PEM); without it a development certificate is created in
     /// the data directory.
     #[arg(long, requires = "tls_key")]
@@ -77,9 +83,11 @@ fn main() -> ExitCode {
         },
         ..CoreConfig::default()
     };
-    let (Some(admin), Some(tls_listen)) = (
+    let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (
         optional_address("--admin", &args.admin),
         optional_address("--tls-listen", &args.tls_listen),
+        optional_address("--ws-listen", &args.ws_listen),
+        optional_address("--wss-listen", &args.wss_listen),
     ) else {
         return ExitCode::from(2);
     };
@@ -93,6 +101,8 @@ fn main() -> ExitCode {
         shards: args.shards,
         admin,
         tls_listen,
+        ws_listen,
+        wss_listen,
         tls,
         auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),

@@ -28,6 +28,7 @@ use tern_wire::FrameDecoder;
 
 use crate::code_sender::LogCodeSender;
 use crate::core::{ConnId, ConnState, Core, CoreConfig};
+use crate::websocket::WsLayer;
 
 /// How `ternd` is started.
 #[derive(Clone, Debug)]
@@ -40,6 +41,10 @@ pub struct ServerConfig {
     pub shards: u32,
     /// The TLS listen address, if any.
     pub tls_listen: Option<SocketAddr>,
+    /// The WebSocket listen address, if any.
+    pub ws_listen: Option<SocketAddr>,
+    /// The WebSocket-over-TLS listen address, if any.
+    pub wss_listen: Option<SocketAddr>,
     /// The TLS certificate.
     pub tls: crate::tls::CertSource,
     /// The admin HTTP address (`/healthz`, `/metrics`), if any.
@@ -189,22 +194,33 @@ async fn serve(
     let listener = TcpListener::bind(config.listen).map_err(|e| ServerError::Io(e.into()))?;
     let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
     tracing::info!(%local, "listening (tcp)");
+    let plain = Layers { tls: None, websocket: false };
     let mut accepting = vec![glommio::spawn_local(accept_loop(
         listener,
-        None,
+        plain,
         core.clone(),
         commit_needed.clone(),
         stopping.clone(),
         limits,
     ))];
-    if let Some(tls_listen) = config.tls_listen {
-        let tls_config = crate::tls::server_config(&config.tls).map_err(ServerError::Io)?;
-        let listener = TcpListener::bind(tls_listen).map_err(|e| ServerError::Io(e.into()))?;
+    let tls_config = match (config.tls_listen, config.wss_listen) {
+        (None, None) => None,
+        _ => Some(crate::tls::server_config(&config.tls).map_err(ServerError::Io)?),
+    };
+    let extra = [
+        (config.tls_listen, "listening (tls)", true, false),
+        (config.ws_listen, "listening (websocket)", false, true),
+        (config.wss_listen, "listening (websocket over tls)", true, true),
+    ];
+    for (address, what, tls, websocket) in extra {
+        let Some(address) = address else { continue };
+        let listener = TcpListener::bind(address).map_err(|e| ServerError::Io(e.into()))?;
         let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
-        tracing::info!(%local, "listening (tls)");
+        tracing::info!(%local, "{what}");
+        let layers = Layers { tls: if tls { tls_config.clone() } else { None }, websocket };
         accepting.push(glommio::spawn_local(accept_loop(
             listener,
-            Some(tls_config),
+            layers,
             core.clone(),
             commit_needed.clone(),
             stopping.clone(),
@@ -239,7 +255,7 @@ async fn serve(
 /// Accepts connections on one listener until the server stops.
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    layers: Layers,
     core: Rc<RefCell<Core<UringStorage>>>,
     commit_needed: Rc<Notify>,
     stopping: Rc<Notify>,
@@ -261,15 +277,13 @@ async fn accept_loop(
             None => break,
         };
         let _ = stream.set_nodelay(true);
-        let wire = match &tls {
-            None => Wire::plain(),
-            Some(config) => match Wire::tls(config) {
-                Ok(wire) => wire,
-                Err(error) => {
-                    tracing::warn!(%error, "could not start TLS");
-                    continue;
-                }
-            },
+        let max_frame_bytes = core.borrow().config().max_frame_bytes;
+        let wire = match Wire::new(&layers, max_frame_bytes) {
+            Ok(wire) => wire,
+            Err(error) => {
+                tracing::warn!(%error, "could not start TLS");
+                continue;
+            }
         };
         let conn = core.borrow_mut().open_connection();
         let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits, wire);
@@ -318,53 +332,108 @@ enum Event {
     TimedOut,
 }
 
-/// The byte transport under the frames: the socket itself, or TLS over it.
+/// The byte transport under the frames: the socket itself, or TLS and/or WebSocket
+/// layered on it. Inbound: socket → TLS → WebSocket → frames. Outbound: frames →
+/// WebSocket → TLS → socket.
 struct Wire {
     tls: Option<Box<rustls::ServerConnection>>,
-    /// TLS records waiting for the socket.
-    tls_out: Vec<u8>,
+    ws: Option<WsLayer>,
+    /// WebSocket output waiting for TLS to take it (only with both layers).
+    layered: Vec<u8>,
+    /// Bytes ready for the socket (with any layer; plain TCP writes `outbound` itself).
+    out: Vec<u8>,
+    /// Scratch for the bytes between layers.
+    inner: Vec<u8>,
+}
+
+/// Which layers a listener puts on its connections.
+#[derive(Clone)]
+struct Layers {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    websocket: bool,
 }
 
 impl Wire {
-    fn plain() -> Wire {
-        Wire { tls: None, tls_out: Vec::new() }
+    fn new(layers: &Layers, max_frame_bytes: u32) -> io::Result<Wire> {
+        let tls = match &layers.tls {
+            Some(config) => Some(Box::new(
+                rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?,
+            )),
+            None => None,
+        };
+        let ws = layers.websocket.then(|| WsLayer::new(max_frame_bytes as usize));
+        Ok(Wire { tls, ws, layered: Vec::new(), out: Vec::new(), inner: Vec::new() })
     }
 
-    fn tls(config: &Arc<rustls::ServerConfig>) -> io::Result<Wire> {
-        let connection = rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?;
-        Ok(Wire { tls: Some(Box::new(connection)), tls_out: Vec::new() })
+    fn is_layered(&self) -> bool {
+        self.tls.is_some() || self.ws.is_some()
     }
 
-    /// Bytes from the socket; returns the frame bytes they carry (TLS: the plaintext).
+    /// Bytes from the socket; returns the frame bytes they carry.
     fn received<'a>(
-        &mut self,
+        &'a mut self,
         bytes: &'a [u8],
-        plaintext: &'a mut Vec<u8>,
+        frames: &'a mut Vec<u8>,
     ) -> io::Result<&'a [u8]> {
-        let Some(tls) = &mut self.tls else { return Ok(bytes) };
-        let mut rest = bytes;
-        plaintext.clear();
-        while !rest.is_empty() {
-            tls.read_tls(&mut rest)?;
-            let state = tls.process_new_packets();
-            // Queue whatever rustls wants to say (handshake, alerts) even on error.
-            while tls.wants_write() {
-                tls.write_tls(&mut self.tls_out)?;
-            }
-            let state = state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let mut available = state.plaintext_bytes_to_read();
-            while available > 0 {
-                let start = plaintext.len();
-                plaintext.resize(start + available, 0);
-                let n = io::Read::read(&mut tls.reader(), &mut plaintext[start..])?;
-                plaintext.truncate(start + n);
-                available -= n;
-                if n == 0 {
-                    break;
+        if !self.is_layered() {
+            return Ok(bytes);
+        }
+        frames.clear();
+        let after_tls: &[u8] = match &mut self.tls {
+            None => bytes,
+            Some(tls) => {
+                self.inner.clear();
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    tls.read_tls(&mut rest)?;
+                    let state = tls.process_new_packets();
+                    // Queue whatever rustls wants to say (handshake, alerts) even on error.
+                    while tls.wants_write() {
+                        tls.write_tls(&mut self.out)?;
+                    }
+                    let state = state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let mut available = state.plaintext_bytes_to_read();
+                    while available > 0 {
+                        let start = self.inner.len();
+                        self.inner.resize(start + available, 0);
+                        let n = io::Read::read(&mut tls.reader(), &mut self.inner[start..])?;
+                        self.inner.truncate(start + n);
+                        available -= n;
+                        if n == 0 {
+                            break;
+                        }
+                    }
                 }
+                &self.inner
+            }
+        };
+        match &mut self.ws {
+            None => frames.extend_from_slice(after_tls),
+            Some(ws) => ws.received(after_tls, frames)?,
+        }
+        Ok(frames)
+    }
+
+    /// Moves frames from `outbound` down the layers into `out` (as much as TLS takes).
+    fn prepare_output(&mut self, outbound: &mut Vec<u8>) -> io::Result<()> {
+        let for_tls: &mut Vec<u8> = match (&mut self.ws, self.tls.is_some()) {
+            (Some(ws), true) => {
+                ws.send(outbound, &mut self.layered)?;
+                &mut self.layered
+            }
+            (Some(ws), false) => return ws.send(outbound, &mut self.out),
+            (None, _) => outbound,
+        };
+        if let Some(tls) = &mut self.tls {
+            if !for_tls.is_empty() {
+                let n = io::Write::write(&mut tls.writer(), for_tls)?;
+                for_tls.drain(..n);
+            }
+            while tls.wants_write() {
+                tls.write_tls(&mut self.out)?;
             }
         }
-        Ok(plaintext)
+        Ok(())
     }
 }
 
@@ -379,7 +448,7 @@ async fn connection(
 ) {
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
     let mut buffer = vec![0u8; 64 * 1024];
-    let mut plaintext = Vec::new();
+    let mut frames = Vec::new();
     // Until authenticated, the auth deadline runs from the connection's start (TLS and
     // handshake included); after, the idle timeout runs from the last frame received.
     let mut timer = Timer::new(auth_deadline);
@@ -393,7 +462,7 @@ async fn connection(
         .await;
         match event {
             Event::Read(n) => {
-                let bytes = match wire.received(&buffer[..n], &mut plaintext) {
+                let bytes = match wire.received(&buffer[..n], &mut frames) {
                     Ok(bytes) => bytes,
                     Err(error) => {
                         // Send rustls's alert (queued in `tls_out`), then close.
@@ -428,8 +497,8 @@ async fn connection(
                 }
             }
             Event::Wrote(n) => {
-                if wire.tls.is_some() {
-                    wire.tls_out.drain(..n);
+                if wire.is_layered() {
+                    wire.out.drain(..n);
                 } else {
                     let mut core_ref = core.borrow_mut();
                     if let Some(c) = core_ref.connection(conn) {
@@ -451,8 +520,8 @@ async fn connection(
                     })
                     .await;
                     match flushed {
-                        Event::Wrote(n) if wire.tls.is_some() => {
-                            wire.tls_out.drain(..n);
+                        Event::Wrote(n) if wire.is_layered() => {
+                            wire.out.drain(..n);
                         }
                         Event::Wrote(n) => {
                             if let Some(c) = core.borrow_mut().connection(conn) {
@@ -483,24 +552,12 @@ fn poll_connection(
     let mut core_ref = core.borrow_mut();
     let Some(c) = core_ref.connection(conn) else { return Poll::Ready(Event::Closed) };
     c.waker = Some(cx.waker().clone());
-    // With TLS, frames go through rustls first; what it accepts leaves `outbound`, so
-    // the core's output bound still applies to what is not yet encrypted.
-    if let Some(tls) = &mut wire.tls {
-        if !c.outbound.is_empty() {
-            match io::Write::write(&mut tls.writer(), &c.outbound) {
-                Ok(n) => {
-                    c.outbound.drain(..n);
-                }
-                Err(_) => return Poll::Ready(Event::Closed),
-            }
-        }
-        while tls.wants_write() {
-            if tls.write_tls(&mut wire.tls_out).is_err() {
-                return Poll::Ready(Event::Closed);
-            }
-        }
+    // With layers, frames go down through them first; what TLS accepts leaves
+    // `outbound`, so the core's output bound still applies to what is not yet encrypted.
+    if wire.is_layered() && wire.prepare_output(&mut c.outbound).is_err() {
+        return Poll::Ready(Event::Closed);
     }
-    let pending_output: &[u8] = if wire.tls.is_some() { &wire.tls_out } else { &c.outbound };
+    let pending_output: &[u8] = if wire.is_layered() { &wire.out } else { &c.outbound };
     if !pending_output.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, pending_output) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed),

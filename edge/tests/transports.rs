@@ -48,3 +48,29 @@ fn a_client_offering_only_tls12_is_refused() {
     let mut client = Client::connect(server.addr);
     client.request(&Ping { nonce: 1 }).access::<Pong>();
 }
+
+#[test]
+fn messaging_over_websocket_and_websocket_over_tls() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let alice = register(&mut server, "+15550211", 5);
+    let bob = register(&mut server, "+15550212", 5);
+    let auth = |client: &mut Client, account: Account| {
+        let ok = client.request(&Auth {
+            user_id: account.user_id,
+            device_id: account.device_id,
+            token: account.token,
+        });
+        ok.access::<AuthOk>();
+    };
+    let mut a = Client::connect_ws(&server, false);
+    auth(&mut a, alice);
+    let mut b = Client::connect_ws(&server, true);
+    auth(&mut b, bob);
+    a.request(&text(bob, 1, b"over websocket")).access::<SendAck>();
+    let frame = b.next_of(MessageType::Deliver);
+    assert_eq!(frame.deliver().envelope.body.as_slice(), b"over websocket");
+    b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    let receipt = a.next_of(MessageType::Deliver);
+    assert_eq!(receipt.deliver().envelope.kind, ArchivedEnvelopeKind::Receipt);
+}

@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub tls_addr: SocketAddr,
+    pub ws_addr: SocketAddr,
+    pub wss_addr: SocketAddr,
     pub data_dir: PathBuf,
     log: Receiver<String>,
     seen: Vec<String>,
@@ -42,7 +44,7 @@ impl Server {
                 "--tls-listen",
                 "127.0.0.1:0",
             ])
-            .args(["--shards", "4"])
+            .args(["--ws-listen", "127.0.0.1:0", "--wss-listen", "127.0.0.1:0", "--shards", "4"])
             .args(extra_args)
             .env("RUST_LOG", std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -66,6 +68,8 @@ impl Server {
             addr: unset,
             admin: unset,
             tls_addr: unset,
+            ws_addr: unset,
+            wss_addr: unset,
             data_dir: data_dir.into(),
             log,
             seen: Vec::new(),
@@ -77,6 +81,9 @@ impl Server {
         server.admin = local(server.wait_for_log(|l| l.contains("admin endpoint listening")));
         server.addr = local(server.wait_for_log(|l| l.contains("listening (tcp)")));
         server.tls_addr = local(server.wait_for_log(|l| l.contains("listening (tls)")));
+        server.ws_addr = local(server.wait_for_log(|l| l.contains("listening (websocket)")));
+        server.wss_addr =
+            local(server.wait_for_log(|l| l.contains("listening (websocket over tls)")));
         server
     }
 
@@ -250,6 +257,27 @@ impl Client {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = rustls::ClientConnection::new(config, name).unwrap();
         let stream = Box::new(rustls::StreamOwned::new(tls, tcp.try_clone().unwrap()));
+        let mut client = Client::over(stream, tcp);
+        client.handshake();
+        client
+    }
+
+    /// Connects over WebSocket (optionally over TLS) and performs the protocol handshake.
+    pub fn connect_ws(server: &Server, tls: bool) -> Client {
+        let addr = if tls { server.wss_addr } else { server.ws_addr };
+        let tcp = TcpStream::connect(addr).expect("connect to ternd (websocket)");
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let inner: Box<dyn Stream> = if tls {
+            let config = tls_client_config(server, &[&rustls::version::TLS13]);
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let connection = rustls::ClientConnection::new(config, name).unwrap();
+            Box::new(rustls::StreamOwned::new(connection, tcp.try_clone().unwrap()))
+        } else {
+            Box::new(tcp.try_clone().unwrap())
+        };
+        let url = format!("{}://localhost/", if tls { "wss" } else { "ws" });
+        let (socket, _) = tungstenite::client(url, inner).expect("websocket upgrade");
+        let stream = Box::new(WsStream { socket, pending: Vec::new(), at: 0 });
         let mut client = Client::over(stream, tcp);
         client.handshake();
         client
@@ -473,4 +501,49 @@ pub fn login_tls(server: &Server, account: Account) -> Client {
     });
     assert_eq!(ok.access::<AuthOk>().user_id.to_native(), account.user_id, "{}", ok.describe());
     client
+}
+
+/// A WebSocket seen as a byte stream: each write is one binary message (the client
+/// writes one frame at a time); reads return the bytes of binary messages in order.
+pub struct WsStream {
+    socket: tungstenite::WebSocket<Box<dyn Stream>>,
+    pending: Vec<u8>,
+    at: usize,
+}
+
+impl Read for WsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.pending.len() {
+            match self.socket.read() {
+                Ok(tungstenite::Message::Binary(data)) => {
+                    self.pending = data.to_vec();
+                    self.at = 0;
+                }
+                Ok(tungstenite::Message::Close(_)) => return Ok(0),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) => return Err(e),
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Ok(0)
+                }
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        let n = buf.len().min(self.pending.len() - self.at);
+        buf[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl Write for WsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.socket
+            .send(tungstenite::Message::Binary(buf.to_vec().into()))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.socket.flush().map_err(|e| std::io::Error::other(e.to_string()))
+    }
 }
