@@ -672,7 +672,9 @@ impl<S: Storage> Core<S> {
                 sender_user: user_id,
                 sender_device: device_id,
                 conversation,
-                conversation_seq: 0,
+                conversation_seq: self.shards[home_shard_of_user(owner.0) as usize]
+                    .borrow()
+                    .next_conversation_seq(owner, user_id),
                 kind,
                 e2e_type: e2e_type_of(&copy.e2e_type),
                 body: &copy.ciphertext,

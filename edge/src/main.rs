@@ -47,6 +47,9 @@ struct Args {
     /// Seconds of silence after which an authenticated connection is closed.
     #[arg(long, default_value_t = 90.0)]
     idle_timeout_s: f64,
+    /// Seconds between checkpoints and space reclaim of each changed shard.
+    #[arg(long, default_value_t = 30.0)]
+    maintenance_interval_s: f64,
     /// Shard count of a new data directory (fixed once created).
     #[arg(long, default_value_t = 8)]
     shards: u32,
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         tls,
         auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
+        maintenance_interval: Duration::from_secs_f64(args.maintenance_interval_s),
         core,
     };
     match run(config) {

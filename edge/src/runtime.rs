@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub auth_deadline: Duration,
     /// An authenticated connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// How often shards are checkpointed and their space reclaimed.
+    pub maintenance_interval: Duration,
     /// Protocol limits.
     pub core: CoreConfig,
 }
@@ -182,6 +184,7 @@ async fn serve(
     let stopping = Rc::new(Notify::default());
 
     glommio::spawn_local(committer(core.clone(), commit_needed.clone())).detach();
+    glommio::spawn_local(maintenance(core.clone(), config.maintenance_interval)).detach();
     glommio::spawn_local(watch_signals(stop, stopping.clone())).detach();
     if let Some(admin) = config.admin {
         let listener = TcpListener::bind(admin).map_err(|e| ServerError::Io(e.into()))?;
@@ -288,6 +291,35 @@ async fn accept_loop(
         let conn = core.borrow_mut().open_connection();
         let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits, wire);
         glommio::spawn_local(task).detach();
+    }
+}
+
+/// Periodically checkpoints every shard that changed and reclaims space (deleting
+/// drained segments, compacting mostly-dead ones), so recovery stays short and disk use
+/// follows the backlog.
+async fn maintenance(core: Rc<RefCell<Core<UringStorage>>>, interval: Duration) {
+    let mut checkpointed: Vec<u64> = Vec::new();
+    loop {
+        Timer::new(interval).await;
+        let shards: Vec<_> = core.borrow().shards().to_vec();
+        checkpointed.resize(shards.len(), 0);
+        for (index, shard) in shards.iter().enumerate() {
+            let durable = shard.borrow().durable_seq();
+            if durable == checkpointed[index] {
+                continue;
+            }
+            match shard.reclaim(now_ms()).await {
+                Ok(deleted) => {
+                    checkpointed[index] = shard.borrow().durable_seq();
+                    if deleted > 0 {
+                        tracing::info!(shard = index, deleted, "reclaimed segments");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(shard = index, %error, "checkpoint or reclaim failed")
+                }
+            }
+        }
     }
 }
 

@@ -94,7 +94,13 @@ fn offline_messages_arrive_in_order_and_survive_a_restart() {
         let deliver = frame.deliver();
         assert_eq!(deliver.envelope.body.as_slice(), format!("message {i}").as_bytes());
         assert_eq!(deliver.envelope.client_message_id.to_native(), i);
+        // Alice's messages to this mailbox are numbered without gaps, across the crash.
+        assert_eq!(deliver.envelope.conversation_seq.to_native(), i);
     }
+    let mut a = login(&server, alice);
+    a.request(&text(bob, 21, b"after the restart")).access::<SendAck>();
+    let frame = b.next_of(MessageType::Deliver);
+    assert_eq!(frame.deliver().envelope.conversation_seq.to_native(), 21);
 }
 
 #[test]

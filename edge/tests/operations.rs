@@ -60,3 +60,44 @@ fn sigterm_flushes_tells_clients_and_exits_zero() {
     let frame = b.next_of(MessageType::Deliver);
     assert_eq!(frame.deliver().envelope.body.as_slice(), b"before the stop");
 }
+
+/// Goal: the server checkpoints on its own, and what the checkpoint holds (mailboxes,
+/// conversation numbering, accounts) comes back after a crash. Method: a short
+/// maintenance interval; wait (bounded) for checkpoint files; kill; restart; check.
+#[test]
+fn periodic_checkpoints_survive_a_crash() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--maintenance-interval-s", "0.2"]);
+    let alice = register(&mut server, "+15550121", 5);
+    let bob = register(&mut server, "+15550122", 5);
+    let mut a = login(&server, alice);
+    for i in 1..=3u64 {
+        a.request(&text(bob, i, b"checkpointed")).access::<SendAck>();
+    }
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let checkpoints = || {
+        (0..4)
+            .flat_map(|shard| {
+                std::fs::read_dir(dir.path().join(format!("shard-{shard:04}"))).unwrap()
+            })
+            .filter(|e| {
+                e.as_ref().unwrap().file_name().to_string_lossy().starts_with("checkpoint-")
+            })
+            .count()
+    };
+    while checkpoints() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoints were written");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    let mut b = login(&server, bob);
+    for i in 1..=3u64 {
+        let frame = b.next_of(MessageType::Deliver);
+        assert_eq!(frame.deliver().envelope.conversation_seq.to_native(), i);
+    }
+    let mut a = login(&server, alice);
+    a.request(&text(bob, 4, b"next")).access::<SendAck>();
+    let frame = b.next_of(MessageType::Deliver);
+    assert_eq!(frame.deliver().envelope.conversation_seq.to_native(), 4);
+}

@@ -134,6 +134,8 @@ pub struct Snapshot {
     pub state: StateSnapshot,
     /// The dedup window.
     pub dedup: Vec<DedupSnapshot>,
+    /// Last conversation sequence numbers: (owner user, owner device, sender, seq).
+    pub conversation_seqs: Vec<(UserId, DeviceId, UserId, u64)>,
 }
 
 impl Snapshot {
@@ -183,6 +185,9 @@ impl Snapshot {
             })
             .collect();
         dedup.sort_by_key(|d| (d.time_ms, d.sender_user, d.sender_device, d.client_message_id));
+        let mut conversation_seqs: Vec<_> =
+            parts.conversation_seqs.iter().map(|(&(o, d, s), &seq)| (o, d, s, seq)).collect();
+        conversation_seqs.sort_unstable();
         Snapshot {
             covered_seq: next_record_seq.saturating_sub(1),
             next_record_seq,
@@ -192,6 +197,7 @@ impl Snapshot {
             segments,
             state: StateSnapshot::of(state),
             dedup,
+            conversation_seqs,
         }
     }
 }

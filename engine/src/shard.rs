@@ -168,6 +168,7 @@ pub(crate) struct SnapshotParts<'a> {
     pub(crate) stats: &'a BTreeMap<u32, SegmentStats>,
     pub(crate) state: &'a StateTables,
     pub(crate) dedup: &'a HashMap<(UserId, DeviceId, u64), (u64, u64)>,
+    pub(crate) conversation_seqs: &'a HashMap<(UserId, DeviceId, UserId), u64>,
     pub(crate) last_message_id: u64,
     pub(crate) next_record_seq: u64,
 }
@@ -284,6 +285,9 @@ pub struct Shard<S: Storage> {
     state: StateTables,
     dedup: HashMap<(UserId, DeviceId, u64), (u64, u64)>,
     dedup_order: VecDeque<(u64, (UserId, DeviceId, u64))>,
+    /// Last conversation sequence number per (mailbox owner, sender): each device sees
+    /// every sender's messages numbered 1, 2, 3... and can spot a gap.
+    conversation_seqs: HashMap<(UserId, DeviceId, UserId), u64>,
     last_message_id: u64,
     checkpoint_seq: u64,
     scratch: Vec<u8>,
@@ -326,6 +330,12 @@ impl<S: Storage> Shard<S> {
         let low = time_part.max((self.last_message_id & ((1 << 48) - 1)) + 1);
         self.last_message_id = (u64::from(self.config.shard_id) << 48) | low;
         self.last_message_id
+    }
+
+    /// The conversation sequence number the next envelope from `sender` to `device`'s
+    /// mailbox should carry (1 for the first). Lay the envelope out with it, then append.
+    pub fn next_conversation_seq(&self, device: DeviceAddr, sender: UserId) -> u64 {
+        self.conversation_seqs.get(&(device.0, device.1, sender)).map_or(1, |last| last + 1)
     }
 
     /// The server message id of an earlier send with this key, if it is remembered.
@@ -571,6 +581,11 @@ impl<S: Storage> Shard<S> {
             }
             mailbox.entries.push_back(loc);
             added += 1;
+            if envelope.conversation_seq > 0 {
+                let key = (slot.user_id, slot.device_id, envelope.sender_user);
+                let last = self.conversation_seqs.entry(key).or_insert(0);
+                *last = (*last).max(envelope.conversation_seq);
+            }
         }
         if added == 0 {
             return;
@@ -1113,6 +1128,7 @@ impl<S: Storage> Shard<S> {
             state: StateTables::default(),
             dedup: HashMap::default(),
             dedup_order: VecDeque::new(),
+            conversation_seqs: HashMap::default(),
             last_message_id: 0,
             checkpoint_seq: 0,
             scratch: Vec::new(),
@@ -1346,6 +1362,7 @@ impl<S: Storage> Shard<S> {
             stats: &self.stats,
             state: &self.state,
             dedup: &self.dedup,
+            conversation_seqs: &self.conversation_seqs,
             last_message_id: self.last_message_id,
             next_record_seq: self.next_record_seq,
         }
@@ -1393,6 +1410,11 @@ impl<S: Storage> Shard<S> {
             self.dedup.insert(key, (d.server_message_id, d.time_ms));
             self.dedup_order.push_back((d.time_ms, key));
         }
+        self.conversation_seqs = snapshot
+            .conversation_seqs
+            .into_iter()
+            .map(|(owner, device, sender, seq)| ((owner, device, sender), seq))
+            .collect();
         self.last_message_id = snapshot.last_message_id;
         self.checkpoint_seq = snapshot.covered_seq;
     }
