@@ -1,0 +1,340 @@
+//! The first load generator: many client connections on loopback, closed loop.
+//!
+//! It starts a `ternd` (release build, temporary data directory on the target file
+//! system), registers `--users` accounts through the protocol (reading the codes from the
+//! server log, as a developer would), connects them all, and for `--seconds` has every
+//! user send 100-byte messages to random other users with at most `--window` sends in
+//! flight. Every message carries its send time; the recipient side records
+//! send→deliver latency, the sender records send→sent (the durable ack). Deliveries are
+//! acknowledged in batches. Prints messages/s and p50/p99/p999 of both latencies.
+//!
+//! Run: `cargo run --release -p tern-bench --bin loadgen -- --users 1000 --seconds 20`
+//! (closed loop) or add `--rate 50000` for an open-loop run at a fixed total rate
+//! (build ternd first: `cargo build --release --bin ternd`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tern_wire::messages::*;
+use tern_wire::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Users (one connection each).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Seconds of load after all users are connected.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Sends in flight per user (unacknowledged by the server).
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Open loop: total messages per second over all users (0: closed loop, as fast as
+    /// the window allows).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Ciphertext bytes per message.
+    #[arg(long, default_value_t = 100)]
+    message_bytes: usize,
+    /// The ternd binary.
+    #[arg(long, default_value = "target/release/ternd")]
+    ternd: PathBuf,
+    /// Where the temporary data directory goes (a real file system: O_DIRECT).
+    #[arg(long, default_value = "target/loadgen")]
+    work_dir: PathBuf,
+}
+
+struct Stats {
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    errors: AtomicU64,
+    send_to_sent: Mutex<Histogram<u64>>,
+    send_to_deliver: Mutex<Histogram<u64>>,
+}
+
+fn now_us(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+fn frame<T>(request_id: u32, value: &T) -> Vec<u8>
+where
+    T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+{
+    let mut out = Vec::new();
+    encode_frame(&mut out, request_id, 0, value, DEFAULT_MAX_FRAME_BYTES).expect("frame fits");
+    out
+}
+
+/// Reads frames until one satisfies `want`; returns (type, payload).
+async fn read_until(
+    stream: &mut TcpStream,
+    decoder: &mut FrameDecoder,
+    mut want: impl FnMut(&Frame<'_>) -> bool,
+) -> (MessageType, Vec<u8>) {
+    let mut buffer = vec![0u8; 65536];
+    loop {
+        while let Some(frame) = decoder.next_frame().expect("server frames decode") {
+            if want(&frame) {
+                return (frame.header.message_type, frame.payload.to_vec());
+            }
+        }
+        let n = stream.read(&mut buffer).await.expect("read");
+        assert!(n > 0, "server closed the connection");
+        decoder.feed(&buffer[..n]);
+    }
+}
+
+async fn handshake(addr: SocketAddr) -> (TcpStream, FrameDecoder) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let mut decoder = FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES);
+    let hello = Hello {
+        magic: HELLO_MAGIC,
+        version_min: 1,
+        version_max: 1,
+        max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        client: "tern-loadgen".into(),
+    };
+    stream.write_all(&frame(1, &hello)).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 1).await;
+    (stream, decoder)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.work_dir).unwrap();
+    let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
+    let mut child = Command::new(&args.ternd)
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "off", "--tls-listen", "off"])
+        .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
+        .args(["--code-requests-per-hour", "1000000"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ternd starts (build it: cargo build --release --bin ternd)");
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let codes: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    {
+        let codes = codes.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(rest) = line.split("local=").nth(1) {
+                    let _ = addr_tx.send(rest.split_whitespace().next().unwrap().to_string());
+                }
+                if let (Some(phone), Some(code)) = (line.split("phone=\"").nth(1), line.split("code=\"").nth(1)) {
+                    let phone = phone.split('"').next().unwrap().to_string();
+                    let code = code.split('"').next().unwrap().to_string();
+                    codes.lock().unwrap().insert(phone, code);
+                }
+            }
+        });
+    }
+    let addr: SocketAddr = addr_rx.recv_timeout(Duration::from_secs(20)).unwrap().parse().unwrap();
+
+    // Register everyone (sequentially: registration is not what is measured).
+    let mut accounts = Vec::with_capacity(args.users);
+    let started = Instant::now();
+    for i in 0..args.users {
+        let phone = format!("+1555{:07}", i);
+        let (mut stream, mut decoder) = handshake(addr).await;
+        let request = RequestCode { phone: phone.clone(), channel: CodeChannel::Sms, locale: "en".into(), proof_of_work: None };
+        stream.write_all(&frame(2, &request)).await.unwrap();
+        read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+        let code = loop {
+            if let Some(code) = codes.lock().unwrap().get(&phone).cloned() {
+                break code;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let keys = DeviceKeys {
+            identity_key: [1; 32],
+            signing_key: [2; 32],
+            fallback_key: SignedPrekey { key_id: 1, public_key: [3; 32], signature: [4; 64] },
+            one_time_keys: Vec::new(),
+        };
+        let verify = Verify { phone, code, device: NewDevice { name: "load".into(), keys }, registration_lock_pin: None };
+        stream.write_all(&frame(3, &verify)).await.unwrap();
+        let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+        assert_eq!(ty, MessageType::Registered);
+        let registered = access::<Registered>(&payload).unwrap();
+        accounts.push((registered.user_id.to_native(), registered.token));
+    }
+    eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+
+    let stats = Arc::new(Stats {
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        send_to_sent: Mutex::new(Histogram::new(3).unwrap()),
+        send_to_deliver: Mutex::new(Histogram::new(3).unwrap()),
+    });
+    let running = Arc::new(AtomicBool::new(true));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let epoch = Instant::now();
+    let user_ids: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
+    let mut tasks = Vec::new();
+    for (index, (user_id, token)) in accounts.into_iter().enumerate() {
+        let (stats, running, measuring, user_ids) = (stats.clone(), running.clone(), measuring.clone(), user_ids.clone());
+        let (window, message_bytes) = (args.window, args.message_bytes);
+        // Open loop: each user sends one message per `interval` (if its window allows).
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.users as f64 / args.rate as f64));
+        tasks.push(tokio::spawn(async move {
+            let (stream, mut decoder) = handshake(addr).await;
+            let (mut reader, mut writer) = stream.into_split();
+            let auth = Auth { user_id, device_id: 1, token };
+            writer.write_all(&frame(2, &auth)).await.unwrap();
+            let mut buffer = vec![0u8; 65536];
+            let mut in_flight: HashMap<u32, u64> = HashMap::new();
+            let mut next_id = 10u32;
+            let mut rng = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut out = Vec::new();
+            let mut authed = false;
+            let mut ticker = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                t
+            });
+            let mut due = 0usize;
+            loop {
+                if authed && running.load(Ordering::Relaxed) {
+                    let budget = if ticker.is_some() { due } else { usize::MAX };
+                    let mut spent = 0;
+                    while in_flight.len() < window && spent < budget {
+                        spent += 1;
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let mut peer = user_ids[(rng % user_ids.len() as u64) as usize];
+                        if peer == user_id {
+                            peer = user_ids[(index + 1) % user_ids.len()];
+                        }
+                        let t = now_us(epoch);
+                        let mut body = vec![0u8; message_bytes.max(8)];
+                        body[..8].copy_from_slice(&t.to_le_bytes());
+                        let copies = [DeviceCopyRef { user_id: peer, device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: &body }];
+                        let send = SendMessageRef { client_message_id: u64::from(next_id), to: Conversation::User(peer), kind: EnvelopeKind::Text, ttl_s: 0, copies: &copies };
+                        encode_frame(&mut out, next_id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                        in_flight.insert(next_id, t);
+                        next_id += 1;
+                    }
+                    due -= spent.min(due);
+                }
+                if !out.is_empty() {
+                    if writer.write_all(&out).await.is_err() {
+                        break;
+                    }
+                    out.clear();
+                }
+                if !running.load(Ordering::Relaxed) && in_flight.is_empty() {
+                    break;
+                }
+                let read = tokio::time::timeout(Duration::from_secs(2), reader.read(&mut buffer));
+                let n = match &mut ticker {
+                    Some(ticker) => tokio::select! {
+                        result = read => match result {
+                            Ok(Ok(n)) if n > 0 => n,
+                            _ => break,
+                        },
+                        _ = ticker.tick() => {
+                            due += 1;
+                            continue;
+                        }
+                    },
+                    None => match read.await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => break,
+                    },
+                };
+                decoder.feed(&buffer[..n]);
+                let mut ack_up_to = None;
+                while let Some(frame) = decoder.next_frame().expect("server frames decode") {
+                    let now = now_us(epoch);
+                    match frame.message {
+                        Message::AuthOk(_) => authed = true,
+                        Message::SendAck(_) => {
+                            if let Some(t) = in_flight.remove(&frame.header.request_id) {
+                                if measuring.load(Ordering::Relaxed) {
+                                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                                    let _ = stats.send_to_sent.lock().unwrap().record(now - t);
+                                }
+                            }
+                        }
+                        Message::Deliver(d) => {
+                            ack_up_to = Some(d.mailbox_seq);
+                            if d.envelope.kind == ArchivedEnvelopeKind::Text && measuring.load(Ordering::Relaxed) {
+                                let t = u64::from_le_bytes(d.envelope.body[..8].try_into().unwrap());
+                                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                                let _ = stats.send_to_deliver.lock().unwrap().record(now.saturating_sub(t));
+                            }
+                        }
+                        Message::SendError(_) | Message::ErrorFrame(_) => {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            in_flight.remove(&frame.header.request_id);
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(seq) = ack_up_to {
+                    encode_frame(&mut out, 0, 0, &DeliveryAck { up_to_mailbox_seq: seq }, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                }
+            }
+        }));
+    }
+    // Warm up, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    running.store(false, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let s = stats.send_to_sent.lock().unwrap();
+    let d = stats.send_to_deliver.lock().unwrap();
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "users {} window {} size {} B, {:.0} s: sent {:.0} msg/s, delivered {:.0} msg/s, errors {}",
+        args.users,
+        args.window,
+        args.message_bytes,
+        elapsed,
+        sent as f64 / elapsed,
+        delivered as f64 / elapsed,
+        stats.errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "send→sent    p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms",
+        ms(&s, 0.5),
+        ms(&s, 0.99),
+        ms(&s, 0.999)
+    );
+    println!(
+        "send→deliver p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms",
+        ms(&d, 0.5),
+        ms(&d, 0.99),
+        ms(&d, 0.999)
+    );
+}
