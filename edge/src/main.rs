@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tern_edge::code_sender::WebhookUrl;
 use tern_edge::core::CoreConfig;
 use tern_edge::limits::Rate;
 use tern_edge::runtime::{run, ServerConfig};
@@ -47,6 +48,10 @@ struct Args {
     /// Seconds of silence after which an authenticated connection is closed.
     #[arg(long, default_value_t = 90.0)]
     idle_timeout_s: f64,
+    /// SMS gateway webhook for verification codes (POST JSON); without it codes go to the
+    /// log, which is for development only.
+    #[arg(long)]
+    code_webhook: Option<String>,
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
@@ -94,6 +99,14 @@ fn main() -> ExitCode {
     ) else {
         return ExitCode::from(2);
     };
+    let code_webhook = match args.code_webhook.as_deref().map(WebhookUrl::parse) {
+        None => None,
+        Some(Ok(url)) => Some(url),
+        Some(Err(error)) => {
+            eprintln!("ternd: --code-webhook {error}");
+            return ExitCode::from(2);
+        }
+    };
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => CertSource::Files { cert, key },
         _ => CertSource::Development { data_dir: args.data_dir.clone() },
@@ -110,6 +123,7 @@ fn main() -> ExitCode {
         auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
         maintenance_interval: Duration::from_secs_f64(args.maintenance_interval_s),
+        code_webhook,
         core,
     };
     match run(config) {

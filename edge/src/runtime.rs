@@ -26,7 +26,7 @@ use tern_engine::uring::UringStorage;
 use tern_engine::{DataDir, ShardConfig, ShardHandle};
 use tern_wire::FrameDecoder;
 
-use crate::code_sender::LogCodeSender;
+use crate::code_sender::{CodeSender, LogCodeSender, WebhookCodeSender};
 use crate::core::{ConnId, ConnState, Core, CoreConfig};
 use crate::websocket::WsLayer;
 
@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub auth_deadline: Duration,
     /// An authenticated connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// Where verification codes go: an SMS gateway webhook, or the log if `None`.
+    pub code_webhook: Option<crate::code_sender::WebhookUrl>,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
     /// Protocol limits.
@@ -178,8 +180,18 @@ async fn serve(
             .map_err(|error| ServerError::Shard { shard_id, error })?;
         shards.push(shard);
     }
-    let core =
-        Rc::new(RefCell::new(Core::new(shards, config.core.clone(), Box::new(LogCodeSender))));
+    let code_sender: Box<dyn CodeSender> = match &config.code_webhook {
+        Some(url) => {
+            let (host, port) = (&url.host, url.port);
+            tracing::info!(%host, port, "verification codes go to the webhook");
+            Box::new(WebhookCodeSender::new(url.clone(), 5, Duration::from_millis(200)))
+        }
+        None => {
+            tracing::warn!("verification codes are written to this log (development only)");
+            Box::new(LogCodeSender)
+        }
+    };
+    let core = Rc::new(RefCell::new(Core::new(shards, config.core.clone(), code_sender)));
     let commit_needed = Rc::new(Notify::default());
     let stopping = Rc::new(Notify::default());
 

@@ -101,3 +101,72 @@ fn periodic_checkpoints_survive_a_crash() {
     let frame = b.next_of(MessageType::Deliver);
     assert_eq!(frame.deliver().envelope.conversation_seq.to_native(), 4);
 }
+
+/// Goal: with a webhook, codes go to the SMS gateway (retried after a failure), not to
+/// the log. Method: a real HTTP server on loopback that answers 500 once, then 200, and
+/// records what it was sent; the code it received registers the number.
+#[test]
+fn verification_codes_go_to_the_webhook_with_retries() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    let gateway = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gateway_addr = gateway.local_addr().unwrap();
+    let (bodies_tx, bodies) = mpsc::channel::<(String, String)>();
+    std::thread::spawn(move || {
+        for (i, stream) in gateway.incoming().enumerate().take(2) {
+            let mut stream = stream.unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            // Read the head, then Content-Length bytes of body.
+            let body = loop {
+                let n = stream.read(&mut buffer).unwrap();
+                request.extend_from_slice(&buffer[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    if body.len() >= length {
+                        break (head.lines().next().unwrap().to_string(), body.to_string());
+                    }
+                }
+            };
+            let status = if i == 0 { "500 Internal Server Error" } else { "200 OK" };
+            write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            bodies_tx.send(body).unwrap();
+        }
+    });
+
+    let dir = data_dir();
+    let url = format!("http://{gateway_addr}/sms/send");
+    let mut server = Server::start(dir.path(), &["--code-webhook", &url]);
+    let mut client = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: "+15550131".into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    client.request(&request).access::<CodeSent>();
+    let (first_line, first) = bodies.recv_timeout(TIMEOUT).expect("a first POST");
+    let (_, second) = bodies.recv_timeout(TIMEOUT).expect("a retry after the 500");
+    assert_eq!(first_line, "POST /sms/send HTTP/1.1");
+    assert_eq!(first, second);
+    assert!(first.contains("\"phone\":\"+15550131\""), "{first}");
+    let code = first.split("\"code\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let registered = client.request(&Verify {
+        phone: "+15550131".into(),
+        code: code.clone(),
+        device: NewDevice { name: "phone".into(), keys: keys(1) },
+        registration_lock_pin: None,
+    });
+    registered.access::<Registered>();
+    let logged = server.wait_for_log(|l| l.contains("handed to the gateway"));
+    assert!(!logged.contains(&code));
+    server.wait_for_log(|l| l.contains("code webhook refused"));
+}

@@ -136,7 +136,9 @@ async fn main() {
                 if let Some(rest) = line.split("local=").nth(1) {
                     let _ = addr_tx.send(rest.split_whitespace().next().unwrap().to_string());
                 }
-                if let (Some(phone), Some(code)) = (line.split("phone=\"").nth(1), line.split("code=\"").nth(1)) {
+                if let (Some(phone), Some(code)) =
+                    (line.split("phone=\"").nth(1), line.split("code=\"").nth(1))
+                {
                     let phone = phone.split('"').next().unwrap().to_string();
                     let code = code.split('"').next().unwrap().to_string();
                     codes.lock().unwrap().insert(phone, code);
@@ -152,7 +154,12 @@ async fn main() {
     for i in 0..args.users {
         let phone = format!("+1555{:07}", i);
         let (mut stream, mut decoder) = handshake(addr).await;
-        let request = RequestCode { phone: phone.clone(), channel: CodeChannel::Sms, locale: "en".into(), proof_of_work: None };
+        let request = RequestCode {
+            phone: phone.clone(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work: None,
+        };
         stream.write_all(&frame(2, &request)).await.unwrap();
         read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
         let code = loop {
@@ -167,9 +174,15 @@ async fn main() {
             fallback_key: SignedPrekey { key_id: 1, public_key: [3; 32], signature: [4; 64] },
             one_time_keys: Vec::new(),
         };
-        let verify = Verify { phone, code, device: NewDevice { name: "load".into(), keys }, registration_lock_pin: None };
+        let verify = Verify {
+            phone,
+            code,
+            device: NewDevice { name: "load".into(), keys },
+            registration_lock_pin: None,
+        };
         stream.write_all(&frame(3, &verify)).await.unwrap();
-        let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+        let (ty, payload) =
+            read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
         assert_eq!(ty, MessageType::Registered);
         let registered = access::<Registered>(&payload).unwrap();
         accounts.push((registered.user_id.to_native(), registered.token));
@@ -189,11 +202,12 @@ async fn main() {
     let user_ids: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
     let mut tasks = Vec::new();
     for (index, (user_id, token)) in accounts.into_iter().enumerate() {
-        let (stats, running, measuring, user_ids) = (stats.clone(), running.clone(), measuring.clone(), user_ids.clone());
+        let (stats, running, measuring, user_ids) =
+            (stats.clone(), running.clone(), measuring.clone(), user_ids.clone());
         let (window, message_bytes) = (args.window, args.message_bytes);
         // Open loop: each user sends one message per `interval` (if its window allows).
-        let interval = (args.rate > 0)
-            .then(|| Duration::from_secs_f64(args.users as f64 / args.rate as f64));
+        let interval =
+            (args.rate > 0).then(|| Duration::from_secs_f64(args.users as f64 / args.rate as f64));
         tasks.push(tokio::spawn(async move {
             let (stream, mut decoder) = handshake(addr).await;
             let (mut reader, mut writer) = stream.into_split();
@@ -227,8 +241,19 @@ async fn main() {
                         let t = now_us(epoch);
                         let mut body = vec![0u8; message_bytes.max(8)];
                         body[..8].copy_from_slice(&t.to_le_bytes());
-                        let copies = [DeviceCopyRef { user_id: peer, device_id: 1, e2e_type: E2eType::OlmMessage, ciphertext: &body }];
-                        let send = SendMessageRef { client_message_id: u64::from(next_id), to: Conversation::User(peer), kind: EnvelopeKind::Text, ttl_s: 0, copies: &copies };
+                        let copies = [DeviceCopyRef {
+                            user_id: peer,
+                            device_id: 1,
+                            e2e_type: E2eType::OlmMessage,
+                            ciphertext: &body,
+                        }];
+                        let send = SendMessageRef {
+                            client_message_id: u64::from(next_id),
+                            to: Conversation::User(peer),
+                            kind: EnvelopeKind::Text,
+                            ttl_s: 0,
+                            copies: &copies,
+                        };
                         encode_frame(&mut out, next_id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
                         in_flight.insert(next_id, t);
                         next_id += 1;
@@ -277,10 +302,17 @@ async fn main() {
                         }
                         Message::Deliver(d) => {
                             ack_up_to = Some(d.mailbox_seq);
-                            if d.envelope.kind == ArchivedEnvelopeKind::Text && measuring.load(Ordering::Relaxed) {
-                                let t = u64::from_le_bytes(d.envelope.body[..8].try_into().unwrap());
+                            if d.envelope.kind == ArchivedEnvelopeKind::Text
+                                && measuring.load(Ordering::Relaxed)
+                            {
+                                let t =
+                                    u64::from_le_bytes(d.envelope.body[..8].try_into().unwrap());
                                 stats.delivered.fetch_add(1, Ordering::Relaxed);
-                                let _ = stats.send_to_deliver.lock().unwrap().record(now.saturating_sub(t));
+                                let _ = stats
+                                    .send_to_deliver
+                                    .lock()
+                                    .unwrap()
+                                    .record(now.saturating_sub(t));
                             }
                         }
                         Message::SendError(_) | Message::ErrorFrame(_) => {
@@ -291,7 +323,14 @@ async fn main() {
                     }
                 }
                 if let Some(seq) = ack_up_to {
-                    encode_frame(&mut out, 0, 0, &DeliveryAck { up_to_mailbox_seq: seq }, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                    encode_frame(
+                        &mut out,
+                        0,
+                        0,
+                        &DeliveryAck { up_to_mailbox_seq: seq },
+                        DEFAULT_MAX_FRAME_BYTES,
+                    )
+                    .unwrap();
                 }
             }
         }));
