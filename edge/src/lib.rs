@@ -7,7 +7,7 @@
 //! deadlines) over the engine's shards, an admin endpoint and a clean stop on signals.
 //! The protocol logic lives in [`core`] (synchronous, no I/O); [`runtime`] is the thin
 //! glommio driver. Not built yet: several executors with the channel mesh and fd
-//! hand-off, a TOML config file (see README.md, Status).
+//! hand-off (see README.md, Status).
 
 #![forbid(unsafe_code)]
 

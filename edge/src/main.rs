@@ -14,9 +14,15 @@ use tern_edge::runtime::{run, ServerConfig};
 use tern_edge::tls::CertSource;
 
 /// Tern's messaging server.
+///
+/// Every flag can also be set in a TOML file given with `--config FILE`: keys are the
+/// flag names (`listen = "0.0.0.0:7400"`, `shards = 16`); flags on the command line win.
 #[derive(Debug, Parser)]
-#[command(name = "ternd", version)]
+#[command(name = "ternd", version, args_override_self = true)]
 struct Args {
+    /// TOML file with flag values (flags given on the command line override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Data directory (created on first start).
     #[arg(long, default_value = "tern-data")]
     data_dir: PathBuf,
@@ -73,7 +79,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let argv = match with_config_file(std::env::args().collect()) {
+        Ok(argv) => argv,
+        Err(error) => {
+            eprintln!("ternd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = Args::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -151,4 +164,30 @@ fn optional_address(flag: &str, value: &str) -> Option<Option<SocketAddr>> {
             None
         }
     }
+}
+
+/// Puts the settings of the `--config` file (if any) before the command-line flags, so
+/// that flags given on the command line override it (`args_override_self`).
+fn with_config_file(argv: Vec<String>) -> Result<Vec<String>, String> {
+    let position = argv.iter().position(|a| a == "--config" || a.starts_with("--config="));
+    let Some(position) = position else { return Ok(argv) };
+    let path = match argv[position].strip_prefix("--config=") {
+        Some(path) => path.to_string(),
+        None => argv.get(position + 1).cloned().ok_or("--config needs a file")?,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("--config {path}: {e}"))?;
+    let mut from_file = vec![argv[0].clone()];
+    for (key, value) in table {
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => return Err(format!("--config {path}: {key} = {other} is not a plain value")),
+        };
+        from_file.push(format!("--{}", key.replace('_', "-")));
+        from_file.push(value);
+    }
+    Ok(from_file.into_iter().chain(argv.into_iter().skip(1)).collect())
 }

@@ -170,3 +170,36 @@ fn verification_codes_go_to_the_webhook_with_retries() {
     assert!(!logged.contains(&code));
     server.wait_for_log(|l| l.contains("code webhook refused"));
 }
+
+#[test]
+fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
+    let dir = data_dir();
+    let config = dir.path().join("ternd.toml");
+    std::fs::write(&config, "code_requests_per_hour = 1\nshards = 2\nsends-per-second = 7\n")
+        .unwrap();
+    let data = dir.path().join("data");
+    let config_arg = config.to_str().unwrap();
+    // --shards 4 from the harness comes after the file: the command line wins.
+    let server = Server::start(&data, &["--config", config_arg]);
+    let manifest = std::fs::read_to_string(data.join("MANIFEST")).unwrap();
+    assert!(manifest.contains("shard_count 4"), "{manifest}");
+    let mut client = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: "+15550141".into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    client.request(&request).access::<CodeSent>();
+    assert_eq!(client.request(&request).error_code(), Some(ErrorCode::RateLimited));
+
+    // A file with an unknown key is refused with a clear message and status 2.
+    std::fs::write(&config, "no_such_setting = 1\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ternd"))
+        .args(["--config", config_arg, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-setting"));
+}
