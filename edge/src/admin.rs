@@ -130,5 +130,16 @@ pub fn render_metrics<S: Storage>(core: &Core<S>) -> String {
         "Records found corrupt and quarantined.",
         &shard_samples(&|c| c.corrupt_records),
     );
+    let outbound = core.outbound_bytes() as u64;
+    let _ = writeln!(out, "# HELP tern_outbound_bytes Bytes queued for client sockets.");
+    let _ = writeln!(out, "# TYPE tern_outbound_bytes gauge");
+    let _ = writeln!(out, "tern_outbound_bytes{{core=\"0\"}} {outbound}");
+    let labels = "core=\"0\"";
+    let help = "Time from a send arriving to its sent tick (durable).";
+    core.send_to_sent.render(&mut out, "tern_send_to_sent_seconds", help, labels);
+    let help = "Time from a send being accepted to its delivery to a connected device.";
+    core.send_to_deliver.render(&mut out, "tern_send_to_deliver_seconds", help, labels);
+    let help = "Records per group commit (write + fdatasync).";
+    core.commit_batch_records.render(&mut out, "tern_commit_batch_records", help, labels);
     out
 }

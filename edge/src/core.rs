@@ -22,6 +22,7 @@ use tern_wire::{
 
 use crate::code_sender::CodeSender;
 use crate::limits::{Rate, RateLimiter};
+use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::secrets;
 
 /// A connection's id within its core.
@@ -144,6 +145,8 @@ struct PendingReply {
     conn: ConnId,
     waits: Vec<(u32, u64)>,
     frame: Vec<u8>,
+    /// For a sent tick: when the send arrived (µs), to measure send→sent.
+    started_us: Option<u64>,
 }
 
 /// Counters exported as metrics.
@@ -173,6 +176,14 @@ pub struct Core<S: Storage> {
     /// Devices whose mailboxes got envelopes since the last delivery pass.
     dirty: HashSet<(UserId, DeviceId)>,
     send_limits: RateLimiter<(UserId, DeviceId)>,
+    /// The runtime's monotonic clock in µs, set before each call (latency metrics only).
+    now_us: u64,
+    /// Send → sent tick (durable), seconds.
+    pub send_to_sent: Histogram,
+    /// Send → written to the recipient's connection, seconds (ms resolution).
+    pub send_to_deliver: Histogram,
+    /// Records per group commit.
+    pub commit_batch_records: Histogram,
     fetch_limits: RateLimiter<(UserId, UserId)>,
     counters: CoreCounters,
 }
@@ -217,6 +228,10 @@ impl<S: Storage> Core<S> {
         Core {
             shards,
             send_limits: RateLimiter::new(config.send_rate),
+            now_us: 0,
+            send_to_sent: Histogram::new(LATENCY_BUCKETS_S),
+            send_to_deliver: Histogram::new(LATENCY_BUCKETS_S),
+            commit_batch_records: Histogram::new(BATCH_BUCKETS),
             fetch_limits: RateLimiter::new(config.fetch_rate),
             config,
             code_sender,
@@ -229,6 +244,17 @@ impl<S: Storage> Core<S> {
             dirty: HashSet::new(),
             counters: CoreCounters::default(),
         }
+    }
+
+    /// Sets the monotonic clock (µs) used for latency metrics; the runtime calls it before
+    /// handing the core frames or commit results.
+    pub fn set_clock(&mut self, now_us: u64) {
+        self.now_us = now_us;
+    }
+
+    /// Bytes waiting in connections' outbound buffers (bounded per connection).
+    pub fn outbound_bytes(&self) -> usize {
+        self.conns.values().map(|c| c.outbound.len()).sum()
     }
 
     /// The configuration.
@@ -697,7 +723,8 @@ impl<S: Storage> Core<S> {
             server_time_ms: now_ms,
             duplicate: false,
         };
-        self.reply_when_durable(conn, rid, &ack, waits);
+        let started = Some(self.now_us);
+        self.reply_when_durable_timed(conn, rid, &ack, waits, started);
     }
 
     /// Every device that must get a copy of a message from `me` to `peer`: the peer's
@@ -988,6 +1015,9 @@ impl<S: Storage> Core<S> {
         let mut still_waiting = Vec::new();
         for reply in std::mem::take(&mut self.pending) {
             if reply.waits.iter().all(|(shard, seq)| durable[*shard as usize] >= *seq) {
+                if let Some(started) = reply.started_us {
+                    self.send_to_sent.observe(self.now_us.saturating_sub(started) as f64 / 1e6);
+                }
                 if let Some(c) = self.conns.get_mut(&reply.conn) {
                     c.outbound.extend_from_slice(&reply.frame);
                     c.wake();
@@ -1047,6 +1077,18 @@ impl<S: Storage> Core<S> {
             }
             c.deliver_cursor = entry.mailbox_seq + 1;
             delivered += 1;
+            if let Ok(envelope) = rkyv::access::<ArchivedEnvelope, Failure>(entry.envelope) {
+                let client_kind = matches!(
+                    envelope.kind,
+                    ArchivedEnvelopeKind::Text
+                        | ArchivedEnvelopeKind::Media
+                        | ArchivedEnvelopeKind::Control
+                );
+                if client_kind {
+                    let waited_ms = now_ms.saturating_sub(envelope.server_time_ms.to_native());
+                    self.send_to_deliver.observe(waited_ms as f64 / 1e3);
+                }
+            }
         }
         if read.entries.is_empty() {
             // Skip what is expired or corrupt (reported by the engine) at the head.
@@ -1094,6 +1136,19 @@ impl<S: Storage> Core<S> {
     where
         T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
     {
+        self.reply_when_durable_timed(conn, rid, value, waits, None);
+    }
+
+    fn reply_when_durable_timed<T>(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        value: &T,
+        waits: Vec<(u32, u64)>,
+        started_us: Option<u64>,
+    ) where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
         let max = self.max_frame_bytes(conn);
         let mut frame = Vec::new();
         let flags = if rid == 0 { 0 } else { FLAG_RESPONSE };
@@ -1110,6 +1165,9 @@ impl<S: Storage> Core<S> {
         if durable_now {
             // Nothing to wait for (no write, or already synced): no commit will come to
             // release it, so send it now.
+            if let Some(started) = started_us {
+                self.send_to_sent.observe(self.now_us.saturating_sub(started) as f64 / 1e6);
+            }
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.outbound.extend_from_slice(&frame);
                 c.wake();
@@ -1117,7 +1175,7 @@ impl<S: Storage> Core<S> {
             return;
         }
         tracing::debug!(conn, ?waits, message_type = T::TYPE.name(), "reply waits for durability");
-        self.pending.push(PendingReply { conn, waits, frame });
+        self.pending.push(PendingReply { conn, waits, frame, started_us });
     }
 
     fn error_reply(

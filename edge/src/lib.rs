@@ -15,6 +15,7 @@ pub mod admin;
 pub mod code_sender;
 pub mod core;
 pub mod limits;
+pub mod metrics;
 pub mod runtime;
 pub mod secrets;
 pub mod tls;

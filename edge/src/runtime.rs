@@ -66,6 +66,16 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+thread_local! {
+    /// This core's monotonic clock origin (latency metrics only).
+    static EPOCH: std::time::Instant = std::time::Instant::now();
+}
+
+/// Microseconds on this core's monotonic clock.
+fn now_us() -> u64 {
+    EPOCH.with(|epoch| epoch.elapsed().as_micros() as u64)
+}
+
 /// A single-core wake-up flag: set by whoever has work, awaited by one task.
 #[derive(Default)]
 struct Notify {
@@ -355,13 +365,21 @@ async fn committer(core: Rc<RefCell<Core<UringStorage>>>, commit_needed: Rc<Noti
             for shard in &shards {
                 if shard.borrow().has_pending() {
                     committed_any = true;
+                    let records_before = shard.borrow().counters().committed_records;
                     if let Err(error) = shard.commit().await {
                         let why = "commit failed; the shard refuses writes until restart";
                         tracing::error!(%error, "{why}");
                     }
+                    let records = shard.borrow().counters().committed_records - records_before;
+                    if records > 0 {
+                        core.borrow_mut().commit_batch_records.observe(records as f64);
+                    }
                 }
             }
-            core.borrow_mut().on_durable(now_ms());
+            let mut core_ref = core.borrow_mut();
+            core_ref.set_clock(now_us());
+            core_ref.on_durable(now_ms());
+            drop(core_ref);
             if !committed_any {
                 break;
             }
@@ -519,6 +537,7 @@ async fn connection(
                 };
                 decoder.feed(bytes);
                 let mut core_ref = core.borrow_mut();
+                core_ref.set_clock(now_us());
                 loop {
                     decoder.set_max_frame_bytes(core_ref.max_frame_bytes(conn));
                     match decoder.next_frame() {

@@ -37,6 +37,9 @@ fn admin_endpoint_serves_health_and_metrics() {
     assert!(metrics.contains("# TYPE tern_messages_sent_total counter"), "{metrics}");
     assert!(metrics.contains("tern_messages_sent_total{core=\"0\"} 1"), "{metrics}");
     assert!(metrics.contains("tern_connections{core=\"0\"} 1"), "{metrics}");
+    assert!(metrics.contains("tern_send_to_sent_seconds_count{core=\"0\"} 1"), "{metrics}");
+    assert!(metrics.contains("# TYPE tern_commit_batch_records histogram"), "{metrics}");
+    assert!(!metrics.contains("tern_commit_batch_records_count{core=\"0\"} 0"), "{metrics}");
     let (status, _) = server.admin_get("/nope");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
@@ -202,4 +205,34 @@ fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no-such-setting"));
+}
+
+/// Goal: a client that never reads cannot make the server buffer without bound: the
+/// delivery window caps what is sent, and the per-connection output bound caps what
+/// waits in memory once the kernel's socket buffers are full. Method: 300 messages of
+/// 100 KB to a logged-in device that never reads; the `tern_outbound_bytes` gauge stays
+/// under the bound (1 MiB plus one frame); another client is still served.
+#[test]
+fn a_client_that_never_reads_does_not_grow_server_memory() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--sends-per-second", "100000"]);
+    let alice = register(&mut server, "+15550151", 5);
+    let bob = register(&mut server, "+15550152", 5);
+    let _silent_bob = login(&server, bob); // never reads again
+    let mut a = login(&server, alice);
+    let body = vec![0x42; 100 * 1024];
+    for i in 1..=300u64 {
+        a.request(&text(bob, i, &body)).access::<SendAck>();
+    }
+    let gauge = |metrics: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with("tern_outbound_bytes{")).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (_, metrics) = server.admin_get("/metrics");
+    let queued = gauge(&metrics);
+    assert!(queued <= (1 << 20) + 110 * 1024, "{queued} bytes queued for a silent client");
+    // The 25 MB the window allows exceed the kernel's socket buffers, so the bound, not
+    // the kernel, is what held the rest back.
+    assert!(queued > 512 * 1024, "the scenario did not fill the socket buffers ({queued})");
+    a.request(&Ping { nonce: 9 }).access::<Pong>();
 }
