@@ -176,6 +176,7 @@ pub struct Core<S: Storage> {
     /// Devices whose mailboxes got envelopes since the last delivery pass.
     dirty: HashSet<(UserId, DeviceId)>,
     send_limits: RateLimiter<(UserId, DeviceId)>,
+    max_connections: usize,
     /// The runtime's monotonic clock in µs, set before each call (latency metrics only).
     now_us: u64,
     /// Send → sent tick (durable), seconds.
@@ -229,6 +230,7 @@ impl<S: Storage> Core<S> {
             shards,
             send_limits: RateLimiter::new(config.send_rate),
             now_us: 0,
+            max_connections: usize::MAX,
             send_to_sent: Histogram::new(LATENCY_BUCKETS_S),
             send_to_deliver: Histogram::new(LATENCY_BUCKETS_S),
             commit_batch_records: Histogram::new(BATCH_BUCKETS),
@@ -250,6 +252,25 @@ impl<S: Storage> Core<S> {
     /// handing the core frames or commit results.
     pub fn set_clock(&mut self, now_us: u64) {
         self.now_us = now_us;
+    }
+
+    /// Sets the connection limit.
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max;
+    }
+
+    /// The connection limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Answers a connection over the limit with `TooManyConnections` and closes it.
+    pub fn refuse_connection(&mut self, conn: ConnId) {
+        let message = "the server holds its maximum number of connections; retry later";
+        self.error_reply(conn, 0, 0, ErrorCode::TooManyConnections, message, 1000);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+        }
     }
 
     /// Bytes waiting in connections' outbound buffers (bounded per connection).

@@ -58,6 +58,9 @@ struct Args {
     /// log, which is for development only.
     #[arg(long)]
     code_webhook: Option<String>,
+    /// Client connections held at most (default: the open-files limit minus 256).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
         maintenance_interval: Duration::from_secs_f64(args.maintenance_interval_s),
         code_webhook,
+        max_connections: args.max_connections,
         core,
     };
     match run(config) {

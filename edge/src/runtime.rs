@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Where verification codes go: an SMS gateway webhook, or the log if `None`.
     pub code_webhook: Option<crate::code_sender::WebhookUrl>,
+    /// Client connections held at most (beyond it new ones get `TooManyConnections`);
+    /// `None`: derived from the process's file descriptor limit.
+    pub max_connections: Option<usize>,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
     /// Protocol limits.
@@ -216,6 +219,12 @@ async fn serve(
     }
 
     let limits = (config.auth_deadline, config.idle_timeout);
+    let fd_limit = open_files_limit();
+    // Keep descriptors for segments, checkpoints, listeners and the admin endpoint.
+    let derived = fd_limit.map_or(10_000, |limit| limit.saturating_sub(256) as usize);
+    let max_connections = config.max_connections.unwrap_or(derived);
+    tracing::info!(fd_limit = ?fd_limit, max_connections, "connection limit");
+    core.borrow_mut().set_max_connections(max_connections);
     let listener = TcpListener::bind(config.listen).map_err(|e| ServerError::Io(e.into()))?;
     let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
     tracing::info!(%local, "listening (tcp)");
@@ -311,6 +320,10 @@ async fn accept_loop(
             }
         };
         let conn = core.borrow_mut().open_connection();
+        if core.borrow().connection_count() > core.borrow().max_connections() {
+            // Refuse cleanly: a typed error on this connection, then close it.
+            core.borrow_mut().refuse_connection(conn);
+        }
         let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits, wire);
         glommio::spawn_local(task).detach();
     }
@@ -343,6 +356,13 @@ async fn maintenance(core: Rc<RefCell<Core<UringStorage>>>, interval: Duration) 
             }
         }
     }
+}
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Turns the signal flag into a wake-up of the accept loops.

@@ -236,3 +236,42 @@ fn a_client_that_never_reads_does_not_grow_server_memory() {
     assert!(queued > 512 * 1024, "the scenario did not fill the socket buffers ({queued})");
     a.request(&Ping { nonce: 9 }).access::<Pong>();
 }
+
+#[test]
+fn connections_beyond_the_limit_get_a_typed_refusal() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--max-connections", "2"]);
+    server.wait_for_log(|l| l.contains("connection limit") && l.contains("max_connections=2"));
+    let mut first = Client::connect(server.addr);
+    let mut second = Client::connect(server.addr);
+    let mut third = Client::connect_raw(server.addr);
+    let refusal = third.read_frame().expect("a refusal before the close");
+    assert_eq!(refusal.error_code(), Some(ErrorCode::TooManyConnections), "{}", refusal.describe());
+    assert!(third.is_closed());
+    // The others still work, and a slot frees up when one leaves.
+    first.request(&Ping { nonce: 1 }).access::<Pong>();
+    drop(second.request(&Ping { nonce: 2 }));
+    drop(second);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut again = Client::connect_raw(server.addr);
+        again.send_raw(&{
+            let mut bytes = Vec::new();
+            let hello = Hello {
+                magic: HELLO_MAGIC,
+                version_min: 1,
+                version_max: 1,
+                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                client: "t".into(),
+            };
+            encode_frame(&mut bytes, 1, 0, &hello, HANDSHAKE_MAX_FRAME_BYTES).unwrap();
+            bytes
+        });
+        let reply = again.read_frame().expect("a reply");
+        if reply.header.message_type == MessageType::Welcome {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the freed slot was never reused");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
