@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,6 +76,39 @@ thread_local! {
 /// Microseconds on this core's monotonic clock.
 fn now_us() -> u64 {
     EPOCH.with(|epoch| epoch.elapsed().as_micros() as u64)
+}
+
+pub use stop_signal::StopSignal;
+
+/// The stop request raised by SIGINT or SIGTERM.
+///
+/// It is an atomic written by the OS signal handler and read by one core's watcher task:
+/// not state shared between cores, which the ban in `clippy.toml` is about.
+#[allow(clippy::disallowed_types)]
+mod stop_signal {
+    use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Raised once SIGINT or SIGTERM arrives.
+    #[derive(Clone, Debug)]
+    pub struct StopSignal(Arc<AtomicBool>);
+
+    impl StopSignal {
+        /// Installs the handlers.
+        pub fn install() -> io::Result<StopSignal> {
+            let flag = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, flag.clone())?;
+            }
+            Ok(StopSignal(flag))
+        }
+
+        /// Whether a stop was requested.
+        pub fn raised(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
 }
 
 /// A single-core wake-up flag: set by whoever has work, awaited by one task.
@@ -168,10 +200,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         "data directory open"
     );
     // SIGINT/SIGTERM set a flag the executor checks: stop accepting, flush, exit 0.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).map_err(ServerError::Io)?;
-    }
+    let stop = StopSignal::install().map_err(ServerError::Io)?;
     let handle = LocalExecutorBuilder::new(Placement::Fixed(0))
         .name("tern-core-0")
         .spawn(move || serve(config, data_dir, stop))
@@ -182,7 +211,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
 async fn serve(
     config: ServerConfig,
     data_dir: DataDir,
-    stop: Arc<AtomicBool>,
+    stop: StopSignal,
 ) -> Result<(), ServerError> {
     let shard_count = data_dir.manifest().shard_count;
     let mut shards = Vec::with_capacity(shard_count as usize);
@@ -366,8 +395,8 @@ fn open_files_limit() -> Option<u64> {
 }
 
 /// Turns the signal flag into a wake-up of the accept loops.
-async fn watch_signals(stop: Arc<AtomicBool>, stopping: Rc<Notify>) {
-    while !stop.load(Ordering::Relaxed) {
+async fn watch_signals(stop: StopSignal, stopping: Rc<Notify>) {
+    while !stop.raised() {
         Timer::new(Duration::from_millis(100)).await;
     }
     stopping.raise();
