@@ -55,18 +55,8 @@ fn messaging_over_websocket_and_websocket_over_tls() {
     let mut server = Server::start(dir.path(), &[]);
     let alice = register(&mut server, "+15550211", 5);
     let bob = register(&mut server, "+15550212", 5);
-    let auth = |client: &mut Client, account: Account| {
-        let ok = client.request(&Auth {
-            user_id: account.user_id,
-            device_id: account.device_id,
-            token: account.token,
-        });
-        ok.access::<AuthOk>();
-    };
-    let mut a = Client::connect_ws(&server, false);
-    auth(&mut a, alice);
-    let mut b = Client::connect_ws(&server, true);
-    auth(&mut b, bob);
+    let mut a = authenticate(Client::connect_ws(&server, false), alice);
+    let mut b = authenticate(Client::connect_ws(&server, true), bob);
     a.request(&text(bob, 1, b"over websocket")).access::<SendAck>();
     let frame = b.next_of(MessageType::Deliver);
     assert_eq!(frame.deliver().envelope.body.as_slice(), b"over websocket");

@@ -24,6 +24,15 @@ fn load(shard: &tern_engine::ShardHandle<SimStorage>, count: u64, expires_ms: u6
     block_on(shard.commit()).unwrap();
 }
 
+/// Every loaded device acknowledges its whole mailbox.
+fn ack_all(shard: &tern_engine::ShardHandle<SimStorage>) {
+    for device in 0..DEVICES {
+        let next = shard.borrow().mailbox_next_seq((100 + device, 1));
+        shard.borrow_mut().ack((100 + device, 1), next - 1).unwrap();
+    }
+    block_on(shard.commit()).unwrap();
+}
+
 #[test]
 fn disk_use_returns_to_near_zero_after_drain() {
     let disk = SimStorage::new(512);
@@ -34,11 +43,7 @@ fn disk_use_returns_to_near_zero_after_drain() {
     let loaded = disk.total_bytes();
     assert!(loaded > 10 * segment_bytes, "loaded only {loaded} bytes");
 
-    for device in 0..DEVICES {
-        let next = shard.borrow().mailbox_next_seq((100 + device, 1));
-        shard.borrow_mut().ack((100 + device, 1), next - 1).unwrap();
-    }
-    block_on(shard.commit()).unwrap();
+    ack_all(&shard);
     let deleted = block_on(shard.reclaim(NOW_MS)).unwrap();
     assert!(deleted > 10);
     let drained = disk.total_bytes();
@@ -65,11 +70,7 @@ fn compaction_frees_segments_pinned_by_a_few_live_envelopes() {
     shard.borrow_mut().append_envelope(&envelope(1, 5000, 5000, b"keep me"), &[straggler]).unwrap();
     block_on(shard.commit()).unwrap();
     load(&shard, 3000, NOW_MS + 1_000_000);
-    for device in 0..DEVICES {
-        let next = shard.borrow().mailbox_next_seq((100 + device, 1));
-        shard.borrow_mut().ack((100 + device, 1), next - 1).unwrap();
-    }
-    block_on(shard.commit()).unwrap();
+    ack_all(&shard);
     block_on(shard.reclaim(NOW_MS)).unwrap();
     assert!(shard.borrow().counters().records_compacted >= 1);
     assert!(
@@ -112,11 +113,7 @@ fn reopen_after_reclaim_deleted_segments_out_of_order() {
     shard.borrow_mut().append_envelope(&envelope(1, 1, 1, b"pinned"), &[pinned]).unwrap();
     block_on(shard.commit()).unwrap();
     load(&shard, 3000, NOW_MS + 1_000_000);
-    for device in 0..DEVICES {
-        let next = shard.borrow().mailbox_next_seq((100 + device, 1));
-        shard.borrow_mut().ack((100 + device, 1), next - 1).unwrap();
-    }
-    block_on(shard.commit()).unwrap();
+    ack_all(&shard);
     assert!(block_on(shard.reclaim(NOW_MS)).unwrap() > 2);
     {
         use tern_engine::Storage;

@@ -441,7 +441,11 @@ pub fn register(server: &mut Server, phone: &str, one_time_keys: u64) -> Account
 
 /// Connects and authenticates as `account`.
 pub fn login(server: &Server, account: Account) -> Client {
-    let mut client = Client::connect(server.addr);
+    authenticate(Client::connect(server.addr), account)
+}
+
+/// Authenticates a connected client as `account`.
+pub fn authenticate(mut client: Client, account: Account) -> Client {
     let ok = client.request(&Auth {
         user_id: account.user_id,
         device_id: account.device_id,
@@ -491,16 +495,9 @@ pub fn tls_client_config(
     std::sync::Arc::new(config)
 }
 
-/// Registers and logs in over TLS.
+/// Logs in over TLS.
 pub fn login_tls(server: &Server, account: Account) -> Client {
-    let mut client = Client::connect_tls(server);
-    let ok = client.request(&Auth {
-        user_id: account.user_id,
-        device_id: account.device_id,
-        token: account.token,
-    });
-    assert_eq!(ok.access::<AuthOk>().user_id.to_native(), account.user_id, "{}", ok.describe());
-    client
+    authenticate(Client::connect_tls(server), account)
 }
 
 /// A WebSocket seen as a byte stream: each write is one binary message (the client
