@@ -769,6 +769,17 @@ impl<S: Storage> Core<S> {
     }
 
     fn delivery_ack(&mut self, conn: ConnId, me: (UserId, DeviceId), up_to: u64, now_ms: u64) {
+        // Only what this connection was sent can be acknowledged: an ack beyond it (a bug
+        // or a hostile client) must not delete envelopes the device never received.
+        let Some((acked_through, deliver_cursor)) =
+            self.conns.get(&conn).map(|c| (c.acked_through, c.deliver_cursor))
+        else {
+            return;
+        };
+        if deliver_cursor <= acked_through || up_to < acked_through {
+            return;
+        }
+        let up_to = up_to.min(deliver_cursor - 1);
         let shard_id = home_shard_of_user(me.0);
         // Collect delivered receipts for what is acknowledged now, grouped by sender.
         let mut receipts: BTreeMap<UserId, Vec<MessageId>> = BTreeMap::new();

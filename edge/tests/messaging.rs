@@ -298,3 +298,26 @@ fn drain_deliveries(client: &mut Client, seqs: &mut Vec<u64>) {
         }
     }
 }
+
+/// Regression guard: an acknowledgement beyond what was delivered (a buggy or hostile
+/// client acking `u64::MAX`) must not delete envelopes the device never received.
+#[test]
+fn an_ack_beyond_what_was_delivered_loses_nothing() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--sends-per-second", "10000"]);
+    let alice = register(&mut server, "+15550091", 5);
+    let bob = register(&mut server, "+15550092", 5);
+    let mut a = login(&server, alice);
+    for i in 1..=300u64 {
+        a.request(&text(bob, i, b"queued")).access::<SendAck>();
+    }
+    let mut b = login(&server, bob);
+    b.request(&Ping { nonce: 1 }).access::<Pong>();
+    let mut seqs = Vec::new();
+    drain_deliveries(&mut b, &mut seqs);
+    assert_eq!(seqs.len(), 256);
+    b.send(&DeliveryAck { up_to_mailbox_seq: u64::MAX });
+    b.request(&Ping { nonce: 2 }).access::<Pong>();
+    drain_deliveries(&mut b, &mut seqs);
+    assert_eq!(seqs.len(), 300, "the 44 envelopes beyond the window must still arrive");
+}
