@@ -440,16 +440,60 @@ impl<S: Storage> Shard<S> {
         if let Some(error) = &self.poisoned {
             return Err(error.clone());
         }
-        // Lay the body out in scratch space first: its length decides the segment.
+        // Lay the record out straight at the end of the current batch: almost always it
+        // fits, and then nothing is copied again.
+        let seq = self.next_record_seq;
+        let (segment_id, offset) = self.write_head();
+        let usable = self.config.segment_bytes - SEGMENT_HEADER_BYTES as u64 - COMMIT_RESERVE_BYTES;
+        let limit = usable - u64::from(self.alignment);
+        let segment_bytes = self.config.segment_bytes;
         let mut body = std::mem::take(&mut self.body_scratch);
-        body.clear();
-        if let Err(error) = write_body(&mut body) {
+        let batch = self.pending_batch_at_head();
+        let start = batch.bytes.len();
+        let appended =
+            append_record(&mut batch.bytes, record_type, flags, seq, segment_id, write_body);
+        let header = match appended {
+            Ok(header) => header,
+            Err(error) => {
+                self.body_scratch = body;
+                self.drop_empty_batch();
+                return Err(error);
+            }
+        };
+        let record_bytes = header.record_bytes() as u64;
+        if record_bytes > limit {
+            batch.bytes.truncate(start);
             self.body_scratch = body;
-            return Err(error);
+            self.drop_empty_batch();
+            return Err(WriteError::RecordTooLarge { record_bytes });
         }
+        if offset + record_bytes + COMMIT_RESERVE_BYTES <= segment_bytes {
+            batch.records += 1;
+            self.next_record_seq += 1;
+            self.body_scratch = body;
+            return Ok((seq, Loc { segment_id, offset: offset as u32 }, record_bytes));
+        }
+        // It does not fit in this segment (once per segment): move it to the next one,
+        // whose id goes into the record header.
+        body.clear();
+        body.extend_from_slice(&batch.bytes[start + RECORD_HEADER_BYTES..]);
+        batch.bytes.truncate(start);
+        self.drop_empty_batch();
         let result = self.place_record(record_type, flags, &body);
         self.body_scratch = body;
         result
+    }
+
+    /// Removes a pending batch that got no record (so no empty batch is closed).
+    fn drop_empty_batch(&mut self) {
+        if self
+            .pending
+            .last()
+            .is_some_and(|b| b.records == 0 && !b.new_segment && b.bytes.is_empty())
+        {
+            let batch = self.pending.pop().expect("just checked");
+            self.spare_buffers.push(batch.bytes);
+        }
     }
 
     /// Copies a laid-out record body into the pending batch (opening the next segment
