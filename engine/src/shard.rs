@@ -274,6 +274,8 @@ pub struct Shard<S: Storage> {
     /// Where the next batch starts when `pending` is empty.
     next_batch_start: (u32, u64),
     commit_in_flight: bool,
+    /// The last record of the commit in flight.
+    in_flight_last_seq: u64,
     next_record_seq: u64,
     /// End of the durable log: entries at or past it are not served.
     durable_end: Loc,
@@ -867,6 +869,7 @@ impl<S: Storage> Shard<S> {
         let last = batches.last().expect("non-empty");
         self.next_batch_start = (last.segment_id, last.start_offset + last.bytes.len() as u64);
         self.commit_in_flight = true;
+        self.in_flight_last_seq = self.next_record_seq - 1;
         Some(CommitJob {
             storage: self.storage.clone(),
             active_file: self.active.file.clone(),
@@ -934,6 +937,11 @@ impl<S: Storage> Shard<S> {
         self.sealed.insert(self.active.segment_id, SealedSegment { map });
         Ok(())
     }
+}
+
+enum CommitStep<S: Storage> {
+    Wait(Durable),
+    Run(CommitJob<S>),
 }
 
 struct CommitJob<S: Storage> {
@@ -1007,19 +1015,37 @@ impl<S: Storage + Clone> ShardHandle<S> {
     /// sequence number (unchanged when there was nothing to commit or a commit is in
     /// flight: call again after it).
     pub async fn commit(&self) -> Result<u64, WriteError> {
-        let job = {
-            let mut shard = self.shard.borrow_mut();
-            if let Some(error) = &shard.poisoned {
-                return Err(error.clone());
+        // Another task's commit may be in flight (the server's committer while a
+        // checkpoint runs): wait for it, then commit what is left. Never return early
+        // while records are pending, or a caller looping "until nothing is pending" would
+        // spin without ever letting the in-flight commit finish.
+        loop {
+            let step = {
+                let mut shard = self.shard.borrow_mut();
+                if let Some(error) = &shard.poisoned {
+                    return Err(error.clone());
+                }
+                if shard.commit_in_flight {
+                    CommitStep::Wait(shard.durable(shard.in_flight_last_seq))
+                } else {
+                    match shard.take_commit_job() {
+                        Some(job) => CommitStep::Run(job),
+                        None => return Ok(shard.durable_seq()),
+                    }
+                }
+            };
+            match step {
+                CommitStep::Wait(durable) => durable.await?,
+                CommitStep::Run(job) => {
+                    let (created, result) = job.run().await;
+                    let CommitJob { batches, last_seq, .. } = job;
+                    return self
+                        .shard
+                        .borrow_mut()
+                        .finish_commit(batches, created, result, last_seq);
+                }
             }
-            match shard.take_commit_job() {
-                Some(job) => job,
-                None => return Ok(shard.durable_seq()),
-            }
-        };
-        let (created, result) = job.run().await;
-        let CommitJob { batches, last_seq, .. } = job;
-        self.shard.borrow_mut().finish_commit(batches, created, result, last_seq)
+        }
     }
 
     /// Writes a checkpoint of the state tables and indexes (zstd, CRC, temp file +
@@ -1163,6 +1189,7 @@ impl<S: Storage> Shard<S> {
             pending: Vec::new(),
             next_batch_start: (active_segment_id, end),
             commit_in_flight: false,
+            in_flight_last_seq: 0,
             next_record_seq,
             durable_end: Loc { segment_id: active_segment_id, offset: end as u32 },
             poisoned: None,
