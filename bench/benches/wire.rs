@@ -6,28 +6,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tern_wire::fixtures::{send_frame_100b as send_frame, CIPHERTEXT_100B as CIPHERTEXT};
 use tern_wire::messages::*;
 use tern_wire::*;
-
-const CIPHERTEXT: [u8; 100] = [0xC5; 100];
-
-fn send_frame() -> Vec<u8> {
-    let send = SendMessage {
-        client_message_id: 77,
-        to: Conversation::User(42),
-        kind: EnvelopeKind::Text,
-        ttl_s: 0,
-        copies: vec![DeviceCopy {
-            user_id: 42,
-            device_id: 1,
-            e2e_type: E2eType::OlmMessage,
-            ciphertext: CIPHERTEXT.to_vec(),
-        }],
-    };
-    let mut out = Vec::new();
-    encode_frame(&mut out, 1, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    out
-}
 
 fn envelope_ref(body: &[u8]) -> EnvelopeRef<'_> {
     EnvelopeRef {

@@ -20,6 +20,8 @@
 mod borrowed;
 mod catalogue;
 mod error;
+#[doc(hidden)]
+pub mod fixtures;
 mod frame;
 pub mod messages;
 

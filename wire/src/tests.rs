@@ -389,20 +389,7 @@ fn invalid_enum_tag_is_a_bad_payload() {
 
 #[test]
 fn lying_lengths_are_incomplete_or_bad() {
-    let send = SendMessage {
-        client_message_id: 9,
-        to: Conversation::User(2),
-        kind: EnvelopeKind::Text,
-        ttl_s: 0,
-        copies: vec![DeviceCopy {
-            user_id: 42,
-            device_id: 1,
-            e2e_type: E2eType::OlmMessage,
-            ciphertext: vec![7; 100],
-        }],
-    };
-    let mut bytes = Vec::new();
-    encode_frame(&mut bytes, 0, 0, &send, MAX).unwrap();
+    let bytes = crate::fixtures::send_frame_100b();
     let real = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
 
     // The header claims more than was sent: wait for it (never read past the buffer).

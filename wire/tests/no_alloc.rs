@@ -9,27 +9,9 @@
 use tern_wire::messages::*;
 use tern_wire::*;
 
-fn send_frame() -> Vec<u8> {
-    let send = SendMessage {
-        client_message_id: 77,
-        to: Conversation::User(42),
-        kind: EnvelopeKind::Text,
-        ttl_s: 0,
-        copies: vec![DeviceCopy {
-            user_id: 42,
-            device_id: 1,
-            e2e_type: E2eType::OlmMessage,
-            ciphertext: vec![0xC5; 100],
-        }],
-    };
-    let mut out = Vec::new();
-    encode_frame(&mut out, 1, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    out
-}
-
 #[test]
 fn hot_path_does_not_allocate() {
-    let frame_bytes = send_frame();
+    let frame_bytes = tern_wire::fixtures::send_frame_100b();
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
     let mut record = Vec::with_capacity(4096);
     let mut outbound = Vec::with_capacity(4096);
