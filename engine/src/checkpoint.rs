@@ -12,7 +12,7 @@ use tern_wire::encode_archive;
 use tern_wire::messages::{DeviceId, GroupId, MediaId, UserId};
 
 use crate::body::{AccountRecord, GroupRecord, MediaRecord, ReportRecord};
-use crate::shard::Shard;
+use crate::shard::{SegmentStats, Shard};
 use crate::state::StateTables;
 use crate::storage::Storage;
 
@@ -53,6 +53,31 @@ pub struct SegmentSnapshot {
     pub last_record_seq: u64,
     /// Bytes written.
     pub written_bytes: u64,
+}
+
+impl SegmentSnapshot {
+    /// The checkpoint form of a segment's accounting (the one place that maps it).
+    pub(crate) fn of(segment_id: u32, stats: &SegmentStats) -> SegmentSnapshot {
+        SegmentSnapshot {
+            segment_id,
+            live_records: stats.live_records,
+            live_bytes: stats.live_bytes,
+            max_expires_ms: stats.max_expires_ms,
+            last_record_seq: stats.last_record_seq,
+            written_bytes: stats.written_bytes,
+        }
+    }
+
+    /// The accounting again.
+    pub(crate) fn stats(&self) -> SegmentStats {
+        SegmentStats {
+            live_records: self.live_records,
+            live_bytes: self.live_bytes,
+            max_expires_ms: self.max_expires_ms,
+            last_record_seq: self.last_record_seq,
+            written_bytes: self.written_bytes,
+        }
+    }
 }
 
 /// One remembered send.
@@ -161,17 +186,7 @@ impl Snapshot {
         let mut shared_refs: Vec<_> =
             shared.iter().map(|(l, r)| (l.segment_id, l.offset, *r)).collect();
         shared_refs.sort_unstable();
-        let segments = stats
-            .iter()
-            .map(|(&segment_id, s)| SegmentSnapshot {
-                segment_id,
-                live_records: s.live_records,
-                live_bytes: s.live_bytes,
-                max_expires_ms: s.max_expires_ms,
-                last_record_seq: s.last_record_seq,
-                written_bytes: s.written_bytes,
-            })
-            .collect();
+        let segments = stats.iter().map(|(&id, s)| SegmentSnapshot::of(id, s)).collect();
         let mut dedup: Vec<_> = dedup
             .iter()
             .map(|(&(sender_user, sender_device, client_message_id), &(id, time_ms))| {

@@ -1457,22 +1457,7 @@ impl<S: Storage> Shard<S> {
             .into_iter()
             .map(|(segment_id, offset, refs)| (Loc { segment_id, offset }, refs))
             .collect();
-        self.stats = snapshot
-            .segments
-            .into_iter()
-            .map(|s| {
-                (
-                    s.segment_id,
-                    SegmentStats {
-                        live_records: s.live_records,
-                        live_bytes: s.live_bytes,
-                        max_expires_ms: s.max_expires_ms,
-                        last_record_seq: s.last_record_seq,
-                        written_bytes: s.written_bytes,
-                    },
-                )
-            })
-            .collect();
+        self.stats = snapshot.segments.iter().map(|s| (s.segment_id, s.stats())).collect();
         self.state = snapshot.state.into_tables();
         let mut dedup: Vec<_> = snapshot.dedup;
         dedup.sort_by_key(|d| d.time_ms);
