@@ -681,14 +681,16 @@ impl<S: Storage> Core<S> {
             let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
             return self.reply(conn, rid, &error);
         };
-        let given: Vec<(UserId, DeviceId)> =
+        // An account has at most a handful of devices: sorted vectors beat hash sets here.
+        let mut given: Vec<(UserId, DeviceId)> =
             send.copies.iter().map(|c| (c.user_id.to_native(), c.device_id.to_native())).collect();
-        let given_set: HashSet<_> = given.iter().copied().collect();
-        if given_set.len() != given.len() {
+        given.sort_unstable();
+        if given.windows(2).any(|pair| pair[0] == pair[1]) {
             let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
             return self.reply(conn, rid, &error);
         }
-        let missing: Vec<_> = expected.iter().filter(|d| !given_set.contains(d)).copied().collect();
+        let missing: Vec<_> =
+            expected.iter().filter(|d| given.binary_search(d).is_err()).copied().collect();
         let extra: Vec<_> = given.iter().filter(|d| !expected.contains(d)).copied().collect();
         if !missing.is_empty() || !extra.is_empty() {
             let error = send_error(ErrorCode::StaleDevices, missing, extra);
