@@ -7,8 +7,17 @@
 //! here awaits: a reply that must wait for durability (the **sent** tick, a handed-out
 //! one-time key, a registration) is parked as a [`PendingReply`] with the record
 //! sequence numbers it needs, and released by `on_durable`. Time comes in as `now_ms`.
+//!
+//! Each core holds the shards it owns (shard `s` belongs to core `s % cores`). A
+//! connection is served where its user's home shard lives: before registration or auth
+//! [`Core::route`] names the core a frame must go to and the runtime hands the connection
+//! over. Work on a user homed elsewhere (a message to them, a receipt for them, their
+//! key bundles) becomes a [`CoreMsg`] in the outbox for that core, and the answer comes
+//! back through [`Core::on_mesh`] to finish the reply: the **sent** tick of a cross-core
+//! message is given once the recipient's core has its copies durable, and then the
+//! sender's own other devices' copies are durable here.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::task::Waker;
 
 use rkyv::rancor::Failure;
@@ -22,8 +31,12 @@ use tern_wire::{
 
 use crate::code_sender::CodeSender;
 use crate::limits::{Rate, RateLimiter};
+use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy, Reply, Request};
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::secrets;
+
+/// (shard, record sequence number) pairs a reply waits for: all durable, it may go.
+type Waits = Vec<(u32, u64)>;
 
 /// A connection's id within its core.
 pub type ConnId = u64;
@@ -139,14 +152,75 @@ struct PendingCode {
     attempts_left: u32,
 }
 
-/// A reply that may be sent only once some records are durable.
+/// Something that may happen only once some records are durable.
 #[derive(Debug)]
 struct PendingReply {
-    conn: ConnId,
+    /// (shard, record sequence number) pairs, all on this core.
     waits: Vec<(u32, u64)>,
-    frame: Vec<u8>,
-    /// For a sent tick: when the send arrived (µs), to measure send→sent.
-    started_us: Option<u64>,
+    release: Release,
+}
+
+/// What a durable wait releases.
+#[derive(Debug)]
+enum Release {
+    /// A frame for a connection of this core.
+    Frame {
+        conn: ConnId,
+        frame: Vec<u8>,
+        /// For a sent tick: when the send arrived (µs), to measure send→sent.
+        started_us: Option<u64>,
+    },
+    /// An answer to another core's request.
+    Mesh { core: u32, token: u64, reply: Reply },
+}
+
+/// A request to another core whose answer finishes a client's request here.
+#[derive(Debug)]
+enum Awaiting {
+    /// A send to a user homed elsewhere: the sender's own other devices' copies are
+    /// stored here once the recipient's are.
+    Send { conn: ConnId, rid: u32, meta: EnvelopeMeta, own_copies: Vec<OwnedCopy>, since_us: u64 },
+    /// A request answered with `Done`.
+    Done { conn: ConnId, rid: u32, failed_type: u16 },
+    /// A key-bundle fetch.
+    Bundles { conn: ConnId, rid: u32, target: UserId },
+}
+
+/// What every copy of one message shares.
+#[derive(Clone, Copy, Debug)]
+struct EnvelopeMeta {
+    server_message_id: MessageId,
+    client_message_id: u64,
+    server_time_ms: u64,
+    expires_ms: u64,
+    sender: (UserId, DeviceId),
+    /// The user the message is to.
+    peer: UserId,
+    kind: EnvelopeKind,
+}
+
+/// What a connection takes along to another core (its socket and transport state
+/// travel beside it, in the runtime). Only a connection past `Hello` and not yet
+/// authenticated moves.
+#[derive(Debug)]
+pub struct Session {
+    max_frame_bytes: u32,
+}
+
+/// Where this core sits among the server's cores.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    /// This core's index.
+    pub index: u32,
+    /// How many cores serve.
+    pub count: u32,
+}
+
+impl Placement {
+    /// The core that owns `shard_id`.
+    pub fn core_of_shard(&self, shard_id: u32) -> u32 {
+        shard_id % self.count
+    }
 }
 
 /// Counters exported as metrics.
@@ -160,11 +234,23 @@ pub struct CoreCounters {
     pub messages_delivered: u64,
     /// Connections closed for a protocol error.
     pub protocol_errors: u64,
+    /// Batches sent to other cores.
+    pub mesh_batches_out: u64,
+    /// Items in those batches.
+    pub mesh_items_out: u64,
 }
 
 /// The state of one core.
 pub struct Core<S: Storage> {
-    shards: Vec<ShardHandle<S>>,
+    placement: Placement,
+    /// Every shard by id; `None` where another core owns it.
+    shards: Vec<Option<ShardHandle<S>>>,
+    /// Messages for other cores, by destination, sent once per loop turn.
+    outbox: Vec<Vec<CoreMsg>>,
+    next_token: u64,
+    awaiting: HashMap<u64, Awaiting>,
+    /// The latest metrics other cores pushed here (the admin endpoint's core).
+    peer_stats: Vec<Option<CoreStats>>,
     config: CoreConfig,
     code_sender: Box<dyn CodeSender>,
     conns: HashMap<ConnId, Connection>,
@@ -174,7 +260,8 @@ pub struct Core<S: Storage> {
     code_requests: HashMap<String, Vec<u64>>,
     pending: Vec<PendingReply>,
     /// Devices whose mailboxes got envelopes since the last delivery pass.
-    dirty: HashSet<(UserId, DeviceId)>,
+    /// (The last record appended for each, which must be durable before delivery.)
+    dirty: HashMap<(UserId, DeviceId), (u32, u64)>,
     send_limits: RateLimiter<(UserId, DeviceId)>,
     max_connections: usize,
     /// The runtime's monotonic clock in µs, set before each call (latency metrics only).
@@ -192,6 +279,7 @@ pub struct Core<S: Storage> {
 impl<S: Storage> std::fmt::Debug for Core<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
+            .field("placement", &self.placement)
             .field("shards", &self.shards.len())
             .field("connections", &self.conns.len())
             .finish_non_exhaustive()
@@ -220,14 +308,22 @@ fn valid_phone(phone: &str) -> bool {
 }
 
 impl<S: Storage> Core<S> {
-    /// A core over `shards` (index = shard id).
+    /// A core at `placement` over `shards` (index = shard id; `None` for those other
+    /// cores own).
     pub fn new(
-        shards: Vec<ShardHandle<S>>,
+        placement: Placement,
+        shards: Vec<Option<ShardHandle<S>>>,
         config: CoreConfig,
         code_sender: Box<dyn CodeSender>,
     ) -> Core<S> {
+        let cores = placement.count as usize;
         Core {
+            placement,
             shards,
+            outbox: (0..cores).map(|_| Vec::new()).collect(),
+            next_token: 1,
+            awaiting: HashMap::new(),
+            peer_stats: vec![None; cores],
             send_limits: RateLimiter::new(config.send_rate),
             now_us: 0,
             max_connections: usize::MAX,
@@ -243,7 +339,7 @@ impl<S: Storage> Core<S> {
             codes: HashMap::new(),
             code_requests: HashMap::new(),
             pending: Vec::new(),
-            dirty: HashSet::new(),
+            dirty: HashMap::new(),
             counters: CoreCounters::default(),
         }
     }
@@ -283,9 +379,31 @@ impl<S: Storage> Core<S> {
         &self.config
     }
 
-    /// The shards, for the committer.
-    pub fn shards(&self) -> &[ShardHandle<S>] {
-        &self.shards
+    /// The shards this core owns, with their ids (for the committer and maintenance).
+    pub fn owned_shards(&self) -> Vec<(u32, ShardHandle<S>)> {
+        let owned = self.shards.iter().enumerate();
+        owned.filter_map(|(id, s)| Some((id as u32, s.clone()?))).collect()
+    }
+
+    /// Where this core sits.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// A shard this core owns.
+    fn local_shard(&self, shard_id: u32) -> Option<&ShardHandle<S>> {
+        self.shards.get(shard_id as usize)?.as_ref()
+    }
+
+    /// The devices of a user homed on this core; `None` if there is no such account.
+    fn devices_of(&self, user: UserId) -> Option<Vec<(UserId, DeviceId)>> {
+        let shard = self.local_shard(home_shard_of_user(user))?.borrow();
+        let account = shard.state().account(user)?;
+        Some(account.devices.iter().map(|d| (user, d.device_id)).collect())
     }
 
     /// Counters for metrics.
@@ -320,7 +438,7 @@ impl<S: Storage> Core<S> {
                 }
             }
         }
-        self.pending.retain(|p| p.conn != conn);
+        self.pending.retain(|p| !matches!(p.release, Release::Frame { conn: c, .. } if c == conn));
     }
 
     /// The frame size limit currently in force for reading from `conn`.
@@ -349,6 +467,287 @@ impl<S: Storage> Core<S> {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.closing = true;
                 c.wake();
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Placement: connections move to their home core, work crosses to the owning core
+    // -----------------------------------------------------------------------------------
+
+    /// The core that must handle `message` from `conn`, if it is not this one:
+    /// registration runs where the phone number's shard lives, auth where the user's home
+    /// shard lives, so that an authenticated connection sits beside its mailboxes.
+    pub fn route(&self, conn: ConnId, message: &Message<'_>) -> Option<u32> {
+        if !matches!(self.conns.get(&conn)?.state, ConnState::Open) {
+            return None;
+        }
+        let shard = match message {
+            Message::RequestCode(request) => {
+                home_shard_of_phone(request.phone.as_str(), self.shard_count())
+            }
+            Message::Verify(verify) => {
+                home_shard_of_phone(verify.phone.as_str(), self.shard_count())
+            }
+            Message::Auth(auth) => home_shard_of_user(auth.user_id.to_native()),
+            _ => return None,
+        };
+        if shard >= self.shard_count() {
+            return None; // No such user: answered here.
+        }
+        let core = self.placement.core_of_shard(shard);
+        (core != self.placement.index).then_some(core)
+    }
+
+    /// Lets go of `conn` so that another core can adopt it. The driver has flushed its
+    /// output; the socket and transport state travel separately.
+    pub fn hand_off(&mut self, conn: ConnId) -> Option<Session> {
+        let c = self.conns.remove(&conn)?;
+        debug_assert!(c.outbound.is_empty(), "output is flushed before a hand-off");
+        Some(Session { max_frame_bytes: c.max_frame_bytes })
+    }
+
+    /// Takes over a connection another core handed off.
+    pub fn adopt(&mut self, session: Session) -> ConnId {
+        let conn = self.open_connection();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = ConnState::Open;
+            c.max_frame_bytes = session.max_frame_bytes;
+        }
+        conn
+    }
+
+    /// Whether messages wait for other cores.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox.iter().any(|o| !o.is_empty())
+    }
+
+    /// Takes the messages for other cores: one batch per destination.
+    pub fn take_outbox(&mut self) -> Vec<(u32, Vec<CoreMsg>)> {
+        let mut batches = Vec::new();
+        for (core, outbox) in self.outbox.iter_mut().enumerate() {
+            if !outbox.is_empty() {
+                self.counters.mesh_batches_out += 1;
+                self.counters.mesh_items_out += outbox.len() as u64;
+                batches.push((core as u32, std::mem::take(outbox)));
+            }
+        }
+        batches
+    }
+
+    /// Queues this core's metrics for `core` (the one serving the admin endpoint).
+    pub fn push_stats_to(&mut self, core: u32) {
+        let stats = Box::new(self.stats());
+        if let Some(outbox) = self.outbox.get_mut(core as usize) {
+            outbox.push(CoreMsg::Stats(stats));
+        }
+    }
+
+    /// This core's metrics.
+    pub fn stats(&self) -> CoreStats {
+        let shards = self.owned_shards().into_iter();
+        CoreStats {
+            core: self.placement.index,
+            connections: self.conns.len() as u64,
+            outbound_bytes: self.outbound_bytes() as u64,
+            frames_in: self.counters.frames_in,
+            messages_sent: self.counters.messages_sent,
+            messages_delivered: self.counters.messages_delivered,
+            protocol_errors: self.counters.protocol_errors,
+            mesh_batches_out: self.counters.mesh_batches_out,
+            mesh_items_out: self.counters.mesh_items_out,
+            shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
+            send_to_sent: self.send_to_sent.clone(),
+            send_to_deliver: self.send_to_deliver.clone(),
+            commit_batch_records: self.commit_batch_records.clone(),
+        }
+    }
+
+    /// This core's metrics and the latest each other core pushed here.
+    pub fn all_stats(&self) -> Vec<CoreStats> {
+        let mut all = vec![self.stats()];
+        all.extend(self.peer_stats.iter().flatten().cloned());
+        all.sort_by_key(|s| s.core);
+        all
+    }
+
+    /// Handles a batch from another core.
+    pub fn on_mesh(&mut self, messages: Vec<CoreMsg>, now_ms: u64) {
+        for message in messages {
+            match message {
+                CoreMsg::Request { from, token, request } => {
+                    self.serve_request(from, token, request)
+                }
+                CoreMsg::Reply { token, reply } => self.on_reply(token, reply, now_ms),
+                CoreMsg::Stats(stats) => {
+                    if let Some(slot) = self.peer_stats.get_mut(stats.core as usize) {
+                        *slot = Some(*stats);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues `request` for `core`; its answer will finish `awaiting` (if any).
+    fn ask(&mut self, core: u32, request: Request, awaiting: Option<Awaiting>) {
+        let token = match awaiting {
+            Some(awaiting) => {
+                let token = self.next_token;
+                self.next_token += 1;
+                self.awaiting.insert(token, awaiting);
+                token
+            }
+            None => 0,
+        };
+        let from = self.placement.index;
+        self.outbox[core as usize].push(CoreMsg::Request { from, token, request });
+    }
+
+    /// Does what another core asked; answers (if asked to) once it is durable.
+    fn serve_request(&mut self, from: u32, token: u64, request: Request) {
+        let (waits, reply) = match request {
+            Request::Deliver(request) => {
+                let (waits, outcome) = self.store_delivery(&request);
+                (waits, Reply::Deliver(outcome))
+            }
+            Request::ServerEnvelope { to_user, from: author, kind, body, now_ms: sent_ms } => {
+                match self.append_server_envelope(to_user, author, kind, &body, sent_ms) {
+                    Ok(waits) => (waits, Reply::Done(Ok(()))),
+                    Err(error) => {
+                        tracing::warn!(%error, to_user, "could not store a server envelope");
+                        (Vec::new(), Reply::Done(Err(write_error_code(&error))))
+                    }
+                }
+            }
+            Request::FetchBundles { target, wanted } => match self.claim_bundles(target, &wanted) {
+                Ok((bundles, waits)) => (waits, Reply::Bundles(Ok(bundles))),
+                Err(code) => (Vec::new(), Reply::Bundles(Err(code))),
+            },
+        };
+        if token != 0 {
+            self.when_durable(waits, Release::Mesh { core: from, token, reply });
+        }
+    }
+
+    /// The recipient's side of a cross-core send: dedup, device check, append.
+    fn store_delivery(&mut self, request: &DeliverRequest) -> (Vec<(u32, u64)>, DeliverOutcome) {
+        let (sender, peer) = (request.sender, request.peer);
+        let peer_shard = home_shard_of_user(peer);
+        let duplicate = self.local_shard(peer_shard).and_then(|shard| {
+            let shard = shard.borrow();
+            let id = shard.lookup_send(sender.0, sender.1, request.client_message_id)?;
+            Some((id, shard.appended_seq()))
+        });
+        if let Some((id, seq)) = duplicate {
+            return (vec![(peer_shard, seq)], DeliverOutcome::Duplicate(id));
+        }
+        let Some(mut expected) = self.devices_of(peer) else {
+            return (Vec::new(), DeliverOutcome::Failed(ErrorCode::NotFound));
+        };
+        expected.retain(|d| *d != sender);
+        let mut given: Vec<_> = request.copies.iter().map(|c| (peer, c.device_id)).collect();
+        given.sort_unstable();
+        if let Err(outcome) = check_copies(&expected, &given) {
+            return (Vec::new(), outcome);
+        }
+        let meta = EnvelopeMeta {
+            server_message_id: request.server_message_id,
+            client_message_id: request.client_message_id,
+            server_time_ms: request.server_time_ms,
+            expires_ms: request.expires_ms,
+            sender,
+            peer,
+            kind: request.kind,
+        };
+        let copies =
+            request.copies.iter().map(|c| ((peer, c.device_id), c.e2e_type, &c.ciphertext[..]));
+        match self.append_copies(&meta, copies) {
+            Ok(waits) => (waits, DeliverOutcome::Stored),
+            Err(error) => {
+                tracing::error!(%error, "storage refused a write");
+                (Vec::new(), DeliverOutcome::Failed(write_error_code(&error)))
+            }
+        }
+    }
+
+    /// Another core answered: finish the client's request it was for.
+    fn on_reply(&mut self, token: u64, reply: Reply, now_ms: u64) {
+        let Some(awaiting) = self.awaiting.remove(&token) else { return };
+        match (awaiting, reply) {
+            (Awaiting::Send { conn, rid, meta, own_copies, since_us }, Reply::Deliver(outcome)) => {
+                let ty = MessageType::SendMessage.code();
+                let client_message_id = meta.client_message_id;
+                let send_error = |code: ErrorCode, missing, extra| SendError {
+                    client_message_id,
+                    code: code as u16,
+                    retry_after_ms: 0,
+                    missing_devices: missing,
+                    extra_devices: extra,
+                };
+                match outcome {
+                    DeliverOutcome::Stored => {
+                        let me = meta.sender.0;
+                        let copies = own_copies
+                            .iter()
+                            .map(|c| ((me, c.device_id), c.e2e_type, &c.ciphertext[..]));
+                        match self.append_copies(&meta, copies) {
+                            Ok(waits) => {
+                                self.counters.messages_sent += 1;
+                                let ack = SendAck {
+                                    client_message_id,
+                                    server_message_id: meta.server_message_id,
+                                    server_time_ms: meta.server_time_ms,
+                                    duplicate: false,
+                                };
+                                self.reply_when_durable_timed(
+                                    conn,
+                                    rid,
+                                    &ack,
+                                    waits,
+                                    Some(since_us),
+                                );
+                            }
+                            Err(error) => self.storage_error(conn, rid, ty, &error),
+                        }
+                    }
+                    DeliverOutcome::Duplicate(server_message_id) => {
+                        let ack = SendAck {
+                            client_message_id,
+                            server_message_id,
+                            server_time_ms: now_ms,
+                            duplicate: true,
+                        };
+                        self.reply(conn, rid, &ack);
+                    }
+                    DeliverOutcome::Stale { missing, extra } => {
+                        self.reply(conn, rid, &send_error(ErrorCode::StaleDevices, missing, extra))
+                    }
+                    DeliverOutcome::Failed(code) => {
+                        let mut error = send_error(code, Vec::new(), Vec::new());
+                        if code != ErrorCode::NotFound {
+                            error.retry_after_ms = 1000;
+                        }
+                        self.reply(conn, rid, &error)
+                    }
+                }
+            }
+            (Awaiting::Done { conn, rid, failed_type }, Reply::Done(result)) => match result {
+                Ok(()) => self.reply(conn, rid, &Done {}),
+                Err(code) => {
+                    self.error_reply(conn, rid, failed_type, code, "could not store this", 1000)
+                }
+            },
+            (Awaiting::Bundles { conn, rid, target }, Reply::Bundles(result)) => match result {
+                Ok(devices) => self.reply(conn, rid, &Bundles { user_id: target, devices }),
+                Err(code) => {
+                    let ty = MessageType::FetchBundles.code();
+                    let message =
+                        if code == ErrorCode::NotFound { "no such user" } else { "retry later" };
+                    self.error_reply(conn, rid, ty, code, message, 0)
+                }
+            },
+            (awaiting, reply) => {
+                tracing::error!(?awaiting, ?reply, "a core answered with the wrong kind of reply")
             }
         }
     }
@@ -555,12 +954,14 @@ impl<S: Storage> Core<S> {
             let message = "unreadable device keys";
             return self.error_reply(conn, rid, ty, ErrorCode::Malformed, message, 0);
         };
-        let shard_id = home_shard_of_phone(phone, self.shards.len() as u32);
-        let token = secrets::new_token();
-        let result = {
-            let mut shard = self.shards[shard_id as usize].borrow_mut();
-            register(&mut shard, phone, device_keys, &token, now_ms)
+        let shard_id = home_shard_of_phone(phone, self.shard_count());
+        let Some(handle) = self.local_shard(shard_id) else {
+            // `route` sends registration to the phone's core; this is a bug if reached.
+            let message = "registration reached the wrong core";
+            return self.error_reply(conn, rid, ty, ErrorCode::Internal, message, 1000);
         };
+        let token = secrets::new_token();
+        let result = register(&mut handle.borrow_mut(), phone, device_keys, &token, now_ms);
         match result {
             Ok((user_id, new_account, seq)) => {
                 let registered = Registered { user_id, device_id: 1, token, new_account };
@@ -575,14 +976,15 @@ impl<S: Storage> Core<S> {
         let device_id = auth.device_id.to_native();
         let shard_id = home_shard_of_user(user_id);
         let ty = MessageType::Auth.code();
-        let found = self.shards.get(shard_id as usize).and_then(|shard| {
+        let found = self.local_shard(shard_id).and_then(|shard| {
             let shard = shard.borrow();
             let device = shard.state().device(user_id, device_id)?;
-            secrets::token_matches(&auth.token, &device.token_hash).then(|| {
-                (shard.mailbox_len((user_id, device_id)), device.one_time_keys.len() as u32)
-            })
+            let head = shard.mailbox_next_seq((user_id, device_id));
+            let pending = shard.mailbox_len((user_id, device_id));
+            secrets::token_matches(&auth.token, &device.token_hash)
+                .then(|| (pending, head - pending, device.one_time_keys.len() as u32))
         });
-        let Some((pending, keys)) = found else {
+        let Some((pending, head, keys)) = found else {
             self.counters.protocol_errors += 1;
             let message = "unknown device or wrong token";
             return self.error_reply(conn, rid, ty, ErrorCode::BadToken, message, 0);
@@ -597,13 +999,12 @@ impl<S: Storage> Core<S> {
                 }
             }
         }
-        let head = self.shards[shard_id as usize].borrow().mailbox_next_seq((user_id, device_id))
-            - pending;
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = ConnState::Authenticated { user_id, device_id };
             c.deliver_cursor = head;
             c.acked_through = head;
         }
+        tracing::debug!(conn, user_id, device_id, pending, head, "authenticated");
         let ok =
             AuthOk { user_id, device_id, mailbox_pending: pending, one_time_keys_remaining: keys };
         self.reply(conn, rid, &ok);
@@ -655,32 +1056,10 @@ impl<S: Storage> Core<S> {
             return self.reply(conn, rid, &error);
         }
         let peer_shard = home_shard_of_user(peer);
-        if peer_shard as usize >= self.shards.len() {
+        if peer_shard >= self.shard_count() {
             let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
             return self.reply(conn, rid, &error);
         }
-        // A retry of an accepted send: answer with the original id once it is durable.
-        let duplicate = {
-            let shard = self.shards[peer_shard as usize].borrow();
-            shard
-                .lookup_send(user_id, device_id, client_message_id)
-                .map(|id| (id, shard.appended_seq()))
-        };
-        if let Some((server_message_id, seq)) = duplicate {
-            let ack = SendAck {
-                client_message_id,
-                server_message_id,
-                server_time_ms: now_ms,
-                duplicate: true,
-            };
-            return self.reply_when_durable(conn, rid, &ack, vec![(peer_shard, seq)]);
-        }
-
-        // The copies must match the recipient's devices and the sender's other devices.
-        let Some(expected) = self.expected_devices(peer, (user_id, device_id)) else {
-            let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
-            return self.reply(conn, rid, &error);
-        };
         // An account has at most a handful of devices: sorted vectors beat hash sets here.
         let mut given: Vec<(UserId, DeviceId)> =
             send.copies.iter().map(|c| (c.user_id.to_native(), c.device_id.to_native())).collect();
@@ -689,85 +1068,157 @@ impl<S: Storage> Core<S> {
             let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
             return self.reply(conn, rid, &error);
         }
-        let missing: Vec<_> =
-            expected.iter().filter(|d| given.binary_search(d).is_err()).copied().collect();
-        let extra: Vec<_> = given.iter().filter(|d| !expected.contains(d)).copied().collect();
-        if !missing.is_empty() || !extra.is_empty() {
+        let peer_is_local = self.local_shard(peer_shard).is_some();
+        if peer_is_local {
+            // A retry of an accepted send: answer with the original id once it is durable.
+            let duplicate = self.local_shard(peer_shard).and_then(|shard| {
+                let shard = shard.borrow();
+                let id = shard.lookup_send(user_id, device_id, client_message_id)?;
+                Some((id, shard.appended_seq()))
+            });
+            if let Some((server_message_id, seq)) = duplicate {
+                let ack = SendAck {
+                    client_message_id,
+                    server_message_id,
+                    server_time_ms: now_ms,
+                    duplicate: true,
+                };
+                return self.reply_when_durable(conn, rid, &ack, vec![(peer_shard, seq)]);
+            }
+        }
+        // The copies must match the recipient's devices and the sender's other devices.
+        // Those of a user homed on another core are checked there.
+        let expected = if peer_is_local {
+            let Some(mut expected) = self.devices_of(peer) else {
+                let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
+                return self.reply(conn, rid, &error);
+            };
+            if peer != user_id {
+                expected.extend(self.devices_of(user_id).unwrap_or_default());
+            }
+            expected
+        } else {
+            self.devices_of(user_id).unwrap_or_default()
+        };
+        let mut expected = expected;
+        expected.retain(|d| *d != (user_id, device_id));
+        let checked: Vec<_> = if peer_is_local {
+            given.clone()
+        } else {
+            given.iter().filter(|d| d.0 != peer).copied().collect()
+        };
+        if let Err(DeliverOutcome::Stale { missing, extra }) = check_copies(&expected, &checked) {
             let error = send_error(ErrorCode::StaleDevices, missing, extra);
             return self.reply(conn, rid, &error);
         }
 
         let sender_shard = home_shard_of_user(user_id);
-        let server_message_id =
-            self.shards[sender_shard as usize].borrow_mut().allocate_message_id(now_ms);
+        let Some(server_message_id) =
+            self.local_shard(sender_shard).map(|s| s.borrow_mut().allocate_message_id(now_ms))
+        else {
+            return self.error_reply(conn, rid, ty, ErrorCode::Internal, "not the home core", 0);
+        };
         let ttl_ms = match send.ttl_s.to_native() {
             0 => self.config.default_ttl_ms,
             s => (u64::from(s) * 1000).min(self.config.default_ttl_ms),
         };
-        let mut waits = Vec::with_capacity(send.copies.len());
-        for copy in send.copies.iter() {
-            let owner = (copy.user_id.to_native(), copy.device_id.to_native());
+        let meta = EnvelopeMeta {
+            server_message_id,
+            client_message_id,
+            server_time_ms: now_ms,
+            expires_ms: now_ms + ttl_ms,
+            sender: (user_id, device_id),
+            peer,
+            kind,
+        };
+        let copies = send.copies.iter().map(|c| {
+            let owner = (c.user_id.to_native(), c.device_id.to_native());
+            (owner, e2e_type_of(&c.e2e_type), c.ciphertext.as_slice())
+        });
+        if !peer_is_local {
+            // The recipient's core stores its copies first; ours follow on its answer.
+            let (peer_copies, own_copies): (Vec<_>, Vec<_>) = copies
+                .map(|((owner, device_id), e2e_type, ciphertext)| {
+                    let copy = OwnedCopy { device_id, e2e_type, ciphertext: ciphertext.to_vec() };
+                    (owner, copy)
+                })
+                .partition(|(owner, _)| *owner == peer);
+            let request = DeliverRequest {
+                sender: meta.sender,
+                peer,
+                client_message_id,
+                server_message_id,
+                server_time_ms: now_ms,
+                expires_ms: meta.expires_ms,
+                kind,
+                copies: peer_copies.into_iter().map(|(_, copy)| copy).collect(),
+            };
+            let own_copies = own_copies.into_iter().map(|(_, copy)| copy).collect();
+            let started_us = self.now_us;
+            let awaiting = Awaiting::Send { conn, rid, meta, own_copies, since_us: started_us };
+            let core = self.placement.core_of_shard(peer_shard);
+            return self.ask(core, Request::Deliver(request), Some(awaiting));
+        }
+        match self.append_copies(&meta, copies) {
+            Ok(waits) => {
+                self.counters.messages_sent += 1;
+                let ack = SendAck {
+                    client_message_id,
+                    server_message_id,
+                    server_time_ms: now_ms,
+                    duplicate: false,
+                };
+                let started = Some(self.now_us);
+                self.reply_when_durable_timed(conn, rid, &ack, waits, started);
+            }
+            Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
+    }
+
+    /// Appends one envelope per copy to its owner's mailbox (every owner is homed on this
+    /// core); returns what the sent tick waits for.
+    fn append_copies<'c>(
+        &mut self,
+        meta: &EnvelopeMeta,
+        copies: impl Iterator<Item = ((UserId, DeviceId), E2eType, &'c [u8])>,
+    ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError> {
+        let (user_id, device_id) = meta.sender;
+        let mut waits = Vec::new();
+        for (owner, e2e_type, ciphertext) in copies {
+            let shard_id = home_shard_of_user(owner.0);
+            let Some(handle) = self.local_shard(shard_id) else {
+                tracing::error!(?owner, "a copy for a device homed on another core");
+                continue;
+            };
+            let mut shard = handle.borrow_mut();
             // The conversation as the mailbox owner sees it: the other party.
-            let conversation = if owner.0 == peer && peer != user_id {
+            let conversation = if owner.0 == meta.peer && meta.peer != user_id {
                 Conversation::User(user_id)
             } else {
-                Conversation::User(peer)
+                Conversation::User(meta.peer)
             };
             let envelope = EnvelopeRef {
-                server_message_id,
-                client_message_id,
-                server_time_ms: now_ms,
-                expires_ms: now_ms + ttl_ms,
+                server_message_id: meta.server_message_id,
+                client_message_id: meta.client_message_id,
+                server_time_ms: meta.server_time_ms,
+                expires_ms: meta.expires_ms,
                 sender_user: user_id,
                 sender_device: device_id,
                 conversation,
-                conversation_seq: self.shards[home_shard_of_user(owner.0) as usize]
-                    .borrow()
-                    .next_conversation_seq(owner, user_id),
-                kind,
-                e2e_type: e2e_type_of(&copy.e2e_type),
-                body: &copy.ciphertext,
+                conversation_seq: shard.next_conversation_seq(owner, user_id),
+                kind: meta.kind,
+                e2e_type,
+                body: ciphertext,
             };
-            let shard_id = home_shard_of_user(owner.0);
-            let appended =
-                self.shards[shard_id as usize].borrow_mut().append_envelope(&envelope, &[owner]);
-            match appended {
-                Ok(appended) => {
-                    waits.push((shard_id, appended.record_seq));
-                    self.dirty.insert(owner);
-                }
-                Err(error) => return self.storage_error(conn, rid, ty, &error),
+            let appended = shard.append_envelope(&envelope, &[owner])?;
+            drop(shard);
+            match waits.iter_mut().find(|(s, _)| *s == shard_id) {
+                Some(wait) => wait.1 = appended.record_seq,
+                None => waits.push((shard_id, appended.record_seq)),
             }
+            self.dirty.insert(owner, (shard_id, appended.record_seq));
         }
-        self.counters.messages_sent += 1;
-        let ack = SendAck {
-            client_message_id,
-            server_message_id,
-            server_time_ms: now_ms,
-            duplicate: false,
-        };
-        let started = Some(self.now_us);
-        self.reply_when_durable_timed(conn, rid, &ack, waits, started);
-    }
-
-    /// Every device that must get a copy of a message from `me` to `peer`: the peer's
-    /// devices and `me`'s other devices. `None` if the peer does not exist.
-    fn expected_devices(
-        &self,
-        peer: UserId,
-        me: (UserId, DeviceId),
-    ) -> Option<Vec<(UserId, DeviceId)>> {
-        let devices_of = |user: UserId| -> Option<Vec<(UserId, DeviceId)>> {
-            let shard = self.shards.get(home_shard_of_user(user) as usize)?.borrow();
-            let account = shard.state().account(user)?;
-            Some(account.devices.iter().map(|d| (user, d.device_id)).collect())
-        };
-        let mut expected = devices_of(peer)?;
-        if peer != me.0 {
-            expected.extend(devices_of(me.0).unwrap_or_default());
-        }
-        expected.retain(|d| *d != me);
-        Some(expected)
+        Ok(waits)
     }
 
     fn delivery_ack(&mut self, conn: ConnId, me: (UserId, DeviceId), up_to: u64, now_ms: u64) {
@@ -783,10 +1234,11 @@ impl<S: Storage> Core<S> {
         }
         let up_to = up_to.min(deliver_cursor - 1);
         let shard_id = home_shard_of_user(me.0);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return };
         // Collect delivered receipts for what is acknowledged now, grouped by sender.
         let mut receipts: BTreeMap<UserId, Vec<MessageId>> = BTreeMap::new();
         {
-            let shard = self.shards[shard_id as usize].borrow();
+            let shard = handle.borrow();
             let from = self.conns.get(&conn).map_or(0, |c| c.acked_through);
             let count = up_to.saturating_add(1).saturating_sub(from) as usize;
             let read = shard.read_mailbox(me, from, count, now_ms);
@@ -809,7 +1261,7 @@ impl<S: Storage> Core<S> {
                 }
             }
         }
-        let acked = self.shards[shard_id as usize].borrow_mut().ack(me, up_to);
+        let acked = handle.borrow_mut().ack(me, up_to);
         if let Err(error) = acked {
             return self.storage_error(conn, 0, MessageType::DeliveryAck.code(), &error);
         }
@@ -826,11 +1278,7 @@ impl<S: Storage> Core<S> {
                 time_ms: now_ms,
             };
             // A failed receipt append is not the acking device's problem; it is logged.
-            if let Err(error) =
-                self.append_server_envelope(sender, me, EnvelopeKind::Receipt, &body, now_ms)
-            {
-                tracing::warn!(%error, sender, "could not queue a delivered receipt");
-            }
+            self.route_server_envelope(sender, me, EnvelopeKind::Receipt, &body, now_ms, None);
         }
         self.pump(conn, now_ms);
     }
@@ -852,26 +1300,56 @@ impl<S: Storage> Core<S> {
             message_ids: receipt.message_ids.iter().map(|id| id.to_native()).collect(),
             time_ms: now_ms,
         };
-        match self.append_server_envelope(to_user, me, EnvelopeKind::Receipt, &body, now_ms) {
-            Ok(waits) => self.reply_when_durable(conn, rid, &Done {}, waits),
-            Err(error) => self.storage_error(conn, rid, MessageType::SendReceipt.code(), &error),
-        }
+        let reply_to = Some((conn, rid));
+        self.route_server_envelope(to_user, me, EnvelopeKind::Receipt, &body, now_ms, reply_to);
     }
 
-    /// Appends a server-made envelope (receipt, notice) to every device of `to_user`.
-    fn append_server_envelope<T>(
+    /// Appends a server-made envelope (receipt, notice) for `to_user` here, or asks the
+    /// core it is homed on. `reply_to` gets `Done` once it is durable; without it a
+    /// failure is only logged.
+    fn route_server_envelope<T>(
         &mut self,
         to_user: UserId,
         from: (UserId, DeviceId),
         kind: EnvelopeKind,
         body: &T,
         now_ms: u64,
-    ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError>
-    where
+        reply_to: Option<(ConnId, u32)>,
+    ) where
         T: for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
     {
+        let mut bytes = Vec::new();
+        encode_archive(&mut bytes, body).expect("server bodies always archive");
         let shard_id = home_shard_of_user(to_user);
-        let Some(handle) = self.shards.get(shard_id as usize) else { return Ok(Vec::new()) };
+        let failed_type = MessageType::SendReceipt.code();
+        if shard_id < self.shard_count() && self.local_shard(shard_id).is_none() {
+            let awaiting = reply_to.map(|(conn, rid)| Awaiting::Done { conn, rid, failed_type });
+            let request = Request::ServerEnvelope { to_user, from, kind, body: bytes, now_ms };
+            let core = self.placement.core_of_shard(shard_id);
+            return self.ask(core, request, awaiting);
+        }
+        match (self.append_server_envelope(to_user, from, kind, &bytes, now_ms), reply_to) {
+            (Ok(waits), Some((conn, rid))) => self.reply_when_durable(conn, rid, &Done {}, waits),
+            (Ok(_), None) => {}
+            (Err(error), Some((conn, rid))) => self.storage_error(conn, rid, failed_type, &error),
+            (Err(error), None) => {
+                tracing::warn!(%error, to_user, "could not queue a server envelope")
+            }
+        }
+    }
+
+    /// Appends a server-made envelope with an archived `body` to every device of
+    /// `to_user`, who is homed on this core (nothing if there is no such user).
+    fn append_server_envelope(
+        &mut self,
+        to_user: UserId,
+        from: (UserId, DeviceId),
+        kind: EnvelopeKind,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError> {
+        let shard_id = home_shard_of_user(to_user);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return Ok(Vec::new()) };
         let devices: Vec<(UserId, DeviceId)> = handle
             .borrow()
             .state()
@@ -881,8 +1359,6 @@ impl<S: Storage> Core<S> {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let mut bytes = Vec::new();
-        encode_archive(&mut bytes, body).expect("server bodies always archive");
         let mut shard = handle.borrow_mut();
         let envelope = EnvelopeRef {
             server_message_id: shard.allocate_message_id(now_ms),
@@ -895,11 +1371,11 @@ impl<S: Storage> Core<S> {
             conversation_seq: 0,
             kind,
             e2e_type: E2eType::Plain,
-            body: &bytes,
+            body,
         };
         let appended = shard.append_envelope(&envelope, &devices)?;
         drop(shard);
-        self.dirty.extend(devices);
+        self.dirty.extend(devices.into_iter().map(|d| (d, (shard_id, appended.record_seq))));
         Ok(vec![(shard_id, appended.record_seq)])
     }
 
@@ -919,8 +1395,9 @@ impl<S: Storage> Core<S> {
             return self.error_reply(conn, rid, ty, ErrorCode::Malformed, "unreadable keys", 0);
         };
         let shard_id = home_shard_of_user(me.0);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return };
         let result = (|| {
-            let mut shard = self.shards[shard_id as usize].borrow_mut();
+            let mut shard = handle.borrow_mut();
             let mut seq = shard.appended_seq();
             if let Some(key) = upload.fallback_key {
                 seq = shard.apply_state(StateOp::SetFallbackKey {
@@ -966,10 +1443,38 @@ impl<S: Storage> Core<S> {
             return self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait);
         }
         let shard_id = home_shard_of_user(target);
-        let Some(handle) = self.shards.get(shard_id as usize).cloned() else {
+        if shard_id >= self.shard_count() {
             return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0);
-        };
+        }
         let wanted: Vec<DeviceId> = fetch.device_ids.iter().map(|d| d.to_native()).collect();
+        if self.local_shard(shard_id).is_none() {
+            let awaiting = Awaiting::Bundles { conn, rid, target };
+            let core = self.placement.core_of_shard(shard_id);
+            return self.ask(core, Request::FetchBundles { target, wanted }, Some(awaiting));
+        }
+        match self.claim_bundles(target, &wanted) {
+            Ok((devices, waits)) => {
+                let reply = Bundles { user_id: target, devices };
+                self.reply_when_durable(conn, rid, &reply, waits);
+            }
+            Err(code) => {
+                let message =
+                    if code == ErrorCode::NotFound { "no such user" } else { "retry later" };
+                self.error_reply(conn, rid, ty, code, message, 0)
+            }
+        }
+    }
+
+    /// Hands out the key bundles of `target` (homed here): each one-time key leaves the
+    /// stock for good before it is handed out, so the answer must wait for the returned
+    /// records. Devices whose stock runs low are told.
+    fn claim_bundles(
+        &mut self,
+        target: UserId,
+        wanted: &[DeviceId],
+    ) -> Result<(Vec<DeviceBundle>, Waits), ErrorCode> {
+        let shard_id = home_shard_of_user(target);
+        let handle = self.local_shard(shard_id).cloned().ok_or(ErrorCode::NotFound)?;
         let devices: Vec<DeviceRecord> = match handle.borrow().state().account(target) {
             Some(account) => account
                 .devices
@@ -977,13 +1482,12 @@ impl<S: Storage> Core<S> {
                 .filter(|d| wanted.is_empty() || wanted.contains(&d.device_id))
                 .cloned()
                 .collect(),
-            None => return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0),
+            None => return Err(ErrorCode::NotFound),
         };
         let mut bundles = Vec::with_capacity(devices.len());
         let mut waits = Vec::new();
         let mut low = Vec::new();
         for device in devices {
-            // Each one-time key leaves the stock for good before it is handed out.
             let claimed = handle.borrow_mut().claim_one_time_key(target, device.device_id);
             let one_time_key = match claimed {
                 Ok(Some((key, seq))) => {
@@ -991,7 +1495,10 @@ impl<S: Storage> Core<S> {
                     Some(key)
                 }
                 Ok(None) => None,
-                Err(error) => return self.storage_error(conn, rid, ty, &error),
+                Err(error) => {
+                    tracing::error!(%error, "storage refused a write");
+                    return Err(write_error_code(&error));
+                }
             };
             let left = device.one_time_keys.len().saturating_sub(1) as u32;
             if left < ONE_TIME_KEYS_LOW {
@@ -1005,18 +1512,17 @@ impl<S: Storage> Core<S> {
                 fallback_key: device.fallback_key,
             });
         }
-        let reply = Bundles { user_id: target, devices: bundles };
-        self.reply_when_durable(conn, rid, &reply, waits);
         for (device, left) in low {
             if let Some(&owner_conn) = self.online.get(&device) {
                 let event = KeysLow { one_time_keys_remaining: left, threshold: ONE_TIME_KEYS_LOW };
                 self.push(owner_conn, &event);
             }
         }
+        Ok((bundles, waits))
     }
 
     fn device_list(&mut self, conn: ConnId, rid: u32, me: (UserId, DeviceId)) {
-        let shard = self.shards[home_shard_of_user(me.0) as usize].clone();
+        let Some(shard) = self.local_shard(home_shard_of_user(me.0)).cloned() else { return };
         let devices = shard
             .borrow()
             .state()
@@ -1044,25 +1550,32 @@ impl<S: Storage> Core<S> {
     /// After a commit: releases replies whose records are durable and delivers new
     /// envelopes to connected devices.
     pub fn on_durable(&mut self, now_ms: u64) {
-        let durable: Vec<u64> = self.shards.iter().map(|s| s.borrow().durable_seq()).collect();
+        let durable: Vec<u64> = self
+            .shards
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.borrow().durable_seq()))
+            .collect();
         tracing::debug!(?durable, pending = self.pending.len(), "records durable");
         let mut still_waiting = Vec::new();
         for reply in std::mem::take(&mut self.pending) {
             if reply.waits.iter().all(|(shard, seq)| durable[*shard as usize] >= *seq) {
-                if let Some(started) = reply.started_us {
-                    self.send_to_sent.observe(self.now_us.saturating_sub(started) as f64 / 1e6);
-                }
-                if let Some(c) = self.conns.get_mut(&reply.conn) {
-                    c.outbound.extend_from_slice(&reply.frame);
-                    c.wake();
-                }
+                self.release(reply.release);
             } else {
                 still_waiting.push(reply);
             }
         }
         self.pending = still_waiting;
-        let dirty: Vec<_> = self.dirty.drain().collect();
-        for device in dirty {
+        // Only envelopes that are durable are delivered: a device whose latest one is
+        // still in flight stays dirty until the commit that carries it.
+        let mut ready = Vec::new();
+        self.dirty.retain(|device, (shard, seq)| {
+            let is_durable = durable.get(*shard as usize).is_some_and(|d| d >= seq);
+            if is_durable {
+                ready.push(*device);
+            }
+            !is_durable
+        });
+        for device in ready {
             if let Some(&conn) = self.online.get(&device) {
                 self.pump(conn, now_ms);
             }
@@ -1071,7 +1584,7 @@ impl<S: Storage> Core<S> {
 
     /// Whether any shard has records waiting for a commit.
     pub fn has_pending_writes(&self) -> bool {
-        self.shards.iter().any(|s| s.borrow().has_pending())
+        self.shards.iter().flatten().any(|s| s.borrow().has_pending())
     }
 
     /// Feeds a connection from its mailbox, within its delivery window and output bound.
@@ -1086,7 +1599,9 @@ impl<S: Storage> Core<S> {
         if room == 0 {
             return;
         }
-        let shard = self.shards[home_shard_of_user(user_id) as usize].borrow();
+        let home = self.shards.get(home_shard_of_user(user_id) as usize);
+        let Some(shard) = home.and_then(Option::as_ref) else { return };
+        let shard = shard.borrow();
         let read =
             shard.read_mailbox((user_id, device_id), c.deliver_cursor, room as usize, now_ms);
         let mut delivered = 0;
@@ -1134,6 +1649,7 @@ impl<S: Storage> Core<S> {
             tracing::error!(%corrupt, user_id, device_id, "corrupt envelope not delivered");
         }
         drop(shard);
+        tracing::debug!(conn, user_id, delivered, "pumped");
         if delivered > 0 {
             self.counters.messages_delivered += delivered;
             c.wake();
@@ -1193,23 +1709,38 @@ impl<S: Storage> Core<S> {
             );
             return;
         }
-        let durable_now = waits
-            .iter()
-            .all(|(shard, seq)| self.shards[*shard as usize].borrow().durable_seq() >= *seq);
+        self.when_durable(waits, Release::Frame { conn, frame, started_us });
+    }
+
+    /// Releases `release` once every wait is durable (now, if they already are: no
+    /// commit would come to release it later).
+    fn when_durable(&mut self, waits: Vec<(u32, u64)>, release: Release) {
+        let durable_now = waits.iter().all(|(shard, seq)| {
+            self.local_shard(*shard).is_some_and(|s| s.borrow().durable_seq() >= *seq)
+        });
         if durable_now {
-            // Nothing to wait for (no write, or already synced): no commit will come to
-            // release it, so send it now.
-            if let Some(started) = started_us {
-                self.send_to_sent.observe(self.now_us.saturating_sub(started) as f64 / 1e6);
-            }
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.outbound.extend_from_slice(&frame);
-                c.wake();
-            }
-            return;
+            self.release(release);
+        } else {
+            tracing::debug!(?waits, "reply waits for durability");
+            self.pending.push(PendingReply { waits, release });
         }
-        tracing::debug!(conn, ?waits, message_type = T::TYPE.name(), "reply waits for durability");
-        self.pending.push(PendingReply { conn, waits, frame, started_us });
+    }
+
+    fn release(&mut self, release: Release) {
+        match release {
+            Release::Frame { conn, frame, started_us } => {
+                if let Some(started) = started_us {
+                    self.send_to_sent.observe(self.now_us.saturating_sub(started) as f64 / 1e6);
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.outbound.extend_from_slice(&frame);
+                    c.wake();
+                }
+            }
+            Release::Mesh { core, token, reply } => {
+                self.outbox[core as usize].push(CoreMsg::Reply { token, reply });
+            }
+        }
     }
 
     fn error_reply(
@@ -1241,12 +1772,33 @@ impl<S: Storage> Core<S> {
 
     fn storage_error(&mut self, conn: ConnId, rid: u32, ty: u16, error: &tern_engine::WriteError) {
         tracing::error!(%error, "storage refused a write");
-        let code = match error {
-            tern_engine::WriteError::StorageFull => ErrorCode::StorageFull,
-            tern_engine::WriteError::RecordTooLarge { .. } => ErrorCode::TooLarge,
-            _ => ErrorCode::Internal,
-        };
+        let code = write_error_code(error);
         self.error_reply(conn, rid, ty, code, "the server could not store this; retry later", 1000);
+    }
+}
+
+/// Compares the copies a sender gave (sorted, no repeats) with the devices that must
+/// get one.
+fn check_copies(
+    expected: &[(UserId, DeviceId)],
+    given: &[(UserId, DeviceId)],
+) -> Result<(), DeliverOutcome> {
+    let missing: Vec<_> =
+        expected.iter().filter(|d| given.binary_search(d).is_err()).copied().collect();
+    let extra: Vec<_> = given.iter().filter(|d| !expected.contains(d)).copied().collect();
+    if missing.is_empty() && extra.is_empty() {
+        Ok(())
+    } else {
+        Err(DeliverOutcome::Stale { missing, extra })
+    }
+}
+
+/// The error code a client gets for a write the storage refused.
+fn write_error_code(error: &tern_engine::WriteError) -> ErrorCode {
+    match error {
+        tern_engine::WriteError::StorageFull => ErrorCode::StorageFull,
+        tern_engine::WriteError::RecordTooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::Internal,
     }
 }
 

@@ -1,20 +1,20 @@
 //! `tern-edge`: `ternd`, Tern's server.
 //!
-//! What is built so far: one glommio executor serving TCP, TLS 1.3, WebSocket and
-//! WebSocket-over-TLS connections
-//! (handshake, registration with a logged verification code, token auth, durable 1:1
-//! messaging with sent/delivered/read ticks, one-time-key hand-out, rate limits,
-//! deadlines) over the engine's shards, an admin endpoint and a clean stop on signals.
-//! The protocol logic lives in [`core`] (synchronous, no I/O); [`runtime`] is the thin
-//! glommio driver. Not built yet: several executors with the channel mesh and fd
-//! hand-off (see README.md, Status).
+//! What is built so far: one glommio executor per core serving TCP, TLS 1.3, WebSocket
+//! and WebSocket-over-TLS connections (handshake, registration with a verification code,
+//! token auth, durable 1:1 messaging with sent/delivered/read ticks, one-time-key
+//! hand-out, rate limits, deadlines) over the engine's shards, each shard owned by one
+//! core; connections move to their user's home core, and cores exchange work only as
+//! [`mesh`] messages. An admin endpoint and a clean stop on signals. The protocol logic
+//! lives in [`core`] (synchronous, no I/O); [`runtime`] is the thin glommio driver.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // One exception: `runtime::socket_handoff` (moving a socket between cores).
 
 pub mod admin;
 pub mod code_sender;
 pub mod core;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod runtime;
 pub mod secrets;

@@ -64,9 +64,13 @@ struct Args {
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
-    /// Shard count of a new data directory (fixed once created).
+    /// Shard count of a new data directory (fixed once created; shard s is served by
+    /// core s % cores, so a restart with another core count keeps every shard).
     #[arg(long, default_value_t = 8)]
     shards: u32,
+    /// Executors, each pinned to a CPU (default: every CPU of the machine).
+    #[arg(long)]
+    cores: Option<u32>,
     /// Largest frame accepted after the handshake, in bytes.
     #[arg(long, default_value_t = tern_wire::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: u32,
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         listen: args.listen,
         shards: args.shards,
+        cores: args.cores,
         admin,
         tls_listen,
         ws_listen,

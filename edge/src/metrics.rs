@@ -43,6 +43,11 @@ impl Histogram {
     pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
+        self.render_samples(out, name, labels);
+    }
+
+    /// Appends the samples only (no `HELP`/`TYPE`), for one label set of a family.
+    pub fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
             cumulative += count;

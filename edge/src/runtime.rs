@@ -1,12 +1,21 @@
 //! The glommio driver: the only module of the edge that knows about the runtime.
 //!
-//! One executor (pinned to the first core) owns every shard, the listener and the
-//! connections. Per connection, one task moves bytes: socket → `FrameDecoder` →
-//! `Core::handle_frame`, and `Connection::outbound` → socket. One committer task writes
-//! and syncs whatever the shards accumulated, then lets the core release durable replies
-//! and deliver new envelopes. Several executors with a channel mesh come next.
+//! `--cores N` executors, each pinned to a CPU, each with its own [`Core`] over the
+//! shards it owns (shard `s` on core `s % N`), its own listeners on the same addresses
+//! (SO_REUSEPORT: the kernel spreads new connections) and its own committer. Per
+//! connection, one task moves bytes: socket → `FrameDecoder` → `Core::handle_frame`, and
+//! `Connection::outbound` → socket. The committer writes and syncs whatever the shards
+//! accumulated, then lets the core release durable replies and deliver new envelopes.
+//!
+//! Cores talk only through glommio's channel mesh, built at start-up: after a loop turn,
+//! one task sends each other core one [`Batch`] with everything for it — the core's
+//! outbox ([`CoreMsg`]s) and connections being handed over. A connection moves when
+//! [`Core::route`] says its registration or auth belongs to another core: its output is
+//! flushed, its socket descriptor duplicated and sent with the transport state (TLS,
+//! WebSocket) and the bytes not yet handled; the new core adopts it and carries on.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -18,15 +27,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::LocalExecutorBuilder;
 use tern_engine::uring::UringStorage;
 use tern_engine::{DataDir, ShardConfig, ShardHandle};
 use tern_wire::FrameDecoder;
 
 use crate::code_sender::{CodeSender, LogCodeSender, WebhookCodeSender};
-use crate::core::{ConnId, ConnState, Core, CoreConfig};
+use crate::core::{ConnId, ConnState, Core, CoreConfig, Placement, Session};
+use crate::mesh::CoreMsg;
 use crate::websocket::WsLayer;
 
 /// How `ternd` is started.
@@ -38,6 +49,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Shards of a new data directory (an existing one keeps its own count).
     pub shards: u32,
+    /// Executors, one per CPU (`None`: as many as the machine has).
+    pub cores: Option<u32>,
     /// The TLS listen address, if any.
     pub tls_listen: Option<SocketAddr>,
     /// The WebSocket listen address, if any.
@@ -54,8 +67,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Where verification codes go: an SMS gateway webhook, or the log if `None`.
     pub code_webhook: Option<crate::code_sender::WebhookUrl>,
-    /// Client connections held at most (beyond it new ones get `TooManyConnections`);
-    /// `None`: derived from the process's file descriptor limit.
+    /// Client connections held at most, split evenly between the cores (beyond it new
+    /// ones get `TooManyConnections`); `None`: derived from the process's file
+    /// descriptor limit.
     pub max_connections: Option<usize>,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
@@ -175,6 +189,8 @@ pub enum ServerError {
     },
     /// The listener or the executor failed.
     Io(io::Error),
+    /// `--cores` asks for something this machine cannot do.
+    Cores(String),
 }
 
 impl std::fmt::Display for ServerError {
@@ -183,112 +199,268 @@ impl std::fmt::Display for ServerError {
             ServerError::DataDir(e) => write!(f, "{e}"),
             ServerError::Shard { shard_id, error } => write!(f, "shard {shard_id}: {error}"),
             ServerError::Io(e) => write!(f, "{e}"),
+            ServerError::Cores(why) => write!(f, "--cores: {why}"),
         }
     }
 }
 
 impl std::error::Error for ServerError {}
 
+/// One mesh message: everything one core has for another after a loop turn.
+struct Batch {
+    messages: Vec<CoreMsg>,
+    connections: Vec<HandOff>,
+}
+
+/// A connection on its way to another core.
+struct HandOff {
+    socket: std::os::fd::OwnedFd,
+    wire: Wire,
+    /// Frame bytes received and not yet handled (the frame that must be handled there
+    /// first).
+    unread: Vec<u8>,
+    session: Session,
+    auth_deadline: std::time::Instant,
+}
+
+/// The addresses every core listens on, resolved once so that port 0 means the same
+/// port on every core.
+#[derive(Clone, Debug)]
+struct Addresses {
+    tcp: SocketAddr,
+    tls: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+/// Holds each listen port between resolving it and every core binding it: a bound,
+/// non-listening SO_REUSEPORT socket (it takes no connections).
+struct PortReservations(#[allow(dead_code)] Vec<socket2::Socket>);
+
+impl Addresses {
+    fn reserve(config: &ServerConfig) -> io::Result<(Addresses, PortReservations)> {
+        let mut held = Vec::new();
+        let mut reserve = |address: SocketAddr| -> io::Result<SocketAddr> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(address),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&address.into())?;
+            let bound = socket.local_addr()?.as_socket().ok_or_else(|| {
+                io::Error::other(format!("{address} did not bind to an IP address"))
+            })?;
+            held.push(socket);
+            Ok(bound)
+        };
+        let addresses = Addresses {
+            tcp: reserve(config.listen)?,
+            tls: config.tls_listen.map(&mut reserve).transpose()?,
+            ws: config.ws_listen.map(&mut reserve).transpose()?,
+            wss: config.wss_listen.map(&mut reserve).transpose()?,
+            admin: config.admin,
+        };
+        Ok((addresses, PortReservations(held)))
+    }
+}
+
+/// What one executor needs to start.
+struct CoreSetup {
+    index: u32,
+    cores: u32,
+    shard_dirs: Vec<PathBuf>,
+    config: ServerConfig,
+    addresses: Addresses,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mesh: MeshBuilder<Batch, Full>,
+    stop: StopSignal,
+}
+
 /// Runs the server until the process is stopped.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let data_dir = DataDir::open_or_create(&config.data_dir, config.shards, now_ms())
         .map_err(ServerError::DataDir)?;
     let manifest = data_dir.manifest();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cores = config.cores.unwrap_or(cpus);
+    if cores == 0 || cores > 256 {
+        return Err(ServerError::Cores(format!("{cores} cores; use 1 to 256")));
+    }
     tracing::info!(
         data_dir = %config.data_dir.display(),
         shards = manifest.shard_count,
+        cores,
         "data directory open"
     );
-    // SIGINT/SIGTERM set a flag the executor checks: stop accepting, flush, exit 0.
+    if cores > manifest.shard_count {
+        tracing::warn!(
+            cores,
+            shards = manifest.shard_count,
+            "more cores than shards: some cores only accept connections and hand them over"
+        );
+    }
+    let (addresses, reservations) = Addresses::reserve(&config).map_err(ServerError::Io)?;
+    let tls = match (addresses.tls, addresses.wss) {
+        (None, None) => None,
+        _ => Some(crate::tls::server_config(&config.tls).map_err(ServerError::Io)?),
+    };
+    // SIGINT/SIGTERM set a flag every core checks: stop accepting, flush, exit 0.
     let stop = StopSignal::install().map_err(ServerError::Io)?;
-    let handle = LocalExecutorBuilder::new(Placement::Fixed(0))
-        .name("tern-core-0")
-        .spawn(move || serve(config, data_dir, stop))
-        .map_err(|e| ServerError::Io(io::Error::other(e.to_string())))?;
-    handle.join().map_err(|e| ServerError::Io(io::Error::other(e.to_string())))?
+    let shard_dirs: Vec<PathBuf> =
+        (0..manifest.shard_count).map(|id| data_dir.shard_dir(id)).collect();
+    let mesh = MeshBuilder::<Batch, Full>::full(cores as usize, 1024);
+    let mut handles = Vec::with_capacity(cores as usize);
+    for index in 0..cores {
+        let setup = CoreSetup {
+            index,
+            cores,
+            shard_dirs: shard_dirs.clone(),
+            config: config.clone(),
+            addresses: addresses.clone(),
+            tls: tls.clone(),
+            mesh: mesh.clone(),
+            stop: stop.clone(),
+        };
+        let handle = LocalExecutorBuilder::new(glommio::Placement::Fixed((index % cpus) as usize))
+            .name(&format!("tern-core-{index}"))
+            .spawn(move || serve(setup))
+            .map_err(|e| ServerError::Io(io::Error::other(e.to_string())))?;
+        handles.push(handle);
+    }
+    drop(mesh);
+    let mut outcome = Ok(());
+    for handle in handles {
+        let joined = handle.join().map_err(|e| ServerError::Io(io::Error::other(e.to_string())));
+        if let Err(error) = joined.and_then(|served| served) {
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
+        }
+    }
+    drop(reservations);
+    outcome
 }
 
-async fn serve(
-    config: ServerConfig,
-    data_dir: DataDir,
-    stop: StopSignal,
-) -> Result<(), ServerError> {
-    let shard_count = data_dir.manifest().shard_count;
-    let mut shards = Vec::with_capacity(shard_count as usize);
-    for shard_id in 0..shard_count {
-        let storage = UringStorage::new(data_dir.shard_dir(shard_id)).map_err(ServerError::Io)?;
+/// One core's shared state, for its tasks.
+struct Ctx {
+    core: Rc<RefCell<Core<UringStorage>>>,
+    commit_needed: Notify,
+    mesh_needed: Notify,
+    stopping: Notify,
+    /// Connections leaving for other cores, sent with the next batch.
+    leaving: RefCell<Vec<(u32, HandOff)>>,
+    /// (auth deadline, idle timeout).
+    limits: (Duration, Duration),
+}
+
+impl Ctx {
+    /// After the core did work: wake the committer and the mesh sender if it left them
+    /// something.
+    fn kick(&self) {
+        let core = self.core.borrow();
+        if core.has_pending_writes() {
+            self.commit_needed.notify();
+        }
+        if core.has_outbox() {
+            self.mesh_needed.notify();
+        }
+    }
+}
+
+async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
+    let CoreSetup { index, cores, shard_dirs, config, addresses, tls, mesh, stop } = setup;
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| ServerError::Io(io::Error::other(format!("channel mesh: {e}"))))?;
+    // Mesh peers are ordered by executor creation, which is the index order.
+    debug_assert_eq!(senders.peer_id(), index as usize);
+    let placement = Placement { index, count: cores };
+    let mut shards: Vec<Option<ShardHandle<UringStorage>>> = Vec::with_capacity(shard_dirs.len());
+    for (shard_id, dir) in shard_dirs.into_iter().enumerate() {
+        let shard_id = shard_id as u32;
+        if placement.core_of_shard(shard_id) != index {
+            shards.push(None);
+            continue;
+        }
+        let storage = UringStorage::new(dir).map_err(ServerError::Io)?;
         let shard = ShardHandle::open(storage, ShardConfig::new(shard_id))
             .await
             .map_err(|error| ServerError::Shard { shard_id, error })?;
-        shards.push(shard);
+        shards.push(Some(shard));
     }
+    let owned: Vec<usize> = (0..shards.len()).filter(|s| shards[*s].is_some()).collect();
+    tracing::info!(core = index, shards = ?owned, "core serving");
     let code_sender: Box<dyn CodeSender> = match &config.code_webhook {
         Some(url) => {
-            let (host, port) = (&url.host, url.port);
-            tracing::info!(%host, port, "verification codes go to the webhook");
+            if index == 0 {
+                let (host, port) = (&url.host, url.port);
+                tracing::info!(%host, port, "verification codes go to the webhook");
+            }
             Box::new(WebhookCodeSender::new(url.clone(), 5, Duration::from_millis(200)))
         }
         None => {
-            tracing::warn!("verification codes are written to this log (development only)");
+            if index == 0 {
+                tracing::warn!("verification codes are written to this log (development only)");
+            }
             Box::new(LogCodeSender)
         }
     };
-    let core = Rc::new(RefCell::new(Core::new(shards, config.core.clone(), code_sender)));
-    let commit_needed = Rc::new(Notify::default());
-    let stopping = Rc::new(Notify::default());
+    let core = Core::new(placement, shards, config.core.clone(), code_sender);
+    let ctx = Rc::new(Ctx {
+        core: Rc::new(RefCell::new(core)),
+        commit_needed: Notify::default(),
+        mesh_needed: Notify::default(),
+        stopping: Notify::default(),
+        leaving: RefCell::new(Vec::new()),
+        limits: (config.auth_deadline, config.idle_timeout),
+    });
 
-    glommio::spawn_local(committer(core.clone(), commit_needed.clone())).detach();
-    glommio::spawn_local(maintenance(core.clone(), config.maintenance_interval)).detach();
-    glommio::spawn_local(watch_signals(stop, stopping.clone())).detach();
-    if let Some(admin) = config.admin {
+    glommio::spawn_local(committer(ctx.clone())).detach();
+    glommio::spawn_local(maintenance(ctx.clone(), config.maintenance_interval)).detach();
+    glommio::spawn_local(watch_signals(stop, ctx.clone())).detach();
+    glommio::spawn_local(mesh_out(ctx.clone(), senders)).detach();
+    let receivers = Rc::new(receivers);
+    for peer in (0..cores).filter(|peer| *peer != index) {
+        glommio::spawn_local(mesh_in(ctx.clone(), receivers.clone(), peer)).detach();
+    }
+    if index != 0 {
+        glommio::spawn_local(push_stats(ctx.clone())).detach();
+    }
+    if let (0, Some(admin)) = (index, addresses.admin) {
         let listener = TcpListener::bind(admin).map_err(|e| ServerError::Io(e.into()))?;
         let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
         tracing::info!(%local, "admin endpoint listening (/healthz, /metrics)");
-        glommio::spawn_local(crate::admin::serve(listener, core.clone())).detach();
+        glommio::spawn_local(crate::admin::serve(listener, ctx.core.clone())).detach();
     }
 
-    let limits = (config.auth_deadline, config.idle_timeout);
     let fd_limit = open_files_limit();
     // Keep descriptors for segments, checkpoints, listeners and the admin endpoint.
     let derived = fd_limit.map_or(10_000, |limit| limit.saturating_sub(256) as usize);
     let max_connections = config.max_connections.unwrap_or(derived);
-    tracing::info!(fd_limit = ?fd_limit, max_connections, "connection limit");
-    core.borrow_mut().set_max_connections(max_connections);
-    let listener = TcpListener::bind(config.listen).map_err(|e| ServerError::Io(e.into()))?;
-    let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
-    tracing::info!(%local, "listening (tcp)");
-    let plain = Layers { tls: None, websocket: false };
-    let mut accepting = vec![glommio::spawn_local(accept_loop(
-        listener,
-        plain,
-        core.clone(),
-        commit_needed.clone(),
-        stopping.clone(),
-        limits,
-    ))];
-    let tls_config = match (config.tls_listen, config.wss_listen) {
-        (None, None) => None,
-        _ => Some(crate::tls::server_config(&config.tls).map_err(ServerError::Io)?),
-    };
-    let extra = [
-        (config.tls_listen, "listening (tls)", true, false),
-        (config.ws_listen, "listening (websocket)", false, true),
-        (config.wss_listen, "listening (websocket over tls)", true, true),
+    let per_core = max_connections.div_ceil(cores as usize);
+    if index == 0 {
+        tracing::info!(fd_limit = ?fd_limit, max_connections, per_core, "connection limit");
+    }
+    ctx.core.borrow_mut().set_max_connections(per_core);
+    let listeners = [
+        (Some(addresses.tcp), "listening (tcp)", false, false),
+        (addresses.tls, "listening (tls)", true, false),
+        (addresses.ws, "listening (websocket)", false, true),
+        (addresses.wss, "listening (websocket over tls)", true, true),
     ];
-    for (address, what, tls, websocket) in extra {
+    let mut accepting = Vec::new();
+    for (address, what, with_tls, websocket) in listeners {
         let Some(address) = address else { continue };
         let listener = TcpListener::bind(address).map_err(|e| ServerError::Io(e.into()))?;
         let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
-        tracing::info!(%local, "{what}");
-        let layers = Layers { tls: if tls { tls_config.clone() } else { None }, websocket };
-        accepting.push(glommio::spawn_local(accept_loop(
-            listener,
-            layers,
-            core.clone(),
-            commit_needed.clone(),
-            stopping.clone(),
-            limits,
-        )));
+        if index == 0 {
+            tracing::info!(%local, cores, "{what}");
+        }
+        let layers = Layers { tls: if with_tls { tls.clone() } else { None }, websocket };
+        accepting.push(glommio::spawn_local(accept_loop(listener, layers, ctx.clone())));
     }
     for task in accepting {
         task.await;
@@ -296,37 +468,31 @@ async fn serve(
 
     // Shutdown: no new connections; make everything appended durable, release the
     // replies that waited for it, tell clients, give their sockets a moment to flush.
-    tracing::info!("stopping: flushing and closing connections");
-    let shards: Vec<_> = core.borrow().shards().to_vec();
-    for shard in &shards {
+    tracing::info!(core = index, "stopping: flushing and closing connections");
+    let shards = ctx.core.borrow().owned_shards();
+    for (_, shard) in &shards {
         while shard.borrow().has_pending() {
             if shard.commit().await.is_err() {
                 break;
             }
         }
     }
-    core.borrow_mut().on_durable(now_ms());
-    core.borrow_mut().shut_down();
+    ctx.core.borrow_mut().on_durable(now_ms());
+    ctx.core.borrow_mut().shut_down();
+    ctx.kick();
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while core.borrow().connection_count() > 0 && std::time::Instant::now() < deadline {
+    while ctx.core.borrow().connection_count() > 0 && std::time::Instant::now() < deadline {
         Timer::new(Duration::from_millis(20)).await;
     }
-    tracing::info!("stopped");
+    tracing::info!(core = index, "stopped");
     Ok(())
 }
 
 /// Accepts connections on one listener until the server stops.
-async fn accept_loop(
-    listener: TcpListener,
-    layers: Layers,
-    core: Rc<RefCell<Core<UringStorage>>>,
-    commit_needed: Rc<Notify>,
-    stopping: Rc<Notify>,
-    limits: (Duration, Duration),
-) {
+async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stopping.wait_raised().await;
+            ctx.stopping.wait_raised().await;
             None
         })
         .await;
@@ -340,7 +506,7 @@ async fn accept_loop(
             None => break,
         };
         let _ = stream.set_nodelay(true);
-        let max_frame_bytes = core.borrow().config().max_frame_bytes;
+        let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
         let wire = match Wire::new(&layers, max_frame_bytes) {
             Ok(wire) => wire,
             Err(error) => {
@@ -348,39 +514,39 @@ async fn accept_loop(
                 continue;
             }
         };
-        let conn = core.borrow_mut().open_connection();
-        if core.borrow().connection_count() > core.borrow().max_connections() {
+        let conn = ctx.core.borrow_mut().open_connection();
+        if ctx.core.borrow().connection_count() > ctx.core.borrow().max_connections() {
             // Refuse cleanly: a typed error on this connection, then close it.
-            core.borrow_mut().refuse_connection(conn);
+            ctx.core.borrow_mut().refuse_connection(conn);
         }
-        let task = connection(core.clone(), commit_needed.clone(), conn, stream, limits, wire);
+        let deadline = std::time::Instant::now() + ctx.limits.0;
+        let task = connection(ctx.clone(), conn, stream, wire, Vec::new(), deadline);
         glommio::spawn_local(task).detach();
     }
 }
 
-/// Periodically checkpoints every shard that changed and reclaims space (deleting
-/// drained segments, compacting mostly-dead ones), so recovery stays short and disk use
-/// follows the backlog.
-async fn maintenance(core: Rc<RefCell<Core<UringStorage>>>, interval: Duration) {
-    let mut checkpointed: Vec<u64> = Vec::new();
+/// Periodically checkpoints every shard of this core that changed and reclaims space
+/// (deleting drained segments, compacting mostly-dead ones), so recovery stays short and
+/// disk use follows the backlog.
+async fn maintenance(ctx: Rc<Ctx>, interval: Duration) {
+    let mut checkpointed: HashMap<u32, u64> = HashMap::new();
     loop {
         Timer::new(interval).await;
-        let shards: Vec<_> = core.borrow().shards().to_vec();
-        checkpointed.resize(shards.len(), 0);
-        for (index, shard) in shards.iter().enumerate() {
+        let shards = ctx.core.borrow().owned_shards();
+        for (shard_id, shard) in &shards {
             let durable = shard.borrow().durable_seq();
-            if durable == checkpointed[index] {
+            if checkpointed.get(shard_id) == Some(&durable) {
                 continue;
             }
             match shard.reclaim(now_ms()).await {
                 Ok(deleted) => {
-                    checkpointed[index] = shard.borrow().durable_seq();
+                    checkpointed.insert(*shard_id, shard.borrow().durable_seq());
                     if deleted > 0 {
-                        tracing::info!(shard = index, deleted, "reclaimed segments");
+                        tracing::info!(shard = shard_id, deleted, "reclaimed segments");
                     }
                 }
                 Err(error) => {
-                    tracing::error!(shard = index, %error, "checkpoint or reclaim failed")
+                    tracing::error!(shard = shard_id, %error, "checkpoint or reclaim failed")
                 }
             }
         }
@@ -395,23 +561,23 @@ fn open_files_limit() -> Option<u64> {
 }
 
 /// Turns the signal flag into a wake-up of the accept loops.
-async fn watch_signals(stop: StopSignal, stopping: Rc<Notify>) {
+async fn watch_signals(stop: StopSignal, ctx: Rc<Ctx>) {
     while !stop.raised() {
         Timer::new(Duration::from_millis(100)).await;
     }
-    stopping.raise();
+    ctx.stopping.raise();
 }
 
-/// Commits whatever the shards accumulated, as long as there is something, then lets
-/// the core release durable replies and deliver. Group commit: appends that arrive while
-/// a commit is in flight go into the next one.
-async fn committer(core: Rc<RefCell<Core<UringStorage>>>, commit_needed: Rc<Notify>) {
+/// Commits whatever this core's shards accumulated, as long as there is something, then
+/// lets the core release durable replies and deliver. Group commit: appends that arrive
+/// while a commit is in flight go into the next one.
+async fn committer(ctx: Rc<Ctx>) {
     loop {
-        commit_needed.wait().await;
+        ctx.commit_needed.wait().await;
         loop {
-            let shards: Vec<_> = core.borrow().shards().to_vec();
+            let shards = ctx.core.borrow().owned_shards();
             let mut committed_any = false;
-            for shard in &shards {
+            for (_, shard) in &shards {
                 if shard.borrow().has_pending() {
                     committed_any = true;
                     let records_before = shard.borrow().counters().committed_records;
@@ -421,18 +587,110 @@ async fn committer(core: Rc<RefCell<Core<UringStorage>>>, commit_needed: Rc<Noti
                     }
                     let records = shard.borrow().counters().committed_records - records_before;
                     if records > 0 {
-                        core.borrow_mut().commit_batch_records.observe(records as f64);
+                        ctx.core.borrow_mut().commit_batch_records.observe(records as f64);
                     }
                 }
             }
-            let mut core_ref = core.borrow_mut();
-            core_ref.set_clock(now_us());
-            core_ref.on_durable(now_ms());
-            drop(core_ref);
+            let mut core = ctx.core.borrow_mut();
+            core.set_clock(now_us());
+            core.on_durable(now_ms());
+            drop(core);
+            ctx.kick();
             if !committed_any {
                 break;
             }
         }
+    }
+}
+
+/// Sends each other core one batch per loop turn: the core's outbox and the connections
+/// leaving for it.
+async fn mesh_out(ctx: Rc<Ctx>, senders: Senders<Batch>) {
+    loop {
+        // Woken tasks run in order: by the time this one runs, the connections that
+        // were ready this turn have added to the batch.
+        ctx.mesh_needed.wait().await;
+        let mut batches: HashMap<u32, Batch> = HashMap::new();
+        for (core, messages) in ctx.core.borrow_mut().take_outbox() {
+            batches.entry(core).or_insert_with(Batch::empty).messages = messages;
+        }
+        for (core, hand_off) in ctx.leaving.borrow_mut().drain(..) {
+            batches.entry(core).or_insert_with(Batch::empty).connections.push(hand_off);
+        }
+        for (core, batch) in batches {
+            if senders.send_to(core as usize, batch).await.is_err() {
+                tracing::warn!(core, "another core stopped; dropping what was for it");
+            }
+        }
+    }
+}
+
+impl Batch {
+    fn empty() -> Batch {
+        Batch { messages: Vec::new(), connections: Vec::new() }
+    }
+}
+
+/// Receives the batches `peer` sends this core, until it stops.
+async fn mesh_in(ctx: Rc<Ctx>, receivers: Rc<Receivers<Batch>>, peer: u32) {
+    while let Ok(Some(batch)) = receivers.recv_from(peer as usize).await {
+        for hand_off in batch.connections {
+            adopt(&ctx, hand_off);
+        }
+        if !batch.messages.is_empty() {
+            let mut core = ctx.core.borrow_mut();
+            core.set_clock(now_us());
+            core.on_mesh(batch.messages, now_ms());
+            drop(core);
+            ctx.kick();
+        }
+    }
+}
+
+/// Sends this core's metrics to core 0 (which serves the admin endpoint) every second.
+async fn push_stats(ctx: Rc<Ctx>) {
+    loop {
+        ctx.core.borrow_mut().push_stats_to(0);
+        ctx.mesh_needed.notify();
+        Timer::new(Duration::from_secs(1)).await;
+    }
+}
+
+/// Takes over a connection another core handed over.
+fn adopt(ctx: &Rc<Ctx>, hand_off: HandOff) {
+    let HandOff { socket, wire, unread, session, auth_deadline } = hand_off;
+    let stream = socket_handoff::attach(socket);
+    let conn = ctx.core.borrow_mut().adopt(session);
+    tracing::debug!(conn, unread = unread.len(), "adopted a connection");
+    let task = connection(ctx.clone(), conn, stream, wire, unread, auth_deadline);
+    glommio::spawn_local(task).detach();
+}
+
+/// Moving a socket between executors: its descriptor is duplicated (glommio's stream
+/// owns and closes the original) and the duplicate is adopted on the other core. The
+/// process's descriptor table is shared by its threads, so the number is valid there.
+#[allow(unsafe_code)]
+mod socket_handoff {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+
+    use glommio::net::TcpStream;
+
+    /// Gives up `stream`, keeping its socket open as an owned descriptor.
+    pub fn detach(stream: TcpStream) -> io::Result<OwnedFd> {
+        let raw = stream.as_raw_fd();
+        // SAFETY: `raw` is the open descriptor of `stream`, which is alive until the
+        // `drop` below, after the duplicate is made.
+        let duplicate = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()?;
+        drop(stream);
+        Ok(duplicate)
+    }
+
+    /// Wraps a descriptor from [`detach`] in a stream of the calling executor.
+    pub fn attach(socket: OwnedFd) -> TcpStream {
+        // SAFETY: `socket` is an open, connected TCP socket (made by `detach`) that we
+        // own; ownership moves into the stream, which closes it when dropped.
+        unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) }
     }
 }
 
@@ -548,27 +806,35 @@ impl Wire {
     }
 }
 
-/// Moves bytes for one connection until it closes.
+/// Moves bytes for one connection until it closes or moves to another core. `unread`:
+/// frame bytes already received (from the core that handed the connection over).
 async fn connection(
-    core: Rc<RefCell<Core<UringStorage>>>,
-    commit_needed: Rc<Notify>,
+    ctx: Rc<Ctx>,
     conn: ConnId,
     mut stream: TcpStream,
-    (auth_deadline, idle_timeout): (Duration, Duration),
     mut wire: Wire,
+    unread: Vec<u8>,
+    auth_deadline: std::time::Instant,
 ) {
+    let core = &ctx.core;
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
     let mut buffer = vec![0u8; 64 * 1024];
     let mut frames = Vec::new();
     // Until authenticated, the auth deadline runs from the connection's start (TLS and
-    // handshake included); after, the idle timeout runs from the last frame received.
-    let mut timer = Timer::new(auth_deadline);
-    loop {
+    // handshake included, on whichever core); after, the idle timeout runs from the last
+    // frame received.
+    let mut timer = Timer::new(auth_deadline.saturating_duration_since(std::time::Instant::now()));
+    let mut moving_to = None;
+    if !unread.is_empty() {
+        decoder.feed(&unread);
+        moving_to = handle_frames(&ctx, conn, &mut decoder, &mut timer);
+    }
+    while moving_to.is_none() {
         let event = std::future::poll_fn(|cx| {
             if Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Event::TimedOut);
             }
-            poll_connection(&core, conn, &mut stream, &mut wire, &mut buffer, cx)
+            poll_connection(core, conn, &mut stream, &mut wire, &mut buffer, cx, true)
         })
         .await;
         match event {
@@ -585,81 +851,135 @@ async fn connection(
                     }
                 };
                 decoder.feed(bytes);
-                let mut core_ref = core.borrow_mut();
-                core_ref.set_clock(now_us());
-                loop {
-                    decoder.set_max_frame_bytes(core_ref.max_frame_bytes(conn));
-                    match decoder.next_frame() {
-                        Ok(Some(frame)) => core_ref.handle_frame(conn, &frame, now_ms()),
-                        Ok(None) => break,
-                        Err(error) => {
-                            core_ref.reject_malformed(conn, error);
-                            break;
-                        }
-                    }
-                }
-                let authenticated = core_ref
-                    .connection(conn)
-                    .is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
-                if authenticated {
-                    timer = Timer::new(idle_timeout);
-                }
-                if core_ref.has_pending_writes() {
-                    commit_needed.notify();
-                }
+                moving_to = handle_frames(&ctx, conn, &mut decoder, &mut timer);
             }
-            Event::Wrote(n) => {
-                if wire.is_layered() {
-                    wire.out.drain(..n);
-                } else {
-                    let mut core_ref = core.borrow_mut();
-                    if let Some(c) = core_ref.connection(conn) {
-                        c.outbound.drain(..n);
-                    }
-                }
-                core.borrow_mut().on_writable(conn, now_ms());
-            }
+            Event::Wrote(n) => wrote(core, conn, &mut wire, n),
             Event::TimedOut => {
                 core.borrow_mut().time_out(conn);
                 // Give the error frame a moment to go out, then close regardless.
                 timer = Timer::new(Duration::from_secs(1));
-                loop {
-                    let flushed = std::future::poll_fn(|cx| {
-                        if Pin::new(&mut timer).poll(cx).is_ready() {
-                            return Poll::Ready(Event::Closed);
-                        }
-                        poll_connection(&core, conn, &mut stream, &mut wire, &mut buffer, cx)
-                    })
-                    .await;
-                    match flushed {
-                        Event::Wrote(n) if wire.is_layered() => {
-                            wire.out.drain(..n);
-                        }
-                        Event::Wrote(n) => {
-                            if let Some(c) = core.borrow_mut().connection(conn) {
-                                c.outbound.drain(..n);
-                            }
-                        }
-                        Event::Read(_) => {}
-                        Event::Closed | Event::TimedOut => break,
-                    }
-                }
+                let _ = flush(core, conn, &mut stream, &mut wire, &mut timer).await;
                 break;
             }
             Event::Closed => break,
         }
     }
+    if let Some(to) = moving_to {
+        // Everything said so far goes out from here, so that the other core's output
+        // follows it; then the socket and what was not handled yet move.
+        timer = Timer::new(auth_deadline.saturating_duration_since(std::time::Instant::now()));
+        let flushed = flush(core, conn, &mut stream, &mut wire, &mut timer).await;
+        let session = core.borrow_mut().hand_off(conn);
+        if let (true, Some(session)) = (flushed, session) {
+            match socket_handoff::detach(stream) {
+                Ok(socket) => {
+                    let unread = decoder.take_buffered();
+                    tracing::debug!(to, unread = unread.len(), "handing a connection over");
+                    let hand_off = HandOff { socket, wire, unread, session, auth_deadline };
+                    ctx.leaving.borrow_mut().push((to, hand_off));
+                    ctx.mesh_needed.notify();
+                }
+                Err(error) => tracing::warn!(%error, "could not hand a connection over"),
+            }
+        }
+        return;
+    }
     core.borrow_mut().close_connection(conn);
 }
 
-/// One step of a connection: write pending output if the socket takes it, else read.
+/// Handles every whole frame the decoder holds. Returns the core the connection must
+/// move to if a frame belongs there (that frame and the rest stay in the decoder).
+fn handle_frames(
+    ctx: &Ctx,
+    conn: ConnId,
+    decoder: &mut FrameDecoder,
+    timer: &mut Timer,
+) -> Option<u32> {
+    let mut core = ctx.core.borrow_mut();
+    core.set_clock(now_us());
+    let now = now_ms();
+    let mut moving = None;
+    loop {
+        decoder.set_max_frame_bytes(core.max_frame_bytes(conn));
+        match decoder.next_frame() {
+            Ok(Some(frame)) => {
+                if let Some(to) = core.route(conn, &frame.message) {
+                    moving = Some((to, frame.header.frame_bytes()));
+                    break;
+                }
+                core.handle_frame(conn, &frame, now);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                core.reject_malformed(conn, error);
+                break;
+            }
+        }
+    }
+    let authenticated =
+        core.connection(conn).is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
+    if authenticated {
+        *timer = Timer::new(ctx.limits.1);
+    }
+    drop(core);
+    ctx.kick();
+    let (to, frame_bytes) = moving?;
+    decoder.unread(frame_bytes);
+    Some(to)
+}
+
+/// The socket took `n` bytes of pending output.
+fn wrote(core: &RefCell<Core<UringStorage>>, conn: ConnId, wire: &mut Wire, n: usize) {
+    if wire.is_layered() {
+        wire.out.drain(..n);
+    } else if let Some(c) = core.borrow_mut().connection(conn) {
+        c.outbound.drain(..n);
+    }
+    core.borrow_mut().on_writable(conn, now_ms());
+}
+
+/// Writes all pending output (reading nothing) until it is out, the socket fails or
+/// `timer` fires. Returns whether everything went out.
+async fn flush(
+    core: &RefCell<Core<UringStorage>>,
+    conn: ConnId,
+    stream: &mut TcpStream,
+    wire: &mut Wire,
+    timer: &mut Timer,
+) -> bool {
+    let mut buffer = [0u8; 0];
+    loop {
+        let pending = wire.out.len()
+            + core.borrow_mut().connection(conn).map_or(0, |c| c.outbound.len())
+            + wire.layered.len();
+        if pending == 0 {
+            return true;
+        }
+        let event = std::future::poll_fn(|cx| {
+            if Pin::new(&mut *timer).poll(cx).is_ready() {
+                return Poll::Ready(Event::TimedOut);
+            }
+            poll_connection(core, conn, stream, wire, &mut buffer, cx, false)
+        })
+        .await;
+        match event {
+            Event::Wrote(n) => wrote(core, conn, wire, n),
+            Event::Read(_) => {}
+            Event::Closed | Event::TimedOut => return false,
+        }
+    }
+}
+
+/// One step of a connection: write pending output if the socket takes it, else (if
+/// `read`) read.
 fn poll_connection(
-    core: &Rc<RefCell<Core<UringStorage>>>,
+    core: &RefCell<Core<UringStorage>>,
     conn: ConnId,
     stream: &mut TcpStream,
     wire: &mut Wire,
     buffer: &mut [u8],
     cx: &mut Context<'_>,
+    read: bool,
 ) -> Poll<Event> {
     let mut core_ref = core.borrow_mut();
     let Some(c) = core_ref.connection(conn) else { return Poll::Ready(Event::Closed) };
@@ -679,8 +999,8 @@ fn poll_connection(
     } else if c.closing {
         return Poll::Ready(Event::Closed);
     }
-    if c.closing {
-        // Flushing before close: read nothing more from a peer we are dropping.
+    if c.closing || !read {
+        // Flushing before close or hand-over: read nothing more now.
         return Poll::Pending;
     }
     drop(core_ref);

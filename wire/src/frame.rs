@@ -203,6 +203,27 @@ impl FrameDecoder {
         }
     }
 
+    /// Steps back over the last `frame_bytes` returned by [`FrameDecoder::next_frame`]
+    /// (header included), so that they are decoded again or taken with
+    /// [`FrameDecoder::take_buffered`]: a server that must hand a connection to another
+    /// thread before handling a frame gives that frame along.
+    ///
+    /// # Panics
+    /// If more bytes are given back than were returned since the last `feed`/`spare`.
+    pub fn unread(&mut self, frame_bytes: usize) {
+        assert!(frame_bytes <= self.start, "unread more than the last frames returned");
+        self.start -= frame_bytes;
+    }
+
+    /// Takes every byte received but not yet returned as a frame, leaving the decoder
+    /// empty (its limit and any sticky error stay).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buffer.split_off(self.start);
+        self.buffer.clear();
+        self.start = 0;
+        rest
+    }
+
     /// Moves the undecoded bytes to the front once the consumed prefix dominates, so
     /// the buffer does not grow with the stream.
     fn compact(&mut self) {

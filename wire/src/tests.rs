@@ -247,6 +247,41 @@ proptest! {
         }
     }
 
+    /// A frame given back with `unread` and everything after it, taken with
+    /// `take_buffered` and fed to a fresh decoder (another core's, in the server), yield
+    /// the rest of the stream unchanged.
+    #[test]
+    fn handed_over_bytes_continue_the_stream(
+        nonces in proptest::collection::vec(any::<u64>(), 2..20),
+        split in 0usize..100,
+        partial_tail in 0usize..20,
+    ) {
+        let mut stream = Vec::new();
+        for (i, nonce) in nonces.iter().enumerate() {
+            encode_frame(&mut stream, i as u32, 0, &Ping { nonce: *nonce }, MAX).unwrap();
+        }
+        let handed = split % (nonces.len() - 1); // The last frame may be partial.
+        // Everything but a partial last frame arrives before the hand-over.
+        let arrived = stream.len() - partial_tail.min(HEADER_BYTES);
+        let mut first = FrameDecoder::new(MAX);
+        first.feed(&stream[..arrived]);
+        let mut size = 0;
+        for _ in 0..=handed {
+            size = first.next_frame().unwrap().unwrap().header.frame_bytes();
+        }
+        first.unread(size);
+        let mut second = FrameDecoder::new(MAX);
+        second.feed(&first.take_buffered());
+        prop_assert_eq!(first.buffered_bytes(), 0);
+        second.feed(&stream[arrived..]);
+        for (i, nonce) in nonces.iter().enumerate().skip(handed) {
+            let frame = second.next_frame().unwrap().unwrap();
+            prop_assert_eq!(frame.header.request_id, i as u32);
+            prop_assert_eq!(access::<Ping>(frame.payload).unwrap().nonce.to_native(), *nonce);
+        }
+        prop_assert!(second.next_frame().unwrap().is_none());
+    }
+
     /// Arbitrary bytes after a valid header never panic and never validate as a frame
     /// of the wrong shape: either a typed error or a payload that re-validates.
     #[test]

@@ -1,0 +1,157 @@
+//! What cores say to each other: the messages of the channel mesh, as plain owned data.
+//!
+//! A user's connections, mailboxes and state live on the core that owns the user's home
+//! shard, so most work never leaves its core. What does cross — a message to a user homed
+//! elsewhere, a receipt routed back to its sender, a key-bundle fetch, a metrics snapshot —
+//! is one of these values. The core (`core.rs`) produces them into a per-destination
+//! outbox and consumes them in `Core::on_mesh`; the runtime moves each outbox as one mesh
+//! message per destination per loop turn. Nothing here borrows: a value crosses a thread.
+
+use tern_engine::ShardCounters;
+use tern_wire::messages::{DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, UserId};
+use tern_wire::ErrorCode;
+
+use crate::metrics::Histogram;
+
+/// One item of a core-to-core batch.
+#[derive(Debug)]
+pub enum CoreMsg {
+    /// Work for the receiving core; `token` comes back in the [`CoreMsg::Reply`] (0: no
+    /// reply wanted).
+    Request {
+        /// The asking core.
+        from: u32,
+        /// The asker's handle on the answer.
+        token: u64,
+        /// What to do.
+        request: Request,
+    },
+    /// The answer to a request.
+    Reply {
+        /// The asker's token.
+        token: u64,
+        /// The answer.
+        reply: Reply,
+    },
+    /// A core's metrics, pushed periodically to the core that serves the admin endpoint.
+    Stats(Box<CoreStats>),
+}
+
+/// Work one core asks of the core owning a user's home shard.
+#[derive(Debug)]
+pub enum Request {
+    /// Store a message's copies for the recipient's devices (answered once durable).
+    Deliver(DeliverRequest),
+    /// Append a server-made envelope (a receipt) to every device of `to_user`.
+    ServerEnvelope {
+        /// The recipient.
+        to_user: UserId,
+        /// On whose behalf (the receipt's author).
+        from: (UserId, DeviceId),
+        /// Envelope kind.
+        kind: EnvelopeKind,
+        /// The archived body.
+        body: Vec<u8>,
+        /// The asker's clock.
+        now_ms: u64,
+    },
+    /// Hand out `target`'s key bundles (one-time keys claimed; answered once durable).
+    FetchBundles {
+        /// Whose keys.
+        target: UserId,
+        /// Which devices (empty: all).
+        wanted: Vec<DeviceId>,
+    },
+}
+
+/// A send's copies for one recipient user, checked and appended on its home core.
+#[derive(Debug)]
+pub struct DeliverRequest {
+    /// The authenticated sending device.
+    pub sender: (UserId, DeviceId),
+    /// The recipient user.
+    pub peer: UserId,
+    /// The sender's id for the message (dedup key with `sender`).
+    pub client_message_id: u64,
+    /// The id the sender's core allocated.
+    pub server_message_id: MessageId,
+    /// When the server accepted it.
+    pub server_time_ms: u64,
+    /// When it expires undelivered.
+    pub expires_ms: u64,
+    /// Text, media or control.
+    pub kind: EnvelopeKind,
+    /// One ciphertext per recipient device.
+    pub copies: Vec<OwnedCopy>,
+}
+
+/// One device's ciphertext, owned so that it can cross cores.
+#[derive(Debug)]
+pub struct OwnedCopy {
+    /// The device.
+    pub device_id: DeviceId,
+    /// How it is encrypted.
+    pub e2e_type: E2eType,
+    /// The ciphertext.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Answers to [`Request`]s.
+#[derive(Debug)]
+pub enum Reply {
+    /// The outcome of a [`Request::Deliver`].
+    Deliver(DeliverOutcome),
+    /// A request that only succeeds or fails.
+    Done(Result<(), ErrorCode>),
+    /// Key bundles, or why not.
+    Bundles(Result<Vec<DeviceBundle>, ErrorCode>),
+}
+
+/// What became of the recipient's copies of a send.
+#[derive(Debug)]
+pub enum DeliverOutcome {
+    /// Stored durably.
+    Stored,
+    /// A retry: the original id (durable).
+    Duplicate(MessageId),
+    /// The copies do not match the recipient's devices.
+    Stale {
+        /// Devices without a copy.
+        missing: Vec<(UserId, DeviceId)>,
+        /// Copies for devices that do not exist.
+        extra: Vec<(UserId, DeviceId)>,
+    },
+    /// Nothing could be stored; the code says why.
+    Failed(ErrorCode),
+}
+
+/// A snapshot of one core's metrics.
+#[derive(Clone, Debug)]
+pub struct CoreStats {
+    /// Which core.
+    pub core: u32,
+    /// Open client connections.
+    pub connections: u64,
+    /// Bytes queued for client sockets.
+    pub outbound_bytes: u64,
+    /// Frames decoded from clients.
+    pub frames_in: u64,
+    /// Messages accepted with a sent tick.
+    pub messages_sent: u64,
+    /// Envelopes written to recipient connections.
+    pub messages_delivered: u64,
+    /// Connections refused or closed for bad input.
+    pub protocol_errors: u64,
+    /// Mesh messages sent to other cores (batches).
+    pub mesh_batches_out: u64,
+    /// Items in those batches.
+    pub mesh_items_out: u64,
+    /// The counters of each shard this core owns, by shard id.
+    pub shards: Vec<(u32, ShardCounters)>,
+    /// Send → sent tick, seconds.
+    pub send_to_sent: Histogram,
+    /// Send → delivered to a connection, seconds.
+    pub send_to_deliver: Histogram,
+    /// Records per group commit.
+    pub commit_batch_records: Histogram,
+}
