@@ -81,7 +81,7 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     let per_core = |f: &dyn Fn(&CoreStats) -> u64| -> Vec<(String, u64)> {
         cores.iter().map(|c| (format!("{{core=\"{}\"}}", c.core), f(c))).collect()
     };
-    let families: [CoreFamily; 8] = [
+    let families: [CoreFamily; 9] = [
         ("tern_connections", "gauge", "Open client connections.", &|c| c.connections),
         ("tern_outbound_bytes", "gauge", "Bytes queued for client sockets.", &|c| c.outbound_bytes),
         ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| c.frames_in),

@@ -238,6 +238,8 @@ pub struct CoreCounters {
     pub mesh_batches_out: u64,
     /// Items in those batches.
     pub mesh_items_out: u64,
+    /// Connections handed to another core (registration or auth belonged there).
+    pub handed_over: u64,
 }
 
 /// The state of one core.
@@ -503,6 +505,7 @@ impl<S: Storage> Core<S> {
     /// output; the socket and transport state travel separately.
     pub fn hand_off(&mut self, conn: ConnId) -> Option<Session> {
         let c = self.conns.remove(&conn)?;
+        self.counters.handed_over += 1;
         debug_assert!(c.outbound.is_empty(), "output is flushed before a hand-off");
         Some(Session { max_frame_bytes: c.max_frame_bytes })
     }
@@ -556,6 +559,7 @@ impl<S: Storage> Core<S> {
             protocol_errors: self.counters.protocol_errors,
             mesh_batches_out: self.counters.mesh_batches_out,
             mesh_items_out: self.counters.mesh_items_out,
+            handed_over: self.counters.handed_over,
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
             send_to_sent: self.send_to_sent.clone(),
             send_to_deliver: self.send_to_deliver.clone(),

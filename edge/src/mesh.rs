@@ -146,6 +146,8 @@ pub struct CoreStats {
     pub mesh_batches_out: u64,
     /// Items in those batches.
     pub mesh_items_out: u64,
+    /// Connections handed to another core.
+    pub handed_over: u64,
     /// The counters of each shard this core owns, by shard id.
     pub shards: Vec<(u32, ShardCounters)>,
     /// Send → sent tick, seconds.

@@ -203,3 +203,39 @@ fn a_restart_with_another_core_count_loses_nothing() {
         1
     );
 }
+
+#[test]
+fn frames_pipelined_behind_auth_follow_the_connection_to_its_core() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice = register(&mut server, &phone_on_core(700, 0, 2), 0);
+    let bob = register(&mut server, &phone_on_core(800, 1, 2), 0);
+    let mut b = login(&server, bob);
+    // Hello, Auth, Ping and a send in one write: whichever core accepts the connection,
+    // the frames after Auth are handled in order on Alice's core.
+    for round in 0..6u64 {
+        let hello = Hello {
+            magic: HELLO_MAGIC,
+            version_min: 1,
+            version_max: 1,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            client: "tern-test".into(),
+        };
+        let auth = Auth { user_id: alice.user_id, device_id: 1, token: alice.token };
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, 1, 0, &hello, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        encode_frame(&mut bytes, 2, 0, &auth, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        encode_frame(&mut bytes, 3, 0, &Ping { nonce: round }, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let send = text(bob, 2000 + round, b"pipelined");
+        encode_frame(&mut bytes, 4, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let mut a = Client::connect_raw(server.addr);
+        a.send_raw(&bytes);
+        a.response(1).access::<Welcome>();
+        a.response(2).access::<AuthOk>();
+        assert_eq!(a.response(3).access::<Pong>().nonce.to_native(), round);
+        assert!(!a.response(4).access::<SendAck>().duplicate);
+        let frame = b.next_of(MessageType::Deliver);
+        assert_eq!(frame.deliver().envelope.body.as_slice(), b"pipelined");
+        b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    }
+}
