@@ -112,6 +112,12 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
             "Items in the batches sent to other cores.",
             &|c| c.mesh_items_out,
         ),
+        (
+            "tern_connections_handed_over_total",
+            "counter",
+            "Connections handed to the core of their phone number or user.",
+            &|c| c.handed_over,
+        ),
     ];
     for (name, kind, help, value) in families {
         metric(name, kind, help, &per_core(value));
