@@ -49,6 +49,9 @@ struct Args {
     /// The ternd binary.
     #[arg(long, default_value = "target/release/ternd")]
     ternd: PathBuf,
+    /// `ternd --cores` (default: ternd's own, every CPU).
+    #[arg(long)]
+    cores: Option<u32>,
     /// Where the temporary data directory goes (a real file system: O_DIRECT).
     #[arg(long, default_value = "target/loadgen")]
     work_dir: PathBuf,
@@ -121,6 +124,7 @@ async fn main() {
         .args(["--listen", "127.0.0.1:0", "--admin", "off", "--tls-listen", "off"])
         .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
         .args(["--code-requests-per-hour", "1000000"])
+        .args(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
