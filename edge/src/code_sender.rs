@@ -1,18 +1,9 @@
 //! Delivering verification codes: the `CodeSender` seam.
 //!
 //! `LogCodeSender` writes the code to the server log, for development and tests (a test
-//! reads it from `ternd`'s output). `WebhookCodeSender` POSTs JSON to an SMS gateway
-//! (`http://` or `https://`, Mozilla's root certificates), retrying with backoff; the
+//! reads it from `ternd`'s output). The webhook sender (`runtime::webhook`, the I/O)
+//! POSTs JSON to an SMS gateway (`http://` or `https://`), retrying with backoff; the
 //! core only sees the trait and never waits for the gateway.
-
-use std::io;
-use std::rc::Rc;
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
-use glommio::timer::Timer;
 
 /// Sends a verification code to a phone number.
 pub trait CodeSender {
@@ -66,66 +57,8 @@ impl WebhookUrl {
     }
 }
 
-/// POSTs `{"phone": ..., "code": ...}` to an SMS gateway, retrying with backoff.
-#[derive(Clone, Debug)]
-pub struct WebhookCodeSender {
-    url: Rc<WebhookUrl>,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    attempts: u32,
-    first_backoff: Duration,
-}
-
-impl WebhookCodeSender {
-    /// A sender for `url`, trying each code up to `attempts` times.
-    pub fn new(url: WebhookUrl, attempts: u32, first_backoff: Duration) -> WebhookCodeSender {
-        let tls = url.tls.then(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(config)
-        });
-        WebhookCodeSender { url: Rc::new(url), tls, attempts: attempts.max(1), first_backoff }
-    }
-}
-
-impl CodeSender for WebhookCodeSender {
-    fn send_code(&self, phone: &str, code: &str) {
-        let body = format!(
-            "{{\"phone\":{},\"code\":{},\"channel\":\"sms\"}}",
-            json_string(phone),
-            json_string(code)
-        );
-        let sender = self.clone();
-        let phone = phone.to_string();
-        // The core never waits for the gateway: delivery runs as its own task.
-        glommio::spawn_local(async move {
-            let mut backoff = sender.first_backoff;
-            for attempt in 1..=sender.attempts {
-                match post(&sender.url, sender.tls.as_ref(), &body).await {
-                    Ok(status) if (200..300).contains(&status) => {
-                        tracing::info!(phone, attempt, "verification code handed to the gateway");
-                        return;
-                    }
-                    Ok(status) => tracing::warn!(phone, attempt, status, "code webhook refused"),
-                    Err(error) => tracing::warn!(phone, attempt, %error, "code webhook failed"),
-                }
-                if attempt < sender.attempts {
-                    Timer::new(backoff).await;
-                    backoff *= 2;
-                }
-            }
-            tracing::error!(phone, "gave up delivering a verification code");
-        })
-        .detach();
-    }
-}
-
 /// A JSON string literal (phone numbers and codes are checked ASCII, but escape anyway).
-fn json_string(value: &str) -> String {
+pub(crate) fn json_string(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('"');
     for c in value.chars() {
@@ -138,92 +71,6 @@ fn json_string(value: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// One POST; returns the HTTP status code.
-async fn post(
-    url: &WebhookUrl,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    body: &str,
-) -> io::Result<u16> {
-    let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\nUser-Agent: ternd\r\n\r\n{body}",
-        url.path,
-        url.host,
-        body.len()
-    );
-    let connect = TcpStream::connect((url.host.as_str(), url.port));
-    let mut stream = futures_lite::future::or(async { Some(connect.await) }, async {
-        Timer::new(Duration::from_secs(10)).await;
-        None
-    })
-    .await
-    .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-    .map_err(io::Error::from)?;
-    let response = match tls {
-        None => {
-            stream.write_all(request.as_bytes()).await?;
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).await?;
-            response
-        }
-        Some(config) => {
-            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let mut tls =
-                rustls::ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
-            io::Write::write_all(&mut tls.writer(), request.as_bytes())?;
-            tls_exchange(&mut stream, &mut tls).await?
-        }
-    };
-    let status_line = response.split(|b| *b == b'\n').next().unwrap_or_default();
-    let status = String::from_utf8_lossy(status_line)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP status line"))?;
-    Ok(status)
-}
-
-/// Drives a rustls client over a glommio stream until the server closes; returns the
-/// plaintext it sent.
-async fn tls_exchange(
-    stream: &mut TcpStream,
-    tls: &mut rustls::ClientConnection,
-) -> io::Result<Vec<u8>> {
-    let mut response = Vec::new();
-    let mut out = Vec::new();
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        while tls.wants_write() {
-            tls.write_tls(&mut out)?;
-            stream.write_all(&out).await?;
-            out.clear();
-        }
-        let n = stream.read(&mut buffer).await?;
-        if n == 0 {
-            return Ok(response);
-        }
-        let mut received = &buffer[..n];
-        while !received.is_empty() {
-            tls.read_tls(&mut received)?;
-            let state = tls
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let mut available = state.plaintext_bytes_to_read();
-            while available > 0 {
-                let start = response.len();
-                response.resize(start + available, 0);
-                let read = io::Read::read(&mut tls.reader(), &mut response[start..])?;
-                response.truncate(start + read);
-                available = available.saturating_sub(read);
-                if read == 0 {
-                    break;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

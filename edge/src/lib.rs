@@ -10,7 +10,6 @@
 
 #![deny(unsafe_code)] // One exception: `runtime::socket_handoff` (moving a socket between cores).
 
-pub mod admin;
 pub mod code_sender;
 pub mod core;
 pub mod limits;

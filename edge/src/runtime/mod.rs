@@ -35,10 +35,11 @@ use tern_engine::uring::UringStorage;
 use tern_engine::{DataDir, ShardConfig, ShardHandle};
 use tern_wire::FrameDecoder;
 
-use crate::code_sender::{CodeSender, LogCodeSender, WebhookCodeSender};
+use crate::code_sender::{CodeSender, LogCodeSender};
 use crate::core::{ConnId, ConnState, Core, CoreConfig, Placement, Session};
 use crate::mesh::CoreMsg;
 use crate::websocket::WsLayer;
+use webhook::WebhookCodeSender;
 
 /// How `ternd` is started.
 #[derive(Clone, Debug)]
@@ -93,6 +94,9 @@ fn now_us() -> u64 {
 }
 
 pub use stop_signal::StopSignal;
+
+mod admin;
+mod webhook;
 
 /// The stop request raised by SIGINT or SIGTERM.
 ///
@@ -433,7 +437,7 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
         let listener = TcpListener::bind(admin).map_err(|e| ServerError::Io(e.into()))?;
         let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
         tracing::info!(%local, "admin endpoint listening (/healthz, /metrics)");
-        glommio::spawn_local(crate::admin::serve(listener, ctx.core.clone())).detach();
+        glommio::spawn_local(admin::serve(listener, ctx.core.clone())).detach();
     }
 
     let fd_limit = open_files_limit();
