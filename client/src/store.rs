@@ -1,0 +1,542 @@
+//! The device's local store: one SQLite file (rusqlite, bundled SQLite with FTS5).
+//!
+//! It holds who this device is (server, user, device, token), its E2E state (the Olm
+//! account and every pairwise session), the identities pinned for peer devices, and the
+//! message history with its delivery state and a full-text index. Secrets — the token
+//! and every vodozemac pickle — are encrypted at rest with the store key: 32 bytes given
+//! by the app, or derived from a passphrase with Argon2id (salt kept in the file). A
+//! known value encrypted with the key tells a wrong passphrase from a corrupt file.
+//! Message text is stored in the clear, so that it can be searched; protect the file
+//! (or the disk) accordingly.
+//!
+//! Every change that must survive together (a decrypted message and the ratchet state
+//! that decrypted it) is one transaction.
+
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::StoreError;
+
+/// What unlocks a store.
+#[derive(Clone)]
+pub enum StoreSecret {
+    /// A passphrase, stretched with Argon2id.
+    Passphrase(String),
+    /// A key the app keeps (e.g. in the platform keystore).
+    Key([u8; 32]),
+}
+
+impl std::fmt::Debug for StoreSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreSecret(..)")
+    }
+}
+
+/// A message in the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The server's id (0 until the sent tick).
+    pub server_id: u64,
+    /// The sender's id for it.
+    pub client_id: u64,
+    /// The other party of the conversation.
+    pub peer: u64,
+    /// Who wrote it (user, device).
+    pub sender: (u64, u32),
+    /// Whether this device's user sent it.
+    pub outgoing: bool,
+    /// The text.
+    pub text: String,
+    /// Server time (ms since the epoch).
+    pub time_ms: u64,
+    /// Delivery state of an outgoing message.
+    pub status: Status,
+}
+
+/// The ticks of an outgoing message (incoming ones are `Received`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    /// Not yet acknowledged by the server.
+    Sending = 0,
+    /// Durable on the server (one tick).
+    Sent = 1,
+    /// A recipient device has it (two ticks).
+    Delivered = 2,
+    /// The recipient read it.
+    Read = 3,
+    /// An incoming message.
+    Received = 4,
+}
+
+impl Status {
+    fn from_i64(value: i64) -> Status {
+        match value {
+            1 => Status::Sent,
+            2 => Status::Delivered,
+            3 => Status::Read,
+            4 => Status::Received,
+            _ => Status::Sending,
+        }
+    }
+
+    /// The ticks as a user sees them.
+    pub fn ticks(self) -> &'static str {
+        match self {
+            Status::Sending => "…",
+            Status::Sent => "✓",
+            Status::Delivered => "✓✓",
+            Status::Read => "✓✓ read",
+            Status::Received => "",
+        }
+    }
+}
+
+/// Who this device is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The server, as `host:port`.
+    pub server: String,
+    /// The account.
+    pub user_id: u64,
+    /// This device.
+    pub device_id: u32,
+    /// The auth token.
+    pub token: [u8; 32],
+}
+
+/// The open store.
+pub struct Store {
+    db: Connection,
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    user_id INTEGER NOT NULL, device_id INTEGER NOT NULL, session_id TEXT NOT NULL,
+    pickle TEXT NOT NULL, last_used INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id, session_id));
+CREATE TABLE IF NOT EXISTS identities (
+    user_id INTEGER NOT NULL, device_id INTEGER NOT NULL,
+    curve25519 BLOB NOT NULL, ed25519 BLOB,
+    PRIMARY KEY (user_id, device_id));
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY, server_id INTEGER NOT NULL, client_id INTEGER NOT NULL,
+    peer INTEGER NOT NULL, sender_user INTEGER NOT NULL, sender_device INTEGER NOT NULL,
+    outgoing INTEGER NOT NULL, body TEXT NOT NULL, time_ms INTEGER NOT NULL,
+    status INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_peer ON messages (peer, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender
+    ON messages (sender_user, sender_device, client_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts
+    USING fts5(body, content='messages', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, body) VALUES (new.id, new.body);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.id, old.body);
+END;
+";
+
+/// Encrypted with the key at creation; decrypting it checks the key.
+const KEY_CHECK: &[u8] = b"tern store key check v1";
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path, secret: &StoreSecret) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        let db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(SCHEMA)?;
+        let mut store = Store { db, key: [0; 32] };
+        store.key = match secret {
+            StoreSecret::Key(key) => *key,
+            StoreSecret::Passphrase(passphrase) => {
+                let salt = match store.meta("kdf_salt")? {
+                    Some(salt) => salt,
+                    None => {
+                        let mut salt = vec![0u8; 16];
+                        getrandom::fill(&mut salt)
+                            .map_err(|e| StoreError::Random(e.to_string()))?;
+                        store.set_meta("kdf_salt", &salt)?;
+                        salt
+                    }
+                };
+                let mut key = [0u8; 32];
+                argon2::Argon2::default()
+                    .hash_password_into(passphrase.as_bytes(), &salt, &mut key)
+                    .map_err(|e| StoreError::Kdf(e.to_string()))?;
+                key
+            }
+        };
+        match store.meta("key_check")? {
+            Some(sealed) => {
+                if store.open_sealed(&sealed).as_deref() != Some(KEY_CHECK) {
+                    return Err(StoreError::WrongKey);
+                }
+            }
+            None => {
+                let sealed = store.seal(KEY_CHECK)?;
+                store.set_meta("key_check", &sealed)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The key vodozemac pickles are encrypted with.
+    pub(crate) fn pickle_key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut nonce = [0u8; 24];
+        getrandom::fill(&mut nonce).map_err(|e| StoreError::Random(e.to_string()))?;
+        let cipher = XChaCha20Poly1305::new((&self.key).into());
+        let mut out = nonce.to_vec();
+        let sealed = cipher
+            .encrypt(XNonce::from_slice(&nonce), plaintext)
+            .map_err(|_| StoreError::Corrupt("sealing failed".into()))?;
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn open_sealed(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 24 {
+            return None;
+        }
+        let cipher = XChaCha20Poly1305::new((&self.key).into());
+        cipher.decrypt(XNonce::from_slice(&sealed[..24]), &sealed[24..]).ok()
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0))
+            .optional()?;
+        Ok(value)
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Who this device is, once registered.
+    pub fn identity(&self) -> Result<Option<Identity>, StoreError> {
+        let Some(sealed) = self.meta("identity")? else { return Ok(None) };
+        let plain = self.open_sealed(&sealed).ok_or(StoreError::WrongKey)?;
+        if plain.len() < 44 {
+            return Err(StoreError::Corrupt("identity record too short".into()));
+        }
+        let user_id = u64::from_le_bytes(plain[0..8].try_into().expect("8"));
+        let device_id = u32::from_le_bytes(plain[8..12].try_into().expect("4"));
+        let token: [u8; 32] = plain[12..44].try_into().expect("32");
+        let server = String::from_utf8(plain[44..].to_vec())
+            .map_err(|_| StoreError::Corrupt("server address is not UTF-8".into()))?;
+        Ok(Some(Identity { server, user_id, device_id, token }))
+    }
+
+    /// Records who this device is, with its E2E account, in one transaction.
+    pub fn save_identity(&mut self, identity: &Identity, account: &str) -> Result<(), StoreError> {
+        let mut plain = Vec::with_capacity(44 + identity.server.len());
+        plain.extend_from_slice(&identity.user_id.to_le_bytes());
+        plain.extend_from_slice(&identity.device_id.to_le_bytes());
+        plain.extend_from_slice(&identity.token);
+        plain.extend_from_slice(identity.server.as_bytes());
+        let sealed = self.seal(&plain)?;
+        let tx = self.db.transaction()?;
+        for (key, value) in [("identity", sealed.as_slice()), ("account", account.as_bytes())] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The pickled E2E account.
+    pub fn account(&self) -> Result<Option<String>, StoreError> {
+        let Some(value) = self.meta("account")? else { return Ok(None) };
+        String::from_utf8(value).map(Some).map_err(|_| StoreError::Corrupt("account".into()))
+    }
+
+    /// Saves the pickled E2E account (after every change to it).
+    pub fn save_account(&self, account: &str) -> Result<(), StoreError> {
+        self.set_meta("account", account.as_bytes())
+    }
+
+    /// The pickled sessions with a device, most recently used first.
+    pub fn sessions(
+        &self,
+        user_id: u64,
+        device_id: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut statement = self.db.prepare(
+            "SELECT session_id, pickle FROM sessions WHERE user_id = ?1 AND device_id = ?2
+             ORDER BY last_used DESC",
+        )?;
+        let rows = statement
+            .query_map(params![user_id as i64, device_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a session's new state (and, if given, the account's and an incoming
+    /// message) in one transaction: the ratchet never moves without what it decrypted.
+    pub fn save_session(
+        &mut self,
+        peer: (u64, u32),
+        session_id: &str,
+        pickle: &str,
+        account: Option<&str>,
+        message: Option<&StoredMessage>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.transaction()?;
+        let used: i64 =
+            tx.query_row("SELECT COALESCE(MAX(last_used), 0) + 1 FROM sessions", [], |row| {
+                row.get(0)
+            })?;
+        tx.execute(
+            "INSERT INTO sessions (user_id, device_id, session_id, pickle, last_used)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(user_id, device_id, session_id)
+             DO UPDATE SET pickle = excluded.pickle, last_used = excluded.last_used",
+            params![peer.0 as i64, peer.1, session_id, pickle, used],
+        )?;
+        if let Some(account) = account {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('account', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [account.as_bytes()],
+            )?;
+        }
+        if let Some(message) = message {
+            insert_message(&tx, message)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a device (it left its account): its sessions and its pinned identity.
+    pub fn forget_device(&self, user_id: u64, device_id: u32) -> Result<(), StoreError> {
+        let key = params![user_id as i64, device_id];
+        self.db.execute("DELETE FROM sessions WHERE user_id = ?1 AND device_id = ?2", key)?;
+        self.db.execute("DELETE FROM identities WHERE user_id = ?1 AND device_id = ?2", key)?;
+        Ok(())
+    }
+
+    /// The identity pinned for a device, if any.
+    pub fn pinned(
+        &self,
+        user_id: u64,
+        device_id: u32,
+    ) -> Result<Option<crate::PeerIdentity>, StoreError> {
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> = self
+            .db
+            .query_row(
+                "SELECT curve25519, ed25519 FROM identities WHERE user_id = ?1 AND device_id = ?2",
+                params![user_id as i64, device_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((curve, ed)) = row else { return Ok(None) };
+        let curve25519 =
+            curve.try_into().map_err(|_| StoreError::Corrupt("identity key".into()))?;
+        let ed25519 = match ed {
+            Some(ed) => Some(ed.try_into().map_err(|_| StoreError::Corrupt("signing key".into()))?),
+            None => None,
+        };
+        Ok(Some(crate::PeerIdentity { curve25519, ed25519 }))
+    }
+
+    /// Pins (or re-pins, after the app was told of the change) a device's identity.
+    pub fn pin(
+        &self,
+        user_id: u64,
+        device_id: u32,
+        identity: &crate::PeerIdentity,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO identities (user_id, device_id, curve25519, ed25519) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(user_id, device_id)
+             DO UPDATE SET curve25519 = excluded.curve25519,
+                           ed25519 = COALESCE(excluded.ed25519, identities.ed25519)",
+            params![
+                user_id as i64,
+                device_id,
+                identity.curve25519.as_slice(),
+                identity.ed25519.as_ref().map(|k| k.as_slice())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The devices of a user this device knows (pinned), by id.
+    pub fn known_devices(
+        &self,
+        user_id: u64,
+    ) -> Result<Vec<(u32, crate::PeerIdentity)>, StoreError> {
+        let mut statement = self
+            .db
+            .prepare("SELECT device_id FROM identities WHERE user_id = ?1 ORDER BY device_id")?;
+        let ids: Vec<u32> =
+            statement.query_map([user_id as i64], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        let mut devices = Vec::with_capacity(ids.len());
+        for device_id in ids {
+            if let Some(identity) = self.pinned(user_id, device_id)? {
+                devices.push((device_id, identity));
+            }
+        }
+        Ok(devices)
+    }
+
+    /// Adds a message to the history (an outgoing one before it is sent).
+    pub fn add_message(&self, message: &StoredMessage) -> Result<(), StoreError> {
+        insert_message(&self.db, message)
+    }
+
+    /// Whether an incoming message is already in the history (a redelivery).
+    pub fn has_message(&self, sender: (u64, u32), client_id: u64) -> Result<bool, StoreError> {
+        let found: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT id FROM messages
+                 WHERE sender_user = ?1 AND sender_device = ?2 AND client_id = ?3",
+                params![sender.0 as i64, sender.1, client_id as i64],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// Records the sent tick of an outgoing message.
+    pub fn mark_sent(
+        &self,
+        client_id: u64,
+        server_id: u64,
+        time_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE messages SET server_id = ?2, time_ms = ?3, status = MAX(status, 1)
+             WHERE outgoing = 1 AND client_id = ?1",
+            params![client_id as i64, server_id as i64, time_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Raises the status of outgoing messages by server id (ticks only go up).
+    pub fn raise_status(
+        &self,
+        server_ids: &[u64],
+        status: Status,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut changed = Vec::new();
+        for id in server_ids {
+            let updated = self.db.execute(
+                "UPDATE messages SET status = ?2 WHERE outgoing = 1 AND server_id = ?1 AND status < ?2",
+                params![*id as i64, status as i64],
+            )?;
+            if updated > 0 {
+                changed.extend(
+                    self.query("WHERE outgoing = 1 AND server_id = ?1", params![*id as i64])?,
+                );
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Outgoing messages not yet acknowledged (to send again after a reconnect).
+    pub fn unsent(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        self.query("WHERE outgoing = 1 AND status = 0 ORDER BY id", [])
+    }
+
+    /// The last `limit` messages with `peer`, oldest first.
+    pub fn history(&self, peer: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut messages = self.query(
+            "WHERE peer = ?1 ORDER BY id DESC LIMIT ?2",
+            params![peer as i64, limit as i64],
+        )?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Messages whose text matches an FTS5 query, best match first.
+    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        self.query(
+            "WHERE id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1)
+             ORDER BY id DESC LIMIT ?2",
+            params![query, limit as i64],
+        )
+    }
+
+    fn query<P: rusqlite::Params>(
+        &self,
+        filter: &str,
+        params: P,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!(
+            "SELECT server_id, client_id, peer, sender_user, sender_device, outgoing, body,
+                    time_ms, status FROM messages {filter}"
+        );
+        let mut statement = self.db.prepare(&sql)?;
+        let rows = statement.query_map(params, |row| {
+            Ok(StoredMessage {
+                server_id: row.get::<_, i64>(0)? as u64,
+                client_id: row.get::<_, i64>(1)? as u64,
+                peer: row.get::<_, i64>(2)? as u64,
+                sender: (row.get::<_, i64>(3)? as u64, row.get(4)?),
+                outgoing: row.get::<_, i64>(5)? != 0,
+                text: row.get(6)?,
+                time_ms: row.get::<_, i64>(7)? as u64,
+                status: Status::from_i64(row.get(8)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A new client message id (random: ids must not repeat across reinstalls either).
+    pub fn new_client_id() -> Result<u64, StoreError> {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).map_err(|e| StoreError::Random(e.to_string()))?;
+        Ok(u64::from_le_bytes(bytes) >> 1)
+    }
+}
+
+fn insert_message(db: &Connection, message: &StoredMessage) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT OR IGNORE INTO messages
+         (server_id, client_id, peer, sender_user, sender_device, outgoing, body, time_ms, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            message.server_id as i64,
+            message.client_id as i64,
+            message.peer as i64,
+            message.sender.0 as i64,
+            message.sender.1,
+            message.outgoing as i64,
+            message.text,
+            message.time_ms as i64,
+            message.status as i64
+        ],
+    )?;
+    Ok(())
+}
