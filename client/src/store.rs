@@ -376,7 +376,8 @@ impl Store {
         identity: &crate::PeerIdentity,
     ) -> Result<(), StoreError> {
         self.db.execute(
-            "INSERT INTO identities (user_id, device_id, curve25519, ed25519) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO identities (user_id, device_id, curve25519, ed25519)
+             VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(user_id, device_id)
              DO UPDATE SET curve25519 = excluded.curve25519,
                            ed25519 = COALESCE(excluded.ed25519, identities.ed25519)",
@@ -452,7 +453,8 @@ impl Store {
         let mut changed = Vec::new();
         for id in server_ids {
             let updated = self.db.execute(
-                "UPDATE messages SET status = ?2 WHERE outgoing = 1 AND server_id = ?1 AND status < ?2",
+                "UPDATE messages SET status = ?2
+                 WHERE outgoing = 1 AND server_id = ?1 AND status < ?2",
                 params![*id as i64, status as i64],
             )?;
             if updated > 0 {
