@@ -172,6 +172,8 @@ enum Release {
     },
     /// An answer to another core's request.
     Mesh { core: u32, token: u64, reply: Reply },
+    /// A request to another core that needs no answer.
+    Tell { core: u32, request: Request },
 }
 
 /// A request to another core whose answer finishes a client's request here.
@@ -184,6 +186,27 @@ enum Awaiting {
     Done { conn: ConnId, rid: u32, failed_type: u16 },
     /// A key-bundle fetch.
     Bundles { conn: ConnId, rid: u32, target: UserId },
+    /// A primary device approved a linking code held by another core.
+    Link { conn: ConnId, rid: u32, user_id: UserId, code: String },
+}
+
+/// A device waiting for its account's primary device to approve it.
+#[derive(Debug)]
+struct PendingLink {
+    conn: ConnId,
+    rid: u32,
+    /// `None` once claimed by the approving core (the connection waits for the result).
+    device: Option<NewDevice>,
+    expires_ms: u64,
+}
+
+/// Linking codes stay valid this long (the new device's connection waits meanwhile).
+pub const LINK_CODE_TTL_MS: u64 = 5 * 60 * 1000;
+
+/// The core that holds a linking code: codes are drawn until they hash to the core of
+/// the connection that asked, so the approving core knows where to go.
+fn core_of_link_code(code: &str, cores: u32) -> u32 {
+    home_shard_of_phone(code, cores)
 }
 
 /// What every copy of one message shares.
@@ -251,6 +274,8 @@ pub struct Core<S: Storage> {
     outbox: Vec<Vec<CoreMsg>>,
     next_token: u64,
     awaiting: HashMap<u64, Awaiting>,
+    /// Devices waiting to be linked, by code (the new device's connection is here).
+    links: HashMap<String, PendingLink>,
     /// The latest metrics other cores pushed here (the admin endpoint's core).
     peer_stats: Vec<Option<CoreStats>>,
     config: CoreConfig,
@@ -325,6 +350,7 @@ impl<S: Storage> Core<S> {
             outbox: (0..cores).map(|_| Vec::new()).collect(),
             next_token: 1,
             awaiting: HashMap::new(),
+            links: HashMap::new(),
             peer_stats: vec![None; cores],
             send_limits: RateLimiter::new(config.send_rate),
             now_us: 0,
@@ -441,6 +467,7 @@ impl<S: Storage> Core<S> {
             }
         }
         self.pending.retain(|p| !matches!(p.release, Release::Frame { conn: c, .. } if c == conn));
+        self.links.retain(|_, link| link.conn != conn);
     }
 
     /// The frame size limit currently in force for reading from `conn`.
@@ -623,6 +650,18 @@ impl<S: Storage> Core<S> {
                     }
                 }
             }
+            Request::ClaimLink { code, now_ms } => {
+                let claimed = self.claim_link(&code, now_ms);
+                (Vec::new(), Reply::Link(claimed.map(Box::new)))
+            }
+            Request::LinkDone { code, registered } => {
+                self.finish_link(&code, registered);
+                return;
+            }
+            Request::Typing { to_user, from, active } => {
+                self.push_typing(to_user, from, active);
+                return;
+            }
             Request::FetchBundles { target, wanted } => match self.claim_bundles(target, &wanted) {
                 Ok((bundles, waits)) => (waits, Reply::Bundles(Ok(bundles))),
                 Err(code) => (Vec::new(), Reply::Bundles(Err(code))),
@@ -750,6 +789,17 @@ impl<S: Storage> Core<S> {
                     self.error_reply(conn, rid, ty, code, message, 0)
                 }
             },
+            (Awaiting::Link { conn, rid, user_id, code }, Reply::Link(result)) => {
+                let ty = MessageType::LinkApprove.code();
+                match result {
+                    Ok(device) => {
+                        self.add_linked_device(conn, rid, user_id, &code, *device, now_ms)
+                    }
+                    Err(error_code) => {
+                        self.error_reply(conn, rid, ty, error_code, "no such linking code", 0)
+                    }
+                }
+            }
             (awaiting, reply) => {
                 tracing::error!(?awaiting, ?reply, "a core answered with the wrong kind of reply")
             }
@@ -798,6 +848,9 @@ impl<S: Storage> Core<S> {
             }
             (ConnState::Open, Message::Verify(verify)) => self.verify(conn, rid, verify, now_ms),
             (ConnState::Open, Message::Auth(auth)) => self.auth(conn, rid, auth, now_ms),
+            (ConnState::Open, Message::LinkRequest(request)) => {
+                self.link_request(conn, rid, request, now_ms)
+            }
             (ConnState::Open, _) => self.error_reply(
                 conn,
                 rid,
@@ -837,6 +890,14 @@ impl<S: Storage> Core<S> {
             Message::UploadKeys(upload) => self.upload_keys(conn, rid, me, upload),
             Message::FetchBundles(fetch) => self.fetch_bundles(conn, rid, me, fetch, now_ms),
             Message::DeviceListRequest(_) => self.device_list(conn, rid, me),
+            Message::LinkApprove(approve) => {
+                self.link_approve(conn, rid, me, approve.code.as_str(), now_ms)
+            }
+            Message::Typing(typing) => {
+                if let ArchivedConversation::User(peer) = &typing.conversation {
+                    self.route_typing(peer.to_native(), me, typing.active);
+                }
+            }
             Message::Auth(_) | Message::Verify(_) | Message::RequestCode(_) => self.error_reply(
                 conn,
                 rid,
@@ -952,12 +1013,15 @@ impl<S: Storage> Core<S> {
         if let Err((code, message)) = checked {
             return self.error_reply(conn, rid, ty, code, message, 0);
         }
-        self.codes.remove(phone);
-
         let Ok(device_keys) = rkyv::deserialize::<NewDevice, Failure>(&verify.device) else {
             let message = "unreadable device keys";
             return self.error_reply(conn, rid, ty, ErrorCode::Malformed, message, 0);
         };
+        // Checked before the code is used up: a client bug does not cost a new code.
+        if let Err(message) = secrets::check_device_keys(&device_keys.keys) {
+            return self.error_reply(conn, rid, ty, ErrorCode::InvalidSignature, message, 0);
+        }
+        self.codes.remove(phone);
         let shard_id = home_shard_of_phone(phone, self.shard_count());
         let Some(handle) = self.local_shard(shard_id) else {
             // `route` sends registration to the phone's core; this is a bug if reached.
@@ -1017,6 +1081,190 @@ impl<S: Storage> Core<S> {
             self.push(conn, &low);
         }
         self.pump(conn, now_ms);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Linking a companion device
+    // -----------------------------------------------------------------------------------
+
+    /// A new device asks to join an account: it gets a code to approve on the primary
+    /// device, and its connection waits here for the outcome.
+    fn link_request(&mut self, conn: ConnId, rid: u32, request: &ArchivedLinkRequest, now_ms: u64) {
+        let ty = MessageType::LinkRequest.code();
+        let Ok(device) = rkyv::deserialize::<NewDevice, Failure>(&request.device) else {
+            return self.error_reply(conn, rid, ty, ErrorCode::Malformed, "unreadable keys", 0);
+        };
+        if let Err(message) = secrets::check_device_keys(&device.keys) {
+            return self.error_reply(conn, rid, ty, ErrorCode::InvalidSignature, message, 0);
+        }
+        self.links.retain(|_, link| link.expires_ms > now_ms || link.device.is_none());
+        let code = loop {
+            let code = secrets::new_code(9);
+            let here = core_of_link_code(&code, self.placement.count) == self.placement.index;
+            if here && !self.links.contains_key(&code) {
+                break code;
+            }
+        };
+        let expires_ms = now_ms + LINK_CODE_TTL_MS;
+        let link = PendingLink { conn, rid, device: Some(device), expires_ms };
+        self.links.insert(code.clone(), link);
+        let reply = LinkCode { code, expires_in_s: (LINK_CODE_TTL_MS / 1000) as u32 };
+        // Unsolicited-looking but answering the request: the final answer (Registered)
+        // comes with the same request id once the primary device approves.
+        self.push(conn, &reply);
+    }
+
+    /// Whether a connection waits for its link to be approved (its auth deadline is
+    /// then the linking code's lifetime).
+    pub fn awaiting_link(&self, conn: ConnId) -> bool {
+        self.links.values().any(|link| link.conn == conn)
+    }
+
+    /// The approving core takes a pending device (once).
+    fn claim_link(&mut self, code: &str, now_ms: u64) -> Result<NewDevice, ErrorCode> {
+        let link = self.links.get_mut(code).ok_or(ErrorCode::InvalidCode)?;
+        if link.expires_ms <= now_ms {
+            self.links.remove(code);
+            return Err(ErrorCode::CodeExpired);
+        }
+        link.device.take().ok_or(ErrorCode::InvalidCode)
+    }
+
+    /// Tells the waiting new device how its link ended.
+    fn finish_link(&mut self, code: &str, registered: Result<Registered, ErrorCode>) {
+        let Some(link) = self.links.remove(code) else { return };
+        match registered {
+            Ok(registered) => self.reply(link.conn, link.rid, &registered),
+            Err(code) => {
+                let ty = MessageType::LinkRequest.code();
+                self.error_reply(link.conn, link.rid, ty, code, "the link was not completed", 0)
+            }
+        }
+    }
+
+    fn link_approve(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        code: &str,
+        now_ms: u64,
+    ) {
+        if me.1 != 1 {
+            let ty = MessageType::LinkApprove.code();
+            let message = "only the primary device links devices";
+            return self.error_reply(conn, rid, ty, ErrorCode::Forbidden, message, 0);
+        }
+        let core = core_of_link_code(code, self.placement.count);
+        if core == self.placement.index {
+            match self.claim_link(code, now_ms) {
+                Ok(device) => self.add_linked_device(conn, rid, me.0, code, device, now_ms),
+                Err(error_code) => {
+                    let ty = MessageType::LinkApprove.code();
+                    self.error_reply(conn, rid, ty, error_code, "no such linking code", 0)
+                }
+            }
+        } else {
+            let awaiting = Awaiting::Link { conn, rid, user_id: me.0, code: code.to_string() };
+            let request = Request::ClaimLink { code: code.to_string(), now_ms };
+            self.ask(core, request, Some(awaiting));
+        }
+    }
+
+    /// Adds a claimed device to `user_id` (homed here); once durable the approver gets
+    /// `Done`, the new device `Registered`, and the user's other devices the new list.
+    fn add_linked_device(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        user_id: UserId,
+        code: &str,
+        device: NewDevice,
+        now_ms: u64,
+    ) {
+        let ty = MessageType::LinkApprove.code();
+        let link_core = core_of_link_code(code, self.placement.count);
+        let Some(handle) = self.local_shard(home_shard_of_user(user_id)).cloned() else { return };
+        let existing = self.devices_of(user_id).unwrap_or_default();
+        let refuse = |core: &mut Self, error_code: ErrorCode, message: &str| {
+            core.error_reply(conn, rid, ty, error_code, message, 0);
+            core.finish_link_anywhere(link_core, code, Err(error_code));
+        };
+        if existing.len() >= DEVICES_MAX {
+            return refuse(
+                self,
+                ErrorCode::QuotaExceeded,
+                "this account has its maximum of devices",
+            );
+        }
+        let device_id = existing.iter().map(|d| d.1).max().unwrap_or(0) + 1;
+        let token = secrets::new_token();
+        let record = DeviceRecord {
+            device_id,
+            name: device.name,
+            token_hash: secrets::token_hash(&token),
+            identity_key: device.keys.identity_key,
+            signing_key: device.keys.signing_key,
+            fallback_key: device.keys.fallback_key,
+            one_time_keys: device.keys.one_time_keys,
+            push: None,
+            created_ms: now_ms,
+        };
+        let seq = match handle
+            .borrow_mut()
+            .apply_state(StateOp::PutDevice { user_id, device: record })
+        {
+            Ok(seq) => seq,
+            Err(error) => {
+                tracing::error!(%error, "storage refused a write");
+                return refuse(self, write_error_code(&error), "the server could not store this");
+            }
+        };
+        let waits = vec![(home_shard_of_user(user_id), seq)];
+        let registered = Registered { user_id, device_id, token, new_account: false };
+        let done = |core: &Self| -> Vec<u8> {
+            let mut frame = Vec::new();
+            let max = core.max_frame_bytes(conn);
+            let _ = encode_frame(&mut frame, rid, FLAG_RESPONSE, &Done {}, max);
+            frame
+        };
+        let frame = done(self);
+        self.when_durable(waits.clone(), Release::Frame { conn, frame, started_us: None });
+        if link_core == self.placement.index {
+            if let Some(link) = self.links.remove(code) {
+                let mut frame = Vec::new();
+                let max = self.max_frame_bytes(link.conn);
+                let _ = encode_frame(&mut frame, link.rid, FLAG_RESPONSE, &registered, max);
+                let release = Release::Frame { conn: link.conn, frame, started_us: None };
+                self.when_durable(waits.clone(), release);
+            }
+        } else {
+            let request = Request::LinkDone { code: code.to_string(), registered: Ok(registered) };
+            self.when_durable(waits.clone(), Release::Tell { core: link_core, request });
+        }
+        // The account's other online devices learn of the new one.
+        let device_ids: Vec<DeviceId> =
+            existing.iter().map(|d| d.1).chain(std::iter::once(device_id)).collect();
+        let changed = DeviceListChanged { user_id, device_ids };
+        for other in existing {
+            if let Some(&other_conn) = self.online.get(&other) {
+                self.push(other_conn, &changed);
+            }
+        }
+    }
+
+    fn finish_link_anywhere(
+        &mut self,
+        core: u32,
+        code: &str,
+        outcome: Result<Registered, ErrorCode>,
+    ) {
+        if core == self.placement.index {
+            self.finish_link(code, outcome);
+        } else {
+            let request = Request::LinkDone { code: code.to_string(), registered: outcome };
+            self.ask(core, request, None);
+        }
     }
 
     // -----------------------------------------------------------------------------------
@@ -1400,6 +1648,13 @@ impl<S: Storage> Core<S> {
         };
         let shard_id = home_shard_of_user(me.0);
         let Some(handle) = self.local_shard(shard_id).cloned() else { return };
+        let signing_key = handle.borrow().state().device(me.0, me.1).map(|d| d.signing_key);
+        let Some(signing_key) = signing_key else { return };
+        let prekeys = upload.one_time_keys.iter().chain(upload.fallback_key.as_ref());
+        if secrets::check_prekeys(&signing_key, prekeys).is_err() {
+            let message = "a key's signature does not verify with this device's signing key";
+            return self.error_reply(conn, rid, ty, ErrorCode::InvalidSignature, message, 0);
+        }
         let result = (|| {
             let mut shard = handle.borrow_mut();
             let mut seq = shard.appended_seq();
@@ -1465,6 +1720,34 @@ impl<S: Storage> Core<S> {
                 let message =
                     if code == ErrorCode::NotFound { "no such user" } else { "retry later" };
                 self.error_reply(conn, rid, ty, code, message, 0)
+            }
+        }
+    }
+
+    /// Forwards a typing indicator to the online devices of `to_user` (on its core).
+    /// Never stored: an offline device never hears of it.
+    fn route_typing(&mut self, to_user: UserId, from: (UserId, DeviceId), active: bool) {
+        let shard = home_shard_of_user(to_user);
+        if shard >= self.shard_count() {
+            return;
+        }
+        if self.local_shard(shard).is_some() {
+            return self.push_typing(to_user, from, active);
+        }
+        let core = self.placement.core_of_shard(shard);
+        self.ask(core, Request::Typing { to_user, from, active }, None);
+    }
+
+    fn push_typing(&mut self, to_user: UserId, from: (UserId, DeviceId), active: bool) {
+        let event = TypingEvent {
+            user_id: from.0,
+            device_id: from.1,
+            conversation: Conversation::User(from.0),
+            active,
+        };
+        for device in self.devices_of(to_user).unwrap_or_default() {
+            if let Some(&conn) = self.online.get(&device) {
+                self.push(conn, &event);
             }
         }
     }
@@ -1744,6 +2027,7 @@ impl<S: Storage> Core<S> {
             Release::Mesh { core, token, reply } => {
                 self.outbox[core as usize].push(CoreMsg::Reply { token, reply });
             }
+            Release::Tell { core, request } => self.ask(core, request, None),
         }
     }
 

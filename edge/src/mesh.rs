@@ -8,7 +8,9 @@
 //! message per destination per loop turn. Nothing here borrows: a value crosses a thread.
 
 use tern_engine::ShardCounters;
-use tern_wire::messages::{DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, UserId};
+use tern_wire::messages::{
+    DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, NewDevice, Registered, UserId,
+};
 use tern_wire::ErrorCode;
 
 use crate::metrics::Histogram;
@@ -54,6 +56,29 @@ pub enum Request {
         body: Vec<u8>,
         /// The asker's clock.
         now_ms: u64,
+    },
+    /// Take the device waiting with a linking code (answered with [`Reply::Link`]).
+    ClaimLink {
+        /// The code the primary device approved.
+        code: String,
+        /// The asker's clock.
+        now_ms: u64,
+    },
+    /// How a link ended, for the new device's connection waiting with `code`.
+    LinkDone {
+        /// The linking code.
+        code: String,
+        /// The new device's credentials, or why not.
+        registered: Result<Registered, ErrorCode>,
+    },
+    /// A typing indicator for the online devices of `to_user` (never stored).
+    Typing {
+        /// The recipient.
+        to_user: UserId,
+        /// Who types.
+        from: (UserId, DeviceId),
+        /// Started or stopped.
+        active: bool,
     },
     /// Hand out `target`'s key bundles (one-time keys claimed; answered once durable).
     FetchBundles {
@@ -105,6 +130,8 @@ pub enum Reply {
     Done(Result<(), ErrorCode>),
     /// Key bundles, or why not.
     Bundles(Result<Vec<DeviceBundle>, ErrorCode>),
+    /// The device waiting to be linked.
+    Link(Result<Box<NewDevice>, ErrorCode>),
 }
 
 /// What became of the recipient's copies of a send.

@@ -39,6 +39,39 @@ pub fn code_matches(submitted: &str, issued: &str) -> bool {
     submitted.len() == issued.len() && bool::from(submitted.as_bytes().ct_eq(issued.as_bytes()))
 }
 
+/// Checks a device's prekeys as hygiene: each must be signed by the device's own
+/// Ed25519 key over `key_id (u64, LE) ‖ public key`. (Clients verify again and pin
+/// identities themselves: the server is not trusted to vouch for keys.)
+pub fn check_device_keys(keys: &tern_wire::messages::DeviceKeys) -> Result<(), &'static str> {
+    check_prekeys(&keys.signing_key, std::iter::once(&keys.fallback_key))
+        .map_err(|_| "the fallback key's signature does not verify")?;
+    check_prekeys(&keys.signing_key, &keys.one_time_keys)
+        .map_err(|_| "a one-time key's signature does not verify")
+}
+
+/// A prekey whose signature does not verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadSignature {
+    /// The key's id.
+    pub key_id: u64,
+}
+
+/// Checks the signatures of `prekeys` against `signing_key`.
+pub fn check_prekeys<'a>(
+    signing_key: &[u8; 32],
+    prekeys: impl IntoIterator<Item = &'a tern_wire::messages::SignedPrekey>,
+) -> Result<(), BadSignature> {
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, signing_key);
+    for prekey in prekeys {
+        let mut signed = [0u8; 40];
+        signed[..8].copy_from_slice(&prekey.key_id.to_le_bytes());
+        signed[8..].copy_from_slice(&prekey.public_key);
+        key.verify(&signed, &prekey.signature)
+            .map_err(|_| BadSignature { key_id: prekey.key_id })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -924,6 +924,9 @@ fn handle_frames(
         core.connection(conn).is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
     if authenticated {
         *timer = Timer::new(ctx.limits.1);
+    } else if core.awaiting_link(conn) {
+        // A device being linked waits for a person to approve it on the primary.
+        *timer = Timer::new(Duration::from_millis(crate::core::LINK_CODE_TTL_MS));
     }
     drop(core);
     ctx.kick();

@@ -4,6 +4,8 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 use std::io::{BufRead, BufReader, Read, Write};
+
+use ring::signature::KeyPair as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -234,6 +236,11 @@ impl Client {
         client
     }
 
+    /// The types of the frames read but not yet taken.
+    pub fn inbox_types(&self) -> Vec<MessageType> {
+        self.inbox.iter().map(|r| r.header.message_type).collect()
+    }
+
     /// Connects without a handshake.
     pub fn connect_raw(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect(addr).expect("connect to ternd");
@@ -399,15 +406,36 @@ impl Client {
     }
 }
 
-/// Test key material (real keys come with the SDK; the server does not look inside).
+/// Test key material (real keys come with the SDK; the server does not look inside the
+/// public keys, but it checks that each prekey is signed by the device's signing key).
 pub fn keys(one_time: u64) -> DeviceKeys {
-    let key = |id: u64| SignedPrekey { key_id: id, public_key: [id as u8; 32], signature: [9; 64] };
+    let signer = test_signer();
+    let key = |id: u64| sign_prekey(&signer, id, [id as u8; 32]);
     DeviceKeys {
         identity_key: [1; 32],
-        signing_key: [2; 32],
+        signing_key: signer.public_key().as_ref().try_into().unwrap(),
         fallback_key: key(1_000),
         one_time_keys: (1..=one_time).map(key).collect(),
     }
+}
+
+/// A fresh Ed25519 device signing key.
+pub fn test_signer() -> ring::signature::Ed25519KeyPair {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+/// A prekey signed as clients sign them: over `key_id (LE) ‖ public key`.
+pub fn sign_prekey(
+    signer: &ring::signature::Ed25519KeyPair,
+    key_id: u64,
+    public_key: [u8; 32],
+) -> SignedPrekey {
+    let mut signed = key_id.to_le_bytes().to_vec();
+    signed.extend_from_slice(&public_key);
+    let signature = signer.sign(&signed).as_ref().try_into().unwrap();
+    SignedPrekey { key_id, public_key, signature }
 }
 
 /// A registered device and its credentials.
