@@ -1,0 +1,196 @@
+//! A real `ternd` for tests: started on loopback ports (port 0) with a temporary data
+//! directory, its log read for the listening addresses and the verification codes the
+//! development code sender writes, killed on drop (its log is printed if the test
+//! failed). Shared by the edge's, the SDK's and the CLI's tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+/// How long any single wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `ternd` binary of this build: beside the test executable's directory
+/// (`target/<profile>/`), built with cargo first if it is not there yet (a test run of
+/// one package does not build another package's binaries).
+pub fn ternd_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("ternd");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "tern-edge", "--bin", "ternd"]);
+        if profile_dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building ternd for the test failed");
+    }
+    binary
+}
+
+/// A running `ternd`; killed on drop.
+pub struct Server {
+    child: Child,
+    /// Plain TCP listener.
+    pub addr: SocketAddr,
+    /// Admin HTTP endpoint.
+    pub admin: SocketAddr,
+    /// TLS listener.
+    pub tls_addr: SocketAddr,
+    /// WebSocket listener.
+    pub ws_addr: SocketAddr,
+    /// WebSocket-over-TLS listener.
+    pub wss_addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    log: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Server {
+    /// Starts `ternd` on `data_dir` (O_DIRECT needs a real file system: use the target dir).
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_binary(&ternd_binary(), data_dir, extra_args)
+    }
+
+    /// Starts the `ternd` at `binary`.
+    pub fn start_binary(binary: &Path, data_dir: &Path, extra_args: &[&str]) -> Server {
+        let mut child = Command::new(binary)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--tls-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--ws-listen", "127.0.0.1:0", "--wss-listen", "127.0.0.1:0", "--shards", "4"])
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ternd starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let unset: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut server = Server {
+            child,
+            addr: unset,
+            admin: unset,
+            tls_addr: unset,
+            ws_addr: unset,
+            wss_addr: unset,
+            data_dir: data_dir.into(),
+            log,
+            seen: Vec::new(),
+        };
+        let local = |line: String| -> SocketAddr {
+            let addr = line.split("local=").nth(1).expect("local= in the log");
+            addr.split_whitespace().next().unwrap().parse().expect("a socket address")
+        };
+        server.admin = local(server.wait_for_log(|l| l.contains("admin endpoint listening")));
+        server.addr = local(server.wait_for_log(|l| l.contains("listening (tcp)")));
+        server.tls_addr = local(server.wait_for_log(|l| l.contains("listening (tls)")));
+        server.ws_addr = local(server.wait_for_log(|l| l.contains("listening (websocket)")));
+        server.wss_addr =
+            local(server.wait_for_log(|l| l.contains("listening (websocket over tls)")));
+        server
+    }
+
+    /// Waits for a log line matching `predicate` (earlier lines included).
+    pub fn wait_for_log(&mut self, predicate: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.seen.iter().find(|l| predicate(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.log.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no matching log line; log so far:\n{}", self.seen.join("\n"))
+            });
+            self.seen.push(line.clone());
+            if predicate(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// The verification code the log sender wrote for `phone` (the latest one).
+    pub fn code_for(&mut self, phone: &str) -> String {
+        let needle = format!("phone=\"{phone}\"");
+        // Drain what is there, then pick the last matching line.
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+        if !self.seen.iter().any(|l| l.contains(&needle) && l.contains("code=")) {
+            self.wait_for_log(|l| l.contains(&needle) && l.contains("code="));
+        }
+        let line =
+            self.seen.iter().rev().find(|l| l.contains(&needle) && l.contains("code=")).unwrap();
+        let code = line.split("code=\"").nth(1).unwrap().split('"').next().unwrap();
+        code.to_string()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ternd did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A GET on the admin endpoint: (status line, body).
+    pub fn admin_get(&self, path: &str) -> (String, String) {
+        let mut stream = TcpStream::connect(self.admin).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    }
+
+    /// Stops the server abruptly (like a crash: nothing is flushed beyond what was synced).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            // Show the server's side of a failing test.
+            while let Ok(line) = self.log.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push(line);
+            }
+            eprintln!("--- ternd log ---\n{}\n--- end of ternd log ---", self.seen.join("\n"));
+        }
+    }
+}
