@@ -176,17 +176,77 @@ impl PendingRegistration {
         // The server has the keys (the reply came after they were durable).
         crypto.mark_published();
         store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
-        let mut client = Client {
-            endpoint: self.endpoint,
-            store,
-            crypto,
-            identity,
-            connection: None,
-            backlog: VecDeque::new(),
-            events: VecDeque::new(),
+        Client::start(self.endpoint, store, crypto, identity).await
+    }
+}
+
+/// A new device waiting to be linked to an account: show [`PendingLink::code`] to the
+/// user, who approves it on the primary device ([`Client::approve_link`]).
+pub struct PendingLink {
+    connection: Connection,
+    endpoint: Endpoint,
+    crypto: DeviceCrypto,
+    request_id: u32,
+    code: String,
+}
+
+impl std::fmt::Debug for PendingLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingLink").field("code", &self.code).finish_non_exhaustive()
+    }
+}
+
+impl PendingLink {
+    /// Creates this device's keys and asks the server for a linking code.
+    pub async fn request(endpoint: &Endpoint, device_name: &str) -> Result<Self, ClientError> {
+        let mut connection = Connection::open(endpoint).await?;
+        let crypto = DeviceCrypto::new();
+        let request = LinkRequest {
+            device: NewDevice { name: device_name.into(), keys: crypto.device_keys() },
         };
-        client.reconnect().await?;
-        Ok(client)
+        let request_id = connection.send(&request).await?;
+        let code = loop {
+            let frame = connection.next_frame().await?;
+            match frame.frame().message {
+                Message::LinkCode(code) => break code.code.to_string(),
+                Message::ErrorFrame(_) => return Err(server_error(&frame)),
+                _ => {}
+            }
+        };
+        Ok(PendingLink { connection, endpoint: endpoint.clone(), crypto, request_id, code })
+    }
+
+    /// The code to approve on the primary device.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// Waits for the approval (up to the code's lifetime) and creates the store.
+    pub async fn wait(
+        mut self,
+        store_path: &Path,
+        secret: &StoreSecret,
+    ) -> Result<Client, ClientError> {
+        let mut store = Store::open(store_path, secret)?;
+        if store.identity()?.is_some() {
+            return Err(ClientError::Config(format!(
+                "{} already holds a registered device; use another file",
+                store_path.display()
+            )));
+        }
+        let reply = answer(&mut self.connection, self.request_id, &mut VecDeque::new()).await?;
+        let identity = match reply.frame().message {
+            Message::Registered(registered) => Identity {
+                server: self.endpoint.address.clone(),
+                user_id: registered.user_id.to_native(),
+                device_id: registered.device_id.to_native(),
+                token: registered.token,
+            },
+            _ => return Err(server_error(&reply)),
+        };
+        self.crypto.mark_published();
+        store.save_identity(&identity, &self.crypto.pickle(store.pickle_key()))?;
+        Client::start(self.endpoint, store, self.crypto, identity).await
     }
 }
 
@@ -222,10 +282,18 @@ impl Client {
         let identity = store.identity()?.ok_or_else(|| {
             ClientError::Config(format!("{} holds no registered device", store_path.display()))
         })?;
-        let account =
-            store.account()?.ok_or_else(|| ClientError::Config("no E2E account".into()))?;
-        let crypto = DeviceCrypto::from_pickle(&account, store.pickle_key())?;
+        let crypto =
+            store.device_crypto()?.ok_or_else(|| ClientError::Config("no E2E account".into()))?;
         let endpoint = endpoint.unwrap_or_else(|| Endpoint::tcp(identity.server.clone()));
+        Client::start(endpoint, store, crypto, identity).await
+    }
+
+    async fn start(
+        endpoint: Endpoint,
+        store: Store,
+        crypto: DeviceCrypto,
+        identity: Identity,
+    ) -> Result<Client, ClientError> {
         let mut client = Client {
             endpoint,
             store,
@@ -237,6 +305,13 @@ impl Client {
         };
         client.reconnect().await?;
         Ok(client)
+    }
+
+    /// Approves a device waiting with `code` (shown on it) into this account. Only the
+    /// primary device may.
+    pub async fn approve_link(&mut self, code: &str) -> Result<(), ClientError> {
+        self.request(&LinkApprove { code: code.into() }).await?;
+        Ok(())
     }
 
     /// This device's user id.
@@ -497,22 +572,29 @@ impl Client {
         Ok(self.store.search(query, limit)?)
     }
 
-    /// The safety number with `peer` (both users see the same 60 digits when no one is
-    /// in the middle). Starts sessions first if there were none.
+    /// The safety number with `peer`: both users see the same 60 digits when no one is
+    /// in the middle. It covers each account's primary device (device 1), whose identity
+    /// vouches for the devices it links; its key is fetched and pinned if unknown.
     pub async fn safety_number(&mut self, peer: u64) -> Result<String, ClientError> {
-        if self.store.known_devices(peer)?.is_empty() {
-            self.start_sessions(peer, &[]).await?;
+        let me = self.identity.user_id;
+        let mine = if self.identity.device_id == 1 {
+            self.crypto.identity_key()
+        } else {
+            self.primary_identity(me).await?
+        };
+        let theirs = self.primary_identity(peer).await?;
+        Ok(DeviceCrypto::safety_number((me, &[mine]), (peer, &[theirs])))
+    }
+
+    /// The pinned identity key of a user's primary device, fetched if unknown.
+    async fn primary_identity(&mut self, user_id: u64) -> Result<[u8; 32], ClientError> {
+        if self.store.pinned(user_id, 1)?.is_none() {
+            self.start_sessions(user_id, &[1]).await?;
         }
-        let theirs: Vec<[u8; 32]> =
-            self.store.known_devices(peer)?.into_iter().map(|(_, i)| i.curve25519).collect();
-        let mut mine: Vec<[u8; 32]> = self
-            .store
-            .known_devices(self.identity.user_id)?
-            .into_iter()
-            .map(|(_, i)| i.curve25519)
-            .collect();
-        mine.push(self.crypto.identity_key());
-        Ok(DeviceCrypto::safety_number((self.identity.user_id, &mine), (peer, &theirs)))
+        let pinned = self.store.pinned(user_id, 1)?;
+        pinned
+            .map(|p| p.curve25519)
+            .ok_or_else(|| ClientError::Protocol("no primary device".into()))
     }
 
     /// The next event, reading from the server as needed. A disconnect is an error

@@ -18,7 +18,7 @@ pub mod connection;
 pub mod crypto;
 pub mod store;
 
-pub use client::{Client, Event, PendingRegistration};
+pub use client::{Client, Event, PendingLink, PendingRegistration};
 pub use connection::{Endpoint, Trust};
 pub use crypto::{CryptoError, PeerIdentity};
 pub use store::{Status, StoreSecret, StoredMessage};

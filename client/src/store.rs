@@ -280,6 +280,12 @@ impl Store {
         String::from_utf8(value).map(Some).map_err(|_| StoreError::Corrupt("account".into()))
     }
 
+    /// This device's E2E account, decrypted with the store key.
+    pub fn device_crypto(&self) -> Result<Option<crate::crypto::DeviceCrypto>, crate::ClientError> {
+        let Some(account) = self.account()? else { return Ok(None) };
+        Ok(Some(crate::crypto::DeviceCrypto::from_pickle(&account, &self.key)?))
+    }
+
     /// Saves the pickled E2E account (after every change to it).
     pub fn save_account(&self, account: &str) -> Result<(), StoreError> {
         self.set_meta("account", account.as_bytes())

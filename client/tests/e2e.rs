@@ -1,0 +1,313 @@
+//! The SDK against a real `ternd` (started by the test on loopback with a temporary data
+//! directory): devices of two users talking end to end encrypted, what the server keeps,
+//! tampered and replayed ciphertexts, one-time key exhaustion and refill, and a restart
+//! from the SQLite store.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tern_client::connection::{Connection, Endpoint};
+use tern_client::crypto::DeviceCrypto;
+use tern_client::store::Store;
+use tern_client::{
+    Client, ClientError, Event, PendingLink, PendingRegistration, Status, StoreSecret,
+};
+use tern_testkit::Server;
+use tern_wire::messages::*;
+use tern_wire::Message;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn secret() -> StoreSecret {
+    StoreSecret::Passphrase("correct horse battery staple".into())
+}
+
+fn endpoint(server: &Server) -> Endpoint {
+    Endpoint::tcp(server.addr.to_string())
+}
+
+fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+async fn register(server: &mut Server, stores: &Path, name: &str, phone: &str) -> Client {
+    let pending = PendingRegistration::request_code(&endpoint(server), phone).await.unwrap();
+    let code = server.code_for(phone);
+    let path = stores.join(format!("{name}.db"));
+    pending.verify(&code, name, &path, &secret()).await.unwrap()
+}
+
+async fn link(server: &Server, primary: &mut Client, stores: &Path, name: &str) -> Client {
+    let pending = PendingLink::request(&endpoint(server), name).await.unwrap();
+    let code = pending.code().to_string();
+    let path = stores.join(format!("{name}.db"));
+    let secret = secret();
+    let (approved, linked) =
+        tokio::join!(primary.approve_link(&code), pending.wait(&path, &secret));
+    approved.unwrap();
+    linked.unwrap()
+}
+
+/// Reads events until `wanted` matches one; returns it.
+async fn until(client: &mut Client, wanted: impl Fn(&Event) -> bool) -> Event {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let event = client.next_event().await.unwrap();
+            if wanted(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{client:?}: no such event in time"))
+}
+
+async fn message_with(client: &mut Client, text: &str) -> tern_client::StoredMessage {
+    let text = text.to_string();
+    match until(client, |e| matches!(e, Event::Message(m) if m.text == text)).await {
+        Event::Message(message) => message,
+        _ => unreachable_event(),
+    }
+}
+
+fn unreachable_event() -> ! {
+    panic!("matched just before")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_device_of_both_users_gets_each_message_and_the_receipts() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice1 = register(&mut server, stores.path(), "alice-phone", "+15580001").await;
+    let mut alice2 = link(&server, &mut alice1, stores.path(), "alice-laptop").await;
+    let mut bob1 = register(&mut server, stores.path(), "bob-phone", "+15580002").await;
+    let mut bob2 = link(&server, &mut bob1, stores.path(), "bob-laptop").await;
+    let (alice, bob) = (alice1.user_id(), bob1.user_id());
+    assert_eq!((alice2.user_id(), alice2.device_id()), (alice, 2));
+
+    let sent = alice1.send_text(bob, "hello bob").await.unwrap();
+    assert_eq!(sent.status, Status::Sent);
+    for device in [&mut bob1, &mut bob2] {
+        let got = message_with(device, "hello bob").await;
+        assert_eq!((got.sender, got.peer, got.outgoing), ((alice, 1), alice, false));
+        assert_eq!(got.server_id, sent.server_id);
+    }
+    // Alice's other device has its own copy, as an outgoing message.
+    let copy = message_with(&mut alice2, "hello bob").await;
+    assert!(copy.outgoing);
+    assert_eq!(copy.peer, bob);
+    // Both of Alice's devices see the delivered tick.
+    for device in [&mut alice1, &mut alice2] {
+        let receipt = until(device, |e| matches!(e, Event::Receipt { .. })).await;
+        let Event::Receipt { status, messages, .. } = receipt else { unreachable_event() };
+        assert_eq!(status, Status::Delivered);
+        assert_eq!(messages[0].server_id, sent.server_id);
+    }
+
+    // The other way, from Bob's second device; then read receipts.
+    let reply = bob2.send_text(alice, "hi alice, from the laptop").await.unwrap();
+    for device in [&mut alice1, &mut alice2, &mut bob1] {
+        message_with(device, "hi alice, from the laptop").await;
+    }
+    alice1.mark_read(bob, &[reply.server_id]).await.unwrap();
+    for device in [&mut bob1, &mut bob2] {
+        let read =
+            until(device, |e| matches!(e, Event::Receipt { status: Status::Read, .. })).await;
+        let Event::Receipt { messages, .. } = read else { unreachable_event() };
+        assert_eq!(messages[0].server_id, reply.server_id);
+    }
+    // Safety numbers agree on both sides (and are computed from the pinned keys).
+    let from_alice = alice1.safety_number(bob).await.unwrap();
+    let from_bob = bob1.safety_number(alice).await.unwrap();
+    assert_eq!(from_alice, from_bob);
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_server_never_holds_the_plaintext() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580011").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15580012").await;
+    let bob_id = bob.user_id();
+    drop(bob); // Offline: the envelope waits in the server's log.
+
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random).unwrap();
+    let marker: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    alice.send_text(bob_id, &marker).await.unwrap();
+
+    let utf16: Vec<u8> = marker.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let base64 = vodozemac::base64_encode(marker.as_bytes());
+    let files = files_under(data.path());
+    assert!(files.iter().any(|(p, _)| p.to_string_lossy().contains("seg")), "{files:?}");
+    for (path, bytes) in &files {
+        for needle in [marker.as_bytes(), &utf16, base64.as_bytes()] {
+            let found = bytes.windows(needle.len()).any(|w| w == needle);
+            assert!(!found, "{} holds the plaintext", path.display());
+        }
+    }
+    // And the message was really there, for Bob.
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    message_with(&mut bob, &marker).await;
+}
+
+/// Acts as a registered device below the SDK: its store, its keys, a raw connection.
+async fn raw_device(server: &Server, store: &Path) -> (Connection, DeviceCrypto, u64) {
+    let store = Store::open(store, &secret()).unwrap();
+    let identity = store.identity().unwrap().unwrap();
+    let crypto = store.device_crypto().unwrap().unwrap();
+    let mut connection = Connection::open(&endpoint(server)).await.unwrap();
+    let auth =
+        Auth { user_id: identity.user_id, device_id: identity.device_id, token: identity.token };
+    connection.send(&auth).await.unwrap();
+    loop {
+        let frame = connection.next_frame().await.unwrap();
+        if let Message::AuthOk(_) = frame.frame().message {
+            break;
+        }
+    }
+    (connection, crypto, identity.user_id)
+}
+
+async fn answer(connection: &mut Connection, id: u32) -> tern_client::connection::OwnedFrame {
+    loop {
+        let frame = connection.next_frame().await.unwrap();
+        if frame.frame().header.request_id == id && frame.frame().header.is_response() {
+            return frame;
+        }
+    }
+}
+
+async fn fetch_bundle(connection: &mut Connection, user_id: u64) -> DeviceBundle {
+    let id = connection.send(&FetchBundles { user_id, device_ids: vec![] }).await.unwrap();
+    let reply = answer(connection, id).await;
+    let Message::Bundles(bundles) = reply.frame().message else { panic!("no bundles") };
+    let bundles: Bundles = rkyv::deserialize::<Bundles, rkyv::rancor::Failure>(bundles).unwrap();
+    bundles.devices[0].clone()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tampered_and_replayed_ciphertexts_are_refused() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let alice = register(&mut server, stores.path(), "alice", "+15580021").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580022").await;
+    drop(alice);
+    let (mut raw, crypto, _) = raw_device(&server, &stores.path().join("alice.db")).await;
+    let bundle = fetch_bundle(&mut raw, bob.user_id()).await;
+    let mut session = crypto.outbound_session(bob.user_id(), &bundle).unwrap();
+    let (e2e_type, genuine) = session.encrypt(b"\x01genuine");
+    let mut tampered = genuine.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x40;
+    let copy = |ciphertext: &[u8]| DeviceCopy {
+        user_id: bob.user_id(),
+        device_id: 1,
+        e2e_type,
+        ciphertext: ciphertext.to_vec(),
+    };
+    for (client_message_id, ciphertext) in [(1, &tampered), (2, &genuine), (3, &genuine)] {
+        let send = SendMessage {
+            client_message_id,
+            to: Conversation::User(bob.user_id()),
+            kind: EnvelopeKind::Text,
+            ttl_s: 0,
+            copies: vec![copy(ciphertext)],
+        };
+        let id = raw.send(&send).await.unwrap();
+        let Message::SendAck(_) = answer(&mut raw, id).await.frame().message else { panic!() };
+    }
+    let first = until(&mut bob, |_| true).await;
+    assert!(matches!(first, Event::Undecryptable { .. }), "{first:?}");
+    let second = until(&mut bob, |_| true).await;
+    assert!(matches!(&second, Event::Message(m) if m.text == "genuine"), "{second:?}");
+    let third = until(&mut bob, |_| true).await;
+    let Event::Undecryptable { reason, .. } = third else { panic!("replay accepted: {third:?}") };
+    assert!(!reason.is_empty());
+    assert_eq!(bob.search("genuine", 10).unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn keys_run_out_fall_back_and_are_refilled() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &["--key-fetches-per-hour", "1000"]);
+    let alice = register(&mut server, stores.path(), "alice", "+15580031").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15580032").await;
+    let bob_id = bob.user_id();
+    drop(bob);
+    drop(alice);
+    // Someone drains Bob's one-time keys while he is offline.
+    let (mut raw, _, _) = raw_device(&server, &stores.path().join("alice.db")).await;
+    let mut handed = 0;
+    while fetch_bundle(&mut raw, bob_id).await.one_time_key.is_some() {
+        handed += 1;
+    }
+    assert_eq!(handed, tern_client::crypto::ONE_TIME_KEY_STOCK);
+    drop(raw);
+    // A session on the fallback key still works.
+    let mut alice = Client::open(&stores.path().join("alice.db"), &secret(), None).await.unwrap();
+    alice.send_text(bob_id, "on the fallback key").await.unwrap();
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    let refilled = until(&mut bob, |e| matches!(e, Event::KeysRefilled(_))).await;
+    assert_eq!(refilled, Event::KeysRefilled(tern_client::crypto::ONE_TIME_KEY_STOCK as u32));
+    message_with(&mut bob, "on the fallback key").await;
+    // The refill reached the server: a fetch gets a one-time key again.
+    drop(alice);
+    let (mut raw, _, _) = raw_device(&server, &stores.path().join("alice.db")).await;
+    assert!(fetch_bundle(&mut raw, bob_id).await.one_time_key.is_some());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580041").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580042").await;
+    let (alice_id, bob_id) = (alice.user_id(), bob.user_id());
+    alice.send_text(bob_id, "the quick brown fox").await.unwrap();
+    message_with(&mut bob, "the quick brown fox").await;
+    bob.send_text(alice_id, "jumps over the lazy dog").await.unwrap();
+    message_with(&mut alice, "jumps over the lazy dog").await;
+    drop(alice);
+    drop(bob);
+
+    // A wrong passphrase does not open the store.
+    let wrong = StoreSecret::Passphrase("wrong".into());
+    let refused = Client::open(&stores.path().join("bob.db"), &wrong, None).await.unwrap_err();
+    assert!(matches!(refused, ClientError::Store(tern_client::StoreError::WrongKey)), "{refused}");
+
+    let mut alice = Client::open(&stores.path().join("alice.db"), &secret(), None).await.unwrap();
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    alice.send_text(bob_id, "after the restart").await.unwrap();
+    message_with(&mut bob, "after the restart").await;
+    // Still the one session each way: no new pre-key exchange was needed.
+    let bob_store = Store::open(&stores.path().join("bob.db"), &secret()).unwrap();
+    assert_eq!(bob_store.sessions(alice_id, 1).unwrap().len(), 1);
+
+    let found = bob.search("fox", 10).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].text, "the quick brown fox");
+    let history = alice.history(bob_id, 10).unwrap();
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["the quick brown fox", "jumps over the lazy dog", "after the restart"]);
+    assert!(history[0].status >= Status::Delivered, "{:?}", history[0]);
+}
