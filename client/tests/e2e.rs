@@ -295,7 +295,18 @@ async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
     let refused = Client::open(&stores.path().join("bob.db"), &wrong, None).await.unwrap_err();
     assert!(matches!(refused, ClientError::Store(tern_client::StoreError::WrongKey)), "{refused}");
 
-    let mut alice = Client::open(&stores.path().join("alice.db"), &secret(), None).await.unwrap();
+    // A self-signed certificate is refused unless pinned.
+    let untrusted =
+        Endpoint { address: server.tls_addr.to_string(), tls: Some(tern_client::Trust::WebPki) };
+    let refused = Client::open(&stores.path().join("alice.db"), &secret(), Some(untrusted)).await;
+    assert!(matches!(refused, Err(ClientError::Io(_))), "{refused:?}");
+    // Alice comes back over TLS 1.3, trusting exactly the server's development cert.
+    let tls = Endpoint {
+        address: server.tls_addr.to_string(),
+        tls: Some(tern_client::Trust::Pinned(server.data_dir.join("tls/dev-cert.pem"))),
+    };
+    let mut alice =
+        Client::open(&stores.path().join("alice.db"), &secret(), Some(tls)).await.unwrap();
     let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
     alice.send_text(bob_id, "after the restart").await.unwrap();
     message_with(&mut bob, "after the restart").await;

@@ -1,5 +1,375 @@
-//! `tern`, the chat CLI. Exits non-zero until the client SDK exists.
+//! `tern`, the chat CLI: a person's way to try Tern without writing an app.
+//!
+//! Each invocation opens one device's store (`--store`, a SQLite file made by the SDK),
+//! does one thing and exits; `tern chat` stays and shows incoming messages live with
+//! their ticks and who is typing. The store's secrets are encrypted with a passphrase
+//! (`TERN_PASSPHRASE`, or asked for).
 
-fn main() -> std::process::ExitCode {
-    tern_tools::not_built("tern", "the server (ternd) and the client SDK")
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern_client::{
+    Client, ClientError, Endpoint, Event, PendingLink, PendingRegistration, Status, StoreSecret,
+    StoredMessage, Trust,
+};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about = "Tern's chat client (end-to-end encrypted)")]
+struct Args {
+    /// This device's store (created by `register` or `link`).
+    #[arg(long, env = "TERN_STORE", default_value = "tern.db")]
+    store: PathBuf,
+    /// The server, `host:port` (default: the one the device registered with, or a local
+    /// ternd).
+    #[arg(long, env = "TERN_SERVER")]
+    server: Option<String>,
+    /// Use TLS 1.3; trust the web PKI, or exactly `--ca` (e.g. a development ternd's
+    /// `tern-data/tls/dev-cert.pem`).
+    #[arg(long)]
+    tls: bool,
+    /// The certificate to trust with `--tls`.
+    #[arg(long, requires = "tls")]
+    ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register this device with a phone number (the code is asked for).
+    Register {
+        /// E.164 phone number, like +15550001.
+        #[arg(long)]
+        phone: String,
+        /// A name for this device.
+        #[arg(long, default_value = "tern cli")]
+        name: String,
+    },
+    /// Link this device to an existing account: shows a code to approve on the primary.
+    Link {
+        /// A name for this device.
+        #[arg(long, default_value = "tern cli")]
+        name: String,
+    },
+    /// Approve a device waiting to be linked (run on the primary device).
+    Approve {
+        /// The code the new device shows.
+        code: String,
+    },
+    /// Show this device's user id (give it to the people who want to write to you).
+    Whoami,
+    /// Send one message.
+    Send {
+        /// The recipient's user id.
+        #[arg(long)]
+        to: u64,
+        /// The text.
+        text: Vec<String>,
+    },
+    /// Chat with someone: incoming messages, ticks and typing appear live; type a line
+    /// and Enter to send; Ctrl-D to leave.
+    Chat {
+        /// The other person's user id.
+        #[arg(long)]
+        with: u64,
+    },
+    /// Show the conversation with someone.
+    History {
+        /// The other person's user id.
+        #[arg(long)]
+        with: u64,
+        /// How many messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Full-text search over this device's history (SQLite FTS5 syntax).
+    Search {
+        /// What to look for.
+        query: Vec<String>,
+        /// How many results.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Show the safety number with someone, to compare in person.
+    SafetyNumber {
+        /// The other person's user id.
+        #[arg(long)]
+        with: u64,
+    },
+}
+
+const DEFAULT_SERVER: &str = "127.0.0.1:7400";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tern: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn passphrase() -> Result<StoreSecret, ClientError> {
+    if let Ok(passphrase) = std::env::var("TERN_PASSPHRASE") {
+        return Ok(StoreSecret::Passphrase(passphrase));
+    }
+    let passphrase = rpassword::prompt_password("passphrase for the store: ")
+        .map_err(|e| ClientError::Config(format!("reading the passphrase: {e}")))?;
+    Ok(StoreSecret::Passphrase(passphrase))
+}
+
+fn endpoint(args: &Args, registered: Option<&str>) -> Endpoint {
+    let address = args.server.clone().or(registered.map(str::to_string));
+    let address = address.unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    let tls = args.tls.then(|| match &args.ca {
+        Some(ca) => Trust::Pinned(ca.clone()),
+        None => Trust::WebPki,
+    });
+    Endpoint { address, tls }
+}
+
+async fn open(args: &Args) -> Result<Client, ClientError> {
+    let secret = passphrase()?;
+    let endpoint = args.server.is_some().then(|| endpoint(args, None));
+    Client::open(&args.store, &secret, endpoint).await
+}
+
+async fn run(args: Args) -> Result<(), ClientError> {
+    match &args.command {
+        Command::Register { phone, name } => {
+            let secret = passphrase()?;
+            let pending = PendingRegistration::request_code(&endpoint(&args, None), phone).await?;
+            println!("a code was sent to {phone} (valid {} s)", pending.expires_in_s);
+            let code = prompt_line("code: ").await?;
+            let client = pending.verify(code.trim(), name, &args.store, &secret).await?;
+            println!("registered: user {} device {}", client.user_id(), client.device_id());
+        }
+        Command::Link { name } => {
+            let secret = passphrase()?;
+            let pending = PendingLink::request(&endpoint(&args, None), name).await?;
+            println!("approve this device on your primary: tern approve {}", pending.code());
+            let client = pending.wait(&args.store, &secret).await?;
+            println!("linked: user {} device {}", client.user_id(), client.device_id());
+        }
+        Command::Approve { code } => {
+            let mut client = open(&args).await?;
+            client.approve_link(code).await?;
+            println!("approved");
+        }
+        Command::Whoami => {
+            let client = open(&args).await?;
+            println!("user {} device {}", client.user_id(), client.device_id());
+        }
+        Command::Send { to, text } => {
+            let mut client = open(&args).await?;
+            let sent = client.send_text(*to, &text.join(" ")).await?;
+            println!("{} sent (id {})", sent.status.ticks(), sent.server_id);
+        }
+        Command::Chat { with } => chat(open(&args).await?, *with).await?,
+        Command::History { with, limit } => {
+            let client = open(&args).await?;
+            for message in client.history(*with, *limit)? {
+                println!("{}", line_of(&message));
+            }
+        }
+        Command::Search { query, limit } => {
+            let client = open(&args).await?;
+            for message in client.search(&query.join(" "), *limit)? {
+                println!("{}", line_of(&message));
+            }
+        }
+        Command::SafetyNumber { with } => {
+            let mut client = open(&args).await?;
+            println!("{}", client.safety_number(*with).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn prompt_line(prompt: &str) -> Result<String, ClientError> {
+    print!("{prompt}");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin()).read_line(&mut line).await?;
+    Ok(line)
+}
+
+/// One history line: `[hh:mm:ss] who: text ticks`.
+fn line_of(message: &StoredMessage) -> String {
+    let seconds = message.time_ms / 1000;
+    let (h, m, s) = ((seconds / 3600) % 24, (seconds / 60) % 60, seconds % 60);
+    let who = if message.outgoing { "me".to_string() } else { message.sender.0.to_string() };
+    let ticks =
+        if message.outgoing { format!(" {}", message.status.ticks()) } else { String::new() };
+    format!("[{h:02}:{m:02}:{s:02} UTC] {who}: {}{ticks}", message.text)
+}
+
+/// The interactive chat: lines typed are sent; events are printed as they come. On a
+/// terminal the line is edited in raw mode, so that typing can be announced as it
+/// starts and stops; from a pipe, lines are read as they are.
+async fn chat(mut client: Client, peer: u64) -> Result<(), ClientError> {
+    println!("chatting with {peer} as {} (Ctrl-D to leave)", client.user_id());
+    for message in client.history(peer, 10)? {
+        println!("{}", line_of(&message));
+    }
+    if std::io::stdin().is_terminal() {
+        return raw_chat::run(client, peer).await;
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                if !line.trim().is_empty() {
+                    let sent = client.send_text(peer, &line).await?;
+                    println!("{}", line_of(&sent));
+                }
+            }
+            event = client.next_event() => {
+                for text in on_event(&mut client, peer, event).await? {
+                    println!("{text}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handles one event of the chat (reconnecting after a disconnect); returns what to show.
+async fn on_event(
+    client: &mut Client,
+    peer: u64,
+    event: Result<Event, ClientError>,
+) -> Result<Vec<String>, ClientError> {
+    match event {
+        Ok(event) => show(client, peer, event).await,
+        Err(ClientError::Disconnected | ClientError::Io(_)) => {
+            client.reconnect_with_backoff(20).await?;
+            Ok(vec!["(reconnected)".to_string()])
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The chat on a terminal: a one-line editor in raw mode.
+mod raw_chat {
+    use std::io::Write;
+
+    use crossterm::event::{Event as Key, EventStream, KeyCode, KeyEvent, KeyModifiers};
+    use futures_util::StreamExt;
+    use tern_client::{Client, ClientError};
+
+    use super::{line_of, on_event};
+
+    /// Leaves raw mode however the chat ends.
+    struct RawMode;
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            let _ = crossterm::terminal::disable_raw_mode();
+        }
+    }
+
+    /// Prints `text` above the line being edited, then the line again.
+    fn print_above(text: &str, editing: &str) {
+        let mut out = std::io::stdout();
+        let _ = write!(out, "\r\x1b[2K{}\r\n> {editing}", text.replace('\n', "\r\n"));
+        let _ = out.flush();
+    }
+
+    /// Rewrites the line being edited.
+    fn redraw(editing: &str) {
+        let mut out = std::io::stdout();
+        let _ = write!(out, "\r\x1b[2K> {editing}");
+        let _ = out.flush();
+    }
+
+    pub async fn run(mut client: Client, peer: u64) -> Result<(), ClientError> {
+        crossterm::terminal::enable_raw_mode()?;
+        let _raw = RawMode;
+        let mut keys = EventStream::new();
+        let mut editing = String::new();
+        redraw(&editing);
+        loop {
+            tokio::select! {
+                key = keys.next() => {
+                    let Some(key) = key else { break };
+                    let Key::Key(KeyEvent { code, modifiers, .. }) = key? else { continue };
+                    let ctrl = modifiers.contains(KeyModifiers::CONTROL);
+                    match code {
+                        KeyCode::Char('c' | 'd') if ctrl => break,
+                        KeyCode::Char(c) => {
+                            if editing.is_empty() {
+                                client.typing(peer, true).await?;
+                            }
+                            editing.push(c);
+                        }
+                        KeyCode::Backspace => {
+                            editing.pop();
+                            if editing.is_empty() {
+                                client.typing(peer, false).await?;
+                            }
+                        }
+                        KeyCode::Enter if !editing.trim().is_empty() => {
+                            let text = std::mem::take(&mut editing);
+                            client.typing(peer, false).await?;
+                            let sent = client.send_text(peer, &text).await?;
+                            print_above(&line_of(&sent), &editing);
+                            continue;
+                        }
+                        _ => continue,
+                    }
+                    redraw(&editing);
+                }
+                event = client.next_event() => {
+                    for text in on_event(&mut client, peer, event).await? {
+                        print_above(&text, &editing);
+                    }
+                }
+            }
+        }
+        if !editing.is_empty() {
+            client.typing(peer, false).await?;
+        }
+        print!("\r\x1b[2K");
+        Ok(())
+    }
+}
+
+async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String>, ClientError> {
+    let mut out = Vec::new();
+    match event {
+        Event::Message(message) if message.peer == peer => {
+            out.push(line_of(&message));
+            if !message.outgoing {
+                client.mark_read(peer, &[message.server_id]).await?;
+            }
+        }
+        Event::Message(message) => out.push(format!("(new message from {})", message.sender.0)),
+        Event::Receipt { status, messages, .. } => {
+            for message in messages.iter().filter(|m| m.peer == peer) {
+                let what = if status == Status::Read { "✓✓ read" } else { "✓✓ delivered" };
+                out.push(format!("  {what}: {}", message.text));
+            }
+        }
+        Event::Typing { user_id, active } if user_id == peer => {
+            out.push(if active { format!("  … {user_id} is typing") } else { String::new() });
+            out.retain(|line| !line.is_empty());
+        }
+        Event::Typing { .. } => {}
+        Event::IdentityChanged { user_id, device_id } => out.push(format!(
+            "  ! the identity key of {user_id} device {device_id} changed: compare safety numbers"
+        )),
+        Event::Undecryptable { sender, reason } => {
+            out.push(format!("  ! a message from {} could not be decrypted: {reason}", sender.0))
+        }
+        Event::KeysRefilled(count) => out.push(format!("(uploaded {count} new one-time keys)")),
+    }
+    Ok(out)
 }

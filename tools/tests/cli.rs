@@ -1,0 +1,153 @@
+//! `tern`, the chat CLI, as a person uses it in two terminals: register two users,
+//! send, chat (from a pipe), history, search and safety numbers, against a real `ternd`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+
+use tern_testkit::{Server, TIMEOUT};
+
+/// A running `tern` with its output read line by line.
+struct Tern {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+fn tern(server: &Server, store: &Path, args: &[&str]) -> Tern {
+    tern_with(server, store, "a passphrase", args)
+}
+
+fn tern_with(server: &Server, store: &Path, passphrase: &str, args: &[&str]) -> Tern {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("--store")
+        .arg(store)
+        .args(["--server", &server.addr.to_string()])
+        .args(args)
+        .env("TERN_PASSPHRASE", passphrase)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern starts");
+    let (tx, lines) = channel();
+    for output in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let stdin = child.stdin.take();
+    Tern { child, stdin, lines, seen: Vec::new() }
+}
+
+impl Tern {
+    /// Waits for an output line containing `text`.
+    fn expect(&mut self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no line with {text:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin and waits for the exit; returns whether it succeeded.
+    fn finish(mut self) -> (bool, Vec<String>) {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "tern did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        (status.success(), self.seen)
+    }
+}
+
+fn register(server: &mut Server, store: &Path, phone: &str) -> u64 {
+    let mut run = tern(server, store, &["register", "--phone", phone]);
+    run.expect("a code was sent");
+    let code = server.code_for(phone);
+    run.type_line(&code);
+    let line = run.expect("registered: user");
+    let (ok, _) = run.finish();
+    assert!(ok);
+    let after = line.split("registered: user ").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn one_shot(server: &Server, store: &Path, args: &[&str]) -> Vec<String> {
+    let (ok, lines) = tern(server, store, args).finish();
+    assert!(ok, "tern {args:?} failed:\n{}", lines.join("\n"));
+    lines
+}
+
+#[test]
+fn two_people_chat_in_two_terminals() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let alice = register(&mut server, &alice_db, "+15590001");
+    let bob = register(&mut server, &bob_db, "+15590002");
+
+    let sent = one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "hello", "bob"]);
+    assert!(sent.iter().any(|l| l.contains("✓ sent")), "{sent:?}");
+
+    // Bob opens the chat: the message arrives live; he answers.
+    let mut chat = tern(&server, &bob_db, &["chat", "--with", &alice.to_string()]);
+    chat.expect(&format!("{alice}: hello bob"));
+    chat.type_line("hi alice");
+    chat.expect("me: hi alice ✓");
+    let (ok, _) = chat.finish();
+    assert!(ok);
+
+    // Alice's chat shows Bob's answer, and her message's ticks move to read.
+    let mut chat = tern(&server, &alice_db, &["chat", "--with", &bob.to_string()]);
+    chat.expect(&format!("{bob}: hi alice"));
+    chat.expect("✓✓ read: hello bob");
+    chat.finish();
+
+    let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);
+    assert!(history.iter().any(|l| l.contains("me: hello bob ✓✓ read")), "{history:?}");
+    assert!(history.iter().any(|l| l.contains(&format!("{bob}: hi alice"))), "{history:?}");
+    let found = one_shot(&server, &bob_db, &["search", "hello"]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("hello bob"));
+
+    let from_alice = one_shot(&server, &alice_db, &["safety-number", "--with", &bob.to_string()]);
+    let from_bob = one_shot(&server, &bob_db, &["safety-number", "--with", &alice.to_string()]);
+    assert_eq!(from_alice, from_bob);
+    assert_eq!(from_alice[0].split(' ').count(), 12);
+
+    let (ok, lines) = tern_with(&server, &bob_db, "not the passphrase", &["whoami"]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("wrong passphrase")), "{lines:?}");
+}
