@@ -500,7 +500,12 @@ impl Client {
 
     /// Fetches bundles (all devices if `devices` is empty), checks them, pins identities
     /// and starts a session with each device.
-    async fn start_sessions(&mut self, user_id: u64, devices: &[u32]) -> Result<(), ClientError> {
+    /// Returns the devices the server listed.
+    async fn start_sessions(
+        &mut self,
+        user_id: u64,
+        devices: &[u32],
+    ) -> Result<Vec<u32>, ClientError> {
         let fetch = FetchBundles { user_id, device_ids: devices.to_vec() };
         let reply = self.request(&fetch).await?;
         let Message::Bundles(bundles) = reply.frame().message else {
@@ -519,6 +524,20 @@ impl Client {
             self.pin(device, seen)?;
             let pickle = session.pickle(self.store.pickle_key());
             self.store.save_session(device, &session.id(), &pickle, None, None)?;
+        }
+        Ok(bundles.devices.iter().map(|b| b.device_id).collect())
+    }
+
+    /// Asks the server for `peer`'s current devices and keys: new devices get sessions,
+    /// gone ones are forgotten, and a changed identity key is reported
+    /// ([`Event::IdentityChanged`]) and re-pinned. Use it when a contact says they
+    /// reinstalled, or before comparing safety numbers. (Each call uses up one of the
+    /// peer's one-time keys per device.)
+    pub async fn refresh_devices(&mut self, peer: u64) -> Result<(), ClientError> {
+        let known: Vec<u32> = self.store.known_devices(peer)?.into_iter().map(|d| d.0).collect();
+        let current = self.start_sessions(peer, &[]).await?;
+        for gone in known.into_iter().filter(|d| !current.contains(d)) {
+            self.store.forget_device(peer, gone)?;
         }
         Ok(())
     }

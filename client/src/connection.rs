@@ -1,5 +1,6 @@
-//! One connection to `ternd`: a byte stream (TCP, or TLS 1.3 with rustls) carrying
-//! `tern-wire` frames, with the handshake done.
+//! One connection to `ternd`: TCP, or TLS 1.3 with rustls, optionally carrying
+//! WebSocket (one binary message per frame, for networks that only pass HTTP), with
+//! `tern-wire` frames and the handshake done.
 //!
 //! It only moves frames: [`Connection::send`] encodes one and writes it;
 //! [`Connection::next_frame`] reads until a whole frame is there. Reading is
@@ -26,6 +27,8 @@ pub struct Endpoint {
     pub address: String,
     /// TLS, and whom to trust.
     pub tls: Option<Trust>,
+    /// Frames as binary WebSocket messages (to `ternd`'s WebSocket listener).
+    pub websocket: bool,
 }
 
 /// Which certificates a TLS connection accepts.
@@ -40,7 +43,7 @@ pub enum Trust {
 impl Endpoint {
     /// Plain TCP to `address`.
     pub fn tcp(address: impl Into<String>) -> Endpoint {
-        Endpoint { address: address.into(), tls: None }
+        Endpoint { address: address.into(), tls: None, websocket: false }
     }
 }
 
@@ -63,9 +66,15 @@ impl OwnedFrame {
     }
 }
 
+/// The bytes under the frames.
+enum Transport {
+    Bytes(Box<dyn Stream>),
+    WebSocket(Box<tokio_tungstenite::WebSocketStream<Box<dyn Stream>>>),
+}
+
 /// An open, handshaken connection.
 pub struct Connection {
-    stream: Box<dyn Stream>,
+    transport: Transport,
     decoder: FrameDecoder,
     max_frame_bytes: u32,
     next_request_id: u32,
@@ -96,8 +105,18 @@ impl Connection {
                 Box::new(connector.connect(name, tcp).await?)
             }
         };
+        let transport = if endpoint.websocket {
+            let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
+            let url = format!("{scheme}://{}/", endpoint.address);
+            let (websocket, _) = tokio_tungstenite::client_async(url, stream)
+                .await
+                .map_err(|e| ClientError::Protocol(format!("WebSocket upgrade: {e}")))?;
+            Transport::WebSocket(Box::new(websocket))
+        } else {
+            Transport::Bytes(stream)
+        };
         let mut connection = Connection {
-            stream,
+            transport,
             decoder: FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES),
             max_frame_bytes: tern_wire::HANDSHAKE_MAX_FRAME_BYTES,
             next_request_id: 1,
@@ -133,8 +152,17 @@ impl Connection {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, id, 0, value, self.max_frame_bytes)
             .map_err(|e| ClientError::Protocol(format!("cannot encode {}: {e}", T::TYPE.name())))?;
-        self.stream.write_all(&bytes).await?;
-        self.stream.flush().await?;
+        match &mut self.transport {
+            Transport::Bytes(stream) => {
+                stream.write_all(&bytes).await?;
+                stream.flush().await?;
+            }
+            Transport::WebSocket(websocket) => {
+                use futures_util::SinkExt;
+                let message = tokio_tungstenite::tungstenite::Message::Binary(bytes.into());
+                websocket.send(message).await.map_err(websocket_error)?;
+            }
+        }
         Ok(id)
     }
 
@@ -151,12 +179,37 @@ impl Connection {
                 bytes.extend_from_slice(frame.payload);
                 return Ok(OwnedFrame { bytes });
             }
-            let n = self.stream.read(&mut self.buffer).await?;
-            if n == 0 {
-                return Err(ClientError::Disconnected);
+            match &mut self.transport {
+                Transport::Bytes(stream) => {
+                    let n = stream.read(&mut self.buffer).await?;
+                    if n == 0 {
+                        return Err(ClientError::Disconnected);
+                    }
+                    self.decoder.feed(&self.buffer[..n]);
+                }
+                Transport::WebSocket(websocket) => {
+                    use futures_util::StreamExt;
+                    use tokio_tungstenite::tungstenite::Message as WsMessage;
+                    match websocket.next().await {
+                        Some(Ok(WsMessage::Binary(bytes))) => self.decoder.feed(&bytes),
+                        Some(Ok(WsMessage::Close(_))) | None => {
+                            return Err(ClientError::Disconnected)
+                        }
+                        Some(Ok(_)) => {} // Pings are answered by tungstenite.
+                        Some(Err(error)) => return Err(websocket_error(error)),
+                    }
+                }
             }
-            self.decoder.feed(&self.buffer[..n]);
         }
+    }
+}
+
+fn websocket_error(error: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    use tokio_tungstenite::tungstenite::Error;
+    match error {
+        Error::Io(error) => ClientError::Io(error),
+        Error::ConnectionClosed | Error::AlreadyClosed => ClientError::Disconnected,
+        other => ClientError::Protocol(format!("WebSocket: {other}")),
     }
 }
 

@@ -142,10 +142,18 @@ async fn the_server_never_holds_the_plaintext() {
     let data = data_dir();
     let stores = tempfile::tempdir().unwrap();
     let mut server = Server::start(data.path(), &[]);
-    let mut alice = register(&mut server, stores.path(), "alice", "+15580011").await;
+    let alice = register(&mut server, stores.path(), "alice", "+15580011").await;
     let bob = register(&mut server, stores.path(), "bob", "+15580012").await;
     let bob_id = bob.user_id();
     drop(bob); // Offline: the envelope waits in the server's log.
+
+    // Everything Alice's client says to the server, and hears back, passes a recorder.
+    let (proxy, traffic) = recording_proxy(server.addr).await;
+    drop(alice);
+    let mut alice =
+        Client::open(&stores.path().join("alice.db"), &secret(), Some(Endpoint::tcp(proxy)))
+            .await
+            .unwrap();
 
     let mut random = [0u8; 16];
     getrandom::fill(&mut random).unwrap();
@@ -162,9 +170,54 @@ async fn the_server_never_holds_the_plaintext() {
             assert!(!found, "{} holds the plaintext", path.display());
         }
     }
+    let seen = traffic.lock().unwrap().clone();
+    // At least the pre-key message (≥ 289 bytes for 32 characters) went through it.
+    assert!(seen.len() > 400, "the recorder saw the session ({} bytes)", seen.len());
+    for needle in [marker.as_bytes(), &utf16, base64.as_bytes()] {
+        assert!(!seen.windows(needle.len()).any(|w| w == needle), "plaintext on the wire");
+    }
     // And the message was really there, for Bob.
     let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
     message_with(&mut bob, &marker).await;
+}
+
+/// A TCP relay to `server` that records every byte in both directions.
+async fn recording_proxy(
+    server: std::net::SocketAddr,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let traffic = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = traffic.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = upstream.into_split();
+            tokio::spawn(relay(client_read, server_write, recorded.clone()));
+            tokio::spawn(relay(server_read, client_write, recorded.clone()));
+        }
+    });
+    (address, traffic)
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    recorded: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        recorded.lock().unwrap().extend_from_slice(&buffer[..n]);
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Acts as a registered device below the SDK: its store, its keys, a raw connection.
@@ -296,18 +349,25 @@ async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
     assert!(matches!(refused, ClientError::Store(tern_client::StoreError::WrongKey)), "{refused}");
 
     // A self-signed certificate is refused unless pinned.
-    let untrusted =
-        Endpoint { address: server.tls_addr.to_string(), tls: Some(tern_client::Trust::WebPki) };
+    let untrusted = Endpoint {
+        address: server.tls_addr.to_string(),
+        tls: Some(tern_client::Trust::WebPki),
+        websocket: false,
+    };
     let refused = Client::open(&stores.path().join("alice.db"), &secret(), Some(untrusted)).await;
     assert!(matches!(refused, Err(ClientError::Io(_))), "{refused:?}");
     // Alice comes back over TLS 1.3, trusting exactly the server's development cert.
     let tls = Endpoint {
         address: server.tls_addr.to_string(),
         tls: Some(tern_client::Trust::Pinned(server.data_dir.join("tls/dev-cert.pem"))),
+        websocket: false,
     };
     let mut alice =
         Client::open(&stores.path().join("alice.db"), &secret(), Some(tls)).await.unwrap();
-    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    // Bob over WebSocket.
+    let websocket = Endpoint { address: server.ws_addr.to_string(), tls: None, websocket: true };
+    let mut bob =
+        Client::open(&stores.path().join("bob.db"), &secret(), Some(websocket)).await.unwrap();
     alice.send_text(bob_id, "after the restart").await.unwrap();
     message_with(&mut bob, "after the restart").await;
     // Still the one session each way: no new pre-key exchange was needed.
@@ -321,4 +381,27 @@ async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
     let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["the quick brown fox", "jumps over the lazy dog", "after the restart"]);
     assert!(history[0].status >= Status::Delivered, "{:?}", history[0]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_changed_identity_is_reported_and_a_new_session_follows() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580051").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580052").await;
+    let bob_id = bob.user_id();
+    alice.send_text(bob_id, "before").await.unwrap();
+    message_with(&mut bob, "before").await;
+    let number_before = alice.safety_number(bob_id).await.unwrap();
+    drop(bob);
+    // Bob reinstalls: the same number, a new device 1 with new keys.
+    let mut bob = register(&mut server, stores.path(), "bob-again", "+15580052").await;
+    assert_eq!(bob.user_id(), bob_id);
+    alice.refresh_devices(bob_id).await.unwrap();
+    let changed = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
+    assert_eq!(changed, Event::IdentityChanged { user_id: bob_id, device_id: 1 });
+    assert_ne!(alice.safety_number(bob_id).await.unwrap(), number_before);
+    alice.send_text(bob_id, "after the reinstall").await.unwrap();
+    message_with(&mut bob, "after the reinstall").await;
 }

@@ -33,6 +33,9 @@ struct Args {
     /// The certificate to trust with `--tls`.
     #[arg(long, requires = "tls")]
     ca: Option<PathBuf>,
+    /// Speak WebSocket (to ternd's WebSocket listener, e.g. 127.0.0.1:7480).
+    #[arg(long)]
+    websocket: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,7 +134,7 @@ fn endpoint(args: &Args, registered: Option<&str>) -> Endpoint {
         Some(ca) => Trust::Pinned(ca.clone()),
         None => Trust::WebPki,
     });
-    Endpoint { address, tls }
+    Endpoint { address, tls, websocket: args.websocket }
 }
 
 async fn open(args: &Args) -> Result<Client, ClientError> {
