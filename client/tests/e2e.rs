@@ -405,3 +405,33 @@ async fn a_changed_identity_is_reported_and_a_new_session_follows() {
     alice.send_text(bob_id, "after the reinstall").await.unwrap();
     message_with(&mut bob, "after the reinstall").await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_rides_out_a_server_restart_and_resends_what_was_not_acknowledged() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    // A fixed port, so that the restarted server is where the clients expect it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Server::start(data.path(), &["--listen", &listen]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580061").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15580062").await;
+    let bob_id = bob.user_id();
+    drop(bob);
+    alice.send_text(bob_id, "one").await.unwrap();
+    server.kill();
+
+    // The server is gone: the send fails, and the message waits in Alice's store.
+    let failed = alice.send_text(bob_id, "two").await;
+    assert!(failed.is_err());
+    assert_eq!(alice.history(bob_id, 10).unwrap()[1].status, Status::Sending);
+    let server = Server::start(data.path(), &["--listen", &listen]);
+    alice.reconnect_with_backoff(50).await.unwrap();
+    let history = alice.history(bob_id, 10).unwrap();
+    assert_eq!(history[1].status, Status::Sent, "re-sent on reconnect: {history:?}");
+
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    assert_eq!(message_with(&mut bob, "one").await.text, "one");
+    assert_eq!(message_with(&mut bob, "two").await.text, "two");
+    drop(server);
+}
