@@ -42,7 +42,7 @@ impl WebhookUrl {
         } else if let Some(rest) = url.strip_prefix("http://") {
             (false, rest)
         } else {
-            return Err(format!("{url}: the code webhook must be an http:// or https:// URL"));
+            return Err(format!("{url}: must be an http:// or https:// URL"));
         };
         let (authority, path) =
             rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));

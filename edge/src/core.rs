@@ -33,6 +33,7 @@ use crate::code_sender::CodeSender;
 use crate::limits::{Rate, RateLimiter};
 use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy, Reply, Request};
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
+use crate::push::PushJob;
 use crate::secrets;
 
 /// (shard, record sequence number) pairs a reply waits for: all durable, it may go.
@@ -274,6 +275,11 @@ pub struct Core<S: Storage> {
     outbox: Vec<Vec<CoreMsg>>,
     next_token: u64,
     awaiting: HashMap<u64, Awaiting>,
+    /// Wake-ups for the runtime to send.
+    pushes: Vec<PushJob>,
+    /// Offline devices already woken since they were last connected (one push per
+    /// absence, however many messages).
+    pushed: std::collections::HashSet<(UserId, DeviceId)>,
     /// Devices waiting to be linked, by code (the new device's connection is here).
     links: HashMap<String, PendingLink>,
     /// The latest metrics other cores pushed here (the admin endpoint's core).
@@ -351,6 +357,8 @@ impl<S: Storage> Core<S> {
             next_token: 1,
             awaiting: HashMap::new(),
             links: HashMap::new(),
+            pushes: Vec::new(),
+            pushed: std::collections::HashSet::new(),
             peer_stats: vec![None; cores],
             send_limits: RateLimiter::new(config.send_rate),
             now_us: 0,
@@ -893,6 +901,7 @@ impl<S: Storage> Core<S> {
             Message::LinkApprove(approve) => {
                 self.link_approve(conn, rid, me, approve.code.as_str(), now_ms)
             }
+            Message::PushRegister(register) => self.push_register(conn, rid, me, register),
             Message::Typing(typing) => {
                 if let ArchivedConversation::User(peer) = &typing.conversation {
                     self.route_typing(peer.to_native(), me, typing.active);
@@ -1073,6 +1082,7 @@ impl<S: Storage> Core<S> {
             c.acked_through = head;
         }
         tracing::debug!(conn, user_id, device_id, pending, head, "authenticated");
+        self.pushed.remove(&(user_id, device_id));
         let ok =
             AuthOk { user_id, device_id, mailbox_pending: pending, one_time_keys_remaining: keys };
         self.reply(conn, rid, &ok);
@@ -1081,6 +1091,90 @@ impl<S: Storage> Core<S> {
             self.push(conn, &low);
         }
         self.pump(conn, now_ms);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Push
+    // -----------------------------------------------------------------------------------
+
+    /// Asks for one wake-up of `device` (homed here) if it is offline, has a push
+    /// endpoint and was not woken since it last connected.
+    fn wake_if_offline(&mut self, device: (UserId, DeviceId)) {
+        if self.online.contains_key(&device) || self.pushed.contains(&device) {
+            return;
+        }
+        let Some(shard) = self.local_shard(home_shard_of_user(device.0)) else { return };
+        let endpoint =
+            shard.borrow().state().device(device.0, device.1).and_then(|d| d.push.clone());
+        if let Some(endpoint) = endpoint {
+            self.pushed.insert(device);
+            self.pushes.push(PushJob { device, endpoint });
+        }
+    }
+
+    /// Whether wake-ups wait for the runtime.
+    pub fn has_pushes(&self) -> bool {
+        !self.pushes.is_empty()
+    }
+
+    /// Takes the wake-ups to send.
+    pub fn take_pushes(&mut self) -> Vec<PushJob> {
+        std::mem::take(&mut self.pushes)
+    }
+
+    /// The push service said `job`'s endpoint is gone: forget it (unless the device
+    /// registered another meanwhile).
+    pub fn push_gone(&mut self, job: &PushJob) {
+        let (user_id, device_id) = job.device;
+        let Some(shard) = self.local_shard(home_shard_of_user(user_id)).cloned() else { return };
+        let current =
+            shard.borrow().state().device(user_id, device_id).and_then(|d| d.push.clone());
+        if current.as_ref() != Some(&job.endpoint) {
+            return;
+        }
+        tracing::info!(user_id, device_id, "push endpoint gone; removed");
+        let op = StateOp::SetPush { user_id, device_id, endpoint: None };
+        let removed = shard.borrow_mut().apply_state(op);
+        if let Err(error) = removed {
+            tracing::warn!(%error, "could not remove a gone push endpoint");
+        }
+    }
+
+    fn push_register(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        register: &ArchivedPushRegister,
+    ) {
+        let ty = MessageType::PushRegister.code();
+        let Ok(register) = rkyv::deserialize::<PushRegister, Failure>(register) else {
+            return self.error_reply(conn, rid, ty, ErrorCode::Malformed, "unreadable endpoint", 0);
+        };
+        if let Some(endpoint) = &register.endpoint {
+            let valid = match endpoint.provider {
+                PushProvider::UnifiedPush => {
+                    crate::code_sender::WebhookUrl::parse(&endpoint.address).is_ok()
+                }
+                PushProvider::Apns | PushProvider::Fcm => {
+                    !endpoint.address.is_empty() && endpoint.address.len() <= 4096
+                }
+            };
+            if !valid || endpoint.address.len() > 4096 {
+                let message = "a UnifiedPush endpoint must be an http(s) URL";
+                return self.error_reply(conn, rid, ty, ErrorCode::InvalidArgument, message, 0);
+            }
+        }
+        let Some(shard) = self.local_shard(home_shard_of_user(me.0)).cloned() else { return };
+        let op = StateOp::SetPush { user_id: me.0, device_id: me.1, endpoint: register.endpoint };
+        let applied = shard.borrow_mut().apply_state(op);
+        match applied {
+            Ok(seq) => {
+                self.pushed.remove(&me);
+                self.reply_when_durable(conn, rid, &Done {}, vec![(home_shard_of_user(me.0), seq)]);
+            }
+            Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
     }
 
     // -----------------------------------------------------------------------------------
@@ -1469,6 +1563,7 @@ impl<S: Storage> Core<S> {
                 None => waits.push((shard_id, appended.record_seq)),
             }
             self.dirty.insert(owner, (shard_id, appended.record_seq));
+            self.wake_if_offline(owner);
         }
         Ok(waits)
     }

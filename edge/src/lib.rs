@@ -15,6 +15,7 @@ pub mod core;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+pub mod push;
 pub mod runtime;
 pub mod secrets;
 pub mod tls;

@@ -10,7 +10,7 @@ use clap::Parser;
 use tern_edge::code_sender::WebhookUrl;
 use tern_edge::core::CoreConfig;
 use tern_edge::limits::Rate;
-use tern_edge::runtime::{run, ServerConfig};
+use tern_edge::runtime::{run, PushMode, ServerConfig};
 use tern_edge::tls::CertSource;
 
 /// Tern's messaging server.
@@ -68,6 +68,10 @@ struct Args {
     /// core s % cores, so a restart with another core count keeps every shard).
     #[arg(long, default_value_t = 8)]
     shards: u32,
+    /// How offline devices are woken: `http` (POST to their UnifiedPush endpoints) or
+    /// `log` (development).
+    #[arg(long, default_value = "http", value_parser = ["http", "log"])]
+    push: String,
     /// Executors, each pinned to a CPU (default: every CPU of the machine).
     #[arg(long)]
     cores: Option<u32>,
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         shards: args.shards,
         cores: args.cores,
+        push: if args.push == "log" { PushMode::Log } else { PushMode::Http },
         admin,
         tls_listen,
         ws_listen,

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Where verification codes go: an SMS gateway webhook, or the log if `None`.
     pub code_webhook: Option<crate::code_sender::WebhookUrl>,
+    /// How offline devices are woken: HTTP to their UnifiedPush endpoints, or the log.
+    pub push: PushMode,
     /// Client connections held at most, split evenly between the cores (beyond it new
     /// ones get `TooManyConnections`); `None`: derived from the process's file
     /// descriptor limit.
@@ -76,6 +78,15 @@ pub struct ServerConfig {
     pub maintenance_interval: Duration,
     /// Protocol limits.
     pub core: CoreConfig,
+}
+
+/// How pushes are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushMode {
+    /// POST to the endpoints devices registered (UnifiedPush).
+    Http,
+    /// Write them to the log (development).
+    Log,
 }
 
 /// Milliseconds since the Unix epoch (the only place the edge reads the clock).
@@ -353,6 +364,10 @@ struct Ctx {
     commit_needed: Notify,
     mesh_needed: Notify,
     stopping: Notify,
+    /// Wakes the push task.
+    push_needed: Notify,
+    /// Sends wake-ups to offline devices.
+    pusher: Box<dyn crate::push::PushSender>,
     /// Connections leaving for other cores, sent with the next batch.
     leaving: RefCell<Vec<(u32, HandOff)>>,
     /// (auth deadline, idle timeout).
@@ -369,6 +384,9 @@ impl Ctx {
         }
         if core.has_outbox() {
             self.mesh_needed.notify();
+        }
+        if core.has_pushes() {
+            self.push_needed.notify();
         }
     }
 }
@@ -419,6 +437,11 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
         mesh_needed: Notify::default(),
         stopping: Notify::default(),
         leaving: RefCell::new(Vec::new()),
+        push_needed: Notify::default(),
+        pusher: match config.push {
+            PushMode::Http => Box::new(webhook::HttpPushSender::new(5, Duration::from_millis(200))),
+            PushMode::Log => Box::new(crate::push::LogPushSender),
+        },
         limits: (config.auth_deadline, config.idle_timeout),
     });
 
@@ -426,6 +449,7 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
     glommio::spawn_local(maintenance(ctx.clone(), config.maintenance_interval)).detach();
     glommio::spawn_local(watch_signals(stop, ctx.clone())).detach();
     glommio::spawn_local(mesh_out(ctx.clone(), senders)).detach();
+    glommio::spawn_local(pushes(ctx.clone())).detach();
     let receivers = Rc::new(receivers);
     for peer in (0..cores).filter(|peer| *peer != index) {
         glommio::spawn_local(mesh_in(ctx.clone(), receivers.clone(), peer)).detach();
@@ -647,6 +671,25 @@ async fn mesh_in(ctx: Rc<Ctx>, receivers: Rc<Receivers<Batch>>, peer: u32) {
             core.on_mesh(batch.messages, now_ms());
             drop(core);
             ctx.kick();
+        }
+    }
+}
+
+/// Sends the wake-ups the core asks for, each as its own task (a slow push service
+/// delays nobody), and removes endpoints the service says are gone.
+async fn pushes(ctx: Rc<Ctx>) {
+    loop {
+        ctx.push_needed.wait().await;
+        for job in ctx.core.borrow_mut().take_pushes() {
+            let ctx = ctx.clone();
+            glommio::spawn_local(async move {
+                let outcome = ctx.pusher.push(job.clone()).await;
+                if outcome == crate::push::PushOutcome::Gone {
+                    ctx.core.borrow_mut().push_gone(&job);
+                    ctx.kick();
+                }
+            })
+            .detach();
         }
     }
 }

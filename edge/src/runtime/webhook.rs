@@ -1,7 +1,8 @@
-//! The SMS-gateway webhook: POSTs `{"phone": ..., "code": ...}` over HTTP or HTTPS
-//! (Mozilla's root certificates), retrying with backoff, as its own task so the core
-//! never waits for the gateway. The URL and the JSON are plain code in `code_sender.rs`;
-//! this is the I/O.
+//! Outgoing HTTP: the SMS-gateway webhook (POSTs `{"phone": ..., "code": ...}`) and the
+//! UnifiedPush sender (POSTs a content-free wake-up to a device's endpoint), over HTTP or
+//! HTTPS (Mozilla's root certificates), retrying with backoff, as tasks of their own so
+//! the core never waits for a remote service. URLs, JSON and the push policy are plain
+//! code in `code_sender.rs` and `push.rs`; this is the I/O.
 
 use std::io;
 use std::rc::Rc;
@@ -13,6 +14,79 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::code_sender::{json_string, CodeSender, WebhookUrl};
+use crate::push::{PushJob, PushOutcome, PushSender};
+use tern_wire::messages::PushProvider;
+
+/// A rustls client configuration trusting Mozilla's roots.
+fn client_tls() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// POSTs a content-free wake-up to UnifiedPush endpoints, retrying a failure with
+/// backoff; an endpoint answering 404 or 410 is gone.
+#[derive(Clone, Debug)]
+pub struct HttpPushSender {
+    tls: Arc<rustls::ClientConfig>,
+    attempts: u32,
+    first_backoff: Duration,
+}
+
+impl HttpPushSender {
+    /// A sender trying each push up to `attempts` times.
+    pub fn new(attempts: u32, first_backoff: Duration) -> HttpPushSender {
+        HttpPushSender { tls: client_tls(), attempts: attempts.max(1), first_backoff }
+    }
+}
+
+/// The whole body of a push: no sender, no text, no count — only "connect".
+const PUSH_BODY: &str = "{\"tern\":\"wake\"}";
+
+impl PushSender for HttpPushSender {
+    fn push(
+        &self,
+        job: PushJob,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PushOutcome>>> {
+        let sender = self.clone();
+        Box::pin(async move {
+            let (user_id, device_id) = job.device;
+            if job.endpoint.provider != PushProvider::UnifiedPush {
+                let provider = format!("{:?}", job.endpoint.provider);
+                tracing::warn!(user_id, device_id, provider, "no sender for this push service");
+                return PushOutcome::Failed;
+            }
+            let Ok(url) = WebhookUrl::parse(&job.endpoint.address) else {
+                return PushOutcome::Gone;
+            };
+            let tls = url.tls.then_some(&sender.tls);
+            let mut backoff = sender.first_backoff;
+            for attempt in 1..=sender.attempts {
+                match post(&url, tls, "application/json", PUSH_BODY).await {
+                    Ok(status) if (200..300).contains(&status) => return PushOutcome::Delivered,
+                    Ok(404 | 410) => return PushOutcome::Gone,
+                    Ok(status) => {
+                        tracing::warn!(user_id, device_id, attempt, status, "push refused")
+                    }
+                    Err(error) => {
+                        tracing::warn!(user_id, device_id, attempt, %error, "push failed")
+                    }
+                }
+                if attempt < sender.attempts {
+                    Timer::new(backoff).await;
+                    backoff *= 2;
+                }
+            }
+            tracing::error!(user_id, device_id, "gave up on a push");
+            PushOutcome::Failed
+        })
+    }
+}
 
 /// POSTs `{"phone": ..., "code": ...}` to an SMS gateway, retrying with backoff.
 #[derive(Clone, Debug)]
@@ -26,16 +100,7 @@ pub struct WebhookCodeSender {
 impl WebhookCodeSender {
     /// A sender for `url`, trying each code up to `attempts` times.
     pub fn new(url: WebhookUrl, attempts: u32, first_backoff: Duration) -> WebhookCodeSender {
-        let tls = url.tls.then(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Arc::new(config)
-        });
+        let tls = url.tls.then(client_tls);
         WebhookCodeSender { url: Rc::new(url), tls, attempts: attempts.max(1), first_backoff }
     }
 }
@@ -53,7 +118,7 @@ impl CodeSender for WebhookCodeSender {
         glommio::spawn_local(async move {
             let mut backoff = sender.first_backoff;
             for attempt in 1..=sender.attempts {
-                match post(&sender.url, sender.tls.as_ref(), &body).await {
+                match post(&sender.url, sender.tls.as_ref(), "application/json", &body).await {
                     Ok(status) if (200..300).contains(&status) => {
                         tracing::info!(phone, attempt, "verification code handed to the gateway");
                         return;
@@ -76,10 +141,11 @@ impl CodeSender for WebhookCodeSender {
 async fn post(
     url: &WebhookUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    content_type: &str,
     body: &str,
 ) -> io::Result<u16> {
     let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\nUser-Agent: ternd\r\n\r\n{body}",
         url.path,
         url.host,
