@@ -74,6 +74,10 @@ pub struct CoreConfig {
     /// Key-bundle fetches per (requester, target) pair: a client needs a handful per
     /// contact; draining someone's one-time keys needs many.
     pub fetch_rate: Rate,
+    /// Envelopes queued per device at most (the oldest are dropped, with notices).
+    pub mailbox_max_messages: u64,
+    /// Bytes queued per device at most (likewise).
+    pub mailbox_max_bytes: u64,
 }
 
 impl Default for CoreConfig {
@@ -87,6 +91,8 @@ impl Default for CoreConfig {
             heartbeat_interval_ms: 30_000,
             send_rate: Rate { burst: 200.0, per_second: 50.0 },
             fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
+            mailbox_max_messages: 10_000,
+            mailbox_max_bytes: 256 << 20,
         }
     }
 }
@@ -258,6 +264,8 @@ pub struct CoreCounters {
     pub messages_delivered: u64,
     /// Connections closed for a protocol error.
     pub protocol_errors: u64,
+    /// Envelopes dropped from full mailboxes (each one announced).
+    pub dropped_envelopes: u64,
     /// Batches sent to other cores.
     pub mesh_batches_out: u64,
     /// Items in those batches.
@@ -594,6 +602,7 @@ impl<S: Storage> Core<S> {
             protocol_errors: self.counters.protocol_errors,
             mesh_batches_out: self.counters.mesh_batches_out,
             mesh_items_out: self.counters.mesh_items_out,
+            dropped_envelopes: self.counters.dropped_envelopes,
             handed_over: self.counters.handed_over,
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
             send_to_sent: self.send_to_sent.clone(),
@@ -1094,6 +1103,104 @@ impl<S: Storage> Core<S> {
     }
 
     // -----------------------------------------------------------------------------------
+    // Mailbox quotas
+    // -----------------------------------------------------------------------------------
+
+    /// Keeps `device`'s mailbox (homed here) within its quota before an envelope of about
+    /// `incoming` bytes joins it: when full, the oldest envelopes are dropped down to 90 %
+    /// of each limit, the device gets a `Dropped` notice at that point of its sequence,
+    /// and the senders of the dropped messages a `SentDropped` notice. Never silent.
+    fn make_room(&mut self, device: (UserId, DeviceId), incoming: u64, now_ms: u64) {
+        let (max_messages, max_bytes) =
+            (self.config.mailbox_max_messages, self.config.mailbox_max_bytes);
+        let Some(handle) = self.local_shard(home_shard_of_user(device.0)).cloned() else { return };
+        let (len, bytes, head) = {
+            let mut shard = handle.borrow_mut();
+            (shard.mailbox_len(device), shard.mailbox_bytes(device), shard.mailbox_head_seq(device))
+        };
+        if len < max_messages && bytes + incoming <= max_bytes {
+            return;
+        }
+        // Down to 90 % of each limit, with room for the notice and the newcomer.
+        let keep_messages = (max_messages * 9 / 10).min(max_messages.saturating_sub(2));
+        let by_count = len.saturating_sub(keep_messages);
+        let average = bytes / len.max(1);
+        let over = (bytes + incoming).saturating_sub(max_bytes * 9 / 10);
+        let by_bytes = if bytes + incoming > max_bytes { over.div_ceil(average.max(1)) } else { 0 };
+        let drop_count = by_count.max(by_bytes).min(len);
+        if drop_count == 0 {
+            return;
+        }
+        // Who loses what, before the envelopes go. An earlier notice that goes too hands
+        // its count on to the new one.
+        let mut lost: BTreeMap<UserId, Vec<MessageId>> = BTreeMap::new();
+        let mut announced = 0u64;
+        {
+            let shard = handle.borrow();
+            // At time 0 nothing counts as expired: every dropped message is announced.
+            let read = shard.read_mailbox(device, head, drop_count as usize, 0);
+            for entry in &read.entries {
+                let Ok(envelope) = rkyv::access::<ArchivedEnvelope, Failure>(entry.envelope) else {
+                    continue;
+                };
+                let client_kind = matches!(
+                    envelope.kind,
+                    ArchivedEnvelopeKind::Text
+                        | ArchivedEnvelopeKind::Media
+                        | ArchivedEnvelopeKind::Control
+                );
+                if client_kind {
+                    let sender = envelope.sender_user.to_native();
+                    lost.entry(sender).or_default().push(envelope.server_message_id.to_native());
+                    announced += 1;
+                } else if let Ok(tern_wire::EnvelopeContent::Notice(
+                    ArchivedNoticeBody::Dropped { count },
+                )) = envelope.content()
+                {
+                    announced += count.to_native();
+                }
+            }
+        }
+        let dropped = match handle.borrow_mut().ack(device, head + drop_count - 1) {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                tracing::warn!(%error, "could not drop envelopes from a full mailbox");
+                return;
+            }
+        };
+        if dropped == 0 {
+            return; // Only envelopes still in flight to the disk: over quota until then.
+        }
+        let new_head = head + dropped;
+        self.counters.dropped_envelopes += dropped;
+        tracing::warn!(user_id = device.0, device_id = device.1, dropped, "mailbox full");
+        if let Some(&conn) = self.online.get(&device) {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.acked_through = c.acked_through.max(new_head);
+                c.deliver_cursor = c.deliver_cursor.max(new_head);
+            }
+        }
+        let server = (0, 0);
+        if announced > 0 {
+            let mut marker = Vec::new();
+            encode_archive(&mut marker, &NoticeBody::Dropped { count: announced })
+                .expect("server bodies always archive");
+            let kind = EnvelopeKind::Notice;
+            if let Err(error) = self.append_envelope_to(vec![device], server, kind, &marker, now_ms)
+            {
+                tracing::warn!(%error, "could not queue a dropped-messages notice");
+            }
+        }
+        for (sender, message_ids) in lost {
+            if sender == device.0 {
+                continue;
+            }
+            let notice = NoticeBody::SentDropped { recipient: device.0, message_ids };
+            self.route_server_envelope(sender, server, EnvelopeKind::Notice, &notice, now_ms, None);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
     // Push
     // -----------------------------------------------------------------------------------
 
@@ -1532,10 +1639,12 @@ impl<S: Storage> Core<S> {
         let mut waits = Vec::new();
         for (owner, e2e_type, ciphertext) in copies {
             let shard_id = home_shard_of_user(owner.0);
-            let Some(handle) = self.local_shard(shard_id) else {
+            if self.local_shard(shard_id).is_none() {
                 tracing::error!(?owner, "a copy for a device homed on another core");
                 continue;
-            };
+            }
+            self.make_room(owner, ciphertext.len() as u64, meta.server_time_ms);
+            let handle = self.local_shard(shard_id).cloned().expect("checked above");
             let mut shard = handle.borrow_mut();
             // The conversation as the mailbox owner sees it: the other party.
             let conversation = if owner.0 == meta.peer && meta.peer != user_id {
@@ -1695,17 +1804,25 @@ impl<S: Storage> Core<S> {
         body: &[u8],
         now_ms: u64,
     ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError> {
-        let shard_id = home_shard_of_user(to_user);
-        let Some(handle) = self.local_shard(shard_id).cloned() else { return Ok(Vec::new()) };
-        let devices: Vec<(UserId, DeviceId)> = handle
-            .borrow()
-            .state()
-            .account(to_user)
-            .map(|a| a.devices.iter().map(|d| (to_user, d.device_id)).collect())
-            .unwrap_or_default();
-        if devices.is_empty() {
-            return Ok(Vec::new());
+        let devices = self.devices_of(to_user).unwrap_or_default();
+        for device in &devices {
+            self.make_room(*device, body.len() as u64, now_ms);
         }
+        self.append_envelope_to(devices, from, kind, body, now_ms)
+    }
+
+    /// Appends one server-made envelope for `devices` (all homed on one shard here).
+    fn append_envelope_to(
+        &mut self,
+        devices: Vec<(UserId, DeviceId)>,
+        from: (UserId, DeviceId),
+        kind: EnvelopeKind,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError> {
+        let Some(first) = devices.first() else { return Ok(Vec::new()) };
+        let shard_id = home_shard_of_user(first.0);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return Ok(Vec::new()) };
         let mut shard = handle.borrow_mut();
         let envelope = EnvelopeRef {
             server_message_id: shard.allocate_message_id(now_ms),

@@ -72,6 +72,13 @@ struct Args {
     /// `log` (development).
     #[arg(long, default_value = "http", value_parser = ["http", "log"])]
     push: String,
+    /// Envelopes queued per device at most; beyond, the oldest are dropped (the device and
+    /// the senders get a notice).
+    #[arg(long, default_value_t = 10_000)]
+    mailbox_max_messages: u64,
+    /// Bytes queued per device at most (likewise).
+    #[arg(long, default_value_t = 256 << 20)]
+    mailbox_max_bytes: u64,
     /// Executors, each pinned to a CPU (default: every CPU of the machine).
     #[arg(long)]
     cores: Option<u32>,
@@ -113,6 +120,8 @@ fn main() -> ExitCode {
             burst: f64::from(args.key_fetches_per_hour),
             per_second: f64::from(args.key_fetches_per_hour) / 3600.0,
         },
+        mailbox_max_messages: args.mailbox_max_messages.max(2),
+        mailbox_max_bytes: args.mailbox_max_bytes,
         ..CoreConfig::default()
     };
     let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (

@@ -175,6 +175,8 @@ pub struct CoreStats {
     pub mesh_items_out: u64,
     /// Connections handed to another core.
     pub handed_over: u64,
+    /// Envelopes dropped from full mailboxes (each announced).
+    pub dropped_envelopes: u64,
     /// The counters of each shard this core owns, by shard id.
     pub shards: Vec<(u32, ShardCounters)>,
     /// Send → sent tick, seconds.

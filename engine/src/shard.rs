@@ -153,6 +153,11 @@ pub(crate) struct Mailbox {
     /// Sequence number of `entries[0]`.
     head_seq: u64,
     entries: VecDeque<Loc>,
+    /// Record bytes of the entries (for quotas), unless `bytes_unknown`.
+    bytes: u64,
+    /// Set for mailboxes restored from a checkpoint (which does not store sizes): the
+    /// first [`Shard::mailbox_bytes`] sums them, so recovery does not pay for it.
+    bytes_unknown: bool,
 }
 
 impl Mailbox {
@@ -626,6 +631,7 @@ impl<S: Storage> Shard<S> {
                 mailbox.entries.push_back(Loc::LOST); // A corrupt record left a gap.
             }
             mailbox.entries.push_back(loc);
+            mailbox.bytes += record_bytes;
             added += 1;
             if envelope.conversation_seq > 0 {
                 let key = (slot.user_id, slot.device_id, envelope.sender_user);
@@ -682,6 +688,10 @@ impl<S: Storage> Shard<S> {
             released.push(loc);
         }
         let count = released.len() as u64;
+        let released_bytes: u64 = released.iter().filter_map(|loc| self.record_len(*loc)).sum();
+        if let Some(mailbox) = self.mailboxes.get_mut(&device) {
+            mailbox.bytes = mailbox.bytes.saturating_sub(released_bytes);
+        }
         for loc in released {
             self.release(loc);
         }
@@ -755,6 +765,28 @@ impl<S: Storage> Shard<S> {
     /// The next mailbox sequence number of a device.
     pub fn mailbox_next_seq(&self, device: DeviceAddr) -> u64 {
         self.mailboxes.get(&device).map_or(0, Mailbox::next_seq)
+    }
+
+    /// The mailbox sequence number of a device's oldest queued envelope.
+    pub fn mailbox_head_seq(&self, device: DeviceAddr) -> u64 {
+        self.mailboxes.get(&device).map_or(0, |m| m.head_seq)
+    }
+
+    /// Bytes of the records queued for a device (what its quota counts). Summed once
+    /// after a restart from a checkpoint, then kept up to date.
+    pub fn mailbox_bytes(&mut self, device: DeviceAddr) -> u64 {
+        let unknown = self.mailboxes.get(&device).is_some_and(|m| m.bytes_unknown);
+        if unknown {
+            let bytes = self.mailboxes[&device]
+                .entries
+                .iter()
+                .filter_map(|loc| self.record_len(*loc))
+                .sum();
+            let mailbox = self.mailboxes.get_mut(&device).expect("checked above");
+            mailbox.bytes = bytes;
+            mailbox.bytes_unknown = false;
+        }
+        self.mailboxes.get(&device).map_or(0, |m| m.bytes)
     }
 
     /// Devices with a non-empty mailbox and their backlog.
@@ -1449,7 +1481,9 @@ impl<S: Storage> Shard<S> {
                     .into_iter()
                     .map(|(segment_id, offset)| Loc { segment_id, offset })
                     .collect();
-                ((m.user_id, m.device_id), Mailbox { head_seq: m.head_seq, entries })
+                let mailbox =
+                    Mailbox { head_seq: m.head_seq, entries, bytes: 0, bytes_unknown: true };
+                ((m.user_id, m.device_id), mailbox)
             })
             .collect();
         self.shared_refs = snapshot

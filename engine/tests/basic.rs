@@ -100,3 +100,34 @@ fn many_appends_in_one_commit_roll_segments() {
     assert_eq!(all.len(), 1000);
     assert!(all.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64));
 }
+
+#[test]
+fn mailbox_bytes_follow_appends_acks_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = StdStorage::new(dir.path()).unwrap();
+    let shard = open(storage.clone(), small_config());
+    let alice = (10, 1);
+    for i in 0..20u64 {
+        let body = vec![b'x'; 100 + i as usize];
+        shard
+            .borrow_mut()
+            .append_envelope(&envelope(20, i + 1, 1000 + i, &body), &[alice])
+            .unwrap();
+    }
+    block_on(shard.commit()).unwrap();
+    let full = shard.borrow_mut().mailbox_bytes(alice);
+    assert!(full > 20 * 100, "{full}");
+    assert_eq!(shard.borrow().mailbox_head_seq(alice), 0);
+    shard.borrow_mut().ack(alice, 9).unwrap();
+    block_on(shard.commit()).unwrap();
+    let half = shard.borrow_mut().mailbox_bytes(alice);
+    assert!(half < full && half > 0, "{half} of {full}");
+    assert_eq!(shard.borrow().mailbox_head_seq(alice), 10);
+    // After a checkpoint and a restart the sum is the same (computed on first use).
+    block_on(shard.checkpoint()).unwrap();
+    drop(shard);
+    let shard = open(storage, small_config());
+    assert_eq!(shard.borrow_mut().mailbox_bytes(alice), half);
+    shard.borrow_mut().ack(alice, 19).unwrap();
+    assert_eq!(shard.borrow_mut().mailbox_bytes(alice), 0);
+}
