@@ -53,6 +53,10 @@ pub const OUTBOUND_BYTES_MAX: usize = 1 << 20;
 pub const ONE_TIME_KEYS_LOW: u32 = 15;
 /// Devices per account (a primary and four companions).
 pub const DEVICES_MAX: usize = 5;
+/// Users one user may follow the presence of.
+pub const PRESENCE_SUBSCRIPTIONS_MAX: usize = 5_000;
+/// Subscribers told of one user's presence at most (the fan-out budget).
+pub const PRESENCE_WATCHERS_MAX: usize = 5_000;
 
 /// Tunables of the core that tests and operators change.
 #[derive(Clone, Debug)]
@@ -266,6 +270,8 @@ pub struct CoreCounters {
     pub protocol_errors: u64,
     /// Envelopes dropped from full mailboxes (each one announced).
     pub dropped_envelopes: u64,
+    /// Presence events sent (after coalescing).
+    pub presence_events: u64,
     /// Batches sent to other cores.
     pub mesh_batches_out: u64,
     /// Items in those batches.
@@ -283,6 +289,12 @@ pub struct Core<S: Storage> {
     outbox: Vec<Vec<CoreMsg>>,
     next_token: u64,
     awaiting: HashMap<u64, Awaiting>,
+    /// Presence subscribers of the users homed here: target → subscribers.
+    watchers: HashMap<UserId, std::collections::BTreeSet<UserId>>,
+    /// What each user homed here subscribed to (a new subscription replaces it).
+    watching: HashMap<UserId, Vec<UserId>>,
+    /// Presence to tell this loop turn, coalesced per (subscriber, target).
+    presence_out: HashMap<(UserId, UserId), PresenceEvent>,
     /// Wake-ups for the runtime to send.
     pushes: Vec<PushJob>,
     /// Offline devices already woken since they were last connected (one push per
@@ -296,7 +308,7 @@ pub struct Core<S: Storage> {
     code_sender: Box<dyn CodeSender>,
     conns: HashMap<ConnId, Connection>,
     next_conn_id: ConnId,
-    online: HashMap<(UserId, DeviceId), ConnId>,
+    online: BTreeMap<(UserId, DeviceId), ConnId>,
     codes: HashMap<String, PendingCode>,
     code_requests: HashMap<String, Vec<u64>>,
     pending: Vec<PendingReply>,
@@ -365,6 +377,9 @@ impl<S: Storage> Core<S> {
             next_token: 1,
             awaiting: HashMap::new(),
             links: HashMap::new(),
+            watchers: HashMap::new(),
+            watching: HashMap::new(),
+            presence_out: HashMap::new(),
             pushes: Vec::new(),
             pushed: std::collections::HashSet::new(),
             peer_stats: vec![None; cores],
@@ -379,7 +394,7 @@ impl<S: Storage> Core<S> {
             code_sender,
             conns: HashMap::new(),
             next_conn_id: 1,
-            online: HashMap::new(),
+            online: BTreeMap::new(),
             codes: HashMap::new(),
             code_requests: HashMap::new(),
             pending: Vec::new(),
@@ -474,11 +489,14 @@ impl<S: Storage> Core<S> {
     }
 
     /// Forgets a connection (its socket closed).
-    pub fn close_connection(&mut self, conn: ConnId) {
+    pub fn close_connection(&mut self, conn: ConnId, now_ms: u64) {
         if let Some(c) = self.conns.remove(&conn) {
             if let ConnState::Authenticated { user_id, device_id } = c.state {
                 if self.online.get(&(user_id, device_id)) == Some(&conn) {
                     self.online.remove(&(user_id, device_id));
+                    if !self.user_online(user_id) {
+                        self.went_offline(user_id, now_ms);
+                    }
                 }
             }
         }
@@ -565,11 +583,12 @@ impl<S: Storage> Core<S> {
 
     /// Whether messages wait for other cores.
     pub fn has_outbox(&self) -> bool {
-        self.outbox.iter().any(|o| !o.is_empty())
+        self.outbox.iter().any(|o| !o.is_empty()) || !self.presence_out.is_empty()
     }
 
     /// Takes the messages for other cores: one batch per destination.
     pub fn take_outbox(&mut self) -> Vec<(u32, Vec<CoreMsg>)> {
+        self.flush_presence();
         let mut batches = Vec::new();
         for (core, outbox) in self.outbox.iter_mut().enumerate() {
             if !outbox.is_empty() {
@@ -603,6 +622,7 @@ impl<S: Storage> Core<S> {
             mesh_batches_out: self.counters.mesh_batches_out,
             mesh_items_out: self.counters.mesh_items_out,
             dropped_envelopes: self.counters.dropped_envelopes,
+            presence_events: self.counters.presence_events,
             handed_over: self.counters.handed_over,
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
             send_to_sent: self.send_to_sent.clone(),
@@ -673,6 +693,14 @@ impl<S: Storage> Core<S> {
             }
             Request::LinkDone { code, registered } => {
                 self.finish_link(&code, registered);
+                return;
+            }
+            Request::Watch { subscriber, targets, watch } => {
+                self.watch(subscriber, &targets, watch);
+                return;
+            }
+            Request::Presence { subscriber, events } => {
+                self.push_presence(subscriber, &events);
                 return;
             }
             Request::Typing { to_user, from, active } => {
@@ -911,6 +939,51 @@ impl<S: Storage> Core<S> {
                 self.link_approve(conn, rid, me, approve.code.as_str(), now_ms)
             }
             Message::PushRegister(register) => self.push_register(conn, rid, me, register),
+            Message::PresenceSubscribe(subscribe) => {
+                let targets: Vec<UserId> =
+                    subscribe.user_ids.iter().map(|u| u.to_native()).collect();
+                self.presence_subscribe(conn, rid, me.0, targets)
+            }
+            Message::SetContacts(contacts) => {
+                let contacts: Vec<UserId> =
+                    contacts.user_ids.iter().map(|u| u.to_native()).collect();
+                self.set_account_state(
+                    conn,
+                    rid,
+                    me.0,
+                    StateOp::SetContacts { user_id: me.0, contacts },
+                )
+            }
+            Message::PrivacySettings(privacy) => {
+                match rkyv::deserialize::<PrivacySettings, Failure>(privacy) {
+                    Ok(privacy) => self.set_account_state(
+                        conn,
+                        rid,
+                        me.0,
+                        StateOp::SetPrivacy { user_id: me.0, privacy },
+                    ),
+                    Err(_) => self.error_reply(
+                        conn,
+                        rid,
+                        ty.code(),
+                        ErrorCode::Malformed,
+                        "unreadable",
+                        0,
+                    ),
+                }
+            }
+            Message::PrivacyGet(_) => {
+                let privacy = self.devices_of(me.0).and_then(|_| {
+                    let shard = self.local_shard(home_shard_of_user(me.0))?.borrow();
+                    Some(shard.state().account(me.0)?.privacy.clone())
+                });
+                match privacy {
+                    Some(privacy) => self.reply(conn, rid, &privacy),
+                    None => {
+                        self.error_reply(conn, rid, ty.code(), ErrorCode::NotFound, "no account", 0)
+                    }
+                }
+            }
             Message::Typing(typing) => {
                 if let ArchivedConversation::User(peer) = &typing.conversation {
                     self.route_typing(peer.to_native(), me, typing.active);
@@ -1075,6 +1148,7 @@ impl<S: Storage> Core<S> {
             let message = "unknown device or wrong token";
             return self.error_reply(conn, rid, ty, ErrorCode::BadToken, message, 0);
         };
+        let was_online = self.user_online(user_id);
         // One connection per device: a newer login replaces the older one.
         if let Some(old) = self.online.insert((user_id, device_id), conn) {
             if old != conn {
@@ -1091,6 +1165,9 @@ impl<S: Storage> Core<S> {
             c.acked_through = head;
         }
         tracing::debug!(conn, user_id, device_id, pending, head, "authenticated");
+        if !was_online {
+            self.presence_changed(user_id, false);
+        }
         self.pushed.remove(&(user_id, device_id));
         let ok =
             AuthOk { user_id, device_id, mailbox_pending: pending, one_time_keys_remaining: keys };
@@ -1100,6 +1177,168 @@ impl<S: Storage> Core<S> {
             self.push(conn, &low);
         }
         self.pump(conn, now_ms);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Presence and last seen
+    // -----------------------------------------------------------------------------------
+
+    /// Whether any device of `user_id` (homed here) is connected.
+    fn user_online(&self, user_id: UserId) -> bool {
+        self.online.range((user_id, 0)..=(user_id, DeviceId::MAX)).next().is_some()
+    }
+
+    /// The last device of `user_id` left: record when, and tell the watchers.
+    fn went_offline(&mut self, user_id: UserId, now_ms: u64) {
+        if let Some(shard) = self.local_shard(home_shard_of_user(user_id)).cloned() {
+            let op = StateOp::SetLastSeen { user_id, last_seen_ms: now_ms };
+            let recorded = shard.borrow_mut().apply_state(op);
+            if let Err(error) = recorded {
+                tracing::warn!(%error, user_id, "could not record last seen");
+            }
+        }
+        self.presence_changed(user_id, false);
+    }
+
+    /// `target`'s presence changed: queue an event for each watcher allowed to see it,
+    /// coalesced with any other change this turn. After a change of what its owner lets
+    /// be seen (`settings_changed`), watchers no longer allowed hear "hidden" (offline,
+    /// no last seen) once, so that they do not keep a stale "online".
+    fn presence_changed(&mut self, target: UserId, settings_changed: bool) {
+        let Some(watchers) = self.watchers.get(&target) else { return };
+        let watchers: Vec<UserId> = watchers.iter().copied().collect();
+        for subscriber in watchers {
+            let hidden = PresenceEvent { user_id: target, online: false, last_seen_ms: 0 };
+            let event = match self.presence_seen_by(target, subscriber) {
+                Some(event) => event,
+                None if settings_changed => hidden,
+                None => continue,
+            };
+            self.presence_out.insert((subscriber, target), event);
+        }
+    }
+
+    /// What `subscriber` may see of `target`'s presence (`None`: nothing at all).
+    fn presence_seen_by(&self, target: UserId, subscriber: UserId) -> Option<PresenceEvent> {
+        let shard = self.local_shard(home_shard_of_user(target))?.borrow();
+        let account = shard.state().account(target)?;
+        let is_contact = account.contacts.contains(&subscriber);
+        let visible = |visibility: &Visibility| match visibility {
+            Visibility::Everyone => true,
+            Visibility::Contacts => is_contact,
+            Visibility::Nobody => false,
+        };
+        if !visible(&account.privacy.online) {
+            return None;
+        }
+        let last_seen_ms =
+            if visible(&account.privacy.last_seen) { account.last_seen_ms } else { 0 };
+        drop(shard);
+        Some(PresenceEvent { user_id: target, online: self.user_online(target), last_seen_ms })
+    }
+
+    /// A user homed here replaces the set of users whose presence it follows.
+    fn presence_subscribe(&mut self, conn: ConnId, rid: u32, me: UserId, mut targets: Vec<UserId>) {
+        targets.sort_unstable();
+        targets.dedup();
+        targets.retain(|t| *t != me);
+        if targets.len() > PRESENCE_SUBSCRIPTIONS_MAX {
+            let ty = MessageType::PresenceSubscribe.code();
+            let message = "too many users to follow at once";
+            return self.error_reply(conn, rid, ty, ErrorCode::TooLarge, message, 0);
+        }
+        let old = self.watching.insert(me, targets.clone()).unwrap_or_default();
+        let gone: Vec<UserId> =
+            old.iter().filter(|t| targets.binary_search(t).is_err()).copied().collect();
+        let new: Vec<UserId> = targets.iter().filter(|t| !old.contains(t)).copied().collect();
+        for (list, watch) in [(gone, false), (new, true)] {
+            let mut by_core: BTreeMap<u32, Vec<UserId>> = BTreeMap::new();
+            for target in list {
+                let shard = home_shard_of_user(target);
+                if shard < self.shard_count() {
+                    by_core.entry(self.placement.core_of_shard(shard)).or_default().push(target);
+                }
+            }
+            for (core, targets) in by_core {
+                if core == self.placement.index {
+                    self.watch(me, &targets, watch);
+                } else {
+                    self.ask(core, Request::Watch { subscriber: me, targets, watch }, None);
+                }
+            }
+        }
+        self.reply(conn, rid, &Done {});
+    }
+
+    /// Starts or stops telling `subscriber` about `targets` (homed here); a new watcher
+    /// hears the current state at once.
+    fn watch(&mut self, subscriber: UserId, targets: &[UserId], watch: bool) {
+        for &target in targets {
+            if !watch {
+                if let Some(watchers) = self.watchers.get_mut(&target) {
+                    watchers.remove(&subscriber);
+                }
+                continue;
+            }
+            if self.devices_of(target).is_none() {
+                continue;
+            }
+            let watchers = self.watchers.entry(target).or_default();
+            if watchers.len() >= PRESENCE_WATCHERS_MAX && !watchers.contains(&subscriber) {
+                // The fan-out budget: a user's presence goes to this many at most.
+                continue;
+            }
+            watchers.insert(subscriber);
+            if let Some(event) = self.presence_seen_by(target, subscriber) {
+                self.presence_out.insert((subscriber, target), event);
+            }
+        }
+    }
+
+    /// Sends this turn's presence: one push per event to local subscribers, one mesh
+    /// request per remote subscriber.
+    fn flush_presence(&mut self) {
+        if self.presence_out.is_empty() {
+            return;
+        }
+        let mut by_subscriber: BTreeMap<UserId, Vec<PresenceEvent>> = BTreeMap::new();
+        for ((subscriber, _), event) in self.presence_out.drain() {
+            by_subscriber.entry(subscriber).or_default().push(event);
+        }
+        for (subscriber, events) in by_subscriber {
+            self.counters.presence_events += events.len() as u64;
+            let core = self.placement.core_of_shard(home_shard_of_user(subscriber));
+            if core == self.placement.index {
+                self.push_presence(subscriber, &events);
+            } else {
+                self.ask(core, Request::Presence { subscriber, events }, None);
+            }
+        }
+    }
+
+    /// Pushes presence events to the connected devices of `subscriber` (homed here).
+    fn push_presence(&mut self, subscriber: UserId, events: &[PresenceEvent]) {
+        for device in self.devices_of(subscriber).unwrap_or_default() {
+            if let Some(&conn) = self.online.get(&device) {
+                for event in events {
+                    self.push(conn, event);
+                }
+            }
+        }
+    }
+
+    /// Applies an account setting that changes what others may see, then re-tells the
+    /// watchers.
+    fn set_account_state(&mut self, conn: ConnId, rid: u32, me: UserId, op: StateOp) {
+        let Some(shard) = self.local_shard(home_shard_of_user(me)).cloned() else { return };
+        let applied = shard.borrow_mut().apply_state(op);
+        match applied {
+            Ok(seq) => {
+                self.presence_changed(me, true);
+                self.reply_when_durable(conn, rid, &Done {}, vec![(home_shard_of_user(me), seq)]);
+            }
+            Err(error) => self.storage_error(conn, rid, 0, &error),
+        }
     }
 
     // -----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 
 use tern_engine::ShardCounters;
 use tern_wire::messages::{
-    DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, NewDevice, Registered, UserId,
+    DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, NewDevice, PresenceEvent, Registered,
+    UserId,
 };
 use tern_wire::ErrorCode;
 
@@ -70,6 +71,22 @@ pub enum Request {
         code: String,
         /// The new device's credentials, or why not.
         registered: Result<Registered, ErrorCode>,
+    },
+    /// Start (or stop) telling `subscriber` about the presence of `targets`.
+    Watch {
+        /// Who follows.
+        subscriber: UserId,
+        /// Whom (homed on the receiving core).
+        targets: Vec<UserId>,
+        /// Start or stop.
+        watch: bool,
+    },
+    /// Presence events for the connected devices of `subscriber`.
+    Presence {
+        /// Who is told.
+        subscriber: UserId,
+        /// What (coalesced for this loop turn).
+        events: Vec<PresenceEvent>,
     },
     /// A typing indicator for the online devices of `to_user` (never stored).
     Typing {
@@ -177,6 +194,8 @@ pub struct CoreStats {
     pub handed_over: u64,
     /// Envelopes dropped from full mailboxes (each announced).
     pub dropped_envelopes: u64,
+    /// Presence events sent after coalescing.
+    pub presence_events: u64,
     /// The counters of each shard this core owns, by shard id.
     pub shards: Vec<(u32, ShardCounters)>,
     /// Send → sent tick, seconds.

@@ -83,7 +83,7 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     let per_core = |f: &dyn Fn(&CoreStats) -> u64| -> Vec<(String, u64)> {
         cores.iter().map(|c| (format!("{{core=\"{}\"}}", c.core), f(c))).collect()
     };
-    let families: [CoreFamily; 10] = [
+    let families: [CoreFamily; 11] = [
         ("tern_connections", "gauge", "Open client connections.", &|c| c.connections),
         ("tern_outbound_bytes", "gauge", "Bytes queued for client sockets.", &|c| c.outbound_bytes),
         ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| c.frames_in),
@@ -113,6 +113,12 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
             "counter",
             "Items in the batches sent to other cores.",
             &|c| c.mesh_items_out,
+        ),
+        (
+            "tern_presence_events_total",
+            "counter",
+            "Presence events sent to subscribers (coalesced per subscriber per loop turn).",
+            &|c| c.presence_events,
         ),
         (
             "tern_mailbox_dropped_total",

@@ -931,7 +931,8 @@ async fn connection(
         }
         return;
     }
-    core.borrow_mut().close_connection(conn);
+    core.borrow_mut().close_connection(conn, now_ms());
+    ctx.kick();
 }
 
 /// Handles every whole frame the decoder holds. Returns the core the connection must
