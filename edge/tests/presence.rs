@@ -73,7 +73,7 @@ fn presence_follows_privacy_and_last_seen_survives_a_restart() {
     let mut c = login(&server, carol);
     c.request(&PresenceSubscribe { user_ids: vec![bob.user_id] }).access::<Done>();
     let mut b = login(&server, bob);
-    assert_eq!(presence(&mut a).1, true);
+    assert!(presence(&mut a).1);
     let mut privacy = PrivacySettings {
         last_seen: Visibility::Nobody,
         online: Visibility::Everyone,
