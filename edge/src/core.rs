@@ -194,7 +194,8 @@ enum Awaiting {
     /// stored here once the recipient's are.
     Send { conn: ConnId, rid: u32, meta: EnvelopeMeta, own_copies: Vec<OwnedCopy>, since_us: u64 },
     /// A request answered with `Done`.
-    Done { conn: ConnId, rid: u32, failed_type: u16 },
+    /// Once answered, `Done` goes out when `waits` (work done here too) are durable.
+    Done { conn: ConnId, rid: u32, failed_type: u16, waits: Waits },
     /// A key-bundle fetch.
     Bundles { conn: ConnId, rid: u32, target: UserId },
     /// A primary device approved a linking code held by another core.
@@ -703,6 +704,10 @@ impl<S: Storage> Core<S> {
                 self.push_presence(subscriber, &events);
                 return;
             }
+            Request::Unqueue { sender, from_user, message_ids } => {
+                let waits = self.unqueue(sender, from_user, &message_ids);
+                (waits, Reply::Done(Ok(())))
+            }
             Request::Typing { to_user, from, active } => {
                 self.push_typing(to_user, from, active);
                 return;
@@ -819,8 +824,9 @@ impl<S: Storage> Core<S> {
                     }
                 }
             }
-            (Awaiting::Done { conn, rid, failed_type }, Reply::Done(result)) => match result {
-                Ok(()) => self.reply(conn, rid, &Done {}),
+            (Awaiting::Done { conn, rid, failed_type, waits }, Reply::Done(result)) => match result
+            {
+                Ok(()) => self.reply_when_durable(conn, rid, &Done {}, waits),
                 Err(code) => {
                     self.error_reply(conn, rid, failed_type, code, "could not store this", 1000)
                 }
@@ -932,6 +938,11 @@ impl<S: Storage> Core<S> {
                 self.pump(conn, now_ms);
             }
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
+            Message::DeleteForEveryone(delete) => {
+                let ids: Vec<MessageId> =
+                    delete.message_ids.iter().map(|i| i.to_native()).collect();
+                self.delete_for_everyone(conn, rid, me, delete.peer.to_native(), ids)
+            }
             Message::UploadKeys(upload) => self.upload_keys(conn, rid, me, upload),
             Message::FetchBundles(fetch) => self.fetch_bundles(conn, rid, me, fetch, now_ms),
             Message::DeviceListRequest(_) => self.device_list(conn, rid, me),
@@ -1999,6 +2010,52 @@ impl<S: Storage> Core<S> {
         self.route_server_envelope(to_user, me, EnvelopeKind::Receipt, &body, now_ms, reply_to);
     }
 
+    /// Deletes messages for everyone: removes their copies still queued for the peer's
+    /// devices and this user's other devices. Only the sender's own messages are found.
+    fn delete_for_everyone(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        peer: UserId,
+        message_ids: Vec<MessageId>,
+    ) {
+        let mut waits = self.unqueue(me.0, me.0, &message_ids);
+        let peer_shard = home_shard_of_user(peer);
+        if peer == me.0 || peer_shard >= self.shard_count() {
+            return self.reply_when_durable(conn, rid, &Done {}, waits);
+        }
+        if self.local_shard(peer_shard).is_some() {
+            waits.extend(self.unqueue(me.0, peer, &message_ids));
+            return self.reply_when_durable(conn, rid, &Done {}, waits);
+        }
+        let failed_type = MessageType::DeleteForEveryone.code();
+        let awaiting = Awaiting::Done { conn, rid, failed_type, waits };
+        let request = Request::Unqueue { sender: me.0, from_user: peer, message_ids };
+        let core = self.placement.core_of_shard(peer_shard);
+        self.ask(core, request, Some(awaiting));
+    }
+
+    /// Removes the queued copies of `sender`'s messages from the mailboxes of
+    /// `from_user`'s devices (homed here); returns what the answer waits for.
+    fn unqueue(&mut self, sender: UserId, from_user: UserId, message_ids: &[MessageId]) -> Waits {
+        let shard_id = home_shard_of_user(from_user);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return Vec::new() };
+        let mut waits = Vec::new();
+        for device in self.devices_of(from_user).unwrap_or_default() {
+            for &id in message_ids {
+                let found = handle.borrow().find_queued(device, sender, id);
+                let Some(seq) = found else { continue };
+                match handle.borrow_mut().remove_queued(device, seq) {
+                    Ok(Some(record_seq)) => waits.push((shard_id, record_seq)),
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "could not remove a deleted message"),
+                }
+            }
+        }
+        waits
+    }
+
     /// Appends a server-made envelope (receipt, notice) for `to_user` here, or asks the
     /// core it is homed on. `reply_to` gets `Done` once it is durable; without it a
     /// failure is only logged.
@@ -2018,7 +2075,12 @@ impl<S: Storage> Core<S> {
         let shard_id = home_shard_of_user(to_user);
         let failed_type = MessageType::SendReceipt.code();
         if shard_id < self.shard_count() && self.local_shard(shard_id).is_none() {
-            let awaiting = reply_to.map(|(conn, rid)| Awaiting::Done { conn, rid, failed_type });
+            let awaiting = reply_to.map(|(conn, rid)| Awaiting::Done {
+                conn,
+                rid,
+                failed_type,
+                waits: Vec::new(),
+            });
             let request = Request::ServerEnvelope { to_user, from, kind, body: bytes, now_ms };
             let core = self.placement.core_of_shard(shard_id);
             return self.ask(core, request, awaiting);

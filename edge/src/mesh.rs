@@ -88,6 +88,16 @@ pub enum Request {
         /// What (coalesced for this loop turn).
         events: Vec<PresenceEvent>,
     },
+    /// Remove the queued copies of `sender`'s messages from `from_user`'s mailboxes
+    /// (deleted for everyone); answered with `Done` once durable.
+    Unqueue {
+        /// Whose messages.
+        sender: UserId,
+        /// Whose mailboxes.
+        from_user: UserId,
+        /// Which.
+        message_ids: Vec<MessageId>,
+    },
     /// A typing indicator for the online devices of `to_user` (never stored).
     Typing {
         /// The recipient.

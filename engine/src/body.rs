@@ -60,6 +60,19 @@ pub struct AckRecord {
     pub up_to_mailbox_seq: u64,
 }
 
+/// Body of a `Remove` record: the envelope at this mailbox position is gone (its sender
+/// deleted it for everyone before the device received it).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct RemoveRecord {
+    /// The device's user.
+    pub user_id: UserId,
+    /// The device.
+    pub device_id: DeviceId,
+    /// The removed entry's mailbox sequence number.
+    pub mailbox_seq: u64,
+}
+
 /// Body of a `Commit` record.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug))]

@@ -29,6 +29,8 @@ pub enum RecordType {
     State = 3,
     /// End of a group-commit batch; the next batch starts at the next aligned offset.
     Commit = 4,
+    /// One queued envelope was removed from one mailbox (deleted for everyone).
+    Remove = 5,
 }
 
 impl RecordType {
@@ -39,6 +41,7 @@ impl RecordType {
             2 => RecordType::Ack,
             3 => RecordType::State,
             4 => RecordType::Commit,
+            5 => RecordType::Remove,
             _ => return None,
         })
     }

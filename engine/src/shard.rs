@@ -29,7 +29,8 @@ use tern_wire::messages::{ArchivedEnvelope, DeviceId, SignedPrekey, UserId};
 use tern_wire::{encode_archive, EnvelopeRef};
 
 use crate::body::{
-    AckRecord, ArchivedEnvelopeRecord, CommitRecord, EnvelopeRecordRef, MailboxSlot, StateOp,
+    AckRecord, ArchivedEnvelopeRecord, CommitRecord, EnvelopeRecordRef, MailboxSlot, RemoveRecord,
+    StateOp,
 };
 use crate::checkpoint::{self, Snapshot};
 use crate::error::{CorruptRecord, OpenError, WriteError};
@@ -57,6 +58,9 @@ impl Loc {
     /// A mailbox entry whose record was lost to corruption before a checkpoint covered
     /// it; reads skip it and count it.
     pub const LOST: Loc = Loc { segment_id: u32::MAX, offset: u32::MAX };
+    /// A mailbox entry removed before delivery (deleted for everyone); reads skip it
+    /// silently.
+    pub const REMOVED: Loc = Loc { segment_id: u32::MAX, offset: u32::MAX - 1 };
 }
 
 /// Tunables of a shard. Each limit says why it is what it is.
@@ -408,6 +412,70 @@ impl<S: Storage> Shard<S> {
         Ok(self.apply_ack(device, up_to))
     }
 
+    /// Finds the queued envelope `server_message_id` from `sender_user` in a device's
+    /// mailbox (durable entries only); returns its mailbox sequence number.
+    pub fn find_queued(
+        &self,
+        device: DeviceAddr,
+        sender_user: UserId,
+        server_message_id: u64,
+    ) -> Option<u64> {
+        let mailbox = self.mailboxes.get(&device)?;
+        for (seq, loc) in (mailbox.head_seq..).zip(mailbox.entries.iter()) {
+            if !self.is_durable(*loc) {
+                break;
+            }
+            if *loc == Loc::LOST || *loc == Loc::REMOVED {
+                continue;
+            }
+            let Ok((_, envelope)) = self.envelope_at(*loc) else { continue };
+            if envelope.server_message_id.to_native() == server_message_id
+                && envelope.sender_user.to_native() == sender_user
+            {
+                return Some(seq);
+            }
+        }
+        None
+    }
+
+    /// Removes one queued envelope from a device's mailbox before delivery (deleted for
+    /// everyone). Returns the record's sequence number (durable once committed), or
+    /// `None` if there was nothing to remove.
+    pub fn remove_queued(
+        &mut self,
+        device: DeviceAddr,
+        mailbox_seq: u64,
+    ) -> Result<Option<u64>, WriteError> {
+        let present = self.mailboxes.get(&device).and_then(|m| {
+            let index = mailbox_seq.checked_sub(m.head_seq)?;
+            m.entries.get(index as usize).filter(|l| **l != Loc::LOST && **l != Loc::REMOVED)
+        });
+        if present.is_none() {
+            return Ok(None);
+        }
+        let record = RemoveRecord { user_id: device.0, device_id: device.1, mailbox_seq };
+        let (seq, _, _) = self.append(RecordType::Remove, 0, |out| {
+            encode_archive(out, &record).map(|_| ()).map_err(|_| WriteError::NoRecipients)
+        })?;
+        self.apply_remove(device, mailbox_seq);
+        Ok(Some(seq))
+    }
+
+    fn apply_remove(&mut self, device: DeviceAddr, mailbox_seq: u64) {
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return };
+        let Some(index) = mailbox_seq.checked_sub(mailbox.head_seq) else { return };
+        let Some(entry) = mailbox.entries.get_mut(index as usize) else { return };
+        let loc = std::mem::replace(entry, Loc::REMOVED);
+        if loc == Loc::LOST || loc == Loc::REMOVED {
+            return;
+        }
+        let bytes = self.record_len(loc).unwrap_or(0);
+        if let Some(mailbox) = self.mailboxes.get_mut(&device) {
+            mailbox.bytes = mailbox.bytes.saturating_sub(bytes);
+        }
+        self.release(loc);
+    }
+
     /// Appends a change to the state tables and applies it at once (later reads see it;
     /// it is durable when the returned sequence number is).
     pub fn apply_state(&mut self, op: StateOp) -> Result<u64, WriteError> {
@@ -700,7 +768,7 @@ impl<S: Storage> Shard<S> {
 
     /// Drops one reference to an envelope record; the last one makes it garbage.
     fn release(&mut self, loc: Loc) {
-        if loc == Loc::LOST {
+        if loc == Loc::LOST || loc == Loc::REMOVED {
             return;
         }
         if let Some(refs) = self.shared_refs.get_mut(&loc) {
@@ -741,6 +809,9 @@ impl<S: Storage> Shard<S> {
                 break;
             }
             read.next_seq = seq + 1;
+            if *loc == Loc::REMOVED {
+                continue;
+            }
             match self.envelope_at(*loc) {
                 Ok((bytes, envelope)) => {
                     if envelope.expires_ms.to_native() <= now_ms {
@@ -847,7 +918,7 @@ impl<S: Storage> Shard<S> {
 
     /// Whether a mailbox entry may be served: its record is on disk (or known lost).
     fn is_durable(&self, loc: Loc) -> bool {
-        loc == Loc::LOST || loc < self.durable_end
+        loc == Loc::LOST || loc == Loc::REMOVED || loc < self.durable_end
     }
 
     fn segment_bytes(&self, segment_id: u32) -> Option<&[u8]> {
@@ -1283,6 +1354,15 @@ impl<S: Storage> Shard<S> {
                 if let Ok(ack) = rkyv::access::<crate::body::ArchivedAckRecord, Failure>(body) {
                     let device = (ack.user_id.to_native(), ack.device_id.to_native());
                     self.apply_ack(device, ack.up_to_mailbox_seq.to_native());
+                } else {
+                    self.counters.corrupt_records += 1;
+                }
+            }
+            RecordType::Remove => {
+                if let Ok(remove) = rkyv::access::<crate::body::ArchivedRemoveRecord, Failure>(body)
+                {
+                    let device = (remove.user_id.to_native(), remove.device_id.to_native());
+                    self.apply_remove(device, remove.mailbox_seq.to_native());
                 } else {
                     self.counters.corrupt_records += 1;
                 }

@@ -216,6 +216,7 @@ catalogue! {
     0x0304 => DeliveryAck,
     0x0305 => Resync,
     0x0306 => SendReceipt,
+    0x0307 => DeleteForEveryone,
     // Presence and typing.
     0x0401 => Typing,
     0x0402 => TypingEvent,

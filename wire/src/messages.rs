@@ -641,6 +641,19 @@ payload! {
 }
 
 payload! {
+    /// Delete messages for everyone: the copies still queued for the other user's
+    /// devices (and this user's other devices) are removed, so a device that was offline
+    /// never receives them. Only their sender may; answered with `Done`. Devices that
+    /// already have a message learn of the deletion from an E2E control message.
+    pub struct DeleteForEveryone {
+        /// The other user of the conversation.
+        pub peer: UserId,
+        /// Server ids of the messages.
+        pub message_ids: Vec<MessageId>,
+    }
+}
+
+payload! {
     /// Body of an envelope of kind `Receipt`.
     pub struct ReceiptBody {
         /// Delivered or read.

@@ -1,7 +1,8 @@
-//! Mailbox quotas against the real `ternd`: a full mailbox drops its oldest envelopes,
-//! but never silently — the device finds a `Dropped` notice in its sequence and each
-//! sender a `SentDropped` notice naming its lost messages. Also: an expired message is
-//! never delivered.
+//! What leaves a mailbox other than by delivery, against the real `ternd`: quotas (a full
+//! mailbox drops its oldest envelopes, but never silently — the device finds a `Dropped`
+//! notice in its sequence and each sender a `SentDropped` notice naming its lost
+//! messages), expiry (an expired message is never delivered) and deletion for everyone
+//! (a deleted message never reaches a device that was offline, across cores).
 
 mod common;
 
@@ -111,4 +112,39 @@ fn an_expired_message_is_not_delivered() {
     let mut b = login(&server, bob);
     let frame = b.next_of(MessageType::Deliver);
     assert_eq!(frame.deliver().envelope.body.as_slice(), b"lasting");
+}
+
+#[test]
+fn a_message_deleted_for_everyone_never_reaches_an_offline_device() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let on_core = |base: u64, core: u32| -> String {
+        (base..)
+            .map(|n| format!("+1563{n:07}"))
+            .find(|p| tern_edge::core::home_shard_of_phone(p, 4) % 2 == core)
+            .unwrap()
+    };
+    let alice = register(&mut server, &on_core(100, 0), 0);
+    let bob = register(&mut server, &on_core(200, 1), 0);
+    let carol = register(&mut server, &on_core(300, 1), 0);
+    let mut a = login(&server, alice);
+    let mut ids = Vec::new();
+    for (id, body) in [(1u64, "keep 1"), (2, "delete me"), (3, "keep 2")] {
+        let ack = a.request(&text(bob, id, body.as_bytes()));
+        ids.push(ack.access::<SendAck>().server_message_id.to_native());
+    }
+    a.request(&DeleteForEveryone { peer: bob.user_id, message_ids: vec![ids[1]] }).access::<Done>();
+    // Someone else's message cannot be deleted by Carol.
+    let mut c = login(&server, carol);
+    c.request(&DeleteForEveryone { peer: bob.user_id, message_ids: vec![ids[0]] }).access::<Done>();
+    let mut b = login(&server, bob);
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let frame = b.next_of(MessageType::Deliver);
+        bodies.push(frame.deliver().envelope.body.to_vec());
+        b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    }
+    assert_eq!(bodies, vec![b"keep 1".to_vec(), b"keep 2".to_vec()]);
+    b.request(&Ping { nonce: 1 }).access::<Pong>();
+    assert!(!b.inbox_types().contains(&MessageType::Deliver), "{:?}", b.inbox_types());
 }
