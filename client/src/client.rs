@@ -28,6 +28,9 @@ use crate::{ClientError, PeerIdentity};
 
 /// The first byte of a plaintext: what it holds (the rest follows).
 const CONTENT_TEXT: u8 = 1;
+/// A plaintext saying "delete the message with this server id (8 bytes, LE) for
+/// everyone", sent as a `Control` envelope.
+const CONTENT_DELETE: u8 = 2;
 
 /// Something the app should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +71,31 @@ pub enum Event {
     },
     /// The server said this device's one-time keys ran low; this many were uploaded.
     KeysRefilled(u32),
+    /// A followed user came online or went offline (as far as they let this user see).
+    Presence {
+        /// Who.
+        user_id: u64,
+        /// Whether any of their devices is connected.
+        online: bool,
+        /// When they were last connected (0: hidden).
+        last_seen_ms: u64,
+    },
+    /// This device's mailbox was full while it was away: this many messages were lost.
+    Dropped(u64),
+    /// Messages this user sent were lost from a recipient's full mailbox.
+    SentDropped {
+        /// The recipient.
+        recipient: u64,
+        /// The lost messages (server ids), still in this device's history.
+        server_ids: Vec<u64>,
+    },
+    /// A message was deleted for everyone by its sender (and removed from the history).
+    Deleted {
+        /// Who deleted it.
+        sender: u64,
+        /// Its server id.
+        server_id: u64,
+    },
 }
 
 /// A registration in progress: the code was requested.
@@ -409,25 +437,40 @@ impl Client {
     ) -> Result<StoredMessage, ClientError> {
         let mut plaintext = vec![CONTENT_TEXT];
         plaintext.extend_from_slice(message.text.as_bytes());
-        // Stale device lists are refreshed and the message re-encrypted; a few rounds at
-        // most (devices do not come and go that fast).
+        let (server_id, time_ms) = self
+            .send_encrypted(message.peer, message.client_id, EnvelopeKind::Text, &plaintext)
+            .await?;
+        message.server_id = server_id;
+        message.time_ms = time_ms;
+        message.status = Status::Sent;
+        self.store.mark_sent(message.client_id, message.server_id, message.time_ms)?;
+        Ok(message)
+    }
+
+    /// Encrypts `plaintext` for every device of `peer` and this user's other devices and
+    /// sends it; returns (server id, server time) once durable. Stale device lists are
+    /// refreshed and the message re-encrypted, a few rounds at most (devices do not come
+    /// and go that fast).
+    async fn send_encrypted(
+        &mut self,
+        peer: u64,
+        client_message_id: u64,
+        kind: EnvelopeKind,
+        plaintext: &[u8],
+    ) -> Result<(u64, u64), ClientError> {
         for _ in 0..4 {
-            let copies = self.encrypt_for_all(message.peer, &plaintext).await?;
+            let copies = self.encrypt_for_all(peer, plaintext).await?;
             let send = SendMessage {
-                client_message_id: message.client_id,
-                to: Conversation::User(message.peer),
-                kind: EnvelopeKind::Text,
+                client_message_id,
+                to: Conversation::User(peer),
+                kind,
                 ttl_s: 0,
                 copies,
             };
             let reply = self.request(&send).await?;
             match reply.frame().message {
                 Message::SendAck(ack) => {
-                    message.server_id = ack.server_message_id.to_native();
-                    message.time_ms = ack.server_time_ms.to_native();
-                    message.status = Status::Sent;
-                    self.store.mark_sent(message.client_id, message.server_id, message.time_ms)?;
-                    return Ok(message);
+                    return Ok((ack.server_message_id.to_native(), ack.server_time_ms.to_native()))
                 }
                 Message::SendError(error) => {
                     let code =
@@ -566,6 +609,47 @@ impl Client {
         Ok(())
     }
 
+    /// Follows the presence of these users (replacing the previous set); events come as
+    /// [`Event::Presence`], as far as each user's privacy settings allow.
+    pub async fn follow_presence(&mut self, users: &[u64]) -> Result<(), ClientError> {
+        self.request(&PresenceSubscribe { user_ids: users.to_vec() }).await?;
+        Ok(())
+    }
+
+    /// Replaces this account's contact list (who counts for "contacts" visibility).
+    pub async fn set_contacts(&mut self, users: &[u64]) -> Result<(), ClientError> {
+        self.request(&SetContacts { user_ids: users.to_vec() }).await?;
+        Ok(())
+    }
+
+    /// Registers where to wake this device when it is offline (a UnifiedPush endpoint
+    /// URL); `None` stops the pushes.
+    pub async fn register_push(&mut self, endpoint: Option<&str>) -> Result<(), ClientError> {
+        let endpoint = endpoint.map(|address| PushEndpoint {
+            provider: PushProvider::UnifiedPush,
+            address: address.into(),
+        });
+        self.request(&PushRegister { endpoint }).await?;
+        Ok(())
+    }
+
+    /// Deletes a message this user sent, for everyone: the server removes the copies not
+    /// yet delivered, and the devices that have it are told (end to end encrypted) to
+    /// remove it. It leaves this device's history too.
+    pub async fn delete_for_everyone(
+        &mut self,
+        peer: u64,
+        server_id: u64,
+    ) -> Result<(), ClientError> {
+        self.request(&DeleteForEveryone { peer, message_ids: vec![server_id] }).await?;
+        let mut plaintext = vec![CONTENT_DELETE];
+        plaintext.extend_from_slice(&server_id.to_le_bytes());
+        let client_id = Store::new_client_id()?;
+        self.send_encrypted(peer, client_id, EnvelopeKind::Control, &plaintext).await?;
+        self.store.delete_message(self.identity.user_id, server_id)?;
+        Ok(())
+    }
+
     /// Tells the senders of these incoming messages that the user read them.
     pub async fn mark_read(&mut self, peer: u64, server_ids: &[u64]) -> Result<(), ClientError> {
         if server_ids.is_empty() {
@@ -660,6 +744,17 @@ impl Client {
                 });
                 Ok(())
             }
+            MessageType::PresenceEvent => {
+                let Message::PresenceEvent(event) = frame.frame().message else {
+                    unreachable_frame()
+                };
+                self.events.push_back(Event::Presence {
+                    user_id: event.user_id.to_native(),
+                    online: event.online,
+                    last_seen_ms: event.last_seen_ms.to_native(),
+                });
+                Ok(())
+            }
             MessageType::ErrorFrame => Err(server_error(&frame)),
             _ => Ok(()), // Events this SDK version does not use yet.
         }
@@ -720,6 +815,7 @@ impl Client {
                     let body = envelope.body.as_slice().to_vec();
                     match self.decrypt_and_store(stored, e2e_type, &body) {
                         Ok(message) => self.events.push_back(Event::Message(message)),
+                        Err(ClientError::NotAMessage) => {}
                         Err(ClientError::Crypto(error)) => self
                             .events
                             .push_back(Event::Undecryptable { sender, reason: error.to_string() }),
@@ -741,6 +837,19 @@ impl Client {
                     }
                 }
             }
+            ArchivedEnvelopeKind::Notice => match envelope.content() {
+                Ok(tern_wire::EnvelopeContent::Notice(ArchivedNoticeBody::Dropped { count })) => {
+                    self.events.push_back(Event::Dropped(count.to_native()))
+                }
+                Ok(tern_wire::EnvelopeContent::Notice(ArchivedNoticeBody::SentDropped {
+                    recipient,
+                    message_ids,
+                })) => self.events.push_back(Event::SentDropped {
+                    recipient: recipient.to_native(),
+                    server_ids: message_ids.iter().map(|id| id.to_native()).collect(),
+                }),
+                _ => {}
+            },
             _ => {}
         }
         // Stored (or known undecryptable): the server may forget it.
@@ -799,6 +908,22 @@ impl Client {
         }
         message.text = match plaintext.split_first() {
             Some((&CONTENT_TEXT, text)) => String::from_utf8_lossy(text).into_owned(),
+            Some((&CONTENT_DELETE, id)) if id.len() == 8 => {
+                // Not a message: a deletion. The ratchet moved; the history loses it.
+                let server_id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
+                let account = new_identity.map(|_| self.crypto.pickle(&key));
+                let pickle = session.pickle(&key);
+                self.store.save_session(
+                    sender,
+                    &session.id(),
+                    &pickle,
+                    account.as_deref(),
+                    None,
+                )?;
+                self.store.delete_message(sender.0, server_id)?;
+                self.events.push_back(Event::Deleted { sender: sender.0, server_id });
+                return Err(ClientError::NotAMessage);
+            }
             _ => {
                 return Err(ClientError::Crypto(crate::CryptoError::Decrypt(
                     "unknown content".into(),

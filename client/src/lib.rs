@@ -55,6 +55,9 @@ pub enum ClientError {
     /// A setting is wrong (store path, certificate file, ...).
     #[error("configuration: {0}")]
     Config(String),
+    /// An envelope held a control message, not a message for the history (internal).
+    #[error("not a message")]
+    NotAMessage,
 }
 
 /// What the local store fails with.

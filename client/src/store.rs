@@ -421,6 +421,15 @@ impl Store {
         insert_message(&self.db, message)
     }
 
+    /// Removes a message (deleted for everyone by its sender) from the history.
+    pub fn delete_message(&self, sender_user: u64, server_id: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "DELETE FROM messages WHERE sender_user = ?1 AND server_id = ?2",
+            params![sender_user as i64, server_id as i64],
+        )?;
+        Ok(())
+    }
+
     /// Whether an incoming message is already in the history (a redelivery).
     pub fn has_message(&self, sender: (u64, u32), client_id: u64) -> Result<bool, StoreError> {
         let found: Option<i64> = self

@@ -435,3 +435,59 @@ async fn a_client_rides_out_a_server_restart_and_resends_what_was_not_acknowledg
     assert_eq!(message_with(&mut bob, "two").await.text, "two");
     drop(server);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn presence_deletions_and_a_full_mailbox_reach_the_app() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &["--mailbox-max-messages", "20"]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580071").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580072").await;
+    let (alice_id, bob_id) = (alice.user_id(), bob.user_id());
+
+    // Presence: Bob lets his contacts see him; Alice follows him.
+    bob.set_contacts(&[alice_id]).await.unwrap();
+    alice.follow_presence(&[bob_id]).await.unwrap();
+    let online = until(&mut alice, |e| matches!(e, Event::Presence { .. })).await;
+    assert!(matches!(online, Event::Presence { user_id, online: true, .. } if user_id == bob_id));
+
+    // Deleted for everyone: it leaves Bob's history too.
+    let oops = alice.send_text(bob_id, "oops, wrong chat").await.unwrap();
+    message_with(&mut bob, "oops, wrong chat").await;
+    alice.delete_for_everyone(bob_id, oops.server_id).await.unwrap();
+    let deleted = until(&mut bob, |e| matches!(e, Event::Deleted { .. })).await;
+    assert_eq!(deleted, Event::Deleted { sender: alice_id, server_id: oops.server_id });
+    assert!(bob.history(alice_id, 10).unwrap().iter().all(|m| m.text != "oops, wrong chat"));
+    assert!(alice.history(bob_id, 10).unwrap().is_empty());
+
+    drop(bob);
+    let offline = until(&mut alice, |e| matches!(e, Event::Presence { online: false, .. })).await;
+    let Event::Presence { last_seen_ms, .. } = offline else { unreachable_event() };
+    assert!(last_seen_ms > 0);
+
+    // Over Bob's quota while he is away: both sides hear of the loss.
+    for i in 0..40 {
+        alice.send_text(bob_id, &format!("flood {i}")).await.unwrap();
+    }
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    let (mut received, mut dropped) = (0u64, 0u64);
+    while received + dropped < 40 {
+        match until(&mut bob, |e| matches!(e, Event::Message(_) | Event::Dropped(_))).await {
+            Event::Message(_) => received += 1,
+            Event::Dropped(count) => dropped += count,
+            _ => unreachable_event(),
+        }
+    }
+    assert!(dropped > 0 && received <= 20, "{received} received, {dropped} dropped");
+    let mut lost = 0;
+    while lost < dropped as usize {
+        let Event::SentDropped { recipient, server_ids } =
+            until(&mut alice, |e| matches!(e, Event::SentDropped { .. })).await
+        else {
+            unreachable_event()
+        };
+        assert_eq!(recipient, bob_id);
+        lost += server_ids.len();
+    }
+    assert_eq!(lost as u64, dropped);
+}

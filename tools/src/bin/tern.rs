@@ -213,6 +213,11 @@ fn line_of(message: &StoredMessage) -> String {
     format!("[{h:02}:{m:02}:{s:02} UTC] {who}: {}{ticks}", message.text)
 }
 
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The interactive chat: lines typed are sent; events are printed as they come. On a
 /// terminal the line is edited in raw mode, so that typing can be announced as it
 /// starts and stops; from a pipe, lines are read as they are.
@@ -221,6 +226,7 @@ async fn chat(mut client: Client, peer: u64) -> Result<(), ClientError> {
     for message in client.history(peer, 10)? {
         println!("{}", line_of(&message));
     }
+    client.follow_presence(&[peer]).await?;
     if std::io::stdin().is_terminal() {
         return raw_chat::run(client, peer).await;
     }
@@ -373,6 +379,27 @@ async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String
             out.push(format!("  ! a message from {} could not be decrypted: {reason}", sender.0))
         }
         Event::KeysRefilled(count) => out.push(format!("(uploaded {count} new one-time keys)")),
+        Event::Presence { user_id, online, last_seen_ms } if user_id == peer => {
+            out.push(if online {
+                format!("  ● {user_id} is online")
+            } else if last_seen_ms > 0 {
+                let ago = now_ms().saturating_sub(last_seen_ms) / 1000;
+                format!("  ○ {user_id} was last seen {ago} s ago")
+            } else {
+                format!("  ○ {user_id} is offline")
+            })
+        }
+        Event::Presence { .. } => {}
+        Event::Dropped(count) => {
+            out.push(format!("  ! {count} messages to you were dropped (your mailbox was full)"))
+        }
+        Event::SentDropped { recipient, server_ids } => out.push(format!(
+            "  ! {} of your messages to {recipient} were dropped (their mailbox was full)",
+            server_ids.len()
+        )),
+        Event::Deleted { sender, .. } => {
+            out.push(format!("  (a message from {sender} was deleted)"))
+        }
     }
     Ok(out)
 }
