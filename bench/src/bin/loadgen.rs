@@ -49,6 +49,16 @@ struct Args {
     /// The ternd binary.
     #[arg(long, default_value = "target/release/ternd")]
     ternd: PathBuf,
+    /// `messages` (the default: users send to each other) or `presence` (a presence
+    /// storm: users with large contact lists go offline and online).
+    #[arg(long, default_value = "messages", value_parser = ["messages", "presence"])]
+    scenario: String,
+    /// Presence storm: contacts per user (each follows this many others and lets them see).
+    #[arg(long, default_value_t = 100)]
+    contacts: usize,
+    /// Presence storm: disconnect+reconnect cycles per second over all users.
+    #[arg(long, default_value_t = 200)]
+    churn: u64,
     /// `ternd --cores` (default: ternd's own, every CPU).
     #[arg(long)]
     cores: Option<u32>,
@@ -94,6 +104,25 @@ async fn read_until(
         let n = stream.read(&mut buffer).await.expect("read");
         assert!(n > 0, "server closed the connection");
         decoder.feed(&buffer[..n]);
+    }
+}
+
+/// Device keys whose fallback key is signed by a fresh signing key, as ternd checks (the
+/// load carries no E2E: the ciphertexts are random bytes).
+fn signed_keys() -> DeviceKeys {
+    use ring::signature::KeyPair as _;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("random");
+    let signer = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+    let (key_id, public_key) = (1u64, [3u8; 32]);
+    let mut signed = key_id.to_le_bytes().to_vec();
+    signed.extend_from_slice(&public_key);
+    let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
+    DeviceKeys {
+        identity_key: [1; 32],
+        signing_key: signer.public_key().as_ref().try_into().expect("32 bytes"),
+        fallback_key: SignedPrekey { key_id, public_key, signature },
+        one_time_keys: Vec::new(),
     }
 }
 
@@ -172,12 +201,7 @@ async fn main() {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
-        let keys = DeviceKeys {
-            identity_key: [1; 32],
-            signing_key: [2; 32],
-            fallback_key: SignedPrekey { key_id: 1, public_key: [3; 32], signature: [4; 64] },
-            one_time_keys: Vec::new(),
-        };
+        let keys = signed_keys();
         let verify = Verify {
             phone,
             code,
@@ -192,6 +216,12 @@ async fn main() {
         accounts.push((registered.user_id.to_native(), registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    if args.scenario == "presence" {
+        presence_storm(&args, addr, accounts, child.id()).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
 
     let stats = Arc::new(Stats {
         sent: AtomicU64::new(0),
@@ -379,5 +409,119 @@ async fn main() {
         ms(&d, 0.5),
         ms(&d, 0.99),
         ms(&d, 0.999)
+    );
+}
+
+/// CPU time (user + system) a process used so far, in seconds (Linux `/proc`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th, stime 15th.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0 // USER_HZ is 100 on Linux.
+}
+
+/// Connects, authenticates, publishes contacts and follows them; returns the stream.
+async fn presence_session(
+    addr: SocketAddr,
+    (user_id, token): (u64, [u8; 32]),
+    contacts: &[u64],
+    follows: &[u64],
+) -> (TcpStream, FrameDecoder) {
+    let (mut stream, mut decoder) = handshake(addr).await;
+    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+    stream.write_all(&frame(3, &SetContacts { user_ids: contacts.to_vec() })).await.unwrap();
+    stream.write_all(&frame(4, &PresenceSubscribe { user_ids: follows.to_vec() })).await.unwrap();
+    (stream, decoder)
+}
+
+/// The presence storm: every user lets its next `contacts` users see it and follows its
+/// previous `contacts`; then users are disconnected and reconnected at `churn` per
+/// second. Reports presence events delivered, events per cycle and the server's CPU time
+/// per cycle.
+async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 32])>, pid: u32) {
+    let n = accounts.len();
+    let k = args.contacts.min(n - 1);
+    let ids: Vec<u64> = accounts.iter().map(|a| a.0).collect();
+    let contacts_of = |i: usize| -> Vec<u64> { (1..=k).map(|j| ids[(i + j) % n]).collect() };
+    let follows_of = |i: usize| -> Vec<u64> { (1..=k).map(|j| ids[(i + n - j) % n]).collect() };
+    let events = Arc::new(AtomicU64::new(0));
+    let cycles = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let mut toggles = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    for (i, account) in accounts.iter().copied().enumerate() {
+        let (contacts, follows) = (contacts_of(i), follows_of(i));
+        let (events, cycles, running) = (events.clone(), cycles.clone(), running.clone());
+        let toggle = Arc::new(tokio::sync::Notify::new());
+        toggles.push(toggle.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buffer = vec![0u8; 65536];
+            while running.load(Ordering::Relaxed) {
+                let (mut stream, mut decoder) =
+                    presence_session(addr, account, &contacts, &follows).await;
+                loop {
+                    tokio::select! {
+                        read = stream.read(&mut buffer) => {
+                            let Ok(read) = read else { break };
+                            if read == 0 {
+                                break;
+                            }
+                            decoder.feed(&buffer[..read]);
+                            while let Some(frame) = decoder.next_frame().expect("frames decode") {
+                                if frame.header.message_type == MessageType::PresenceEvent {
+                                    events.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        _ = toggle.notified() => break,
+                    }
+                }
+                drop(stream);
+                cycles.fetch_add(1, Ordering::Relaxed);
+                // Offline for a moment, then back (re-following, as a client does).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // Everyone connected and subscribed.
+    let (events_before, cycles_before) =
+        (events.load(Ordering::Relaxed), cycles.load(Ordering::Relaxed));
+    let cpu_before = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.churn.max(1) as f64));
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        ticker.tick().await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        toggles[(rng % n as u64) as usize].notify_one();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // Let the last events arrive.
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let events = events.load(Ordering::Relaxed) - events_before;
+    let cycles = cycles.load(Ordering::Relaxed) - cycles_before;
+    running.store(false, Ordering::Relaxed);
+    for toggle in &toggles {
+        toggle.notify_one();
+    }
+    for task in tasks {
+        task.abort();
+    }
+    println!(
+        "presence storm: {n} users, {k} contacts each, {:.0} s: {cycles} offline+online cycles \
+         ({:.0}/s), {events} presence events ({:.0}/s, {:.1} per cycle), ternd CPU {:.2} s \
+         ({:.0} µs per cycle, {:.1} µs per event)",
+        elapsed,
+        cycles as f64 / elapsed,
+        events as f64 / elapsed,
+        events as f64 / cycles.max(1) as f64,
+        cpu,
+        cpu * 1e6 / cycles.max(1) as f64,
+        cpu * 1e6 / events.max(1) as f64,
     );
 }
