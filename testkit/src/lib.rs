@@ -50,6 +50,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     log: Receiver<String>,
     seen: Vec<String>,
+    /// Log lines (indexes in `seen`) whose code a test already took.
+    codes_used: std::collections::HashSet<usize>,
 }
 
 impl Server {
@@ -100,6 +102,7 @@ impl Server {
             data_dir: data_dir.into(),
             log,
             seen: Vec::new(),
+            codes_used: std::collections::HashSet::new(),
         };
         let local = |line: String| -> SocketAddr {
             let addr = line.split("local=").nth(1).expect("local= in the log");
@@ -135,15 +138,28 @@ impl Server {
     /// The verification code the log sender wrote for `phone` (the latest one).
     pub fn code_for(&mut self, phone: &str) -> String {
         let needle = format!("phone=\"{phone}\"");
-        // Drain what is there, then pick the last matching line.
-        while let Ok(line) = self.log.try_recv() {
-            self.seen.push(line);
-        }
-        if !self.seen.iter().any(|l| l.contains(&needle) && l.contains("code=")) {
-            self.wait_for_log(|l| l.contains(&needle) && l.contains("code="));
-        }
-        let line =
-            self.seen.iter().rev().find(|l| l.contains(&needle) && l.contains("code=")).unwrap();
+        let is_code = |l: &str| l.contains(&needle) && l.contains("code=");
+        // A code line not handed out before: a second registration of the same number
+        // must wait for its own code, not reuse the first one.
+        let deadline = Instant::now() + TIMEOUT;
+        let index = loop {
+            while let Ok(line) = self.log.try_recv() {
+                self.seen.push(line);
+            }
+            let fresh = (0..self.seen.len())
+                .rev()
+                .find(|i| is_code(&self.seen[*i]) && !self.codes_used.contains(i));
+            if let Some(index) = fresh {
+                break index;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no new code for {phone}; log:\n{}", self.seen.join("\n")),
+            }
+        };
+        self.codes_used.insert(index);
+        let line = &self.seen[index];
         let code = line.split("code=\"").nth(1).unwrap().split('"').next().unwrap();
         code.to_string()
     }
