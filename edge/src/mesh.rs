@@ -9,8 +9,8 @@
 
 use tern_engine::ShardCounters;
 use tern_wire::messages::{
-    DeviceBundle, DeviceId, E2eType, EnvelopeKind, MessageId, NewDevice, PresenceEvent, Registered,
-    UserId,
+    DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupUpdate, MessageId, NewDevice,
+    PresenceEvent, Registered, UserId,
 };
 use tern_wire::ErrorCode;
 
@@ -98,6 +98,38 @@ pub enum Request {
         /// Which.
         message_ids: Vec<MessageId>,
     },
+    /// A group change, with the acting device's signing key (answered `Reply::Group`).
+    GroupUpdate {
+        /// The acting device.
+        actor: (UserId, DeviceId),
+        /// Its Ed25519 key, from its home core.
+        signing_key: [u8; 32],
+        /// The change.
+        update: GroupUpdate,
+        /// The asker's clock.
+        now_ms: u64,
+    },
+    /// A group message for the group's core to order and fan out (answered
+    /// `Reply::Group` with the `SendAck`).
+    GroupSend {
+        /// Sender, ids, times, kind.
+        meta: Box<crate::core::EnvelopeMeta>,
+        /// The group.
+        group_id: GroupId,
+        /// How it is encrypted (Megolm).
+        e2e_type: E2eType,
+        /// The one ciphertext.
+        ciphertext: Vec<u8>,
+    },
+    /// Store a group envelope for the listed members' devices here (answered `Done`).
+    GroupDeliver(GroupDelivery),
+    /// A member asks for a group's state (answered `Reply::Group`).
+    GroupInfo {
+        /// Who asks.
+        requester: UserId,
+        /// The group.
+        group_id: GroupId,
+    },
     /// A typing indicator for the online devices of `to_user` (never stored).
     Typing {
         /// The recipient.
@@ -137,6 +169,31 @@ pub struct DeliverRequest {
     pub copies: Vec<OwnedCopy>,
 }
 
+/// One group envelope for some members of a group, on their home core.
+#[derive(Clone, Debug)]
+pub struct GroupDelivery {
+    /// The group.
+    pub group_id: GroupId,
+    /// The sending device (it gets no copy).
+    pub sender: (UserId, DeviceId),
+    /// The sender's id for it (0 for group events).
+    pub client_message_id: u64,
+    /// The id the group's core gave it (also its place in the group's order).
+    pub server_message_id: MessageId,
+    /// When the server accepted it.
+    pub server_time_ms: u64,
+    /// When it expires undelivered.
+    pub expires_ms: u64,
+    /// A message kind, or `GroupEvent`.
+    pub kind: EnvelopeKind,
+    /// Megolm for messages, plain for group events.
+    pub e2e_type: E2eType,
+    /// The ciphertext (or the archived `GroupEventBody`).
+    pub body: Vec<u8>,
+    /// Members homed on the receiving core.
+    pub recipients: Vec<UserId>,
+}
+
 /// One device's ciphertext, owned so that it can cross cores.
 #[derive(Debug)]
 pub struct OwnedCopy {
@@ -159,6 +216,8 @@ pub enum Reply {
     Bundles(Result<Vec<DeviceBundle>, ErrorCode>),
     /// The device waiting to be linked.
     Link(Result<Box<NewDevice>, ErrorCode>),
+    /// A group change applied, a group's state, or a group message stored.
+    Group(Result<crate::core::GroupAnswer, (ErrorCode, String)>),
 }
 
 /// What became of the recipient's copies of a send.

@@ -254,8 +254,12 @@ impl Client {
 /// Test key material (real keys come with the SDK; the server does not look inside the
 /// public keys, but it checks that each prekey is signed by the device's signing key).
 pub fn keys(one_time: u64) -> DeviceKeys {
-    let signer = test_signer();
-    let key = |id: u64| sign_prekey(&signer, id, [id as u8; 32]);
+    keys_signed_by(&test_signer(), one_time)
+}
+
+/// Test key material signed by `signer` (a test that signs group changes keeps it).
+pub fn keys_signed_by(signer: &ring::signature::Ed25519KeyPair, one_time: u64) -> DeviceKeys {
+    let key = |id: u64| sign_prekey(signer, id, [id as u8; 32]);
     DeviceKeys {
         identity_key: [1; 32],
         signing_key: signer.public_key().as_ref().try_into().unwrap(),
@@ -293,6 +297,20 @@ pub struct Account {
 
 /// Registers `phone` through the protocol, reading the code from the server log.
 pub fn register(server: &mut Server, phone: &str, one_time_keys: u64) -> Account {
+    register_with_keys(server, phone, keys(one_time_keys))
+}
+
+/// Registers `phone` with a signing key the test keeps (for group changes).
+pub fn register_signing(
+    server: &mut Server,
+    phone: &str,
+) -> (Account, ring::signature::Ed25519KeyPair) {
+    let signer = test_signer();
+    let account = register_with_keys(server, phone, keys_signed_by(&signer, 0));
+    (account, signer)
+}
+
+fn register_with_keys(server: &mut Server, phone: &str, keys: DeviceKeys) -> Account {
     let mut client = Client::connect(server.addr);
     let sent = client.request(&RequestCode {
         phone: phone.into(),
@@ -305,7 +323,7 @@ pub fn register(server: &mut Server, phone: &str, one_time_keys: u64) -> Account
     let registered = client.request(&Verify {
         phone: phone.into(),
         code,
-        device: NewDevice { name: "test phone".into(), keys: keys(one_time_keys) },
+        device: NewDevice { name: "test phone".into(), keys },
         registration_lock_pin: None,
     });
     let r = registered.access::<Registered>();

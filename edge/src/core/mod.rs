@@ -30,11 +30,15 @@ use tern_wire::{
 };
 
 use crate::code_sender::CodeSender;
+
+mod groups;
 use crate::limits::{Rate, RateLimiter};
 use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy, Reply, Request};
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
+pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
+use groups::{GroupFanout, GroupReplyTo};
 
 /// (shard, record sequence number) pairs a reply waits for: all durable, it may go.
 type Waits = Vec<(u32, u64)>;
@@ -200,6 +204,10 @@ enum Awaiting {
     Bundles { conn: ConnId, rid: u32, target: UserId },
     /// A primary device approved a linking code held by another core.
     Link { conn: ConnId, rid: u32, user_id: UserId, code: String },
+    /// A group request handled by the group's core.
+    Group { conn: ConnId, rid: u32 },
+    /// A member core's part of a group fan-out.
+    Fanout { fanout_id: u64 },
 }
 
 /// A device waiting for its account's primary device to approve it.
@@ -223,13 +231,13 @@ fn core_of_link_code(code: &str, cores: u32) -> u32 {
 
 /// What every copy of one message shares.
 #[derive(Clone, Copy, Debug)]
-struct EnvelopeMeta {
+pub struct EnvelopeMeta {
     server_message_id: MessageId,
     client_message_id: u64,
     server_time_ms: u64,
     expires_ms: u64,
     sender: (UserId, DeviceId),
-    /// The user the message is to.
+    /// The user the message is to (unused for groups).
     peer: UserId,
     kind: EnvelopeKind,
 }
@@ -301,6 +309,10 @@ pub struct Core<S: Storage> {
     /// Offline devices already woken since they were last connected (one push per
     /// absence, however many messages).
     pushed: std::collections::HashSet<(UserId, DeviceId)>,
+    /// Group sends waiting for their member cores.
+    fanouts: HashMap<u64, GroupFanout>,
+    /// Recent group sends by (sender device, client message id), for retries.
+    group_sends: HashMap<(UserId, DeviceId, u64), MessageId>,
     /// Devices waiting to be linked, by code (the new device's connection is here).
     links: HashMap<String, PendingLink>,
     /// The latest metrics other cores pushed here (the admin endpoint's core).
@@ -378,6 +390,8 @@ impl<S: Storage> Core<S> {
             next_token: 1,
             awaiting: HashMap::new(),
             links: HashMap::new(),
+            fanouts: HashMap::new(),
+            group_sends: HashMap::new(),
             watchers: HashMap::new(),
             watching: HashMap::new(),
             presence_out: HashMap::new(),
@@ -708,6 +722,14 @@ impl<S: Storage> Core<S> {
                 let waits = self.unqueue(sender, from_user, &message_ids);
                 (waits, Reply::Done(Ok(())))
             }
+            request @ Request::GroupUpdate { .. } => self.serve_group_update(request),
+            request @ Request::GroupSend { .. } => {
+                return self.serve_group_send(request, GroupReplyTo::Core { core: from, token });
+            }
+            Request::GroupDeliver(mut delivery) => {
+                (self.deliver_group(&mut delivery), Reply::Done(Ok(())))
+            }
+            request @ Request::GroupInfo { .. } => (Vec::new(), self.serve_group_info(request)),
             Request::Typing { to_user, from, active } => {
                 self.push_typing(to_user, from, active);
                 return;
@@ -851,6 +873,13 @@ impl<S: Storage> Core<S> {
                     }
                 }
             }
+            (Awaiting::Group { conn, rid }, reply @ Reply::Group(_)) => {
+                let release = self.group_reply_release(conn, rid, reply);
+                self.when_durable(Vec::new(), release);
+            }
+            (Awaiting::Fanout { fanout_id }, Reply::Done(_)) => {
+                self.fanout_answered(fanout_id, true)
+            }
             (awaiting, reply) => {
                 tracing::error!(?awaiting, ?reply, "a core answered with the wrong kind of reply")
             }
@@ -938,6 +967,10 @@ impl<S: Storage> Core<S> {
                 self.pump(conn, now_ms);
             }
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
+            Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
+            Message::GroupInfoRequest(request) => {
+                self.group_info(conn, rid, me.0, request.group_id.to_native())
+            }
             Message::DeleteForEveryone(delete) => {
                 let ids: Vec<MessageId> =
                     delete.message_ids.iter().map(|i| i.to_native()).collect();
@@ -1739,11 +1772,10 @@ impl<S: Storage> Core<S> {
             missing_devices: missing,
             extra_devices: extra,
         };
-        let ArchivedConversation::User(peer) = &send.to else {
-            let error = send_error(ErrorCode::UnexpectedFrame, Vec::new(), Vec::new());
-            return self.reply(conn, rid, &error);
+        let (peer, group) = match &send.to {
+            ArchivedConversation::User(peer) => (peer.to_native(), None),
+            ArchivedConversation::Group(group) => (0, Some(group.to_native())),
         };
-        let peer = peer.to_native();
         let kind = match send.kind {
             ArchivedEnvelopeKind::Text => EnvelopeKind::Text,
             ArchivedEnvelopeKind::Media => EnvelopeKind::Media,
@@ -1757,6 +1789,29 @@ impl<S: Storage> Core<S> {
             let mut error = send_error(ErrorCode::RateLimited, Vec::new(), Vec::new());
             error.retry_after_ms = wait_ms.min(u64::from(u32::MAX)) as u32;
             return self.reply(conn, rid, &error);
+        }
+        if let Some(group_id) = group {
+            // One ciphertext (the sender's Megolm session) for every member device.
+            let [copy] = send.copies.as_slice() else {
+                let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+                return self.reply(conn, rid, &error);
+            };
+            let ttl_ms = match send.ttl_s.to_native() {
+                0 => self.config.default_ttl_ms,
+                s => (u64::from(s) * 1000).min(self.config.default_ttl_ms),
+            };
+            let meta = EnvelopeMeta {
+                server_message_id: 0,
+                client_message_id,
+                server_time_ms: now_ms,
+                expires_ms: now_ms + ttl_ms,
+                sender: (user_id, device_id),
+                peer: 0,
+                kind,
+            };
+            let e2e_type = e2e_type_of(&copy.e2e_type);
+            let ciphertext = copy.ciphertext.to_vec();
+            return self.group_send(conn, rid, meta, group_id, e2e_type, ciphertext);
         }
         let peer_shard = home_shard_of_user(peer);
         if peer_shard >= self.shard_count() {
@@ -1942,7 +1997,8 @@ impl<S: Storage> Core<S> {
         let shard_id = home_shard_of_user(me.0);
         let Some(handle) = self.local_shard(shard_id).cloned() else { return };
         // Collect delivered receipts for what is acknowledged now, grouped by sender.
-        let mut receipts: BTreeMap<UserId, Vec<MessageId>> = BTreeMap::new();
+        // (A group message's receipt names the group: the sender counts them per message.)
+        let mut receipts: BTreeMap<(UserId, Option<GroupId>), Vec<MessageId>> = BTreeMap::new();
         {
             let shard = handle.borrow();
             let from = self.conns.get(&conn).map_or(0, |c| c.acked_through);
@@ -1960,8 +2016,12 @@ impl<S: Storage> Core<S> {
                 );
                 let sender = envelope.sender_user.to_native();
                 if client_kind && sender != me.0 {
+                    let group = match &envelope.conversation {
+                        ArchivedConversation::Group(group) => Some(group.to_native()),
+                        ArchivedConversation::User(_) => None,
+                    };
                     receipts
-                        .entry(sender)
+                        .entry((sender, group))
                         .or_default()
                         .push(envelope.server_message_id.to_native());
                 }
@@ -1974,12 +2034,12 @@ impl<S: Storage> Core<S> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.acked_through = c.acked_through.max(up_to.saturating_add(1)).min(c.deliver_cursor);
         }
-        for (sender, message_ids) in receipts {
+        for ((sender, group), message_ids) in receipts {
             let body = ReceiptBody {
                 kind: ReceiptKind::Delivered,
                 by_user: me.0,
                 by_device: me.1,
-                conversation: Conversation::User(me.0),
+                conversation: group.map_or(Conversation::User(me.0), Conversation::Group),
                 message_ids,
                 time_ms: now_ms,
             };
@@ -2002,7 +2062,10 @@ impl<S: Storage> Core<S> {
             kind: ReceiptKind::Read,
             by_user: me.0,
             by_device: me.1,
-            conversation: Conversation::User(me.0),
+            conversation: match &receipt.conversation {
+                ArchivedConversation::Group(group) => Conversation::Group(group.to_native()),
+                ArchivedConversation::User(_) => Conversation::User(me.0),
+            },
             message_ids: receipt.message_ids.iter().map(|id| id.to_native()).collect(),
             time_ms: now_ms,
         };
