@@ -16,6 +16,7 @@
 pub mod client;
 pub mod connection;
 pub mod crypto;
+pub mod groups;
 pub mod store;
 
 pub use client::{Client, Event, PendingLink, PendingRegistration};

@@ -94,6 +94,27 @@ impl Status {
     }
 }
 
+/// A device: (user id, device id).
+pub type DeviceRef = (u64, u32);
+
+/// Who received and who read a message: (delivered, read), as devices.
+pub type ReceiptSets = (Vec<DeviceRef>, Vec<DeviceRef>);
+
+/// A group as this device verified it from signed changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub group_id: u64,
+    /// The epoch of the last change applied.
+    pub epoch: u64,
+    /// Its name.
+    pub name: String,
+    /// Members (in join order) and whether each is an admin.
+    pub members: Vec<(u64, bool)>,
+    /// A member left or was removed since this device's sending session was made.
+    pub needs_rotation: bool,
+}
+
 /// Who this device is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -133,7 +154,28 @@ CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY, server_id INTEGER NOT NULL, client_id INTEGER NOT NULL,
     peer INTEGER NOT NULL, sender_user INTEGER NOT NULL, sender_device INTEGER NOT NULL,
     outgoing INTEGER NOT NULL, body TEXT NOT NULL, time_ms INTEGER NOT NULL,
-    status INTEGER NOT NULL);
+    status INTEGER NOT NULL, group_id INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS groups (
+    group_id INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, name TEXT NOT NULL,
+    needs_rotation INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id INTEGER NOT NULL, user_id INTEGER NOT NULL, admin INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user_id));
+CREATE TABLE IF NOT EXISTS group_senders (
+    group_id INTEGER PRIMARY KEY, pickle TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    sent INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS group_shares (
+    group_id INTEGER NOT NULL, session_id TEXT NOT NULL, user_id INTEGER NOT NULL,
+    device_id INTEGER NOT NULL, PRIMARY KEY (group_id, session_id, user_id, device_id));
+CREATE TABLE IF NOT EXISTS group_receivers (
+    group_id INTEGER NOT NULL, session_id TEXT NOT NULL, sender_user INTEGER NOT NULL,
+    sender_device INTEGER NOT NULL, pickle TEXT NOT NULL, PRIMARY KEY (group_id, session_id));
+CREATE TABLE IF NOT EXISTS megolm_seen (
+    session_id TEXT NOT NULL, message_index INTEGER NOT NULL,
+    PRIMARY KEY (session_id, message_index));
+CREATE TABLE IF NOT EXISTS receipts (
+    server_id INTEGER NOT NULL, by_user INTEGER NOT NULL, by_device INTEGER NOT NULL,
+    read INTEGER NOT NULL, PRIMARY KEY (server_id, by_user, by_device, read));
 CREATE INDEX IF NOT EXISTS messages_by_peer ON messages (peer, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender
     ON messages (sender_user, sender_device, client_id);
@@ -426,6 +468,226 @@ impl Store {
         self.db.execute(
             "DELETE FROM messages WHERE sender_user = ?1 AND server_id = ?2",
             params![sender_user as i64, server_id as i64],
+        )?;
+        Ok(())
+    }
+
+    /// A group as this device verified it: (epoch, name, members with admin flags).
+    pub fn group(&self, group_id: u64) -> Result<Option<GroupView>, StoreError> {
+        let row: Option<(i64, String, i64)> = self
+            .db
+            .query_row(
+                "SELECT epoch, name, needs_rotation FROM groups WHERE group_id = ?1",
+                [group_id as i64],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let Some((epoch, name, needs_rotation)) = row else { return Ok(None) };
+        let mut statement = self.db.prepare(
+            "SELECT user_id, admin FROM group_members WHERE group_id = ?1 ORDER BY rowid",
+        )?;
+        let members = statement
+            .query_map([group_id as i64], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? != 0))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(GroupView {
+            group_id,
+            epoch: epoch as u64,
+            name,
+            members,
+            needs_rotation: needs_rotation != 0,
+        }))
+    }
+
+    /// Replaces this device's view of a group.
+    pub fn save_group(&mut self, group: &GroupView) -> Result<(), StoreError> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO groups (group_id, epoch, name, needs_rotation) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(group_id) DO UPDATE SET epoch = excluded.epoch, name = excluded.name,
+             needs_rotation = excluded.needs_rotation",
+            params![group.group_id as i64, group.epoch as i64, group.name, group.needs_rotation],
+        )?;
+        tx.execute("DELETE FROM group_members WHERE group_id = ?1", [group.group_id as i64])?;
+        for (user_id, admin) in &group.members {
+            tx.execute(
+                "INSERT INTO group_members (group_id, user_id, admin) VALUES (?1, ?2, ?3)",
+                params![group.group_id as i64, *user_id as i64, *admin],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// This device's sending session for a group: (pickle, created, messages sent).
+    pub fn group_sender(&self, group_id: u64) -> Result<Option<(String, u64, u64)>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT pickle, created_ms, sent FROM group_senders WHERE group_id = ?1",
+                [group_id as i64],
+                |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get::<_, i64>(2)? as u64)),
+            )
+            .optional()?)
+    }
+
+    /// Saves this device's sending session for a group.
+    pub fn save_group_sender(
+        &self,
+        group_id: u64,
+        pickle: &str,
+        created_ms: u64,
+        sent: u64,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO group_senders (group_id, pickle, created_ms, sent) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(group_id) DO UPDATE SET pickle = excluded.pickle,
+             created_ms = excluded.created_ms, sent = excluded.sent",
+            params![group_id as i64, pickle, created_ms as i64, sent as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Whether a session's key went to a device.
+    pub fn shared(
+        &self,
+        group_id: u64,
+        session: &str,
+        device: (u64, u32),
+    ) -> Result<bool, StoreError> {
+        let found: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT 1 FROM group_shares WHERE group_id = ?1 AND session_id = ?2
+                 AND user_id = ?3 AND device_id = ?4",
+                params![group_id as i64, session, device.0 as i64, device.1],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// Records that a session's key went to a device.
+    pub fn mark_shared(
+        &self,
+        group_id: u64,
+        session: &str,
+        device: (u64, u32),
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO group_shares (group_id, session_id, user_id, device_id)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![group_id as i64, session, device.0 as i64, device.1],
+        )?;
+        Ok(())
+    }
+
+    /// A receiving session (pickled) and whose it is.
+    pub fn group_receiver(
+        &self,
+        group_id: u64,
+        session: &str,
+    ) -> Result<Option<(String, DeviceRef)>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT pickle, sender_user, sender_device FROM group_receivers
+                 WHERE group_id = ?1 AND session_id = ?2",
+                params![group_id as i64, session],
+                |row| Ok((row.get(0)?, (row.get::<_, i64>(1)? as u64, row.get(2)?))),
+            )
+            .optional()?)
+    }
+
+    /// Saves a receiving session (first one wins: a second key for the same session id is
+    /// ignored).
+    pub fn save_group_receiver(
+        &self,
+        group_id: u64,
+        session: &str,
+        sender: (u64, u32),
+        pickle: &str,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO group_receivers
+             (group_id, session_id, sender_user, sender_device, pickle)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![group_id as i64, session, sender.0 as i64, sender.1, pickle],
+        )?;
+        Ok(())
+    }
+
+    /// Records a Megolm message index as seen; false if it was seen before (a replay).
+    pub fn first_sight(&self, session: &str, index: u32) -> Result<bool, StoreError> {
+        let inserted = self.db.execute(
+            "INSERT OR IGNORE INTO megolm_seen (session_id, message_index) VALUES (?1, ?2)",
+            params![session, index],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Records who received (or read) an outgoing message.
+    pub fn add_receipt(
+        &self,
+        server_id: u64,
+        by: (u64, u32),
+        read: bool,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO receipts (server_id, by_user, by_device, read)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![server_id as i64, by.0 as i64, by.1, read],
+        )?;
+        Ok(())
+    }
+
+    /// Who received and who read an outgoing message (devices).
+    pub fn receipts(&self, server_id: u64) -> Result<ReceiptSets, StoreError> {
+        let mut statement = self.db.prepare(
+            "SELECT by_user, by_device, read FROM receipts WHERE server_id = ?1
+             ORDER BY by_user, by_device",
+        )?;
+        let rows: Vec<(u64, u32, bool)> = statement
+            .query_map([server_id as i64], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get(1)?, row.get::<_, i64>(2)? != 0))
+            })?
+            .collect::<Result<_, _>>()?;
+        let delivered = rows.iter().filter(|r| !r.2).map(|r| (r.0, r.1)).collect();
+        let read = rows.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect();
+        Ok((delivered, read))
+    }
+
+    /// The last `limit` messages of a group, oldest first.
+    pub fn group_history(
+        &self,
+        group_id: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut messages = self.query(
+            "WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
+            params![group_id as i64, limit as i64],
+        )?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Adds a group message to the history.
+    pub fn add_group_message(
+        &self,
+        group_id: u64,
+        message: &StoredMessage,
+    ) -> Result<(), StoreError> {
+        insert_message(&self.db, message)?;
+        self.db.execute(
+            "UPDATE messages SET group_id = ?1
+             WHERE sender_user = ?2 AND sender_device = ?3 AND client_id = ?4",
+            params![
+                group_id as i64,
+                message.sender.0 as i64,
+                message.sender.1,
+                message.client_id as i64
+            ],
         )?;
         Ok(())
     }

@@ -491,3 +491,67 @@ async fn presence_deletions_and_a_full_mailbox_reach_the_app() {
     }
     assert_eq!(lost as u64, dropped);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_talks_end_to_end_and_membership_bounds_who_can_read() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &["--cores", "2"]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580081").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580082").await;
+    let mut bob2 = link(&server, &mut bob, stores.path(), "bob-laptop").await;
+    let mut carol = register(&mut server, stores.path(), "carol", "+15580083").await;
+    let mut dave = register(&mut server, stores.path(), "dave", "+15580084").await;
+    let (bob_id, carol_id, dave_id) = (bob.user_id(), carol.user_id(), dave.user_id());
+
+    let group = alice.create_group("club", &[bob_id, carol_id]).await.unwrap();
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        let changed = until(member, |e| matches!(e, Event::GroupChanged { .. })).await;
+        assert_eq!(changed, Event::GroupChanged { group_id: group, epoch: 1 });
+    }
+    let first = alice.send_group_text(group, "hello club").await.unwrap();
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        let got = message_with(member, "hello club").await;
+        assert_eq!(got.server_id, first.server_id);
+    }
+    // Delivered by all three member devices.
+    let deadline = std::time::Instant::now() + WAIT;
+    while alice.receipts(first.server_id).unwrap().0.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "receipts did not arrive");
+        let _ = tokio::time::timeout(Duration::from_millis(100), alice.next_event()).await;
+    }
+    let (delivered, _) = alice.receipts(first.server_id).unwrap();
+    assert!(delivered.contains(&(bob_id, 2)) && delivered.contains(&(carol_id, 1)));
+
+    // Carol is removed: Alice's next message uses a new session Carol never gets.
+    alice.change_group(group, GroupChange::Remove { members: vec![carol_id] }).await.unwrap();
+    until(&mut carol, |e| matches!(e, Event::GroupChanged { epoch: 2, .. })).await;
+    // Dave joins after the first message: he never gets it, nor its key.
+    alice.change_group(group, GroupChange::Add { members: vec![dave_id] }).await.unwrap();
+    until(&mut dave, |e| matches!(e, Event::GroupChanged { epoch: 3, .. })).await;
+    let second = alice.send_group_text(group, "without carol").await.unwrap();
+    for member in [&mut bob, &mut dave] {
+        message_with(member, "without carol").await;
+    }
+    assert!(dave.group_history(group, 10).unwrap().iter().all(|m| m.text != "hello club"));
+    // Bob replies; his key reaches Alice (and his other device) over Olm.
+    bob.send_group_text(group, "bob here").await.unwrap();
+    message_with(&mut alice, "bob here").await;
+    message_with(&mut bob2, "bob here").await;
+    // Nothing after her removal reached Carol.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = tokio::time::timeout(Duration::from_millis(300), carol.next_event()).await;
+    assert!(
+        !matches!(late, Ok(Ok(Event::Message(ref m))) if m.server_id >= second.server_id),
+        "{late:?}"
+    );
+    let history: Vec<String> =
+        bob.group_history(group, 10).unwrap().into_iter().map(|m| m.text).collect();
+    assert_eq!(history, ["hello club", "without carol", "bob here"]);
+    // Only admins change the group.
+    let refused = bob.change_group(group, GroupChange::Rename { name: "mine".into() }).await;
+    assert!(
+        matches!(refused, Err(ClientError::Server { code: tern_client::ErrorCode::NotAdmin, .. })),
+        "{refused:?}"
+    );
+}

@@ -400,6 +400,12 @@ async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String
         Event::Deleted { sender, .. } => {
             out.push(format!("  (a message from {sender} was deleted)"))
         }
+        Event::GroupChanged { group_id, epoch } => {
+            out.push(format!("  (group {group_id} changed; epoch {epoch})"))
+        }
+        Event::GroupChangeRejected { group_id, reason } => {
+            out.push(format!("  ! a change to group {group_id} was refused: {reason}"))
+        }
     }
     Ok(out)
 }

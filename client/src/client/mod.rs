@@ -31,6 +31,11 @@ const CONTENT_TEXT: u8 = 1;
 /// A plaintext saying "delete the message with this server id (8 bytes, LE) for
 /// everyone", sent as a `Control` envelope.
 const CONTENT_DELETE: u8 = 2;
+/// A plaintext carrying a Megolm session key: group id (8 bytes, LE) then the key; only
+/// ever accepted from an Olm message.
+const CONTENT_GROUP_KEY: u8 = 3;
+
+mod groups;
 
 /// Something the app should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +93,21 @@ pub enum Event {
         recipient: u64,
         /// The lost messages (server ids), still in this device's history.
         server_ids: Vec<u64>,
+    },
+    /// A verified group change was applied to this device's view.
+    GroupChanged {
+        /// The group.
+        group_id: u64,
+        /// Its epoch now.
+        epoch: u64,
+    },
+    /// A group change the server reported failed this device's checks (bad signature,
+    /// out of order, or not allowed): it was not applied.
+    GroupChangeRejected {
+        /// The group.
+        group_id: u64,
+        /// Why.
+        reason: String,
     },
     /// A message was deleted for everyone by its sender (and removed from the history).
     Deleted {
@@ -813,7 +833,13 @@ impl Client {
                         },
                     };
                     let body = envelope.body.as_slice().to_vec();
-                    match self.decrypt_and_store(stored, e2e_type, &body) {
+                    let decrypted = match &envelope.conversation {
+                        ArchivedConversation::Group(group) if e2e_type == E2eType::Megolm => {
+                            self.decrypt_group(group.to_native(), stored, &body)
+                        }
+                        _ => self.decrypt_and_store(stored, e2e_type, &body),
+                    };
+                    match decrypted {
                         Ok(message) => self.events.push_back(Event::Message(message)),
                         Err(ClientError::NotAMessage) => {}
                         Err(ClientError::Crypto(error)) => self
@@ -831,9 +857,19 @@ impl Client {
                         _ => Status::Delivered,
                     };
                     let by = (body.by_user.to_native(), body.by_device.to_native());
+                    for id in &ids {
+                        self.store.add_receipt(*id, by, status == Status::Read)?;
+                    }
                     let messages = self.store.raise_status(&ids, status)?;
                     if !messages.is_empty() {
                         self.events.push_back(Event::Receipt { status, by, messages });
+                    }
+                }
+            }
+            ArchivedEnvelopeKind::GroupEvent => {
+                if let Ok(tern_wire::EnvelopeContent::GroupEvent(body)) = envelope.content() {
+                    if let Ok(body) = rkyv::deserialize::<GroupEventBody, Failure>(body) {
+                        self.on_group_event(body).await?;
                     }
                 }
             }
@@ -850,7 +886,6 @@ impl Client {
                 }),
                 _ => {}
             },
-            _ => {}
         }
         // Stored (or known undecryptable): the server may forget it.
         self.connection()?.send(&DeliveryAck { up_to_mailbox_seq: mailbox_seq }).await?;
@@ -908,6 +943,19 @@ impl Client {
         }
         message.text = match plaintext.split_first() {
             Some((&CONTENT_TEXT, text)) => String::from_utf8_lossy(text).into_owned(),
+            Some((&CONTENT_GROUP_KEY, payload)) => {
+                let account = new_identity.map(|_| self.crypto.pickle(&key));
+                let pickle = session.pickle(&key);
+                self.store.save_session(
+                    sender,
+                    &session.id(),
+                    &pickle,
+                    account.as_deref(),
+                    None,
+                )?;
+                self.accept_group_key(sender, payload)?;
+                return Err(ClientError::NotAMessage);
+            }
             Some((&CONTENT_DELETE, id)) if id.len() == 8 => {
                 // Not a message: a deletion. The ratchet moved; the history loses it.
                 let server_id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
