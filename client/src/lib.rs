@@ -23,6 +23,8 @@ pub use client::{Client, Event, PendingLink, PendingRegistration};
 pub use connection::{Endpoint, Trust};
 pub use crypto::{CryptoError, PeerIdentity};
 pub use store::{Status, StoreSecret, StoredMessage};
+/// The protocol's message types (group changes, for instance), for apps.
+pub use tern_wire::messages;
 pub use tern_wire::ErrorCode;
 
 /// What the SDK's calls fail with.

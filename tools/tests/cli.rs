@@ -151,3 +151,40 @@ fn two_people_chat_in_two_terminals() {
     assert!(!ok);
     assert!(lines.iter().any(|l| l.contains("wrong passphrase")), "{lines:?}");
 }
+
+#[test]
+fn a_group_from_the_command_line() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let dbs: Vec<_> = ["alice", "bob", "carol"].iter().map(|n| stores.path().join(n)).collect();
+    let ids: Vec<u64> = dbs
+        .iter()
+        .enumerate()
+        .map(|(i, db)| register(&mut server, db, &format!("+1559100000{i}")))
+        .collect();
+    let members = format!("{},{}", ids[1], ids[2]);
+    let created =
+        one_shot(&server, &dbs[0], &["group", "create", "--name", "club", "--members", &members]);
+    let line = created.iter().find(|l| l.starts_with("created group")).expect("a group id");
+    let group = line.rsplit(' ').next().unwrap().to_string();
+
+    let sent = one_shot(&server, &dbs[0], &["group", "send", &group, "hello", "club"]);
+    assert!(sent.iter().any(|l| l.contains("✓ sent")), "{sent:?}");
+    for db in &dbs[1..] {
+        let shown = one_shot(&server, db, &["group", "show", &group]);
+        assert!(shown.iter().any(|l| l.contains("\"club\"")), "{shown:?}");
+        assert!(shown.iter().any(|l| l.contains(&format!("{}: hello club", ids[0]))), "{shown:?}");
+    }
+    let shown = one_shot(&server, &dbs[0], &["group", "show", &group]);
+    assert!(
+        shown.iter().any(|l| l.contains("me: hello club") && l.contains("2 delivered")),
+        "{shown:?}"
+    );
+
+    // Carol is no admin: she cannot remove Bob.
+    let (ok, lines) =
+        tern(&server, &dbs[2], &["group", "remove", &group, &ids[1].to_string()]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("NotAdmin")), "{lines:?}");
+}

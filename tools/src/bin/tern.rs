@@ -96,12 +96,78 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Groups (up to 256 members): create, change, send, show.
+    Group {
+        #[command(subcommand)]
+        action: GroupAction,
+    },
     /// Show the safety number with someone, to compare in person.
     SafetyNumber {
         /// The other person's user id.
         #[arg(long)]
         with: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupAction {
+    /// Create a group (you are its admin); prints its id.
+    Create {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Member user ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<u64>,
+    },
+    /// Add members (admins only).
+    Add {
+        /// The group.
+        group: u64,
+        /// User ids.
+        members: Vec<u64>,
+    },
+    /// Remove members (admins only).
+    Remove {
+        /// The group.
+        group: u64,
+        /// User ids.
+        members: Vec<u64>,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: u64,
+    },
+    /// Make a member admin.
+    Promote {
+        /// The group.
+        group: u64,
+        /// The member.
+        member: u64,
+    },
+    /// Take admin rights from a member.
+    Demote {
+        /// The group.
+        group: u64,
+        /// The member.
+        member: u64,
+    },
+    /// Send one message to a group.
+    Send {
+        /// The group.
+        group: u64,
+        /// The text.
+        text: Vec<String>,
+    },
+    /// Show a group's members (as this device verified them) and recent messages, with
+    /// how many devices received and read each of yours.
+    Show {
+        /// The group.
+        group: u64,
+    },
+    /// Wait for group events and messages and print them (Ctrl-C to stop).
+    Listen,
 }
 
 const DEFAULT_SERVER: &str = "127.0.0.1:7400";
@@ -187,12 +253,95 @@ async fn run(args: Args) -> Result<(), ClientError> {
                 println!("{}", line_of(&message));
             }
         }
+        Command::Group { action } => group(open(&args).await?, action).await?,
         Command::SafetyNumber { with } => {
             let mut client = open(&args).await?;
             println!("{}", client.safety_number(*with).await?);
         }
     }
     Ok(())
+}
+
+async fn group(mut client: Client, action: &GroupAction) -> Result<(), ClientError> {
+    use tern_client::messages::GroupChange;
+    let change = |group: u64, change: GroupChange| (group, change);
+    let (group_id, change) = match action {
+        GroupAction::Create { name, members } => {
+            let group = client.create_group(name, members).await?;
+            println!("created group {group}");
+            return Ok(());
+        }
+        GroupAction::Add { group, members } => {
+            change(*group, GroupChange::Add { members: members.clone() })
+        }
+        GroupAction::Remove { group, members } => {
+            change(*group, GroupChange::Remove { members: members.clone() })
+        }
+        GroupAction::Leave { group } => change(*group, GroupChange::Leave),
+        GroupAction::Promote { group, member } => {
+            change(*group, GroupChange::Promote { member: *member })
+        }
+        GroupAction::Demote { group, member } => {
+            change(*group, GroupChange::Demote { member: *member })
+        }
+        GroupAction::Send { group, text } => {
+            // Catch up first: changes and keys that arrived while away.
+            drain(&mut client).await?;
+            let sent = client.send_group_text(*group, &text.join(" ")).await?;
+            println!("{} sent (id {})", sent.status.ticks(), sent.server_id);
+            return Ok(());
+        }
+        GroupAction::Show { group } => {
+            drain(&mut client).await?;
+            let Some(view) = client.group(*group)? else {
+                println!("no group {group} on this device");
+                return Ok(());
+            };
+            println!("group {} \"{}\" (epoch {})", view.group_id, view.name, view.epoch);
+            for (member, admin) in &view.members {
+                println!("  {member}{}", if *admin { " (admin)" } else { "" });
+            }
+            for message in client.group_history(*group, 20)? {
+                let mut line = line_of(&message);
+                if message.outgoing {
+                    let (delivered, read) = client.receipts(message.server_id)?;
+                    line.push_str(&format!(
+                        " [{} delivered, {} read]",
+                        delivered.len(),
+                        read.len()
+                    ));
+                }
+                println!("{line}");
+            }
+            return Ok(());
+        }
+        GroupAction::Listen => loop {
+            let event = client.next_event().await;
+            for line in on_event(&mut client, 0, event).await? {
+                println!("{line}");
+            }
+        },
+    };
+    drain(&mut client).await?;
+    client.change_group(group_id, change).await?;
+    println!("done");
+    Ok(())
+}
+
+/// Handles what arrived while this device was away (a short quiet period ends it).
+async fn drain(client: &mut Client) -> Result<(), ClientError> {
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_millis(300), client.next_event());
+        match next.await {
+            Ok(Ok(event)) => {
+                for line in show(client, 0, event).await? {
+                    println!("{line}");
+                }
+            }
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Ok(()),
+        }
+    }
 }
 
 async fn prompt_line(prompt: &str) -> Result<String, ClientError> {
@@ -354,6 +503,9 @@ mod raw_chat {
 async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String>, ClientError> {
     let mut out = Vec::new();
     match event {
+        Event::Message(message) if message.peer == 0 => {
+            out.push(format!("[group] {}", line_of(&message)))
+        }
         Event::Message(message) if message.peer == peer => {
             out.push(line_of(&message));
             if !message.outgoing {
