@@ -51,8 +51,17 @@ struct Args {
     ternd: PathBuf,
     /// `messages` (the default: users send to each other) or `presence` (a presence
     /// storm: users with large contact lists go offline and online).
-    #[arg(long, default_value = "messages", value_parser = ["messages", "presence"])]
+    #[arg(long, default_value = "messages", value_parser = ["messages", "presence", "groups"])]
     scenario: String,
+    /// Group fan-out: groups (each of `--group-size` members, one sender each).
+    #[arg(long, default_value_t = 50)]
+    groups: usize,
+    /// Group fan-out: members per group (at most 256).
+    #[arg(long, default_value_t = 256)]
+    group_size: usize,
+    /// Group fan-out: messages each group's sender sends (one at a time).
+    #[arg(long, default_value_t = 20)]
+    group_messages: usize,
     /// Presence storm: contacts per user (each follows this many others and lets them see).
     #[arg(long, default_value_t = 100)]
     contacts: usize,
@@ -109,7 +118,7 @@ async fn read_until(
 
 /// Device keys whose fallback key is signed by a fresh signing key, as ternd checks (the
 /// load carries no E2E: the ciphertexts are random bytes).
-fn signed_keys() -> DeviceKeys {
+fn signed_keys() -> (DeviceKeys, Vec<u8>) {
     use ring::signature::KeyPair as _;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("random");
@@ -118,12 +127,13 @@ fn signed_keys() -> DeviceKeys {
     let mut signed = key_id.to_le_bytes().to_vec();
     signed.extend_from_slice(&public_key);
     let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
-    DeviceKeys {
+    let keys = DeviceKeys {
         identity_key: [1; 32],
         signing_key: signer.public_key().as_ref().try_into().expect("32 bytes"),
         fallback_key: SignedPrekey { key_id, public_key, signature },
         one_time_keys: Vec::new(),
-    }
+    };
+    (keys, pkcs8.as_ref().to_vec())
 }
 
 async fn handshake(addr: SocketAddr) -> (TcpStream, FrameDecoder) {
@@ -183,6 +193,7 @@ async fn main() {
 
     // Register everyone (sequentially: registration is not what is measured).
     let mut accounts = Vec::with_capacity(args.users);
+    let mut signers = Vec::with_capacity(args.users);
     let started = Instant::now();
     for i in 0..args.users {
         let phone = format!("+1555{:07}", i);
@@ -201,7 +212,8 @@ async fn main() {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
-        let keys = signed_keys();
+        let (keys, pkcs8) = signed_keys();
+        signers.push(pkcs8);
         let verify = Verify {
             phone,
             code,
@@ -216,6 +228,12 @@ async fn main() {
         accounts.push((registered.user_id.to_native(), registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    if args.scenario == "groups" {
+        group_fanout(&args, addr, accounts, signers).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
     if args.scenario == "presence" {
         presence_storm(&args, addr, accounts, child.id()).await;
         let _ = child.kill();
@@ -523,5 +541,154 @@ async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 
         cpu,
         cpu * 1e6 / cycles.max(1) as f64,
         cpu * 1e6 / events.max(1) as f64,
+    );
+}
+
+/// Group fan-out: `groups` groups of `group_size` members (drawn from the users), each
+/// with one sender sending `group_messages` messages one after another. Every member
+/// device acknowledges what it gets. Reports deliveries per second and send→deliver
+/// latency over all member deliveries.
+async fn group_fanout(
+    args: &Args,
+    addr: SocketAddr,
+    accounts: Vec<(u64, [u8; 32])>,
+    signers: Vec<Vec<u8>>,
+) {
+    let n = accounts.len();
+    let size = args.group_size.min(256).min(n);
+    let epoch = Instant::now();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let running = Arc::new(AtomicBool::new(true));
+    // Every user listens and acknowledges.
+    let mut listeners = Vec::with_capacity(n);
+    for &(user_id, token) in &accounts {
+        let (delivered, latency, running) = (delivered.clone(), latency.clone(), running.clone());
+        listeners.push(tokio::spawn(async move {
+            let (mut stream, mut decoder) = handshake(addr).await;
+            stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+            let mut buffer = vec![0u8; 65536];
+            while running.load(Ordering::Relaxed) {
+                let read =
+                    tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buffer));
+                let n = match read.await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    Ok(_) => break,
+                    Err(_) => continue,
+                };
+                decoder.feed(&buffer[..n]);
+                let mut ack = None;
+                while let Some(frame) = decoder.next_frame().expect("frames decode") {
+                    if let Message::Deliver(d) = frame.message {
+                        ack = Some(d.mailbox_seq);
+                        let group_text = d.envelope.kind == ArchivedEnvelopeKind::Text
+                            && matches!(d.envelope.conversation, ArchivedConversation::Group(_));
+                        if group_text {
+                            let sent = u64::from_le_bytes(d.envelope.body[..8].try_into().unwrap());
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            let _ =
+                                latency.lock().unwrap().record(now_us(epoch).saturating_sub(sent));
+                        }
+                    }
+                }
+                if let Some(seq) = ack {
+                    let ack = frame(0, &DeliveryAck { up_to_mailbox_seq: seq });
+                    if stream.write_all(&ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    // Groups: group g has the users g*7 .. g*7+size (mod n); its first member sends.
+    let mut senders = Vec::with_capacity(args.groups);
+    for g in 0..args.groups {
+        let members: Vec<usize> = (0..size).map(|j| (g * 7 + j) % n).collect();
+        let creator = members[0];
+        let (user_id, token) = accounts[creator];
+        let signer = ring::signature::Ed25519KeyPair::from_pkcs8(&signers[creator]).expect("key");
+        let group_id = 0xF00D_0000 + g as u64;
+        let change = GroupChange::Create {
+            name: format!("load {g}"),
+            members: members[1..].iter().map(|&m| accounts[m].0).collect(),
+        };
+        let signed = GroupChangeSigned {
+            group_id,
+            base_epoch: 0,
+            signer_user: user_id,
+            signer_device: 1,
+            change: change.clone(),
+        };
+        let mut bytes = Vec::new();
+        encode_archive(&mut bytes, &signed).unwrap();
+        let signature = signer.sign(&bytes).as_ref().try_into().unwrap();
+        let (mut stream, mut decoder) = handshake(addr).await;
+        stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+        read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+        let update = GroupUpdate { group_id, base_epoch: 0, change, signature };
+        stream.write_all(&frame(3, &update)).await.unwrap();
+        let (ty, _) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+        assert_eq!(ty, MessageType::GroupUpdated, "group {g} created");
+        senders.push((stream, decoder, group_id));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // Group events drained.
+    let before = delivered.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut stream, mut decoder, group_id) in senders {
+        let count = args.group_messages;
+        let body_bytes = args.message_bytes.max(8);
+        tasks.push(tokio::spawn(async move {
+            for m in 0..count {
+                let mut body = vec![0u8; body_bytes];
+                body[..8].copy_from_slice(&now_us(epoch).to_le_bytes());
+                let copies = [DeviceCopyRef {
+                    user_id: 0,
+                    device_id: 0,
+                    e2e_type: E2eType::Megolm,
+                    ciphertext: &body,
+                }];
+                let send = SendMessageRef {
+                    client_message_id: m as u64 + 1,
+                    to: Conversation::Group(group_id),
+                    kind: EnvelopeKind::Text,
+                    ttl_s: 0,
+                    copies: &copies,
+                };
+                let id = 10 + m as u32;
+                let mut out = Vec::new();
+                encode_frame(&mut out, id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                stream.write_all(&out).await.unwrap();
+                let (ty, _) =
+                    read_until(&mut stream, &mut decoder, |f| f.header.request_id == id).await;
+                assert_eq!(ty, MessageType::SendAck);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let expected = (args.groups * args.group_messages * (size - 1)) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) - before < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let got = delivered.load(Ordering::Relaxed) - before;
+    running.store(false, Ordering::Relaxed);
+    for listener in listeners {
+        listener.abort();
+    }
+    let h = latency.lock().unwrap();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "group fan-out: {} groups × {size} members × {} messages: {got} of {expected} deliveries \
+         in {elapsed:.2} s = {:.0} deliveries/s; send→deliver p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms",
+        args.groups,
+        args.group_messages,
+        got as f64 / elapsed,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
     );
 }
