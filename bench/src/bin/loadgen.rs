@@ -544,25 +544,28 @@ async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 
     );
 }
 
-/// Group fan-out: `groups` groups of `group_size` members (drawn from the users), each
-/// with one sender sending `group_messages` messages one after another. Every member
-/// device acknowledges what it gets. Reports deliveries per second and send→deliver
-/// latency over all member deliveries.
+/// Group fan-out: `groups` groups of `group_size` members, each created by its own
+/// sender (the last `groups` users, who only send: a device has one connection) with
+/// `group_size - 1` members drawn from the other users, who listen and acknowledge. Each
+/// sender sends `group_messages` messages one after another. Reports deliveries per
+/// second and send→deliver latency over all member deliveries.
 async fn group_fanout(
     args: &Args,
     addr: SocketAddr,
     accounts: Vec<(u64, [u8; 32])>,
     signers: Vec<Vec<u8>>,
 ) {
-    let n = accounts.len();
-    let size = args.group_size.min(256).min(n);
+    assert!(accounts.len() > args.groups + 1, "--users must exceed --groups");
+    let (accounts, creators) = accounts.split_at(accounts.len() - args.groups);
+    let (signers, n) = (&signers[accounts.len()..], accounts.len());
+    let size = args.group_size.min(256).min(n + 1);
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let running = Arc::new(AtomicBool::new(true));
     // Every user listens and acknowledges.
     let mut listeners = Vec::with_capacity(n);
-    for &(user_id, token) in &accounts {
+    for &(user_id, token) in accounts {
         let (delivered, latency, running) = (delivered.clone(), latency.clone(), running.clone());
         listeners.push(tokio::spawn(async move {
             let (mut stream, mut decoder) = handshake(addr).await;
@@ -603,14 +606,13 @@ async fn group_fanout(
     // Groups: group g has the users g*7 .. g*7+size (mod n); its first member sends.
     let mut senders = Vec::with_capacity(args.groups);
     for g in 0..args.groups {
-        let members: Vec<usize> = (0..size).map(|j| (g * 7 + j) % n).collect();
-        let creator = members[0];
-        let (user_id, token) = accounts[creator];
-        let signer = ring::signature::Ed25519KeyPair::from_pkcs8(&signers[creator]).expect("key");
+        let members: Vec<usize> = (0..size - 1).map(|j| (g * 7 + j) % n).collect();
+        let (user_id, token) = creators[g];
+        let signer = ring::signature::Ed25519KeyPair::from_pkcs8(&signers[g]).expect("key");
         let group_id = 0xF00D_0000 + g as u64;
         let change = GroupChange::Create {
             name: format!("load {g}"),
-            members: members[1..].iter().map(|&m| accounts[m].0).collect(),
+            members: members.iter().map(|&m| accounts[m].0).collect(),
         };
         let signed = GroupChangeSigned {
             group_id,
