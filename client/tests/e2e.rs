@@ -548,10 +548,74 @@ async fn a_group_talks_end_to_end_and_membership_bounds_who_can_read() {
     let history: Vec<String> =
         bob.group_history(group, 10).unwrap().into_iter().map(|m| m.text).collect();
     assert_eq!(history, ["hello club", "without carol", "bob here"]);
+    // Read receipts name who read.
+    let from_alice = bob.group_history(group, 10).unwrap()[0].server_id;
+    bob.mark_group_read(group, alice.user_id(), &[from_alice]).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while alice.receipts(from_alice).unwrap().1.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no read receipt");
+        let _ = tokio::time::timeout(Duration::from_millis(100), alice.next_event()).await;
+    }
+    assert_eq!(alice.receipts(from_alice).unwrap().1, vec![(bob_id, 1)]);
     // Only admins change the group.
     let refused = bob.change_group(group, GroupChange::Rename { name: "mine".into() }).await;
     assert!(
         matches!(refused, Err(ClientError::Server { code: tern_client::ErrorCode::NotAdmin, .. })),
         "{refused:?}"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_replayed_group_message_is_refused() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580091").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580092").await;
+    let bob_id = bob.user_id();
+    let group = alice.create_group("two", &[bob_id]).await.unwrap();
+    until(&mut bob, |e| matches!(e, Event::GroupChanged { .. })).await;
+    drop(alice);
+    // Alice's device, below the SDK: its own Megolm session, its key sent to Bob over Olm,
+    // then one genuine group message sent twice.
+    let (mut raw, crypto, _) = raw_device(&server, &stores.path().join("alice.db")).await;
+    let bundle = fetch_bundle(&mut raw, bob_id).await;
+    let mut olm = crypto.outbound_session(bob_id, &bundle).unwrap();
+    let mut sender = tern_client::crypto::GroupSender::new();
+    let mut share = vec![3u8];
+    share.extend_from_slice(&group.to_le_bytes());
+    share.extend_from_slice(&sender.session_key());
+    let (e2e_type, ciphertext) = olm.encrypt(&share);
+    let control = SendMessage {
+        client_message_id: 1,
+        to: Conversation::User(bob_id),
+        kind: EnvelopeKind::Control,
+        ttl_s: 0,
+        copies: vec![DeviceCopy { user_id: bob_id, device_id: 1, e2e_type, ciphertext }],
+    };
+    let id = raw.send(&control).await.unwrap();
+    let Message::SendAck(_) = answer(&mut raw, id).await.frame().message else { panic!() };
+    let megolm = sender.encrypt(b"\x01only once");
+    for client_message_id in [2, 3] {
+        let send = SendMessage {
+            client_message_id,
+            to: Conversation::Group(group),
+            kind: EnvelopeKind::Text,
+            ttl_s: 0,
+            copies: vec![DeviceCopy {
+                user_id: 0,
+                device_id: 0,
+                e2e_type: E2eType::Megolm,
+                ciphertext: megolm.clone(),
+            }],
+        };
+        let id = raw.send(&send).await.unwrap();
+        let Message::SendAck(_) = answer(&mut raw, id).await.frame().message else { panic!() };
+    }
+    message_with(&mut bob, "only once").await;
+    let replay =
+        until(&mut bob, |e| matches!(e, Event::Undecryptable { .. } | Event::Message(_))).await;
+    let Event::Undecryptable { reason, .. } = replay else { panic!("replay accepted: {replay:?}") };
+    assert!(reason.contains("replayed"), "{reason}");
+    assert_eq!(bob.group_history(group, 10).unwrap().len(), 1);
 }

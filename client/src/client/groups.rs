@@ -71,6 +71,23 @@ impl Client {
         Ok(())
     }
 
+    /// Tells the sender of these group messages that the user read them.
+    pub async fn mark_group_read(
+        &mut self,
+        group_id: u64,
+        sender: u64,
+        server_ids: &[u64],
+    ) -> Result<(), ClientError> {
+        let receipt = SendReceipt {
+            kind: ReceiptKind::Read,
+            to_user: sender,
+            conversation: Conversation::Group(group_id),
+            message_ids: server_ids.to_vec(),
+        };
+        self.request(&receipt).await?;
+        Ok(())
+    }
+
     /// This device's verified view of a group.
     pub fn group(&self, group_id: u64) -> Result<Option<GroupView>, ClientError> {
         Ok(self.store.group(group_id)?)
