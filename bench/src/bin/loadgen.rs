@@ -685,7 +685,8 @@ async fn group_fanout(
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "group fan-out: {} groups × {size} members × {} messages: {got} of {expected} deliveries \
-         in {elapsed:.2} s = {:.0} deliveries/s; send→deliver p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms",
+         in {elapsed:.2} s = {:.0} deliveries/s; send→deliver p50 {:.2} ms p99 {:.2} ms \
+         p999 {:.2} ms",
         args.groups,
         args.group_messages,
         got as f64 / elapsed,
