@@ -473,6 +473,14 @@ impl<S: Storage> Core<S> {
         self.shards.get(shard_id as usize)?.as_ref()
     }
 
+    /// Whether `owner` (homed here) blocked `other`: their 1:1 messages, typing and
+    /// presence stop (shared groups are not affected).
+    fn blocked_by(&self, owner: UserId, other: UserId) -> bool {
+        self.local_shard(home_shard_of_user(owner)).is_some_and(|shard| {
+            shard.borrow().state().account(owner).is_some_and(|a| a.blocked.contains(&other))
+        })
+    }
+
     /// The devices of a user homed on this core; `None` if there is no such account.
     fn devices_of(&self, user: UserId) -> Option<Vec<(UserId, DeviceId)>> {
         let shard = self.local_shard(home_shard_of_user(user))?.borrow();
@@ -747,6 +755,10 @@ impl<S: Storage> Core<S> {
     /// The recipient's side of a cross-core send: dedup, device check, append.
     fn store_delivery(&mut self, request: &DeliverRequest) -> (Vec<(u32, u64)>, DeliverOutcome) {
         let (sender, peer) = (request.sender, request.peer);
+        if self.blocked_by(peer, sender.0) {
+            // Like a delivery that never happens: the sender learns nothing of the block.
+            return (Vec::new(), DeliverOutcome::Stored);
+        }
         let peer_shard = home_shard_of_user(peer);
         let duplicate = self.local_shard(peer_shard).and_then(|shard| {
             let shard = shard.borrow();
@@ -987,6 +999,19 @@ impl<S: Storage> Core<S> {
                 let targets: Vec<UserId> =
                     subscribe.user_ids.iter().map(|u| u.to_native()).collect();
                 self.presence_subscribe(conn, rid, me.0, targets)
+            }
+            Message::Block(block) => {
+                let op = StateOp::SetBlocked {
+                    user_id: me.0,
+                    other: block.user_id.to_native(),
+                    blocked: true,
+                };
+                self.set_account_state(conn, rid, me.0, op)
+            }
+            Message::Unblock(unblock) => {
+                let other = unblock.user_id.to_native();
+                let op = StateOp::SetBlocked { user_id: me.0, other, blocked: false };
+                self.set_account_state(conn, rid, me.0, op)
             }
             Message::SetContacts(contacts) => {
                 let contacts: Vec<UserId> =
@@ -1266,6 +1291,9 @@ impl<S: Storage> Core<S> {
     fn presence_seen_by(&self, target: UserId, subscriber: UserId) -> Option<PresenceEvent> {
         let shard = self.local_shard(home_shard_of_user(target))?.borrow();
         let account = shard.state().account(target)?;
+        if account.blocked.contains(&subscriber) {
+            return None;
+        }
         let is_contact = account.contacts.contains(&subscriber);
         let visible = |visibility: &Visibility| match visibility {
             Visibility::Everyone => true,
@@ -1917,6 +1945,8 @@ impl<S: Storage> Core<S> {
             let core = self.placement.core_of_shard(peer_shard);
             return self.ask(core, Request::Deliver(request), Some(awaiting));
         }
+        let blocked = peer != user_id && self.blocked_by(peer, user_id);
+        let copies = copies.filter(|((owner, _), _, _)| !(blocked && *owner == peer));
         match self.append_copies(&meta, copies) {
             Ok(waits) => {
                 self.counters.messages_sent += 1;
@@ -2315,6 +2345,9 @@ impl<S: Storage> Core<S> {
     }
 
     fn push_typing(&mut self, to_user: UserId, from: (UserId, DeviceId), active: bool) {
+        if self.blocked_by(to_user, from.0) {
+            return;
+        }
         let event = TypingEvent {
             user_id: from.0,
             device_id: from.1,
