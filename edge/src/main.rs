@@ -79,6 +79,13 @@ struct Args {
     /// Bytes queued per device at most (likewise).
     #[arg(long, default_value_t = 256 << 20)]
     mailbox_max_bytes: u64,
+    /// Largest media file accepted, in bytes (uploads declaring more are refused at once).
+    #[arg(long, default_value_t = 100 << 20)]
+    media_max_bytes: u64,
+    /// Seconds a committed media file is kept (30 days: the messages carrying it have
+    /// expired by then).
+    #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
+    media_ttl_s: f64,
     /// Executors, each pinned to a CPU (default: every CPU of the machine).
     #[arg(long)]
     cores: Option<u32>,
@@ -122,6 +129,8 @@ fn main() -> ExitCode {
         },
         mailbox_max_messages: args.mailbox_max_messages.max(2),
         mailbox_max_bytes: args.mailbox_max_bytes,
+        media_max_bytes: args.media_max_bytes,
+        media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         ..CoreConfig::default()
     };
     let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (

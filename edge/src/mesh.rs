@@ -9,8 +9,8 @@
 
 use tern_engine::ShardCounters;
 use tern_wire::messages::{
-    DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupUpdate, MessageId, NewDevice,
-    PresenceEvent, Registered, UserId,
+    DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupUpdate, MediaData, MediaId,
+    MessageId, NewDevice, PresenceEvent, Registered, UserId,
 };
 use tern_wire::ErrorCode;
 
@@ -130,6 +130,18 @@ pub enum Request {
         /// The group.
         group_id: GroupId,
     },
+    /// Read part of a blob homed on the receiving core for `reader` (answered
+    /// `Reply::Media`).
+    MediaRead {
+        /// Who downloads.
+        reader: UserId,
+        /// The blob.
+        media_id: MediaId,
+        /// First byte.
+        offset: u64,
+        /// Bytes wanted.
+        length: u32,
+    },
     /// A typing indicator for the online devices of `to_user` (never stored).
     Typing {
         /// The recipient.
@@ -216,6 +228,8 @@ pub enum Reply {
     Bundles(Result<Vec<DeviceBundle>, ErrorCode>),
     /// The device waiting to be linked.
     Link(Result<Box<NewDevice>, ErrorCode>),
+    /// Part of a blob, or why not.
+    Media(Result<MediaData, (ErrorCode, String)>),
     /// A group change applied, a group's state, or a group message stored.
     Group(Result<crate::core::GroupAnswer, (ErrorCode, String)>),
 }

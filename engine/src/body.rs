@@ -179,6 +179,9 @@ pub struct MediaRecord {
     pub created_ms: u64,
     /// When it may be deleted (if no undelivered message references it).
     pub expires_ms: u64,
+    /// Users besides the owner who may download it (recipients of the owner's messages
+    /// that carry it).
+    pub readers: Vec<UserId>,
 }
 
 /// A user report, as stored for the operator.

@@ -190,6 +190,17 @@ impl Server {
         (head.lines().next().unwrap().to_string(), body.to_string())
     }
 
+    /// The server's resident memory, in KiB (from `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Stops the server abruptly (like a crash: nothing is flushed beyond what was synced).
     pub fn kill(mut self) {
         let _ = self.child.kill();

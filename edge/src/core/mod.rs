@@ -32,6 +32,7 @@ use tern_wire::{
 use crate::code_sender::CodeSender;
 
 mod groups;
+mod media;
 use crate::limits::{Rate, RateLimiter};
 use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy, Reply, Request};
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
@@ -39,6 +40,7 @@ use crate::push::PushJob;
 use crate::secrets;
 pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
 use groups::{GroupFanout, GroupReplyTo};
+pub use media::{home_shard_of_media, MEDIA_CHUNK_BYTES};
 
 /// (shard, record sequence number) pairs a reply waits for: all durable, it may go.
 type Waits = Vec<(u32, u64)>;
@@ -86,6 +88,12 @@ pub struct CoreConfig {
     pub mailbox_max_messages: u64,
     /// Bytes queued per device at most (likewise).
     pub mailbox_max_bytes: u64,
+    /// Where media blobs are stored (`None`: this server takes no media).
+    pub media_dir: Option<std::path::PathBuf>,
+    /// Largest media blob accepted.
+    pub media_max_bytes: u64,
+    /// Committed media blobs are deleted after this.
+    pub media_ttl_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -101,6 +109,9 @@ impl Default for CoreConfig {
             fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
             mailbox_max_messages: 10_000,
             mailbox_max_bytes: 256 << 20,
+            media_dir: None,
+            media_max_bytes: 100 << 20,
+            media_ttl_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }
@@ -208,6 +219,8 @@ enum Awaiting {
     Group { conn: ConnId, rid: u32 },
     /// A member core's part of a group fan-out.
     Fanout { fanout_id: u64 },
+    /// A download from a blob on another core.
+    Media { conn: ConnId, rid: u32 },
 }
 
 /// A device waiting for its account's primary device to approve it.
@@ -738,6 +751,10 @@ impl<S: Storage> Core<S> {
                 (self.deliver_group(&mut delivery), Reply::Done(Ok(())))
             }
             request @ Request::GroupInfo { .. } => (Vec::new(), self.serve_group_info(request)),
+            Request::MediaRead { reader, media_id, offset, length } => {
+                let read = self.read_media(reader, media_id, offset, length);
+                (Vec::new(), Reply::Media(read.map_err(|(code, why)| (code, why.to_string()))))
+            }
             Request::Typing { to_user, from, active } => {
                 self.push_typing(to_user, from, active);
                 return;
@@ -892,6 +909,13 @@ impl<S: Storage> Core<S> {
             (Awaiting::Fanout { fanout_id }, Reply::Done(_)) => {
                 self.fanout_answered(fanout_id, true)
             }
+            (Awaiting::Media { conn, rid }, Reply::Media(result)) => match result {
+                Ok(data) => self.reply(conn, rid, &data),
+                Err((code, message)) => {
+                    let ty = MessageType::MediaDownload.code();
+                    self.error_reply(conn, rid, ty, code, &message, 0)
+                }
+            },
             (awaiting, reply) => {
                 tracing::error!(?awaiting, ?reply, "a core answered with the wrong kind of reply")
             }
@@ -980,6 +1004,11 @@ impl<S: Storage> Core<S> {
             }
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
             Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
+            Message::MediaBegin(_)
+            | Message::MediaChunk(_)
+            | Message::MediaStatusRequest(_)
+            | Message::MediaCommit(_)
+            | Message::MediaDownload(_) => self.media_frame(conn, rid, me, &message, now_ms),
             Message::GroupInfoRequest(request) => {
                 self.group_info(conn, rid, me.0, request.group_id.to_native())
             }
@@ -1898,6 +1927,15 @@ impl<S: Storage> Core<S> {
             return self.reply(conn, rid, &error);
         }
 
+        if kind == EnvelopeKind::Media && peer != user_id {
+            // By convention a media message's copies start with the blob's id in clear.
+            if let Some(copy) = send.copies.iter().find(|c| c.user_id.to_native() == peer) {
+                if let Some(id) = copy.ciphertext.get(..16) {
+                    let media_id: MediaId = id.try_into().expect("16 bytes");
+                    self.grant_media(user_id, &media_id, &[peer]);
+                }
+            }
+        }
         let sender_shard = home_shard_of_user(user_id);
         let Some(server_message_id) =
             self.local_shard(sender_shard).map(|s| s.borrow_mut().allocate_message_id(now_ms))

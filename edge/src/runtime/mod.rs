@@ -430,7 +430,11 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
             Box::new(LogCodeSender)
         }
     };
-    let core = Core::new(placement, shards, config.core.clone(), code_sender);
+    let mut core_config = config.core.clone();
+    let media_dir = config.data_dir.join("media");
+    std::fs::create_dir_all(&media_dir).map_err(ServerError::Io)?;
+    core_config.media_dir = Some(media_dir);
+    let core = Core::new(placement, shards, core_config, code_sender);
     let ctx = Rc::new(Ctx {
         core: Rc::new(RefCell::new(core)),
         commit_needed: Notify::default(),
@@ -560,6 +564,11 @@ async fn maintenance(ctx: Rc<Ctx>, interval: Duration) {
     let mut checkpointed: HashMap<u32, u64> = HashMap::new();
     loop {
         Timer::new(interval).await;
+        let expired = ctx.core.borrow_mut().expire_media(now_ms());
+        if expired > 0 {
+            tracing::info!(expired, "deleted expired media");
+            ctx.kick();
+        }
         let shards = ctx.core.borrow().owned_shards();
         for (shard_id, shard) in &shards {
             let durable = shard.borrow().durable_seq();
