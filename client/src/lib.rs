@@ -17,6 +17,7 @@ pub mod client;
 pub mod connection;
 pub mod crypto;
 pub mod groups;
+pub mod media;
 pub mod store;
 
 pub use client::{Client, Event, PendingLink, PendingRegistration};

@@ -173,6 +173,9 @@ CREATE TABLE IF NOT EXISTS group_receivers (
 CREATE TABLE IF NOT EXISTS megolm_seen (
     session_id TEXT NOT NULL, message_index INTEGER NOT NULL,
     PRIMARY KEY (session_id, message_index));
+CREATE TABLE IF NOT EXISTS media (
+    sender_user INTEGER NOT NULL, client_id INTEGER NOT NULL, descriptor BLOB NOT NULL,
+    PRIMARY KEY (sender_user, client_id));
 CREATE TABLE IF NOT EXISTS receipts (
     server_id INTEGER NOT NULL, by_user INTEGER NOT NULL, by_device INTEGER NOT NULL,
     read INTEGER NOT NULL, PRIMARY KEY (server_id, by_user, by_device, read));
@@ -625,6 +628,41 @@ impl Store {
             params![session, index],
         )?;
         Ok(inserted == 1)
+    }
+
+    /// Keeps a file's descriptor (key, hash, id) for the message that carried it. The
+    /// key is a secret: sealed like the others.
+    pub fn save_media(
+        &self,
+        sender: (u64, u32),
+        client_id: u64,
+        descriptor: &[u8],
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal(descriptor)?;
+        self.db.execute(
+            "INSERT OR REPLACE INTO media (sender_user, client_id, descriptor) VALUES (?1, ?2, ?3)",
+            params![sender.0 as i64, client_id as i64, sealed],
+        )?;
+        Ok(())
+    }
+
+    /// The descriptor of the file carried by the message with this server id.
+    pub fn media_of(&self, server_id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .db
+            .query_row(
+                "SELECT media.descriptor FROM media JOIN messages
+                 ON media.sender_user = messages.sender_user
+                 AND media.client_id = messages.client_id
+                 WHERE messages.server_id = ?1",
+                [server_id as i64],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match sealed {
+            None => Ok(None),
+            Some(sealed) => self.open_sealed(&sealed).map(Some).ok_or(StoreError::WrongKey),
+        }
     }
 
     /// Records who received (or read) an outgoing message.

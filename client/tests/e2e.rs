@@ -619,3 +619,39 @@ async fn a_replayed_group_message_is_refused() {
     assert!(reason.contains("replayed"), "{reason}");
     assert_eq!(bob.group_history(group, 10).unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_file_travels_encrypted_and_arrives_byte_identical() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15580101").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15580102").await;
+    // 3 MiB of noise with a findable marker inside.
+    let mut file = vec![0u8; 3 << 20];
+    getrandom::fill(&mut file).unwrap();
+    let marker = b"TERN-PLAINTEXT-MARKER-8c1f0e";
+    file[1_000_000..1_000_000 + marker.len()].copy_from_slice(marker);
+    let path = stores.path().join("holiday.bin");
+    std::fs::write(&path, &file).unwrap();
+
+    let sent = alice.send_file(bob.user_id(), &path).await.unwrap();
+    assert!(sent.text.starts_with("📎 holiday.bin"), "{}", sent.text);
+    let got = until(&mut bob, |e| matches!(e, Event::Message(_))).await;
+    let Event::Message(message) = got else { unreachable_event() };
+    assert_eq!(message.server_id, sent.server_id);
+    let out = tempfile::tempdir().unwrap();
+    let saved = bob.download(message.server_id, out.path()).await.unwrap();
+    assert_eq!(saved.file_name().unwrap(), "holiday.bin");
+    assert!(std::fs::read(&saved).unwrap() == file, "the file changed on the way");
+
+    // The server holds the blob, never the plaintext.
+    for (path, bytes) in files_under(data.path()) {
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "{} holds the plaintext",
+            path.display()
+        );
+    }
+    assert!(files_under(&data.path().join("media")).len() == 1, "one blob");
+}

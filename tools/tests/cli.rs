@@ -188,3 +188,25 @@ fn a_group_from_the_command_line() {
     assert!(!ok);
     assert!(lines.iter().any(|l| l.contains("NotAdmin")), "{lines:?}");
 }
+
+#[test]
+fn a_file_with_send_and_get() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let _alice = register(&mut server, &alice_db, "+15592000001");
+    let bob = register(&mut server, &bob_db, "+15592000002");
+    let voice = stores.path().join("voice-note.ogg");
+    let bytes: Vec<u8> =
+        (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&voice, &bytes).unwrap();
+    let file = voice.to_str().unwrap();
+    let sent = one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "--file", file]);
+    assert!(sent.iter().any(|l| l.contains("✓ sent") && l.contains("voice-note.ogg")), "{sent:?}");
+    let id = sent[0].split("(id ").nth(1).unwrap().split(')').next().unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let got = one_shot(&server, &bob_db, &["get", &id, "--out", out.path().to_str().unwrap()]);
+    assert!(got.iter().any(|l| l.starts_with("saved")), "{got:?}");
+    assert!(std::fs::read(out.path().join("voice-note.ogg")).unwrap() == bytes);
+}

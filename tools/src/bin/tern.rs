@@ -64,13 +64,24 @@ enum Command {
     },
     /// Show this device's user id (give it to the people who want to write to you).
     Whoami,
-    /// Send one message.
+    /// Send one message, or a file (`--file`: compressed, encrypted, uploaded).
     Send {
         /// The recipient's user id.
         #[arg(long)]
         to: u64,
+        /// A file to send instead of text (photos are downscaled, documents compressed).
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// The text.
         text: Vec<String>,
+    },
+    /// Download the file a received message carries (its id is in `history`).
+    Get {
+        /// The message's server id.
+        message: u64,
+        /// The folder to write it into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
     /// Chat with someone: incoming messages, ticks and typing appear live; type a line
     /// and Enter to send; Ctrl-D to leave.
@@ -235,10 +246,19 @@ async fn run(args: Args) -> Result<(), ClientError> {
             let client = open(&args).await?;
             println!("user {} device {}", client.user_id(), client.device_id());
         }
-        Command::Send { to, text } => {
+        Command::Send { to, file, text } => {
             let mut client = open(&args).await?;
-            let sent = client.send_text(*to, &text.join(" ")).await?;
-            println!("{} sent (id {})", sent.status.ticks(), sent.server_id);
+            let sent = match file {
+                Some(path) => client.send_file(*to, path).await?,
+                None => client.send_text(*to, &text.join(" ")).await?,
+            };
+            println!("{} sent (id {}) {}", sent.status.ticks(), sent.server_id, sent.text);
+        }
+        Command::Get { message, out } => {
+            let mut client = open(&args).await?;
+            drain(&mut client).await?;
+            let path = client.download(*message, out).await?;
+            println!("saved {}", path.display());
         }
         Command::Chat { with } => chat(open(&args).await?, *with).await?,
         Command::History { with, limit } => {
@@ -359,7 +379,7 @@ fn line_of(message: &StoredMessage) -> String {
     let who = if message.outgoing { "me".to_string() } else { message.sender.0.to_string() };
     let ticks =
         if message.outgoing { format!(" {}", message.status.ticks()) } else { String::new() };
-    format!("[{h:02}:{m:02}:{s:02} UTC] {who}: {}{ticks}", message.text)
+    format!("[{h:02}:{m:02}:{s:02} UTC] #{} {who}: {}{ticks}", message.server_id, message.text)
 }
 
 fn now_ms() -> u64 {
