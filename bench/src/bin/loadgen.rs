@@ -51,8 +51,15 @@ struct Args {
     ternd: PathBuf,
     /// `messages` (the default: users send to each other) or `presence` (a presence
     /// storm: users with large contact lists go offline and online).
-    #[arg(long, default_value = "messages", value_parser = ["messages", "presence", "groups"])]
+    #[arg(
+        long,
+        default_value = "messages",
+        value_parser = ["messages", "presence", "groups", "media"]
+    )]
     scenario: String,
+    /// Media: MiB uploaded and then downloaded by one user.
+    #[arg(long, default_value_t = 100)]
+    media_mib: usize,
     /// Group fan-out: groups (each of `--group-size` members, one sender each).
     #[arg(long, default_value_t = 50)]
     groups: usize,
@@ -157,12 +164,13 @@ async fn main() {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work_dir).unwrap();
     let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
+    let bench_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
     let mut child = Command::new(&args.ternd)
         .arg("--data-dir")
         .arg(data_dir.path())
         .args(["--listen", "127.0.0.1:0", "--admin", "off", "--tls-listen", "off"])
         .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
-        .args(["--code-requests-per-hour", "1000000"])
+        .args(["--code-requests-per-hour", "1000000", "--media-max-bytes", "10000000000"])
         .args(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -228,6 +236,12 @@ async fn main() {
         accounts.push((registered.user_id.to_native(), registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    if args.scenario == "media" {
+        media_transfer(&args, addr, accounts, bench_dir.path()).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
     if args.scenario == "groups" {
         group_fanout(&args, addr, accounts, signers).await;
         let _ = child.kill();
@@ -693,5 +707,82 @@ async fn group_fanout(
         ms(0.5),
         ms(0.99),
         ms(0.999),
+    );
+}
+
+/// Media: one user uploads a `media_mib` MiB blob in 256 KiB chunks (pipelined, one
+/// status round trip at the end, then the commit with its SHA-256) and downloads it back
+/// in ranges; the same bytes are copied with `std::fs::copy` on the same file system as
+/// the local limit.
+async fn media_transfer(
+    args: &Args,
+    addr: SocketAddr,
+    accounts: Vec<(u64, [u8; 32])>,
+    work_dir: &std::path::Path,
+) {
+    use sha2::Digest as _;
+    let size = args.media_mib << 20;
+    let mut blob = vec![0u8; size];
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for byte in &mut blob {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let (user_id, token) = accounts[0];
+    let (mut stream, mut decoder) = handshake(addr).await;
+    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+    let begin = MediaBegin { size_bytes: size as u64, kind: MediaKind::Video };
+    stream.write_all(&frame(3, &begin)).await.unwrap();
+    let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+    assert_eq!(ty, MessageType::MediaBegun, "upload starts (is --media-max-bytes big enough?)");
+    let media_id = access::<MediaBegun>(&payload).unwrap().media_id;
+
+    let start = Instant::now();
+    let mut out = Vec::new();
+    for (i, piece) in blob.chunks(256 * 1024).enumerate() {
+        out.clear();
+        let chunk = MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() };
+        encode_frame(&mut out, 0, 0, &chunk, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        stream.write_all(&out).await.unwrap();
+    }
+    stream.write_all(&frame(4, &MediaStatusRequest { media_id })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 4).await;
+    let sha256: [u8; 32] = sha2::Sha256::digest(&blob).into();
+    stream.write_all(&frame(5, &MediaCommit { media_id, sha256 })).await.unwrap();
+    let (ty, _) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 5).await;
+    assert_eq!(ty, MessageType::MediaStatus, "commit accepted");
+    let upload = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let mut received = 0usize;
+    let mut id = 10u32;
+    while received < size {
+        let request = MediaDownload { media_id, offset: received as u64, length: 1 << 20 };
+        stream.write_all(&frame(id, &request)).await.unwrap();
+        let want = id;
+        let (ty, payload) =
+            read_until(&mut stream, &mut decoder, |f| f.header.request_id == want).await;
+        assert_eq!(ty, MessageType::MediaData);
+        received += access::<MediaData>(&payload).unwrap().data.len();
+        id += 1;
+    }
+    let download = start.elapsed().as_secs_f64();
+
+    let source = work_dir.join("media-bench.src");
+    std::fs::write(&source, &blob).unwrap();
+    let start = Instant::now();
+    std::fs::copy(&source, work_dir.join("media-bench.dst")).unwrap();
+    let copy = start.elapsed().as_secs_f64();
+    let mib = args.media_mib as f64;
+    println!(
+        "media {} MiB: upload {:.0} MiB/s ({upload:.2} s, hash check and syncs included), \
+         download {:.0} MiB/s ({download:.2} s), local copy {:.0} MiB/s ({copy:.2} s)",
+        args.media_mib,
+        mib / upload,
+        mib / download,
+        mib / copy,
     );
 }
