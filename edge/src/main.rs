@@ -86,6 +86,9 @@ struct Args {
     /// expired by then).
     #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
     media_ttl_s: f64,
+    /// Phone hashes one account may look up per day (contact discovery).
+    #[arg(long, default_value_t = 5_000)]
+    discovery_per_day: u32,
     /// Executors, each pinned to a CPU (default: every CPU of the machine).
     #[arg(long)]
     cores: Option<u32>,
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         mailbox_max_messages: args.mailbox_max_messages.max(2),
         mailbox_max_bytes: args.mailbox_max_bytes,
         media_max_bytes: args.media_max_bytes,
+        discovery_per_day: args.discovery_per_day,
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         ..CoreConfig::default()
     };

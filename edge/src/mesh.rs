@@ -9,8 +9,8 @@
 
 use tern_engine::ShardCounters;
 use tern_wire::messages::{
-    DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupUpdate, MediaData, MediaId,
-    MessageId, NewDevice, PresenceEvent, Registered, UserId,
+    ContactMatch, DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupUpdate, MediaData,
+    MediaId, MessageId, NewDevice, PhoneHash, PresenceEvent, Profile, Registered, UserId,
 };
 use tern_wire::ErrorCode;
 
@@ -142,6 +142,19 @@ pub enum Request {
         /// Bytes wanted.
         length: u32,
     },
+    /// Which of these phone hashes are registered on the receiving core (answered
+    /// `Reply::Discovered`).
+    Discover {
+        /// Truncated SHA-256 hashes.
+        hashes: Vec<PhoneHash>,
+    },
+    /// What `requester` may see of `target`'s profile (answered `Reply::Profile`).
+    Profile {
+        /// Who asks.
+        requester: UserId,
+        /// Whose.
+        target: UserId,
+    },
     /// A typing indicator for the online devices of `to_user` (never stored).
     Typing {
         /// The recipient.
@@ -228,6 +241,10 @@ pub enum Reply {
     Bundles(Result<Vec<DeviceBundle>, ErrorCode>),
     /// The device waiting to be linked.
     Link(Result<Box<NewDevice>, ErrorCode>),
+    /// The registered numbers among those asked.
+    Discovered(Vec<ContactMatch>),
+    /// A profile as the requester may see it (`None`: no such user).
+    Profile(Option<Box<Profile>>),
     /// Part of a blob, or why not.
     Media(Result<MediaData, (ErrorCode, String)>),
     /// A group change applied, a group's state, or a group message stored.

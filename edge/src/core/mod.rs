@@ -31,6 +31,7 @@ use tern_wire::{
 
 use crate::code_sender::CodeSender;
 
+mod accounts;
 mod groups;
 mod media;
 use crate::limits::{Rate, RateLimiter};
@@ -38,6 +39,8 @@ use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy,
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
+pub use accounts::phone_hash;
+use accounts::Discovery;
 pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
 use groups::{GroupFanout, GroupReplyTo};
 pub use media::{home_shard_of_media, MEDIA_CHUNK_BYTES};
@@ -94,6 +97,8 @@ pub struct CoreConfig {
     pub media_max_bytes: u64,
     /// Committed media blobs are deleted after this.
     pub media_ttl_ms: u64,
+    /// Phone hashes one account may look up per day (contact discovery).
+    pub discovery_per_day: u32,
 }
 
 impl Default for CoreConfig {
@@ -112,6 +117,7 @@ impl Default for CoreConfig {
             media_dir: None,
             media_max_bytes: 100 << 20,
             media_ttl_ms: 30 * 24 * 3600 * 1000,
+            discovery_per_day: 5_000,
         }
     }
 }
@@ -221,6 +227,10 @@ enum Awaiting {
     Fanout { fanout_id: u64 },
     /// A download from a blob on another core.
     Media { conn: ConnId, rid: u32 },
+    /// Another core's part of a contact discovery.
+    Discover { discovery_id: u64 },
+    /// A profile homed on another core.
+    Profile { conn: ConnId, rid: u32 },
 }
 
 /// A device waiting for its account's primary device to approve it.
@@ -322,6 +332,12 @@ pub struct Core<S: Storage> {
     /// Offline devices already woken since they were last connected (one push per
     /// absence, however many messages).
     pushed: std::collections::HashSet<(UserId, DeviceId)>,
+    /// Truncated phone hashes of the accounts on this core's shards (discovery).
+    phone_index: HashMap<PhoneHash, UserId>,
+    /// Hashes each account looked up today: (day, count).
+    discovery_used: HashMap<UserId, (u64, u32)>,
+    /// Discoveries waiting for other cores.
+    discoveries: HashMap<u64, Discovery>,
     /// Group sends waiting for their member cores.
     fanouts: HashMap<u64, GroupFanout>,
     /// Recent group sends by (sender device, client message id), for retries.
@@ -396,13 +412,16 @@ impl<S: Storage> Core<S> {
         code_sender: Box<dyn CodeSender>,
     ) -> Core<S> {
         let cores = placement.count as usize;
-        Core {
+        let mut core = Core {
             placement,
             shards,
             outbox: (0..cores).map(|_| Vec::new()).collect(),
             next_token: 1,
             awaiting: HashMap::new(),
             links: HashMap::new(),
+            phone_index: HashMap::new(),
+            discovery_used: HashMap::new(),
+            discoveries: HashMap::new(),
             fanouts: HashMap::new(),
             group_sends: HashMap::new(),
             watchers: HashMap::new(),
@@ -428,7 +447,9 @@ impl<S: Storage> Core<S> {
             pending: Vec::new(),
             dirty: HashMap::new(),
             counters: CoreCounters::default(),
-        }
+        };
+        core.build_phone_index();
+        core
     }
 
     /// Sets the monotonic clock (µs) used for latency metrics; the runtime calls it before
@@ -751,6 +772,10 @@ impl<S: Storage> Core<S> {
                 (self.deliver_group(&mut delivery), Reply::Done(Ok(())))
             }
             request @ Request::GroupInfo { .. } => (Vec::new(), self.serve_group_info(request)),
+            request @ (Request::Discover { .. } | Request::Profile { .. }) => {
+                let reply = self.serve_account_request(request).expect("an account request");
+                (Vec::new(), reply)
+            }
             Request::MediaRead { reader, media_id, offset, length } => {
                 let read = self.read_media(reader, media_id, offset, length);
                 (Vec::new(), Reply::Media(read.map_err(|(code, why)| (code, why.to_string()))))
@@ -909,6 +934,12 @@ impl<S: Storage> Core<S> {
             (Awaiting::Fanout { fanout_id }, Reply::Done(_)) => {
                 self.fanout_answered(fanout_id, true)
             }
+            (Awaiting::Discover { discovery_id }, Reply::Discovered(matches)) => {
+                self.discovered(discovery_id, matches)
+            }
+            (Awaiting::Profile { conn, rid }, Reply::Profile(profile)) => {
+                self.answer_profile(conn, rid, profile.map(|p| *p))
+            }
             (Awaiting::Media { conn, rid }, Reply::Media(result)) => match result {
                 Ok(data) => self.reply(conn, rid, &data),
                 Err((code, message)) => {
@@ -1004,6 +1035,24 @@ impl<S: Storage> Core<S> {
             }
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
             Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
+            Message::Unlink(unlink) => self.unlink(conn, rid, me, unlink.device_id.to_native()),
+            Message::ContactDiscover(discover) => {
+                let hashes: Vec<PhoneHash> = discover.hashes.to_vec();
+                self.discover(conn, rid, me.0, hashes, now_ms)
+            }
+            Message::ProfileGet(get) => self.profile_get(conn, rid, me.0, get.user_id.to_native()),
+            Message::ProfileSet(set) => match rkyv::deserialize::<ProfileSet, Failure>(set) {
+                Ok(set) => self.profile_set(conn, rid, me.0, set),
+                Err(_) => {
+                    self.error_reply(conn, rid, ty.code(), ErrorCode::Malformed, "unreadable", 0)
+                }
+            },
+            Message::Report(report) => match rkyv::deserialize::<Report, Failure>(report) {
+                Ok(report) => self.report(conn, rid, me.0, report, now_ms),
+                Err(_) => {
+                    self.error_reply(conn, rid, ty.code(), ErrorCode::Malformed, "unreadable", 0)
+                }
+            },
             Message::MediaBegin(_)
             | Message::MediaChunk(_)
             | Message::MediaStatusRequest(_)
@@ -1221,6 +1270,7 @@ impl<S: Storage> Core<S> {
         let result = register(&mut handle.borrow_mut(), phone, device_keys, &token, now_ms);
         match result {
             Ok((user_id, new_account, seq)) => {
+                self.phone_index.insert(phone_hash(phone), user_id);
                 let registered = Registered { user_id, device_id: 1, token, new_account };
                 self.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
             }
@@ -2126,6 +2176,10 @@ impl<S: Storage> Core<S> {
         now_ms: u64,
     ) {
         let to_user = receipt.to_user.to_native();
+        if self.read_receipts_off(me.0) {
+            // Who turns read receipts off neither sends nor receives them.
+            return self.reply(conn, rid, &Done {});
+        }
         let body = ReceiptBody {
             kind: ReceiptKind::Read,
             by_user: me.0,
@@ -2236,6 +2290,13 @@ impl<S: Storage> Core<S> {
         body: &[u8],
         now_ms: u64,
     ) -> Result<Vec<(u32, u64)>, tern_engine::WriteError> {
+        if kind == EnvelopeKind::Receipt && self.read_receipts_off(to_user) {
+            let read = rkyv::access::<ArchivedReceiptBody, Failure>(body)
+                .is_ok_and(|r| r.kind == ArchivedReceiptKind::Read);
+            if read {
+                return Ok(Vec::new());
+            }
+        }
         let devices = self.devices_of(to_user).unwrap_or_default();
         for device in &devices {
             self.make_room(*device, body.len() as u64, now_ms);

@@ -1,0 +1,285 @@
+//! Accounts: unlinking devices, contact discovery, profiles, reports, read-receipt
+//! privacy.
+//!
+//! - **Unlink** removes a device (its token stops working at once: the device record and
+//!   its token hash go), drops its mailbox, closes its connection and tells the account's
+//!   other devices. The primary unlinks anyone; a companion only itself.
+//! - **Discovery** answers which of the given truncated SHA-256 phone hashes are
+//!   registered, never more: each core keeps an index of the numbers homed on its shards
+//!   and looks up only what is asked; the asking core counts hashes against a daily
+//!   budget per account (so the user base cannot be enumerated) and gathers the other
+//!   cores' answers.
+//! - **Profiles**: name, about and avatar, each shown only as the owner's privacy setting
+//!   allows (and nothing to someone the owner blocked).
+//! - **Reports** are stored for the operator with what the reporter chose to share.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use tern_engine::{ReportRecord, StateOp, Storage};
+use tern_wire::messages::*;
+use tern_wire::{ErrorCode, MessageType};
+
+use super::{home_shard_of_user, Awaiting, ConnId, ConnState, Core};
+use crate::mesh::{Reply, Request};
+
+/// The truncated hash discovery uses for a phone number.
+pub fn phone_hash(phone: &str) -> PhoneHash {
+    let digest = Sha256::digest(phone.as_bytes());
+    digest[..8].try_into().expect("8 bytes")
+}
+
+/// A discovery waiting for other cores.
+#[derive(Debug)]
+pub(super) struct Discovery {
+    conn: ConnId,
+    rid: u32,
+    remaining_cores: usize,
+    matches: Vec<ContactMatch>,
+    remaining_today: u32,
+}
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+impl<S: Storage> Core<S> {
+    /// Indexes the phone numbers of the accounts on this core's shards.
+    pub(super) fn build_phone_index(&mut self) {
+        let mut index = HashMap::new();
+        for (_, shard) in self.owned_shards() {
+            for account in shard.borrow().state().accounts.values() {
+                index.insert(phone_hash(&account.phone), account.user_id);
+            }
+        }
+        self.phone_index = index;
+    }
+
+    /// Removes a device from `me`'s account.
+    pub(super) fn unlink(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        device_id: DeviceId,
+    ) {
+        let ty = MessageType::Unlink.code();
+        if me.1 != 1 && device_id != me.1 {
+            let message = "only the primary device unlinks other devices";
+            return self.error_reply(conn, rid, ty, ErrorCode::Forbidden, message, 0);
+        }
+        if device_id == 1 {
+            let message = "the primary device cannot be unlinked (register again to move it)";
+            return self.error_reply(conn, rid, ty, ErrorCode::Forbidden, message, 0);
+        }
+        let shard_id = home_shard_of_user(me.0);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return };
+        if handle.borrow().state().device(me.0, device_id).is_none() {
+            return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such device", 0);
+        }
+        let device = (me.0, device_id);
+        // Its mailbox goes: everything queued is released.
+        let last = handle.borrow().mailbox_next_seq(device);
+        if last > 0 {
+            if let Err(error) = handle.borrow_mut().ack(device, last - 1) {
+                tracing::warn!(%error, "could not drop an unlinked device's mailbox");
+            }
+        }
+        let op = StateOp::RemoveDevice { user_id: me.0, device_id };
+        let removed = handle.borrow_mut().apply_state(op);
+        let seq = match removed {
+            Ok(seq) => seq,
+            Err(error) => return self.storage_error(conn, rid, ty, &error),
+        };
+        // Its connection is closed at once.
+        if let Some(old) = self.online.remove(&device) {
+            if let Some(c) = self.conns.get_mut(&old) {
+                c.state = ConnState::Open;
+                c.closing = true;
+                c.wake();
+            }
+        }
+        self.pushed.remove(&device);
+        let remaining: Vec<(UserId, DeviceId)> = self.devices_of(me.0).unwrap_or_default();
+        let changed = DeviceListChanged {
+            user_id: me.0,
+            device_ids: remaining.iter().map(|d| d.1).collect(),
+        };
+        for other in remaining {
+            if let Some(&other_conn) = self.online.get(&other) {
+                self.push(other_conn, &changed);
+            }
+        }
+        self.reply_when_durable(conn, rid, &Done {}, vec![(shard_id, seq)]);
+    }
+
+    /// Which of `hashes` are registered on this core's shards.
+    pub(super) fn discover_here(&self, hashes: &[PhoneHash]) -> Vec<ContactMatch> {
+        hashes
+            .iter()
+            .filter_map(|hash| {
+                let user_id = *self.phone_index.get(hash)?;
+                Some(ContactMatch { hash: *hash, user_id })
+            })
+            .collect()
+    }
+
+    /// A device asks which of its address book's numbers are registered.
+    pub(super) fn discover(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: UserId,
+        hashes: Vec<PhoneHash>,
+        now_ms: u64,
+    ) {
+        let ty = MessageType::ContactDiscover.code();
+        let day = now_ms / DAY_MS;
+        let budget = self.config.discovery_per_day;
+        let used = self.discovery_used.entry(me).or_insert((day, 0));
+        if used.0 != day {
+            *used = (day, 0);
+        }
+        let asked = hashes.len() as u32;
+        if used.1.saturating_add(asked) > budget {
+            let retry_after = ((day + 1) * DAY_MS).saturating_sub(now_ms);
+            let message = "the daily contact-discovery budget is used up";
+            let wait = retry_after.min(u64::from(u32::MAX)) as u32;
+            return self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait);
+        }
+        used.1 += asked;
+        let remaining_today = budget - used.1;
+        let matches = self.discover_here(&hashes);
+        let others: Vec<u32> =
+            (0..self.placement.count).filter(|c| *c != self.placement.index).collect();
+        if others.is_empty() {
+            return self.reply(conn, rid, &ContactMatches { matches, remaining_today });
+        }
+        let id = self.next_token;
+        self.next_token += 1;
+        let discovery =
+            Discovery { conn, rid, remaining_cores: others.len(), matches, remaining_today };
+        self.discoveries.insert(id, discovery);
+        for core in others {
+            let request = Request::Discover { hashes: hashes.clone() };
+            self.ask(core, request, Some(Awaiting::Discover { discovery_id: id }));
+        }
+    }
+
+    /// Another core's part of a discovery.
+    pub(super) fn discovered(&mut self, discovery_id: u64, matches: Vec<ContactMatch>) {
+        let Some(discovery) = self.discoveries.get_mut(&discovery_id) else { return };
+        discovery.matches.extend(matches);
+        discovery.remaining_cores -= 1;
+        if discovery.remaining_cores == 0 {
+            let done = self.discoveries.remove(&discovery_id).expect("present");
+            let answer =
+                ContactMatches { matches: done.matches, remaining_today: done.remaining_today };
+            self.reply(done.conn, done.rid, &answer);
+        }
+    }
+
+    /// Sets this account's profile (fields given replace, the others stay).
+    pub(super) fn profile_set(&mut self, conn: ConnId, rid: u32, me: UserId, set: ProfileSet) {
+        let Some(shard) = self.local_shard(home_shard_of_user(me)).cloned() else { return };
+        let mut profile =
+            shard.borrow().state().account(me).map(|a| a.profile.clone()).unwrap_or_default();
+        if let Some(name) = set.display_name {
+            profile.display_name = Some(name);
+        }
+        if let Some(about) = set.about {
+            profile.about = Some(about);
+        }
+        if let Some(avatar) = set.avatar {
+            profile.avatar = Some(avatar);
+        }
+        self.set_account_state(conn, rid, me, StateOp::SetProfile { user_id: me, profile });
+    }
+
+    /// Someone asks for `target`'s profile: routed to its core.
+    pub(super) fn profile_get(&mut self, conn: ConnId, rid: u32, me: UserId, target: UserId) {
+        let shard = home_shard_of_user(target);
+        if shard >= self.shard_count() {
+            let ty = MessageType::ProfileGet.code();
+            return self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0);
+        }
+        if self.local_shard(shard).is_some() {
+            let reply = self.profile_seen_by(target, me);
+            return self.answer_profile(conn, rid, reply);
+        }
+        let core = self.placement.core_of_shard(shard);
+        let request = Request::Profile { requester: me, target };
+        self.ask(core, request, Some(Awaiting::Profile { conn, rid }));
+    }
+
+    pub(super) fn answer_profile(&mut self, conn: ConnId, rid: u32, profile: Option<Profile>) {
+        match profile {
+            Some(profile) => self.reply(conn, rid, &profile),
+            None => {
+                let ty = MessageType::ProfileGet.code();
+                self.error_reply(conn, rid, ty, ErrorCode::NotFound, "no such user", 0)
+            }
+        }
+    }
+
+    /// What `viewer` may see of `target`'s profile (homed here).
+    pub(super) fn profile_seen_by(&self, target: UserId, viewer: UserId) -> Option<Profile> {
+        let shard = self.local_shard(home_shard_of_user(target))?.borrow();
+        let account = shard.state().account(target)?;
+        let blocked = account.blocked.contains(&viewer);
+        let is_contact = account.contacts.contains(&viewer);
+        let visible = |visibility: &Visibility| {
+            target == viewer
+                || !blocked
+                    && match visibility {
+                        Visibility::Everyone => true,
+                        Visibility::Contacts => is_contact,
+                        Visibility::Nobody => false,
+                    }
+        };
+        let privacy = &account.privacy;
+        let profile = &account.profile;
+        Some(Profile {
+            user_id: target,
+            display_name: profile.display_name.clone().filter(|_| visible(&privacy.display_name)),
+            about: profile.about.clone().filter(|_| visible(&privacy.about)),
+            avatar: profile.avatar.filter(|_| visible(&privacy.avatar)),
+        })
+    }
+
+    /// Stores a report for the operator.
+    pub(super) fn report(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: UserId,
+        report: Report,
+        now_ms: u64,
+    ) {
+        let record = ReportRecord {
+            reporter: me,
+            reported: report.user_id,
+            message_ids: report.message_ids,
+            reason: report.reason,
+            comment: report.comment.chars().take(2000).collect(),
+            time_ms: now_ms,
+        };
+        self.set_account_state(conn, rid, me, StateOp::AddReport { report: record });
+    }
+
+    /// Whether `user` (homed here) turned read receipts off.
+    pub(super) fn read_receipts_off(&self, user: UserId) -> bool {
+        self.local_shard(home_shard_of_user(user)).is_some_and(|shard| {
+            shard.borrow().state().account(user).is_some_and(|a| !a.privacy.read_receipts)
+        })
+    }
+
+    /// Serves another core's account requests.
+    pub(super) fn serve_account_request(&mut self, request: Request) -> Option<Reply> {
+        match request {
+            Request::Discover { hashes } => Some(Reply::Discovered(self.discover_here(&hashes))),
+            Request::Profile { requester, target } => {
+                Some(Reply::Profile(self.profile_seen_by(target, requester).map(Box::new)))
+            }
+            _ => None,
+        }
+    }
+}

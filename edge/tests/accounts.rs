@@ -1,0 +1,138 @@
+//! Account features against the real `ternd` on two cores: unlinking a device (its token
+//! refused at once), contact discovery within a daily budget, profiles shown as privacy
+//! and blocks allow, reports, and read receipts turned off.
+
+mod common;
+
+use common::*;
+use tern_edge::core::{home_shard_of_phone, phone_hash};
+use tern_wire::messages::*;
+use tern_wire::*;
+
+fn phone_on_core(base: u64, core: u32) -> String {
+    (base..)
+        .map(|n| format!("+1568{n:07}"))
+        .find(|p| home_shard_of_phone(p, 4) % 2 == core)
+        .unwrap()
+}
+
+fn privacy(about: Visibility, read_receipts: bool) -> PrivacySettings {
+    PrivacySettings {
+        last_seen: Visibility::Contacts,
+        online: Visibility::Contacts,
+        display_name: Visibility::Everyone,
+        about,
+        avatar: Visibility::Everyone,
+        read_receipts,
+    }
+}
+
+#[test]
+fn an_unlinked_device_is_refused_at_once() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice = register(&mut server, &phone_on_core(100, 0), 0);
+    let mut a1 = login(&server, alice);
+    let mut new = Client::connect(server.addr);
+    let asked =
+        new.send(&LinkRequest { device: NewDevice { name: "laptop".into(), keys: keys(0) } });
+    let code = new.next_of(MessageType::LinkCode).access::<LinkCode>().code.to_string();
+    a1.request(&LinkApprove { code }).access::<Done>();
+    let registered = new.response(asked);
+    let registered = registered.access::<Registered>();
+    let laptop = Account { user_id: alice.user_id, device_id: 2, token: registered.token };
+    let mut a2 = login(&server, laptop);
+    a2.request(&Ping { nonce: 1 }).access::<Pong>();
+
+    // A companion may not unlink the primary or others.
+    assert_eq!(a2.request(&Unlink { device_id: 1 }).error_code(), Some(ErrorCode::Forbidden));
+    a1.request(&Unlink { device_id: 2 }).access::<Done>();
+    assert!(a2.is_closed(), "the unlinked device's connection is closed");
+    let mut again = Client::connect(server.addr);
+    let refused =
+        again.request(&Auth { user_id: alice.user_id, device_id: 2, token: laptop.token });
+    assert_eq!(refused.error_code(), Some(ErrorCode::BadToken));
+    let list = a1.request(&DeviceListRequest {});
+    assert_eq!(list.access::<DeviceList>().devices.len(), 1);
+}
+
+#[test]
+fn discovery_finds_registered_numbers_within_a_daily_budget() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2", "--discovery-per-day", "5"]);
+    let (bob_phone, carol_phone) = (phone_on_core(200, 0), phone_on_core(300, 1));
+    let alice = register(&mut server, &phone_on_core(100, 0), 0);
+    let bob = register(&mut server, &bob_phone, 0);
+    let carol = register(&mut server, &carol_phone, 0);
+    let mut a = login(&server, alice);
+    let hashes = vec![phone_hash(&bob_phone), phone_hash(&carol_phone), phone_hash("+15550009999")];
+    let reply = a.request(&ContactDiscover { hashes });
+    let found = reply.access::<ContactMatches>();
+    let mut users: Vec<u64> = found.matches.iter().map(|m| m.user_id.to_native()).collect();
+    users.sort_unstable();
+    let mut expected = vec![bob.user_id, carol.user_id];
+    expected.sort_unstable();
+    assert_eq!(users, expected, "both cores answered, the unknown number did not match");
+    assert_eq!(found.remaining_today.to_native(), 2);
+    let over = a.request(&ContactDiscover { hashes: vec![[1; 8], [2; 8], [3; 8]] });
+    assert_eq!(over.error_code(), Some(ErrorCode::RateLimited), "{}", over.describe());
+}
+
+#[test]
+fn profiles_follow_privacy_and_blocks_and_read_receipts_can_be_off() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice = register(&mut server, &phone_on_core(100, 0), 0);
+    let bob = register(&mut server, &phone_on_core(200, 1), 0);
+    let mut a = login(&server, alice);
+    let mut b = login(&server, bob);
+    let set = ProfileSet {
+        display_name: Some("Bob".into()),
+        about: Some("at the beach".into()),
+        avatar: None,
+    };
+    b.request(&set).access::<Done>();
+    b.request(&privacy(Visibility::Contacts, true)).access::<Done>();
+    let seen = |a: &mut Client| -> (Option<String>, Option<String>) {
+        let reply = a.request(&ProfileGet { user_id: bob.user_id });
+        let profile = reply.access::<Profile>();
+        (
+            profile.display_name.as_ref().map(|s| s.to_string()),
+            profile.about.as_ref().map(|s| s.to_string()),
+        )
+    };
+    assert_eq!(seen(&mut a), (Some("Bob".into()), None), "about is for contacts");
+    b.request(&SetContacts { user_ids: vec![alice.user_id] }).access::<Done>();
+    assert_eq!(seen(&mut a), (Some("Bob".into()), Some("at the beach".into())));
+    b.request(&Block { user_id: alice.user_id }).access::<Done>();
+    assert_eq!(seen(&mut a), (None, None), "nothing for a blocked user");
+    b.request(&Unblock { user_id: alice.user_id }).access::<Done>();
+
+    // Alice reports Bob: stored for the operator.
+    let report = Report {
+        user_id: bob.user_id,
+        message_ids: vec![1, 2],
+        reason: ReportReason::Spam,
+        comment: "unwanted ads".into(),
+    };
+    a.request(&report).access::<Done>();
+
+    // Bob turns read receipts off: Alice gets delivered ticks, never read ones.
+    b.request(&privacy(Visibility::Contacts, false)).access::<Done>();
+    let ack = a.request(&text(bob, 1, b"did you read this?"));
+    let id = ack.access::<SendAck>().server_message_id.to_native();
+    let frame = b.next_of(MessageType::Deliver);
+    b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    let read = SendReceipt {
+        kind: ReceiptKind::Read,
+        to_user: alice.user_id,
+        conversation: Conversation::User(alice.user_id),
+        message_ids: vec![id],
+    };
+    b.request(&read).access::<Done>();
+    let delivered = a.next_of(MessageType::Deliver);
+    assert_eq!(delivered.deliver().envelope.kind, ArchivedEnvelopeKind::Receipt);
+    a.send(&DeliveryAck { up_to_mailbox_seq: delivered.deliver().mailbox_seq });
+    a.request(&Ping { nonce: 1 }).access::<Pong>();
+    assert!(!a.inbox_types().contains(&MessageType::Deliver), "no read receipt");
+}
