@@ -20,7 +20,7 @@ pub mod groups;
 pub mod media;
 pub mod store;
 
-pub use client::{Client, Event, PendingLink, PendingRegistration};
+pub use client::{phone_hash, Client, Event, PendingLink, PendingRegistration, ProfileView};
 pub use connection::{Endpoint, Trust};
 pub use crypto::{CryptoError, PeerIdentity};
 pub use store::{Status, StoreSecret, StoredMessage};

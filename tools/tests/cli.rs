@@ -210,3 +210,28 @@ fn a_file_with_send_and_get() {
     assert!(got.iter().any(|l| l.starts_with("saved")), "{got:?}");
     assert!(std::fs::read(out.path().join("voice-note.ogg")).unwrap() == bytes);
 }
+
+#[test]
+fn discovery_profiles_and_blocks_from_the_command_line() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let alice = register(&mut server, &alice_db, "+15593000001");
+    let bob = register(&mut server, &bob_db, "+15593000002");
+    let found = one_shot(&server, &alice_db, &["discover", "+15593000002", "+15593999999"]);
+    assert!(found.contains(&format!("+15593000002: user {bob}")), "{found:?}");
+    assert!(found.contains(&"+15593999999: not on Tern".to_string()), "{found:?}");
+
+    one_shot(&server, &bob_db, &["profile", "--name", "Bob B.", "--about", "hello"]);
+    let shown = one_shot(&server, &alice_db, &["profile", &bob.to_string()]);
+    assert!(shown.iter().any(|l| l.contains("name:  Bob B.")), "{shown:?}");
+    one_shot(&server, &bob_db, &["block", &alice.to_string()]);
+    let hidden = one_shot(&server, &alice_db, &["profile", &bob.to_string()]);
+    assert!(hidden.iter().any(|l| l.contains("name:  (hidden or unset)")), "{hidden:?}");
+    let devices = one_shot(&server, &alice_db, &["devices"]);
+    assert!(
+        devices.iter().any(|l| l.contains("device 1") && l.contains("(primary)")),
+        "{devices:?}"
+    );
+}

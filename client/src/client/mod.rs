@@ -38,7 +38,9 @@ const CONTENT_GROUP_KEY: u8 = 3;
 /// whose copies start with the media id in clear.
 const CONTENT_MEDIA: u8 = 4;
 
+mod accounts;
 mod media;
+pub use accounts::{phone_hash, ProfileView};
 
 mod groups;
 

@@ -107,6 +107,50 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Which of these phone numbers are on Tern (only truncated hashes are sent).
+    Discover {
+        /// E.164 numbers, like +15550001.
+        phones: Vec<String>,
+    },
+    /// Show someone's profile (or set yours with --name/--about).
+    Profile {
+        /// Whose (default: yours).
+        user: Option<u64>,
+        /// Your new display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Your new about text.
+        #[arg(long)]
+        about: Option<String>,
+    },
+    /// Block a user (or unblock with --undo).
+    Block {
+        /// Whom.
+        user: u64,
+        /// Unblock instead.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Report a user to the server's operator.
+    Report {
+        /// Whom.
+        user: u64,
+        /// Why: spam, abuse, illegal or other.
+        #[arg(long, default_value = "spam")]
+        reason: String,
+        /// Message ids to share (metadata only).
+        #[arg(long, value_delimiter = ',')]
+        messages: Vec<u64>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// List this account's devices, or unlink one (--unlink ID, from the primary).
+    Devices {
+        /// The device to remove.
+        #[arg(long)]
+        unlink: Option<u32>,
+    },
     /// Groups (up to 256 members): create, change, send, show.
     Group {
         #[command(subcommand)]
@@ -274,6 +318,55 @@ async fn run(args: Args) -> Result<(), ClientError> {
             }
         }
         Command::Group { action } => group(open(&args).await?, action).await?,
+        Command::Discover { phones } => {
+            let mut client = open(&args).await?;
+            let found = client.discover(phones).await?;
+            for phone in phones {
+                match found.iter().find(|(p, _)| p == phone) {
+                    Some((_, user)) => println!("{phone}: user {user}"),
+                    None => println!("{phone}: not on Tern"),
+                }
+            }
+        }
+        Command::Profile { user, name, about } => {
+            let mut client = open(&args).await?;
+            if name.is_some() || about.is_some() {
+                client.set_profile(name.as_deref(), about.as_deref()).await?;
+                println!("profile updated");
+            }
+            let user = user.unwrap_or(client.user_id());
+            let profile = client.profile(user).await?;
+            println!("user {user}");
+            println!("  name:  {}", profile.display_name.as_deref().unwrap_or("(hidden or unset)"));
+            println!("  about: {}", profile.about.as_deref().unwrap_or("(hidden or unset)"));
+        }
+        Command::Block { user, undo } => {
+            let mut client = open(&args).await?;
+            client.block(*user, !undo).await?;
+            println!("{} {user}", if *undo { "unblocked" } else { "blocked" });
+        }
+        Command::Report { user, reason, messages, comment } => {
+            use tern_client::messages::ReportReason;
+            let reason = match reason.as_str() {
+                "spam" => ReportReason::Spam,
+                "abuse" => ReportReason::Abuse,
+                "illegal" => ReportReason::Illegal,
+                _ => ReportReason::Other,
+            };
+            let mut client = open(&args).await?;
+            client.report(*user, messages, reason, comment).await?;
+            println!("reported {user}");
+        }
+        Command::Devices { unlink } => {
+            let mut client = open(&args).await?;
+            if let Some(device) = unlink {
+                client.unlink(*device).await?;
+                println!("unlinked device {device}");
+            }
+            for (id, name, primary) in client.devices().await? {
+                println!("device {id}: {name}{}", if primary { " (primary)" } else { "" });
+            }
+        }
         Command::SafetyNumber { with } => {
             let mut client = open(&args).await?;
             println!("{}", client.safety_number(*with).await?);

@@ -1,0 +1,124 @@
+//! Account features in the SDK: devices, contact discovery, profiles, privacy, blocking
+//! and reports. Thin: the server enforces the rules; the SDK hashes phone numbers before
+//! they leave the device.
+
+use sha2::{Digest, Sha256};
+use tern_wire::messages::*;
+use tern_wire::Message;
+
+use super::{server_error, Client};
+use crate::ClientError;
+
+/// The truncated hash contact discovery sends for a phone number (E.164).
+pub fn phone_hash(phone: &str) -> PhoneHash {
+    Sha256::digest(phone.as_bytes())[..8].try_into().expect("8 bytes")
+}
+
+/// A profile as this user may see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileView {
+    /// Whose.
+    pub user_id: u64,
+    /// Display name, if shown.
+    pub display_name: Option<String>,
+    /// About text, if shown.
+    pub about: Option<String>,
+}
+
+impl Client {
+    /// This account's devices: (id, name, primary).
+    pub async fn devices(&mut self) -> Result<Vec<(u32, String, bool)>, ClientError> {
+        let reply = self.request(&DeviceListRequest {}).await?;
+        let Message::DeviceList(list) = reply.frame().message else {
+            return Err(server_error(&reply));
+        };
+        Ok(list
+            .devices
+            .iter()
+            .map(|d| (d.device_id.to_native(), d.name.to_string(), d.primary))
+            .collect())
+    }
+
+    /// Removes a device from this account (the primary removes any companion).
+    pub async fn unlink(&mut self, device_id: u32) -> Result<(), ClientError> {
+        self.request(&Unlink { device_id }).await?;
+        Ok(())
+    }
+
+    /// Which of these phone numbers are on Tern: (number, user id). Only truncated hashes
+    /// leave the device; the server limits how many a day.
+    pub async fn discover(&mut self, phones: &[String]) -> Result<Vec<(String, u64)>, ClientError> {
+        let hashes: Vec<PhoneHash> = phones.iter().map(|p| phone_hash(p)).collect();
+        let reply = self.request(&ContactDiscover { hashes: hashes.clone() }).await?;
+        let Message::ContactMatches(found) = reply.frame().message else {
+            return Err(server_error(&reply));
+        };
+        Ok(found
+            .matches
+            .iter()
+            .filter_map(|m| {
+                let index = hashes.iter().position(|h| *h == m.hash)?;
+                Some((phones[index].clone(), m.user_id.to_native()))
+            })
+            .collect())
+    }
+
+    /// Sets this account's display name and about text (`None` leaves one unchanged).
+    pub async fn set_profile(
+        &mut self,
+        name: Option<&str>,
+        about: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let set = ProfileSet {
+            display_name: name.map(str::to_string),
+            about: about.map(str::to_string),
+            avatar: None,
+        };
+        self.request(&set).await?;
+        Ok(())
+    }
+
+    /// Someone's profile, as far as their privacy settings let this user see it.
+    pub async fn profile(&mut self, user_id: u64) -> Result<ProfileView, ClientError> {
+        let reply = self.request(&ProfileGet { user_id }).await?;
+        let Message::Profile(profile) = reply.frame().message else {
+            return Err(server_error(&reply));
+        };
+        Ok(ProfileView {
+            user_id,
+            display_name: profile.display_name.as_ref().map(|s| s.to_string()),
+            about: profile.about.as_ref().map(|s| s.to_string()),
+        })
+    }
+
+    /// Replaces this account's privacy settings.
+    pub async fn set_privacy(&mut self, privacy: PrivacySettings) -> Result<(), ClientError> {
+        self.request(&privacy).await?;
+        Ok(())
+    }
+
+    /// Blocks (or unblocks) a user: their messages, typing and presence stop reaching
+    /// this account, and they see nothing of its profile or presence.
+    pub async fn block(&mut self, user_id: u64, blocked: bool) -> Result<(), ClientError> {
+        if blocked {
+            self.request(&Block { user_id }).await?;
+        } else {
+            self.request(&Unblock { user_id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports a user to the operator, sharing the given message ids (metadata only).
+    pub async fn report(
+        &mut self,
+        user_id: u64,
+        message_ids: &[u64],
+        reason: ReportReason,
+        comment: &str,
+    ) -> Result<(), ClientError> {
+        let report =
+            Report { user_id, message_ids: message_ids.to_vec(), reason, comment: comment.into() };
+        self.request(&report).await?;
+        Ok(())
+    }
+}
