@@ -136,3 +136,36 @@ fn profiles_follow_privacy_and_blocks_and_read_receipts_can_be_off() {
     a.request(&Ping { nonce: 1 }).access::<Pong>();
     assert!(!a.inbox_types().contains(&MessageType::Deliver), "no read receipt");
 }
+
+#[test]
+fn an_export_holds_what_the_server_keeps_about_the_user() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let alice = register(&mut server, "+15680009001", 3);
+    let bob = register(&mut server, "+15680009002", 0);
+    let mut a = login(&server, alice);
+    let set = ProfileSet { display_name: Some("Alice \"A\"".into()), about: None, avatar: None };
+    a.request(&set).access::<Done>();
+    a.request(&SetContacts { user_ids: vec![bob.user_id] }).access::<Done>();
+    a.request(&Block { user_id: 42 }).access::<Done>();
+    let ready = a.request(&ExportRequest {});
+    let ready = ready.access::<ExportReady>();
+    let (media_id, size) = (ready.media_id, ready.size_bytes.to_native());
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < size {
+        let request = MediaDownload { media_id, offset: bytes.len() as u64, length: 65536 };
+        let reply = a.request(&request);
+        bytes.extend_from_slice(&reply.access::<MediaData>().data);
+    }
+    let export: serde_json::Value = serde_json::from_slice(&bytes).expect("valid JSON");
+    assert_eq!(export["user_id"], alice.user_id);
+    assert_eq!(export["phone"], "+15680009001");
+    assert_eq!(export["profile"]["display_name"], "Alice \"A\"");
+    assert_eq!(export["contacts"][0], bob.user_id);
+    assert_eq!(export["blocked"][0], 42);
+    assert_eq!(export["devices"][0]["one_time_keys"], 3);
+    // Nobody else can fetch it.
+    let mut b = login(&server, bob);
+    let refused = b.request(&MediaDownload { media_id, offset: 0, length: 10 });
+    assert_eq!(refused.error_code(), Some(ErrorCode::NotFound));
+}

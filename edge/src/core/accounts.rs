@@ -283,3 +283,91 @@ impl<S: Storage> Core<S> {
         }
     }
 }
+
+/// JSON text for a string (escaped).
+fn json(value: &str) -> String {
+    crate::code_sender::json_string(value)
+}
+
+impl<S: Storage> Core<S> {
+    /// Everything the server holds about `me` (homed here), as JSON, stored as a media
+    /// blob the user downloads like any other (`ExportReady` names it).
+    pub(super) fn export(&mut self, conn: ConnId, rid: u32, me: UserId, now_ms: u64) {
+        let ty = MessageType::ExportRequest.code();
+        let shard_id = home_shard_of_user(me);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return };
+        let text = {
+            let shard = handle.borrow();
+            let state = shard.state();
+            let Some(account) = state.account(me) else { return };
+            let devices: Vec<String> = account
+                .devices
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{{\"device_id\":{},\"name\":{},\"created_ms\":{},\
+                         \"one_time_keys\":{},\"push\":{}}}",
+                        d.device_id,
+                        json(&d.name),
+                        d.created_ms,
+                        d.one_time_keys.len(),
+                        d.push.as_ref().map_or("null".into(), |p| json(&p.address)),
+                    )
+                })
+                .collect();
+            let visibility = |v: &Visibility| match v {
+                Visibility::Everyone => "\"everyone\"",
+                Visibility::Contacts => "\"contacts\"",
+                Visibility::Nobody => "\"nobody\"",
+            };
+            let p = &account.privacy;
+            let media: Vec<String> = state
+                .media
+                .values()
+                .filter(|m| m.owner == me)
+                .map(|m| {
+                    let id: String = m.media_id.iter().map(|b| format!("{b:02x}")).collect();
+                    format!("{{\"media_id\":\"{id}\",\"size_bytes\":{}}}", m.size_bytes)
+                })
+                .collect();
+            let reports: Vec<String> = state
+                .reports
+                .iter()
+                .filter(|r| r.reporter == me)
+                .map(|r| format!("{{\"reported\":{},\"time_ms\":{}}}", r.reported, r.time_ms))
+                .collect();
+            let list =
+                |ids: &[UserId]| ids.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(",");
+            format!(
+                "{{\"user_id\":{me},\"phone\":{},\"created_ms\":{},\"last_seen_ms\":{},\
+                 \"devices\":[{}],\"profile\":{{\"display_name\":{},\"about\":{}}},\
+                 \"privacy\":{{\"last_seen\":{},\"online\":{},\"display_name\":{},\"about\":{},\
+                 \"avatar\":{},\"read_receipts\":{}}},\"contacts\":[{}],\"blocked\":[{}],\
+                 \"media\":[{}],\"reports\":[{}],\"exported_ms\":{now_ms}}}",
+                json(&account.phone),
+                account.created_ms,
+                account.last_seen_ms,
+                devices.join(","),
+                account.profile.display_name.as_deref().map_or("null".into(), json),
+                account.profile.about.as_deref().map_or("null".into(), json),
+                visibility(&p.last_seen),
+                visibility(&p.online),
+                visibility(&p.display_name),
+                visibility(&p.about),
+                visibility(&p.avatar),
+                p.read_receipts,
+                list(&account.contacts),
+                list(&account.blocked),
+                media.join(","),
+                reports.join(","),
+            )
+        };
+        match self.store_blob(me, MediaKind::Archive, text.as_bytes(), now_ms) {
+            Ok((media_id, waits)) => {
+                let ready = ExportReady { media_id, size_bytes: text.len() as u64 };
+                self.reply_when_durable(conn, rid, &ready, waits);
+            }
+            Err((code, message)) => self.error_reply(conn, rid, ty, code, message, 0),
+        }
+    }
+}

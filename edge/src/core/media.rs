@@ -261,6 +261,39 @@ impl<S: Storage> Core<S> {
         Ok(())
     }
 
+    /// Stores a whole blob made by the server for `owner` (an export), committed at once.
+    pub(super) fn store_blob(
+        &mut self,
+        owner: UserId,
+        kind: MediaKind,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(MediaId, Vec<(u32, u64)>), MediaError> {
+        let shard = home_shard_of_user(owner);
+        let mut media_id = [0u8; 16];
+        getrandom::fill(&mut media_id[2..]).map_err(|_| (ErrorCode::Internal, "no randomness"))?;
+        media_id[..2].copy_from_slice(&(shard as u16).to_be_bytes());
+        let path = self.media_path(&media_id, false).ok_or((ErrorCode::Internal, "no media"))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        };
+        write().map_err(|_| (ErrorCode::StorageFull, "cannot store media"))?;
+        let record = MediaRecord {
+            media_id,
+            owner,
+            kind,
+            size_bytes: bytes.len() as u64,
+            sha256: Some(Sha256::digest(bytes).into()),
+            created_ms: now_ms,
+            expires_ms: now_ms + self.config.media_ttl_ms,
+            readers: Vec::new(),
+        };
+        let wait = self.put_media(record)?;
+        Ok((media_id, vec![wait]))
+    }
+
     /// Records that the recipients of a `Media` message from the blob's owner may
     /// download it (the message's copies start with the media id).
     pub(super) fn grant_media(&mut self, owner: UserId, media_id: &MediaId, readers: &[UserId]) {

@@ -1036,6 +1036,7 @@ impl<S: Storage> Core<S> {
             Message::SendReceipt(receipt) => self.send_receipt(conn, rid, me, receipt, now_ms),
             Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
             Message::Unlink(unlink) => self.unlink(conn, rid, me, unlink.device_id.to_native()),
+            Message::ExportRequest(_) => self.export(conn, rid, me.0, now_ms),
             Message::ContactDiscover(discover) => {
                 let hashes: Vec<PhoneHash> = discover.hashes.to_vec();
                 self.discover(conn, rid, me.0, hashes, now_ms)
