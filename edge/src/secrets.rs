@@ -72,6 +72,26 @@ pub fn check_prekeys<'a>(
     Ok(())
 }
 
+/// A registration-lock PIN's slow hash (Argon2id, random salt; PHC string bytes).
+pub fn hash_pin(pin: &str) -> Vec<u8> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).expect("the OS random source works");
+    let salt = SaltString::encode_b64(&salt).expect("16 bytes encode");
+    let hash = argon2::Argon2::default()
+        .hash_password(pin.as_bytes(), &salt)
+        .expect("argon2 hashes any PIN");
+    hash.to_string().into_bytes()
+}
+
+/// Whether `pin` matches a hash made by [`hash_pin`] (in constant time).
+pub fn pin_matches(pin: &str, hash: &[u8]) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let Ok(text) = std::str::from_utf8(hash) else { return false };
+    let Ok(parsed) = PasswordHash::new(text) else { return false };
+    argon2::Argon2::default().verify_password(pin.as_bytes(), &parsed).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,3 +169,75 @@ fn an_export_holds_what_the_server_keeps_about_the_user() {
     let refused = b.request(&MediaDownload { media_id, offset: 0, length: 10 });
     assert_eq!(refused.error_code(), Some(ErrorCode::NotFound));
 }
+
+#[test]
+fn a_locked_number_moves_only_with_its_pin() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let phone = "+15680009101";
+    let alice = register(&mut server, phone, 0);
+    let mut a = login(&server, alice);
+    a.request(&SetRegistrationLock { pin: Some("2468".into()) }).access::<Done>();
+
+    // Someone with the SMS code but not the PIN cannot take the number.
+    let mut thief = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: phone.into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    thief.request(&request).access::<CodeSent>();
+    let code = server.code_for(phone);
+    let attempt = |client: &mut Client, pin: Option<&str>| {
+        client.request(&Verify {
+            phone: phone.into(),
+            code: code.clone(),
+            device: NewDevice { name: "new phone".into(), keys: keys(0) },
+            registration_lock_pin: pin.map(str::to_string),
+        })
+    };
+    assert_eq!(attempt(&mut thief, None).error_code(), Some(ErrorCode::RegistrationLocked));
+    for _ in 0..4 {
+        let wrong = attempt(&mut thief, Some("0000"));
+        assert_eq!(wrong.error_code(), Some(ErrorCode::RegistrationLocked));
+    }
+    // Five wrong tries: even the right PIN waits for tomorrow.
+    let limited = attempt(&mut thief, Some("2468"));
+    assert_eq!(limited.error_code(), Some(ErrorCode::RateLimited), "{}", limited.describe());
+    // The old device still works.
+    a.request(&Ping { nonce: 1 }).access::<Pong>();
+}
+
+#[test]
+fn the_right_pin_moves_the_account_and_revokes_old_tokens() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let phone = "+15680009201";
+    let alice = register(&mut server, phone, 0);
+    let mut a = login(&server, alice);
+    a.request(&SetRegistrationLock { pin: Some("1357".into()) }).access::<Done>();
+    drop(a);
+    let mut new = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: phone.into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    new.request(&request).access::<CodeSent>();
+    let code = server.code_for(phone);
+    let moved = new.request(&Verify {
+        phone: phone.into(),
+        code,
+        device: NewDevice { name: "new phone".into(), keys: keys(0) },
+        registration_lock_pin: Some("1357".into()),
+    });
+    let moved = moved.access::<Registered>();
+    assert_eq!(moved.user_id.to_native(), alice.user_id);
+    assert!(!moved.new_account);
+    // The old token is revoked.
+    let mut old = Client::connect(server.addr);
+    let refused = old.request(&Auth { user_id: alice.user_id, device_id: 1, token: alice.token });
+    assert_eq!(refused.error_code(), Some(ErrorCode::BadToken));
+}

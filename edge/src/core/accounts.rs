@@ -371,3 +371,40 @@ impl<S: Storage> Core<S> {
         }
     }
 }
+
+/// Wrong registration-lock PINs accepted per number and day.
+const PIN_ATTEMPTS_PER_DAY: u32 = 5;
+
+impl<S: Storage> Core<S> {
+    /// Whether registering `phone` may take its account over: a locked account needs its
+    /// PIN, with a few tries a day.
+    pub(super) fn check_registration_lock(
+        &mut self,
+        phone: &str,
+        verify: &ArchivedVerify,
+        now_ms: u64,
+    ) -> Result<(), (ErrorCode, &'static str, u32)> {
+        let shard = super::home_shard_of_phone(phone, self.shard_count());
+        let lock = self.local_shard(shard).and_then(|s| {
+            let s = s.borrow();
+            let user = s.state().user_by_phone(phone)?;
+            s.state().account(user)?.registration_lock.clone()
+        });
+        let Some(lock) = lock else { return Ok(()) };
+        let day = now_ms / DAY_MS;
+        let attempts = self.pin_attempts.entry(phone.to_string()).or_insert((day, 0));
+        if attempts.0 != day {
+            *attempts = (day, 0);
+        }
+        if attempts.1 >= PIN_ATTEMPTS_PER_DAY {
+            let wait = ((day + 1) * DAY_MS).saturating_sub(now_ms).min(u64::from(u32::MAX)) as u32;
+            return Err((ErrorCode::RateLimited, "too many wrong PINs today", wait));
+        }
+        let pin = verify.registration_lock_pin.as_ref().map(|p| p.as_str());
+        if pin.is_some_and(|pin| crate::secrets::pin_matches(pin, &lock)) {
+            return Ok(());
+        }
+        attempts.1 += 1;
+        Err((ErrorCode::RegistrationLocked, "this number is locked: give its PIN", 0))
+    }
+}

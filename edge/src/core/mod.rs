@@ -332,6 +332,8 @@ pub struct Core<S: Storage> {
     /// Offline devices already woken since they were last connected (one push per
     /// absence, however many messages).
     pushed: std::collections::HashSet<(UserId, DeviceId)>,
+    /// Wrong registration-lock PINs per phone number: (day, count).
+    pin_attempts: HashMap<String, (u64, u32)>,
     /// Truncated phone hashes of the accounts on this core's shards (discovery).
     phone_index: HashMap<PhoneHash, UserId>,
     /// Hashes each account looked up today: (day, count).
@@ -420,6 +422,7 @@ impl<S: Storage> Core<S> {
             awaiting: HashMap::new(),
             links: HashMap::new(),
             phone_index: HashMap::new(),
+            pin_attempts: HashMap::new(),
             discovery_used: HashMap::new(),
             discoveries: HashMap::new(),
             fanouts: HashMap::new(),
@@ -1037,6 +1040,22 @@ impl<S: Storage> Core<S> {
             Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
             Message::Unlink(unlink) => self.unlink(conn, rid, me, unlink.device_id.to_native()),
             Message::ExportRequest(_) => self.export(conn, rid, me.0, now_ms),
+            Message::SetRegistrationLock(lock) => {
+                if me.1 != 1 {
+                    let message = "only the primary device sets the registration lock";
+                    return self.error_reply(
+                        conn,
+                        rid,
+                        ty.code(),
+                        ErrorCode::Forbidden,
+                        message,
+                        0,
+                    );
+                }
+                let pin_hash = lock.pin.as_ref().map(|pin| secrets::hash_pin(pin.as_str()));
+                let op = StateOp::SetRegistrationLock { user_id: me.0, pin_hash };
+                self.set_account_state(conn, rid, me.0, op)
+            }
             Message::ContactDiscover(discover) => {
                 let hashes: Vec<PhoneHash> = discover.hashes.to_vec();
                 self.discover(conn, rid, me.0, hashes, now_ms)
@@ -1259,6 +1278,11 @@ impl<S: Storage> Core<S> {
         // Checked before the code is used up: a client bug does not cost a new code.
         if let Err(message) = secrets::check_device_keys(&device_keys.keys) {
             return self.error_reply(conn, rid, ty, ErrorCode::InvalidSignature, message, 0);
+        }
+        // A locked number moves only with its PIN; wrong PINs are limited per number and
+        // day (the code stays valid meanwhile).
+        if let Err((code, message, wait)) = self.check_registration_lock(phone, verify, now_ms) {
+            return self.error_reply(conn, rid, ty, code, message, wait);
         }
         self.codes.remove(phone);
         let shard_id = home_shard_of_phone(phone, self.shard_count());
