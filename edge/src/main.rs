@@ -89,6 +89,13 @@ struct Args {
     /// Phone hashes one account may look up per day (contact discovery).
     #[arg(long, default_value_t = 5_000)]
     discovery_per_day: u32,
+    /// Codes sent per number prefix (first 6 characters) per hour, per core.
+    #[arg(long, default_value_t = 1_000)]
+    code_requests_per_prefix_per_hour: u32,
+    /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
+    /// 16 costs a phone well under a second).
+    #[arg(long, default_value_t = 0)]
+    code_pow_bits: u8,
     /// Executors, each pinned to a CPU (default: every CPU of the machine).
     #[arg(long)]
     cores: Option<u32>,
@@ -134,6 +141,8 @@ fn main() -> ExitCode {
         mailbox_max_bytes: args.mailbox_max_bytes,
         media_max_bytes: args.media_max_bytes,
         discovery_per_day: args.discovery_per_day,
+        code_requests_per_prefix_per_hour: args.code_requests_per_prefix_per_hour,
+        code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         ..CoreConfig::default()
     };

@@ -294,6 +294,12 @@ pub struct CoreStats {
     pub handed_over: u64,
     /// Envelopes dropped from full mailboxes (each announced).
     pub dropped_envelopes: u64,
+    /// Verification codes sent.
+    pub codes_sent: u64,
+    /// Code requests refused by a budget.
+    pub codes_refused: u64,
+    /// Proof-of-work challenges given.
+    pub pow_challenges: u64,
     /// Presence events sent after coalescing.
     pub presence_events: u64,
     /// The counters of each shard this core owns, by shard id.

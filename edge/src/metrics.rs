@@ -83,7 +83,7 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     let per_core = |f: &dyn Fn(&CoreStats) -> u64| -> Vec<(String, u64)> {
         cores.iter().map(|c| (format!("{{core=\"{}\"}}", c.core), f(c))).collect()
     };
-    let families: [CoreFamily; 11] = [
+    let families: [CoreFamily; 14] = [
         ("tern_connections", "gauge", "Open client connections.", &|c| c.connections),
         ("tern_outbound_bytes", "gauge", "Bytes queued for client sockets.", &|c| c.outbound_bytes),
         ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| c.frames_in),
@@ -113,6 +113,19 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
             "counter",
             "Items in the batches sent to other cores.",
             &|c| c.mesh_items_out,
+        ),
+        ("tern_codes_sent_total", "counter", "Verification codes sent.", &|c| c.codes_sent),
+        (
+            "tern_codes_refused_total",
+            "counter",
+            "Code requests refused by a per-prefix budget (SMS-pumping defence).",
+            &|c| c.codes_refused,
+        ),
+        (
+            "tern_pow_challenges_total",
+            "counter",
+            "Proof-of-work challenges given before sending a code.",
+            &|c| c.pow_challenges,
         ),
         (
             "tern_presence_events_total",

@@ -241,3 +241,43 @@ fn the_right_pin_moves_the_account_and_revokes_old_tokens() {
     let refused = old.request(&Auth { user_id: alice.user_id, device_id: 1, token: alice.token });
     assert_eq!(refused.error_code(), Some(ErrorCode::BadToken));
 }
+
+#[test]
+fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
+    let dir = data_dir();
+    let args =
+        ["--cores", "1", "--code-pow-bits", "10", "--code-requests-per-prefix-per-hour", "2"];
+    let server = Server::start(dir.path(), &args);
+    let mut c = Client::connect(server.addr);
+    let ask = |c: &mut Client, phone: &str, proof: Option<ProofOfWork>| {
+        c.request(&RequestCode {
+            phone: phone.into(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work: proof,
+        })
+    };
+    let solve = |challenge: &[u8], bits: u8| -> u64 {
+        (0..).find(|n| tern_edge::core::pow_solves(challenge, *n, bits)).unwrap()
+    };
+    for phone in ["+15690000001", "+15690000002"] {
+        let challenge = ask(&mut c, phone, None);
+        let challenge = challenge.access::<PowChallenge>();
+        let (bytes, bits) = (challenge.challenge.to_vec(), challenge.difficulty_bits);
+        assert_eq!(bits, 10);
+        // A wrong nonce gets a new challenge, not a code.
+        let wrong = (0..).find(|n| !tern_edge::core::pow_solves(&bytes, *n, bits)).unwrap();
+        let again =
+            ask(&mut c, phone, Some(ProofOfWork { challenge: bytes.clone(), nonce: wrong }));
+        let again = again.access::<PowChallenge>();
+        let bytes = again.challenge.to_vec();
+        let nonce = solve(&bytes, bits);
+        ask(&mut c, phone, Some(ProofOfWork { challenge: bytes, nonce })).access::<CodeSent>();
+    }
+    // A third number in the same range this hour: refused before any work is asked.
+    let refused = ask(&mut c, "+15690000003", None);
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    let (_, metrics) = server.admin_get("/metrics");
+    assert!(metrics.contains("tern_codes_sent_total{core=\"0\"} 2"), "{metrics}");
+    assert!(metrics.contains("tern_codes_refused_total{core=\"0\"} 1"), "{metrics}");
+}

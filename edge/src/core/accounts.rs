@@ -408,3 +408,81 @@ impl<S: Storage> Core<S> {
         Err((ErrorCode::RegistrationLocked, "this number is locked: give its PIN", 0))
     }
 }
+
+/// How long a proof-of-work challenge stays valid.
+const POW_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Whether SHA-256(challenge ‖ nonce LE) starts with `bits` zero bits.
+pub fn pow_solves(challenge: &[u8], nonce: u64, bits: u8) -> bool {
+    let digest = Sha256::new().chain_update(challenge).chain_update(nonce.to_le_bytes()).finalize();
+    let mut left = u32::from(bits);
+    for byte in digest {
+        if left == 0 {
+            return true;
+        }
+        let zeros = byte.leading_zeros().min(8);
+        if left <= zeros {
+            return true;
+        }
+        if zeros < 8 {
+            return false;
+        }
+        left -= 8;
+    }
+    left == 0
+}
+
+impl<S: Storage> Core<S> {
+    /// The defences against SMS pumping before a code is sent: a budget per number prefix
+    /// and hour, and (if configured) a proof of work. `Err` means the request was
+    /// answered (a refusal or a challenge).
+    pub(super) fn code_budget(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        request: &ArchivedRequestCode,
+        now_ms: u64,
+    ) -> Result<(), ()> {
+        let phone = request.phone.as_str();
+        let ty = MessageType::RequestCode.code();
+        let prefix: String = phone.chars().take(6).collect();
+        let hour_ago = now_ms.saturating_sub(3_600_000);
+        let budget = self.config.code_requests_per_prefix_per_hour;
+        let times = self.code_prefix_requests.entry(prefix).or_default();
+        times.retain(|t| *t > hour_ago);
+        if times.len() as u32 >= budget {
+            let wait = (times[0] + 3_600_000).saturating_sub(now_ms) as u32;
+            self.counters.codes_refused += 1;
+            let message = "too many codes requested for numbers like this one; retry later";
+            self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait);
+            return Err(());
+        }
+        let bits = self.config.code_pow_bits;
+        if bits > 0 {
+            let solved = match (request.proof_of_work.as_ref(), self.pow_challenges.get(phone)) {
+                (Some(pow), Some((challenge, expires))) => {
+                    *expires > now_ms
+                        && pow.challenge.as_slice() == challenge.as_slice()
+                        && pow_solves(challenge, pow.nonce.to_native(), bits)
+                }
+                _ => false,
+            };
+            if !solved {
+                let mut challenge = vec![0u8; 16];
+                getrandom::fill(&mut challenge).expect("the OS random source works");
+                let answer = PowChallenge { challenge: challenge.clone(), difficulty_bits: bits };
+                self.pow_challenges.insert(phone.to_string(), (challenge, now_ms + POW_TTL_MS));
+                self.counters.pow_challenges += 1;
+                self.reply(conn, rid, &answer);
+                return Err(());
+            }
+            self.pow_challenges.remove(phone);
+        }
+        if let Some(times) =
+            self.code_prefix_requests.get_mut(&phone.chars().take(6).collect::<String>())
+        {
+            times.push(now_ms);
+        }
+        Ok(())
+    }
+}

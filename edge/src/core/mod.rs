@@ -39,8 +39,8 @@ use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy,
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
-pub use accounts::phone_hash;
 use accounts::Discovery;
+pub use accounts::{phone_hash, pow_solves};
 pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
 use groups::{GroupFanout, GroupReplyTo};
 pub use media::{home_shard_of_media, MEDIA_CHUNK_BYTES};
@@ -99,6 +99,11 @@ pub struct CoreConfig {
     pub media_ttl_ms: u64,
     /// Phone hashes one account may look up per day (contact discovery).
     pub discovery_per_day: u32,
+    /// Codes sent per number prefix (the first 6 characters, like `+15551`) per hour, per
+    /// core: SMS pumping targets ranges of premium numbers.
+    pub code_requests_per_prefix_per_hour: u32,
+    /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
+    pub code_pow_bits: u8,
 }
 
 impl Default for CoreConfig {
@@ -118,6 +123,8 @@ impl Default for CoreConfig {
             media_max_bytes: 100 << 20,
             media_ttl_ms: 30 * 24 * 3600 * 1000,
             discovery_per_day: 5_000,
+            code_requests_per_prefix_per_hour: 1_000,
+            code_pow_bits: 0,
         }
     }
 }
@@ -302,6 +309,12 @@ pub struct CoreCounters {
     pub protocol_errors: u64,
     /// Envelopes dropped from full mailboxes (each one announced).
     pub dropped_envelopes: u64,
+    /// Verification codes sent.
+    pub codes_sent: u64,
+    /// Code requests refused by a budget (SMS-pumping defence).
+    pub codes_refused: u64,
+    /// Proof-of-work challenges given.
+    pub pow_challenges: u64,
     /// Presence events sent (after coalescing).
     pub presence_events: u64,
     /// Batches sent to other cores.
@@ -332,6 +345,10 @@ pub struct Core<S: Storage> {
     /// Offline devices already woken since they were last connected (one push per
     /// absence, however many messages).
     pushed: std::collections::HashSet<(UserId, DeviceId)>,
+    /// Code requests per number prefix in the last hour (times).
+    code_prefix_requests: HashMap<String, Vec<u64>>,
+    /// Outstanding proof-of-work challenges per phone number: (challenge, expires).
+    pow_challenges: HashMap<String, (Vec<u8>, u64)>,
     /// Wrong registration-lock PINs per phone number: (day, count).
     pin_attempts: HashMap<String, (u64, u32)>,
     /// Truncated phone hashes of the accounts on this core's shards (discovery).
@@ -423,6 +440,8 @@ impl<S: Storage> Core<S> {
             links: HashMap::new(),
             phone_index: HashMap::new(),
             pin_attempts: HashMap::new(),
+            code_prefix_requests: HashMap::new(),
+            pow_challenges: HashMap::new(),
             discovery_used: HashMap::new(),
             discoveries: HashMap::new(),
             fanouts: HashMap::new(),
@@ -682,6 +701,9 @@ impl<S: Storage> Core<S> {
             mesh_batches_out: self.counters.mesh_batches_out,
             mesh_items_out: self.counters.mesh_items_out,
             dropped_envelopes: self.counters.dropped_envelopes,
+            codes_sent: self.counters.codes_sent,
+            codes_refused: self.counters.codes_refused,
+            pow_challenges: self.counters.pow_challenges,
             presence_events: self.counters.presence_events,
             handed_over: self.counters.handed_over,
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
@@ -1212,6 +1234,9 @@ impl<S: Storage> Core<S> {
             let message = "phone must be E.164: '+' and 8 to 15 digits";
             return self.error_reply(conn, rid, ty, ErrorCode::InvalidArgument, message, 0);
         }
+        if let Err(refusal) = self.code_budget(conn, rid, request, now_ms) {
+            return refusal;
+        }
         let hour_ago = now_ms.saturating_sub(3_600_000);
         let times = self.code_requests.entry(phone.to_string()).or_default();
         times.retain(|t| *t > hour_ago);
@@ -1229,6 +1254,7 @@ impl<S: Storage> Core<S> {
         }
         times.push(now_ms);
         let code = secrets::new_code(6);
+        self.counters.codes_sent += 1;
         self.code_sender.send_code(phone, &code);
         self.codes.insert(
             phone.to_string(),
