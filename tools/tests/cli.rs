@@ -235,3 +235,21 @@ fn discovery_profiles_and_blocks_from_the_command_line() {
         "{devices:?}"
     );
 }
+
+#[test]
+fn proof_of_work_lock_and_export_from_the_command_line() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    // This server asks for a proof of work before sending a code: `tern` solves it.
+    let mut server = Server::start(data.path(), &["--code-pow-bits", "12"]);
+    let db = stores.path().join("alice.db");
+    let alice = register(&mut server, &db, "+15594000001");
+    let locked = one_shot(&server, &db, &["lock", "--pin", "9753"]);
+    assert!(locked.contains(&"registration lock set".to_string()), "{locked:?}");
+    let out = tempfile::tempdir().unwrap();
+    let saved = one_shot(&server, &db, &["export", "--out", out.path().to_str().unwrap()]);
+    assert!(saved.iter().any(|l| l.starts_with("saved")), "{saved:?}");
+    let export =
+        std::fs::read_to_string(out.path().join(format!("tern-export-{alice}.json"))).unwrap();
+    assert!(export.contains("\"phone\":\"+15594000001\""), "{export}");
+}

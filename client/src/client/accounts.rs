@@ -108,6 +108,42 @@ impl Client {
         Ok(())
     }
 
+    /// Sets (or with `None` removes) the PIN needed to register this number on another
+    /// phone. Primary device only.
+    pub async fn set_registration_lock(&mut self, pin: Option<&str>) -> Result<(), ClientError> {
+        self.request(&SetRegistrationLock { pin: pin.map(str::to_string) }).await?;
+        Ok(())
+    }
+
+    /// Everything the server holds about this account, as JSON, written to `dir`.
+    pub async fn export(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<std::path::PathBuf, ClientError> {
+        let reply = self.request(&ExportRequest {}).await?;
+        let Message::ExportReady(ready) = reply.frame().message else {
+            return Err(server_error(&reply));
+        };
+        let (media_id, size) = (ready.media_id, ready.size_bytes.to_native());
+        let mut bytes = Vec::with_capacity(size as usize);
+        while (bytes.len() as u64) < size {
+            let request =
+                MediaDownload { media_id, offset: bytes.len() as u64, length: 512 * 1024 };
+            let reply = self.request(&request).await?;
+            let Message::MediaData(data) = reply.frame().message else {
+                return Err(server_error(&reply));
+            };
+            if data.data.is_empty() {
+                return Err(ClientError::Protocol("the server sent no bytes".into()));
+            }
+            bytes.extend_from_slice(&data.data);
+        }
+        let path = dir.join(format!("tern-export-{}.json", self.user_id()));
+        std::fs::write(&path, bytes)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        Ok(path)
+    }
+
     /// Reports a user to the operator, sharing the given message ids (metadata only).
     pub async fn report(
         &mut self,

@@ -133,6 +133,8 @@ pub struct PendingRegistration {
     phone: String,
     /// How long the code stays valid.
     pub expires_in_s: u32,
+    /// The registration-lock PIN, if the number has one.
+    pin: Option<String>,
 }
 
 /// A registered device, connected or not.
@@ -175,24 +177,42 @@ impl PendingRegistration {
     /// Asks the server to send a verification code to `phone`.
     pub async fn request_code(endpoint: &Endpoint, phone: &str) -> Result<Self, ClientError> {
         let mut connection = Connection::open(endpoint).await?;
-        let request = RequestCode {
-            phone: phone.into(),
-            channel: CodeChannel::Sms,
-            locale: "en".into(),
-            proof_of_work: None,
-        };
-        let id = connection.send(&request).await?;
-        let reply = answer(&mut connection, id, &mut VecDeque::new()).await?;
-        let expires_in_s = match reply.frame().message {
-            Message::CodeSent(sent) => sent.expires_in_s.to_native(),
-            _ => return Err(server_error(&reply)),
-        };
-        Ok(PendingRegistration {
-            connection,
-            endpoint: endpoint.clone(),
-            phone: phone.into(),
-            expires_in_s,
-        })
+        let mut proof_of_work = None;
+        // A server defending against SMS pumping may ask for a proof of work first.
+        for _ in 0..3 {
+            let request = RequestCode {
+                phone: phone.into(),
+                channel: CodeChannel::Sms,
+                locale: "en".into(),
+                proof_of_work: proof_of_work.take(),
+            };
+            let id = connection.send(&request).await?;
+            let reply = answer(&mut connection, id, &mut VecDeque::new()).await?;
+            match reply.frame().message {
+                Message::CodeSent(sent) => {
+                    return Ok(PendingRegistration {
+                        connection,
+                        endpoint: endpoint.clone(),
+                        phone: phone.into(),
+                        expires_in_s: sent.expires_in_s.to_native(),
+                        pin: None,
+                    })
+                }
+                Message::PowChallenge(challenge) => {
+                    let bytes = challenge.challenge.to_vec();
+                    let nonce = solve_pow(&bytes, challenge.difficulty_bits);
+                    proof_of_work = Some(ProofOfWork { challenge: bytes, nonce });
+                }
+                _ => return Err(server_error(&reply)),
+            }
+        }
+        Err(ClientError::Protocol("the server kept asking for proofs of work".into()))
+    }
+
+    /// Gives the number's registration-lock PIN (needed when it has one).
+    pub fn with_pin(mut self, pin: &str) -> Self {
+        self.pin = Some(pin.into());
+        self
     }
 
     /// Verifies the code and creates this device: a new E2E account whose public keys
@@ -217,7 +237,7 @@ impl PendingRegistration {
             phone: self.phone.clone(),
             code: code.into(),
             device: NewDevice { name: device_name.into(), keys: crypto.device_keys() },
-            registration_lock_pin: None,
+            registration_lock_pin: self.pin.clone(),
         };
         let id = self.connection.send(&verify).await?;
         let reply = answer(&mut self.connection, id, &mut VecDeque::new()).await?;
@@ -305,6 +325,20 @@ impl PendingLink {
         store.save_identity(&identity, &self.crypto.pickle(store.pickle_key()))?;
         Client::start(self.endpoint, store, self.crypto, identity).await
     }
+}
+
+/// The nonce whose SHA-256(challenge ‖ nonce LE) starts with `bits` zero bits.
+fn solve_pow(challenge: &[u8], bits: u8) -> u64 {
+    use sha2::{Digest, Sha256};
+    let bits = u32::from(bits.min(32));
+    (0u64..)
+        .find(|nonce| {
+            let digest =
+                Sha256::new().chain_update(challenge).chain_update(nonce.to_le_bytes()).finalize();
+            let head = u32::from_be_bytes(digest[..4].try_into().expect("4 bytes"));
+            bits == 0 || head.leading_zeros() >= bits
+        })
+        .expect("a nonce exists")
 }
 
 /// Reads until the answer to request `id`, keeping everything else in `backlog`.

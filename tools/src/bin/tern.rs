@@ -47,6 +47,9 @@ enum Command {
         /// E.164 phone number, like +15550001.
         #[arg(long)]
         phone: String,
+        /// The number's registration-lock PIN, if it has one.
+        #[arg(long)]
+        pin: Option<String>,
         /// A name for this device.
         #[arg(long, default_value = "tern cli")]
         name: String,
@@ -150,6 +153,21 @@ enum Command {
         /// The device to remove.
         #[arg(long)]
         unlink: Option<u32>,
+    },
+    /// Set (--pin) or remove (--remove) the PIN that protects this number from takeover.
+    Lock {
+        /// The PIN.
+        #[arg(long)]
+        pin: Option<String>,
+        /// Remove the lock.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Save everything the server holds about this account (JSON) into a folder.
+    Export {
+        /// The folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
     /// Groups (up to 256 members): create, change, send, show.
     Group {
@@ -266,9 +284,13 @@ async fn open(args: &Args) -> Result<Client, ClientError> {
 
 async fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
-        Command::Register { phone, name } => {
+        Command::Register { phone, name, pin } => {
             let secret = passphrase()?;
-            let pending = PendingRegistration::request_code(&endpoint(&args, None), phone).await?;
+            let mut pending =
+                PendingRegistration::request_code(&endpoint(&args, None), phone).await?;
+            if let Some(pin) = pin {
+                pending = pending.with_pin(pin);
+            }
             println!("a code was sent to {phone} (valid {} s)", pending.expires_in_s);
             let code = prompt_line("code: ").await?;
             let client = pending.verify(code.trim(), name, &args.store, &secret).await?;
@@ -318,6 +340,20 @@ async fn run(args: Args) -> Result<(), ClientError> {
             }
         }
         Command::Group { action } => group(open(&args).await?, action).await?,
+        Command::Lock { pin, remove } => {
+            let mut client = open(&args).await?;
+            let pin = if *remove { None } else { pin.as_deref() };
+            client.set_registration_lock(pin).await?;
+            println!(
+                "{}",
+                if pin.is_some() { "registration lock set" } else { "registration lock removed" }
+            );
+        }
+        Command::Export { out } => {
+            let mut client = open(&args).await?;
+            let path = client.export(out).await?;
+            println!("saved {}", path.display());
+        }
         Command::Discover { phones } => {
             let mut client = open(&args).await?;
             let found = client.discover(phones).await?;
