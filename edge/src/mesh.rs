@@ -142,6 +142,11 @@ pub enum Request {
         /// Bytes wanted.
         length: u32,
     },
+    /// A deleted user leaves the groups homed on the receiving core.
+    ForgetMember {
+        /// Whom.
+        user_id: UserId,
+    },
     /// Which of these phone hashes are registered on the receiving core (answered
     /// `Reply::Discovered`).
     Discover {

@@ -281,3 +281,62 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
     assert!(metrics.contains("tern_codes_sent_total{core=\"0\"} 2"), "{metrics}");
     assert!(metrics.contains("tern_codes_refused_total{core=\"0\"} 1"), "{metrics}");
 }
+
+#[test]
+fn a_deleted_account_leaves_nothing_live_behind() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let (alice, alice_key) = register_signing(&mut server, &phone_on_core(400, 0));
+    let alice_phone = phone_on_core(400, 0);
+    let bob = register(&mut server, &phone_on_core(500, 1), 0);
+    let mut a = login(&server, alice);
+    let mut b = login(&server, bob);
+    // Alice has a group with Bob, a profile, a blob, and mail waiting.
+    let group_id = 0x5EED_0DE1;
+    let change = GroupChange::Create { name: "g".into(), members: vec![bob.user_id] };
+    let signed = GroupChangeSigned {
+        group_id,
+        base_epoch: 0,
+        signer_user: alice.user_id,
+        signer_device: 1,
+        change: change.clone(),
+    };
+    let mut bytes = Vec::new();
+    encode_archive(&mut bytes, &signed).unwrap();
+    let signature = alice_key.sign(&bytes).as_ref().try_into().unwrap();
+    a.request(&GroupUpdate { group_id, base_epoch: 0, change, signature }).access::<GroupUpdated>();
+    a.request(&ProfileSet { display_name: Some("Alice".into()), about: None, avatar: None })
+        .access::<Done>();
+    let begun = a.request(&MediaBegin { size_bytes: 4, kind: MediaKind::Image });
+    let media_id = begun.access::<MediaBegun>().media_id;
+    let blob = dir
+        .path()
+        .join("media")
+        .join(format!("{}.part", media_id.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    assert!(blob.exists());
+
+    let wrong = a.request(&DeleteAccount { phone: "+15550000000".into() });
+    assert_eq!(wrong.error_code(), Some(ErrorCode::InvalidArgument));
+    a.request(&DeleteAccount { phone: alice_phone.clone() }).access::<Done>();
+    assert!(!blob.exists(), "the account's media is deleted");
+
+    // The token is refused, the profile gone, the number unknown to discovery.
+    let mut again = Client::connect(server.addr);
+    let refused = again.request(&Auth { user_id: alice.user_id, device_id: 1, token: alice.token });
+    assert_eq!(refused.error_code(), Some(ErrorCode::BadToken));
+    assert_eq!(
+        b.request(&ProfileGet { user_id: alice.user_id }).error_code(),
+        Some(ErrorCode::NotFound)
+    );
+    let found = b.request(&ContactDiscover { hashes: vec![phone_hash(&alice_phone)] });
+    assert!(found.access::<ContactMatches>().matches.is_empty());
+    // Bob's group goes on without her (and Bob became its admin).
+    let info = b.request(&GroupInfoRequest { group_id });
+    let info = info.access::<GroupInfo>();
+    let members: Vec<(u64, bool)> =
+        info.members.iter().map(|m| (m.user_id.to_native(), m.admin)).collect();
+    assert_eq!(members, vec![(bob.user_id, true)]);
+    // The number can be registered afresh: a new account.
+    let fresh = register(&mut server, &alice_phone, 0);
+    assert_ne!(fresh.user_id, alice.user_id);
+}

@@ -486,3 +486,115 @@ impl<S: Storage> Core<S> {
         Ok(())
     }
 }
+
+impl<S: Storage> Core<S> {
+    /// Deletes `me`'s account (primary only, the phone number as confirmation): its
+    /// devices and tokens (refused at once), keys, mailboxes, profile, privacy, contacts,
+    /// blocks, media and group memberships. Groups keep their epoch: the other members'
+    /// verified views are not disturbed, and a member without devices receives nothing.
+    pub(super) fn delete_account(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        phone: &str,
+    ) {
+        let ty = MessageType::DeleteAccount.code();
+        let shard_id = home_shard_of_user(me.0);
+        let Some(handle) = self.local_shard(shard_id).cloned() else { return };
+        let account_phone = handle.borrow().state().account(me.0).map(|a| a.phone.clone());
+        if me.1 != 1 {
+            let message = "only the primary device deletes the account";
+            return self.error_reply(conn, rid, ty, ErrorCode::Forbidden, message, 0);
+        }
+        if account_phone.as_deref() != Some(phone) {
+            let message = "give the account's phone number to confirm";
+            return self.error_reply(conn, rid, ty, ErrorCode::InvalidArgument, message, 0);
+        }
+        // Mailboxes go, and every connection of the account.
+        for device in self.devices_of(me.0).unwrap_or_default() {
+            let last = handle.borrow().mailbox_next_seq(device);
+            if last > 0 {
+                let dropped = handle.borrow_mut().ack(device, last - 1);
+                if let Err(error) = dropped {
+                    tracing::warn!(%error, "could not drop a deleted account's mailbox");
+                }
+            }
+            if let Some(other) = self.online.remove(&device) {
+                if other != conn {
+                    if let Some(c) = self.conns.get_mut(&other) {
+                        c.state = ConnState::Open;
+                        c.closing = true;
+                        c.wake();
+                    }
+                }
+            }
+            self.pushed.remove(&device);
+        }
+        // Its media.
+        let owned: Vec<MediaId> = handle
+            .borrow()
+            .state()
+            .media
+            .values()
+            .filter(|m| m.owner == me.0)
+            .map(|m| m.media_id)
+            .collect();
+        for media_id in owned {
+            self.forget_media(&media_id);
+        }
+        // Its group memberships, on every core.
+        for core in 0..self.placement.count {
+            if core == self.placement.index {
+                self.forget_member(me.0);
+            } else {
+                self.ask(core, Request::ForgetMember { user_id: me.0 }, None);
+            }
+        }
+        self.watching.remove(&me.0);
+        self.watchers.remove(&me.0);
+        if let Some(phone) = account_phone {
+            self.phone_index.remove(&phone_hash(&phone));
+        }
+        let deleted = handle.borrow_mut().apply_state(StateOp::DeleteAccount { user_id: me.0 });
+        match deleted {
+            Ok(seq) => {
+                tracing::info!(user_id = me.0, "account deleted");
+                self.reply_when_durable(conn, rid, &Done {}, vec![(shard_id, seq)]);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = ConnState::Open;
+                }
+            }
+            Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
+    }
+
+    /// Removes a deleted user from the groups homed on this core.
+    pub(super) fn forget_member(&mut self, user_id: UserId) {
+        for (_, shard) in self.owned_shards() {
+            let groups: Vec<_> = shard
+                .borrow()
+                .state()
+                .groups
+                .values()
+                .filter(|g| g.members.iter().any(|m| m.user_id == user_id))
+                .cloned()
+                .collect();
+            for mut group in groups {
+                group.members.retain(|m| m.user_id != user_id);
+                if !group.members.is_empty() && !group.members.iter().any(|m| m.admin) {
+                    if let Some(oldest) = group.members.iter_mut().min_by_key(|m| m.joined_ms) {
+                        oldest.admin = true;
+                    }
+                }
+                let stored = shard.borrow_mut().apply_state(StateOp::PutGroup { group });
+                if let Err(error) = stored {
+                    tracing::warn!(%error, "could not remove a deleted user from a group");
+                }
+            }
+            for watchers in self.watchers.values_mut() {
+                watchers.remove(&user_id);
+            }
+        }
+    }
+}

@@ -366,6 +366,22 @@ impl<S: Storage> Core<S> {
         Ok(MediaData { media_id, offset, total_bytes: record.size_bytes, data })
     }
 
+    /// Deletes a blob and its record (its owner's account is being deleted).
+    pub(super) fn forget_media(&mut self, media_id: &MediaId) {
+        for part in [true, false] {
+            if let Some(path) = self.media_path(media_id, part) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(shard) = self.local_shard(home_shard_of_media(media_id)).cloned() {
+            let removed =
+                shard.borrow_mut().apply_state(StateOp::DeleteMedia { media_id: *media_id });
+            if let Err(error) = removed {
+                tracing::warn!(%error, "could not forget media");
+            }
+        }
+    }
+
     /// Deletes blobs past their time (uncommitted uploads after a day, committed ones
     /// after the message TTL); returns how many.
     pub fn expire_media(&mut self, now_ms: u64) -> usize {

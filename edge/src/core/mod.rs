@@ -797,6 +797,10 @@ impl<S: Storage> Core<S> {
                 (self.deliver_group(&mut delivery), Reply::Done(Ok(())))
             }
             request @ Request::GroupInfo { .. } => (Vec::new(), self.serve_group_info(request)),
+            Request::ForgetMember { user_id } => {
+                self.forget_member(user_id);
+                return;
+            }
             request @ (Request::Discover { .. } | Request::Profile { .. }) => {
                 let reply = self.serve_account_request(request).expect("an account request");
                 (Vec::new(), reply)
@@ -1062,6 +1066,9 @@ impl<S: Storage> Core<S> {
             Message::GroupUpdate(update) => self.group_update(conn, rid, me, update, now_ms),
             Message::Unlink(unlink) => self.unlink(conn, rid, me, unlink.device_id.to_native()),
             Message::ExportRequest(_) => self.export(conn, rid, me.0, now_ms),
+            Message::DeleteAccount(delete) => {
+                self.delete_account(conn, rid, me, delete.phone.as_str())
+            }
             Message::SetRegistrationLock(lock) => {
                 if me.1 != 1 {
                     let message = "only the primary device sets the registration lock";
