@@ -294,17 +294,7 @@ fn a_deleted_account_leaves_nothing_live_behind() {
     // Alice has a group with Bob, a profile, a blob, and mail waiting.
     let group_id = 0x5EED_0DE1;
     let change = GroupChange::Create { name: "g".into(), members: vec![bob.user_id] };
-    let signed = GroupChangeSigned {
-        group_id,
-        base_epoch: 0,
-        signer_user: alice.user_id,
-        signer_device: 1,
-        change: change.clone(),
-    };
-    let mut bytes = Vec::new();
-    encode_archive(&mut bytes, &signed).unwrap();
-    let signature = alice_key.sign(&bytes).as_ref().try_into().unwrap();
-    a.request(&GroupUpdate { group_id, base_epoch: 0, change, signature }).access::<GroupUpdated>();
+    a.request(&signed_update(&alice_key, alice, group_id, 0, change)).access::<GroupUpdated>();
     a.request(&ProfileSet { display_name: Some("Alice".into()), about: None, avatar: None })
         .access::<Done>();
     let begun = a.request(&MediaBegin { size_bytes: 4, kind: MediaKind::Image });

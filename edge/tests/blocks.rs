@@ -53,17 +53,7 @@ fn a_block_stops_messages_typing_and_presence_but_not_groups() {
     // A shared group still works both ways.
     let group_id = 0x5EED_0BB5;
     let change = GroupChange::Create { name: "shared".into(), members: vec![bob.user_id] };
-    let signed = GroupChangeSigned {
-        group_id,
-        base_epoch: 0,
-        signer_user: alice.user_id,
-        signer_device: 1,
-        change: change.clone(),
-    };
-    let mut bytes = Vec::new();
-    encode_archive(&mut bytes, &signed).unwrap();
-    let signature = alice_key.sign(&bytes).as_ref().try_into().unwrap();
-    a.request(&GroupUpdate { group_id, base_epoch: 0, change, signature }).access::<GroupUpdated>();
+    a.request(&signed_update(&alice_key, alice, group_id, 0, change)).access::<GroupUpdated>();
     let group_message = SendMessage {
         client_message_id: 2,
         to: Conversation::Group(group_id),

@@ -9,27 +9,6 @@ use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::*;
 
-/// A signed group change, as a client makes it.
-fn update(
-    signer: &ring::signature::Ed25519KeyPair,
-    actor: Account,
-    group_id: GroupId,
-    base_epoch: u64,
-    change: GroupChange,
-) -> GroupUpdate {
-    let signed = GroupChangeSigned {
-        group_id,
-        base_epoch,
-        signer_user: actor.user_id,
-        signer_device: actor.device_id,
-        change: change.clone(),
-    };
-    let mut bytes = Vec::new();
-    encode_archive(&mut bytes, &signed).unwrap();
-    let signature = signer.sign(&bytes).as_ref().try_into().unwrap();
-    GroupUpdate { group_id, base_epoch, change, signature }
-}
-
 fn group_text(group_id: GroupId, client_message_id: u64, body: &[u8]) -> SendMessage {
     SendMessage {
         client_message_id,
@@ -76,11 +55,11 @@ fn a_group_of_256_gets_every_message_in_one_order_with_receipts() {
         name: "everyone".into(),
         members: others.iter().map(|a| a.user_id).collect(),
     };
-    assert_eq!(updated(&a.request(&update(&signer, admin, group_id, 0, create))), 1);
+    assert_eq!(updated(&a.request(&signed_update(&signer, admin, group_id, 0, create))), 1);
     // The 257th is refused, with a typed error.
     let extra = register(&mut server, "+15649999999", 0);
     let add = GroupChange::Add { members: vec![extra.user_id] };
-    let full = a.request(&update(&signer, admin, group_id, 1, add));
+    let full = a.request(&signed_update(&signer, admin, group_id, 1, add));
     assert_eq!(full.error_code(), Some(ErrorCode::GroupFull), "{}", full.describe());
 
     let mut members: Vec<Client> = others.iter().map(|m| login(&server, *m)).collect();
@@ -145,15 +124,15 @@ fn only_admins_change_a_group_and_membership_bounds_what_is_received() {
     let mut d = login(&server, dave);
     let create =
         GroupChange::Create { name: "club".into(), members: vec![bob.user_id, carol.user_id] };
-    assert_eq!(updated(&a.request(&update(&alice_key, alice, group_id, 0, create))), 1);
+    assert_eq!(updated(&a.request(&signed_update(&alice_key, alice, group_id, 0, create))), 1);
 
     // Bob is no admin; a change signed with someone else's key is refused too.
     let add_dave = GroupChange::Add { members: vec![dave.user_id] };
-    let refused = b.request(&update(&bob_key, bob, group_id, 1, add_dave.clone()));
+    let refused = b.request(&signed_update(&bob_key, bob, group_id, 1, add_dave.clone()));
     assert_eq!(refused.error_code(), Some(ErrorCode::NotAdmin));
-    let forged = b.request(&update(&alice_key, bob, group_id, 1, add_dave.clone()));
+    let forged = b.request(&signed_update(&alice_key, bob, group_id, 1, add_dave.clone()));
     assert_eq!(forged.error_code(), Some(ErrorCode::InvalidSignature));
-    let stale = a.request(&update(&alice_key, alice, group_id, 0, add_dave.clone()));
+    let stale = a.request(&signed_update(&alice_key, alice, group_id, 0, add_dave.clone()));
     assert_eq!(stale.error_code(), Some(ErrorCode::Conflict));
     // Dave, not a member, cannot write to it.
     let outsider = d.request(&group_text(group_id, 1, b"let me in"));
@@ -161,12 +140,12 @@ fn only_admins_change_a_group_and_membership_bounds_what_is_received() {
 
     // Carol is removed: she hears of it, then nothing more.
     let remove = GroupChange::Remove { members: vec![carol.user_id] };
-    assert_eq!(updated(&a.request(&update(&alice_key, alice, group_id, 1, remove))), 2);
+    assert_eq!(updated(&a.request(&signed_update(&alice_key, alice, group_id, 1, remove))), 2);
     next_kind(&mut c, ArchivedEnvelopeKind::GroupEvent); // Create.
     next_kind(&mut c, ArchivedEnvelopeKind::GroupEvent); // Remove.
     a.request(&group_text(group_id, 10, b"after carol")).access::<SendAck>();
     // Dave joins after that message.
-    assert_eq!(updated(&a.request(&update(&alice_key, alice, group_id, 2, add_dave))), 3);
+    assert_eq!(updated(&a.request(&signed_update(&alice_key, alice, group_id, 2, add_dave))), 3);
     a.request(&group_text(group_id, 11, b"with dave")).access::<SendAck>();
     // A retry is answered with the original id.
     let first = a.request(&group_text(group_id, 11, b"with dave"));
@@ -188,7 +167,7 @@ fn only_admins_change_a_group_and_membership_bounds_what_is_received() {
 
     // The last admin leaves: the longest member (Bob) takes over.
     let leave = GroupChange::Leave;
-    assert_eq!(updated(&a.request(&update(&alice_key, alice, group_id, 3, leave))), 4);
+    assert_eq!(updated(&a.request(&signed_update(&alice_key, alice, group_id, 3, leave))), 4);
     let info = b.request(&GroupInfoRequest { group_id });
     let info = info.access::<GroupInfo>();
     assert_eq!(info.epoch.to_native(), 4);

@@ -994,58 +994,45 @@ impl Client {
         if let Some(curve25519) = new_identity {
             self.pin(sender, PeerIdentity { curve25519, ed25519: None })?;
         }
-        message.text = match plaintext.split_first() {
-            Some((&CONTENT_TEXT, text)) => String::from_utf8_lossy(text).into_owned(),
+        // What the plaintext is: a message for the history, or a control message.
+        let mut control = None;
+        match plaintext.split_first() {
+            Some((&CONTENT_TEXT, text)) => {
+                message.text = String::from_utf8_lossy(text).into_owned()
+            }
             Some((&CONTENT_MEDIA, descriptor)) => {
                 let descriptor = crate::media::MediaDescriptor::decode(descriptor)?;
                 self.store.save_media(message.sender, message.client_id, &descriptor.encode())?;
-                format!("📎 {} ({} bytes)", descriptor.name, descriptor.size)
+                message.text = format!("📎 {} ({} bytes)", descriptor.name, descriptor.size);
             }
-            Some((&CONTENT_GROUP_KEY, payload)) => {
-                let account = new_identity.map(|_| self.crypto.pickle(&key));
-                let pickle = session.pickle(&key);
-                self.store.save_session(
-                    sender,
-                    &session.id(),
-                    &pickle,
-                    account.as_deref(),
-                    None,
-                )?;
-                self.accept_group_key(sender, payload)?;
-                return Err(ClientError::NotAMessage);
-            }
-            Some((&CONTENT_DELETE, id)) if id.len() == 8 => {
-                // Not a message: a deletion. The ratchet moved; the history loses it.
-                let server_id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
-                let account = new_identity.map(|_| self.crypto.pickle(&key));
-                let pickle = session.pickle(&key);
-                self.store.save_session(
-                    sender,
-                    &session.id(),
-                    &pickle,
-                    account.as_deref(),
-                    None,
-                )?;
-                self.store.delete_message(sender.0, server_id)?;
-                self.events.push_back(Event::Deleted { sender: sender.0, server_id });
-                return Err(ClientError::NotAMessage);
-            }
+            Some((&CONTENT_GROUP_KEY, payload)) => control = Some((CONTENT_GROUP_KEY, payload)),
+            Some((&CONTENT_DELETE, id)) if id.len() == 8 => control = Some((CONTENT_DELETE, id)),
             _ => {
                 return Err(ClientError::Crypto(crate::CryptoError::Decrypt(
                     "unknown content".into(),
                 )))
             }
-        };
+        }
+        // The ratchet moved: saved with the message it decrypted (or alone for a control
+        // message), in one transaction.
         let account = new_identity.map(|_| self.crypto.pickle(&key));
         let pickle = session.pickle(&key);
-        self.store.save_session(
-            sender,
-            &session.id(),
-            &pickle,
-            account.as_deref(),
-            Some(&message),
-        )?;
-        Ok(message)
+        let stored = control.is_none().then_some(&message);
+        self.store.save_session(sender, &session.id(), &pickle, account.as_deref(), stored)?;
+        match control {
+            None => Ok(message),
+            Some((CONTENT_GROUP_KEY, payload)) => {
+                self.accept_group_key(sender, payload)?;
+                Err(ClientError::NotAMessage)
+            }
+            Some((_, id)) => {
+                // A deletion for everyone: the history loses the message.
+                let server_id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
+                self.store.delete_message(sender.0, server_id)?;
+                self.events.push_back(Event::Deleted { sender: sender.0, server_id });
+                Err(ClientError::NotAMessage)
+            }
+        }
     }
 }
 

@@ -401,18 +401,7 @@ impl<S: Storage> Core<S> {
             })
             .collect();
         for media_id in &expired {
-            for part in [true, false] {
-                if let Some(path) = self.media_path(media_id, part) {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            if let Some(shard) = self.local_shard(home_shard_of_media(media_id)).cloned() {
-                let removed =
-                    shard.borrow_mut().apply_state(StateOp::DeleteMedia { media_id: *media_id });
-                if let Err(error) = removed {
-                    tracing::warn!(%error, "could not forget expired media");
-                }
-            }
+            self.forget_media(media_id);
         }
         expired.len()
     }

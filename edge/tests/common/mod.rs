@@ -435,3 +435,24 @@ impl Write for WsStream {
         self.socket.flush().map_err(|e| std::io::Error::other(e.to_string()))
     }
 }
+
+/// A group change signed as a client signs it (over `GroupChangeSigned`).
+pub fn signed_update(
+    signer: &ring::signature::Ed25519KeyPair,
+    actor: Account,
+    group_id: GroupId,
+    base_epoch: u64,
+    change: GroupChange,
+) -> GroupUpdate {
+    let signed = GroupChangeSigned {
+        group_id,
+        base_epoch,
+        signer_user: actor.user_id,
+        signer_device: actor.device_id,
+        change: change.clone(),
+    };
+    let mut bytes = Vec::new();
+    encode_archive(&mut bytes, &signed).unwrap();
+    let signature = signer.sign(&bytes).as_ref().try_into().unwrap();
+    GroupUpdate { group_id, base_epoch, change, signature }
+}
