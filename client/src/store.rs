@@ -381,7 +381,7 @@ impl Store {
             )?;
         }
         if let Some(message) = message {
-            insert_message(&tx, message)?;
+            insert_message(&tx, message, 0)?;
         }
         tx.commit()?;
         Ok(())
@@ -463,7 +463,7 @@ impl Store {
 
     /// Adds a message to the history (an outgoing one before it is sent).
     pub fn add_message(&self, message: &StoredMessage) -> Result<(), StoreError> {
-        insert_message(&self.db, message)
+        insert_message(&self.db, message, 0)
     }
 
     /// Removes a message (deleted for everyone by its sender) from the history.
@@ -716,18 +716,7 @@ impl Store {
         group_id: u64,
         message: &StoredMessage,
     ) -> Result<(), StoreError> {
-        insert_message(&self.db, message)?;
-        self.db.execute(
-            "UPDATE messages SET group_id = ?1
-             WHERE sender_user = ?2 AND sender_device = ?3 AND client_id = ?4",
-            params![
-                group_id as i64,
-                message.sender.0 as i64,
-                message.sender.1,
-                message.client_id as i64
-            ],
-        )?;
-        Ok(())
+        insert_message(&self.db, message, group_id)
     }
 
     /// Whether an incoming message is already in the history (a redelivery).
@@ -838,11 +827,16 @@ impl Store {
     }
 }
 
-fn insert_message(db: &Connection, message: &StoredMessage) -> Result<(), StoreError> {
+/// Adds a message to the history; `group_id` is 0 for a one-to-one conversation.
+fn insert_message(
+    db: &Connection,
+    message: &StoredMessage,
+    group_id: u64,
+) -> Result<(), StoreError> {
     db.execute(
-        "INSERT OR IGNORE INTO messages
-         (server_id, client_id, peer, sender_user, sender_device, outgoing, body, time_ms, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT OR IGNORE INTO messages (server_id, client_id, peer, sender_user,
+         sender_device, outgoing, body, time_ms, status, group_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             message.server_id as i64,
             message.client_id as i64,
@@ -852,7 +846,8 @@ fn insert_message(db: &Connection, message: &StoredMessage) -> Result<(), StoreE
             message.outgoing as i64,
             message.text,
             message.time_ms as i64,
-            message.status as i64
+            message.status as i64,
+            group_id as i64
         ],
     )?;
     Ok(())

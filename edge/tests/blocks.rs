@@ -54,18 +54,7 @@ fn a_block_stops_messages_typing_and_presence_but_not_groups() {
     let group_id = 0x5EED_0BB5;
     let change = GroupChange::Create { name: "shared".into(), members: vec![bob.user_id] };
     a.request(&signed_update(&alice_key, alice, group_id, 0, change)).access::<GroupUpdated>();
-    let group_message = SendMessage {
-        client_message_id: 2,
-        to: Conversation::Group(group_id),
-        kind: EnvelopeKind::Text,
-        ttl_s: 0,
-        copies: vec![DeviceCopy {
-            user_id: 0,
-            device_id: 0,
-            e2e_type: E2eType::Megolm,
-            ciphertext: b"in the group".to_vec(),
-        }],
-    };
+    let group_message = group_text(group_id, 2, b"in the group");
     b.request(&group_message).access::<SendAck>();
     let first = a.next_of(MessageType::Deliver);
     assert_eq!(

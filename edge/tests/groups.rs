@@ -9,21 +9,6 @@ use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::*;
 
-fn group_text(group_id: GroupId, client_message_id: u64, body: &[u8]) -> SendMessage {
-    SendMessage {
-        client_message_id,
-        to: Conversation::Group(group_id),
-        kind: EnvelopeKind::Text,
-        ttl_s: 0,
-        copies: vec![DeviceCopy {
-            user_id: 0,
-            device_id: 0,
-            e2e_type: E2eType::Megolm,
-            ciphertext: body.to_vec(),
-        }],
-    }
-}
-
 /// The next envelope of `kind` (acknowledging everything read on the way).
 fn next_kind(client: &mut Client, kind: ArchivedEnvelopeKind) -> Received {
     loop {

@@ -225,14 +225,8 @@ impl PendingRegistration {
         store_path: &Path,
         secret: &StoreSecret,
     ) -> Result<Client, ClientError> {
-        let mut store = Store::open(store_path, secret)?;
-        if store.identity()?.is_some() {
-            return Err(ClientError::Config(format!(
-                "{} already holds a registered device; use another file",
-                store_path.display()
-            )));
-        }
-        let mut crypto = DeviceCrypto::new();
+        let store = open_unused_store(store_path, secret)?;
+        let crypto = DeviceCrypto::new();
         let verify = Verify {
             phone: self.phone.clone(),
             code: code.into(),
@@ -240,20 +234,7 @@ impl PendingRegistration {
             registration_lock_pin: self.pin.clone(),
         };
         let id = self.connection.send(&verify).await?;
-        let reply = answer(&mut self.connection, id, &mut VecDeque::new()).await?;
-        let identity = match reply.frame().message {
-            Message::Registered(registered) => Identity {
-                server: self.endpoint.address.clone(),
-                user_id: registered.user_id.to_native(),
-                device_id: registered.device_id.to_native(),
-                token: registered.token,
-            },
-            _ => return Err(server_error(&reply)),
-        };
-        // The server has the keys (the reply came after they were durable).
-        crypto.mark_published();
-        store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
-        Client::start(self.endpoint, store, crypto, identity).await
+        start_new_device(self.connection, id, self.endpoint, store, crypto).await
     }
 }
 
@@ -300,31 +281,50 @@ impl PendingLink {
 
     /// Waits for the approval (up to the code's lifetime) and creates the store.
     pub async fn wait(
-        mut self,
+        self,
         store_path: &Path,
         secret: &StoreSecret,
     ) -> Result<Client, ClientError> {
-        let mut store = Store::open(store_path, secret)?;
-        if store.identity()?.is_some() {
-            return Err(ClientError::Config(format!(
-                "{} already holds a registered device; use another file",
-                store_path.display()
-            )));
-        }
-        let reply = answer(&mut self.connection, self.request_id, &mut VecDeque::new()).await?;
-        let identity = match reply.frame().message {
-            Message::Registered(registered) => Identity {
-                server: self.endpoint.address.clone(),
-                user_id: registered.user_id.to_native(),
-                device_id: registered.device_id.to_native(),
-                token: registered.token,
-            },
-            _ => return Err(server_error(&reply)),
-        };
-        self.crypto.mark_published();
-        store.save_identity(&identity, &self.crypto.pickle(store.pickle_key()))?;
-        Client::start(self.endpoint, store, self.crypto, identity).await
+        let store = open_unused_store(store_path, secret)?;
+        start_new_device(self.connection, self.request_id, self.endpoint, store, self.crypto).await
     }
+}
+
+/// Opens the store a new device will live in, refusing one that already holds a device.
+fn open_unused_store(store_path: &Path, secret: &StoreSecret) -> Result<Store, ClientError> {
+    let store = Store::open(store_path, secret)?;
+    if store.identity()?.is_some() {
+        return Err(ClientError::Config(format!(
+            "{} already holds a registered device; use another file",
+            store_path.display()
+        )));
+    }
+    Ok(store)
+}
+
+/// Waits for the `Registered` answer to request `request_id` (a verification or a
+/// link), saves the new device's identity and keys, and starts its client.
+async fn start_new_device(
+    mut connection: Connection,
+    request_id: u32,
+    endpoint: Endpoint,
+    mut store: Store,
+    mut crypto: DeviceCrypto,
+) -> Result<Client, ClientError> {
+    let reply = answer(&mut connection, request_id, &mut VecDeque::new()).await?;
+    let identity = match reply.frame().message {
+        Message::Registered(registered) => Identity {
+            server: endpoint.address.clone(),
+            user_id: registered.user_id.to_native(),
+            device_id: registered.device_id.to_native(),
+            token: registered.token,
+        },
+        _ => return Err(server_error(&reply)),
+    };
+    // The server has the keys (the reply came after they were durable).
+    crypto.mark_published();
+    store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
+    Client::start(endpoint, store, crypto, identity).await
 }
 
 /// The nonce whose SHA-256(challenge ‖ nonce LE) starts with `bits` zero bits.

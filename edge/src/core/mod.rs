@@ -2025,12 +2025,10 @@ impl<S: Storage> Core<S> {
         };
         let mut expected = expected;
         expected.retain(|d| *d != (user_id, device_id));
-        let checked: Vec<_> = if peer_is_local {
-            given.clone()
-        } else {
-            given.iter().filter(|d| d.0 != peer).copied().collect()
-        };
-        if let Err(DeliverOutcome::Stale { missing, extra }) = check_copies(&expected, &checked) {
+        if !peer_is_local {
+            given.retain(|d| d.0 != peer);
+        }
+        if let Err(DeliverOutcome::Stale { missing, extra }) = check_copies(&expected, &given) {
             let error = send_error(ErrorCode::StaleDevices, missing, extra);
             return self.reply(conn, rid, &error);
         }

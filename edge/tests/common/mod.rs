@@ -436,6 +436,22 @@ impl Write for WsStream {
     }
 }
 
+/// A text message to a group: one Megolm ciphertext for every member.
+pub fn group_text(group_id: GroupId, client_message_id: u64, body: &[u8]) -> SendMessage {
+    SendMessage {
+        client_message_id,
+        to: Conversation::Group(group_id),
+        kind: EnvelopeKind::Text,
+        ttl_s: 0,
+        copies: vec![DeviceCopy {
+            user_id: 0,
+            device_id: 0,
+            e2e_type: E2eType::Megolm,
+            ciphertext: body.to_vec(),
+        }],
+    }
+}
+
 /// A group change signed as a client signs it (over `GroupChangeSigned`).
 pub fn signed_update(
     signer: &ring::signature::Ed25519KeyPair,
