@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use tern_edge::core::{home_shard_of_phone, phone_hash};
+use tern_edge::core::home_shard_of_phone;
+use tern_wire::accounts::{phone_hash, pow_solves};
 use tern_wire::messages::*;
 use tern_wire::*;
 
@@ -258,7 +259,7 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
         })
     };
     let solve = |challenge: &[u8], bits: u8| -> u64 {
-        (0..).find(|n| tern_edge::core::pow_solves(challenge, *n, bits)).unwrap()
+        (0..).find(|n| pow_solves(challenge, *n, bits)).unwrap()
     };
     for phone in ["+15690000001", "+15690000002"] {
         let challenge = ask(&mut c, phone, None);
@@ -266,7 +267,7 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
         let (bytes, bits) = (challenge.challenge.to_vec(), challenge.difficulty_bits);
         assert_eq!(bits, 10);
         // A wrong nonce gets a new challenge, not a code.
-        let wrong = (0..).find(|n| !tern_edge::core::pow_solves(&bytes, *n, bits)).unwrap();
+        let wrong = (0..).find(|n| !pow_solves(&bytes, *n, bits)).unwrap();
         let again =
             ask(&mut c, phone, Some(ProofOfWork { challenge: bytes.clone(), nonce: wrong }));
         let again = again.access::<PowChallenge>();

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 mod borrowed;
 mod catalogue;
 mod error;

@@ -2,17 +2,12 @@
 //! and reports. Thin: the server enforces the rules; the SDK hashes phone numbers before
 //! they leave the device.
 
-use sha2::{Digest, Sha256};
+pub use tern_wire::accounts::phone_hash;
 use tern_wire::messages::*;
 use tern_wire::Message;
 
 use super::{server_error, Client};
 use crate::ClientError;
-
-/// The truncated hash contact discovery sends for a phone number (E.164).
-pub fn phone_hash(phone: &str) -> PhoneHash {
-    Sha256::digest(phone.as_bytes())[..8].try_into().expect("8 bytes")
-}
 
 /// A profile as this user may see it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -200,7 +200,7 @@ impl PendingRegistration {
                 }
                 Message::PowChallenge(challenge) => {
                     let bytes = challenge.challenge.to_vec();
-                    let nonce = solve_pow(&bytes, challenge.difficulty_bits);
+                    let nonce = tern_wire::accounts::solve_pow(&bytes, challenge.difficulty_bits);
                     proof_of_work = Some(ProofOfWork { challenge: bytes, nonce });
                 }
                 _ => return Err(server_error(&reply)),
@@ -325,20 +325,6 @@ async fn start_new_device(
     crypto.mark_published();
     store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
     Client::start(endpoint, store, crypto, identity).await
-}
-
-/// The nonce whose SHA-256(challenge ‖ nonce LE) starts with `bits` zero bits.
-fn solve_pow(challenge: &[u8], bits: u8) -> u64 {
-    use sha2::{Digest, Sha256};
-    let bits = u32::from(bits.min(32));
-    (0u64..)
-        .find(|nonce| {
-            let digest =
-                Sha256::new().chain_update(challenge).chain_update(nonce.to_le_bytes()).finalize();
-            let head = u32::from_be_bytes(digest[..4].try_into().expect("4 bytes"));
-            bits == 0 || head.leading_zeros() >= bits
-        })
-        .expect("a nonce exists")
 }
 
 /// Reads until the answer to request `id`, keeping everything else in `backlog`.

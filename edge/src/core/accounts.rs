@@ -15,19 +15,13 @@
 
 use std::collections::HashMap;
 
-use sha2::{Digest, Sha256};
 use tern_engine::{ReportRecord, StateOp, Storage};
+use tern_wire::accounts::{phone_hash, pow_solves};
 use tern_wire::messages::*;
 use tern_wire::{ErrorCode, MessageType};
 
 use super::{home_shard_of_user, Awaiting, ConnId, ConnState, Core};
 use crate::mesh::{Reply, Request};
-
-/// The truncated hash discovery uses for a phone number.
-pub fn phone_hash(phone: &str) -> PhoneHash {
-    let digest = Sha256::digest(phone.as_bytes());
-    digest[..8].try_into().expect("8 bytes")
-}
 
 /// A discovery waiting for other cores.
 #[derive(Debug)]
@@ -411,26 +405,6 @@ impl<S: Storage> Core<S> {
 
 /// How long a proof-of-work challenge stays valid.
 const POW_TTL_MS: u64 = 10 * 60 * 1000;
-
-/// Whether SHA-256(challenge ‖ nonce LE) starts with `bits` zero bits.
-pub fn pow_solves(challenge: &[u8], nonce: u64, bits: u8) -> bool {
-    let digest = Sha256::new().chain_update(challenge).chain_update(nonce.to_le_bytes()).finalize();
-    let mut left = u32::from(bits);
-    for byte in digest {
-        if left == 0 {
-            return true;
-        }
-        let zeros = byte.leading_zeros().min(8);
-        if left <= zeros {
-            return true;
-        }
-        if zeros < 8 {
-            return false;
-        }
-        left -= 8;
-    }
-    left == 0
-}
 
 impl<S: Storage> Core<S> {
     /// The defences against SMS pumping before a code is sent: a budget per number prefix

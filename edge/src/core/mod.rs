@@ -40,7 +40,6 @@ use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
 use accounts::Discovery;
-pub use accounts::{phone_hash, pow_solves};
 pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
 use groups::{GroupFanout, GroupReplyTo};
 pub use media::{home_shard_of_media, MEDIA_CHUNK_BYTES};
@@ -1328,7 +1327,7 @@ impl<S: Storage> Core<S> {
         let result = register(&mut handle.borrow_mut(), phone, device_keys, &token, now_ms);
         match result {
             Ok((user_id, new_account, seq)) => {
-                self.phone_index.insert(phone_hash(phone), user_id);
+                self.phone_index.insert(tern_wire::accounts::phone_hash(phone), user_id);
                 let registered = Registered { user_id, device_id: 1, token, new_account };
                 self.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
             }
