@@ -38,16 +38,8 @@ pub fn signed_bytes(
     signer: (UserId, u32),
     change: &GroupChange,
 ) -> Vec<u8> {
-    let signed = GroupChangeSigned {
-        group_id,
-        base_epoch,
-        signer_user: signer.0,
-        signer_device: signer.1,
-        change: change.clone(),
-    };
-    let mut bytes = Vec::new();
-    tern_wire::encode_archive(&mut bytes, &signed).expect("a group change always archives");
-    bytes
+    GroupChangeSigned::bytes(group_id, base_epoch, signer, change)
+        .expect("a group change always archives")
 }
 
 /// Applies a change (already checked to be signed by `actor`) to this device's view of

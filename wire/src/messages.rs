@@ -826,6 +826,28 @@ payload! {
     }
 }
 
+impl GroupChangeSigned {
+    /// The bytes a group change's signature covers: the archive of this struct. The
+    /// author signs them, the server and every member verify them.
+    pub fn bytes(
+        group_id: GroupId,
+        base_epoch: u64,
+        signer: (UserId, DeviceId),
+        change: &GroupChange,
+    ) -> Result<Vec<u8>, crate::EncodeError> {
+        let signed = GroupChangeSigned {
+            group_id,
+            base_epoch,
+            signer_user: signer.0,
+            signer_device: signer.1,
+            change: change.clone(),
+        };
+        let mut bytes = Vec::new();
+        crate::encode_archive(&mut bytes, &signed)?;
+        Ok(bytes)
+    }
+}
+
 payload! {
     /// A group change was applied.
     pub struct GroupUpdated {

@@ -628,15 +628,7 @@ async fn group_fanout(
             name: format!("load {g}"),
             members: members.iter().map(|&m| accounts[m].0).collect(),
         };
-        let signed = GroupChangeSigned {
-            group_id,
-            base_epoch: 0,
-            signer_user: user_id,
-            signer_device: 1,
-            change: change.clone(),
-        };
-        let mut bytes = Vec::new();
-        encode_archive(&mut bytes, &signed).unwrap();
+        let bytes = GroupChangeSigned::bytes(group_id, 0, (user_id, 1), &change).unwrap();
         let signature = signer.sign(&bytes).as_ref().try_into().unwrap();
         let (mut stream, mut decoder) = handshake(addr).await;
         stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();

@@ -139,15 +139,13 @@ impl<S: Storage> Core<S> {
         let handle =
             self.local_shard(shard_id).cloned().ok_or((ErrorCode::Internal, "wrong core"))?;
         // The signature covers exactly what the clients will check.
-        let signed = GroupChangeSigned {
+        let bytes = GroupChangeSigned::bytes(
             group_id,
-            base_epoch: update.base_epoch,
-            signer_user: actor,
-            signer_device: actor_device,
-            change: update.change.clone(),
-        };
-        let mut bytes = Vec::new();
-        encode_archive(&mut bytes, &signed).map_err(|_| (ErrorCode::Malformed, "unsignable"))?;
+            update.base_epoch,
+            (actor, actor_device),
+            &update.change,
+        )
+        .map_err(|_| (ErrorCode::Malformed, "unsignable"))?;
         let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, signing_key);
         key.verify(&bytes, &update.signature).map_err(|_| {
             (ErrorCode::InvalidSignature, "the change is not signed by this device")

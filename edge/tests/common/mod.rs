@@ -460,15 +460,8 @@ pub fn signed_update(
     base_epoch: u64,
     change: GroupChange,
 ) -> GroupUpdate {
-    let signed = GroupChangeSigned {
-        group_id,
-        base_epoch,
-        signer_user: actor.user_id,
-        signer_device: actor.device_id,
-        change: change.clone(),
-    };
-    let mut bytes = Vec::new();
-    encode_archive(&mut bytes, &signed).unwrap();
+    let signer_id = (actor.user_id, actor.device_id);
+    let bytes = GroupChangeSigned::bytes(group_id, base_epoch, signer_id, &change).unwrap();
     let signature = signer.sign(&bytes).as_ref().try_into().unwrap();
     GroupUpdate { group_id, base_epoch, change, signature }
 }
