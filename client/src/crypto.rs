@@ -89,14 +89,6 @@ pub struct PeerIdentity {
     pub ed25519: Option<[u8; 32]>,
 }
 
-/// The bytes a prekey's signature covers.
-fn prekey_signed_bytes(key_id: u64, public_key: &[u8; 32]) -> [u8; 40] {
-    let mut bytes = [0u8; 40];
-    bytes[..8].copy_from_slice(&key_id.to_le_bytes());
-    bytes[8..].copy_from_slice(public_key);
-    bytes
-}
-
 /// Tern's id for a Curve25519 prekey: its first 8 bytes (vodozemac keeps its own
 /// numbering private; the server only needs the ids to be distinct per device).
 fn key_id_of(key: &Curve25519PublicKey) -> u64 {
@@ -139,7 +131,8 @@ impl DeviceCrypto {
     fn signed(&self, key: &Curve25519PublicKey) -> SignedPrekey {
         let key_id = key_id_of(key);
         let public_key = key.to_bytes();
-        let signature = self.account.sign(prekey_signed_bytes(key_id, &public_key)).to_bytes();
+        let signature =
+            self.account.sign(SignedPrekey::signed_bytes(key_id, &public_key)).to_bytes();
         SignedPrekey { key_id, public_key, signature }
     }
 
@@ -202,7 +195,7 @@ impl DeviceCrypto {
             let signature = Ed25519Signature::from_slice(&key.signature)
                 .map_err(|_| CryptoError::BadSignature { what, user_id, device_id })?;
             signing
-                .verify(&prekey_signed_bytes(key.key_id, &key.public_key), &signature)
+                .verify(&SignedPrekey::signed_bytes(key.key_id, &key.public_key), &signature)
                 .map_err(|_| CryptoError::BadSignature { what, user_id, device_id })
         };
         verify(&bundle.fallback_key, "fallback key")?;

@@ -6,6 +6,7 @@
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tern_wire::messages::SignedPrekey;
 use tern_wire::messages::Token;
 
 /// A fresh random token.
@@ -59,13 +60,11 @@ pub struct BadSignature {
 /// Checks the signatures of `prekeys` against `signing_key`.
 pub fn check_prekeys<'a>(
     signing_key: &[u8; 32],
-    prekeys: impl IntoIterator<Item = &'a tern_wire::messages::SignedPrekey>,
+    prekeys: impl IntoIterator<Item = &'a SignedPrekey>,
 ) -> Result<(), BadSignature> {
     let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, signing_key);
     for prekey in prekeys {
-        let mut signed = [0u8; 40];
-        signed[..8].copy_from_slice(&prekey.key_id.to_le_bytes());
-        signed[8..].copy_from_slice(&prekey.public_key);
+        let signed = SignedPrekey::signed_bytes(prekey.key_id, &prekey.public_key);
         key.verify(&signed, &prekey.signature)
             .map_err(|_| BadSignature { key_id: prekey.key_id })?;
     }

@@ -134,6 +134,16 @@ payload! {
     }
 }
 
+impl SignedPrekey {
+    /// The bytes a prekey's signature covers: `key_id` (LE) ‖ `public_key`.
+    pub fn signed_bytes(key_id: u64, public_key: &PublicKey) -> [u8; 40] {
+        let mut bytes = [0u8; 40];
+        bytes[..8].copy_from_slice(&key_id.to_le_bytes());
+        bytes[8..].copy_from_slice(public_key);
+        bytes
+    }
+}
+
 payload! {
     /// The public keys a new device brings: identity keys, a fallback (signed) prekey and a
     /// first stock of one-time prekeys.

@@ -131,8 +131,7 @@ fn signed_keys() -> (DeviceKeys, Vec<u8>) {
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("random");
     let signer = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
     let (key_id, public_key) = (1u64, [3u8; 32]);
-    let mut signed = key_id.to_le_bytes().to_vec();
-    signed.extend_from_slice(&public_key);
+    let signed = SignedPrekey::signed_bytes(key_id, &public_key);
     let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
     let keys = DeviceKeys {
         identity_key: [1; 32],

@@ -281,8 +281,7 @@ pub fn sign_prekey(
     key_id: u64,
     public_key: [u8; 32],
 ) -> SignedPrekey {
-    let mut signed = key_id.to_le_bytes().to_vec();
-    signed.extend_from_slice(&public_key);
+    let signed = SignedPrekey::signed_bytes(key_id, &public_key);
     let signature = signer.sign(&signed).as_ref().try_into().unwrap();
     SignedPrekey { key_id, public_key, signature }
 }
