@@ -286,17 +286,28 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
 #[test]
 fn a_deleted_account_leaves_nothing_live_behind() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let mut server =
+        Server::start(dir.path(), &["--cores", "2", "--maintenance-interval-s", "0.2"]);
     let (alice, alice_key) = register_signing(&mut server, &phone_on_core(400, 0));
     let alice_phone = phone_on_core(400, 0);
     let bob = register(&mut server, &phone_on_core(500, 1), 0);
+    // Carol shares Alice's shard, and has mail from her waiting there.
+    let carol_phone = (600..)
+        .map(|n| format!("+1568{n:07}"))
+        .find(|p| home_shard_of_phone(p, 4) == home_shard_of_phone(&alice_phone, 4))
+        .unwrap();
+    let carol = register(&mut server, &carol_phone, 0);
     let mut a = login(&server, alice);
     let mut b = login(&server, bob);
+    for id in 1..=3 {
+        a.request(&text(carol, id, b"for carol")).access::<SendAck>();
+    }
+    let canary_name = "Alice Canary 7731";
     // Alice has a group with Bob, a profile, a blob, and mail waiting.
     let group_id = 0x5EED_0DE1;
     let change = GroupChange::Create { name: "g".into(), members: vec![bob.user_id] };
     a.request(&signed_update(&alice_key, alice, group_id, 0, change)).access::<GroupUpdated>();
-    a.request(&ProfileSet { display_name: Some("Alice".into()), about: None, avatar: None })
+    a.request(&ProfileSet { display_name: Some(canary_name.into()), about: None, avatar: None })
         .access::<Done>();
     let begun = a.request(&MediaBegin { size_bytes: 4, kind: MediaKind::Image });
     let media_id = begun.access::<MediaBegun>().media_id;
@@ -327,6 +338,19 @@ fn a_deleted_account_leaves_nothing_live_behind() {
     let members: Vec<(u64, bool)> =
         info.members.iter().map(|m| (m.user_id.to_native(), m.admin)).collect();
     assert_eq!(members, vec![(bob.user_id, true)]);
+
+    // After the next maintenance pass no file of the data dir (checkpoints decompressed)
+    // holds her number or her name, and Carol's mail from her is still there.
+    server.wait_for_log(|l| l.contains("deleted accounts erased from disk"));
+    for needle in [alice_phone.as_bytes(), canary_name.as_bytes()] {
+        let left = tern_testkit::files_holding(dir.path(), needle);
+        assert!(left.is_empty(), "still on disk in {left:?}");
+    }
+    let mut c = login(&server, carol);
+    for _ in 0..3 {
+        let delivered = c.next_of(MessageType::Deliver);
+        assert_eq!(delivered.deliver().envelope.body.as_slice(), b"for carol");
+    }
     // The number can be registered afresh: a new account.
     let fresh = register(&mut server, &alice_phone, 0);
     assert_ne!(fresh.user_id, alice.user_id);

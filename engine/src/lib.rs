@@ -25,7 +25,9 @@ pub mod state;
 pub mod storage;
 pub mod uring;
 
-pub use body::{AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ReportRecord, StateOp};
+pub use body::{
+    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
+};
 pub use error::{CorruptRecord, OpenError, WriteError};
 pub use manifest::{DataDir, Manifest, ManifestError};
 pub use shard::{

@@ -301,6 +301,11 @@ pub struct Shard<S: Storage> {
     conversation_seqs: HashMap<(UserId, DeviceId, UserId), u64>,
     last_message_id: u64,
     checkpoint_seq: u64,
+    /// Set when an account was deleted: every segment up to this one holds records that
+    /// must leave the disk (the account's phone number, devices, profile). The next
+    /// reclaim seals the active segment, rewrites every live envelope of these segments
+    /// at the head, checkpoints and deletes them.
+    erase_through_segment: Option<u32>,
     scratch: Vec<u8>,
     counters: ShardCounters,
     quarantined: Vec<CorruptRecord>,
@@ -483,7 +488,23 @@ impl<S: Storage> Shard<S> {
             encode_archive(out, &op).map(|_| ()).map_err(|_| WriteError::NoRecipients)
         })?;
         self.state.apply(&op);
+        if matches!(op, StateOp::DeleteAccount { .. }) {
+            self.schedule_erasure();
+        }
         Ok(seq)
+    }
+
+    /// Whether a deleted account's records still wait to be erased from disk (by the
+    /// next [`ShardHandle::reclaim`]).
+    pub fn erasure_pending(&self) -> bool {
+        self.erase_through_segment.is_some()
+    }
+
+    /// Marks every segment written so far for erasure at the next reclaim.
+    fn schedule_erasure(&mut self) {
+        let (segment_id, _) = self.write_head();
+        self.erase_through_segment =
+            Some(self.erase_through_segment.map_or(segment_id, |s| s.max(segment_id)));
     }
 
     /// Takes the oldest one-time prekey of a device out of its stock, for good. Hand it
@@ -1207,8 +1228,28 @@ impl<S: Storage + Clone> ShardHandle<S> {
     /// Reclaims space: rewrites the live envelopes of mostly-dead sealed segments at the
     /// head (compaction), checkpoints, then deletes sealed segments that the checkpoint
     /// covers and that hold no live or unexpired envelope. Returns segments deleted.
+    ///
+    /// After an account deletion it also erases: the active segment is sealed and every
+    /// segment up to it is compacted whatever its live share, so that once the
+    /// checkpoint is written no file holds the deleted account's records.
     pub async fn reclaim(&self, now_ms: u64) -> Result<u64, WriteError> {
-        let compacted = self.shard.borrow_mut().compact(now_ms)?;
+        let erase = self.shard.borrow().erase_through_segment;
+        if let Some(through) = erase {
+            {
+                let mut shard = self.shard.borrow_mut();
+                if shard.write_head().0 <= through {
+                    shard.open_next_segment_batch();
+                }
+            }
+            // The roll must be committed, so the segment is sealed before compaction.
+            loop {
+                self.commit().await?;
+                if !self.shard.borrow().has_pending() {
+                    break;
+                }
+            }
+        }
+        let compacted = self.shard.borrow_mut().compact(now_ms, erase)?;
         self.shard.borrow_mut().drop_expired_entries(now_ms);
         if compacted > 0
             || self.shard.borrow().checkpoint_seq < self.shard.borrow().durable_seq()
@@ -1250,6 +1291,13 @@ impl<S: Storage + Clone> ShardHandle<S> {
                 shard.stats.remove(&segment_id);
             }
             shard.counters.segments_deleted += deleted;
+        }
+        if let Some(through) = erase {
+            let mut shard = self.shard.borrow_mut();
+            let erased = shard.sealed.keys().all(|id| *id > through);
+            if erased && shard.erase_through_segment == Some(through) {
+                shard.erase_through_segment = None;
+            }
         }
         Ok(deleted)
     }
@@ -1305,6 +1353,7 @@ impl<S: Storage> Shard<S> {
             conversation_seqs: HashMap::default(),
             last_message_id: 0,
             checkpoint_seq: 0,
+            erase_through_segment: None,
             scratch: Vec::new(),
             counters: ShardCounters::default(),
             quarantined: Vec::new(),
@@ -1371,7 +1420,13 @@ impl<S: Storage> Shard<S> {
                 match rkyv::access::<crate::body::ArchivedStateOp, Failure>(body)
                     .and_then(rkyv::deserialize::<StateOp, Failure>)
                 {
-                    Ok(op) => self.state.apply(&op),
+                    Ok(op) => {
+                        self.state.apply(&op);
+                        if matches!(op, StateOp::DeleteAccount { .. }) {
+                            // A crash before the erasure finished: do it again.
+                            self.erase_through_segment = Some(loc.segment_id);
+                        }
+                    }
                     Err(_) => self.counters.corrupt_records += 1,
                 }
             }
@@ -1427,9 +1482,10 @@ impl<S: Storage> Shard<S> {
         stats.last_record_seq = stats.last_record_seq.max(seq);
     }
 
-    /// Rewrites the live envelopes of mostly-dead sealed segments at the head of the log.
-    /// Returns how many records were rewritten.
-    fn compact(&mut self, now_ms: u64) -> Result<u64, WriteError> {
+    /// Rewrites the live envelopes of mostly-dead sealed segments (and of every sealed
+    /// segment up to `erase_through`) at the head of the log. Returns how many records
+    /// were rewritten.
+    fn compact(&mut self, now_ms: u64, erase_through: Option<u32>) -> Result<u64, WriteError> {
         let limit = u64::from(self.config.compact_live_percent_max);
         let candidates: Vec<u32> = self
             .sealed
@@ -1437,9 +1493,9 @@ impl<S: Storage> Shard<S> {
             .copied()
             .filter(|id| {
                 let stats = self.stats.get(id).copied().unwrap_or_default();
-                stats.live_records > 0
-                    && stats.max_expires_ms > now_ms
-                    && stats.live_bytes * 100 < stats.written_bytes.max(1) * limit
+                let mostly_dead = stats.live_bytes * 100 < stats.written_bytes.max(1) * limit;
+                let erased = erase_through.is_some_and(|through| *id <= through);
+                stats.live_records > 0 && stats.max_expires_ms > now_ms && (mostly_dead || erased)
             })
             .collect();
         let mut rewritten = 0;

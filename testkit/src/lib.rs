@@ -221,3 +221,29 @@ impl Drop for Server {
         }
     }
 }
+
+/// The files under `dir` (recursively) whose bytes contain `needle`, checkpoints
+/// (`*.ckpt`: a 48-byte header, then a zstd frame) searched decompressed. The scan the
+/// deletion and "no plaintext on disk" tests make.
+pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let Ok(mut bytes) = std::fs::read(&path) else { continue };
+            if path.extension().is_some_and(|e| e == "ckpt") && bytes.len() > 48 {
+                bytes = zstd::decode_all(&bytes[48..]).expect("a checkpoint payload decompresses");
+            }
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                hits.push(path);
+            }
+        }
+    }
+    hits
+}

@@ -572,7 +572,8 @@ async fn maintenance(ctx: Rc<Ctx>, interval: Duration) {
         let shards = ctx.core.borrow().owned_shards();
         for (shard_id, shard) in &shards {
             let durable = shard.borrow().durable_seq();
-            if checkpointed.get(shard_id) == Some(&durable) {
+            let erasing = shard.borrow().erasure_pending();
+            if checkpointed.get(shard_id) == Some(&durable) && !erasing {
                 continue;
             }
             match shard.reclaim(now_ms()).await {
@@ -580,6 +581,9 @@ async fn maintenance(ctx: Rc<Ctx>, interval: Duration) {
                     checkpointed.insert(*shard_id, shard.borrow().durable_seq());
                     if deleted > 0 {
                         tracing::info!(shard = shard_id, deleted, "reclaimed segments");
+                    }
+                    if erasing && !shard.borrow().erasure_pending() {
+                        tracing::info!(shard = shard_id, "deleted accounts erased from disk");
                     }
                 }
                 Err(error) => {
