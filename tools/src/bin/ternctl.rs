@@ -1,5 +1,99 @@
-//! `ternctl`, the operator tool. Exits non-zero until the engine exists.
+//! `ternctl`, the operator's tool. Offline commands read a data directory without
+//! writing to it (safe beside a live `ternd`); online commands read the admin port.
+//! Exit status: 0 when all is well, 1 when the command found a problem (a corrupt
+//! record, an unknown user), 2 when it could not run (bad arguments, unreadable dir).
 
-fn main() -> std::process::ExitCode {
-    tern_tools::not_built("ternctl", "the storage engine and the server")
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern_tools::ctl::{offline, online};
+
+#[derive(Debug, Parser)]
+#[command(name = "ternctl", version, about = "Inspect and verify Tern data, watch a live ternd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manifest, shards, segments (sizes, record counts by type, live and garbage bytes)
+    /// and checkpoints of a data directory.
+    Inspect {
+        dir: PathBuf,
+        /// One JSON object instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks every CRC and archive of every segment and checkpoint; exits 0 only when
+    /// everything is intact, and lists each corrupt record (shard, segment, offset).
+    Verify {
+        dir: PathBuf,
+        /// No progress bar (it is drawn on stderr when stderr is a terminal).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Records as JSON lines (ciphertext as its length and SHA-256, never its bytes).
+    Dump {
+        dir: PathBuf,
+        /// Every record of one segment (with --shard).
+        #[arg(long, conflicts_with = "mailbox", requires = "shard")]
+        segment: Option<u64>,
+        /// The shard of --segment.
+        #[arg(long)]
+        shard: Option<u32>,
+        /// The queued envelopes of USER or USER:DEVICE.
+        #[arg(long, required_unless_present = "segment")]
+        mailbox: Option<String>,
+    },
+    /// The largest backlogs: devices with the most queued envelopes.
+    Mailboxes {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
+    /// One account: devices, key stock, groups, mailboxes.
+    User {
+        dir: PathBuf,
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        phone: Option<String>,
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Abuse reports, oldest first, as JSON lines.
+    Reports { dir: PathBuf },
+    /// Per-core figures of a live server, read from its admin port.
+    Stats {
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        admin: String,
+    },
+    /// A live view of the same figures, refreshed every second (q to quit).
+    Top {
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        admin: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { dir, json } => offline::inspect(&dir, json),
+        Command::Verify { dir, quiet } => offline::verify(&dir, quiet),
+        Command::Dump { dir, segment, shard, mailbox } => {
+            offline::dump(&dir, segment.zip(shard), mailbox.as_deref())
+        }
+        Command::Mailboxes { dir, top } => offline::mailboxes(&dir, top),
+        Command::User { dir, phone, id } => offline::user(&dir, phone.as_deref(), id),
+        Command::Reports { dir } => offline::reports(&dir),
+        Command::Stats { admin } => online::stats(&admin),
+        Command::Top { admin } => online::top(&admin),
+    };
+    match result {
+        Ok(outcome) => outcome.exit_code(),
+        Err(error) => {
+            eprintln!("ternctl: {error}");
+            ExitCode::from(2)
+        }
+    }
 }
