@@ -307,6 +307,13 @@ pub struct CoreStats {
     pub pow_challenges: u64,
     /// Presence events sent after coalescing.
     pub presence_events: u64,
+    /// Connections accepted by this core's listeners.
+    pub connections_accepted: u64,
+    /// Connections that failed (handshake, auth deadline, bad token, protocol error,
+    /// refused at the limit), each counted once.
+    pub connections_failed: u64,
+    /// Disk use of this core's shards (and, on core 0, of the file system).
+    pub disk: DiskUsage,
     /// The counters of each shard this core owns, by shard id.
     pub shards: Vec<(u32, ShardCounters)>,
     /// Send → sent tick, seconds.
@@ -315,4 +322,23 @@ pub struct CoreStats {
     pub send_to_deliver: Histogram,
     /// Records per group commit.
     pub commit_batch_records: Histogram,
+}
+
+/// Disk use as the runtime measured it (the core itself does no I/O).
+#[derive(Clone, Debug, Default)]
+pub struct DiskUsage {
+    /// Bytes allocated to each owned shard's files (segments, which are preallocated,
+    /// and checkpoints), by shard id.
+    pub shard_allocated_bytes: Vec<(u32, u64)>,
+    /// The data directory's file system (measured by core 0 only).
+    pub file_system: Option<FileSystemSpace>,
+}
+
+/// Space on the data directory's file system (statvfs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileSystemSpace {
+    /// Bytes available to the server (`f_bavail`: what an unprivileged writer can use).
+    pub free_bytes: u64,
+    /// Bytes in all (`f_blocks`).
+    pub size_bytes: u64,
 }

@@ -83,8 +83,22 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     let per_core = |f: &dyn Fn(&CoreStats) -> u64| -> Vec<(String, u64)> {
         cores.iter().map(|c| (format!("{{core=\"{}\"}}", c.core), f(c))).collect()
     };
-    let families: [CoreFamily; 14] = [
+    let families: [CoreFamily; 16] = [
         ("tern_connections", "gauge", "Open client connections.", &|c| c.connections),
+        (
+            "tern_connections_accepted_total",
+            "counter",
+            "Connections accepted by this core's listeners (TCP, TLS, WebSocket).",
+            &|c| c.connections_accepted,
+        ),
+        (
+            "tern_connections_failed_total",
+            "counter",
+            "Connections that failed: TLS or WebSocket handshake error or auth deadline \
+             missed before authenticating, bad token, protocol error, or refused at the \
+             connection limit (each connection counted once).",
+            &|c| c.connections_failed,
+        ),
         ("tern_outbound_bytes", "gauge", "Bytes queued for client sockets.", &|c| c.outbound_bytes),
         ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| c.frames_in),
         ("tern_messages_sent_total", "counter", "Messages accepted with a sent tick.", &|c| {
@@ -172,6 +186,36 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     ];
     for (name, help, value) in shard_families {
         metric(name, "counter", help, &per_shard(value));
+    }
+    let mut disk_used: Vec<(u32, u32, u64)> = cores
+        .iter()
+        .flat_map(|c| c.disk.shard_allocated_bytes.iter().map(move |(id, b)| (*id, c.core, *b)))
+        .collect();
+    disk_used.sort_unstable();
+    let disk_used: Vec<(String, u64)> = disk_used
+        .into_iter()
+        .map(|(id, core, bytes)| (format!("{{shard=\"{id}\",core=\"{core}\"}}"), bytes))
+        .collect();
+    metric(
+        "tern_disk_used_bytes",
+        "gauge",
+        "Bytes allocated on disk to the shard's segment and checkpoint files (segments are \
+         preallocated, so this runs ahead of the bytes written in them).",
+        &disk_used,
+    );
+    if let Some(fs) = cores.iter().find_map(|c| c.disk.file_system) {
+        metric(
+            "tern_disk_free_bytes",
+            "gauge",
+            "Bytes available to ternd on the data directory's file system (statvfs f_bavail).",
+            &[(String::new(), fs.free_bytes)],
+        );
+        metric(
+            "tern_disk_size_bytes",
+            "gauge",
+            "Size of the data directory's file system in bytes (statvfs f_blocks).",
+            &[(String::new(), fs.size_bytes)],
+        );
     }
     let histograms: [HistogramFamily; 3] = [
         (

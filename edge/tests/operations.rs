@@ -10,7 +10,8 @@ use tern_wire::*;
 #[test]
 fn a_connection_that_does_not_authenticate_in_time_is_closed() {
     let dir = data_dir();
-    let server = Server::start(dir.path(), &["--auth-deadline-s", "0.3"]);
+    // One core: its figures are live.
+    let server = Server::start(dir.path(), &["--auth-deadline-s", "0.3", "--cores", "1"]);
     let mut idle = Client::connect(server.addr);
     let error = idle.read_frame().expect("a timeout error before the close");
     assert_eq!(error.error_code(), Some(ErrorCode::Timeout), "{}", error.describe());
@@ -18,6 +19,9 @@ fn a_connection_that_does_not_authenticate_in_time_is_closed() {
     // A handshake alone is not enough either, and others are not affected.
     let mut other = Client::connect(server.addr);
     other.request(&Ping { nonce: 3 }).access::<Pong>();
+    let (_, metrics) = server.admin_get("/metrics");
+    assert!(metrics.contains("tern_connections_failed_total{core=\"0\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("tern_connections_accepted_total{core=\"0\"} 2\n"), "{metrics}");
 }
 
 #[test]
@@ -250,6 +254,8 @@ fn connections_beyond_the_limit_get_a_typed_refusal() {
     let refusal = third.read_frame().expect("a refusal before the close");
     assert_eq!(refusal.error_code(), Some(ErrorCode::TooManyConnections), "{}", refusal.describe());
     assert!(third.is_closed());
+    let (_, metrics) = server.admin_get("/metrics");
+    assert!(metrics.contains("tern_connections_failed_total{core=\"0\"} 1\n"), "{metrics}");
     // The others still work, and a slot frees up when one leaves.
     first.request(&Ping { nonce: 1 }).access::<Pong>();
     drop(second.request(&Ping { nonce: 2 }));
@@ -276,4 +282,95 @@ fn connections_beyond_the_limit_get_a_typed_refusal() {
         assert!(std::time::Instant::now() < deadline, "the freed slot was never reused");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The sum over every label set of the samples of `name` in a `/metrics` body.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    let samples = metrics.lines().filter(|l| {
+        l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    });
+    samples.map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()).sum()
+}
+
+/// Goal: what `/metrics` serves is valid Prometheus exposition as `promtool check metrics`
+/// judges it (names, types, units, histograms), with two cores and real traffic, and the
+/// connection and disk figures count what happened. Method: two cores; messages between
+/// two users, a connection sending garbage (a protocol error) and one speaking plaintext
+/// to the TLS port (a handshake failure); wait (bounded) until core 1's push shows them
+/// all; then pipe the text to promtool. Without promtool the test says so and stops,
+/// unless `TERN_REQUIRE_PROMTOOL=1` (CI) makes that a failure.
+#[test]
+fn metrics_pass_promtool_with_two_cores_and_traffic() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice = register(&mut server, "+15550161", 5);
+    let bob = register(&mut server, "+15550162", 5);
+    let mut a = login(&server, alice);
+    let mut b = login(&server, bob);
+    for i in 1..=3u64 {
+        a.request(&text(bob, i, b"scraped")).access::<SendAck>();
+        b.next_of(MessageType::Deliver);
+    }
+    let mut garbage = Client::connect_raw(server.addr);
+    garbage.send_raw(&[0xff; 16]);
+    let refusal = garbage.read_frame().expect("an error frame for garbage");
+    assert!(refusal.error_code().is_some(), "{}", refusal.describe());
+    let mut plaintext_to_tls = std::net::TcpStream::connect(server.tls_addr).unwrap();
+    std::io::Write::write_all(&mut plaintext_to_tls, &[0x42; 64]).unwrap();
+    drop(plaintext_to_tls);
+
+    // Core 1's figures reach core 0 once a second: wait until every count is in.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let metrics = loop {
+        let (status, metrics) = server.admin_get("/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let complete = metric_sum(&metrics, "tern_messages_sent_total") >= 3.0
+            && metric_sum(&metrics, "tern_messages_delivered_total") >= 3.0
+            && metric_sum(&metrics, "tern_connections_failed_total") >= 2.0
+            && metrics.contains("tern_disk_used_bytes{shard=\"3\",core=\"1\"}");
+        if complete {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "figures never complete:\n{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Registrations, two logins, the garbage and the TLS connection.
+    assert!(metric_sum(&metrics, "tern_connections_accepted_total") >= 6.0, "{metrics}");
+    assert!(metric_sum(&metrics, "tern_disk_used_bytes") > 0.0, "{metrics}");
+    let size = metric_sum(&metrics, "tern_disk_size_bytes");
+    let free = metric_sum(&metrics, "tern_disk_free_bytes");
+    assert!(size > 0.0 && free <= size, "free {free} of {size}\n{metrics}");
+    for name in [
+        "tern_send_to_deliver_seconds_count",
+        "tern_send_to_sent_seconds_count",
+        "tern_commits_total",
+        "tern_committed_records_total",
+    ] {
+        assert!(metric_sum(&metrics, name) >= 1.0, "{name}:\n{metrics}");
+    }
+    assert!(metrics.contains("tern_connections{core=\"1\"}"), "{metrics}");
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut promtool = match promtool {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let required = std::env::var("TERN_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1");
+            assert!(!required, "TERN_REQUIRE_PROMTOOL=1 but promtool is not on PATH");
+            eprintln!("note: promtool is not on PATH; the exposition format was not checked");
+            return;
+        }
+        Err(error) => panic!("promtool did not start: {error}"),
+    };
+    let mut stdin = promtool.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, metrics.as_bytes()).unwrap();
+    drop(stdin);
+    let output = promtool.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "promtool check metrics:\n{said}\n{metrics}");
+    assert!(said.trim().is_empty(), "promtool has remarks:\n{said}");
 }

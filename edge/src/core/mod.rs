@@ -35,7 +35,9 @@ mod accounts;
 mod groups;
 mod media;
 use crate::limits::{Rate, RateLimiter};
-use crate::mesh::{CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, OwnedCopy, Reply, Request};
+use crate::mesh::{
+    CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, DiskUsage, OwnedCopy, Reply, Request,
+};
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
@@ -157,6 +159,8 @@ pub struct Connection {
     pub closing: bool,
     /// The negotiated frame limit.
     pub max_frame_bytes: u32,
+    /// Already counted in `connections_failed` (a connection counts once).
+    failed: bool,
     /// Next mailbox sequence number to deliver.
     deliver_cursor: u64,
     /// Everything before this mailbox sequence number was acknowledged.
@@ -171,6 +175,7 @@ impl Connection {
             waker: None,
             closing: false,
             max_frame_bytes: HANDSHAKE_MAX_FRAME_BYTES,
+            failed: false,
             deliver_cursor: 0,
             acked_through: 0,
         }
@@ -277,6 +282,8 @@ pub struct EnvelopeMeta {
 #[derive(Debug)]
 pub struct Session {
     max_frame_bytes: u32,
+    /// Already counted as failed on the core it left.
+    failed: bool,
 }
 
 /// Where this core sits among the server's cores.
@@ -322,6 +329,12 @@ pub struct CoreCounters {
     pub mesh_items_out: u64,
     /// Connections handed to another core (registration or auth belonged there).
     pub handed_over: u64,
+    /// Connections accepted by this core's listeners (not those handed over to it).
+    pub connections_accepted: u64,
+    /// Connections that failed: a TLS or WebSocket handshake error or an auth deadline
+    /// missed before authenticating, a bad token, a protocol error, or a refusal at the
+    /// connection limit. Each connection counts once.
+    pub connections_failed: u64,
 }
 
 /// The state of one core.
@@ -387,6 +400,9 @@ pub struct Core<S: Storage> {
     pub commit_batch_records: Histogram,
     fetch_limits: RateLimiter<(UserId, UserId)>,
     counters: CoreCounters,
+    /// Disk use of each owned shard and of the data directory's file system, as the
+    /// runtime last measured it (the core does no I/O).
+    disk: DiskUsage,
 }
 
 impl<S: Storage> std::fmt::Debug for Core<S> {
@@ -468,6 +484,7 @@ impl<S: Storage> Core<S> {
             pending: Vec::new(),
             dirty: HashMap::new(),
             counters: CoreCounters::default(),
+            disk: DiskUsage::default(),
         };
         core.build_phone_index();
         core
@@ -477,6 +494,11 @@ impl<S: Storage> Core<S> {
     /// handing the core frames or commit results.
     pub fn set_clock(&mut self, now_us: u64) {
         self.now_us = now_us;
+    }
+
+    /// Records the disk use the runtime measured, for the metrics.
+    pub fn set_disk_usage(&mut self, disk: DiskUsage) {
+        self.disk = disk;
     }
 
     /// Sets the connection limit.
@@ -493,6 +515,7 @@ impl<S: Storage> Core<S> {
     pub fn refuse_connection(&mut self, conn: ConnId) {
         let message = "the server holds its maximum number of connections; retry later";
         self.error_reply(conn, 0, 0, ErrorCode::TooManyConnections, message, 1000);
+        self.note_failed(conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.closing = true;
         }
@@ -553,8 +576,38 @@ impl<S: Storage> Core<S> {
         self.conns.len()
     }
 
+    /// Registers a connection a listener of this core accepted (counted as accepted).
+    pub fn accept_connection(&mut self) -> ConnId {
+        self.counters.connections_accepted += 1;
+        self.open_connection()
+    }
+
+    /// Counts `conn` as failed, once per connection (see
+    /// [`CoreCounters::connections_failed`]).
+    fn note_failed(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.failed {
+                c.failed = true;
+                self.counters.connections_failed += 1;
+            }
+        }
+    }
+
+    /// The TLS or WebSocket layer of `conn` failed (handshake, upgrade, a bad record):
+    /// a failed connection if it had not authenticated yet (after that, a WebSocket
+    /// close is how clients leave).
+    pub fn transport_failed(&mut self, conn: ConnId) {
+        let authenticated = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
+        if !authenticated {
+            self.note_failed(conn);
+        }
+    }
+
     /// Registers a new connection.
-    pub fn open_connection(&mut self) -> ConnId {
+    fn open_connection(&mut self) -> ConnId {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         self.conns.insert(id, Connection::new());
@@ -596,7 +649,10 @@ impl<S: Storage> Core<S> {
     /// A connection missed its auth deadline or idled too long: tell it, then close.
     pub fn time_out(&mut self, conn: ConnId) {
         let message = "no authentication or traffic in time; reconnect";
-        self.fatal(conn, 0, MessageType::Ping, ErrorCode::Timeout, message);
+        // A missed auth deadline is a failed connection; an idle one closing is not.
+        self.transport_failed(conn);
+        self.counters.protocol_errors += 1;
+        self.close_with_error(conn, 0, MessageType::Ping, ErrorCode::Timeout, message);
     }
 
     /// The server is stopping: tell every client and close after flushing.
@@ -646,7 +702,7 @@ impl<S: Storage> Core<S> {
         let c = self.conns.remove(&conn)?;
         self.counters.handed_over += 1;
         debug_assert!(c.outbound.is_empty(), "output is flushed before a hand-off");
-        Some(Session { max_frame_bytes: c.max_frame_bytes })
+        Some(Session { max_frame_bytes: c.max_frame_bytes, failed: c.failed })
     }
 
     /// Takes over a connection another core handed off.
@@ -655,6 +711,7 @@ impl<S: Storage> Core<S> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = ConnState::Open;
             c.max_frame_bytes = session.max_frame_bytes;
+            c.failed = session.failed;
         }
         conn
     }
@@ -705,6 +762,9 @@ impl<S: Storage> Core<S> {
             pow_challenges: self.counters.pow_challenges,
             presence_events: self.counters.presence_events,
             handed_over: self.counters.handed_over,
+            connections_accepted: self.counters.connections_accepted,
+            connections_failed: self.counters.connections_failed,
+            disk: self.disk.clone(),
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
             send_to_sent: self.send_to_sent.clone(),
             send_to_deliver: self.send_to_deliver.clone(),
@@ -984,6 +1044,7 @@ impl<S: Storage> Core<S> {
     /// Sends a typed error for undecodable input and marks the connection for closing.
     pub fn reject_malformed(&mut self, conn: ConnId, error: tern_wire::DecodeError) {
         self.counters.protocol_errors += 1;
+        self.note_failed(conn);
         self.error_reply(conn, 0, 0, error.error_code(), &error.to_string(), 0);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.closing = true;
@@ -1350,6 +1411,7 @@ impl<S: Storage> Core<S> {
         });
         let Some((pending, head, keys)) = found else {
             self.counters.protocol_errors += 1;
+            self.note_failed(conn);
             let message = "unknown device or wrong token";
             return self.error_reply(conn, rid, ty, ErrorCode::BadToken, message, 0);
         };
@@ -2814,6 +2876,19 @@ impl<S: Storage> Core<S> {
 
     fn fatal(&mut self, conn: ConnId, rid: u32, ty: MessageType, code: ErrorCode, message: &str) {
         self.counters.protocol_errors += 1;
+        self.note_failed(conn);
+        self.close_with_error(conn, rid, ty, code, message);
+    }
+
+    /// Sends a typed error and closes the connection once it is flushed.
+    fn close_with_error(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        ty: MessageType,
+        code: ErrorCode,
+        message: &str,
+    ) {
         self.error_reply(conn, rid, ty.code(), code, message, 0);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.closing = true;

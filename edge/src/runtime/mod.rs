@@ -37,7 +37,7 @@ use tern_wire::FrameDecoder;
 
 use crate::code_sender::{CodeSender, LogCodeSender};
 use crate::core::{ConnId, ConnState, Core, CoreConfig, Placement, Session};
-use crate::mesh::CoreMsg;
+use crate::mesh::{CoreMsg, DiskUsage, FileSystemSpace};
 use crate::websocket::WsLayer;
 use webhook::WebhookCodeSender;
 
@@ -400,6 +400,10 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
     // Mesh peers are ordered by executor creation, which is the index order.
     debug_assert_eq!(senders.peer_id(), index as usize);
     let placement = Placement { index, count: cores };
+    let shard_dirs_owned: Vec<(u32, PathBuf)> = (0..shard_dirs.len() as u32)
+        .filter(|id| placement.core_of_shard(*id) == index)
+        .map(|id| (id, shard_dirs[id as usize].clone()))
+        .collect();
     let mut shards: Vec<Option<ShardHandle<UringStorage>>> = Vec::with_capacity(shard_dirs.len());
     for (shard_id, dir) in shard_dirs.into_iter().enumerate() {
         let shard_id = shard_id as u32;
@@ -458,9 +462,8 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
     for peer in (0..cores).filter(|peer| *peer != index) {
         glommio::spawn_local(mesh_in(ctx.clone(), receivers.clone(), peer)).detach();
     }
-    if index != 0 {
-        glommio::spawn_local(push_stats(ctx.clone())).detach();
-    }
+    let disk = DiskPaths { data_dir: config.data_dir.clone(), shards: shard_dirs_owned };
+    glommio::spawn_local(refresh_stats(ctx.clone(), disk)).detach();
     if let (0, Some(admin)) = (index, addresses.admin) {
         let listener = TcpListener::bind(admin).map_err(|e| ServerError::Io(e.into()))?;
         let local = listener.local_addr().map_err(|e| ServerError::Io(e.into()))?;
@@ -538,15 +541,18 @@ async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
             None => break,
         };
         let _ = stream.set_nodelay(true);
+        let conn = ctx.core.borrow_mut().accept_connection();
         let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
         let wire = match Wire::new(&layers, max_frame_bytes) {
             Ok(wire) => wire,
             Err(error) => {
                 tracing::warn!(%error, "could not start TLS");
+                let mut core = ctx.core.borrow_mut();
+                core.transport_failed(conn);
+                core.close_connection(conn, now_ms());
                 continue;
             }
         };
-        let conn = ctx.core.borrow_mut().open_connection();
         if ctx.core.borrow().connection_count() > ctx.core.borrow().max_connections() {
             // Refuse cleanly: a typed error on this connection, then close it.
             ctx.core.borrow_mut().refuse_connection(conn);
@@ -707,11 +713,49 @@ async fn pushes(ctx: Rc<Ctx>) {
     }
 }
 
-/// Sends this core's metrics to core 0 (which serves the admin endpoint) every second.
-async fn push_stats(ctx: Rc<Ctx>) {
+/// Where a core measures disk use: the data directory and the dirs of its shards.
+struct DiskPaths {
+    data_dir: PathBuf,
+    shards: Vec<(u32, PathBuf)>,
+}
+
+impl DiskPaths {
+    /// Bytes allocated to each shard's files (segments are preallocated, so this is what
+    /// they take from the file system, not what is written in them) and, on core 0, the
+    /// file system's free and total bytes. A few `stat`s of small directories: cheap
+    /// enough to do inline once a second.
+    fn measure(&self, with_file_system: bool) -> DiskUsage {
+        use std::os::unix::fs::MetadataExt;
+        let allocated = |dir: &PathBuf| -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            let files = entries.flatten().filter_map(|entry| entry.metadata().ok());
+            // `blocks` counts 512-byte units whatever the file system's block size.
+            files.filter(|m| m.is_file()).map(|m| m.blocks() * 512).sum()
+        };
+        let shard_allocated_bytes =
+            self.shards.iter().map(|(id, dir)| (*id, allocated(dir))).collect();
+        let file_system = with_file_system
+            .then(|| rustix::fs::statvfs(&self.data_dir).ok())
+            .flatten()
+            .map(|fs| FileSystemSpace {
+                free_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
+                size_bytes: fs.f_blocks.saturating_mul(fs.f_frsize),
+            });
+        DiskUsage { shard_allocated_bytes, file_system }
+    }
+}
+
+/// Every second: measures this core's disk use and, on the other cores, sends this
+/// core's metrics to core 0 (which serves the admin endpoint).
+async fn refresh_stats(ctx: Rc<Ctx>, disk: DiskPaths) {
     loop {
-        ctx.core.borrow_mut().push_stats_to(0);
-        ctx.mesh_needed.notify();
+        let index = ctx.core.borrow().placement().index;
+        let usage = disk.measure(index == 0);
+        ctx.core.borrow_mut().set_disk_usage(usage);
+        if index != 0 {
+            ctx.core.borrow_mut().push_stats_to(0);
+            ctx.mesh_needed.notify();
+        }
         Timer::new(Duration::from_secs(1)).await;
     }
 }
@@ -904,7 +948,9 @@ async fn connection(
                     Err(error) => {
                         // Send rustls's alert (queued in `tls_out`), then close.
                         tracing::debug!(%error, "TLS error; closing");
-                        if let Some(c) = core.borrow_mut().connection(conn) {
+                        let mut core = core.borrow_mut();
+                        core.transport_failed(conn);
+                        if let Some(c) = core.connection(conn) {
                             c.closing = true;
                         }
                         continue;
