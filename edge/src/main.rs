@@ -64,6 +64,10 @@ struct Args {
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
+    /// Size of each segment file of the log in MiB (preallocated; rotation is a file
+    /// create and a directory sync). Smaller segments are reclaimed sooner.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    segment_mib: u64,
     /// Shard count of a new data directory (fixed once created; shard s is served by
     /// core s % cores, so a restart with another core count keeps every shard).
     #[arg(long, default_value_t = 8)]
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
         auth_deadline: Duration::from_secs_f64(args.auth_deadline_s),
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
         maintenance_interval: Duration::from_secs_f64(args.maintenance_interval_s),
+        segment_bytes: args.segment_mib * 1024 * 1024,
         code_webhook,
         max_connections: args.max_connections,
         core,

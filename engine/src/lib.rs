@@ -34,4 +34,4 @@ pub use shard::{
     Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
     ShardConfig, ShardCounters, ShardHandle,
 };
-pub use storage::{PowerCut, SimStorage, StdStorage, Storage, StorageFile};
+pub use storage::{PowerCut, ReadOnlyStorage, SimStorage, StdStorage, Storage, StorageFile};

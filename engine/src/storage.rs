@@ -1,7 +1,8 @@
 //! The storage seam: the few file operations the engine needs, behind a trait.
 //!
-//! Three implementations: [`StdStorage`] (plain `std::fs` + `memmap2`, for tools, tests
-//! and benchmarks that run without an executor), [`crate::uring::UringStorage`]
+//! Four implementations: [`StdStorage`] (plain `std::fs` + `memmap2`, for tests and
+//! benchmarks that run without an executor), [`ReadOnlyStorage`] (the same reads, every
+//! change discarded: `ternctl` beside a live server), [`crate::uring::UringStorage`]
 //! (glommio DMA files through io_uring, what `ternd` uses) and [`SimStorage`] (memory,
 //! with a crash image: it keeps every write since the last successful sync apart and, on
 //! a simulated power cut, drops all, some or a torn part of them; it can also fail an
@@ -175,6 +176,82 @@ pub(crate) fn list_dir(dir: &Path) -> io::Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// A real directory opened for reading only: files are listed and mapped, and every
+/// change (a torn tail zeroed, a temp file removed, a first segment created) is
+/// discarded. Recovery on it builds the same in-memory state as on the server while
+/// leaving the directory byte for byte as it was, so `ternctl` can open a shard beside a
+/// live `ternd`.
+#[derive(Debug, Clone)]
+pub struct ReadOnlyStorage {
+    dir: PathBuf,
+}
+
+impl ReadOnlyStorage {
+    /// Reads the shard directory `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> ReadOnlyStorage {
+        ReadOnlyStorage { dir: dir.into() }
+    }
+}
+
+/// A file of [`ReadOnlyStorage`]: writes go nowhere.
+#[derive(Debug)]
+pub struct DiscardFile;
+
+impl Storage for ReadOnlyStorage {
+    type File = DiscardFile;
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        list_dir(&self.dir)
+    }
+
+    async fn create(&self, _name: &str, _len_bytes: u64) -> io::Result<DiscardFile> {
+        Ok(DiscardFile)
+    }
+
+    async fn open(&self, name: &str) -> io::Result<DiscardFile> {
+        std::fs::metadata(self.dir.join(name))?;
+        Ok(DiscardFile)
+    }
+
+    fn map(&self, name: &str) -> io::Result<Mapped> {
+        map_file(&self.dir.join(name))
+    }
+
+    async fn write_file(&self, _name: &str, _bytes: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn rename(&self, _from: &str, _to: &str) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn remove(&self, _name: &str) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write_alignment(&self) -> u32 {
+        1
+    }
+}
+
+impl StorageFile for DiscardFile {
+    async fn write_at(&self, _bytes: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn set_len(&self, _len_bytes: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Maps a file read-only (an empty file maps to an empty slice).

@@ -76,6 +76,8 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
+    /// Size of each log segment file.
+    pub segment_bytes: u64,
     /// Protocol limits.
     pub core: CoreConfig,
 }
@@ -412,7 +414,9 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
             continue;
         }
         let storage = UringStorage::new(dir).map_err(ServerError::Io)?;
-        let shard = ShardHandle::open(storage, ShardConfig::new(shard_id))
+        let mut shard_config = ShardConfig::new(shard_id);
+        shard_config.segment_bytes = config.segment_bytes;
+        let shard = ShardHandle::open(storage, shard_config)
             .await
             .map_err(|error| ServerError::Shard { shard_id, error })?;
         shards.push(Some(shard));

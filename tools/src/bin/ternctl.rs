@@ -63,6 +63,9 @@ enum Command {
     },
     /// Abuse reports, oldest first, as JSON lines.
     Reports { dir: PathBuf },
+    /// A consistent copy of a data directory, safe while ternd runs (newest checkpoint,
+    /// then the segments, MANIFEST and committed media). Restore: start ternd on it.
+    Backup { dir: PathBuf, dest: PathBuf },
     /// Per-core figures of a live server, read from its admin port.
     Stats {
         #[arg(long, default_value = "127.0.0.1:7401")]
@@ -86,14 +89,22 @@ fn main() -> ExitCode {
         Command::Mailboxes { dir, top } => offline::mailboxes(&dir, top),
         Command::User { dir, phone, id } => offline::user(&dir, phone.as_deref(), id),
         Command::Reports { dir } => offline::reports(&dir),
+        Command::Backup { dir, dest } => offline::backup(&dir, &dest),
         Command::Stats { admin } => online::stats(&admin),
         Command::Top { admin } => online::top(&admin),
     };
     match result {
         Ok(outcome) => outcome.exit_code(),
+        Err(error) if is_broken_pipe(&*error) => ExitCode::SUCCESS, // `| head`
         Err(error) => {
             eprintln!("ternctl: {error}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
