@@ -153,6 +153,12 @@ pub enum Request {
         /// Truncated SHA-256 hashes.
         hashes: Vec<PhoneHash>,
     },
+    /// The groups homed on the receiving core that `user_id` belongs to (answered
+    /// `Reply::Memberships`; for an account export).
+    Memberships {
+        /// Whose.
+        user_id: UserId,
+    },
     /// What `requester` may see of `target`'s profile (answered `Reply::Profile`).
     Profile {
         /// Who asks.
@@ -248,12 +254,29 @@ pub enum Reply {
     Link(Result<Box<NewDevice>, ErrorCode>),
     /// The registered numbers among those asked.
     Discovered(Vec<ContactMatch>),
+    /// Groups the user belongs to.
+    Memberships(Vec<GroupMembership>),
     /// A profile as the requester may see it (`None`: no such user).
     Profile(Option<Box<Profile>>),
     /// Part of a blob, or why not.
     Media(Result<MediaData, (ErrorCode, String)>),
     /// A group change applied, a group's state, or a group message stored.
     Group(Result<crate::core::GroupAnswer, (ErrorCode, String)>),
+}
+
+/// A user's membership of one group (for an export).
+#[derive(Clone, Debug)]
+pub struct GroupMembership {
+    /// The group.
+    pub group_id: GroupId,
+    /// Its name.
+    pub name: String,
+    /// Whether the user is an admin.
+    pub admin: bool,
+    /// When the user joined.
+    pub joined_ms: u64,
+    /// How many members it has.
+    pub members: u32,
 }
 
 /// What became of the recipient's copies of a send.

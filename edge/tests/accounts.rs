@@ -141,10 +141,16 @@ fn profiles_follow_privacy_and_blocks_and_read_receipts_can_be_off() {
 #[test]
 fn an_export_holds_what_the_server_keeps_about_the_user() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &[]);
-    let alice = register(&mut server, "+15680009001", 3);
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice_key = test_signer();
+    let alice = register_with_keys(&mut server, "+15680009001", keys_signed_by(&alice_key, 3));
     let bob = register(&mut server, "+15680009002", 0);
     let mut a = login(&server, alice);
+    // Two groups, homed on different cores (shard = id % 8, core = shard % 2).
+    for (group_id, name) in [(0x7000_0000_u64, "even"), (0x7000_0001, "odd")] {
+        let change = GroupChange::Create { name: name.into(), members: vec![bob.user_id] };
+        a.request(&signed_update(&alice_key, alice, group_id, 0, change)).access::<GroupUpdated>();
+    }
     let set = ProfileSet { display_name: Some("Alice \"A\"".into()), about: None, avatar: None };
     a.request(&set).access::<Done>();
     a.request(&SetContacts { user_ids: vec![bob.user_id] }).access::<Done>();
@@ -165,6 +171,13 @@ fn an_export_holds_what_the_server_keeps_about_the_user() {
     assert_eq!(export["contacts"][0], bob.user_id);
     assert_eq!(export["blocked"][0], 42);
     assert_eq!(export["devices"][0]["one_time_keys"], 3);
+    let groups: Vec<(u64, &str, bool)> = export["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["group_id"].as_u64().unwrap(), g["name"].as_str().unwrap(), g["admin"] == true))
+        .collect();
+    assert_eq!(groups, vec![(0x7000_0000, "even", true), (0x7000_0001, "odd", true)]);
     // Nobody else can fetch it.
     let mut b = login(&server, bob);
     let refused = b.request(&MediaDownload { media_id, offset: 0, length: 10 });

@@ -21,16 +21,25 @@ use tern_wire::messages::*;
 use tern_wire::{ErrorCode, MessageType};
 
 use super::{home_shard_of_user, Awaiting, ConnId, ConnState, Core};
-use crate::mesh::{Reply, Request};
+use crate::mesh::{GroupMembership, Reply, Request};
 
-/// A discovery waiting for other cores.
+/// A request that needs every core's part (each core knows only its own shards):
+/// started with [`Core::gather`], completed as the answers come in.
 #[derive(Debug)]
-pub(super) struct Discovery {
+pub(super) struct Gathering {
     conn: ConnId,
     rid: u32,
     remaining_cores: usize,
-    matches: Vec<ContactMatch>,
-    remaining_today: u32,
+    parts: Gathered,
+}
+
+/// What a gathering has collected so far.
+#[derive(Debug)]
+pub(super) enum Gathered {
+    /// The registered numbers among those asked.
+    Discovery { matches: Vec<ContactMatch>, remaining_today: u32 },
+    /// The groups `me` belongs to, for an export.
+    Export { me: UserId, groups: Vec<GroupMembership>, now_ms: u64 },
 }
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -142,33 +151,73 @@ impl<S: Storage> Core<S> {
         used.1 += asked;
         let remaining_today = budget - used.1;
         let matches = self.discover_here(&hashes);
+        let request = || Request::Discover { hashes: hashes.clone() };
+        self.gather(conn, rid, request, Gathered::Discovery { matches, remaining_today });
+    }
+
+    /// Asks every other core for its part (`request()` for each), starting from this
+    /// core's `parts`; finishes at once on a single core.
+    fn gather(&mut self, conn: ConnId, rid: u32, request: impl Fn() -> Request, parts: Gathered) {
         let others: Vec<u32> =
             (0..self.placement.count).filter(|c| *c != self.placement.index).collect();
+        let gathering = Gathering { conn, rid, remaining_cores: others.len(), parts };
         if others.is_empty() {
-            return self.reply(conn, rid, &ContactMatches { matches, remaining_today });
+            return self.finish_gathering(gathering);
         }
         let id = self.next_token;
         self.next_token += 1;
-        let discovery =
-            Discovery { conn, rid, remaining_cores: others.len(), matches, remaining_today };
-        self.discoveries.insert(id, discovery);
+        self.gatherings.insert(id, gathering);
         for core in others {
-            let request = Request::Discover { hashes: hashes.clone() };
-            self.ask(core, request, Some(Awaiting::Discover { discovery_id: id }));
+            self.ask(core, request(), Some(Awaiting::Gather { gather_id: id }));
         }
     }
 
-    /// Another core's part of a discovery.
-    pub(super) fn discovered(&mut self, discovery_id: u64, matches: Vec<ContactMatch>) {
-        let Some(discovery) = self.discoveries.get_mut(&discovery_id) else { return };
-        discovery.matches.extend(matches);
-        discovery.remaining_cores -= 1;
-        if discovery.remaining_cores == 0 {
-            let done = self.discoveries.remove(&discovery_id).expect("present");
-            let answer =
-                ContactMatches { matches: done.matches, remaining_today: done.remaining_today };
-            self.reply(done.conn, done.rid, &answer);
+    /// Another core's part of a gathering.
+    pub(super) fn gathered(&mut self, gather_id: u64, reply: Reply) {
+        let Some(gathering) = self.gatherings.get_mut(&gather_id) else { return };
+        match (&mut gathering.parts, reply) {
+            (Gathered::Discovery { matches, .. }, Reply::Discovered(more)) => matches.extend(more),
+            (Gathered::Export { groups, .. }, Reply::Memberships(more)) => groups.extend(more),
+            (_, other) => tracing::warn!(?other, "a gathering got an answer of another kind"),
         }
+        gathering.remaining_cores -= 1;
+        if gathering.remaining_cores == 0 {
+            let done = self.gatherings.remove(&gather_id).expect("present");
+            self.finish_gathering(done);
+        }
+    }
+
+    fn finish_gathering(&mut self, gathering: Gathering) {
+        let Gathering { conn, rid, parts, .. } = gathering;
+        match parts {
+            Gathered::Discovery { matches, remaining_today } => {
+                self.reply(conn, rid, &ContactMatches { matches, remaining_today })
+            }
+            Gathered::Export { me, mut groups, now_ms } => {
+                groups.sort_by_key(|g| g.group_id);
+                self.export_ready(conn, rid, me, &groups, now_ms)
+            }
+        }
+    }
+
+    /// The groups homed on this core that `user_id` belongs to.
+    pub(super) fn memberships_here(&self, user_id: UserId) -> Vec<GroupMembership> {
+        let mut found = Vec::new();
+        for (_, shard) in self.owned_shards() {
+            let shard = shard.borrow();
+            for group in shard.state().groups.values() {
+                if let Some(member) = group.members.iter().find(|m| m.user_id == user_id) {
+                    found.push(GroupMembership {
+                        group_id: group.group_id,
+                        name: group.name.clone(),
+                        admin: member.admin,
+                        joined_ms: member.joined_ms,
+                        members: group.members.len() as u32,
+                    });
+                }
+            }
+        }
+        found
     }
 
     /// Sets this account's profile (fields given replace, the others stay).
@@ -270,6 +319,9 @@ impl<S: Storage> Core<S> {
     pub(super) fn serve_account_request(&mut self, request: Request) -> Option<Reply> {
         match request {
             Request::Discover { hashes } => Some(Reply::Discovered(self.discover_here(&hashes))),
+            Request::Memberships { user_id } => {
+                Some(Reply::Memberships(self.memberships_here(user_id)))
+            }
             Request::Profile { requester, target } => {
                 Some(Reply::Profile(self.profile_seen_by(target, requester).map(Box::new)))
             }
@@ -285,15 +337,32 @@ fn json(value: &str) -> String {
 
 impl<S: Storage> Core<S> {
     /// Everything the server holds about `me` (homed here), as JSON, stored as a media
-    /// blob the user downloads like any other (`ExportReady` names it).
+    /// blob the user downloads like any other (`ExportReady` names it). Group
+    /// memberships are gathered from every core first.
     pub(super) fn export(&mut self, conn: ConnId, rid: u32, me: UserId, now_ms: u64) {
+        let groups = self.memberships_here(me);
+        let request = || Request::Memberships { user_id: me };
+        self.gather(conn, rid, request, Gathered::Export { me, groups, now_ms });
+    }
+
+    fn export_ready(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        me: UserId,
+        groups: &[GroupMembership],
+        now_ms: u64,
+    ) {
         let ty = MessageType::ExportRequest.code();
         let shard_id = home_shard_of_user(me);
         let Some(handle) = self.local_shard(shard_id).cloned() else { return };
         let text = {
             let shard = handle.borrow();
             let state = shard.state();
-            let Some(account) = state.account(me) else { return };
+            let Some(account) = state.account(me) else {
+                let message = "the account was deleted";
+                return self.error_reply(conn, rid, ty, ErrorCode::NotFound, message, 0);
+            };
             let devices: Vec<String> = account
                 .devices
                 .iter()
@@ -330,6 +399,20 @@ impl<S: Storage> Core<S> {
                 .filter(|r| r.reporter == me)
                 .map(|r| format!("{{\"reported\":{},\"time_ms\":{}}}", r.reported, r.time_ms))
                 .collect();
+            let groups: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{{\"group_id\":{},\"name\":{},\"admin\":{},\"joined_ms\":{},\
+                         \"members\":{}}}",
+                        g.group_id,
+                        json(&g.name),
+                        g.admin,
+                        g.joined_ms,
+                        g.members
+                    )
+                })
+                .collect();
             let list =
                 |ids: &[UserId]| ids.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(",");
             format!(
@@ -337,7 +420,7 @@ impl<S: Storage> Core<S> {
                  \"devices\":[{}],\"profile\":{{\"display_name\":{},\"about\":{}}},\
                  \"privacy\":{{\"last_seen\":{},\"online\":{},\"display_name\":{},\"about\":{},\
                  \"avatar\":{},\"read_receipts\":{}}},\"contacts\":[{}],\"blocked\":[{}],\
-                 \"media\":[{}],\"reports\":[{}],\"exported_ms\":{now_ms}}}",
+                 \"groups\":[{}],\"media\":[{}],\"reports\":[{}],\"exported_ms\":{now_ms}}}",
                 json(&account.phone),
                 account.created_ms,
                 account.last_seen_ms,
@@ -352,6 +435,7 @@ impl<S: Storage> Core<S> {
                 p.read_receipts,
                 list(&account.contacts),
                 list(&account.blocked),
+                groups.join(","),
                 media.join(","),
                 reports.join(","),
             )

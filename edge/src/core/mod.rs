@@ -41,7 +41,7 @@ use crate::mesh::{
 use crate::metrics::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::push::PushJob;
 use crate::secrets;
-use accounts::Discovery;
+use accounts::Gathering;
 pub use groups::{home_shard_of_group, GroupAnswer, GROUP_MEMBERS_MAX};
 use groups::{GroupFanout, GroupReplyTo};
 pub use media::{home_shard_of_media, MEDIA_CHUNK_BYTES};
@@ -238,8 +238,8 @@ enum Awaiting {
     Fanout { fanout_id: u64 },
     /// A download from a blob on another core.
     Media { conn: ConnId, rid: u32 },
-    /// Another core's part of a contact discovery.
-    Discover { discovery_id: u64 },
+    /// Another core's part of a request gathered from every core (discovery, export).
+    Gather { gather_id: u64 },
     /// A profile homed on another core.
     Profile { conn: ConnId, rid: u32 },
 }
@@ -368,7 +368,7 @@ pub struct Core<S: Storage> {
     /// Hashes each account looked up today: (day, count).
     discovery_used: HashMap<UserId, (u64, u32)>,
     /// Discoveries waiting for other cores.
-    discoveries: HashMap<u64, Discovery>,
+    gatherings: HashMap<u64, Gathering>,
     /// Group sends waiting for their member cores.
     fanouts: HashMap<u64, GroupFanout>,
     /// Recent group sends by (sender device, client message id), for retries.
@@ -458,7 +458,7 @@ impl<S: Storage> Core<S> {
             code_prefix_requests: HashMap::new(),
             pow_challenges: HashMap::new(),
             discovery_used: HashMap::new(),
-            discoveries: HashMap::new(),
+            gatherings: HashMap::new(),
             fanouts: HashMap::new(),
             group_sends: HashMap::new(),
             watchers: HashMap::new(),
@@ -860,7 +860,9 @@ impl<S: Storage> Core<S> {
                 self.forget_member(user_id);
                 return;
             }
-            request @ (Request::Discover { .. } | Request::Profile { .. }) => {
+            request @ (Request::Discover { .. }
+            | Request::Memberships { .. }
+            | Request::Profile { .. }) => {
                 let reply = self.serve_account_request(request).expect("an account request");
                 (Vec::new(), reply)
             }
@@ -1022,9 +1024,7 @@ impl<S: Storage> Core<S> {
             (Awaiting::Fanout { fanout_id }, Reply::Done(_)) => {
                 self.fanout_answered(fanout_id, true)
             }
-            (Awaiting::Discover { discovery_id }, Reply::Discovered(matches)) => {
-                self.discovered(discovery_id, matches)
-            }
+            (Awaiting::Gather { gather_id }, reply) => self.gathered(gather_id, reply),
             (Awaiting::Profile { conn, rid }, Reply::Profile(profile)) => {
                 self.answer_profile(conn, rid, profile.map(|p| *p))
             }

@@ -309,7 +309,8 @@ pub fn register_signing(
     (account, signer)
 }
 
-fn register_with_keys(server: &mut Server, phone: &str, keys: DeviceKeys) -> Account {
+/// Registers `phone` with the given keys.
+pub fn register_with_keys(server: &mut Server, phone: &str, keys: DeviceKeys) -> Account {
     let mut client = Client::connect(server.addr);
     let sent = client.request(&RequestCode {
         phone: phone.into(),
