@@ -1,9 +1,13 @@
-//! Rate limits: token buckets keyed by whatever is being limited, with time passed in.
+//! Rate limits keyed by whatever is being limited, with time passed in.
 //!
-//! A bucket holds up to `burst` tokens and refills at `per_second`; an operation takes
-//! one token or is refused with the wait until the next token. Buckets live in the
-//! home core of their key (plain owned data), and idle full buckets are dropped so the
-//! table stays as small as the set of active keys.
+//! - [`RateLimiter`]: token buckets. A bucket holds up to `burst` tokens and refills at
+//!   `per_second`; an operation takes one token or is refused with the wait until the
+//!   next token. Idle full buckets are dropped.
+//! - [`HourlyWindow`]: at most `limit` events per key in any sliding hour (verification
+//!   codes per number, per number prefix, per network address: budgets an operator
+//!   states per hour). Keys with nothing in the last hour are dropped.
+//!
+//! Both live on one core (plain owned data) and stay as small as the set of active keys.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -71,9 +75,70 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
+const HOUR_MS: u64 = 3_600_000;
+
+/// At most `limit` events per key in any sliding hour.
+#[derive(Debug)]
+pub struct HourlyWindow<K> {
+    limit: u32,
+    times: HashMap<K, std::collections::VecDeque<u64>>,
+    last_sweep_ms: u64,
+}
+
+impl<K: Hash + Eq> HourlyWindow<K> {
+    /// A window allowing `limit` events per key per hour.
+    pub fn new(limit: u32) -> HourlyWindow<K> {
+        HourlyWindow { limit, times: HashMap::new(), last_sweep_ms: 0 }
+    }
+
+    /// Whether one more event for `key` fits; if not, the milliseconds until it does.
+    pub fn check(&mut self, key: &K, now_ms: u64) -> Result<(), u64> {
+        self.sweep(now_ms);
+        let Some(times) = self.times.get_mut(key) else {
+            return if self.limit > 0 { Ok(()) } else { Err(HOUR_MS) };
+        };
+        while times.front().is_some_and(|t| t + HOUR_MS <= now_ms) {
+            times.pop_front();
+        }
+        if (times.len() as u32) < self.limit {
+            Ok(())
+        } else {
+            Err(times.front().map_or(HOUR_MS, |t| (t + HOUR_MS).saturating_sub(now_ms)))
+        }
+    }
+
+    /// Counts an event for `key`.
+    pub fn record(&mut self, key: K, now_ms: u64) {
+        self.times.entry(key).or_default().push_back(now_ms);
+    }
+
+    fn sweep(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_sweep_ms) < SWEEP_INTERVAL_MS {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        self.times.retain(|_, times| times.back().is_some_and(|t| t + HOUR_MS > now_ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_hourly_window_slides() {
+        let mut window = HourlyWindow::new(2);
+        for t in [1_000, 2_000] {
+            assert_eq!(window.check(&"a", t), Ok(()));
+            window.record("a", t);
+        }
+        assert_eq!(window.check(&"a", 3_000), Err(HOUR_MS - 2_000));
+        assert_eq!(window.check(&"b", 3_000), Ok(()), "keys are independent");
+        assert_eq!(window.check(&"a", HOUR_MS + 1_000), Ok(()), "the first event slid out");
+        // Keys idle for an hour are forgotten.
+        window.check(&"b", 3 * HOUR_MS).unwrap();
+        assert!(window.times.is_empty());
+    }
 
     #[test]
     fn burst_then_refill() {

@@ -96,6 +96,13 @@ struct Args {
     /// Codes sent per number prefix (first 6 characters) per hour, per core.
     #[arg(long, default_value_t = 1_000)]
     code_requests_per_prefix_per_hour: u32,
+    /// Codes sent per client address (IPv4 address, IPv6 /64) per hour, per core.
+    #[arg(long, default_value_t = 20)]
+    code_requests_per_address_per_hour: u32,
+    /// Count loopback clients against the per-address budget too (they are exempt by
+    /// default: a local load generator or TLS terminator is not one network address).
+    #[arg(long)]
+    code_budget_loopback: bool,
     /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
     /// 16 costs a phone well under a second).
     #[arg(long, default_value_t = 0)]
@@ -146,6 +153,8 @@ fn main() -> ExitCode {
         media_max_bytes: args.media_max_bytes,
         discovery_per_day: args.discovery_per_day,
         code_requests_per_prefix_per_hour: args.code_requests_per_prefix_per_hour,
+        code_requests_per_address_per_hour: args.code_requests_per_address_per_hour,
+        code_budget_loopback: args.code_budget_loopback,
         code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         ..CoreConfig::default()

@@ -297,6 +297,35 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
 }
 
 #[test]
+fn codes_have_a_budget_per_client_address() {
+    let dir = data_dir();
+    let args = ["--cores", "1", "--code-requests-per-address-per-hour", "3"];
+    let server = Server::start(dir.path(), &[&args[..], &["--code-budget-loopback"]].concat());
+    let ask = |c: &mut Client, phone: &str| {
+        c.request(&RequestCode {
+            phone: phone.into(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work: None,
+        })
+    };
+    // Numbers in different ranges, all from 127.0.0.1: three codes, then no more.
+    let mut here = Client::connect(server.addr);
+    for phone in ["+15710000001", "+15720000001", "+15730000001"] {
+        ask(&mut here, phone).access::<CodeSent>();
+    }
+    let mut again = Client::connect(server.addr);
+    let refused = ask(&mut again, "+15740000001");
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    assert!(refused.describe().contains("network address"), "{}", refused.describe());
+    // Another address has its own budget.
+    let mut elsewhere = Client::connect_from(server.addr, [127, 0, 0, 2].into());
+    ask(&mut elsewhere, "+15740000001").access::<CodeSent>();
+    let (_, metrics) = server.admin_get("/metrics");
+    assert!(metrics.contains("tern_codes_refused_total{core=\"0\"} 1"), "{metrics}");
+}
+
+#[test]
 fn a_deleted_account_leaves_nothing_live_behind() {
     let dir = data_dir();
     let mut server =

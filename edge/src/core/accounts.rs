@@ -504,15 +504,22 @@ impl<S: Storage> Core<S> {
         let phone = request.phone.as_str();
         let ty = MessageType::RequestCode.code();
         let prefix: String = phone.chars().take(6).collect();
-        let hour_ago = now_ms.saturating_sub(3_600_000);
-        let budget = self.config.code_requests_per_prefix_per_hour;
-        let times = self.code_prefix_requests.entry(prefix).or_default();
-        times.retain(|t| *t > hour_ago);
-        if times.len() as u32 >= budget {
-            let wait = (times[0] + 3_600_000).saturating_sub(now_ms) as u32;
+        let address = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.peer_ip)
+            .filter(|ip| self.config.code_budget_loopback || !ip.is_loopback())
+            .map(address_budget_key);
+        let refused = match address.map(|a| self.code_address_requests.check(&a, now_ms)) {
+            Some(Err(wait)) => Some((wait, "too many codes requested from this network address")),
+            _ => match self.code_prefix_requests.check(&prefix, now_ms) {
+                Err(wait) => Some((wait, "too many codes requested for numbers like this one")),
+                Ok(()) => None,
+            },
+        };
+        if let Some((wait, message)) = refused {
             self.counters.codes_refused += 1;
-            let message = "too many codes requested for numbers like this one; retry later";
-            self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait);
+            self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait as u32);
             return Err(());
         }
         let bits = self.config.code_pow_bits;
@@ -536,12 +543,23 @@ impl<S: Storage> Core<S> {
             }
             self.pow_challenges.remove(phone);
         }
-        if let Some(times) =
-            self.code_prefix_requests.get_mut(&phone.chars().take(6).collect::<String>())
-        {
-            times.push(now_ms);
+        self.code_prefix_requests.record(prefix, now_ms);
+        if let Some(address) = address {
+            self.code_address_requests.record(address, now_ms);
         }
         Ok(())
+    }
+}
+
+/// What a per-address budget counts: an IPv4 address, or the /64 network of an IPv6
+/// address (one host usually holds a whole /64, so single addresses cost nothing).
+fn address_budget_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => ip,
+        std::net::IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(network.into())
+        }
     }
 }
 

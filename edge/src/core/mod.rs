@@ -18,6 +18,7 @@
 //! sender's own other devices' copies are durable here.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::task::Waker;
 
 use rkyv::rancor::Failure;
@@ -34,7 +35,7 @@ use crate::code_sender::CodeSender;
 mod accounts;
 mod groups;
 mod media;
-use crate::limits::{Rate, RateLimiter};
+use crate::limits::{HourlyWindow, Rate, RateLimiter};
 use crate::mesh::{
     CoreMsg, CoreStats, DeliverOutcome, DeliverRequest, DiskUsage, OwnedCopy, Reply, Request,
 };
@@ -103,6 +104,12 @@ pub struct CoreConfig {
     /// Codes sent per number prefix (the first 6 characters, like `+15551`) per hour, per
     /// core: SMS pumping targets ranges of premium numbers.
     pub code_requests_per_prefix_per_hour: u32,
+    /// Codes sent per client network address (an IPv4 address, an IPv6 /64) per hour,
+    /// per core.
+    pub code_requests_per_address_per_hour: u32,
+    /// Whether loopback clients count against the per-address budget (by default a
+    /// local process, such as a load generator or a TLS terminator, is exempt).
+    pub code_budget_loopback: bool,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
     pub code_pow_bits: u8,
 }
@@ -125,6 +132,8 @@ impl Default for CoreConfig {
             media_ttl_ms: 30 * 24 * 3600 * 1000,
             discovery_per_day: 5_000,
             code_requests_per_prefix_per_hour: 1_000,
+            code_requests_per_address_per_hour: 20,
+            code_budget_loopback: false,
             code_pow_bits: 0,
         }
     }
@@ -161,6 +170,8 @@ pub struct Connection {
     pub max_frame_bytes: u32,
     /// Already counted in `connections_failed` (a connection counts once).
     failed: bool,
+    /// The client's network address (code budgets per address), when known.
+    peer_ip: Option<IpAddr>,
     /// Next mailbox sequence number to deliver.
     deliver_cursor: u64,
     /// Everything before this mailbox sequence number was acknowledged.
@@ -176,6 +187,7 @@ impl Connection {
             closing: false,
             max_frame_bytes: HANDSHAKE_MAX_FRAME_BYTES,
             failed: false,
+            peer_ip: None,
             deliver_cursor: 0,
             acked_through: 0,
         }
@@ -284,6 +296,7 @@ pub struct Session {
     max_frame_bytes: u32,
     /// Already counted as failed on the core it left.
     failed: bool,
+    peer_ip: Option<IpAddr>,
 }
 
 /// Where this core sits among the server's cores.
@@ -357,8 +370,10 @@ pub struct Core<S: Storage> {
     /// Offline devices already woken since they were last connected (one push per
     /// absence, however many messages).
     pushed: std::collections::HashSet<(UserId, DeviceId)>,
-    /// Code requests per number prefix in the last hour (times).
-    code_prefix_requests: HashMap<String, Vec<u64>>,
+    /// Code requests per number prefix in the last hour.
+    code_prefix_requests: HourlyWindow<String>,
+    /// Code requests per network address (IPv4 address, IPv6 /64) in the last hour.
+    code_address_requests: HourlyWindow<IpAddr>,
     /// Outstanding proof-of-work challenges per phone number: (challenge, expires).
     pow_challenges: HashMap<String, (Vec<u8>, u64)>,
     /// Wrong registration-lock PINs per phone number: (day, count).
@@ -383,7 +398,7 @@ pub struct Core<S: Storage> {
     next_conn_id: ConnId,
     online: BTreeMap<(UserId, DeviceId), ConnId>,
     codes: HashMap<String, PendingCode>,
-    code_requests: HashMap<String, Vec<u64>>,
+    code_requests: HourlyWindow<String>,
     pending: Vec<PendingReply>,
     /// Devices whose mailboxes got envelopes since the last delivery pass.
     /// (The last record appended for each, which must be durable before delivery.)
@@ -446,6 +461,7 @@ impl<S: Storage> Core<S> {
         code_sender: Box<dyn CodeSender>,
     ) -> Core<S> {
         let cores = placement.count as usize;
+        let code_requests_per_hour = config.code_requests_per_hour;
         let mut core = Core {
             placement,
             shards,
@@ -455,7 +471,8 @@ impl<S: Storage> Core<S> {
             links: HashMap::new(),
             phone_index: HashMap::new(),
             pin_attempts: HashMap::new(),
-            code_prefix_requests: HashMap::new(),
+            code_prefix_requests: HourlyWindow::new(config.code_requests_per_prefix_per_hour),
+            code_address_requests: HourlyWindow::new(config.code_requests_per_address_per_hour),
             pow_challenges: HashMap::new(),
             discovery_used: HashMap::new(),
             gatherings: HashMap::new(),
@@ -480,7 +497,7 @@ impl<S: Storage> Core<S> {
             next_conn_id: 1,
             online: BTreeMap::new(),
             codes: HashMap::new(),
-            code_requests: HashMap::new(),
+            code_requests: HourlyWindow::new(code_requests_per_hour),
             pending: Vec::new(),
             dirty: HashMap::new(),
             counters: CoreCounters::default(),
@@ -576,10 +593,15 @@ impl<S: Storage> Core<S> {
         self.conns.len()
     }
 
-    /// Registers a connection a listener of this core accepted (counted as accepted).
-    pub fn accept_connection(&mut self) -> ConnId {
+    /// Registers a connection a listener of this core accepted from `peer_ip` (counted
+    /// as accepted).
+    pub fn accept_connection(&mut self, peer_ip: Option<IpAddr>) -> ConnId {
         self.counters.connections_accepted += 1;
-        self.open_connection()
+        let conn = self.open_connection();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.peer_ip = peer_ip;
+        }
+        conn
     }
 
     /// Counts `conn` as failed, once per connection (see
@@ -702,7 +724,7 @@ impl<S: Storage> Core<S> {
         let c = self.conns.remove(&conn)?;
         self.counters.handed_over += 1;
         debug_assert!(c.outbound.is_empty(), "output is flushed before a hand-off");
-        Some(Session { max_frame_bytes: c.max_frame_bytes, failed: c.failed })
+        Some(Session { max_frame_bytes: c.max_frame_bytes, failed: c.failed, peer_ip: c.peer_ip })
     }
 
     /// Takes over a connection another core handed off.
@@ -712,6 +734,7 @@ impl<S: Storage> Core<S> {
             c.state = ConnState::Open;
             c.max_frame_bytes = session.max_frame_bytes;
             c.failed = session.failed;
+            c.peer_ip = session.peer_ip;
         }
         conn
     }
@@ -1304,22 +1327,11 @@ impl<S: Storage> Core<S> {
         if let Err(refusal) = self.code_budget(conn, rid, request, now_ms) {
             return refusal;
         }
-        let hour_ago = now_ms.saturating_sub(3_600_000);
-        let times = self.code_requests.entry(phone.to_string()).or_default();
-        times.retain(|t| *t > hour_ago);
-        if times.len() as u32 >= self.config.code_requests_per_hour {
-            let retry_after = (times[0] + 3_600_000).saturating_sub(now_ms);
+        if let Err(wait) = self.code_requests.check(&phone.to_string(), now_ms) {
             let message = "too many codes requested for this number";
-            return self.error_reply(
-                conn,
-                rid,
-                ty,
-                ErrorCode::RateLimited,
-                message,
-                retry_after as u32,
-            );
+            return self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait as u32);
         }
-        times.push(now_ms);
+        self.code_requests.record(phone.to_string(), now_ms);
         let code = secrets::new_code(6);
         self.counters.codes_sent += 1;
         self.code_sender.send_code(phone, &code);

@@ -545,7 +545,8 @@ async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
             None => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ctx.core.borrow_mut().accept_connection();
+        let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
+        let conn = ctx.core.borrow_mut().accept_connection(peer_ip);
         let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
         let wire = match Wire::new(&layers, max_frame_bytes) {
             Ok(wire) => wire,

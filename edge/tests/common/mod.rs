@@ -86,6 +86,22 @@ impl Client {
         self.inbox.iter().map(|r| r.header.message_type).collect()
     }
 
+    /// Connects from the loopback address `source` (127.0.0.2, ...) and performs the
+    /// handshake: another client address for per-address limits.
+    pub fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Client {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+        socket.connect(&addr.into()).expect("connect to ternd");
+        let tcp: TcpStream = socket.into();
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let stream = Box::new(tcp.try_clone().unwrap());
+        let mut client = Client::over(stream, tcp);
+        client.handshake();
+        client
+    }
+
     /// Connects without a handshake.
     pub fn connect_raw(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect(addr).expect("connect to ternd");
