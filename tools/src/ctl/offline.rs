@@ -104,7 +104,8 @@ fn envelope_json(bytes: &[u8]) -> Value {
 fn state_op_json(op: &StateOp) -> Value {
     match op {
         StateOp::PutAccount { user_id, phone, created_ms } => {
-            json!({ "op": "PutAccount", "user_id": user_id, "phone": phone, "created_ms": created_ms })
+            json!({ "op": "PutAccount", "user_id": user_id, "phone": phone,
+                    "created_ms": created_ms })
         }
         StateOp::DeleteAccount { user_id } => json!({ "op": "DeleteAccount", "user_id": user_id }),
         StateOp::PutDevice { user_id, device } => json!({
@@ -118,10 +119,12 @@ fn state_op_json(op: &StateOp) -> Value {
             json!({ "op": "SetToken", "user_id": user_id, "device_id": device_id })
         }
         StateOp::AddOneTimeKeys { user_id, device_id, keys } => json!({
-            "op": "AddOneTimeKeys", "user_id": user_id, "device_id": device_id, "keys": keys.len(),
+            "op": "AddOneTimeKeys", "user_id": user_id, "device_id": device_id,
+            "keys": keys.len(),
         }),
         StateOp::SetFallbackKey { user_id, device_id, key } => json!({
-            "op": "SetFallbackKey", "user_id": user_id, "device_id": device_id, "key_id": key.key_id,
+            "op": "SetFallbackKey", "user_id": user_id, "device_id": device_id,
+            "key_id": key.key_id,
         }),
         StateOp::ClaimOneTimeKey { user_id, device_id, key_id } => json!({
             "op": "ClaimOneTimeKey", "user_id": user_id, "device_id": device_id, "key_id": key_id,
@@ -640,8 +643,9 @@ pub fn dump(
             }
             for corrupt in &read.corrupt {
                 outcome = Outcome::Problem;
-                let line = json!({ "shard": shard_id, "device": format!("{}:{}", device.0, device.1),
-                                   "corrupt": corrupt.to_string() });
+                let device = format!("{}:{}", device.0, device.1);
+                let line =
+                    json!({ "shard": shard_id, "device": device, "corrupt": corrupt.to_string() });
                 writeln!(out, "{line}")?;
             }
         }
