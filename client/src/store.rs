@@ -72,7 +72,7 @@ pub enum Status {
 }
 
 impl Status {
-    fn from_i64(value: i64) -> Status {
+    pub(crate) fn from_i64(value: i64) -> Status {
         match value {
             1 => Status::Sent,
             2 => Status::Delivered,
@@ -799,24 +799,66 @@ impl Store {
         filter: &str,
         params: P,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages {filter}");
+        let mut statement = self.db.prepare(&sql)?;
+        let rows = statement.query_map(params, message_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The last `per_conversation` messages of every conversation (1:1 and group),
+    /// oldest first, each with its group id (0 for 1:1): what a history bundle carries.
+    pub fn recent_messages(
+        &self,
+        per_conversation: usize,
+    ) -> Result<Vec<(StoredMessage, u64)>, StoreError> {
         let sql = format!(
-            "SELECT server_id, client_id, peer, sender_user, sender_device, outgoing, body,
-                    time_ms, status FROM messages {filter}"
+            "SELECT {MESSAGE_COLUMNS}, group_id FROM (SELECT *, ROW_NUMBER() OVER
+             (PARTITION BY peer, group_id ORDER BY id DESC) AS recent FROM messages)
+             WHERE recent <= ?1 ORDER BY id"
         );
         let mut statement = self.db.prepare(&sql)?;
-        let rows = statement.query_map(params, |row| {
-            Ok(StoredMessage {
-                server_id: row.get::<_, i64>(0)? as u64,
-                client_id: row.get::<_, i64>(1)? as u64,
-                peer: row.get::<_, i64>(2)? as u64,
-                sender: (row.get::<_, i64>(3)? as u64, row.get(4)?),
-                outgoing: row.get::<_, i64>(5)? != 0,
-                text: row.get(6)?,
-                time_ms: row.get::<_, i64>(7)? as u64,
-                status: Status::from_i64(row.get(8)?),
-            })
+        let rows = statement.query_map([per_conversation as i64], |row| {
+            Ok((message_from_row(row)?, row.get::<_, i64>(9)? as u64))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds messages from a history bundle, in one transaction; those already here are
+    /// skipped. Returns how many were new.
+    pub fn import_messages(
+        &mut self,
+        messages: &[(StoredMessage, u64)],
+    ) -> Result<usize, StoreError> {
+        let transaction = self.db.transaction()?;
+        let mut added = 0;
+        for (message, group_id) in messages {
+            insert_message(&transaction, message, *group_id)?;
+            added += transaction.changes() as usize; // 0 when it was already here.
+        }
+        transaction.commit()?;
+        Ok(added)
+    }
+
+    /// Keeps the descriptor of a history bundle offered to this device (sealed: it holds
+    /// the bundle's key) until it is imported.
+    pub fn save_history_offer(&self, descriptor: &[u8]) -> Result<(), StoreError> {
+        let sealed = self.seal(descriptor)?;
+        self.set_meta("history_offer", &sealed)
+    }
+
+    /// The offered history bundle's descriptor, if any (kept until
+    /// [`Store::forget_history_offer`]).
+    pub fn history_offer(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.meta("history_offer")? {
+            None => Ok(None),
+            Some(sealed) => self.open_sealed(&sealed).map(Some).ok_or(StoreError::WrongKey),
+        }
+    }
+
+    /// Forgets the offered history bundle (imported).
+    pub fn forget_history_offer(&self) -> Result<(), StoreError> {
+        self.db.execute("DELETE FROM meta WHERE key = 'history_offer'", [])?;
+        Ok(())
     }
 
     /// A new client message id (random: ids must not repeat across reinstalls either).
@@ -828,6 +870,23 @@ impl Store {
 }
 
 /// Adds a message to the history; `group_id` is 0 for a one-to-one conversation.
+/// The columns [`message_from_row`] reads, in order.
+const MESSAGE_COLUMNS: &str =
+    "server_id, client_id, peer, sender_user, sender_device, outgoing, body, time_ms, status";
+
+fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        server_id: row.get::<_, i64>(0)? as u64,
+        client_id: row.get::<_, i64>(1)? as u64,
+        peer: row.get::<_, i64>(2)? as u64,
+        sender: (row.get::<_, i64>(3)? as u64, row.get(4)?),
+        outgoing: row.get::<_, i64>(5)? != 0,
+        text: row.get(6)?,
+        time_ms: row.get::<_, i64>(7)? as u64,
+        status: Status::from_i64(row.get(8)?),
+    })
+}
+
 fn insert_message(
     db: &Connection,
     message: &StoredMessage,

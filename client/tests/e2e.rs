@@ -655,3 +655,38 @@ async fn a_file_travels_encrypted_and_arrives_byte_identical() {
     }
     assert!(files_under(&data.path().join("media")).len() == 1, "one blob");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_new_device_gets_the_recent_history_from_the_primary() {
+    let data = data_dir();
+    let stores = data_dir();
+    let mut server = Server::start(data.path(), &["--cores", "2"]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15550700001").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15550700002").await;
+    let bob_id = bob.user_id();
+    for i in 0..4 {
+        alice.send_text(bob_id, &format!("old {i}")).await.unwrap();
+    }
+    let reply = "a reply from bob";
+    bob.send_text(alice.user_id(), reply).await.unwrap();
+    message_with(&mut alice, reply).await;
+
+    let mut laptop = link(&server, &mut alice, stores.path(), "alice-laptop").await;
+    assert!(laptop.history(bob_id, 10).unwrap().is_empty(), "a new device starts empty");
+    // The bundle holds the last 3 messages of the conversation; the laptop asks for it.
+    let bundled = alice.send_history(laptop.device_id(), 3).await.unwrap();
+    assert_eq!(bundled, 3);
+    until(&mut laptop, |e| matches!(e, Event::HistoryOffered { from_device: 1 })).await;
+    assert_eq!(laptop.import_history().await.unwrap(), 3);
+    let texts: Vec<String> =
+        laptop.history(bob_id, 10).unwrap().into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, vec!["old 2", "old 3", reply]);
+    // Nothing is offered twice, and Bob (another user) was never offered it.
+    assert!(laptop.import_history().await.is_err());
+    alice.send_text(bob_id, "new").await.unwrap();
+    let seen = until(&mut bob, |e| {
+        assert!(!matches!(e, Event::HistoryOffered { .. }), "Bob was offered Alice's history");
+        matches!(e, Event::Message(m) if m.text == "new")
+    });
+    seen.await;
+}

@@ -153,6 +153,33 @@ fn two_people_chat_in_two_terminals() {
 }
 
 #[test]
+fn a_linked_laptop_gets_the_history_from_the_command_line() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let laptop_db = stores.path().join("laptop.db");
+    register(&mut server, &alice_db, "+15594000001");
+    let bob = register(&mut server, &bob_db, "+15594000002");
+    one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "before", "the", "laptop"]);
+
+    let mut linking = tern(&server, &laptop_db, &["link", "--name", "laptop"]);
+    let line = linking.expect("tern approve ");
+    let code = line.rsplit(' ').next().unwrap().to_string();
+    one_shot(&server, &alice_db, &["approve", &code]);
+    linking.expect("linked:");
+    assert!(linking.finish().0);
+
+    let sent = one_shot(&server, &alice_db, &["devices", "--send-history", "2"]);
+    assert!(sent.iter().any(|l| l.contains("sent 1 messages of history to device 2")), "{sent:?}");
+    let mut chat = tern(&server, &laptop_db, &["chat", "--with", &bob.to_string()]);
+    chat.expect("imported 1 messages of history from device 1");
+    chat.finish();
+    let history = one_shot(&server, &laptop_db, &["history", "--with", &bob.to_string()]);
+    assert!(history.iter().any(|l| l.contains("me: before the laptop")), "{history:?}");
+}
+
+#[test]
 fn a_group_from_the_command_line() {
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let stores = tempfile::tempdir().unwrap();

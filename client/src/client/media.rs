@@ -7,10 +7,31 @@ use std::path::{Path, PathBuf};
 use tern_wire::messages::*;
 use tern_wire::Message;
 
-use super::{server_error, Client, CONTENT_MEDIA};
-use crate::media::{open, seal, MediaDescriptor};
+use super::{server_error, Client, CONTENT_HISTORY, CONTENT_MEDIA};
+use crate::media::{open, seal, MediaDescriptor, SealedFile};
 use crate::store::{Status, Store, StoredMessage};
 use crate::ClientError;
+
+/// What a history bundle holds: messages as the sending device stored them (an rkyv
+/// archive, sealed like any file; only this user's devices ever hold its key).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct HistoryBundle {
+    messages: Vec<HistoryEntry>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct HistoryEntry {
+    server_id: u64,
+    client_id: u64,
+    peer: u64,
+    sender_user: u64,
+    sender_device: u32,
+    outgoing: bool,
+    text: String,
+    time_ms: u64,
+    status: u8,
+    group_id: u64,
+}
 
 /// Bytes asked for per download request.
 const DOWNLOAD_BYTES: u32 = 512 * 1024;
@@ -26,12 +47,42 @@ impl Client {
         let plaintext = std::fs::read(path)
             .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
         let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy().into_owned());
-        let mut sealed = seal(&name, &plaintext)?;
+        let sealed = seal(&name, &plaintext)?;
         let kind = if sealed.descriptor.thumbnail.is_empty() {
             MediaKind::Document
         } else {
             MediaKind::Image
         };
+        let descriptor = self.store_sealed(sealed, kind).await?;
+        let mut plaintext = vec![CONTENT_MEDIA];
+        plaintext.extend_from_slice(&descriptor.encode());
+        let client_id = Store::new_client_id()?;
+        let (server_id, time_ms) =
+            self.announce_blob(peer, client_id, descriptor.media_id, &plaintext).await?;
+
+        let me = (self.identity.user_id, self.identity.device_id);
+        let message = StoredMessage {
+            server_id,
+            client_id,
+            peer,
+            sender: me,
+            outgoing: true,
+            text: format!("📎 {} ({} bytes)", descriptor.name, descriptor.size),
+            time_ms,
+            status: Status::Sent,
+        };
+        self.store.add_message(&message)?;
+        self.store.save_media(me, client_id, &descriptor.encode())?;
+        Ok(message)
+    }
+
+    /// Uploads a sealed blob (resuming after disconnects) and commits it; returns its
+    /// descriptor with the server's media id.
+    async fn store_sealed(
+        &mut self,
+        mut sealed: SealedFile,
+        kind: MediaKind,
+    ) -> Result<MediaDescriptor, ClientError> {
         let begin = MediaBegin { size_bytes: sealed.ciphertext.len() as u64, kind };
         let reply = self.request(&begin).await?;
         let Message::MediaBegun(begun) = reply.frame().message else {
@@ -46,27 +97,116 @@ impl Client {
             return Err(server_error(&reply));
         };
         sealed.descriptor.media_id = media_id;
-        let mut plaintext = vec![CONTENT_MEDIA];
-        plaintext.extend_from_slice(&sealed.descriptor.encode());
-        let client_id = Store::new_client_id()?;
+        Ok(sealed.descriptor)
+    }
+
+    /// Sends `plaintext` (which describes the blob `media_id`) to `peer` as a `Media`
+    /// envelope whose copies name the blob in clear, so the server lets the recipients
+    /// download it.
+    async fn announce_blob(
+        &mut self,
+        peer: u64,
+        client_id: u64,
+        media_id: MediaId,
+        plaintext: &[u8],
+    ) -> Result<(u64, u64), ClientError> {
         self.clear_prefix = Some(media_id.to_vec());
-        let sent = self.send_encrypted(peer, client_id, EnvelopeKind::Media, &plaintext).await;
+        let sent = self.send_encrypted(peer, client_id, EnvelopeKind::Media, plaintext).await;
         self.clear_prefix = None;
-        let (server_id, time_ms) = sent?;
-        let me = (self.identity.user_id, self.identity.device_id);
-        let message = StoredMessage {
-            server_id,
-            client_id,
-            peer,
-            sender: me,
-            outgoing: true,
-            text: format!("📎 {} ({} bytes)", sealed.descriptor.name, sealed.descriptor.size),
-            time_ms,
-            status: Status::Sent,
+        sent
+    }
+
+    /// Sends this user's device `device_id` (a newly linked one) the recent history of
+    /// this device: the last `per_conversation` messages of every conversation, sealed
+    /// and uploaded like a file, then offered end-to-end encrypted. Returns how many
+    /// messages the bundle holds.
+    pub async fn send_history(
+        &mut self,
+        device_id: u32,
+        per_conversation: usize,
+    ) -> Result<usize, ClientError> {
+        let messages = self.store.recent_messages(per_conversation)?;
+        let bundle = HistoryBundle {
+            messages: messages
+                .iter()
+                .map(|(m, group_id)| HistoryEntry {
+                    server_id: m.server_id,
+                    client_id: m.client_id,
+                    peer: m.peer,
+                    sender_user: m.sender.0,
+                    sender_device: m.sender.1,
+                    outgoing: m.outgoing,
+                    text: m.text.clone(),
+                    time_ms: m.time_ms,
+                    status: m.status as u8,
+                    group_id: *group_id,
+                })
+                .collect(),
         };
-        self.store.add_message(&message)?;
-        self.store.save_media(me, client_id, &sealed.descriptor.encode())?;
-        Ok(message)
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&bundle)
+            .map_err(|e| ClientError::Protocol(format!("history bundle: {e}")))?;
+        let descriptor = self.store_sealed(seal("history", &bytes)?, MediaKind::Archive).await?;
+        let mut plaintext = vec![CONTENT_HISTORY];
+        plaintext.extend_from_slice(&device_id.to_le_bytes());
+        plaintext.extend_from_slice(&descriptor.encode());
+        let me = self.identity.user_id;
+        let client_id = Store::new_client_id()?;
+        self.announce_blob(me, client_id, descriptor.media_id, &plaintext).await?;
+        Ok(bundle.messages.len())
+    }
+
+    /// Fetches the history bundle another device offered ([`super::Event::HistoryOffered`])
+    /// and adds its messages to this device's history. Returns how many were new.
+    pub async fn import_history(&mut self) -> Result<usize, ClientError> {
+        let descriptor = self
+            .store
+            .history_offer()?
+            .ok_or_else(|| ClientError::Config("no history bundle was offered".into()))?;
+        let descriptor = MediaDescriptor::decode(&descriptor)?;
+        let bytes = self.fetch_blob(&descriptor).await?;
+        let bundle = rkyv::from_bytes::<HistoryBundle, rkyv::rancor::Error>(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unreadable history bundle: {e}")))?;
+        let messages: Vec<(StoredMessage, u64)> = bundle
+            .messages
+            .into_iter()
+            .map(|e| {
+                let message = StoredMessage {
+                    server_id: e.server_id,
+                    client_id: e.client_id,
+                    peer: e.peer,
+                    sender: (e.sender_user, e.sender_device),
+                    outgoing: e.outgoing,
+                    text: e.text,
+                    time_ms: e.time_ms,
+                    status: Status::from_i64(i64::from(e.status)),
+                };
+                (message, e.group_id)
+            })
+            .collect();
+        let added = self.store.import_messages(&messages)?;
+        self.store.forget_history_offer()?;
+        Ok(added)
+    }
+
+    /// Downloads a blob in ranges and opens it (checking its hash).
+    async fn fetch_blob(&mut self, descriptor: &MediaDescriptor) -> Result<Vec<u8>, ClientError> {
+        let mut ciphertext = Vec::with_capacity(descriptor.size as usize);
+        while (ciphertext.len() as u64) < descriptor.size {
+            let request = MediaDownload {
+                media_id: descriptor.media_id,
+                offset: ciphertext.len() as u64,
+                length: DOWNLOAD_BYTES,
+            };
+            let reply = self.request(&request).await?;
+            let Message::MediaData(data) = reply.frame().message else {
+                return Err(server_error(&reply));
+            };
+            if data.data.is_empty() {
+                return Err(ClientError::Protocol("the server sent no bytes".into()));
+            }
+            ciphertext.extend_from_slice(&data.data);
+        }
+        Ok(open(descriptor, &ciphertext)?)
     }
 
     /// Uploads `data` in chunks; after a disconnect, reconnects and resumes from what
@@ -129,23 +269,7 @@ impl Client {
             .media_of(server_id)?
             .ok_or_else(|| ClientError::Config(format!("message {server_id} carries no file")))?;
         let descriptor = MediaDescriptor::decode(&descriptor)?;
-        let mut ciphertext = Vec::with_capacity(descriptor.size as usize);
-        while (ciphertext.len() as u64) < descriptor.size {
-            let request = MediaDownload {
-                media_id: descriptor.media_id,
-                offset: ciphertext.len() as u64,
-                length: DOWNLOAD_BYTES,
-            };
-            let reply = self.request(&request).await?;
-            let Message::MediaData(data) = reply.frame().message else {
-                return Err(server_error(&reply));
-            };
-            if data.data.is_empty() {
-                return Err(ClientError::Protocol("the server sent no bytes".into()));
-            }
-            ciphertext.extend_from_slice(&data.data);
-        }
-        let plaintext = open(&descriptor, &ciphertext)?;
+        let plaintext = self.fetch_blob(&descriptor).await?;
         // Only the file name, never a path from the sender.
         let name = Path::new(&descriptor.name).file_name().map_or("file".into(), |n| n.to_owned());
         let path = dir.join(name);

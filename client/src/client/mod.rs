@@ -37,6 +37,10 @@ const CONTENT_GROUP_KEY: u8 = 3;
 /// A plaintext describing a file (`media::MediaDescriptor`), sent as a `Media` envelope
 /// whose copies start with the media id in clear.
 const CONTENT_MEDIA: u8 = 4;
+/// A plaintext offering a history bundle to one of this user's devices: the device id
+/// (4 bytes, LE), then the bundle's `media::MediaDescriptor`. Sent as a `Media`
+/// envelope to the user's own devices; the others ignore it.
+const CONTENT_HISTORY: u8 = 5;
 
 mod accounts;
 mod media;
@@ -115,6 +119,12 @@ pub enum Event {
         group_id: u64,
         /// Why.
         reason: String,
+    },
+    /// Another device of this user sent this device a history bundle: call
+    /// [`Client::import_history`] to fetch and add it.
+    HistoryOffered {
+        /// The device that sent it.
+        from_device: u32,
     },
     /// A message was deleted for everyone by its sender (and removed from the history).
     Deleted {
@@ -992,6 +1002,9 @@ impl Client {
                 message.text = format!("📎 {} ({} bytes)", descriptor.name, descriptor.size);
             }
             Some((&CONTENT_GROUP_KEY, payload)) => control = Some((CONTENT_GROUP_KEY, payload)),
+            Some((&CONTENT_HISTORY, payload)) if sender.0 == self.identity.user_id => {
+                control = Some((CONTENT_HISTORY, payload))
+            }
             Some((&CONTENT_DELETE, id)) if id.len() == 8 => control = Some((CONTENT_DELETE, id)),
             _ => {
                 return Err(ClientError::Crypto(crate::CryptoError::Decrypt(
@@ -1009,6 +1022,16 @@ impl Client {
             None => Ok(message),
             Some((CONTENT_GROUP_KEY, payload)) => {
                 self.accept_group_key(sender, payload)?;
+                Err(ClientError::NotAMessage)
+            }
+            Some((CONTENT_HISTORY, payload)) => {
+                if let Some((device, descriptor)) = payload.split_first_chunk::<4>() {
+                    if u32::from_le_bytes(*device) == self.identity.device_id {
+                        crate::media::MediaDescriptor::decode(descriptor)?;
+                        self.store.save_history_offer(descriptor)?;
+                        self.events.push_back(Event::HistoryOffered { from_device: sender.1 });
+                    }
+                }
                 Err(ClientError::NotAMessage)
             }
             Some((_, id)) => {

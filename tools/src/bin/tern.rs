@@ -148,11 +148,18 @@ enum Command {
         #[arg(long, default_value = "")]
         comment: String,
     },
-    /// List this account's devices, or unlink one (--unlink ID, from the primary).
+    /// List this account's devices, unlink one (--unlink ID, from the primary), or send
+    /// a newly linked one the recent history of this device (--send-history ID).
     Devices {
         /// The device to remove.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "send_history")]
         unlink: Option<u32>,
+        /// The device to send the history to (end-to-end encrypted).
+        #[arg(long)]
+        send_history: Option<u32>,
+        /// Messages per conversation in the history sent.
+        #[arg(long, default_value_t = 200)]
+        per_conversation: usize,
     },
     /// Set (--pin) or remove (--remove) the PIN that protects this number from takeover.
     Lock {
@@ -393,11 +400,15 @@ async fn run(args: Args) -> Result<(), ClientError> {
             client.report(*user, messages, reason, comment).await?;
             println!("reported {user}");
         }
-        Command::Devices { unlink } => {
+        Command::Devices { unlink, send_history, per_conversation } => {
             let mut client = open(&args).await?;
             if let Some(device) = unlink {
                 client.unlink(*device).await?;
                 println!("unlinked device {device}");
+            }
+            if let Some(device) = send_history {
+                let sent = client.send_history(*device, *per_conversation).await?;
+                println!("sent {sent} messages of history to device {device}");
             }
             for (id, name, primary) in client.devices().await? {
                 println!("device {id}: {name}{}", if primary { " (primary)" } else { "" });
@@ -706,6 +717,10 @@ async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String
         }
         Event::GroupChangeRejected { group_id, reason } => {
             out.push(format!("  ! a change to group {group_id} was refused: {reason}"))
+        }
+        Event::HistoryOffered { from_device } => {
+            let added = client.import_history().await?;
+            out.push(format!("  (imported {added} messages of history from device {from_device})"))
         }
     }
     Ok(out)
