@@ -238,14 +238,20 @@ fn with_config_file(argv: Vec<String>) -> Result<Vec<String>, String> {
     let table: toml::Table = text.parse().map_err(|e| format!("--config {path}: {e}"))?;
     let mut from_file = vec![argv[0].clone()];
     for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
         let value = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
+            // A switch: present when true, absent when false.
+            toml::Value::Boolean(true) => {
+                from_file.push(flag);
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
             other => return Err(format!("--config {path}: {key} = {other} is not a plain value")),
         };
-        from_file.push(format!("--{}", key.replace('_', "-")));
+        from_file.push(flag);
         from_file.push(value);
     }
     Ok(from_file.into_iter().chain(argv.into_iter().skip(1)).collect())

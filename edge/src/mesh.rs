@@ -339,6 +339,8 @@ pub struct CoreStats {
     pub disk: DiskUsage,
     /// The counters of each shard this core owns, by shard id.
     pub shards: Vec<(u32, ShardCounters)>,
+    /// Shards of this core that refuse writes since an I/O error, with the error.
+    pub failed_shards: Vec<(u32, String)>,
     /// Send → sent tick, seconds.
     pub send_to_sent: Histogram,
     /// Send → delivered to a connection, seconds.

@@ -187,6 +187,23 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     for (name, help, value) in shard_families {
         metric(name, "counter", help, &per_shard(value));
     }
+    let mut refusing: Vec<(u32, String, u64)> = cores
+        .iter()
+        .flat_map(|c| c.shards.iter().map(move |(id, _)| (c, *id)))
+        .map(|(c, id)| {
+            let failed = c.failed_shards.iter().any(|(f, _)| *f == id);
+            (id, format!("{{shard=\"{id}\",core=\"{}\"}}", c.core), u64::from(failed))
+        })
+        .collect();
+    refusing.sort_by_key(|(id, _, _)| *id);
+    let samples: Vec<(String, u64)> = refusing.into_iter().map(|(_, l, v)| (l, v)).collect();
+    metric(
+        "tern_shard_writes_refused",
+        "gauge",
+        "1 while the shard refuses writes after an I/O error (failed fsync, full disk); \
+         only a restart clears it.",
+        &samples,
+    );
     let mut disk_used: Vec<(u32, u32, u64)> = cores
         .iter()
         .flat_map(|c| c.disk.shard_allocated_bytes.iter().map(move |(id, b)| (*id, c.core, *b)))

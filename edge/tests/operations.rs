@@ -183,8 +183,10 @@ fn verification_codes_go_to_the_webhook_with_retries() {
 fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
     let dir = data_dir();
     let config = dir.path().join("ternd.toml");
-    std::fs::write(&config, "code_requests_per_hour = 1\nshards = 2\nsends-per-second = 7\n")
-        .unwrap();
+    let settings = "code_requests_per_hour = 1\nshards = 2\nsends-per-second = 7\n\
+                    code_requests_per_address_per_hour = 1\ncode_budget_loopback = true\n\
+                    some_switch_left_off = false\ncores = 1\n";
+    std::fs::write(&config, settings).unwrap();
     let data = dir.path().join("data");
     let config_arg = config.to_str().unwrap();
     // --shards 4 from the harness comes after the file: the command line wins.
@@ -200,6 +202,11 @@ fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
     };
     client.request(&request).access::<CodeSent>();
     assert_eq!(client.request(&request).error_code(), Some(ErrorCode::RateLimited));
+    // A switch set to true in the file: loopback counts against the address budget.
+    let other = RequestCode { phone: "+15550142".into(), ..request };
+    let refused = client.request(&other);
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    assert!(refused.describe().contains("network address"), "{}", refused.describe());
 
     // A file with an unknown key is refused with a clear message and status 2.
     std::fs::write(&config, "no_such_setting = 1\n").unwrap();

@@ -494,6 +494,12 @@ impl<S: Storage> Shard<S> {
         Ok(seq)
     }
 
+    /// The write error that made this shard refuse every later write (a failed
+    /// `fdatasync`, a full disk), if any: only reopening the shard clears it.
+    pub fn write_error(&self) -> Option<&WriteError> {
+        self.poisoned.as_ref()
+    }
+
     /// Whether a deleted account's records still wait to be erased from disk (by the
     /// next [`ShardHandle::reclaim`]).
     pub fn erasure_pending(&self) -> bool {

@@ -211,7 +211,10 @@ async fn offline_commands_agree_with_the_server_and_never_show_ciphertext() {
 async fn verify_passes_a_clean_dir_and_names_a_flipped_byte() {
     let dir = data_dir();
     let stores = data_dir();
-    let mut server = Server::start(dir.path(), &["--cores", "1", "--segment-mib", "1"]);
+    let mut server = Server::start(
+        dir.path(),
+        &["--cores", "1", "--segment-mib", "1", "--sends-per-second", "100000"],
+    );
     let mut alice = register(&mut server, stores.path(), "alice", "+15550200001").await;
     let bob = register(&mut server, stores.path(), "bob", "+15550200002").await;
     let bob_id = bob.user_id();

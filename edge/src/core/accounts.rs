@@ -491,16 +491,17 @@ impl<S: Storage> Core<S> {
 const POW_TTL_MS: u64 = 10 * 60 * 1000;
 
 impl<S: Storage> Core<S> {
-    /// The defences against SMS pumping before a code is sent: a budget per number prefix
-    /// and hour, and (if configured) a proof of work. `Err` means the request was
-    /// answered (a refusal or a challenge).
+    /// The defences against SMS pumping before a code is sent: budgets per client
+    /// address and per number prefix and hour, and (if configured) a proof of work.
+    /// `Err` means the request was answered (a refusal or a challenge); `Ok` gives what
+    /// to count once the code is sent ([`Core::spend_code_budget`]).
     pub(super) fn code_budget(
         &mut self,
         conn: ConnId,
         rid: u32,
         request: &ArchivedRequestCode,
         now_ms: u64,
-    ) -> Result<(), ()> {
+    ) -> Result<CodeBudgetKeys, ()> {
         let phone = request.phone.as_str();
         let ty = MessageType::RequestCode.code();
         let prefix: String = phone.chars().take(6).collect();
@@ -543,12 +544,22 @@ impl<S: Storage> Core<S> {
             }
             self.pow_challenges.remove(phone);
         }
-        self.code_prefix_requests.record(prefix, now_ms);
-        if let Some(address) = address {
+        Ok(CodeBudgetKeys { prefix, address })
+    }
+
+    /// Counts a code sent against the prefix and address budgets.
+    pub(super) fn spend_code_budget(&mut self, keys: CodeBudgetKeys, now_ms: u64) {
+        self.code_prefix_requests.record(keys.prefix, now_ms);
+        if let Some(address) = keys.address {
             self.code_address_requests.record(address, now_ms);
         }
-        Ok(())
     }
+}
+
+/// What a code request is counted under once a code is sent.
+pub(super) struct CodeBudgetKeys {
+    prefix: String,
+    address: Option<std::net::IpAddr>,
 }
 
 /// What a per-address budget counts: an IPv4 address, or the /64 network of an IPv6

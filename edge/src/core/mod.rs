@@ -768,7 +768,12 @@ impl<S: Storage> Core<S> {
 
     /// This core's metrics.
     pub fn stats(&self) -> CoreStats {
-        let shards = self.owned_shards().into_iter();
+        let owned = self.owned_shards();
+        let failed_shards = owned
+            .iter()
+            .filter_map(|(id, s)| s.borrow().write_error().map(|e| (*id, e.to_string())))
+            .collect();
+        let shards = owned.into_iter();
         CoreStats {
             core: self.placement.index,
             connections: self.conns.len() as u64,
@@ -789,6 +794,7 @@ impl<S: Storage> Core<S> {
             connections_failed: self.counters.connections_failed,
             disk: self.disk.clone(),
             shards: shards.map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
+            failed_shards,
             send_to_sent: self.send_to_sent.clone(),
             send_to_deliver: self.send_to_deliver.clone(),
             commit_batch_records: self.commit_batch_records.clone(),
@@ -1324,14 +1330,15 @@ impl<S: Storage> Core<S> {
             let message = "phone must be E.164: '+' and 8 to 15 digits";
             return self.error_reply(conn, rid, ty, ErrorCode::InvalidArgument, message, 0);
         }
-        if let Err(refusal) = self.code_budget(conn, rid, request, now_ms) {
-            return refusal;
-        }
+        let Ok(budget_keys) = self.code_budget(conn, rid, request, now_ms) else {
+            return; // Refused or challenged: answered.
+        };
         if let Err(wait) = self.code_requests.check(&phone.to_string(), now_ms) {
             let message = "too many codes requested for this number";
             return self.error_reply(conn, rid, ty, ErrorCode::RateLimited, message, wait as u32);
         }
         self.code_requests.record(phone.to_string(), now_ms);
+        self.spend_code_budget(budget_keys, now_ms);
         let code = secrets::new_code(6);
         self.counters.codes_sent += 1;
         self.code_sender.send_code(phone, &code);

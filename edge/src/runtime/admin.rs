@@ -27,6 +27,22 @@ pub async fn serve<S: Storage + 'static>(listener: TcpListener, core: Rc<RefCell
     }
 }
 
+/// `/healthz`: 200 "ok" while every shard takes writes; 503 naming each shard that
+/// refuses them since an I/O error (a failed fsync, a full disk), which only a restart
+/// clears (see docs/OPERATIONS.md).
+fn health(cores: &[crate::mesh::CoreStats]) -> (&'static str, &'static str, String) {
+    let failed: Vec<String> = cores
+        .iter()
+        .flat_map(|c| c.failed_shards.iter().map(move |(id, e)| (c.core, id, e)))
+        .map(|(core, id, error)| format!("shard {id} (core {core}) refuses writes: {error}\n"))
+        .collect();
+    if failed.is_empty() {
+        ("200 OK", "text/plain", "ok\n".to_string())
+    } else {
+        ("503 Service Unavailable", "text/plain", failed.concat())
+    }
+}
+
 async fn answer<S: Storage>(mut stream: TcpStream, core: Rc<RefCell<Core<S>>>) {
     let mut head = Vec::with_capacity(512);
     let mut buffer = [0u8; 1024];
@@ -41,7 +57,7 @@ async fn answer<S: Storage>(mut stream: TcpStream, core: Rc<RefCell<Core<S>>>) {
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/healthz") => health(&core.borrow().all_stats()),
         ("GET", "/metrics") => {
             ("200 OK", "text/plain; version=0.0.4", render_metrics(&core.borrow().all_stats()))
         }
