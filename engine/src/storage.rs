@@ -313,6 +313,8 @@ struct SimState {
     fail_kind: Option<io::ErrorKind>,
     /// Operations performed (for tests that sweep the failure point).
     operations: u64,
+    /// Whether a failing write first writes part of its bytes (a short write).
+    fail_short: bool,
 }
 
 /// An in-memory disk with a crash image and fault injection. Clones share the disk.
@@ -343,11 +345,20 @@ impl SimStorage {
         state.fail_kind = Some(kind);
     }
 
+    /// Like [`SimStorage::fail_after`], but a write that fails first writes the first
+    /// half of its bytes (rounded down to the alignment), as a short write does before
+    /// the error (a full disk mid-write).
+    pub fn fail_short_after(&self, after: u32, kind: io::ErrorKind) {
+        self.fail_after(after, kind);
+        self.state.borrow_mut().fail_short = true;
+    }
+
     /// Disarms the injected failure.
     pub fn clear_failure(&self) {
         let mut state = self.state.borrow_mut();
         state.fail_countdown = None;
         state.fail_kind = None;
+        state.fail_short = false;
     }
 
     /// Operations performed so far.
@@ -508,8 +519,16 @@ impl Storage for SimStorage {
 
 impl StorageFile for SimFileHandle {
     async fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        self.disk.operation()?;
         let alignment = u64::from(self.disk.alignment);
+        if let Err(error) = self.disk.operation() {
+            if self.disk.state.borrow().fail_short {
+                let kept = (bytes.len() as u64 / 2 / alignment * alignment) as usize;
+                let mut file = self.file.borrow_mut();
+                apply_write(&mut file.current, offset, &bytes[..kept]);
+                file.unsynced.push((offset, bytes[..kept].to_vec()));
+            }
+            return Err(error);
+        }
         assert!(
             offset % alignment == 0 && bytes.len() as u64 % alignment == 0,
             "unaligned write: {} bytes at {offset} (alignment {alignment})",

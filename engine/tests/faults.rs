@@ -1,6 +1,9 @@
-//! Storage faults: a failed fsync poisons the shard (never retry-and-hope), a full disk
-//! is a clear error, corrupt records are quarantined and never served, and a damaged
-//! checkpoint falls back to the log. In every case nothing acknowledged is lost.
+//! Storage faults, injected through the engine's storage seam (`SimStorage`): a failed
+//! fsync poisons the shard (never retry-and-hope), a full disk and a short write are
+//! clear errors, a failure at any step of a checkpoint is survived, corrupt records are
+//! quarantined and never served, and a damaged checkpoint falls back to the log. In every
+//! case nothing acknowledged is lost. (Torn writes at every byte offset: `torn_sweep.rs`;
+//! power cuts that drop, tear and reorder unsynced writes: `power_cut.rs`.)
 
 mod common;
 
@@ -133,4 +136,80 @@ fn damaged_checkpoint_falls_back_to_the_log() {
     let shard = open(disk, small_config());
     assert_eq!(read_all(&shard, device).len(), 25);
     assert!(shard.borrow().counters().corrupt_records >= 1, "the bad checkpoint is counted");
+}
+
+#[test]
+fn a_short_write_is_an_error_and_loses_nothing_acknowledged() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    fill(&shard, device, 1, 40);
+    block_on(shard.commit()).unwrap();
+    fill(&shard, device, 41, 40);
+    disk.fail_short_after(0, ErrorKind::StorageFull); // half the batch lands, then ENOSPC
+    assert_eq!(block_on(shard.commit()), Err(WriteError::StorageFull));
+    disk.clear_failure();
+    assert!(shard.borrow().write_error().is_some(), "the shard refuses writes until reopened");
+    drop(shard);
+    // Whatever part of the failed batch reached the disk, it has no Commit record: it
+    // is a torn tail, discarded; the forty acknowledged records are all there.
+    for cut in [PowerCut::DropAll, PowerCut::KeepFirst(usize::MAX)] {
+        let shard = open(disk.power_cut(|_, _| cut), small_config());
+        let read = read_all(&shard, device);
+        assert_eq!(read.len(), 40, "after {cut:?}");
+        assert_eq!(read[39].1, 40u64.to_le_bytes());
+    }
+}
+
+/// ENOSPC (or any I/O error) at each step of a checkpoint — the commit it starts with,
+/// writing the temp file, the rename, the directory syncs, removing the old checkpoint —
+/// ends in a clear error or success, and a power cut right after loses nothing that was
+/// acknowledged; the shard keeps working or, if a commit failed, reopens cleanly.
+#[test]
+fn a_failure_at_every_step_of_a_checkpoint_loses_nothing_acknowledged() {
+    let setup = || {
+        let disk = SimStorage::new(512);
+        let shard = open(disk.clone(), small_config());
+        fill(&shard, (1, 1), 1, 30);
+        block_on(shard.checkpoint()).unwrap(); // An old checkpoint to replace.
+        fill(&shard, (1, 1), 31, 30);
+        block_on(shard.commit()).unwrap();
+        fill(&shard, (1, 1), 61, 10); // Pending: the checkpoint commits them first.
+        (disk, shard)
+    };
+    let steps = {
+        let (disk, shard) = setup();
+        let before = disk.operations();
+        block_on(shard.checkpoint()).unwrap();
+        disk.operations() - before
+    };
+    assert!(steps >= 6, "a checkpoint is several operations ({steps})");
+    for step in 0..steps as u32 {
+        for kind in [ErrorKind::StorageFull, ErrorKind::Other] {
+            let (disk, shard) = setup();
+            disk.fail_after(step, kind);
+            let result = block_on(shard.checkpoint());
+            disk.clear_failure();
+            let healthy = shard.borrow().write_error().is_none();
+            let committed = shard.borrow().durable_seq() >= shard.borrow().appended_seq();
+            let mut acked = if healthy && committed { 70 } else { 60 };
+            if healthy {
+                // The shard still takes writes (only the checkpoint may have failed).
+                fill(&shard, (1, 1), 71, 1);
+                block_on(shard.commit()).unwrap();
+                acked = 71;
+            }
+            drop(shard);
+            let shard = open(disk.power_cut(|_, _| PowerCut::DropAll), small_config());
+            let read = read_all(&shard, (1, 1));
+            assert!(
+                read.len() >= acked,
+                "step {step} ({kind:?}): {} of {acked} acknowledged records after the cut ({result:?})",
+                read.len()
+            );
+            let ids: Vec<u64> =
+                read.iter().map(|(_, b)| u64::from_le_bytes(b[..8].try_into().unwrap())).collect();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "step {step}: order kept");
+        }
+    }
 }

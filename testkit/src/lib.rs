@@ -3,6 +3,8 @@
 //! development code sender writes, killed on drop (its log is printed if the test
 //! failed). Shared by the edge's, the SDK's and the CLI's tests.
 
+pub mod ledger;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -162,6 +164,19 @@ impl Server {
         let line = &self.seen[index];
         let code = line.split("code=\"").nth(1).unwrap().split('"').next().unwrap();
         code.to_string()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`"HUP"`, `"TERM"`, ...) with `kill(1)`, which spares the
+    /// tests an `unsafe` `libc::kill`.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args([&format!("-{name}"), &pid]).status();
+        assert!(sent.expect("kill runs").success(), "kill -{name} {pid} failed");
     }
 
     /// Sends SIGTERM and returns the exit status.
