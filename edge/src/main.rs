@@ -11,7 +11,7 @@ use tern_edge::code_sender::WebhookUrl;
 use tern_edge::core::CoreConfig;
 use tern_edge::limits::Rate;
 use tern_edge::runtime::{run, PushMode, ServerConfig};
-use tern_edge::tls::CertSource;
+use tern_edge::tls::{CertSource, TlsSettings};
 
 /// Tern's messaging server.
 ///
@@ -29,7 +29,7 @@ struct Args {
     /// TCP listen address for the binary protocol (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// TLS 1.3 listen address ("off" to disable).
+    /// TLS listen address ("off" to disable); TLS 1.3 only unless `--tls12`.
     #[arg(long, default_value = "127.0.0.1:7443")]
     tls_listen: String,
     /// WebSocket listen address, binary messages ("off" to disable).
@@ -45,6 +45,10 @@ struct Args {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Also accept TLS 1.2 (ECDHE with AES-GCM or ChaCha20-Poly1305 only), for clients
+    /// that lack TLS 1.3; without it only TLS 1.3 is offered.
+    #[arg(long)]
+    tls12: bool,
     /// Admin HTTP address for /healthz and /metrics ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:7401")]
     admin: String,
@@ -175,10 +179,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tls = match (args.tls_cert, args.tls_key) {
+    let source = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => CertSource::Files { cert, key },
         _ => CertSource::Development { data_dir: args.data_dir.clone() },
     };
+    let tls = TlsSettings { source, allow_tls12: args.tls12 };
     let config = ServerConfig {
         data_dir: args.data_dir,
         listen: args.listen,

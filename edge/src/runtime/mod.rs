@@ -58,8 +58,8 @@ pub struct ServerConfig {
     pub ws_listen: Option<SocketAddr>,
     /// The WebSocket-over-TLS listen address, if any.
     pub wss_listen: Option<SocketAddr>,
-    /// The TLS certificate.
-    pub tls: crate::tls::CertSource,
+    /// The TLS certificate and protocol versions.
+    pub tls: crate::tls::TlsSettings,
     /// The admin HTTP address (`/healthz`, `/metrics`), if any.
     pub admin: Option<SocketAddr>,
     /// A connection must finish the handshake and authenticate (or register) this fast.
@@ -106,15 +106,16 @@ fn now_us() -> u64 {
     EPOCH.with(|epoch| epoch.elapsed().as_micros() as u64)
 }
 
-pub use stop_signal::StopSignal;
+pub use stop_signal::{ReloadSignal, StopSignal};
 
 mod admin;
 mod webhook;
 
-/// The stop request raised by SIGINT or SIGTERM.
+/// The stop request raised by SIGINT or SIGTERM, and the reload request raised by SIGHUP.
 ///
-/// It is an atomic written by the OS signal handler and read by one core's watcher task:
-/// not state shared between cores, which the ban in `clippy.toml` is about.
+/// Each is an atomic written by the OS signal handler and read by the cores' watcher
+/// tasks: not state the cores share with each other, which the ban in `clippy.toml` is
+/// about.
 #[allow(clippy::disallowed_types)]
 mod stop_signal {
     use std::io;
@@ -138,6 +139,26 @@ mod stop_signal {
         /// Whether a stop was requested.
         pub fn raised(&self) -> bool {
             self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Raised when SIGHUP arrives; one per core, so that each core takes the request
+    /// for itself (signal-hook runs every registered action for a signal).
+    #[derive(Debug)]
+    pub struct ReloadSignal(Arc<AtomicBool>);
+
+    impl ReloadSignal {
+        /// Installs one more SIGHUP handler (which also replaces the default action,
+        /// ending the process, for good).
+        pub fn install() -> io::Result<ReloadSignal> {
+            let flag = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone())?;
+            Ok(ReloadSignal(flag))
+        }
+
+        /// Whether a reload was requested since the last call (and clears the request).
+        pub fn take(&self) -> bool {
+            self.0.swap(false, Ordering::Relaxed)
         }
     }
 }
@@ -290,9 +311,11 @@ struct CoreSetup {
     shard_dirs: Vec<PathBuf>,
     config: ServerConfig,
     addresses: Addresses,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether the TLS listeners are on (the configuration is built on the core).
+    tls: bool,
     mesh: MeshBuilder<Batch, Full>,
     stop: StopSignal,
+    reload: ReloadSignal,
 }
 
 /// Runs the server until the process is stopped.
@@ -319,10 +342,13 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         );
     }
     let (addresses, reservations) = Addresses::reserve(&config).map_err(ServerError::Io)?;
-    let tls = match (addresses.tls, addresses.wss) {
-        (None, None) => None,
-        _ => Some(crate::tls::server_config(&config.tls).map_err(ServerError::Io)?),
-    };
+    // The certificate is checked (and the development one created) once, here, so that
+    // a bad pair stops the start before any core runs; each core then builds its own
+    // configuration from the same files.
+    let tls = addresses.tls.is_some() || addresses.wss.is_some();
+    if tls {
+        crate::tls::server_config(&config.tls).map_err(ServerError::Io)?;
+    }
     // SIGINT/SIGTERM set a flag every core checks: stop accepting, flush, exit 0.
     let stop = StopSignal::install().map_err(ServerError::Io)?;
     let shard_dirs: Vec<PathBuf> =
@@ -336,9 +362,11 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             shard_dirs: shard_dirs.clone(),
             config: config.clone(),
             addresses: addresses.clone(),
-            tls: tls.clone(),
+            tls,
             mesh: mesh.clone(),
             stop: stop.clone(),
+            // SIGHUP: each core re-reads the certificate (see `Ctx::tls`).
+            reload: ReloadSignal::install().map_err(ServerError::Io)?,
         };
         let handle = LocalExecutorBuilder::new(glommio::Placement::Fixed((index % cpus) as usize))
             .name(&format!("tern-core-{index}"))
@@ -374,6 +402,20 @@ struct Ctx {
     leaving: RefCell<Vec<(u32, HandOff)>>,
     /// (auth deadline, idle timeout).
     limits: (Duration, Duration),
+    /// This core's TLS configuration, for the connections it accepts next (`None`: no
+    /// TLS listener). Certificate renewal without a restart: on SIGHUP each core reads
+    /// the files again and replaces its own `Arc` here; connections already open keep
+    /// the `ServerConnection` (and so the configuration) they started with. Each core
+    /// building and owning its copy follows the thread-per-core design: the accept path
+    /// reads a `RefCell` on its own thread, no lock or shared atomic is involved (an
+    /// `ArcSwap` of a shared `CertifiedKey` would put one cache line under every core's
+    /// handshakes), and each core also gets its own TLS session cache (rustls keeps it
+    /// behind a mutex, which a shared configuration would make a cross-core lock). The
+    /// price is that each core reads two small files per reload, and a resumption
+    /// attempt that lands on another core does a full handshake.
+    tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
+    /// How to rebuild `tls`.
+    tls_settings: crate::tls::TlsSettings,
 }
 
 impl Ctx {
@@ -394,7 +436,7 @@ impl Ctx {
 }
 
 async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
-    let CoreSetup { index, cores, shard_dirs, config, addresses, tls, mesh, stop } = setup;
+    let CoreSetup { index, cores, shard_dirs, config, addresses, tls, mesh, stop, reload } = setup;
     let (senders, receivers) = mesh
         .join()
         .await
@@ -455,11 +497,16 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
             PushMode::Log => Box::new(crate::push::LogPushSender),
         },
         limits: (config.auth_deadline, config.idle_timeout),
+        tls: RefCell::new(match tls {
+            true => Some(crate::tls::reload_config(&config.tls).map_err(ServerError::Io)?),
+            false => None,
+        }),
+        tls_settings: config.tls.clone(),
     });
 
     glommio::spawn_local(committer(ctx.clone())).detach();
     glommio::spawn_local(maintenance(ctx.clone(), config.maintenance_interval)).detach();
-    glommio::spawn_local(watch_signals(stop, ctx.clone())).detach();
+    glommio::spawn_local(watch_signals(stop, reload, ctx.clone())).detach();
     glommio::spawn_local(mesh_out(ctx.clone(), senders)).detach();
     glommio::spawn_local(pushes(ctx.clone())).detach();
     let receivers = Rc::new(receivers);
@@ -498,7 +545,7 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
         if index == 0 {
             tracing::info!(%local, cores, "{what}");
         }
-        let layers = Layers { tls: if with_tls { tls.clone() } else { None }, websocket };
+        let layers = Layers { tls: with_tls, websocket };
         accepting.push(glommio::spawn_local(accept_loop(listener, layers, ctx.clone())));
     }
     for task in accepting {
@@ -548,7 +595,10 @@ async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
         let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
         let conn = ctx.core.borrow_mut().accept_connection(peer_ip);
         let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
-        let wire = match Wire::new(&layers, max_frame_bytes) {
+        // The configuration in force now (a SIGHUP may have replaced it since the last
+        // accept): a borrow on this core's own state, no lock.
+        let tls = if layers.tls { ctx.tls.borrow().clone() } else { None };
+        let wire = match Wire::new(tls, layers.websocket, max_frame_bytes) {
             Ok(wire) => wire,
             Err(error) => {
                 tracing::warn!(%error, "could not start TLS");
@@ -612,12 +662,38 @@ fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// Turns the signal flag into a wake-up of the accept loops.
-async fn watch_signals(stop: StopSignal, ctx: Rc<Ctx>) {
+/// Turns the stop flag into a wake-up of the accept loops, and the reload flag into a
+/// new TLS configuration for this core.
+async fn watch_signals(stop: StopSignal, reload: ReloadSignal, ctx: Rc<Ctx>) {
     while !stop.raised() {
+        if reload.take() {
+            reload_tls(&ctx);
+        }
         Timer::new(Duration::from_millis(100)).await;
     }
     ctx.stopping.raise();
+}
+
+/// SIGHUP: reads the certificate and key again for the connections accepted from now on.
+/// A pair that does not load keeps the old configuration. Reading two small files on the
+/// core's thread blocks it for well under a millisecond, once per reload.
+fn reload_tls(ctx: &Ctx) {
+    let core = ctx.core.borrow().placement().index;
+    if ctx.tls.borrow().is_none() {
+        tracing::info!(core, "SIGHUP: no TLS listener, nothing to reload");
+        return;
+    }
+    match crate::tls::reload_config(&ctx.tls_settings) {
+        Ok(config) => {
+            *ctx.tls.borrow_mut() = Some(config);
+            tracing::info!(core, "SIGHUP: TLS certificate reloaded for new connections");
+        }
+        Err(error) => tracing::error!(
+            core,
+            %error,
+            "SIGHUP: TLS certificate reload failed; keeping the previous certificate"
+        ),
+    }
 }
 
 /// Commits whatever this core's shards accumulated, as long as there is something, then
@@ -825,21 +901,26 @@ struct Wire {
 }
 
 /// Which layers a listener puts on its connections.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Layers {
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS, with the core's configuration at accept time (`Ctx::tls`).
+    tls: bool,
     websocket: bool,
 }
 
 impl Wire {
-    fn new(layers: &Layers, max_frame_bytes: u32) -> io::Result<Wire> {
-        let tls = match &layers.tls {
-            Some(config) => Some(Box::new(
-                rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?,
-            )),
+    fn new(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        websocket: bool,
+        max_frame_bytes: u32,
+    ) -> io::Result<Wire> {
+        let tls = match tls {
+            Some(config) => {
+                Some(Box::new(rustls::ServerConnection::new(config).map_err(io::Error::other)?))
+            }
             None => None,
         };
-        let ws = layers.websocket.then(|| WsLayer::new(max_frame_bytes as usize));
+        let ws = websocket.then(|| WsLayer::new(max_frame_bytes as usize));
         Ok(Wire { tls, ws, layered: Vec::new(), out: Vec::new(), inner: Vec::new() })
     }
 

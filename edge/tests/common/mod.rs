@@ -130,20 +130,47 @@ impl Client {
         client
     }
 
+    /// Connects over TLS to `addr` with a given client configuration (for example one
+    /// that pins an operator's certificate) and performs the protocol handshake.
+    pub fn connect_tls_with(
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Client {
+        let tcp = TcpStream::connect(addr).expect("connect to ternd (tls)");
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = rustls::ClientConnection::new(config, name).unwrap();
+        let stream = Box::new(rustls::StreamOwned::new(tls, tcp.try_clone().unwrap()));
+        let mut client = Client::over(stream, tcp);
+        client.handshake();
+        client
+    }
+
     /// Connects over WebSocket (optionally over TLS) and performs the protocol handshake.
     pub fn connect_ws(server: &Server, tls: bool) -> Client {
         let addr = if tls { server.wss_addr } else { server.ws_addr };
+        let config = tls.then(|| tls_client_config(server, &[&rustls::version::TLS13]));
+        Client::connect_ws_with(addr, config)
+    }
+
+    /// Connects over WebSocket to `addr`, over TLS with `tls` if given, and performs the
+    /// protocol handshake.
+    pub fn connect_ws_with(
+        addr: SocketAddr,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Client {
         let tcp = TcpStream::connect(addr).expect("connect to ternd (websocket)");
         tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let inner: Box<dyn Stream> = if tls {
-            let config = tls_client_config(server, &[&rustls::version::TLS13]);
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let connection = rustls::ClientConnection::new(config, name).unwrap();
-            Box::new(rustls::StreamOwned::new(connection, tcp.try_clone().unwrap()))
-        } else {
-            Box::new(tcp.try_clone().unwrap())
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let inner: Box<dyn Stream> = match tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let connection = rustls::ClientConnection::new(config, name).unwrap();
+                Box::new(rustls::StreamOwned::new(connection, tcp.try_clone().unwrap()))
+            }
+            None => Box::new(tcp.try_clone().unwrap()),
         };
-        let url = format!("{}://localhost/", if tls { "wss" } else { "ws" });
+        let url = format!("{scheme}://localhost/");
         let (socket, _) = tungstenite::client(url, inner).expect("websocket upgrade");
         let stream = Box::new(WsStream { socket, pending: Vec::new(), at: 0 });
         let mut client = Client::over(stream, tcp);
