@@ -55,7 +55,7 @@ struct Args {
     /// Seconds a connection has to authenticate or register.
     #[arg(long, default_value_t = 10.0)]
     auth_deadline_s: f64,
-    /// Seconds of silence after which an authenticated connection is closed.
+    /// Seconds without a whole frame after which an authenticated connection is closed.
     #[arg(long, default_value_t = 90.0)]
     idle_timeout_s: f64,
     /// SMS gateway webhook for verification codes (POST JSON); without it codes go to the

@@ -69,6 +69,32 @@ impl std::fmt::Debug for WsLayer {
     }
 }
 
+/// A binary message larger than the frame limit: the driver answers it with the
+/// protocol's typed `FrameTooLarge` error (like a frame header over the limit on a bare
+/// stream), not a silent close. Carried inside the `io::Error` of [`WsLayer::received`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageTooLarge {
+    /// The message's size in bytes, as far as tungstenite counted it.
+    pub bytes: u64,
+    /// The limit.
+    pub max_bytes: u64,
+}
+
+impl std::fmt::Display for MessageTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "websocket message of {} bytes exceeds {}", self.bytes, self.max_bytes)
+    }
+}
+
+impl std::error::Error for MessageTooLarge {}
+
+impl MessageTooLarge {
+    /// The message-size error inside `error`, if that is what it is.
+    pub fn of(error: &io::Error) -> Option<MessageTooLarge> {
+        error.get_ref()?.downcast_ref::<MessageTooLarge>().copied()
+    }
+}
+
 fn protocol_error(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
 }
@@ -122,6 +148,13 @@ impl WsLayer {
                 Ok(Message::Close(_)) => return Err(protocol_error("websocket closed by peer")),
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(())
+                }
+                Err(tungstenite::Error::Capacity(
+                    tungstenite::error::CapacityError::MessageTooLong { size, max_size },
+                )) => {
+                    let too_large =
+                        MessageTooLarge { bytes: size as u64, max_bytes: max_size as u64 };
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, too_large));
                 }
                 Err(error) => return Err(protocol_error(format!("websocket: {error}"))),
             }

@@ -1408,10 +1408,33 @@ impl<S: Storage> Core<S> {
         match result {
             Ok((user_id, new_account, seq)) => {
                 self.phone_index.insert(tern_wire::accounts::phone_hash(phone), user_id);
+                if !new_account {
+                    // The account moved to a new primary: every old device and token is
+                    // revoked, so their live sessions end too (as an unlinked device's
+                    // does), or they would go on sending as the user and reading (and
+                    // acking) the new device's mailbox.
+                    self.close_sessions_of(user_id);
+                }
                 let registered = Registered { user_id, device_id: 1, token, new_account };
                 self.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
             }
             Err(error) => self.storage_error(conn, rid, ty, &error),
+        }
+    }
+
+    /// Closes every authenticated connection of `user_id` (homed here, as all its
+    /// sessions are), after its devices were revoked.
+    fn close_sessions_of(&mut self, user_id: UserId) {
+        let devices: Vec<(UserId, DeviceId)> =
+            self.online.range((user_id, 0)..=(user_id, DeviceId::MAX)).map(|(d, _)| *d).collect();
+        for device in devices {
+            let Some(old) = self.online.remove(&device) else { continue };
+            if let Some(c) = self.conns.get_mut(&old) {
+                c.state = ConnState::Open;
+                c.closing = true;
+                c.wake();
+            }
+            self.pushed.remove(&device);
         }
     }
 
@@ -2030,6 +2053,12 @@ impl<S: Storage> Core<S> {
                 return self.reply(conn, rid, &error);
             }
         };
+        // `Plain` marks server-made envelopes (receipts, notices, group events): a client
+        // may not dress its own bytes up as one.
+        if send.copies.iter().any(|copy| copy.e2e_type == ArchivedE2eType::Plain) {
+            let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+            return self.reply(conn, rid, &error);
+        }
         if let Err(wait_ms) = self.send_limits.take((user_id, device_id), now_ms) {
             let mut error = send_error(ErrorCode::RateLimited, Vec::new(), Vec::new());
             error.retry_after_ms = wait_ms.min(u64::from(u32::MAX)) as u32;

@@ -64,7 +64,7 @@ pub struct ServerConfig {
     pub admin: Option<SocketAddr>,
     /// A connection must finish the handshake and authenticate (or register) this fast.
     pub auth_deadline: Duration,
-    /// An authenticated connection that sends nothing for this long is closed.
+    /// An authenticated connection that sends no whole frame for this long is closed.
     pub idle_timeout: Duration,
     /// Where verification codes go: an SMS gateway webhook, or the log if `None`.
     pub code_webhook: Option<crate::code_sender::WebhookUrl>,
@@ -1032,6 +1032,17 @@ async fn connection(
                 let bytes = match wire.received(&buffer[..n], &mut frames) {
                     Ok(bytes) => bytes,
                     Err(error) => {
+                        if let Some(too_large) = crate::websocket::MessageTooLarge::of(&error) {
+                            // A WebSocket message over the frame limit gets the typed error
+                            // a frame over the limit gets on a bare stream, then a close.
+                            let max = too_large.max_bytes.min(u64::from(u32::MAX)) as u32;
+                            let error = tern_wire::DecodeError::FrameTooLarge {
+                                frame_bytes: too_large.bytes,
+                                max_frame_bytes: max,
+                            };
+                            core.borrow_mut().reject_malformed(conn, error);
+                            continue;
+                        }
                         // Send rustls's alert (queued in `tls_out`), then close.
                         tracing::debug!(%error, "TLS error; closing");
                         let mut core = core.borrow_mut();
@@ -1092,6 +1103,7 @@ fn handle_frames(
     core.set_clock(now_us());
     let now = now_ms();
     let mut moving = None;
+    let mut handled = 0usize;
     loop {
         decoder.set_max_frame_bytes(core.max_frame_bytes(conn));
         match decoder.next_frame() {
@@ -1101,6 +1113,7 @@ fn handle_frames(
                     break;
                 }
                 core.handle_frame(conn, &frame, now);
+                handled += 1;
             }
             Ok(None) => break,
             Err(error) => {
@@ -1111,7 +1124,9 @@ fn handle_frames(
     }
     let authenticated =
         core.connection(conn).is_some_and(|c| matches!(c.state, ConnState::Authenticated { .. }));
-    if authenticated {
+    // Only a whole frame counts as traffic: a client trickling a byte at a time into a
+    // frame it never finishes (slowloris) must still meet the idle timeout.
+    if authenticated && handled > 0 {
         *timer = Timer::new(ctx.limits.1);
     } else if core.awaiting_link(conn) {
         // A device being linked waits for a person to approve it on the primary.
