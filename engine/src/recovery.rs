@@ -139,7 +139,12 @@ pub(crate) async fn recover<S: Storage + Clone>(
         active_file.write_at(&zeros, active_end).await.map_err(io_error("zeroing a torn tail"))?;
         active_file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
     }
-    let active_buffer = last_map[..active_end as usize].to_vec();
+    // The file may end before the committed end: a batch's padding up to the alignment
+    // is zeros, and a copy or a filesystem may have cut trailing zeros off. Bytes past
+    // the end of a file read as zeros, so the buffer is the file, padded with zeros.
+    let kept = last_map.len().min(active_end as usize);
+    let mut active_buffer = last_map[..kept].to_vec();
+    active_buffer.resize(active_end as usize, 0);
 
     let mut sealed = maps.clone();
     sealed.remove(&last_id);
