@@ -253,5 +253,15 @@ mod state_op {
         DeleteMedia { media_id: MediaId },
         /// Store a report.
         AddReport { report: ReportRecord },
+        /// A message was accepted whose envelopes live in other shards (a group
+        /// message, on its group's shard): remembered in this shard's dedup window like
+        /// a stored envelope, so a retry after a crash finds its server id.
+        NoteSend {
+            sender_user: UserId,
+            sender_device: DeviceId,
+            client_message_id: u64,
+            server_message_id: u64,
+            time_ms: u64,
+        },
     }
 }

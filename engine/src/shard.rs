@@ -63,6 +63,10 @@ impl Loc {
     pub const REMOVED: Loc = Loc { segment_id: u32::MAX, offset: u32::MAX - 1 };
 }
 
+/// Set in the device id of a dedup key noted by [`Shard::note_send`] (device ids are
+/// small), so it never matches a stored envelope's key; kept as such in checkpoints.
+const NOTED_SEND: DeviceId = 1 << 31;
+
 /// Tunables of a shard. Each limit says why it is what it is.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
@@ -364,6 +368,17 @@ impl<S: Storage> Shard<S> {
         self.dedup.get(&(sender_user, sender_device, client_message_id)).map(|(id, _)| *id)
     }
 
+    /// The server message id of a send noted with [`Shard::note_send`], if remembered.
+    pub fn lookup_noted_send(
+        &self,
+        sender_user: UserId,
+        sender_device: DeviceId,
+        client_message_id: u64,
+    ) -> Option<u64> {
+        let key = (sender_user, sender_device | NOTED_SEND, client_message_id);
+        self.dedup.get(&key).map(|(id, _)| *id)
+    }
+
     /// Appends an envelope to the mailboxes of `recipients` (one record, however many
     /// recipients: the ciphertext is stored once). The envelope's bytes are laid out
     /// here, once; reads hand out exactly these bytes.
@@ -488,10 +503,55 @@ impl<S: Storage> Shard<S> {
             encode_archive(out, &op).map(|_| ()).map_err(|_| WriteError::NoRecipients)
         })?;
         self.state.apply(&op);
-        if matches!(op, StateOp::DeleteAccount { .. }) {
-            self.schedule_erasure();
-        }
+        self.after_state_op(&op, None);
         Ok(seq)
+    }
+
+    /// Remembers a send whose envelopes live in other shards (a group message on its
+    /// group's shard), durably: a retry with the same key finds `server_message_id` with
+    /// [`Shard::lookup_noted_send`], also after a crash. Returns the record's sequence
+    /// number. Kept apart from the keys of envelopes stored here ([`Shard::lookup_send`]):
+    /// the shard may also hold some recipients' copies.
+    pub fn note_send(
+        &mut self,
+        sender: DeviceAddr,
+        client_message_id: u64,
+        server_message_id: u64,
+        time_ms: u64,
+    ) -> Result<u64, WriteError> {
+        self.apply_state(StateOp::NoteSend {
+            sender_user: sender.0,
+            sender_device: sender.1,
+            client_message_id,
+            server_message_id,
+            time_ms,
+        })
+    }
+
+    /// What a state op does besides the tables (live and at replay, where `segment` is
+    /// the segment that holds it).
+    fn after_state_op(&mut self, op: &StateOp, segment: Option<u32>) {
+        match *op {
+            StateOp::DeleteAccount { .. } => match segment {
+                // A crash before the erasure finished: do it again.
+                Some(segment) => self.erase_through_segment = Some(segment),
+                None => self.schedule_erasure(),
+            },
+            StateOp::NoteSend {
+                sender_user,
+                sender_device,
+                client_message_id,
+                server_message_id,
+                time_ms,
+            } => {
+                let key = (sender_user, sender_device | NOTED_SEND, client_message_id);
+                self.remember_key(key, server_message_id, time_ms);
+                if server_message_id >> 48 == u64::from(self.config.shard_id) {
+                    self.last_message_id = self.last_message_id.max(server_message_id);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The write error that made this shard refuse every later write (a failed
@@ -756,12 +816,17 @@ impl<S: Storage> Shard<S> {
             return; // Server-generated envelopes have no client id.
         }
         let key = (envelope.sender_user, envelope.sender_device, envelope.client_message_id);
+        self.remember_key(key, envelope.server_message_id, envelope.server_time_ms);
+    }
+
+    /// Enters a (sender user, sender device, client message id) key in the dedup window.
+    fn remember_key(&mut self, key: (UserId, DeviceId, u64), server_message_id: u64, time_ms: u64) {
         if self.dedup.contains_key(&key) {
             return;
         }
-        self.dedup.insert(key, (envelope.server_message_id, envelope.server_time_ms));
-        self.dedup_order.push_back((envelope.server_time_ms, key));
-        let horizon = envelope.server_time_ms.saturating_sub(self.config.dedup_window_ms);
+        self.dedup.insert(key, (server_message_id, time_ms));
+        self.dedup_order.push_back((time_ms, key));
+        let horizon = time_ms.saturating_sub(self.config.dedup_window_ms);
         while let Some(&(time_ms, old)) = self.dedup_order.front() {
             if time_ms >= horizon && self.dedup_order.len() <= self.config.dedup_entries_max {
                 break;
@@ -1428,10 +1493,7 @@ impl<S: Storage> Shard<S> {
                 {
                     Ok(op) => {
                         self.state.apply(&op);
-                        if matches!(op, StateOp::DeleteAccount { .. }) {
-                            // A crash before the erasure finished: do it again.
-                            self.erase_through_segment = Some(loc.segment_id);
-                        }
+                        self.after_state_op(&op, Some(loc.segment_id));
                     }
                     Err(_) => self.counters.corrupt_records += 1,
                 }

@@ -153,6 +153,8 @@ impl StateTables {
                 self.media.remove(media_id);
             }
             StateOp::AddReport { report } => self.reports.push(report.clone()),
+            // Kept by the shard's dedup window, not in the tables.
+            StateOp::NoteSend { .. } => {}
         }
     }
 

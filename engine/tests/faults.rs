@@ -204,7 +204,7 @@ fn a_failure_at_every_step_of_a_checkpoint_loses_nothing_acknowledged() {
             let read = read_all(&shard, (1, 1));
             assert!(
                 read.len() >= acked,
-                "step {step} ({kind:?}): {} of {acked} acknowledged records after the cut ({result:?})",
+                "step {step} ({kind:?}): {} of {acked} acknowledged records left ({result:?})",
                 read.len()
             );
             let ids: Vec<u64> =

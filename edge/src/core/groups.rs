@@ -32,9 +32,6 @@ use crate::mesh::{GroupDelivery, Reply, Request};
 /// Members per group at most.
 pub const GROUP_MEMBERS_MAX: usize = 256;
 
-/// Group sends remembered for dedup (per core; a retry after a restart is not caught).
-const GROUP_DEDUP_MAX: usize = 100_000;
-
 /// The shard that owns a group.
 pub fn home_shard_of_group(group_id: GroupId, shard_count: u32) -> u32 {
     (group_id % u64::from(shard_count)) as u32
@@ -274,13 +271,19 @@ impl<S: Storage> Core<S> {
             recipients: Vec::new(),
         };
         // Fire and forget: the change itself is durable; the events follow it.
-        self.fan_out(delivery, recipients, None);
+        self.fan_out(delivery, recipients, None, None);
         Ok((vec![(shard_id, seq)], GroupUpdated { group_id, epoch }))
     }
 
     /// Sends one delivery per core holding `recipients` (users); `done` (if any) is
     /// released once every core has its copies durable.
-    fn fan_out(&mut self, delivery: GroupDelivery, recipients: Vec<UserId>, done: Option<Release>) {
+    fn fan_out(
+        &mut self,
+        delivery: GroupDelivery,
+        recipients: Vec<UserId>,
+        done: Option<Release>,
+        also_wait: Option<(u32, u64)>,
+    ) {
         let mut by_core: BTreeMap<u32, Vec<UserId>> = BTreeMap::new();
         for user in recipients {
             let shard = home_shard_of_user(user);
@@ -302,6 +305,7 @@ impl<S: Storage> Core<S> {
                 self.ask(core, Request::GroupDeliver(part), awaiting);
             }
         }
+        local_waits.extend(also_wait);
         if let Some(release) = done {
             let fanout = GroupFanout { remaining: remote, release, waits: local_waits };
             self.fanouts.insert(fanout_id, fanout);
@@ -340,6 +344,12 @@ impl<S: Storage> Core<S> {
                 self.make_room(*device, delivery.body.len() as u64, delivery.server_time_ms);
             }
             let Some(handle) = self.local_shard(shard_id).cloned() else { continue };
+            let (sender, client_id) = (delivery.sender, delivery.client_message_id);
+            if client_id != 0
+                && handle.borrow().lookup_send(sender.0, sender.1, client_id).is_some()
+            {
+                continue; // A retry: this shard stored it before the crash.
+            }
             let envelope = tern_wire::EnvelopeRef {
                 server_message_id: delivery.server_message_id,
                 client_message_id: delivery.client_message_id,
@@ -412,23 +422,34 @@ impl<S: Storage> Core<S> {
             let refusal = Reply::Group(Err((ErrorCode::Forbidden, "not a member".into())));
             return answer(self, refusal);
         }
-        let key = (meta.sender.0, meta.sender.1, meta.client_message_id);
-        if let Some(&server_message_id) = self.group_sends.get(&key) {
-            let ack = SendAck {
-                client_message_id: meta.client_message_id,
-                server_message_id,
-                server_time_ms: meta.server_time_ms,
-                duplicate: true,
-            };
-            return answer(self, Reply::Group(Ok(GroupAnswer::Sent(ack))));
+        // A retry (the same sender device and client message id) gets the original id,
+        // and is fanned out again: after a crash some member shards may lack it; those
+        // that have it skip it (`deliver_group`). The group's shard remembers every send
+        // durably in its dedup window (`note_send`), so this holds across restarts.
+        let (sender, client_id) = (meta.sender, meta.client_message_id);
+        let previous = handle.borrow().lookup_noted_send(sender.0, sender.1, client_id);
+        let (server_message_id, noted) = match previous {
+            Some(id) => (id, None),
+            None => {
+                // The group's order: ids from its home shard only grow.
+                let mut shard = handle.borrow_mut();
+                let id = shard.allocate_message_id(meta.server_time_ms);
+                let noted =
+                    shard.note_send(meta.sender, meta.client_message_id, id, meta.server_time_ms);
+                match noted {
+                    Ok(seq) => (id, Some(seq)),
+                    Err(error) => {
+                        drop(shard);
+                        let code = super::write_error_code(&error);
+                        let refusal = Reply::Group(Err((code, error.to_string())));
+                        return answer(self, refusal);
+                    }
+                }
+            }
+        };
+        if noted.is_some() {
+            self.counters.messages_sent += 1;
         }
-        // The group's order: ids from its home shard only grow.
-        let server_message_id = handle.borrow_mut().allocate_message_id(meta.server_time_ms);
-        if self.group_sends.len() >= GROUP_DEDUP_MAX {
-            self.group_sends.clear();
-        }
-        self.group_sends.insert(key, server_message_id);
-        self.counters.messages_sent += 1;
         let delivery = GroupDelivery {
             group_id,
             sender: meta.sender,
@@ -445,7 +466,7 @@ impl<S: Storage> Core<S> {
             client_message_id: meta.client_message_id,
             server_message_id,
             server_time_ms: meta.server_time_ms,
-            duplicate: false,
+            duplicate: previous.is_some(),
         };
         let release = match reply_to {
             GroupReplyTo::Local { conn, rid } => {
@@ -457,7 +478,8 @@ impl<S: Storage> Core<S> {
             }
         };
         let members = group.members.iter().map(|m| m.user_id).collect();
-        self.fan_out(delivery, members, Some(release));
+        let noted = noted.map(|seq| (shard_id, seq));
+        self.fan_out(delivery, members, Some(release), noted);
     }
 
     /// A member asks for the group's state.

@@ -386,8 +386,6 @@ pub struct Core<S: Storage> {
     gatherings: HashMap<u64, Gathering>,
     /// Group sends waiting for their member cores.
     fanouts: HashMap<u64, GroupFanout>,
-    /// Recent group sends by (sender device, client message id), for retries.
-    group_sends: HashMap<(UserId, DeviceId, u64), MessageId>,
     /// Devices waiting to be linked, by code (the new device's connection is here).
     links: HashMap<String, PendingLink>,
     /// The latest metrics other cores pushed here (the admin endpoint's core).
@@ -477,7 +475,6 @@ impl<S: Storage> Core<S> {
             discovery_used: HashMap::new(),
             gatherings: HashMap::new(),
             fanouts: HashMap::new(),
-            group_sends: HashMap::new(),
             watchers: HashMap::new(),
             watching: HashMap::new(),
             presence_out: HashMap::new(),
@@ -2968,7 +2965,7 @@ fn check_copies(
 }
 
 /// The error code a client gets for a write the storage refused.
-fn write_error_code(error: &tern_engine::WriteError) -> ErrorCode {
+pub(super) fn write_error_code(error: &tern_engine::WriteError) -> ErrorCode {
     match error {
         tern_engine::WriteError::StorageFull => ErrorCode::StorageFull,
         tern_engine::WriteError::RecordTooLarge { .. } => ErrorCode::TooLarge,

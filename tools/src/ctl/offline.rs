@@ -158,6 +158,17 @@ fn state_op_json(op: &StateOp) -> Value {
         StateOp::DeleteMedia { media_id } => {
             json!({ "op": "DeleteMedia", "media_id": hex::encode(media_id) })
         }
+        StateOp::NoteSend {
+            sender_user,
+            sender_device,
+            client_message_id,
+            server_message_id,
+            ..
+        } => {
+            json!({ "op": "NoteSend", "sender": format!("{sender_user}:{sender_device}"),
+                    "client_message_id": client_message_id,
+                    "server_message_id": server_message_id })
+        }
         StateOp::AddReport { report } => json!({
             "op": "AddReport", "reporter": report.reporter, "reported": report.reported,
         }),
