@@ -125,7 +125,12 @@ pub(crate) async fn recover<S: Storage + Clone>(
     let last_map = maps.get(&last_id).expect("last segment mapped").clone();
     let last_scan = scan_segment(&last_map)
         .map_err(|_| OpenError::SegmentLost { segment_id: u64::from(last_id) })?;
-    let active_end = last_scan.end.committed_end();
+    let committed_end = last_scan.end.committed_end();
+    // The next batch is written at `active_end`, so it must sit on the storage's write
+    // alignment (a DMA write demands it). A clean end is aligned already, but after damage
+    // the scan resumes at the next valid record, at any byte offset, and a torn batch
+    // after that leaves the committed end there.
+    let active_end = align_up(committed_end, alignment);
     let torn = u64::from(matches!(last_scan.end, ScanEnd::TornTail { .. }));
     drop(last_scan);
     let last_nonzero = last_map.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1);
@@ -133,18 +138,22 @@ pub(crate) async fn recover<S: Storage + Clone>(
         .open(&segment_file_name(u64::from(last_id)))
         .await
         .map_err(io_error("opening the active segment"))?;
-    if last_nonzero > active_end {
-        let zero_end = align_up(last_nonzero, alignment);
-        let zeros = vec![0u8; (zero_end - active_end) as usize];
-        active_file.write_at(&zeros, active_end).await.map_err(io_error("zeroing a torn tail"))?;
-        active_file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
-    }
     // The file may end before the committed end: a batch's padding up to the alignment
     // is zeros, and a copy or a filesystem may have cut trailing zeros off. Bytes past
     // the end of a file read as zeros, so the buffer is the file, padded with zeros.
-    let kept = last_map.len().min(active_end as usize);
+    let kept = last_map.len().min(committed_end as usize);
     let mut active_buffer = last_map[..kept].to_vec();
     active_buffer.resize(active_end as usize, 0);
+    if last_nonzero > committed_end {
+        // Zero the torn bytes in whole aligned blocks: the block holding the committed
+        // end is rewritten with its committed bytes, then zeros.
+        let start = committed_end & !(u64::from(alignment) - 1);
+        let zero_end = align_up(last_nonzero, alignment).max(active_end);
+        let mut block = active_buffer[start as usize..].to_vec();
+        block.resize((zero_end - start) as usize, 0);
+        active_file.write_at(&block, start).await.map_err(io_error("zeroing a torn tail"))?;
+        active_file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
+    }
 
     let mut sealed = maps.clone();
     sealed.remove(&last_id);
