@@ -179,6 +179,14 @@ impl Server {
         assert!(sent.expect("kill runs").success(), "kill -{name} {pid} failed");
     }
 
+    /// Every log line written so far.
+    pub fn log_lines(&mut self) -> Vec<String> {
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
