@@ -23,6 +23,7 @@ use crate::checkpoint;
 use crate::error::{CorruptRecord, OpenError};
 use crate::record::{
     align_up, first_record_offset, scan_segment, segment_file_name, ScanEnd, SegmentHeader,
+    RECORD_HEADER_BYTES,
 };
 use crate::shard::{segment_ids, Loc, Shard, ShardConfig};
 use crate::storage::{Mapped, Storage, StorageFile};
@@ -172,6 +173,10 @@ pub(crate) async fn recover<S: Storage + Clone>(
         shard.restore_snapshot(snapshot);
     }
 
+    // Every lost mailbox entry stands for an unreadable record in these bytes.
+    let log_bytes: u64 = maps.values().map(|m| m.len() as u64).sum();
+    shard.set_replay_gap_budget(log_bytes / RECORD_HEADER_BYTES as u64);
+
     // Cases 3 and 4: replay what the checkpoint does not cover, straight from the maps.
     let mut corrupt = bad_checkpoints;
     let mut max_seq = covered_seq;
@@ -210,6 +215,7 @@ pub(crate) async fn recover<S: Storage + Clone>(
         }
         written.insert(id, scan.end.committed_end());
     }
+    shard.set_replay_gap_budget(0);
     shard.resume_after(max_seq);
     shard.note_written(&written);
     shard.set_checkpoint_seq(covered_seq);

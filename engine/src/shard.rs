@@ -316,6 +316,13 @@ pub struct Shard<S: Storage> {
     /// Scratch for mailbox slots (appends and replay), reused to avoid an allocation per
     /// record.
     replay_slots: Vec<MailboxSlot>,
+    /// Mailbox entries replay may still mark lost. A gap in a mailbox's sequence numbers
+    /// stands for envelope records that could not be read, each at least a record header
+    /// long, so recovery sets this to the log's bytes over the header size; a record
+    /// claiming a longer gap is corrupt. Without the bound, one record with a huge mailbox
+    /// sequence number made replay fill memory with lost entries (found by fuzzing).
+    /// Zero outside recovery: live appends never leave gaps.
+    replay_gap_budget: u64,
     /// Scratch for record bodies, reused likewise.
     body_scratch: Vec<u8>,
     /// Batch buffers of committed batches, reused for the next ones.
@@ -782,8 +789,15 @@ impl<S: Storage> Shard<S> {
             if mailbox.entries.is_empty() && mailbox.head_seq < slot.mailbox_seq {
                 mailbox.head_seq = slot.mailbox_seq; // Earlier entries were all acked.
             }
-            while mailbox.next_seq() < slot.mailbox_seq {
-                mailbox.entries.push_back(Loc::LOST); // A corrupt record left a gap.
+            // A corrupt record left a gap: mark its entries lost, within the budget.
+            let gap = slot.mailbox_seq - mailbox.next_seq();
+            if gap > self.replay_gap_budget {
+                self.counters.corrupt_records += 1;
+                continue;
+            }
+            self.replay_gap_budget -= gap;
+            for _ in 0..gap {
+                mailbox.entries.push_back(Loc::LOST);
             }
             mailbox.entries.push_back(loc);
             mailbox.bytes += record_bytes;
@@ -1429,6 +1443,7 @@ impl<S: Storage> Shard<S> {
             counters: ShardCounters::default(),
             quarantined: Vec::new(),
             replay_slots: Vec::new(),
+            replay_gap_budget: 0,
             body_scratch: Vec::new(),
             spare_buffers: Vec::new(),
         }
@@ -1647,6 +1662,11 @@ impl<S: Storage> Shard<S> {
     }
 
     /// After replay: new records continue after the highest sequence number seen.
+    /// Sets how many mailbox entries replay may mark lost (see `replay_gap_budget`).
+    pub(crate) fn set_replay_gap_budget(&mut self, entries: u64) {
+        self.replay_gap_budget = entries;
+    }
+
     pub(crate) fn resume_after(&mut self, max_seq: u64) {
         self.next_record_seq = self.next_record_seq.max(max_seq + 1);
         self.notifier.durable_seq.set(self.next_record_seq - 1);

@@ -1,0 +1,81 @@
+//! Regression: one record claiming a huge mailbox gap made recovery fill memory.
+//!
+//! Found by the `recovery` fuzz target. Replay marks the entries of a gap in a
+//! mailbox's sequence numbers as lost (a corrupt record held them) and filled the gap one
+//! entry at a time, whatever its size: a CRC-valid envelope record whose slot named
+//! mailbox sequence 2^40 allocated until the process died. A gap now stands for records
+//! that must have been in the log, each at least a record header long; a record claiming
+//! more than the log can hold is counted corrupt and its slot skipped.
+//!
+//! Method: a segment written by hand (valid header, records and CRCs) whose second
+//! envelope claims mailbox sequence 2^40. The shard opens, counts one corrupt record and
+//! still delivers the first envelope; a small, plausible gap is still marked lost.
+
+mod common;
+
+use common::{envelope, open, read_all, small_config};
+use tern_engine::body::{EnvelopeRecord, MailboxSlot};
+use tern_engine::record::{
+    append_record, first_record_offset, segment_file_name, RecordType, SegmentHeader,
+};
+use tern_engine::{SimStorage, Storage};
+
+const ALIGNMENT: u32 = 512;
+
+/// A segment holding one batch: envelopes to device (9, 1) at these mailbox sequences.
+fn segment_with(mailbox_seqs: &[u64]) -> Vec<u8> {
+    let header =
+        SegmentHeader { shard_id: 3, segment_id: 1, first_record_seq: 1, commit_alignment: 512 };
+    let mut out = header.to_bytes().to_vec();
+    out.resize(first_record_offset(ALIGNMENT) as usize, 0);
+    let mut seq = 1;
+    for (i, &mailbox_seq) in mailbox_seqs.iter().enumerate() {
+        let mut envelope_bytes = Vec::new();
+        let body = format!("message {i}");
+        let id = i as u64 + 1;
+        tern_wire::encode_archive(&mut envelope_bytes, &envelope(7, id, id, body.as_bytes()))
+            .unwrap();
+        let slot = MailboxSlot { user_id: 9, device_id: 1, mailbox_seq };
+        let record = EnvelopeRecord { slots: vec![slot], envelope: envelope_bytes };
+        append_record(&mut out, RecordType::Envelope, 0, seq, 1, |o| {
+            tern_wire::encode_archive(o, &record).map(|_| ())
+        })
+        .unwrap();
+        seq += 1;
+    }
+    let mut commit = 1u64.to_le_bytes().to_vec();
+    commit.extend_from_slice(&(mailbox_seqs.len() as u32 + 1).to_le_bytes());
+    append_record::<()>(&mut out, RecordType::Commit, 0, seq, 1, |o| {
+        o.extend_from_slice(&commit);
+        Ok(())
+    })
+    .unwrap();
+    out.resize(out.len().next_multiple_of(ALIGNMENT as usize), 0);
+    out
+}
+
+fn disk_with(segment: &[u8]) -> SimStorage {
+    let storage = SimStorage::new(ALIGNMENT);
+    futures_lite::future::block_on(async {
+        storage.write_file(&segment_file_name(1), segment).await.unwrap();
+        storage.sync_dir().await.unwrap();
+    });
+    storage
+}
+
+#[test]
+fn a_record_claiming_a_huge_gap_is_corrupt_not_fatal() {
+    let shard = open(disk_with(&segment_with(&[0, 1 << 40])), small_config());
+    assert_eq!(shard.borrow().counters().corrupt_records, 1);
+    assert_eq!(read_all(&shard, (9, 1)).len(), 1);
+    assert_eq!(shard.borrow().mailbox_next_seq((9, 1)), 1);
+}
+
+#[test]
+fn a_plausible_gap_is_still_marked_lost() {
+    let shard = open(disk_with(&segment_with(&[0, 3])), small_config());
+    assert_eq!(shard.borrow().counters().corrupt_records, 0);
+    assert_eq!(shard.borrow().mailbox_next_seq((9, 1)), 4);
+    let read = shard.borrow().read_mailbox((9, 1), 0, usize::MAX, common::NOW_MS).corrupt.len();
+    assert_eq!(read, 2, "the two lost entries are reported");
+}
