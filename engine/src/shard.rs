@@ -343,6 +343,11 @@ impl<S: Storage> std::fmt::Debug for Shard<S> {
 /// Milliseconds of the message-id epoch (2024-01-01T00:00:00Z).
 const MESSAGE_ID_EPOCH_MS: u64 = 1_704_067_200_000;
 
+/// Mailbox sequence numbers count a device's envelopes from 0, so a real one stays far
+/// below 2^62 (a million a second for 140,000 years). A stored one at or above it is
+/// corrupt: sequence arithmetic (`head + entries`, `seq + 1`) must never overflow.
+const MAILBOX_SEQ_MAX: u64 = 1 << 62;
+
 impl<S: Storage> Shard<S> {
     // -----------------------------------------------------------------------------------
     // Appends (synchronous: they queue into the pending batch)
@@ -782,6 +787,10 @@ impl<S: Storage> Shard<S> {
     ) {
         let mut added = 0u32;
         for slot in slots {
+            if slot.mailbox_seq >= MAILBOX_SEQ_MAX {
+                self.counters.corrupt_records += 1;
+                continue;
+            }
             let mailbox = self.mailboxes.entry((slot.user_id, slot.device_id)).or_default();
             if slot.mailbox_seq < mailbox.next_seq() {
                 continue; // Already indexed (replay over a checkpoint).
@@ -1696,9 +1705,11 @@ impl<S: Storage> Shard<S> {
     }
 
     pub(crate) fn restore_snapshot(&mut self, snapshot: Snapshot) {
+        let corrupt_before = snapshot.mailboxes.len();
         self.mailboxes = snapshot
             .mailboxes
             .into_iter()
+            .filter(|m| m.head_seq.saturating_add(m.entries.len() as u64) < MAILBOX_SEQ_MAX)
             .map(|m| {
                 let entries = m
                     .entries
@@ -1710,6 +1721,8 @@ impl<S: Storage> Shard<S> {
                 ((m.user_id, m.device_id), mailbox)
             })
             .collect();
+        // A mailbox past the sequence bound is corrupt (see `MAILBOX_SEQ_MAX`): dropped.
+        self.counters.corrupt_records += (corrupt_before - self.mailboxes.len()) as u64;
         self.shared_refs = snapshot
             .shared_refs
             .into_iter()

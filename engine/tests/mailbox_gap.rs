@@ -9,7 +9,8 @@
 //!
 //! Method: a segment written by hand (valid header, records and CRCs) whose second
 //! envelope claims mailbox sequence 2^40. The shard opens, counts one corrupt record and
-//! still delivers the first envelope; a small, plausible gap is still marked lost.
+//! still delivers the first envelope; a small, plausible gap is still marked lost. The
+//! last test is the next bug the target found (a sequence number near `u64::MAX`).
 
 mod common;
 
@@ -78,4 +79,15 @@ fn a_plausible_gap_is_still_marked_lost() {
     assert_eq!(shard.borrow().mailbox_next_seq((9, 1)), 4);
     let read = shard.borrow().read_mailbox((9, 1), 0, usize::MAX, common::NOW_MS).corrupt.len();
     assert_eq!(read, 2, "the two lost entries are reported");
+}
+
+/// Found next by the same target: a first envelope at mailbox sequence u64::MAX - 1 set
+/// the mailbox's head there, and reading it overflowed `seq + 1`. Sequence numbers at or
+/// above 2^62 cannot be reached by counting envelopes: such a record is corrupt.
+#[test]
+fn a_mailbox_sequence_near_the_top_of_u64_is_corrupt() {
+    let shard = open(disk_with(&segment_with(&[u64::MAX - 1])), small_config());
+    assert_eq!(shard.borrow().counters().corrupt_records, 1);
+    assert!(read_all(&shard, (9, 1)).is_empty());
+    assert_eq!(shard.borrow().mailbox_next_seq((9, 1)), 0);
 }
