@@ -72,6 +72,11 @@ struct Args {
     /// create and a directory sync). Smaller segments are reclaimed sooner.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     segment_mib: u64,
+    /// Retried sends recognised per shard: the newest this many (sender device, client
+    /// message id) pairs of the last 24 hours are remembered, about 80 bytes each.
+    /// A retry older than the window is stored again.
+    #[arg(long, default_value_t = 1 << 20)]
+    dedup_entries_per_shard: usize,
     /// Shard count of a new data directory (fixed once created; shard s is served by
     /// core s % cores, so a restart with another core count keeps every shard).
     #[arg(long, default_value_t = 8)]
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
         idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
         maintenance_interval: Duration::from_secs_f64(args.maintenance_interval_s),
         segment_bytes: args.segment_mib * 1024 * 1024,
+        dedup_entries_per_shard: args.dedup_entries_per_shard,
         code_webhook,
         max_connections: args.max_connections,
         core,

@@ -46,6 +46,14 @@ struct Args {
     /// Ciphertext bytes per message.
     #[arg(long, default_value_t = 100)]
     message_bytes: usize,
+    /// Messages scenario: sample the server every second (RSS, open descriptors, bytes
+    /// allocated to the data directory, CPU, messages so far) into this CSV file, and
+    /// print how the first and last minutes compare (a soak run).
+    #[arg(long)]
+    sample_file: Option<PathBuf>,
+    /// An extra flag for ternd (repeatable): `--ternd-arg=--dedup-entries-per-shard=65536`.
+    #[arg(long, allow_hyphen_values = true)]
+    ternd_arg: Vec<String>,
     /// The ternd binary.
     #[arg(long, default_value = "target/release/ternd")]
     ternd: PathBuf,
@@ -54,9 +62,12 @@ struct Args {
     #[arg(
         long,
         default_value = "messages",
-        value_parser = ["messages", "presence", "groups", "media"]
+        value_parser = ["messages", "presence", "groups", "media", "drain"]
     )]
     scenario: String,
+    /// Drain (store and forward): messages queued for each offline user.
+    #[arg(long, default_value_t = 100)]
+    drain_messages: usize,
     /// Media: MiB uploaded and then downloaded by one user.
     #[arg(long, default_value_t = 100)]
     media_mib: usize,
@@ -171,6 +182,7 @@ async fn main() {
         .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
         .args(["--code-requests-per-hour", "1000000", "--media-max-bytes", "10000000000"])
         .args(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]))
+        .args(&args.ternd_arg)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -235,6 +247,12 @@ async fn main() {
         accounts.push((registered.user_id.to_native(), registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    if args.scenario == "drain" {
+        store_and_forward(&args, addr, accounts).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
     if args.scenario == "media" {
         media_transfer(&args, addr, accounts, bench_dir.path()).await;
         let _ = child.kill();
@@ -404,12 +422,20 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
+    let sampler = args.sample_file.clone().map(|path| {
+        let (stats, running) = (stats.clone(), running.clone());
+        let (pid, dir) = (child.id(), data_dir.path().to_path_buf());
+        tokio::spawn(sample_server(path, pid, dir, stats, running))
+    });
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     running.store(false, Ordering::Relaxed);
     for task in tasks {
         let _ = task.await;
+    }
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -441,6 +467,85 @@ async fn main() {
         ms(&d, 0.99),
         ms(&d, 0.999)
     );
+}
+
+/// One sample of the server: (seconds, RSS KiB, open descriptors, data dir bytes).
+type Sample = (f64, u64, u64, u64);
+
+/// Samples the server every second until the load stops; writes a CSV and prints the
+/// first and last minute side by side (what a soak run must show: nothing grows).
+async fn sample_server(
+    path: PathBuf,
+    pid: u32,
+    data_dir: PathBuf,
+    stats: Arc<Stats>,
+    running: Arc<AtomicBool>,
+) {
+    let mut csv = String::from("seconds,rss_kib,open_fds,data_dir_bytes,cpu_s,sent,delivered\n");
+    let mut samples: Vec<Sample> = Vec::new();
+    let start = Instant::now();
+    while running.load(Ordering::Relaxed) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+        let disk = allocated_bytes(&data_dir);
+        let t = start.elapsed().as_secs_f64();
+        let (sent, delivered) =
+            (stats.sent.load(Ordering::Relaxed), stats.delivered.load(Ordering::Relaxed));
+        csv.push_str(&format!(
+            "{t:.1},{rss},{fds},{disk},{:.1},{sent},{delivered}\n",
+            cpu_seconds(pid)
+        ));
+        samples.push((t, rss, fds, disk));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    std::fs::write(&path, csv).expect("the sample file is writable");
+    let window = |from: f64, to: f64| -> Option<(f64, f64, f64)> {
+        let part: Vec<&Sample> = samples.iter().filter(|s| s.0 >= from && s.0 < to).collect();
+        let n = part.len() as f64;
+        (n > 0.0).then(|| {
+            let avg = |f: fn(&Sample) -> u64| part.iter().map(|s| f(s) as f64).sum::<f64>() / n;
+            (avg(|s| s.1), avg(|s| s.2), avg(|s| s.3))
+        })
+    };
+    let end = samples.last().map_or(0.0, |s| s.0);
+    let max = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
+    if let (Some(first), Some(last)) = (window(0.0, 60.0), window(end - 60.0, end + 1.0)) {
+        println!(
+            "soak: {} samples; first minute avg RSS {:.0} KiB, fds {:.0}, data dir {:.1} MiB; \
+             last minute avg RSS {:.0} KiB, fds {:.0}, data dir {:.1} MiB; max RSS {} KiB, \
+             fds {}, data dir {:.1} MiB ({})",
+            samples.len(),
+            first.0,
+            first.1,
+            first.2 / 1048576.0,
+            last.0,
+            last.1,
+            last.2 / 1048576.0,
+            max(|s| s.1),
+            max(|s| s.2),
+            max(|s| s.3) as f64 / 1048576.0,
+            path.display()
+        );
+    }
+}
+
+/// Bytes allocated on disk to the files under `dir` (segments are preallocated).
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// CPU time (user + system) a process used so far, in seconds (Linux `/proc`).
@@ -554,6 +659,128 @@ async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 
         cpu,
         cpu * 1e6 / cycles.max(1) as f64,
         cpu * 1e6 / events.max(1) as f64,
+    );
+}
+
+/// Senders that fill the offline users' mailboxes in the drain scenario (as `peerbench`).
+const DRAIN_SENDERS: usize = 10;
+
+/// Store and forward: the last `DRAIN_SENDERS` users queue `--drain-messages` messages for
+/// each of the others while those are offline (each sender keeps 64 sends in flight and
+/// waits for their sent ticks); then every recipient connects (at most 100 handshakes at a
+/// time, as `peerbench` does) and reads its mailbox, acknowledging each read batch as the
+/// messages scenario does (so delivered receipts are stored for the offline senders).
+/// Reports the time from the first connect to the last delivery, and msg/s.
+async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 32])>) {
+    assert!(accounts.len() > DRAIN_SENDERS, "--users must exceed {DRAIN_SENDERS}");
+    let (recipients, senders) = accounts.split_at(accounts.len() - DRAIN_SENDERS);
+    let (want, body) = (args.drain_messages, vec![0u8; args.message_bytes.max(8)]);
+    let fill = Instant::now();
+    let mut tasks = Vec::new();
+    for (s, &(user_id, token)) in senders.iter().enumerate() {
+        let to: Vec<u64> = recipients.iter().skip(s).step_by(DRAIN_SENDERS).map(|a| a.0).collect();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut stream, mut decoder) = handshake(addr).await;
+            stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+            read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+            let mut queue = to.iter().flat_map(|&peer| std::iter::repeat_n(peer, want));
+            let (mut in_flight, mut done, mut next_id) = (0usize, false, 10u32);
+            let (mut out, mut buffer) = (Vec::new(), vec![0u8; 65536]);
+            loop {
+                while !done && in_flight < 64 {
+                    let Some(peer) = queue.next() else {
+                        done = true;
+                        break;
+                    };
+                    let copies = [DeviceCopyRef {
+                        user_id: peer,
+                        device_id: 1,
+                        e2e_type: E2eType::OlmMessage,
+                        ciphertext: &body,
+                    }];
+                    let send = SendMessageRef {
+                        client_message_id: u64::from(next_id),
+                        to: Conversation::User(peer),
+                        kind: EnvelopeKind::Text,
+                        ttl_s: 0,
+                        copies: &copies,
+                    };
+                    encode_frame(&mut out, next_id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                    (in_flight, next_id) = (in_flight + 1, next_id + 1);
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await.unwrap();
+                    out.clear();
+                }
+                if done && in_flight == 0 {
+                    break;
+                }
+                let n = stream.read(&mut buffer).await.expect("read");
+                assert!(n > 0, "server closed the connection");
+                decoder.feed(&buffer[..n]);
+                while let Some(frame) = decoder.next_frame().expect("server frames decode") {
+                    match frame.message {
+                        Message::SendAck(_) => in_flight -= 1,
+                        Message::SendError(_) | Message::ErrorFrame(_) => panic!("send refused"),
+                        _ => {}
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks.drain(..) {
+        task.await.unwrap();
+    }
+    let fill_s = fill.elapsed().as_secs_f64();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    let start = Instant::now();
+    for &(user_id, token) in recipients {
+        let (delivered, gate) = (delivered.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire().await.unwrap();
+            let (mut stream, mut decoder) = handshake(addr).await;
+            stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+            drop(permit);
+            let (mut got, mut buffer) = (0, vec![0u8; 65536]);
+            while got < want {
+                let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer));
+                let n = match read.await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break,
+                };
+                decoder.feed(&buffer[..n]);
+                let mut ack = None;
+                while let Some(frame) = decoder.next_frame().expect("server frames decode") {
+                    if let Message::Deliver(d) = frame.message {
+                        ack = Some(d.mailbox_seq);
+                        if d.envelope.kind == ArchivedEnvelopeKind::Text {
+                            got += 1;
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if let Some(seq) = ack {
+                    let ack = frame(0, &DeliveryAck { up_to_mailbox_seq: seq });
+                    if stream.write_all(&ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (got, expected) = (delivered.load(Ordering::Relaxed), (recipients.len() * want) as u64);
+    println!(
+        "drain: {} users × {want} queued (filled in {fill_s:.2} s = {:.0} msg/s): {got} of \
+         {expected} delivered in {elapsed:.2} s = {:.0} msg/s",
+        recipients.len(),
+        expected as f64 / fill_s,
+        got as f64 / elapsed,
     );
 }
 

@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub maintenance_interval: Duration,
     /// Size of each log segment file.
     pub segment_bytes: u64,
+    /// Dedup window of each shard, in entries.
+    pub dedup_entries_per_shard: usize,
     /// Protocol limits.
     pub core: CoreConfig,
 }
@@ -458,6 +460,7 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
         let storage = UringStorage::new(dir).map_err(ServerError::Io)?;
         let mut shard_config = ShardConfig::new(shard_id);
         shard_config.segment_bytes = config.segment_bytes;
+        shard_config.dedup_entries_max = config.dedup_entries_per_shard;
         let shard = ShardHandle::open(storage, shard_config)
             .await
             .map_err(|error| ServerError::Shard { shard_id, error })?;
