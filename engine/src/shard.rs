@@ -1495,7 +1495,10 @@ impl<S: Storage> Shard<S> {
                 self.replay_slots = slots;
             }
             RecordType::Ack => {
-                if let Ok(ack) = rkyv::access::<crate::body::ArchivedAckRecord, Failure>(body) {
+                let ack = rkyv::access::<crate::body::ArchivedAckRecord, Failure>(body);
+                // An ack past the sequence bound is corrupt (`apply_ack` adds one to it).
+                let ack = ack.ok().filter(|a| a.up_to_mailbox_seq.to_native() < MAILBOX_SEQ_MAX);
+                if let Some(ack) = ack {
                     let device = (ack.user_id.to_native(), ack.device_id.to_native());
                     self.apply_ack(device, ack.up_to_mailbox_seq.to_native());
                 } else {

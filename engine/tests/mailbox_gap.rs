@@ -15,7 +15,7 @@
 mod common;
 
 use common::{envelope, open, read_all, small_config};
-use tern_engine::body::{EnvelopeRecord, MailboxSlot};
+use tern_engine::body::{AckRecord, EnvelopeRecord, MailboxSlot};
 use tern_engine::record::{
     append_record, first_record_offset, segment_file_name, RecordType, SegmentHeader,
 };
@@ -25,6 +25,11 @@ const ALIGNMENT: u32 = 512;
 
 /// A segment holding one batch: envelopes to device (9, 1) at these mailbox sequences.
 fn segment_with(mailbox_seqs: &[u64]) -> Vec<u8> {
+    segment_with_ack(mailbox_seqs, None)
+}
+
+/// Likewise, then an ack of device (9, 1) up to `ack` if given.
+fn segment_with_ack(mailbox_seqs: &[u64], ack: Option<u64>) -> Vec<u8> {
     let header =
         SegmentHeader { shard_id: 3, segment_id: 1, first_record_seq: 1, commit_alignment: 512 };
     let mut out = header.to_bytes().to_vec();
@@ -44,8 +49,16 @@ fn segment_with(mailbox_seqs: &[u64]) -> Vec<u8> {
         .unwrap();
         seq += 1;
     }
+    if let Some(up_to_mailbox_seq) = ack {
+        let record = AckRecord { user_id: 9, device_id: 1, up_to_mailbox_seq };
+        append_record(&mut out, RecordType::Ack, 0, seq, 1, |o| {
+            tern_wire::encode_archive(o, &record).map(|_| ())
+        })
+        .unwrap();
+        seq += 1;
+    }
     let mut commit = 1u64.to_le_bytes().to_vec();
-    commit.extend_from_slice(&(mailbox_seqs.len() as u32 + 1).to_le_bytes());
+    commit.extend_from_slice(&(seq as u32).to_le_bytes());
     append_record::<()>(&mut out, RecordType::Commit, 0, seq, 1, |o| {
         o.extend_from_slice(&commit);
         Ok(())
@@ -90,4 +103,13 @@ fn a_mailbox_sequence_near_the_top_of_u64_is_corrupt() {
     assert_eq!(shard.borrow().counters().corrupt_records, 1);
     assert!(read_all(&shard, (9, 1)).is_empty());
     assert_eq!(shard.borrow().mailbox_next_seq((9, 1)), 0);
+}
+
+/// Found by the same target in the CI step's first run: an ack record up to `u64::MAX`
+/// overflowed `up_to + 1` when it emptied the mailbox. Such an ack is corrupt too.
+#[test]
+fn an_ack_up_to_the_top_of_u64_is_corrupt() {
+    let shard = open(disk_with(&segment_with_ack(&[0], Some(u64::MAX))), small_config());
+    assert_eq!(shard.borrow().counters().corrupt_records, 1);
+    assert_eq!(read_all(&shard, (9, 1)).len(), 1, "the envelope is still queued");
 }
