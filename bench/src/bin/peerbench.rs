@@ -90,6 +90,9 @@ struct Args {
     /// Group fan-out: messages each group's sender sends.
     #[arg(long, default_value_t = 20)]
     group_messages: usize,
+    /// NATS: one stream per user (per group) instead of one shared stream.
+    #[arg(long)]
+    nats_stream_each: bool,
     /// The peer's process: its CPU time over the measured window is reported.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -834,13 +837,13 @@ mod nats {
         .expect("stream created");
     }
 
-    /// Creates durable push consumers `(name, filter, deliver subject)` on `stream`, a few
-    /// at a time.
-    async fn create_consumers(js: &jetstream::Context, stream: &str, list: Vec<[String; 3]>) {
+    /// Creates durable push consumers `[stream, name, filter, deliver subject]`, a few at a
+    /// time.
+    async fn create_consumers(js: &jetstream::Context, list: Vec<[String; 4]>) {
         let total = list.len();
         let started = Instant::now();
         futures_util::stream::iter(list)
-            .map(|[name, filter, deliver]| async move {
+            .map(|[stream, name, filter, deliver]| async move {
                 let config = consumer::push::Config {
                     durable_name: Some(name),
                     filter_subject: filter,
@@ -893,21 +896,45 @@ mod nats {
         let js = jetstream::new(admin);
         let n = args.users;
         match args.scenario.as_str() {
+            // One stream for all (subjects `u.*`, `g.*`) or, with `--nats-stream-each`, one
+            // per user or group: NATS 2.9 checks every consumer of a stream on each
+            // message, so a shared stream slows down as consumers are added.
             "online" | "drain" => {
-                create_stream(&js, "MSG", "u.*").await;
-                let list = (0..n).map(|i| [format!("u{i}"), format!("u.{i}"), format!("d.{i}")]);
-                create_consumers(&js, "MSG", list.collect()).await;
+                let stream = |i: usize| match args.nats_stream_each {
+                    true => format!("U{i}"),
+                    false => "MSG".to_string(),
+                };
+                if args.nats_stream_each {
+                    for i in 0..n {
+                        create_stream(&js, &stream(i), &format!("u.{i}")).await;
+                    }
+                } else {
+                    create_stream(&js, "MSG", "u.*").await;
+                }
+                let list = (0..n)
+                    .map(|i| [stream(i), format!("u{i}"), format!("u.{i}"), format!("d.{i}")]);
+                create_consumers(&js, list.collect()).await;
             }
             _ => {
-                create_stream(&js, "GRP", "g.*").await;
+                let stream = |g: usize| match args.nats_stream_each {
+                    true => format!("G{g}"),
+                    false => "GRP".to_string(),
+                };
+                if args.nats_stream_each {
+                    for g in 0..args.groups {
+                        create_stream(&js, &stream(g), &format!("g.{g}")).await;
+                    }
+                } else {
+                    create_stream(&js, "GRP", "g.*").await;
+                }
                 let listeners = n - args.groups;
                 let of = groups_of(&args, listeners);
                 let list = (0..listeners).flat_map(|i| {
-                    of[i]
-                        .iter()
-                        .map(move |g| [format!("g{g}m{i}"), format!("g.{g}"), format!("d.{i}")])
+                    of[i].iter().map(move |&g| {
+                        [stream(g), format!("g{g}m{i}"), format!("g.{g}"), format!("d.{i}")]
+                    })
                 });
-                create_consumers(&js, "GRP", list.collect()).await;
+                create_consumers(&js, list.collect()).await;
             }
         }
         match args.scenario.as_str() {
