@@ -148,6 +148,8 @@ run_all() {
     start_redis always && peer redis "$REDIS_ADDR" "appendfsync always" "$scenario" "$@"
     start_redis everysec && peer redis "$REDIS_ADDR" "appendfsync everysec" "$scenario" "$@"
     start_nats && peer nats "$NATS_ADDR" "file store, fsync every 60 s" "$scenario" "$@"
+    start_nats && peer nats "$NATS_ADDR" "same, a stream per user/group" "$scenario" "$@" \
+        --nats-stream-each
 }
 
 versions="$(mosquitto -h | head -1); $(redis-server --version | cut -d' ' -f1-3)"

@@ -667,8 +667,11 @@ mod redis_streams {
         match args.scenario.as_str() {
             "online" => {
                 let mut tasks = Vec::new();
-                for i in 0..n {
-                    let (send, mut read) = (connect(&client).await, connect(&client).await);
+                // Everyone connects first, then all start sending together.
+                let pairs = futures_util::stream::iter(0..n)
+                    .map(|_| async { (connect(&client).await, connect(&client).await) });
+                let pairs: Vec<_> = pairs.buffered(CONNECT_PARALLEL).collect().await;
+                for (i, (send, mut read)) in pairs.into_iter().enumerate() {
                     let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
                     tasks.push(tokio::spawn(async move {
                         let rec = sender;
@@ -940,8 +943,11 @@ mod nats {
         match args.scenario.as_str() {
             "online" => {
                 let mut tasks = Vec::new();
-                for i in 0..n {
-                    let (client, sub) = user(args.addr, i).await;
+                // Everyone connects first, then all start sending together.
+                let addr = args.addr;
+                let users = futures_util::stream::iter(0..n).map(|i| user(addr, i));
+                let users: Vec<_> = users.buffered(CONNECT_PARALLEL).collect().await;
+                for (i, (client, sub)) in users.into_iter().enumerate() {
                     let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
                     let js = jetstream::new(client.clone());
                     tasks.push(tokio::spawn(async move {
