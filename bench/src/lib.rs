@@ -1,5 +1,12 @@
 //! `tern-bench`: benchmarks. `benches/` holds the criterion micro-benchmarks; the load
-//! generator and the peer comparisons come with the server. Figures and the commands
-//! that produced them are in `docs/BENCHMARKS.md`.
+//! generators (`loadgen`, `density`) and the peer comparisons (`peerbench`) are binaries.
+//! Figures and the commands that produced them are in `docs/BENCHMARKS.md`.
+//!
+//! [`proto`] holds what the generators share to speak Tern's protocol without the SDK
+//! (no end-to-end encryption: the load carries random bytes), and [`server`] how they
+//! start a `ternd` and read its log.
 
 #![forbid(unsafe_code)]
+
+pub mod proto;
+pub mod server;

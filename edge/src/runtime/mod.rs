@@ -999,6 +999,41 @@ impl Wire {
     }
 }
 
+/// A connection's read buffer, sized to its traffic. glommio keeps a buffer of the
+/// requested size for every pending read, so an idle connection must ask for little:
+/// it starts at 2 KiB, doubles (up to 64 KiB) each time a read fills it, and halves
+/// after a read that used less than a quarter of it. 19,000 idle connections then cost
+/// the server a few KiB each instead of the 64 KiB a fixed buffer pinned
+/// (`bench/src/bin/density.rs`, docs/BENCHMARKS.md).
+struct ReadBuffer {
+    bytes: Vec<u8>,
+}
+
+impl ReadBuffer {
+    const MIN: usize = 2 * 1024;
+    const MAX: usize = 64 * 1024;
+
+    fn after_read(&mut self, n: usize) {
+        let len = self.bytes.len();
+        let wanted = if n == len {
+            (len * 2).min(Self::MAX)
+        } else if n < len / 4 {
+            (len / 2).max(Self::MIN)
+        } else {
+            len
+        };
+        if wanted != len {
+            self.bytes = vec![0u8; wanted];
+        }
+    }
+}
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        ReadBuffer { bytes: vec![0u8; Self::MIN] }
+    }
+}
+
 /// Moves bytes for one connection until it closes or moves to another core. `unread`:
 /// frame bytes already received (from the core that handed the connection over).
 async fn connection(
@@ -1011,7 +1046,7 @@ async fn connection(
 ) {
     let core = &ctx.core;
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
-    let mut buffer = vec![0u8; 64 * 1024];
+    let mut buffer = ReadBuffer::default();
     let mut frames = Vec::new();
     // Until authenticated, the auth deadline runs from the connection's start (TLS and
     // handshake included, on whichever core); after, the idle timeout runs from the last
@@ -1027,12 +1062,12 @@ async fn connection(
             if Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Event::TimedOut);
             }
-            poll_connection(core, conn, &mut stream, &mut wire, &mut buffer, cx, true)
+            poll_connection(core, conn, &mut stream, &mut wire, &mut buffer.bytes, cx, true)
         })
         .await;
         match event {
             Event::Read(n) => {
-                let bytes = match wire.received(&buffer[..n], &mut frames) {
+                let bytes = match wire.received(&buffer.bytes[..n], &mut frames) {
                     Ok(bytes) => bytes,
                     Err(error) => {
                         if let Some(too_large) = crate::websocket::MessageTooLarge::of(&error) {
@@ -1057,6 +1092,7 @@ async fn connection(
                     }
                 };
                 decoder.feed(bytes);
+                buffer.after_read(n);
                 moving_to = handle_frames(&ctx, conn, &mut decoder, &mut timer);
             }
             Event::Wrote(n) => wrote(core, conn, &mut wire, n),

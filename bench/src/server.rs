@@ -1,0 +1,95 @@
+//! A `ternd` for a load generator: started with a temporary data directory, its log read
+//! for the listening addresses and the verification codes, measured through `/proc`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+use crate::proto::Codes;
+
+/// A running server: the process, its TCP and TLS addresses, the codes it sent.
+pub struct Ternd {
+    /// The process (killed by the caller when done).
+    pub child: Child,
+    /// The plain TCP listener.
+    pub addr: SocketAddr,
+    /// The TLS listener (development certificate in `DATA_DIR/tls/`).
+    pub tls_addr: SocketAddr,
+    /// Verification codes by phone number.
+    pub codes: Codes,
+}
+
+/// Starts `binary` on `data_dir` with loopback listeners (TCP, TLS) and `extra` flags.
+pub fn start(binary: &Path, data_dir: &Path, extra: &[String]) -> Ternd {
+    let mut child = Command::new(binary)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--admin", "off"])
+        .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
+        .args(["--code-requests-per-hour", "1000000"])
+        .args(["--code-requests-per-prefix-per-hour", "100000000"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ternd starts (build it: cargo build --release --bin ternd)");
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let codes = Codes::default();
+    let (addr_tx, addr_rx) = channel();
+    let log_codes = codes.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("listening (tcp)") || line.contains("listening (tls)") {
+                if let Some(rest) = line.split("local=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap().to_string();
+                    let _ = addr_tx.send((line.contains("(tls)"), addr));
+                }
+            }
+            if line.contains("connection limit") {
+                eprintln!("ternd: {line}");
+            }
+            if let (Some(phone), Some(code)) =
+                (line.split("phone=\"").nth(1), line.split("code=\"").nth(1))
+            {
+                let phone = phone.split('"').next().unwrap().to_string();
+                let code = code.split('"').next().unwrap().to_string();
+                log_codes.lock().unwrap().insert(phone, code);
+            }
+        }
+    });
+    let (mut addr, mut tls_addr) = (None, None);
+    while addr.is_none() || tls_addr.is_none() {
+        let (tls, text) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("ternd listens");
+        let parsed: SocketAddr = text.parse().expect("a socket address");
+        if tls {
+            tls_addr = Some(parsed);
+        } else {
+            addr = Some(parsed);
+        }
+    }
+    Ternd { child, addr: addr.unwrap(), tls_addr: tls_addr.unwrap(), codes }
+}
+
+/// A process's resident memory in KiB (`/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The kernel's slab memory in KiB (`/proc/meminfo`): what sockets cost the kernel.
+pub fn slab_kib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
