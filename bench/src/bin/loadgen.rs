@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
+use tern_bench::proto::{frame, handshake, read_until, signed_keys};
 use tern_wire::messages::*;
 use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -104,69 +105,6 @@ struct Stats {
 
 fn now_us(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
-}
-
-fn frame<T>(request_id: u32, value: &T) -> Vec<u8>
-where
-    T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
-{
-    let mut out = Vec::new();
-    encode_frame(&mut out, request_id, 0, value, DEFAULT_MAX_FRAME_BYTES).expect("frame fits");
-    out
-}
-
-/// Reads frames until one satisfies `want`; returns (type, payload).
-async fn read_until(
-    stream: &mut TcpStream,
-    decoder: &mut FrameDecoder,
-    mut want: impl FnMut(&Frame<'_>) -> bool,
-) -> (MessageType, Vec<u8>) {
-    let mut buffer = vec![0u8; 65536];
-    loop {
-        while let Some(frame) = decoder.next_frame().expect("server frames decode") {
-            if want(&frame) {
-                return (frame.header.message_type, frame.payload.to_vec());
-            }
-        }
-        let n = stream.read(&mut buffer).await.expect("read");
-        assert!(n > 0, "server closed the connection");
-        decoder.feed(&buffer[..n]);
-    }
-}
-
-/// Device keys whose fallback key is signed by a fresh signing key, as ternd checks (the
-/// load carries no E2E: the ciphertexts are random bytes).
-fn signed_keys() -> (DeviceKeys, Vec<u8>) {
-    use ring::signature::KeyPair as _;
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("random");
-    let signer = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
-    let (key_id, public_key) = (1u64, [3u8; 32]);
-    let signed = SignedPrekey::signed_bytes(key_id, &public_key);
-    let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
-    let keys = DeviceKeys {
-        identity_key: [1; 32],
-        signing_key: signer.public_key().as_ref().try_into().expect("32 bytes"),
-        fallback_key: SignedPrekey { key_id, public_key, signature },
-        one_time_keys: Vec::new(),
-    };
-    (keys, pkcs8.as_ref().to_vec())
-}
-
-async fn handshake(addr: SocketAddr) -> (TcpStream, FrameDecoder) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).unwrap();
-    let mut decoder = FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES);
-    let hello = Hello {
-        magic: HELLO_MAGIC,
-        version_min: 1,
-        version_max: 1,
-        max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-        client: "tern-loadgen".into(),
-    };
-    stream.write_all(&frame(1, &hello)).await.unwrap();
-    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 1).await;
-    (stream, decoder)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
