@@ -13,17 +13,15 @@
 //! (build ternd first: `cargo build --release --bin ternd`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tern_bench::proto::{frame, handshake, read_until, signed_keys};
+use tern_bench::proto::{frame, handshake, read_until, register};
 use tern_wire::messages::*;
 use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,76 +111,20 @@ async fn main() {
     std::fs::create_dir_all(&args.work_dir).unwrap();
     let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
     let bench_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
-    let mut child = Command::new(&args.ternd)
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "off", "--tls-listen", "off"])
-        .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
-        .args(["--code-requests-per-hour", "1000000", "--media-max-bytes", "10000000000"])
-        .args(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]))
-        .args(&args.ternd_arg)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ternd starts (build it: cargo build --release --bin ternd)");
-    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let codes: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    {
-        let codes = codes.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Some(rest) = line.split("local=").nth(1) {
-                    let _ = addr_tx.send(rest.split_whitespace().next().unwrap().to_string());
-                }
-                if let (Some(phone), Some(code)) =
-                    (line.split("phone=\"").nth(1), line.split("code=\"").nth(1))
-                {
-                    let phone = phone.split('"').next().unwrap().to_string();
-                    let code = code.split('"').next().unwrap().to_string();
-                    codes.lock().unwrap().insert(phone, code);
-                }
-            }
-        });
-    }
-    let addr: SocketAddr = addr_rx.recv_timeout(Duration::from_secs(20)).unwrap().parse().unwrap();
+    let mut extra = vec!["--media-max-bytes".to_string(), "10000000000".to_string()];
+    extra.extend(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]));
+    extra.extend(args.ternd_arg.iter().cloned());
+    let ternd = tern_bench::server::start(&args.ternd, data_dir.path(), &extra);
+    let (mut child, addr, codes) = (ternd.child, ternd.addr, ternd.codes);
 
     // Register everyone (sequentially: registration is not what is measured).
     let mut accounts = Vec::with_capacity(args.users);
     let mut signers = Vec::with_capacity(args.users);
     let started = Instant::now();
     for i in 0..args.users {
-        let phone = format!("+1555{:07}", i);
-        let (mut stream, mut decoder) = handshake(addr).await;
-        let request = RequestCode {
-            phone: phone.clone(),
-            channel: CodeChannel::Sms,
-            locale: "en".into(),
-            proof_of_work: None,
-        };
-        stream.write_all(&frame(2, &request)).await.unwrap();
-        read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
-        let code = loop {
-            if let Some(code) = codes.lock().unwrap().get(&phone).cloned() {
-                break code;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        let (keys, pkcs8) = signed_keys();
-        signers.push(pkcs8);
-        let verify = Verify {
-            phone,
-            code,
-            device: NewDevice { name: "load".into(), keys },
-            registration_lock_pin: None,
-        };
-        stream.write_all(&frame(3, &verify)).await.unwrap();
-        let (ty, payload) =
-            read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
-        assert_eq!(ty, MessageType::Registered);
-        let registered = access::<Registered>(&payload).unwrap();
-        accounts.push((registered.user_id.to_native(), registered.token));
+        let registered = register(addr, &format!("+1555{:07}", i), &codes).await;
+        signers.push(registered.signer);
+        accounts.push((registered.user_id, registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
     if args.scenario == "drain" {
