@@ -69,7 +69,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
-use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::*;
 
@@ -332,15 +331,6 @@ fn a_token_replayed_after_re_registration_is_refused() {
     fresh.request(&Ping { nonce: 1 }).access::<Pong>();
 }
 
-fn receipt_of(frame: &Received) -> ReceiptBody {
-    let deliver = frame.deliver();
-    assert_eq!(deliver.envelope.kind, ArchivedEnvelopeKind::Receipt);
-    let EnvelopeContent::Receipt(body) = deliver.envelope.content().unwrap() else {
-        panic!("not a receipt")
-    };
-    rkyv::deserialize::<ReceiptBody, Failure>(body).unwrap()
-}
-
 /// Goal: a device acts on its own mailbox and its own messages only. Method: Alice's
 /// message waits for offline Bob; Mallory, who knows its server id, acks up to
 /// `u64::MAX`, deletes it "for everyone" and sends a read receipt for it to Alice. Bob
@@ -373,7 +363,7 @@ fn another_users_messages_cannot_be_acked_deleted_or_marked_read() {
     assert_eq!(deliver.deliver().envelope.body.as_slice(), b"for bob only");
     let receipt = a.next_of(MessageType::Deliver);
     assert_eq!(receipt.deliver().envelope.sender_user.to_native(), mallory.user_id);
-    let body = receipt_of(&receipt);
+    let body = receipt.receipt();
     assert_eq!(
         (body.by_user, body.conversation),
         (mallory.user_id, Conversation::User(mallory.user_id))

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use rkyv::rancor::Failure;
 use tern_edge::core::home_shard_of_phone;
 use tern_wire::messages::*;
 use tern_wire::*;
@@ -23,15 +22,6 @@ fn phone_on_core(base: u64, core: u32, cores: u32) -> String {
 
 fn core_of(account: Account, cores: u32) -> u32 {
     ((account.user_id >> 48) as u32) % cores
-}
-
-fn receipt_of(frame: &Received) -> ReceiptBody {
-    let deliver = frame.deliver();
-    assert_eq!(deliver.envelope.kind, ArchivedEnvelopeKind::Receipt, "{}", frame.describe());
-    let EnvelopeContent::Receipt(body) = deliver.envelope.content().unwrap() else {
-        panic!("not a receipt")
-    };
-    rkyv::deserialize::<ReceiptBody, Failure>(body).unwrap()
 }
 
 /// The sum of a metric's samples (one per core) in a `/metrics` body.
@@ -65,7 +55,7 @@ fn two_cores_serve_users_homed_on_different_shards() {
         assert_eq!(deliver.envelope.conversation_seq.to_native(), id);
         assert_eq!(deliver.envelope.body.as_slice(), format!("to bob {id}").as_bytes());
         b.send(&DeliveryAck { up_to_mailbox_seq: deliver.mailbox_seq });
-        let receipt = receipt_of(&a.next_of(MessageType::Deliver));
+        let receipt = a.next_of(MessageType::Deliver).receipt();
         assert_eq!(receipt.kind, ReceiptKind::Delivered);
         assert_eq!(receipt.message_ids, vec![ack.server_message_id.to_native()]);
     }
@@ -81,7 +71,7 @@ fn two_cores_serve_users_homed_on_different_shards() {
         message_ids: vec![message_id],
     });
     done.access::<Done>();
-    let read = receipt_of(&b.next_of(MessageType::Deliver));
+    let read = b.next_of(MessageType::Deliver).receipt();
     assert_eq!((read.kind, read.message_ids), (ReceiptKind::Read, vec![message_id]));
 
     // A retry across cores is answered with the original id, not stored twice.
@@ -152,7 +142,7 @@ fn connections_move_to_their_home_core_over_tls_and_websocket() {
         let frame = b.next_of(MessageType::Deliver);
         assert_eq!(frame.deliver().envelope.body.as_slice(), b"over the layers");
         b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
-        receipt_of(&a.next_of(MessageType::Deliver));
+        a.next_of(MessageType::Deliver).receipt();
     }
 }
 

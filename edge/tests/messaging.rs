@@ -7,18 +7,8 @@
 mod common;
 
 use common::*;
-use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::*;
-
-fn receipt_of(frame: &Received) -> ReceiptBody {
-    let deliver = frame.deliver();
-    assert_eq!(deliver.envelope.kind, ArchivedEnvelopeKind::Receipt);
-    let EnvelopeContent::Receipt(body) = deliver.envelope.content().unwrap() else {
-        panic!("not a receipt")
-    };
-    rkyv::deserialize::<ReceiptBody, Failure>(body).unwrap()
-}
 
 #[test]
 fn register_auth_and_the_three_ticks() {
@@ -51,7 +41,7 @@ fn register_auth_and_the_three_ticks() {
 
     // Delivered tick: Bob acks, Alice gets a receipt.
     b.send(&DeliveryAck { up_to_mailbox_seq: seq });
-    let receipt = receipt_of(&a.next_of(MessageType::Deliver));
+    let receipt = a.next_of(MessageType::Deliver).receipt();
     assert_eq!(receipt.kind, ReceiptKind::Delivered);
     assert_eq!(receipt.by_user, bob.user_id);
     assert_eq!(receipt.message_ids, vec![message_id]);
@@ -64,7 +54,7 @@ fn register_auth_and_the_three_ticks() {
         message_ids: vec![message_id],
     });
     done.access::<Done>();
-    let read = receipt_of(&a.next_of(MessageType::Deliver));
+    let read = a.next_of(MessageType::Deliver).receipt();
     assert_eq!(read.kind, ReceiptKind::Read);
     assert_eq!(read.message_ids, vec![message_id]);
 

@@ -101,6 +101,25 @@ struct Stats {
     send_to_deliver: Mutex<Histogram<u64>>,
 }
 
+/// Appends a 1:1 `SendMessage` of `body` to `peer`'s device 1 (request and client
+/// message id `id`), laid out without an owned copy of the body.
+fn encode_text(out: &mut Vec<u8>, id: u32, peer: u64, body: &[u8]) {
+    let copies = [DeviceCopyRef {
+        user_id: peer,
+        device_id: 1,
+        e2e_type: E2eType::OlmMessage,
+        ciphertext: body,
+    }];
+    let send = SendMessageRef {
+        client_message_id: u64::from(id),
+        to: Conversation::User(peer),
+        kind: EnvelopeKind::Text,
+        ttl_s: 0,
+        copies: &copies,
+    };
+    encode_frame(out, id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+}
+
 fn now_us(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
 }
@@ -204,20 +223,7 @@ async fn main() {
                         let t = now_us(epoch);
                         let mut body = vec![0u8; message_bytes.max(8)];
                         body[..8].copy_from_slice(&t.to_le_bytes());
-                        let copies = [DeviceCopyRef {
-                            user_id: peer,
-                            device_id: 1,
-                            e2e_type: E2eType::OlmMessage,
-                            ciphertext: &body,
-                        }];
-                        let send = SendMessageRef {
-                            client_message_id: u64::from(next_id),
-                            to: Conversation::User(peer),
-                            kind: EnvelopeKind::Text,
-                            ttl_s: 0,
-                            copies: &copies,
-                        };
-                        encode_frame(&mut out, next_id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                        encode_text(&mut out, next_id, peer, &body);
                         in_flight.insert(next_id, t);
                         next_id += 1;
                     }
@@ -573,20 +579,7 @@ async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u
                         done = true;
                         break;
                     };
-                    let copies = [DeviceCopyRef {
-                        user_id: peer,
-                        device_id: 1,
-                        e2e_type: E2eType::OlmMessage,
-                        ciphertext: &body,
-                    }];
-                    let send = SendMessageRef {
-                        client_message_id: u64::from(next_id),
-                        to: Conversation::User(peer),
-                        kind: EnvelopeKind::Text,
-                        ttl_s: 0,
-                        copies: &copies,
-                    };
-                    encode_frame(&mut out, next_id, 0, &send, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                    encode_text(&mut out, next_id, peer, &body);
                     (in_flight, next_id) = (in_flight + 1, next_id + 1);
                 }
                 if !out.is_empty() {

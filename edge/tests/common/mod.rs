@@ -51,6 +51,16 @@ impl Received {
         }
     }
 
+    /// The receipt a `Deliver` frame carries (panics on any other frame).
+    pub fn receipt(&self) -> ReceiptBody {
+        let deliver = self.deliver();
+        assert_eq!(deliver.envelope.kind, ArchivedEnvelopeKind::Receipt, "{}", self.describe());
+        let EnvelopeContent::Receipt(body) = deliver.envelope.content().unwrap() else {
+            panic!("not a receipt")
+        };
+        rkyv::deserialize::<ReceiptBody, Failure>(body).unwrap()
+    }
+
     pub fn error_code(&self) -> Option<ErrorCode> {
         match Message::validate(self.header.message_type, &self.payload) {
             Ok(Message::ErrorFrame(e)) => ErrorCode::from_u16(e.code.to_native()),
