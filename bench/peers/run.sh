@@ -19,7 +19,7 @@
 #     does not package), publishes are acked once written to the OS.
 # Parameters (environment): USERS (1000), SECONDS_ (20), WINDOW (8), DRAIN_MESSAGES (100),
 # GROUPS_ (50), GROUP_SIZE (256), GROUP_MESSAGES (20). Output: the figures on stdout and in
-# target/peers/results.txt; one JSON line per peer run in target/peers/results.jsonl.
+# target/peers/results.txt; one JSON line per run (Tern and peers) in target/peers/results.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

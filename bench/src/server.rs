@@ -93,3 +93,42 @@ pub fn slab_kib() -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// What a data directory's log holds (`log_bytes`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogBytes {
+    /// Bytes of the segments up to their last committed record (not their preallocation).
+    pub segments: u64,
+    /// Segment files.
+    pub segment_files: u64,
+    /// Bytes of the checkpoint files.
+    pub checkpoints: u64,
+    /// Checkpoint files.
+    pub checkpoint_files: u64,
+}
+
+/// Measures the log under `data_dir` (every shard's segments, scanned, and checkpoints):
+/// what recovery reads back.
+pub fn log_bytes(data_dir: &Path) -> LogBytes {
+    let mut total = LogBytes::default();
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return total };
+    for entry in entries.flatten() {
+        let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+        if path.is_dir() {
+            let inner = log_bytes(&path);
+            total.segments += inner.segments;
+            total.segment_files += inner.segment_files;
+            total.checkpoints += inner.checkpoints;
+            total.checkpoint_files += inner.checkpoint_files;
+        } else if tern_engine::checkpoint::parse_file_name(&name).is_some() {
+            total.checkpoints += entry.metadata().map_or(0, |m| m.len());
+            total.checkpoint_files += 1;
+        } else if tern_engine::record::parse_segment_file_name(&name).is_some() {
+            let mapped = tern_engine::storage::map_file(&path).expect("a segment maps");
+            let scan = tern_engine::record::scan_segment(&mapped);
+            total.segments += scan.map_or(0, |scan| scan.end.committed_end());
+            total.segment_files += 1;
+        }
+    }
+    total
+}

@@ -8,6 +8,13 @@
 //! send→deliver latency, the sender records send→sent (the durable ack). Deliveries are
 //! acknowledged in batches. Prints messages/s and p50/p99/p999 of both latencies.
 //!
+//! Other scenarios (`--scenario`): `presence` (a presence storm), `groups` (fan-out),
+//! `media` (upload and download), `drain` (store and forward: offline users' mailboxes
+//! filled, then read) and `recovery` (mailboxes filled, the server killed with SIGKILL and
+//! restarted on the same data directory: time until it serves them again, per GiB of
+//! log). Every run ends with one JSON object on stdout (after `JSON `), also appended to
+//! `--json FILE`, with the scenario's figures and the server's RSS and CPU from `/proc`.
+//!
 //! Run: `cargo run --release -p tern-bench --bin loadgen -- --users 1000 --seconds 20`
 //! (closed loop) or add `--rate 50000` for an open-loop run at a fixed total rate
 //! (build ternd first: `cargo build --release --bin ternd`).
@@ -21,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 use tern_bench::proto::{frame, handshake, read_until, register};
 use tern_wire::messages::*;
 use tern_wire::*;
@@ -56,17 +64,27 @@ struct Args {
     /// The ternd binary.
     #[arg(long, default_value = "target/release/ternd")]
     ternd: PathBuf,
-    /// `messages` (the default: users send to each other) or `presence` (a presence
-    /// storm: users with large contact lists go offline and online).
+    /// Also append the run's results as one JSON object per line to this file (the same
+    /// object is printed on stdout after `JSON `).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// `messages` (the default: users send to each other), `presence` (a presence storm:
+    /// users with large contact lists go offline and online), `groups` (fan-out), `media`,
+    /// `drain` (store and forward) or `recovery` (queue messages as `drain` does, kill the
+    /// server, time its restart until it serves them).
     #[arg(
         long,
         default_value = "messages",
-        value_parser = ["messages", "presence", "groups", "media", "drain"]
+        value_parser = ["messages", "presence", "groups", "media", "drain", "recovery"]
     )]
     scenario: String,
     /// Drain (store and forward): messages queued for each offline user.
     #[arg(long, default_value_t = 100)]
     drain_messages: usize,
+    /// Crash recovery: drop the page cache before the restart (root only), so recovery
+    /// reads the log from the disk as after a power cut or reboot.
+    #[arg(long)]
+    cold: bool,
     /// Media: MiB uploaded and then downloaded by one user.
     #[arg(long, default_value_t = 100)]
     media_mib: usize,
@@ -146,31 +164,50 @@ async fn main() {
         accounts.push((registered.user_id, registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
-    if args.scenario == "drain" {
-        store_and_forward(&args, addr, accounts).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        return;
+    let pid = child.id();
+    let mut result = match args.scenario.as_str() {
+        "drain" => store_and_forward(&args, addr, &accounts).await,
+        "recovery" => {
+            let restart = |binary: &std::path::Path| {
+                tern_bench::server::start(binary, data_dir.path(), &extra)
+            };
+            crash_recovery(&args, &mut child, restart, addr, &accounts, data_dir.path()).await
+        }
+        "media" => media_transfer(&args, addr, accounts, bench_dir.path()).await,
+        "groups" => group_fanout(&args, addr, accounts, signers).await,
+        "presence" => presence_storm(&args, addr, accounts, pid).await,
+        _ => one_to_one(&args, addr, accounts, pid, data_dir.path()).await,
+    };
+    let pid = child.id();
+    // Named as `peerbench` names its runs, so that `bench/peers/run.sh` gathers both.
+    let scenario = if args.scenario == "messages" { "online" } else { args.scenario.as_str() };
+    result["peer"] = json!("tern");
+    result["label"] = json!("fdatasync before sent");
+    result["scenario"] = json!(scenario);
+    result["users"] = json!(args.users);
+    result["message_bytes"] = json!(args.message_bytes);
+    result["server_rss_kib"] = json!(tern_bench::server::rss_kib(pid));
+    result["server_cpu_s"] = json!(cpu_seconds(pid));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = result.to_string();
+    println!("JSON {line}");
+    if let Some(path) = &args.json {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        writeln!(file, "{line}").expect("the JSON file is writable");
     }
-    if args.scenario == "media" {
-        media_transfer(&args, addr, accounts, bench_dir.path()).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        return;
-    }
-    if args.scenario == "groups" {
-        group_fanout(&args, addr, accounts, signers).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        return;
-    }
-    if args.scenario == "presence" {
-        presence_storm(&args, addr, accounts, child.id()).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        return;
-    }
+}
 
+/// Online 1:1: every user sends to random others with at most `--window` sends in flight
+/// (closed loop) or at `--rate` in total (open loop), for `--seconds` after a warm-up.
+async fn one_to_one(
+    args: &Args,
+    addr: SocketAddr,
+    accounts: Vec<(u64, [u8; 32])>,
+    pid: u32,
+    data_dir: &std::path::Path,
+) -> Value {
     let stats = Arc::new(Stats {
         sent: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
@@ -310,8 +347,7 @@ async fn main() {
     let start = Instant::now();
     let sampler = args.sample_file.clone().map(|path| {
         let (stats, running) = (stats.clone(), running.clone());
-        let (pid, dir) = (child.id(), data_dir.path().to_path_buf());
-        tokio::spawn(sample_server(path, pid, dir, stats, running))
+        tokio::spawn(sample_server(path, pid, data_dir.to_path_buf(), stats, running))
     });
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
@@ -323,8 +359,6 @@ async fn main() {
     if let Some(sampler) = sampler {
         let _ = sampler.await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
 
     let sent = stats.sent.load(Ordering::Relaxed);
     let delivered = stats.delivered.load(Ordering::Relaxed);
@@ -353,6 +387,22 @@ async fn main() {
         ms(&d, 0.99),
         ms(&d, 0.999)
     );
+    json!({
+        "window": args.window,
+        "rate": args.rate,
+        "seconds": elapsed,
+        "sent_per_s": sent as f64 / elapsed,
+        "delivered_per_s": delivered as f64 / elapsed,
+        "errors": stats.errors.load(Ordering::Relaxed),
+        "sent_ms": quantiles(&s),
+        "deliver_ms": quantiles(&d),
+    })
+}
+
+/// p50, p99 and p999 of a histogram of microseconds, in milliseconds (for the JSON line).
+fn quantiles(h: &Histogram<u64>) -> Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({ "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999) })
 }
 
 /// One sample of the server: (seconds, RSS KiB, open descriptors, data dir bytes).
@@ -463,7 +513,12 @@ async fn presence_session(
 /// previous `contacts`; then users are disconnected and reconnected at `churn` per
 /// second. Reports presence events delivered, events per cycle and the server's CPU time
 /// per cycle.
-async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 32])>, pid: u32) {
+async fn presence_storm(
+    args: &Args,
+    addr: SocketAddr,
+    accounts: Vec<(u64, [u8; 32])>,
+    pid: u32,
+) -> Value {
     let n = accounts.len();
     let k = args.contacts.min(n - 1);
     let ids: Vec<u64> = accounts.iter().map(|a| a.0).collect();
@@ -546,18 +601,51 @@ async fn presence_storm(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 
         cpu * 1e6 / cycles.max(1) as f64,
         cpu * 1e6 / events.max(1) as f64,
     );
+    json!({
+        "contacts": k,
+        "seconds": elapsed,
+        "cycles_per_s": cycles as f64 / elapsed,
+        "events_per_s": events as f64 / elapsed,
+        "events_per_cycle": events as f64 / cycles.max(1) as f64,
+        "server_cpu_us_per_cycle": cpu * 1e6 / cycles.max(1) as f64,
+        "server_cpu_us_per_event": cpu * 1e6 / events.max(1) as f64,
+    })
 }
 
 /// Senders that fill the offline users' mailboxes in the drain scenario (as `peerbench`).
 const DRAIN_SENDERS: usize = 10;
 
 /// Store and forward: the last `DRAIN_SENDERS` users queue `--drain-messages` messages for
-/// each of the others while those are offline (each sender keeps 64 sends in flight and
-/// waits for their sent ticks); then every recipient connects (at most 100 handshakes at a
-/// time, as `peerbench` does) and reads its mailbox, acknowledging each read batch as the
-/// messages scenario does (so delivered receipts are stored for the offline senders).
-/// Reports the time from the first connect to the last delivery, and msg/s.
-async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u8; 32])>) {
+/// each of the others while those are offline (`fill_mailboxes`); then every recipient
+/// connects and reads its mailbox (`drain_mailboxes`). Reports the time from the first
+/// connect to the last delivery, and msg/s.
+async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: &[(u64, [u8; 32])]) -> Value {
+    let fill_s = fill_mailboxes(args, addr, accounts).await;
+    let (recipients, want) = (accounts.len() - DRAIN_SENDERS, args.drain_messages);
+    let start = Instant::now();
+    let (got, _) = drain_mailboxes(addr, &accounts[..recipients], want).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let expected = (recipients * want) as u64;
+    println!(
+        "drain: {recipients} users × {want} queued (filled in {fill_s:.2} s = {:.0} msg/s): \
+         {got} of {expected} delivered in {elapsed:.2} s = {:.0} msg/s",
+        expected as f64 / fill_s,
+        got as f64 / elapsed,
+    );
+    json!({
+        "drain_messages": want,
+        "fill_seconds": fill_s,
+        "expected": expected,
+        "delivered": got,
+        "seconds": elapsed,
+        "delivered_per_s": got as f64 / elapsed,
+    })
+}
+
+/// Queues `--drain-messages` messages for each user but the last `DRAIN_SENDERS`, sent by
+/// those (each keeps 64 sends in flight and waits for their sent ticks: every message is
+/// durable when this returns). Returns the seconds it took.
+async fn fill_mailboxes(args: &Args, addr: SocketAddr, accounts: &[(u64, [u8; 32])]) -> f64 {
     assert!(accounts.len() > DRAIN_SENDERS, "--users must exceed {DRAIN_SENDERS}");
     let (recipients, senders) = accounts.split_at(accounts.len() - DRAIN_SENDERS);
     let (want, body) = (args.drain_messages, vec![0u8; args.message_bytes.max(8)]);
@@ -605,12 +693,24 @@ async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u
     for task in tasks.drain(..) {
         task.await.unwrap();
     }
-    let fill_s = fill.elapsed().as_secs_f64();
+    fill.elapsed().as_secs_f64()
+}
+
+/// Every recipient connects (at most 100 handshakes at a time, as `peerbench` does) and
+/// reads `want` messages from its mailbox, acknowledging each read batch as the messages
+/// scenario does (so delivered receipts are stored for the senders). Returns how many
+/// arrived (a recipient gives up after 10 s without data) and when the first did.
+async fn drain_mailboxes(
+    addr: SocketAddr,
+    recipients: &[(u64, [u8; 32])],
+    want: usize,
+) -> (u64, Option<Instant>) {
+    let mut tasks = Vec::new();
     let delivered = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(std::sync::OnceLock::new());
     let gate = Arc::new(tokio::sync::Semaphore::new(100));
-    let start = Instant::now();
     for &(user_id, token) in recipients {
-        let (delivered, gate) = (delivered.clone(), gate.clone());
+        let (delivered, gate, first) = (delivered.clone(), gate.clone(), first.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire().await.unwrap();
             let (mut stream, mut decoder) = handshake(addr).await;
@@ -631,6 +731,7 @@ async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u
                         if d.envelope.kind == ArchivedEnvelopeKind::Text {
                             got += 1;
                             delivered.fetch_add(1, Ordering::Relaxed);
+                            let _ = first.set(Instant::now());
                         }
                     }
                 }
@@ -646,15 +747,71 @@ async fn store_and_forward(args: &Args, addr: SocketAddr, accounts: Vec<(u64, [u
     for task in tasks {
         task.await.unwrap();
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let (got, expected) = (delivered.load(Ordering::Relaxed), (recipients.len() * want) as u64);
+    (delivered.load(Ordering::Relaxed), first.get().copied())
+}
+
+/// Crash recovery: queue messages as the drain does (`--drain-messages` for each offline
+/// user), kill the server with SIGKILL, start it again on the same data directory, and time
+/// (1) until it listens (recovery done: the listeners open after every shard is rebuilt),
+/// (2) until one recipient has its first queued message, (3) until every queued message
+/// has been delivered (none may be missing). The log's size is what the segments hold
+/// (scanned to their last committed record) plus the checkpoints.
+async fn crash_recovery(
+    args: &Args,
+    child: &mut std::process::Child,
+    restart: impl FnOnce(&std::path::Path) -> tern_bench::server::Ternd,
+    addr: SocketAddr,
+    accounts: &[(u64, [u8; 32])],
+    data_dir: &std::path::Path,
+) -> Value {
+    let fill_s = fill_mailboxes(args, addr, accounts).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = tern_bench::server::log_bytes(data_dir);
+    let gib = (log.segments + log.checkpoints) as f64 / f64::from(1 << 30);
+    if args.cold {
+        // `sync` first, so that the dirty pages can be dropped too.
+        let synced = std::process::Command::new("sync").status().is_ok_and(|s| s.success());
+        let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+        assert!(synced && dropped.is_ok(), "--cold needs root to drop the page cache");
+    }
+    let start = Instant::now();
+    let ternd = restart(&args.ternd);
+    let listening = start.elapsed().as_secs_f64();
+    *child = ternd.child;
+    let (recipients, want) = (&accounts[..accounts.len() - DRAIN_SENDERS], args.drain_messages);
+    let (got, first) = drain_mailboxes(ternd.addr, recipients, want).await;
+    let first_delivery = first.map_or(f64::NAN, |t| (t - start).as_secs_f64());
+    let all = start.elapsed().as_secs_f64();
+    let expected = (recipients.len() * want) as u64;
+    let cache = if args.cold { "cold page cache" } else { "warm page cache" };
     println!(
-        "drain: {} users × {want} queued (filled in {fill_s:.2} s = {:.0} msg/s): {got} of \
-         {expected} delivered in {elapsed:.2} s = {:.0} msg/s",
-        recipients.len(),
-        expected as f64 / fill_s,
-        got as f64 / elapsed,
+        "crash recovery ({cache}): {} messages queued in {fill_s:.1} s; log {:.1} MiB in segments + \
+         {:.1} MiB of checkpoints ({} segments, {} checkpoints); after SIGKILL: listening in \
+         {listening:.3} s ({:.3} s per GiB), first queued message in {first_delivery:.3} s, \
+         {got} of {expected} delivered in {all:.2} s",
+        expected,
+        log.segments as f64 / 1048576.0,
+        log.checkpoints as f64 / 1048576.0,
+        log.segment_files,
+        log.checkpoint_files,
+        listening / gib.max(1e-9),
     );
+    json!({
+        "drain_messages": want,
+        "queued": expected,
+        "fill_seconds": fill_s,
+        "log_segment_bytes": log.segments,
+        "log_checkpoint_bytes": log.checkpoints,
+        "segment_files": log.segment_files,
+        "checkpoint_files": log.checkpoint_files,
+        "cold": args.cold,
+        "listening_seconds": listening,
+        "seconds_per_gib": listening / gib.max(1e-9),
+        "first_delivery_seconds": first_delivery,
+        "delivered": got,
+        "all_delivered_seconds": all,
+    })
 }
 
 /// Group fan-out: `groups` groups of `group_size` members, each created by its own
@@ -667,7 +824,7 @@ async fn group_fanout(
     addr: SocketAddr,
     accounts: Vec<(u64, [u8; 32])>,
     signers: Vec<Vec<u8>>,
-) {
+) -> Value {
     assert!(accounts.len() > args.groups + 1, "--users must exceed --groups");
     let (accounts, creators) = accounts.split_at(accounts.len() - args.groups);
     let (signers, n) = (&signers[accounts.len()..], accounts.len());
@@ -799,6 +956,16 @@ async fn group_fanout(
         ms(0.99),
         ms(0.999),
     );
+    json!({
+        "groups": args.groups,
+        "group_size": size,
+        "group_messages": args.group_messages,
+        "expected": expected,
+        "delivered": got,
+        "seconds": elapsed,
+        "deliveries_per_s": got as f64 / elapsed,
+        "deliver_ms": quantiles(&h),
+    })
 }
 
 /// Media: one user uploads a `media_mib` MiB blob in 256 KiB chunks (pipelined, one
@@ -810,7 +977,7 @@ async fn media_transfer(
     addr: SocketAddr,
     accounts: Vec<(u64, [u8; 32])>,
     work_dir: &std::path::Path,
-) {
+) -> Value {
     use sha2::Digest as _;
     let size = args.media_mib << 20;
     let mut blob = vec![0u8; size];
@@ -876,4 +1043,10 @@ async fn media_transfer(
         mib / download,
         mib / copy,
     );
+    json!({
+        "media_mib": args.media_mib,
+        "upload_mib_per_s": mib / upload,
+        "download_mib_per_s": mib / download,
+        "local_copy_mib_per_s": mib / copy,
+    })
 }
