@@ -157,6 +157,20 @@ impl FrameDecoder {
         self.buffer.len() - self.start
     }
 
+    /// Bytes of memory the buffer holds (what an idle connection costs).
+    pub fn capacity_bytes(&self) -> usize {
+        self.buffer.capacity()
+    }
+
+    /// Frees the buffer if every byte in it was returned as frames: an idle connection
+    /// then keeps no memory for its last burst (the next `feed` allocates again).
+    pub fn release_if_drained(&mut self) {
+        if self.start == self.buffer.len() {
+            self.buffer = Vec::new();
+            self.start = 0;
+        }
+    }
+
     /// Appends received bytes.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.compact();

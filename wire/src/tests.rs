@@ -564,3 +564,26 @@ fn protocol_doc_catalogue_matches_the_code() {
     }
     assert!(missing.is_empty(), "docs/PROTOCOL.md lacks these rows:\n{}", missing.join("\n"));
 }
+
+#[test]
+fn a_drained_decoder_releases_its_buffer_and_a_partial_frame_stays() {
+    let mut bytes = Vec::new();
+    encode_frame(&mut bytes, 1, 0, &Ping { nonce: 1 }, MAX).unwrap();
+    encode_frame(&mut bytes, 2, 0, &Ping { nonce: 2 }, MAX).unwrap();
+    let (first_len, cut) = (bytes.len() / 2, bytes.len() - 3);
+    let mut decoder = FrameDecoder::new(MAX);
+    // One whole frame and part of the next: the part is kept.
+    decoder.feed(&bytes[..cut]);
+    assert_eq!(decoder.next_frame().unwrap().unwrap().header.request_id, 1);
+    assert!(decoder.next_frame().unwrap().is_none());
+    decoder.release_if_drained();
+    assert_eq!(decoder.buffered_bytes(), cut - first_len);
+    decoder.feed(&bytes[cut..]);
+    assert_eq!(decoder.next_frame().unwrap().unwrap().header.request_id, 2);
+    // Everything returned: the buffer's memory goes, and the decoder still works.
+    decoder.release_if_drained();
+    assert_eq!(decoder.buffered_bytes(), 0);
+    assert_eq!(decoder.capacity_bytes(), 0);
+    decoder.feed(&bytes[..first_len]);
+    assert_eq!(decoder.next_frame().unwrap().unwrap().header.request_id, 1);
+}

@@ -786,10 +786,10 @@ async fn crash_recovery(
     let expected = (recipients.len() * want) as u64;
     let cache = if args.cold { "cold page cache" } else { "warm page cache" };
     println!(
-        "crash recovery ({cache}): {} messages queued in {fill_s:.1} s; log {:.1} MiB in segments + \
-         {:.1} MiB of checkpoints ({} segments, {} checkpoints); after SIGKILL: listening in \
-         {listening:.3} s ({:.3} s per GiB), first queued message in {first_delivery:.3} s, \
-         {got} of {expected} delivered in {all:.2} s",
+        "crash recovery ({cache}): {} messages queued in {fill_s:.1} s; log {:.1} MiB in \
+         segments + {:.1} MiB of checkpoints ({} segments, {} checkpoints); after SIGKILL: \
+         listening in {listening:.3} s ({:.3} s per GiB), first queued message in \
+         {first_delivery:.3} s, {got} of {expected} delivered in {all:.2} s",
         expected,
         log.segments as f64 / 1048576.0,
         log.checkpoints as f64 / 1048576.0,

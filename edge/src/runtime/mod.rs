@@ -418,7 +418,18 @@ struct Ctx {
     tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
     /// How to rebuild `tls`.
     tls_settings: crate::tls::TlsSettings,
+    /// The one read buffer of this core's connections ([`READ_BUFFER_BYTES`]). glommio's
+    /// `poll_read` receives synchronously into the buffer it is given and, when nothing
+    /// is there, waits on a readiness poll that holds no buffer; a connection's task uses
+    /// the bytes (TLS, WebSocket, frame decoder: each copies what it keeps) before its
+    /// next `.await`, so no other task can see them, and an idle connection holds no read
+    /// buffer at all (`bench density`, docs/BENCHMARKS.md). Borrowed only between an
+    /// `.await` and the next.
+    read_buffer: RefCell<Vec<u8>>,
 }
+
+/// Bytes a connection reads at most at once (the shared per-core read buffer).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 impl Ctx {
     /// After the core did work: wake the committer and the mesh sender if it left them
@@ -505,6 +516,7 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
             false => None,
         }),
         tls_settings: config.tls.clone(),
+        read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES]),
     });
 
     glommio::spawn_local(committer(ctx.clone())).detach();
@@ -999,41 +1011,6 @@ impl Wire {
     }
 }
 
-/// A connection's read buffer, sized to its traffic. glommio keeps a buffer of the
-/// requested size for every pending read, so an idle connection must ask for little:
-/// it starts at 2 KiB, doubles (up to 64 KiB) each time a read fills it, and halves
-/// after a read that used less than a quarter of it. 19,000 idle connections then cost
-/// the server a few KiB each instead of the 64 KiB a fixed buffer pinned
-/// (`bench/src/bin/density.rs`, docs/BENCHMARKS.md).
-struct ReadBuffer {
-    bytes: Vec<u8>,
-}
-
-impl ReadBuffer {
-    const MIN: usize = 2 * 1024;
-    const MAX: usize = 64 * 1024;
-
-    fn after_read(&mut self, n: usize) {
-        let len = self.bytes.len();
-        let wanted = if n == len {
-            (len * 2).min(Self::MAX)
-        } else if n < len / 4 {
-            (len / 2).max(Self::MIN)
-        } else {
-            len
-        };
-        if wanted != len {
-            self.bytes = vec![0u8; wanted];
-        }
-    }
-}
-
-impl Default for ReadBuffer {
-    fn default() -> Self {
-        ReadBuffer { bytes: vec![0u8; Self::MIN] }
-    }
-}
-
 /// Moves bytes for one connection until it closes or moves to another core. `unread`:
 /// frame bytes already received (from the core that handed the connection over).
 async fn connection(
@@ -1046,7 +1023,6 @@ async fn connection(
 ) {
     let core = &ctx.core;
     let mut decoder = FrameDecoder::new(core.borrow().max_frame_bytes(conn));
-    let mut buffer = ReadBuffer::default();
     let mut frames = Vec::new();
     // Until authenticated, the auth deadline runs from the connection's start (TLS and
     // handshake included, on whichever core); after, the idle timeout runs from the last
@@ -1062,12 +1038,14 @@ async fn connection(
             if Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Event::TimedOut);
             }
-            poll_connection(core, conn, &mut stream, &mut wire, &mut buffer.bytes, cx, true)
+            let mut buffer = ctx.read_buffer.borrow_mut();
+            poll_connection(core, conn, &mut stream, &mut wire, &mut buffer, cx, true)
         })
         .await;
         match event {
             Event::Read(n) => {
-                let bytes = match wire.received(&buffer.bytes[..n], &mut frames) {
+                let buffer = ctx.read_buffer.borrow();
+                let bytes = match wire.received(&buffer[..n], &mut frames) {
                     Ok(bytes) => bytes,
                     Err(error) => {
                         if let Some(too_large) = crate::websocket::MessageTooLarge::of(&error) {
@@ -1092,8 +1070,12 @@ async fn connection(
                     }
                 };
                 decoder.feed(bytes);
-                buffer.after_read(n);
+                drop(buffer);
+                // The layers' scratch space is used within this read only.
+                release_if_empty(&mut frames);
+                release_if_empty(&mut wire.inner);
                 moving_to = handle_frames(&ctx, conn, &mut decoder, &mut timer);
+                decoder.release_if_drained();
             }
             Event::Wrote(n) => wrote(core, conn, &mut wire, n),
             Event::TimedOut => {
@@ -1182,10 +1164,26 @@ fn handle_frames(
 fn wrote(core: &RefCell<Core<UringStorage>>, conn: ConnId, wire: &mut Wire, n: usize) {
     if wire.is_layered() {
         wire.out.drain(..n);
+        release_if_empty(&mut wire.out);
+        if let Some(c) = core.borrow_mut().connection(conn) {
+            release_if_empty(&mut c.outbound);
+        }
+        release_if_empty(&mut wire.layered);
     } else if let Some(c) = core.borrow_mut().connection(conn) {
         c.outbound.drain(..n);
+        release_if_empty(&mut c.outbound);
     }
     core.borrow_mut().on_writable(conn, now_ms());
+}
+
+/// Frees an empty buffer's memory. A connection's buffers grow to its largest burst (a
+/// TLS handshake flight, a mailbox drained at reconnect); an idle connection keeps none
+/// of it. Costs one allocation when the buffer is next used, against a syscall per
+/// write or read.
+fn release_if_empty(buffer: &mut Vec<u8>) {
+    if buffer.is_empty() && buffer.capacity() > 0 {
+        *buffer = Vec::new();
+    }
 }
 
 /// Writes all pending output (reading nothing) until it is out, the socket fails or
