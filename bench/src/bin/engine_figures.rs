@@ -3,7 +3,8 @@
 //! index memory per queued message, and reading a 10,000-message mailbox.
 //!
 //! Run: `cargo run --release -p tern-bench --bin engine_figures -- [DIR] [--quick]
-//! [--only append|recovery|read] [--batch 1|64|1024]`.
+//! [--only append|rounds|recovery|read] [--batch 1|64|1024]`. `rounds`: 1, 2, 4 and 8
+//! shards on one executor committed together, as a server core commits its shards.
 //! DIR must be on a real file system (O_DIRECT); default `target/engine-figures`. The
 //! directory is emptied first. Compare with `bench/fio-baseline.sh` in the same session.
 
@@ -103,6 +104,49 @@ fn durable_append(dir: &Path, batch: u64, batches: u64) {
     });
 }
 
+/// Several shards on one executor, as one `ternd` core owns them: each round appends one
+/// envelope to every shard and commits them all at once (one task per shard, their
+/// writes and fdatasyncs in flight together, as the server's committer does). Prints the
+/// round's latency: what a sent tick waits for at low load.
+fn concurrent_commits(dir: &Path, shards: u32, rounds: u64) {
+    let path = fresh(dir, &format!("rounds-{shards}"));
+    glommio::LocalExecutorBuilder::default().make().unwrap().run(async move {
+        let mut handles = Vec::new();
+        for shard_id in 0..shards {
+            let shard_dir = path.join(format!("shard-{shard_id}"));
+            std::fs::create_dir_all(&shard_dir).unwrap();
+            let storage = UringStorage::new(&shard_dir).unwrap();
+            handles.push(ShardHandle::open(storage, ShardConfig::new(shard_id)).await.unwrap());
+        }
+        let mut latencies = Vec::with_capacity(rounds as usize);
+        let mut id = 0u64;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let round = Instant::now();
+            let mut commits = Vec::new();
+            for shard in &handles {
+                id += 1;
+                shard.borrow_mut().append_envelope(&envelope(id), &[(id % 1000, 1)]).unwrap();
+                let shard = shard.clone();
+                commits.push(glommio::spawn_local(async move { shard.commit().await }));
+            }
+            for commit in commits {
+                commit.await.unwrap();
+            }
+            latencies.push(round.elapsed());
+        }
+        let elapsed = start.elapsed();
+        latencies.sort();
+        println!(
+            "{shards} shard(s) committed together: round (write+fdatasync each) p50 {:>7.1} µs \
+             p99 {:>7.1} µs | {:.0} rounds/s",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e6,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e6,
+            rounds as f64 / elapsed.as_secs_f64(),
+        );
+    });
+}
+
 /// Builds a log of about `target_bytes` with std I/O, then times recovery (page cache warm).
 fn recovery(dir: &Path, target_bytes: u64) {
     let path = fresh(dir, "recovery");
@@ -182,7 +226,7 @@ fn main() {
         .iter()
         .find(|a| {
             !a.starts_with("--")
-                && !["append", "recovery", "read"].contains(&a.as_str())
+                && !["append", "rounds", "recovery", "read"].contains(&a.as_str())
                 && a.parse::<u64>().is_err()
         })
         .map(PathBuf::from)
@@ -198,6 +242,11 @@ fn main() {
             if batch.is_none_or(|b| b == size) {
                 durable_append(&dir, size, batches / scale);
             }
+        }
+    }
+    if wanted("rounds") {
+        for shards in [1, 2, 4, 8] {
+            concurrent_commits(&dir, shards, 2000 / scale);
         }
     }
     if wanted("recovery") {

@@ -713,26 +713,24 @@ fn reload_tls(ctx: &Ctx) {
 
 /// Commits whatever this core's shards accumulated, as long as there is something, then
 /// lets the core release durable replies and deliver. Group commit: appends that arrive
-/// while a commit is in flight go into the next one.
+/// while a commit is in flight go into the next one. The shards with pending records are
+/// committed all at once, each in its own task: their writes and fdatasyncs are in
+/// flight together (io_uring), so a round costs about one fdatasync instead of one per
+/// shard in turn (a core owns several shards; 8 in a row had put ~2 ms under every sent
+/// tick at low load).
 async fn committer(ctx: Rc<Ctx>) {
     loop {
         ctx.commit_needed.wait().await;
         loop {
             let shards = ctx.core.borrow().owned_shards();
-            let mut committed_any = false;
-            for (_, shard) in &shards {
-                if shard.borrow().has_pending() {
-                    committed_any = true;
-                    let records_before = shard.borrow().counters().committed_records;
-                    if let Err(error) = shard.commit().await {
-                        let why = "commit failed; the shard refuses writes until restart";
-                        tracing::error!(%error, "{why}");
-                    }
-                    let records = shard.borrow().counters().committed_records - records_before;
-                    if records > 0 {
-                        ctx.core.borrow_mut().commit_batch_records.observe(records as f64);
-                    }
-                }
+            let commits: Vec<_> = shards
+                .into_iter()
+                .filter(|(_, shard)| shard.borrow().has_pending())
+                .map(|(_, shard)| glommio::spawn_local(commit_shard(ctx.clone(), shard)))
+                .collect();
+            let committed_any = !commits.is_empty();
+            for commit in commits {
+                commit.await;
             }
             let mut core = ctx.core.borrow_mut();
             core.set_clock(now_us());
@@ -743,6 +741,18 @@ async fn committer(ctx: Rc<Ctx>) {
                 break;
             }
         }
+    }
+}
+
+/// Commits one shard's pending records and counts the batch.
+async fn commit_shard(ctx: Rc<Ctx>, shard: ShardHandle<UringStorage>) {
+    let records_before = shard.borrow().counters().committed_records;
+    if let Err(error) = shard.commit().await {
+        tracing::error!(%error, "commit failed; the shard refuses writes until restart");
+    }
+    let records = shard.borrow().counters().committed_records - records_before;
+    if records > 0 {
+        ctx.core.borrow_mut().commit_batch_records.observe(records as f64);
     }
 }
 
