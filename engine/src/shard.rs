@@ -36,8 +36,8 @@ use crate::checkpoint::{self, Snapshot};
 use crate::error::{CorruptRecord, OpenError, WriteError};
 use crate::record::{
     align_up, append_record, check_record, first_record_offset, parse_segment_file_name,
-    scan_segment, segment_file_name, RecordFault, RecordType, SegmentHeader, FLAG_MOVED,
-    RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    record_body_of_checked_bytes, scan_segment, segment_file_name, RecordFault, RecordType,
+    SegmentHeader, FLAG_MOVED, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 use crate::state::StateTables;
 use crate::storage::{Mapped, Storage, StorageFile};
@@ -1065,7 +1065,14 @@ impl<S: Storage> Shard<S> {
         };
         let segment = self.segment_bytes(loc.segment_id).ok_or(corrupt(RecordFault::Truncated))?;
         let bytes = segment.get(loc.offset as usize..).ok_or(corrupt(RecordFault::Truncated))?;
-        let (_, body) = check_record(bytes, loc.segment_id).map_err(corrupt)?;
+        // The active segment's buffer holds records this process appended, or that
+        // recovery checked (CRCs included) when it loaded the segment: only records read
+        // back from a sealed segment's file can have changed since they were checked.
+        let (_, body) = if loc.segment_id == self.active.segment_id {
+            record_body_of_checked_bytes(bytes, loc.segment_id).map_err(corrupt)?
+        } else {
+            check_record(bytes, loc.segment_id).map_err(corrupt)?
+        };
         let record = rkyv::access::<ArchivedEnvelopeRecord, Failure>(body)
             .map_err(|_| corrupt(RecordFault::BadBody))?;
         let envelope_bytes: &[u8] = &record.envelope;

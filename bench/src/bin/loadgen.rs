@@ -188,6 +188,9 @@ async fn main() {
     result["message_bytes"] = json!(args.message_bytes);
     result["server_rss_kib"] = json!(tern_bench::server::rss_kib(pid));
     result["server_cpu_s"] = json!(cpu_seconds(pid));
+    // The generator shares the machine with the server: what it used says how much of
+    // the two cores the server had.
+    result["generator_cpu_s"] = json!(cpu_seconds(std::process::id()));
     let _ = child.kill();
     let _ = child.wait();
     let line = result.to_string();
