@@ -61,6 +61,18 @@ pub fn signed_keys() -> (DeviceKeys, Vec<u8>) {
 
 /// Sends `Hello` and waits for `Welcome` on any byte stream (TCP or TLS).
 pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> FrameDecoder {
+    match try_hello(stream).await {
+        Ok(decoder) => decoder,
+        Err(code) => panic!("the server refused the connection: {code:?}"),
+    }
+}
+
+/// Sends `Hello` and waits for `Welcome`; a connection the server refuses (an error frame
+/// before the welcome, e.g. `TooManyConnections` at its connection limit) is the error's
+/// code (`None`: closed without one).
+pub async fn try_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<FrameDecoder, Option<ErrorCode>> {
     let mut decoder = FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES);
     let hello = Hello {
         magic: HELLO_MAGIC,
@@ -69,9 +81,22 @@ pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> FrameDe
         max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
         client: "tern-bench".into(),
     };
-    stream.write_all(&frame(1, &hello)).await.unwrap();
-    read_until(stream, &mut decoder, |f| f.header.request_id == 1).await;
-    decoder
+    stream.write_all(&frame(1, &hello)).await.map_err(|_| None)?;
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        while let Some(frame) = decoder.next_frame().map_err(|_| None)? {
+            if let Message::ErrorFrame(error) = &frame.message {
+                return Err(ErrorCode::from_u16(error.code.to_native()));
+            }
+            if frame.header.request_id == 1 {
+                return Ok(decoder);
+            }
+        }
+        match stream.read(&mut buffer).await {
+            Ok(n) if n > 0 => decoder.feed(&buffer[..n]),
+            _ => return Err(None),
+        }
+    }
 }
 
 /// Connects over TCP and says hello.

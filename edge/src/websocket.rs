@@ -115,6 +115,11 @@ impl WsLayer {
         }
     }
 
+    /// Whether the HTTP upgrade is still to come (nothing can be sent before it).
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.state, State::Handshaking(_))
+    }
+
     /// Bytes from below; appends the protocol frames they complete to `frames`.
     pub fn received(&mut self, bytes: &[u8], frames: &mut Vec<u8>) -> io::Result<()> {
         match &mut self.state {

@@ -291,6 +291,53 @@ fn connections_beyond_the_limit_get_a_typed_refusal() {
     }
 }
 
+#[test]
+fn connections_beyond_the_limit_over_tls_get_the_typed_refusal_not_a_reset() {
+    // Refused during the TLS handshake, a connection used to be closed at once: the
+    // client saw a reset. The server now completes the handshake, then sends the error.
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--max-connections", "1", "--cores", "1"]);
+    server.wait_for_log(|l| l.contains("connection limit") && l.contains("max_connections=1"));
+    let mut first = Client::connect_tls(&server);
+    let mut refused = Client::connect_tls_raw(&server);
+    let refusal = refused.read_frame().expect("a refusal, over TLS, before the close");
+    assert_eq!(refusal.error_code(), Some(ErrorCode::TooManyConnections), "{}", refusal.describe());
+    assert!(refused.is_closed());
+    first.request(&Ping { nonce: 1 }).access::<Pong>();
+}
+
+#[test]
+fn out_of_descriptors_the_server_pauses_accepting_and_serves_again() {
+    // ternd with 128 descriptors (its connection limit derived from that would refuse
+    // first, so a high explicit one): TCP connections to the TLS port that never start
+    // the handshake hold one descriptor each until the auth deadline, and `accept` fails
+    // with EMFILE. It used to retry at once, forever: a core spinning on `accept`, a log
+    // line per try, and the connections that could free descriptors never ran.
+    let (dir, tools) = (data_dir(), data_dir());
+    let wrapper = tools.path().join("ternd-128-fds");
+    let script = format!(
+        "#!/bin/sh\nexec prlimit --nofile=128 -- {} \"$@\"\n",
+        tern_testkit::ternd_binary().display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let args = ["--cores", "1", "--max-connections", "1000", "--auth-deadline-s", "3"];
+    let mut server = tern_testkit::Server::start_binary(&wrapper, dir.path(), &args);
+    let stalled: Vec<std::net::TcpStream> =
+        (0..200).map(|_| std::net::TcpStream::connect(server.tls_addr).unwrap()).collect();
+    server.wait_for_log(|l| l.contains("accept failed"));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let failures = server.log_lines().iter().filter(|l| l.contains("accept failed")).count();
+    // Paused 50 ms after each failure: about 20 a second per listener; spinning gave
+    // tens of thousands.
+    assert!(failures < 200, "{failures} accept failures logged in about a second");
+    drop(stalled);
+    // Once the stalled connections are gone (or timed out), it serves again.
+    let mut client = Client::connect(server.addr);
+    client.request(&Ping { nonce: 7 }).access::<Pong>();
+}
+
 /// The sum over every label set of the samples of `name` in a `/metrics` body.
 fn metric_sum(metrics: &str, name: &str) -> f64 {
     let samples = metrics.lines().filter(|l| {

@@ -428,6 +428,9 @@ struct Ctx {
     read_buffer: RefCell<Vec<u8>>,
 }
 
+/// How long a core stops accepting after `accept` failed (out of descriptors).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
 /// Bytes a connection reads at most at once (the shared per-core read buffer).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -600,8 +603,14 @@ async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
         let stream = match accepted {
             Some(Ok(stream)) => stream,
             Some(Err(error)) => {
-                // Out of descriptors or a connection reset during accept: keep serving.
-                tracing::warn!(%error, "accept failed");
+                // Out of descriptors or a connection reset during accept: keep serving,
+                // but pause accepting for a moment. Retrying at once never yields, so the
+                // connections that hold the descriptors (refusals finishing their TLS
+                // handshake, closes) would never run to release them: the core would spin
+                // and flood the log (found by `bench density --processes 2` past the
+                // limit).
+                tracing::warn!(%error, "accept failed; pausing accepts for 50 ms");
+                Timer::new(ACCEPT_PAUSE).await;
                 continue;
             }
             None => break,
@@ -923,6 +932,8 @@ struct Wire {
     out: Vec<u8>,
     /// Scratch for the bytes between layers.
     inner: Vec<u8>,
+    /// A layer failed (a TLS error): its handshake will never complete.
+    failed: bool,
 }
 
 /// Which layers a listener puts on its connections.
@@ -946,11 +957,19 @@ impl Wire {
             None => None,
         };
         let ws = websocket.then(|| WsLayer::new(max_frame_bytes as usize));
-        Ok(Wire { tls, ws, layered: Vec::new(), out: Vec::new(), inner: Vec::new() })
+        Ok(Wire { tls, ws, layered: Vec::new(), out: Vec::new(), inner: Vec::new(), failed: false })
     }
 
     fn is_layered(&self) -> bool {
         self.tls.is_some() || self.ws.is_some()
+    }
+
+    /// Whether a layer's handshake (TLS, the WebSocket upgrade) is still in progress:
+    /// what the core says waits in the layer until it completes.
+    fn is_handshaking(&self) -> bool {
+        !self.failed
+            && (self.tls.as_ref().is_some_and(|tls| tls.is_handshaking())
+                || self.ws.as_ref().is_some_and(|ws| ws.is_handshaking()))
     }
 
     /// Bytes from the socket; returns the frame bytes they carry.
@@ -1071,6 +1090,7 @@ async fn connection(
                         }
                         // Send rustls's alert (queued in `tls_out`), then close.
                         tracing::debug!(%error, "TLS error; closing");
+                        wire.failed = true;
                         let mut core = core.borrow_mut();
                         core.transport_failed(conn);
                         if let Some(c) = core.connection(conn) {
@@ -1247,6 +1267,10 @@ fn poll_connection(
     if wire.is_layered() && wire.prepare_output(&mut c.outbound).is_err() {
         return Poll::Ready(Event::Closed);
     }
+    // A connection closing before its layers' handshake is done (refused at the
+    // connection limit, say) first completes it, so that the client reads the typed
+    // error instead of a reset; the connection's timer bounds how long that may take.
+    let closing = c.closing && !wire.is_handshaking();
     let pending_output: &[u8] = if wire.is_layered() { &wire.out } else { &c.outbound };
     if !pending_output.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, pending_output) {
@@ -1254,10 +1278,10 @@ fn poll_connection(
             Poll::Ready(Ok(n)) => return Poll::Ready(Event::Wrote(n)),
             Poll::Pending => {}
         }
-    } else if c.closing {
+    } else if closing {
         return Poll::Ready(Event::Closed);
     }
-    if c.closing || !read {
+    if closing || !read {
         // Flushing before close or hand-over: read nothing more now.
         return Poll::Pending;
     }

@@ -129,15 +129,21 @@ impl Client {
     /// Connects over TLS (pinning the server's development certificate) and performs
     /// the protocol handshake.
     pub fn connect_tls(server: &Server) -> Client {
+        let mut client = Client::connect_tls_raw(server);
+        client.handshake();
+        client
+    }
+
+    /// Connects over TLS 1.3 (pinning the server's development certificate) without the
+    /// protocol handshake; the TLS handshake runs on the first read or write.
+    pub fn connect_tls_raw(server: &Server) -> Client {
         let config = tls_client_config(server, &[&rustls::version::TLS13]);
         let tcp = TcpStream::connect(server.tls_addr).expect("connect to ternd (tls)");
         tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = rustls::ClientConnection::new(config, name).unwrap();
         let stream = Box::new(rustls::StreamOwned::new(tls, tcp.try_clone().unwrap()));
-        let mut client = Client::over(stream, tcp);
-        client.handshake();
-        client
+        Client::over(stream, tcp)
     }
 
     /// Connects over TLS to `addr` with a given client configuration (for example one
