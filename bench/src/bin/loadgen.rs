@@ -30,6 +30,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tern_bench::proto::{frame, handshake, read_until, register};
+use tern_bench::server::cpu_seconds;
 use tern_wire::messages::*;
 use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -424,12 +425,7 @@ async fn sample_server(
     let mut samples: Vec<Sample> = Vec::new();
     let start = Instant::now();
     while running.load(Ordering::Relaxed) {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        let rss = tern_bench::server::rss_kib(pid);
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
         let disk = allocated_bytes(&data_dir);
         let t = start.elapsed().as_secs_f64();
@@ -485,16 +481,6 @@ fn allocated_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-/// CPU time (user + system) a process used so far, in seconds (Linux `/proc`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 14th, stime 15th.
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0 // USER_HZ is 100 on Linux.
 }
 
 /// Connects, authenticates, publishes contacts and follows them; returns the stream.

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
+use tern_bench::server::cpu_seconds;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -195,15 +196,6 @@ fn groups_of(args: &Args, n: usize) -> Vec<Vec<usize>> {
         }
     }
     of
-}
-
-/// CPU time (user + system) a process used so far, in seconds (Linux `/proc`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// CPU seconds of the peer and of this generator, for the share of the 2 cores each used.
