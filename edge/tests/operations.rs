@@ -428,3 +428,84 @@ fn metrics_pass_promtool_with_two_cores_and_traffic() {
     assert!(output.status.success(), "promtool check metrics:\n{said}\n{metrics}");
     assert!(said.trim().is_empty(), "promtool has remarks:\n{said}");
 }
+
+/// Runs `ternd` with `args` and waits (bounded) for it to exit: for starts that must be
+/// refused. Returns its exit code and standard error.
+fn ternd_refusal(args: &[&str], data_dir: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ternd"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + tern_testkit::TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second ternd did not stop: it was not refused");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+/// Goal: two servers on one data directory would both append to the same segments (in
+/// the first try-out, 6 messages were acknowledged and only 3 were queued afterwards).
+/// Method: a second `ternd` on a running server's data directory (its own free ports)
+/// must exit non-zero, naming the first one's PID, and leave the first serving; the
+/// read-only `ternctl`-style open (the manifest) still works beside it.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = data_dir();
+    let server = Server::start(dir.path(), &["--cores", "1"]);
+    let zero = ["--listen", "127.0.0.1:0", "--admin", "off", "--tls-listen", "off"];
+    let args = [&zero[..], &["--ws-listen", "off", "--wss-listen", "off"]].concat();
+    let (code, stderr) = ternd_refusal(&args, dir.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    let expected = format!("is in use by another process (pid {})", server.pid());
+    assert!(stderr.contains(&expected), "{stderr}");
+    // The first server is unaffected.
+    let mut client = Client::connect(server.addr);
+    client.request(&Ping { nonce: 1 }).access::<Pong>();
+    assert!(tern_engine::DataDir::open_existing(dir.path()).is_ok());
+    assert_eq!(
+        tern_engine::DataDirLock::holder(dir.path()).unwrap(),
+        Some(Some(server.pid())),
+        "the lock names the running server"
+    );
+}
+
+/// Goal: a second server given a running one's port must not silently share it through
+/// SO_REUSEPORT (the kernel would split new clients between two servers with different
+/// data). Method: a second `ternd` with its own data directory on the first one's TCP
+/// port, then on its admin port, exits non-zero with "address in use by another
+/// process"; the first keeps serving every client.
+#[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    let dir = data_dir();
+    let server = Server::start(dir.path(), &["--cores", "2"]);
+    let other = data_dir();
+    let tcp = server.addr.to_string();
+    let off = ["--tls-listen", "off", "--ws-listen", "off", "--wss-listen", "off"];
+    let args = [&["--listen", tcp.as_str(), "--admin", "off"][..], &off[..]].concat();
+    let (code, stderr) = ternd_refusal(&args, other.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("{tcp}: address in use by another process")), "{stderr}");
+    let admin = server.admin.to_string();
+    let args = [&["--listen", "127.0.0.1:0", "--admin", admin.as_str()][..], &off[..]].concat();
+    let (code, stderr) = ternd_refusal(&args, other.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("{admin}: address in use by another process")), "{stderr}");
+    for nonce in 0..8 {
+        let mut client = Client::connect(server.addr);
+        client.request(&Ping { nonce }).access::<Pong>();
+    }
+}

@@ -29,7 +29,7 @@ pub use body::{
     AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
 };
 pub use error::{CorruptRecord, OpenError, WriteError};
-pub use manifest::{DataDir, Manifest, ManifestError};
+pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
 pub use shard::{
     Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
     ShardConfig, ShardCounters, ShardHandle,

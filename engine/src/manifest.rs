@@ -5,6 +5,12 @@
 //! line is a CRC32 of the lines before it. It is written once (temp file, fsync, rename,
 //! directory fsync) and never changed, so a crash leaves either no manifest (the
 //! directory is new) or a complete one. Shard `n` lives in `shard-NNNN/`.
+//!
+//! One process writes a data directory at a time: a writer first takes [`DataDirLock`],
+//! an exclusive `flock` on `LOCK` held for the process's life (the kernel drops it when
+//! the process ends, however it ends, so a crash never leaves a stale lock). Two servers
+//! on one directory would each append to the same segments and each believe its own
+//! index: acknowledged messages would vanish. Readers (`ternctl`) take no lock.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -16,6 +22,8 @@ pub const DATA_DIR_FORMAT_VERSION: u32 = 1;
 /// message ids; 4096 is far beyond one machine's cores).
 pub const SHARD_COUNT_MAX: u32 = 4096;
 const MANIFEST: &str = "MANIFEST";
+/// The lock file a writing process holds (`flock`), with its PID as text.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// What the manifest records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +57,13 @@ pub enum ManifestError {
         /// The count asked for.
         requested: u32,
     },
+    /// Another process holds the directory's lock (a server is running on it).
+    Locked {
+        /// The directory.
+        root: PathBuf,
+        /// The holder's process id, as it wrote it in the lock file (if readable).
+        holder_pid: Option<u32>,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -67,6 +82,14 @@ impl fmt::Display for ManifestError {
             ),
             ManifestError::BadShardCount { requested } => {
                 write!(f, "shard count {requested} must be between 1 and {SHARD_COUNT_MAX}")
+            }
+            ManifestError::Locked { root, holder_pid } => {
+                write!(f, "data directory {} is in use by ", root.display())?;
+                match holder_pid {
+                    Some(pid) => write!(f, "another process (pid {pid})")?,
+                    None => write!(f, "another process")?,
+                }
+                write!(f, "; stop it first, or give this server its own --data-dir")
             }
         }
     }
@@ -117,6 +140,66 @@ impl Manifest {
     }
 }
 
+/// The exclusive right to write a data directory, for as long as it is held (dropping it
+/// releases the `flock`; so does the process ending).
+#[derive(Debug)]
+pub struct DataDirLock {
+    root: PathBuf,
+    /// The open lock file: the `flock` belongs to this open file description.
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `root` (creating the directory if needed), before anything in
+    /// it is read or written; refuses with [`ManifestError::Locked`] naming the holder.
+    pub fn acquire(root: impl Into<PathBuf>) -> Result<DataDirLock, ManifestError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(LOCK_FILE))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder_pid = read_pid(&root);
+                return Err(ManifestError::Locked { root, holder_pid });
+            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(error.into()),
+        }
+        // The PID is for people and `ternctl`; the lock itself is the flock.
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(DataDirLock { root, _file: file })
+    }
+
+    /// The process holding `root`'s lock, if one does (`Some(None)`: held, PID unreadable).
+    /// Takes nothing: a probe that finds the lock free releases it at once.
+    pub fn holder(root: &Path) -> io::Result<Option<Option<u32>>> {
+        let file = match std::fs::File::open(root.join(LOCK_FILE)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(None),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(Some(read_pid(root))),
+            Err(std::fs::TryLockError::Error(error)) => Err(error),
+        }
+    }
+
+    /// The directory this lock holds.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn read_pid(root: &Path) -> Option<u32> {
+    std::fs::read_to_string(root.join(LOCK_FILE)).ok()?.trim().parse().ok()
+}
+
 /// A data directory: the manifest and one sub-directory per shard.
 #[derive(Clone, Debug)]
 pub struct DataDir {
@@ -125,15 +208,15 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Opens `root`, creating it with `shard_count` shards if it has no manifest yet.
-    /// An existing directory keeps its own shard count, whatever is asked now.
+    /// Opens the directory `lock` holds for writing, creating it with `shard_count`
+    /// shards if it has no manifest yet. An existing directory keeps its own shard
+    /// count, whatever is asked now.
     pub fn open_or_create(
-        root: impl Into<PathBuf>,
+        lock: &DataDirLock,
         shard_count: u32,
         now_ms: u64,
     ) -> Result<DataDir, ManifestError> {
-        let root = root.into();
-        std::fs::create_dir_all(&root)?;
+        let root = lock.root().to_path_buf();
         let path = root.join(MANIFEST);
         let manifest = match std::fs::read_to_string(&path) {
             Ok(text) => Manifest::parse(&text)?,
@@ -194,10 +277,11 @@ mod tests {
     #[test]
     fn manifest_is_created_once_and_fixes_the_shard_count() {
         let dir = tempfile::tempdir().unwrap();
-        let created = DataDir::open_or_create(dir.path(), 8, 5).unwrap();
+        let lock = DataDirLock::acquire(dir.path()).unwrap();
+        let created = DataDir::open_or_create(&lock, 8, 5).unwrap();
         assert_eq!(created.manifest().shard_count, 8);
         // Reopening with another count keeps the recorded one.
-        let reopened = DataDir::open_or_create(dir.path(), 2, 9).unwrap();
+        let reopened = DataDir::open_or_create(&lock, 2, 9).unwrap();
         assert_eq!(reopened.manifest(), created.manifest());
         assert!(reopened.shard_dir(3).ends_with("shard-0003"));
         let text = std::fs::read_to_string(dir.path().join("MANIFEST")).unwrap();
@@ -207,7 +291,7 @@ mod tests {
     #[test]
     fn damaged_or_foreign_manifests_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        DataDir::open_or_create(dir.path(), 4, 5).unwrap();
+        DataDir::open_or_create(&DataDirLock::acquire(dir.path()).unwrap(), 4, 5).unwrap();
         let path = dir.path().join("MANIFEST");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("shard_count 4", "shard_count 5")).unwrap();
@@ -221,8 +305,30 @@ mod tests {
         ));
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(
-            DataDir::open_or_create(empty.path(), 0, 0),
+            DataDir::open_or_create(&DataDirLock::acquire(empty.path()).unwrap(), 0, 0),
             Err(ManifestError::BadShardCount { requested: 0 })
         ));
+    }
+
+    /// A second writer is refused while the first holds the lock, with the holder's PID;
+    /// once the first lets go, the directory can be taken again. (`flock` locks belong
+    /// to open file descriptions, so two opens in one process conflict like two
+    /// processes do.)
+    #[test]
+    fn a_second_writer_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(DataDirLock::holder(dir.path()).unwrap(), None);
+        let first = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::process::id();
+        match DataDirLock::acquire(dir.path()) {
+            Err(ManifestError::Locked { holder_pid, .. }) => assert_eq!(holder_pid, Some(pid)),
+            other => panic!("a second lock was not refused: {other:?}"),
+        }
+        let refused = DataDirLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains(&format!("in use by another process (pid {pid})")), "{refused}");
+        assert_eq!(DataDirLock::holder(dir.path()).unwrap(), Some(Some(pid)));
+        drop(first);
+        assert_eq!(DataDirLock::holder(dir.path()).unwrap(), None);
+        DataDirLock::acquire(dir.path()).unwrap();
     }
 }

@@ -32,7 +32,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 use glommio::LocalExecutorBuilder;
 use tern_engine::uring::UringStorage;
-use tern_engine::{DataDir, ShardConfig, ShardHandle};
+use tern_engine::{DataDir, DataDirLock, ShardConfig, ShardHandle};
 use tern_wire::FrameDecoder;
 
 use crate::code_sender::{CodeSender, LogCodeSender};
@@ -231,6 +231,12 @@ pub enum ServerError {
     Io(io::Error),
     /// `--cores` asks for something this machine cannot do.
     Cores(String),
+    /// Another process listens on one of the addresses (with SO_REUSEPORT it would
+    /// silently share it and split the clients between two servers).
+    AddressInUse {
+        /// The address.
+        address: SocketAddr,
+    },
 }
 
 impl std::fmt::Display for ServerError {
@@ -240,6 +246,11 @@ impl std::fmt::Display for ServerError {
             ServerError::Shard { shard_id, error } => write!(f, "shard {shard_id}: {error}"),
             ServerError::Io(e) => write!(f, "{e}"),
             ServerError::Cores(why) => write!(f, "--cores: {why}"),
+            ServerError::AddressInUse { address } => write!(
+                f,
+                "{address}: address in use by another process; stop it or choose another \
+                 address (port 0 picks a free one)"
+            ),
         }
     }
 }
@@ -279,19 +290,19 @@ struct Addresses {
 struct PortReservations(#[allow(dead_code)] Vec<socket2::Socket>);
 
 impl Addresses {
-    fn reserve(config: &ServerConfig) -> io::Result<(Addresses, PortReservations)> {
+    /// Resolves and holds every listen address. Each is first bound *without*
+    /// SO_REUSEPORT: that bind fails if any other socket holds the address, so a second
+    /// server (which would otherwise share the port through SO_REUSEPORT and take half
+    /// the clients) is refused. Only then is the shared reservation bound, on the same
+    /// port, for this process's cores.
+    fn reserve(config: &ServerConfig) -> Result<(Addresses, PortReservations), ServerError> {
         let mut held = Vec::new();
-        let mut reserve = |address: SocketAddr| -> io::Result<SocketAddr> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(address),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_reuse_port(true)?;
-            socket.bind(&address.into())?;
-            let bound = socket.local_addr()?.as_socket().ok_or_else(|| {
-                io::Error::other(format!("{address} did not bind to an IP address"))
-            })?;
+        let mut reserve = |address: SocketAddr| -> Result<SocketAddr, ServerError> {
+            let (exclusive, bound) = exclusive_probe(address)?;
+            let socket = tcp_socket(bound).map_err(ServerError::Io)?;
+            socket.set_reuse_port(true).map_err(ServerError::Io)?;
+            drop(exclusive);
+            socket.bind(&bound.into()).map_err(|e| in_use_or(bound, e))?;
             held.push(socket);
             Ok(bound)
         };
@@ -300,9 +311,42 @@ impl Addresses {
             tls: config.tls_listen.map(&mut reserve).transpose()?,
             ws: config.ws_listen.map(&mut reserve).transpose()?,
             wss: config.wss_listen.map(&mut reserve).transpose()?,
-            admin: config.admin,
+            admin: match config.admin {
+                // Core 0 alone binds it, later; the probe only checks nobody else has it.
+                Some(admin) => Some(exclusive_probe(admin)?.1),
+                None => None,
+            },
         };
         Ok((addresses, PortReservations(held)))
+    }
+}
+
+/// A TCP socket for `address`'s family, not yet bound.
+fn tcp_socket(address: SocketAddr) -> io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+}
+
+/// Binds `address` without SO_REUSEPORT (so no other socket may hold it) and returns
+/// the socket (the address is free again once it is dropped) with its resolved address
+/// (port 0: a free port).
+fn exclusive_probe(address: SocketAddr) -> Result<(socket2::Socket, SocketAddr), ServerError> {
+    let socket = tcp_socket(address).map_err(ServerError::Io)?;
+    socket.bind(&address.into()).map_err(|e| in_use_or(address, e))?;
+    let bound = socket.local_addr().map_err(ServerError::Io)?.as_socket().ok_or_else(|| {
+        ServerError::Io(io::Error::other(format!("{address} did not bind to an IP address")))
+    })?;
+    Ok((socket, bound))
+}
+
+fn in_use_or(address: SocketAddr, error: io::Error) -> ServerError {
+    if error.kind() == io::ErrorKind::AddrInUse {
+        ServerError::AddressInUse { address }
+    } else {
+        ServerError::Io(io::Error::new(error.kind(), format!("{address}: {error}")))
     }
 }
 
@@ -322,8 +366,10 @@ struct CoreSetup {
 
 /// Runs the server until the process is stopped.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
-    let data_dir = DataDir::open_or_create(&config.data_dir, config.shards, now_ms())
-        .map_err(ServerError::DataDir)?;
+    // Before anything in the directory is read or written: one server per data directory.
+    let lock = DataDirLock::acquire(&config.data_dir).map_err(ServerError::DataDir)?;
+    let data_dir =
+        DataDir::open_or_create(&lock, config.shards, now_ms()).map_err(ServerError::DataDir)?;
     let manifest = data_dir.manifest();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let cores = config.cores.unwrap_or(cpus);
@@ -343,7 +389,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             "more cores than shards: some cores only accept connections and hand them over"
         );
     }
-    let (addresses, reservations) = Addresses::reserve(&config).map_err(ServerError::Io)?;
+    let (addresses, reservations) = Addresses::reserve(&config)?;
     // The certificate is checked (and the development one created) once, here, so that
     // a bad pair stops the start before any core runs; each core then builds its own
     // configuration from the same files.
@@ -387,6 +433,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
     }
     drop(reservations);
+    drop(lock);
     outcome
 }
 
