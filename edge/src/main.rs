@@ -166,6 +166,9 @@ fn main() -> ExitCode {
         code_budget_loopback: args.code_budget_loopback,
         code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
+        // Clients ping at this interval (`Welcome`): a third of the idle timeout, so an
+        // idle chat survives two lost pings; at most the default 30 s.
+        heartbeat_interval_ms: ((args.idle_timeout_s * 1000.0 / 3.0) as u32).clamp(100, 30_000),
         ..CoreConfig::default()
     };
     let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (

@@ -312,6 +312,8 @@ pub struct CoreStats {
     pub messages_sent: u64,
     /// Envelopes written to recipient connections.
     pub messages_delivered: u64,
+    /// Receipts written to sender connections.
+    pub receipts_delivered: u64,
     /// Connections refused or closed for bad input.
     pub protocol_errors: u64,
     /// Mesh messages sent to other cores (batches).

@@ -83,7 +83,7 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
     let per_core = |f: &dyn Fn(&CoreStats) -> u64| -> Vec<(String, u64)> {
         cores.iter().map(|c| (format!("{{core=\"{}\"}}", c.core), f(c))).collect()
     };
-    let families: [CoreFamily; 16] = [
+    let families: [CoreFamily; 17] = [
         ("tern_connections", "gauge", "Open client connections.", &|c| c.connections),
         (
             "tern_connections_accepted_total",
@@ -107,8 +107,14 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
         (
             "tern_messages_delivered_total",
             "counter",
-            "Envelopes written to recipient connections.",
+            "Messages (text, media, control) written to recipient connections.",
             &|c| c.messages_delivered,
+        ),
+        (
+            "tern_receipts_delivered_total",
+            "counter",
+            "Delivered/read receipts written to their senders' connections.",
+            &|c| c.receipts_delivered,
         ),
         (
             "tern_protocol_errors_total",

@@ -311,3 +311,34 @@ fn an_ack_beyond_what_was_delivered_loses_nothing() {
     drain_deliveries(&mut b, &mut seqs);
     assert_eq!(seqs.len(), 300, "the 44 envelopes beyond the window must still arrive");
 }
+
+/// Goal: `tern_messages_delivered_total` counts messages, not every envelope (in the
+/// first try-out 64 messages showed as 1,805 "delivered": receipts and notices counted
+/// too). Method: one message, its delivered and read receipts back to the connected
+/// sender; on one core (live figures) the message counter says 1 and the receipts have
+/// their own counter, at 2.
+#[test]
+fn delivered_counts_messages_and_receipts_apart() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "1"]);
+    let alice = register(&mut server, "+15550091", 5);
+    let bob = register(&mut server, "+15550092", 5);
+    let mut a = login(&server, alice);
+    let mut b = login(&server, bob);
+    let ack = a.request(&text(bob, 1, b"count me once"));
+    let id = ack.access::<SendAck>().server_message_id.to_native();
+    let seq = b.next_of(MessageType::Deliver).deliver().mailbox_seq;
+    b.send(&DeliveryAck { up_to_mailbox_seq: seq });
+    let read = SendReceipt {
+        kind: ReceiptKind::Read,
+        to_user: alice.user_id,
+        conversation: Conversation::User(alice.user_id),
+        message_ids: vec![id],
+    };
+    b.request(&read).access::<Done>();
+    a.next_of(MessageType::Deliver).receipt();
+    a.next_of(MessageType::Deliver).receipt();
+    let (_, metrics) = server.admin_get("/metrics");
+    assert!(metrics.contains("tern_messages_delivered_total{core=\"0\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("tern_receipts_delivered_total{core=\"0\"} 2\n"), "{metrics}");
+}

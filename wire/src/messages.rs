@@ -572,6 +572,8 @@ payload! {
         pub missing_devices: Vec<(UserId, DeviceId)>,
         /// Copies addressed to devices that do not exist.
         pub extra_devices: Vec<(UserId, DeviceId)>,
+        /// Which rule refused it, in words (for logs and a line the app may show).
+        pub message: String,
     }
 }
 

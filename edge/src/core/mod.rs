@@ -324,6 +324,8 @@ pub struct CoreCounters {
     pub messages_sent: u64,
     /// Envelopes written to sockets.
     pub messages_delivered: u64,
+    /// Receipts written to sockets.
+    pub receipts_delivered: u64,
     /// Connections closed for a protocol error.
     pub protocol_errors: u64,
     /// Envelopes dropped from full mailboxes (each one announced).
@@ -778,6 +780,7 @@ impl<S: Storage> Core<S> {
             frames_in: self.counters.frames_in,
             messages_sent: self.counters.messages_sent,
             messages_delivered: self.counters.messages_delivered,
+            receipts_delivered: self.counters.receipts_delivered,
             protocol_errors: self.counters.protocol_errors,
             mesh_batches_out: self.counters.mesh_batches_out,
             mesh_items_out: self.counters.mesh_items_out,
@@ -962,12 +965,13 @@ impl<S: Storage> Core<S> {
             (Awaiting::Send { conn, rid, meta, own_copies, since_us }, Reply::Deliver(outcome)) => {
                 let ty = MessageType::SendMessage.code();
                 let client_message_id = meta.client_message_id;
-                let send_error = |code: ErrorCode, missing, extra| SendError {
+                let send_error = |code: ErrorCode, missing, extra, message: &str| SendError {
                     client_message_id,
                     code: code as u16,
                     retry_after_ms: 0,
                     missing_devices: missing,
                     extra_devices: extra,
+                    message: message.to_string(),
                 };
                 match outcome {
                     DeliverOutcome::Stored => {
@@ -1004,11 +1008,23 @@ impl<S: Storage> Core<S> {
                         };
                         self.reply(conn, rid, &ack);
                     }
-                    DeliverOutcome::Stale { missing, extra } => {
-                        self.reply(conn, rid, &send_error(ErrorCode::StaleDevices, missing, extra))
-                    }
+                    DeliverOutcome::Stale { missing, extra } => self.reply(
+                        conn,
+                        rid,
+                        &send_error(
+                            ErrorCode::StaleDevices,
+                            missing,
+                            extra,
+                            "the copies do not match the recipient's devices",
+                        ),
+                    ),
                     DeliverOutcome::Failed(code) => {
-                        let mut error = send_error(code, Vec::new(), Vec::new());
+                        let why = if code == ErrorCode::NotFound {
+                            "no such user"
+                        } else {
+                            "the recipient's server could not store it"
+                        };
+                        let mut error = send_error(code, Vec::new(), Vec::new(), why);
                         if code != ErrorCode::NotFound {
                             error.retry_after_ms = 1000;
                         }
@@ -2030,12 +2046,13 @@ impl<S: Storage> Core<S> {
     ) {
         let ty = MessageType::SendMessage.code();
         let client_message_id = send.client_message_id.to_native();
-        let send_error = |code: ErrorCode, missing, extra| SendError {
+        let send_error = |code: ErrorCode, missing, extra, message: &str| SendError {
             client_message_id,
             code: code as u16,
             retry_after_ms: 0,
             missing_devices: missing,
             extra_devices: extra,
+            message: message.to_string(),
         };
         let (peer, group) = match &send.to {
             ArchivedConversation::User(peer) => (peer.to_native(), None),
@@ -2046,25 +2063,41 @@ impl<S: Storage> Core<S> {
             ArchivedEnvelopeKind::Media => EnvelopeKind::Media,
             ArchivedEnvelopeKind::Control => EnvelopeKind::Control,
             _ => {
-                let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+                let error = send_error(
+                    ErrorCode::InvalidArgument,
+                    Vec::new(),
+                    Vec::new(),
+                    "a client may send only text, media or control messages",
+                );
                 return self.reply(conn, rid, &error);
             }
         };
         // `Plain` marks server-made envelopes (receipts, notices, group events): a client
         // may not dress its own bytes up as one.
         if send.copies.iter().any(|copy| copy.e2e_type == ArchivedE2eType::Plain) {
-            let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+            let error = send_error(
+                ErrorCode::InvalidArgument,
+                Vec::new(),
+                Vec::new(),
+                "a copy marked Plain: only the server makes unencrypted envelopes",
+            );
             return self.reply(conn, rid, &error);
         }
         if let Err(wait_ms) = self.send_limits.take((user_id, device_id), now_ms) {
-            let mut error = send_error(ErrorCode::RateLimited, Vec::new(), Vec::new());
+            let why = "too many messages from this device; slow down";
+            let mut error = send_error(ErrorCode::RateLimited, Vec::new(), Vec::new(), why);
             error.retry_after_ms = wait_ms.min(u64::from(u32::MAX)) as u32;
             return self.reply(conn, rid, &error);
         }
         if let Some(group_id) = group {
             // One ciphertext (the sender's Megolm session) for every member device.
             let [copy] = send.copies.as_slice() else {
-                let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+                let error = send_error(
+                    ErrorCode::InvalidArgument,
+                    Vec::new(),
+                    Vec::new(),
+                    "a group message carries exactly one (Megolm) copy",
+                );
                 return self.reply(conn, rid, &error);
             };
             let ttl_ms = match send.ttl_s.to_native() {
@@ -2086,7 +2119,7 @@ impl<S: Storage> Core<S> {
         }
         let peer_shard = home_shard_of_user(peer);
         if peer_shard >= self.shard_count() {
-            let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
+            let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new(), "no such user");
             return self.reply(conn, rid, &error);
         }
         // An account has at most a handful of devices: sorted vectors beat hash sets here.
@@ -2094,7 +2127,12 @@ impl<S: Storage> Core<S> {
             send.copies.iter().map(|c| (c.user_id.to_native(), c.device_id.to_native())).collect();
         given.sort_unstable();
         if given.windows(2).any(|pair| pair[0] == pair[1]) {
-            let error = send_error(ErrorCode::InvalidArgument, Vec::new(), Vec::new());
+            let error = send_error(
+                ErrorCode::InvalidArgument,
+                Vec::new(),
+                Vec::new(),
+                "two copies for the same device",
+            );
             return self.reply(conn, rid, &error);
         }
         let peer_is_local = self.local_shard(peer_shard).is_some();
@@ -2119,7 +2157,7 @@ impl<S: Storage> Core<S> {
         // Those of a user homed on another core are checked there.
         let expected = if peer_is_local {
             let Some(mut expected) = self.devices_of(peer) else {
-                let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new());
+                let error = send_error(ErrorCode::NotFound, Vec::new(), Vec::new(), "no such user");
                 return self.reply(conn, rid, &error);
             };
             if peer != user_id {
@@ -2135,7 +2173,12 @@ impl<S: Storage> Core<S> {
             given.retain(|d| d.0 != peer);
         }
         if let Err(DeliverOutcome::Stale { missing, extra }) = check_copies(&expected, &given) {
-            let error = send_error(ErrorCode::StaleDevices, missing, extra);
+            let error = send_error(
+                ErrorCode::StaleDevices,
+                missing,
+                extra,
+                "the copies do not match the devices of the recipient and the sender",
+            );
             return self.reply(conn, rid, &error);
         }
 
@@ -2761,7 +2804,7 @@ impl<S: Storage> Core<S> {
         let shard = shard.borrow();
         let read =
             shard.read_mailbox((user_id, device_id), c.deliver_cursor, room as usize, now_ms);
-        let mut delivered = 0;
+        let (mut delivered, mut messages, mut receipts) = (0, 0, 0);
         for entry in &read.entries {
             if c.outbound.len() >= OUTBOUND_BYTES_MAX {
                 break;
@@ -2784,15 +2827,16 @@ impl<S: Storage> Core<S> {
             c.deliver_cursor = entry.mailbox_seq + 1;
             delivered += 1;
             if let Ok(envelope) = rkyv::access::<ArchivedEnvelope, Failure>(entry.envelope) {
-                let client_kind = matches!(
-                    envelope.kind,
+                match envelope.kind {
                     ArchivedEnvelopeKind::Text
-                        | ArchivedEnvelopeKind::Media
-                        | ArchivedEnvelopeKind::Control
-                );
-                if client_kind {
-                    let waited_ms = now_ms.saturating_sub(envelope.server_time_ms.to_native());
-                    self.send_to_deliver.observe(waited_ms as f64 / 1e3);
+                    | ArchivedEnvelopeKind::Media
+                    | ArchivedEnvelopeKind::Control => {
+                        messages += 1;
+                        let waited_ms = now_ms.saturating_sub(envelope.server_time_ms.to_native());
+                        self.send_to_deliver.observe(waited_ms as f64 / 1e3);
+                    }
+                    ArchivedEnvelopeKind::Receipt => receipts += 1,
+                    _ => {}
                 }
             }
         }
@@ -2808,7 +2852,8 @@ impl<S: Storage> Core<S> {
         drop(shard);
         tracing::debug!(conn, user_id, delivered, "pumped");
         if delivered > 0 {
-            self.counters.messages_delivered += delivered;
+            self.counters.messages_delivered += messages;
+            self.counters.receipts_delivered += receipts;
             c.wake();
         }
     }
