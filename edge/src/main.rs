@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tern_edge::code_sender::WebhookUrl;
-use tern_edge::core::CoreConfig;
+use tern_edge::core::config::CoreConfig;
 use tern_edge::limits::Rate;
 use tern_edge::runtime::{run, PushMode, ServerConfig};
 use tern_edge::tls::{CertSource, TlsSettings};

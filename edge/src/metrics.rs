@@ -1,65 +1,10 @@
-//! Prometheus histograms with fixed buckets: cheap to observe (one comparison per bucket
-//! at most, no allocation) and rendered in the text exposition format.
+//! The admin endpoint's text: every core's metrics snapshot in the Prometheus text
+//! exposition format (names, help and labels in one table per kind of sample).
 
 use std::fmt::Write as _;
 
-use crate::mesh::CoreStats;
-
-/// A cumulative histogram.
-#[derive(Clone, Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-/// Latency buckets in seconds: 0.25 ms to 10 s.
-pub const LATENCY_BUCKETS_S: &[f64] =
-    &[0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-/// Batch size buckets (records per commit).
-pub const BATCH_BUCKETS: &[f64] =
-    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
-
-impl Histogram {
-    /// An empty histogram over `bounds` (ascending upper bounds; +Inf is implicit).
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
-    }
-
-    /// Records one value.
-    pub fn observe(&mut self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
-            self.counts[i] += 1;
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Appends the histogram in Prometheus text format; `labels` like `core="0"`.
-    pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        self.render_samples(out, name, labels);
-    }
-
-    /// Appends the samples only (no `HELP`/`TYPE`), for one label set of a family.
-    pub fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
-    }
-}
+use crate::histogram::Histogram;
+use crate::stats::CoreStats;
 
 /// A metric with one sample per core: (name, type, help, value).
 type CoreFamily<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&CoreStats) -> u64);
@@ -89,7 +34,7 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
             "tern_connections_accepted_total",
             "counter",
             "Connections accepted by this core's listeners (TCP, TLS, WebSocket).",
-            &|c| c.connections_accepted,
+            &|c| c.counters.connections_accepted,
         ),
         (
             "tern_connections_failed_total",
@@ -97,73 +42,77 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
             "Connections that failed: TLS or WebSocket handshake error or auth deadline \
              missed before authenticating, bad token, protocol error, or refused at the \
              connection limit (each connection counted once).",
-            &|c| c.connections_failed,
+            &|c| c.counters.connections_failed,
         ),
         ("tern_outbound_bytes", "gauge", "Bytes queued for client sockets.", &|c| c.outbound_bytes),
-        ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| c.frames_in),
+        ("tern_frames_received_total", "counter", "Frames decoded from clients.", &|c| {
+            c.counters.frames_in
+        }),
         ("tern_messages_sent_total", "counter", "Messages accepted with a sent tick.", &|c| {
-            c.messages_sent
+            c.counters.messages_sent
         }),
         (
             "tern_messages_delivered_total",
             "counter",
             "Messages (text, media, control) written to recipient connections.",
-            &|c| c.messages_delivered,
+            &|c| c.counters.messages_delivered,
         ),
         (
             "tern_receipts_delivered_total",
             "counter",
             "Delivered/read receipts written to their senders' connections.",
-            &|c| c.receipts_delivered,
+            &|c| c.counters.receipts_delivered,
         ),
         (
             "tern_protocol_errors_total",
             "counter",
             "Connections refused or closed for bad input.",
-            &|c| c.protocol_errors,
+            &|c| c.counters.protocol_errors,
         ),
         (
             "tern_mesh_batches_sent_total",
             "counter",
             "Batches sent to other cores (one per destination per loop turn at most).",
-            &|c| c.mesh_batches_out,
+            &|c| c.counters.mesh_batches_out,
         ),
         (
             "tern_mesh_items_sent_total",
             "counter",
             "Items in the batches sent to other cores.",
-            &|c| c.mesh_items_out,
+            &|c| c.counters.mesh_items_out,
         ),
-        ("tern_codes_sent_total", "counter", "Verification codes sent.", &|c| c.codes_sent),
+        ("tern_codes_sent_total", "counter", "Verification codes sent.", &|c| {
+            c.counters.codes_sent
+        }),
         (
             "tern_codes_refused_total",
             "counter",
             "Code requests refused by a per-prefix budget (SMS-pumping defence).",
-            &|c| c.codes_refused,
+            &|c| c.counters.codes_refused,
         ),
         (
             "tern_pow_challenges_total",
             "counter",
             "Proof-of-work challenges given before sending a code.",
-            &|c| c.pow_challenges,
+            &|c| c.counters.pow_challenges,
         ),
         (
             "tern_presence_events_total",
             "counter",
             "Presence events sent to subscribers (coalesced per subscriber per loop turn).",
-            &|c| c.presence_events,
+            &|c| c.counters.presence_events,
         ),
         (
             "tern_mailbox_dropped_total",
             "counter",
             "Envelopes dropped from full mailboxes (the device and the senders are told).",
-            &|c| c.dropped_envelopes,
+            &|c| c.counters.dropped_envelopes,
         ),
         (
             "tern_connections_handed_over_total",
             "counter",
             "Connections handed to the core of their phone number or user.",
-            &|c| c.handed_over,
+            &|c| c.counters.handed_over,
         ),
     ];
     for (name, kind, help, value) in families {
@@ -263,24 +212,4 @@ pub fn render_metrics(cores: &[CoreStats]) -> String {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_cumulative() {
-        let mut h = Histogram::new(&[1.0, 2.0]);
-        for v in [0.5, 1.5, 1.5, 3.0] {
-            h.observe(v);
-        }
-        let mut out = String::new();
-        h.render(&mut out, "t", "test", "core=\"0\"");
-        assert!(out.contains("t_bucket{core=\"0\",le=\"1\"} 1\n"), "{out}");
-        assert!(out.contains("t_bucket{core=\"0\",le=\"2\"} 3\n"));
-        assert!(out.contains("t_bucket{core=\"0\",le=\"+Inf\"} 4\n"));
-        assert!(out.contains("t_sum{core=\"0\"} 6.5\n"));
-        assert!(out.contains("t_count{core=\"0\"} 4\n"));
-    }
 }

@@ -1,18 +1,38 @@
 //! Bearer tokens and verification codes: random generation, hashing, constant-time checks.
 //!
-//! Tokens are 256 random bits from the OS. The server stores only their SHA-256 and
+//! Randomness comes from the core's [`Random`], a ChaCha20 generator: seeded from the OS
+//! in `ternd` (so tokens and codes are unpredictable), from a test's seed in the
+//! simulation (so a run replays exactly).
+//!
+//! Tokens are 256 random bits. The server stores only their SHA-256 and
 //! compares hashes in constant time, so a stolen data directory does not yield working
 //! tokens and timing does not leak how much of a guess was right.
 
+use rand_core::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tern_wire::messages::SignedPrekey;
 use tern_wire::messages::Token;
 
+/// The core's random generator.
+pub type Random = rand_chacha::ChaCha20Rng;
+
+/// A generator seeded from the operating system's random source.
+pub fn random_from_os() -> Random {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("the OS random source works");
+    Random::from_seed(seed)
+}
+
+/// A generator for a simulation or test seed.
+pub fn random_from_seed(seed: u64) -> Random {
+    Random::seed_from_u64(seed)
+}
+
 /// A fresh random token.
-pub fn new_token() -> Token {
+pub fn new_token(random: &mut Random) -> Token {
     let mut token = [0u8; 32];
-    getrandom::fill(&mut token).expect("the OS random source works");
+    random.fill_bytes(&mut token);
     token
 }
 
@@ -27,12 +47,10 @@ pub fn token_matches(token: &Token, stored_hash: &[u8; 32]) -> bool {
 }
 
 /// A random numeric verification code of `digits` digits (leading zeros kept).
-pub fn new_code(digits: u32) -> String {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the OS random source works");
+pub fn new_code(random: &mut Random, digits: u32) -> String {
     let modulus = 10u64.pow(digits);
     // The bias of u64 % 10^6 is below 2^-44: irrelevant for a rate-limited code.
-    format!("{:0width$}", u64::from_le_bytes(bytes) % modulus, width = digits as usize)
+    format!("{:0width$}", random.next_u64() % modulus, width = digits as usize)
 }
 
 /// Whether a submitted code equals the issued one, in constant time.
@@ -71,12 +89,11 @@ pub fn check_prekeys<'a>(
     Ok(())
 }
 
-/// A registration-lock PIN's slow hash (Argon2id, random salt; PHC string bytes).
-pub fn hash_pin(pin: &str) -> Vec<u8> {
+/// A registration-lock PIN's slow hash (Argon2id with a random `salt`; PHC string
+/// bytes). Slow on purpose: run it off the core's thread (`work`).
+pub fn hash_pin(pin: &str, salt: &[u8; 16]) -> Vec<u8> {
     use argon2::password_hash::{PasswordHasher, SaltString};
-    let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).expect("the OS random source works");
-    let salt = SaltString::encode_b64(&salt).expect("16 bytes encode");
+    let salt = SaltString::encode_b64(salt).expect("16 bytes encode");
     let hash = argon2::Argon2::default()
         .hash_password(pin.as_bytes(), &salt)
         .expect("argon2 hashes any PIN");
@@ -97,8 +114,9 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_checked_by_hash() {
-        let a = new_token();
-        let b = new_token();
+        let mut random = random_from_seed(1);
+        let a = new_token(&mut random);
+        let b = new_token(&mut random);
         assert_ne!(a, b);
         let stored = token_hash(&a);
         assert!(token_matches(&a, &stored));
@@ -107,8 +125,9 @@ mod tests {
 
     #[test]
     fn codes_have_the_asked_length() {
+        let mut random = random_from_os();
         for _ in 0..100 {
-            let code = new_code(6);
+            let code = new_code(&mut random, 6);
             assert_eq!(code.len(), 6);
             assert!(code.bytes().all(|b| b.is_ascii_digit()));
         }

@@ -168,17 +168,17 @@ impl WsLayer {
 
     /// Wraps each complete protocol frame of `outbound` in one binary message (frames
     /// are moved out of `outbound`), then moves the encoded bytes to `out`.
-    pub fn send(&mut self, outbound: &mut Vec<u8>, out: &mut Vec<u8>) -> io::Result<()> {
+    pub fn send(&mut self, outbound: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
         match &mut self.state {
             State::Handshaking(mid) => {
                 // The upgrade response, if written; frames wait for the handshake.
                 out.append(&mut mid.get_mut().get_mut().output);
-                Ok(())
+                Ok(0)
             }
             State::Open(socket) => {
                 let mut consumed = 0;
                 while let Some(header) = outbound.get(consumed..consumed + HEADER_BYTES) {
-                    let payload = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+                    let payload = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
                     let end = consumed + HEADER_BYTES + payload as usize;
                     if end > outbound.len() {
                         break;
@@ -187,13 +187,12 @@ impl WsLayer {
                     socket.write(message).map_err(|e| protocol_error(format!("websocket: {e}")))?;
                     consumed = end;
                 }
-                outbound.drain(..consumed);
                 socket.flush().or_else(|e| match e {
                     tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
                     e => Err(protocol_error(format!("websocket: {e}"))),
                 })?;
                 out.append(&mut socket.get_mut().output);
-                Ok(())
+                Ok(consumed)
             }
             State::Failed => Err(protocol_error("websocket failed")),
         }

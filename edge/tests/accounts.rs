@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use tern_edge::core::home_shard_of_phone;
+use tern_edge::routing::home_shard_of_phone;
 use tern_wire::accounts::{phone_hash, pow_solves};
 use tern_wire::messages::*;
 use tern_wire::*;

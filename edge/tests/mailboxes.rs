@@ -121,7 +121,7 @@ fn a_message_deleted_for_everyone_never_reaches_an_offline_device() {
     let on_core = |base: u64, core: u32| -> String {
         (base..)
             .map(|n| format!("+1563{n:07}"))
-            .find(|p| tern_edge::core::home_shard_of_phone(p, 4) % 2 == core)
+            .find(|p| tern_edge::routing::home_shard_of_phone(p, 4) % 2 == core)
             .unwrap()
     };
     let alice = register(&mut server, &on_core(100, 0), 0);

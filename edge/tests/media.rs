@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use tern_edge::core::home_shard_of_phone;
+use tern_edge::routing::home_shard_of_phone;
 use tern_wire::messages::*;
 use tern_wire::*;
 

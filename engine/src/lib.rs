@@ -14,6 +14,7 @@
 
 #![deny(unsafe_code)] // mmap needs it, once, in `storage::map_file` (with its SAFETY note).
 
+pub mod blobs;
 pub mod body;
 pub mod checkpoint;
 mod error;

@@ -2,34 +2,40 @@
 //!
 //! A blob belongs to its uploader's home shard: its 128-bit id starts with that shard's
 //! number (2 bytes, big-endian) and goes on with 14 random bytes, so any core can tell
-//! where it lives and nobody can guess one. Its bytes are a file under the data
-//! directory's `media/` (`<id>.part` while uploading), its metadata a `MediaRecord` in
-//! the shard's state. Chunks must arrive in order (`offset` = bytes received); a
-//! reconnecting client asks `MediaStatusRequest` where to resume — the answer is what is
-//! on disk after an `fdatasync`, so a crash never makes it skip bytes. `MediaCommit`
-//! checks the SHA-256 of the stored bytes (streamed, so memory stays a buffer whatever
-//! the size) before the blob becomes downloadable.
+//! where it lives and nobody can guess one. Its metadata is a `MediaRecord` in the
+//! shard's state; its bytes are a file the runtime's blob store writes off the core's
+//! thread (`tern_engine::blobs`; the core emits blob jobs and handles their results).
+//!
+//! Chunks must come in order (`offset` = bytes received). One job per upload is in
+//! flight at a time and the rest queue behind it in order (chunks, a status request, the
+//! commit); a connection whose upload queue grows past [`UPLOAD_QUEUE_BYTES_MAX`] is not
+//! read until it drains. Each append carries the running SHA-256 out and back, so a
+//! commit hashes nothing again; a status answer is what is on disk after an `fdatasync`,
+//! so a crash never makes a resumed upload skip bytes.
 //!
 //! Who may download: the uploader, and the recipients of the uploader's `Media` messages
 //! that name the blob — by protocol convention the first 16 bytes of each copy of a
-//! `Media` message are the media id in clear (the rest is the E2E ciphertext carrying the
-//! key and hash). The grant is recorded in the `MediaRecord`. Downloads from another core
-//! go to the blob's core over the mesh.
-//!
-//! Blob I/O is plain `std::fs` on the core's thread (a chunk write is a page-cache copy;
-//! the syncs happen on status and commit). Uncommitted uploads expire after a day,
-//! committed blobs after the message TTL (30 days), when the maintenance pass deletes
-//! them.
+//! `Media` message are the media id in clear. Downloads are read on the blob's core.
+//! Uncommitted uploads expire after a day, committed blobs after the message TTL.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
 
-use sha2::{Digest, Sha256};
+use rand_core::RngCore;
+use tern_engine::blobs::{BlobDone, BlobError, BlobOp};
 use tern_engine::{MediaRecord, StateOp, Storage};
-use tern_wire::messages::*;
-use tern_wire::ErrorCode;
+use tern_wire::messages::{
+    ArchivedMediaBegin, ArchivedMediaChunk, ArchivedMediaCommit, MediaBegun, MediaData, MediaId,
+    MediaKind, MediaStatus, UserId,
+};
+use tern_wire::{ErrorCode, MessageType};
 
-use super::{home_shard_of_user, ConnId, Core};
+use super::conns::ConnId;
+use super::shared::Shared;
+use crate::mesh::calls::ReadMedia;
+use crate::mesh::ReplyTo;
+use crate::refusal::{MediaRefusal, StorageRefusal};
+use crate::routing::{home_shard_of_media, home_shard_of_user};
+use crate::work::BlobJob;
 
 /// Bytes a client should put in one chunk.
 pub const MEDIA_CHUNK_BYTES: u32 = 256 * 1024;
@@ -37,99 +43,131 @@ pub const MEDIA_CHUNK_BYTES: u32 = 256 * 1024;
 pub const MEDIA_READ_MAX: u32 = 1024 * 1024;
 /// An upload not committed by then is dropped.
 const UPLOAD_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Chunk bytes queued per upload before its connection stops being read: a few chunks
+/// keep the disk busy, more would only cost memory.
+pub const UPLOAD_QUEUE_BYTES_MAX: usize = 4 * MEDIA_CHUNK_BYTES as usize;
 
-/// The shard a blob lives on (from its id).
-pub fn home_shard_of_media(media_id: &MediaId) -> u32 {
-    u32::from(u16::from_be_bytes([media_id[0], media_id[1]]))
+/// A step of an upload, run in order.
+#[derive(Debug)]
+enum Step {
+    Chunk { offset: u64, data: Vec<u8> },
+    Status { conn: ConnId, rid: u32 },
+    Commit { conn: ConnId, rid: u32, sha256: [u8; 32] },
 }
 
-fn hex(media_id: &MediaId) -> String {
-    media_id.iter().map(|b| format!("{b:02x}")).collect()
+/// An upload in progress on this core.
+#[derive(Debug)]
+struct Upload {
+    /// The uploader's connection (paused while its queue is full).
+    conn: ConnId,
+    /// Bytes accepted (written or queued); `None` after a restart until a status says.
+    received: Option<u64>,
+    /// The running hash; `None` when a job holds it or after a restart.
+    hasher: Option<Box<sha2::Sha256>>,
+    busy: bool,
+    queue: VecDeque<Step>,
+    queued_bytes: usize,
 }
 
-/// A media failure, as the client sees it.
-type MediaError = (ErrorCode, &'static str);
+/// What a blob job's result finishes.
+#[derive(Debug)]
+enum Waiter {
+    Begun { conn: ConnId, rid: u32, record: MediaRecord },
+    Step { media_id: MediaId, step: StepKind },
+    Read { reply_to: Option<ReplyTo<ReadMedia>>, total_bytes: u64, offset: u64, media_id: MediaId },
+    Stored { conn: ConnId, rid: u32, record: MediaRecord },
+    Removed,
+}
 
-impl<S: Storage> Core<S> {
-    fn media_path(&self, media_id: &MediaId, part: bool) -> Option<PathBuf> {
-        let dir = self.config.media_dir.as_ref()?;
-        Some(dir.join(if part { format!("{}.part", hex(media_id)) } else { hex(media_id) }))
+#[derive(Debug)]
+enum StepKind {
+    Chunk,
+    Status { conn: ConnId, rid: u32 },
+    Commit { conn: ConnId, rid: u32 },
+}
+
+/// The media state of one core.
+#[derive(Debug, Default)]
+pub struct Media {
+    uploads: HashMap<MediaId, Upload>,
+    jobs: HashMap<u64, Waiter>,
+    /// Downloads waiting for the blob's core: token → (connection, request).
+    downloads: HashMap<u64, (ConnId, u32)>,
+}
+
+/// A server-made blob written for a request (an export): answered once durable.
+#[derive(Debug)]
+pub struct StoredBlob {
+    /// The connection.
+    pub conn: ConnId,
+    /// Its request.
+    pub rid: u32,
+}
+
+fn media_record<S: Storage>(shared: &Shared<S>, media_id: &MediaId) -> Option<MediaRecord> {
+    let shard = shared.shards.local(home_shard_of_media(media_id))?;
+    let record = shard.borrow().state().media.get(media_id).cloned();
+    record
+}
+
+fn put_media<S: Storage>(
+    shared: &Shared<S>,
+    record: MediaRecord,
+) -> Result<(u32, u64), MediaRefusal> {
+    let shard_id = home_shard_of_media(&record.media_id);
+    let shard = shared.shards.local(shard_id).ok_or(MediaRefusal::NoSuchMedia)?;
+    let seq = shard
+        .borrow_mut()
+        .apply_state(StateOp::PutMedia { media: record })
+        .map_err(|error| MediaRefusal::Storage { refusal: StorageRefusal::of(&error) })?;
+    Ok((shard_id, seq))
+}
+
+/// A fresh id for a blob of `owner` (on its home shard).
+fn new_media_id<S: Storage>(shared: &mut Shared<S>, owner: UserId) -> MediaId {
+    let mut media_id = [0u8; 16];
+    shared.random.fill_bytes(&mut media_id[2..]);
+    media_id[..2].copy_from_slice(&(home_shard_of_user(owner) as u16).to_be_bytes());
+    media_id
+}
+
+fn blob_refusal(error: BlobError) -> MediaRefusal {
+    match error {
+        BlobError::NotFound => MediaRefusal::Expired,
+        BlobError::OutOfOrder { .. } => MediaRefusal::OutOfOrder,
+        BlobError::WrongSize { .. } => MediaRefusal::Incomplete,
+        BlobError::HashMismatch => MediaRefusal::HashMismatch,
+        BlobError::Full => MediaRefusal::Io { code: ErrorCode::StorageFull },
+        BlobError::Io => MediaRefusal::Io { code: ErrorCode::Internal },
+    }
+}
+
+impl Media {
+    fn job<S: Storage>(&mut self, shared: &mut Shared<S>, op: BlobOp, waiter: Waiter) {
+        let token = shared.effects.work(BlobJob(op));
+        self.jobs.insert(token, waiter);
     }
 
-    fn media_record(&self, media_id: &MediaId) -> Option<MediaRecord> {
-        let shard = self.local_shard(home_shard_of_media(media_id))?;
-        let record = shard.borrow().state().media.get(media_id).cloned();
-        record
-    }
-
-    fn put_media(&mut self, record: MediaRecord) -> Result<(u32, u64), MediaError> {
-        let shard_id = home_shard_of_media(&record.media_id);
-        let shard =
-            self.local_shard(shard_id).cloned().ok_or((ErrorCode::NotFound, "no such media"))?;
-        let seq = shard
-            .borrow_mut()
-            .apply_state(StateOp::PutMedia { media: record })
-            .map_err(|_| (ErrorCode::StorageFull, "the server could not store this"))?;
-        Ok((shard_id, seq))
-    }
-
-    /// Handles the media frames of an authenticated device.
-    pub(super) fn media_frame(
+    /// An upload begins: its file is created, then its record.
+    pub fn begin<S: Storage>(
         &mut self,
-        conn: ConnId,
-        rid: u32,
-        me: (UserId, DeviceId),
-        message: &tern_wire::Message<'_>,
-        now_ms: u64,
-    ) {
-        let ty = message.message_type();
-        let result = match message {
-            tern_wire::Message::MediaBegin(begin) => {
-                self.media_begin(conn, rid, me.0, begin, now_ms)
-            }
-            tern_wire::Message::MediaChunk(chunk) => self.media_chunk(me.0, chunk).map(|_| ()),
-            tern_wire::Message::MediaStatusRequest(request) => {
-                self.media_status(conn, rid, me.0, &request.media_id)
-            }
-            tern_wire::Message::MediaCommit(commit) => {
-                self.media_commit(conn, rid, me.0, commit, now_ms)
-            }
-            tern_wire::Message::MediaDownload(download) => {
-                let (media_id, offset, length) =
-                    (download.media_id, download.offset.to_native(), download.length.to_native());
-                self.media_download(conn, rid, me.0, media_id, offset, length)
-            }
-            _ => Ok(()),
-        };
-        if let Err((code, message)) = result {
-            self.error_reply(conn, rid, ty.code(), code, message, 0);
-        }
-    }
-
-    fn media_begin(
-        &mut self,
+        shared: &mut Shared<S>,
         conn: ConnId,
         rid: u32,
         me: UserId,
         begin: &ArchivedMediaBegin,
-        now_ms: u64,
-    ) -> Result<(), MediaError> {
+    ) -> Result<(), MediaRefusal> {
         let size = begin.size_bytes.to_native();
-        if size > self.config.media_max_bytes {
-            return Err((ErrorCode::TooLarge, "the file is larger than this server accepts"));
+        if size > shared.config.media_max_bytes {
+            return Err(MediaRefusal::FileTooLarge);
         }
-        if self.config.media_dir.is_none() {
-            return Err((ErrorCode::Internal, "this server stores no media"));
+        if !shared.config.media_enabled {
+            return Err(MediaRefusal::NoMedia);
         }
         let kind = rkyv::deserialize::<MediaKind, rkyv::rancor::Failure>(&begin.kind)
-            .map_err(|_| (ErrorCode::Malformed, "unknown media kind"))?;
-        let shard = home_shard_of_user(me);
-        let mut media_id = [0u8; 16];
-        getrandom::fill(&mut media_id[2..]).map_err(|_| (ErrorCode::Internal, "no randomness"))?;
-        media_id[..2].copy_from_slice(&(shard as u16).to_be_bytes());
-        let path = self.media_path(&media_id, true).expect("checked above");
-        std::fs::File::create(&path).map_err(|_| (ErrorCode::StorageFull, "cannot store media"))?;
-        let expires_ms = now_ms + UPLOAD_TTL_MS;
+            .map_err(|_| MediaRefusal::UnknownKind)?;
+        let media_id = new_media_id(shared, me);
+        let now_ms = shared.now_ms();
         let record = MediaRecord {
             media_id,
             owner: me,
@@ -137,167 +175,335 @@ impl<S: Storage> Core<S> {
             size_bytes: size,
             sha256: None,
             created_ms: now_ms,
-            expires_ms,
+            expires_ms: now_ms + UPLOAD_TTL_MS,
             readers: Vec::new(),
         };
-        let (shard_id, seq) = self.put_media(record)?;
-        let begun = MediaBegun { media_id, chunk_bytes: MEDIA_CHUNK_BYTES, expires_ms };
-        self.reply_when_durable(conn, rid, &begun, vec![(shard_id, seq)]);
+        self.job(shared, BlobOp::Begin { id: media_id }, Waiter::Begun { conn, rid, record });
         Ok(())
     }
 
     /// The upload's record, for its owner only.
-    fn own_upload(&self, me: UserId, media_id: &MediaId) -> Result<MediaRecord, MediaError> {
-        match self.media_record(media_id) {
+    fn own_upload<S: Storage>(
+        shared: &Shared<S>,
+        me: UserId,
+        media_id: &MediaId,
+    ) -> Result<MediaRecord, MediaRefusal> {
+        match media_record(shared, media_id) {
             Some(record) if record.owner == me => Ok(record),
-            _ => Err((ErrorCode::NotFound, "no such upload")),
+            _ => Err(MediaRefusal::NoSuchUpload),
         }
     }
 
-    fn media_chunk(&mut self, me: UserId, chunk: &ArchivedMediaChunk) -> Result<u64, MediaError> {
-        let record = self.own_upload(me, &chunk.media_id)?;
-        if record.sha256.is_some() {
-            return Err((ErrorCode::Conflict, "this upload is committed"));
-        }
-        let path =
-            self.media_path(&chunk.media_id, true).ok_or((ErrorCode::Internal, "no media"))?;
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|_| (ErrorCode::NotFound, "the upload expired"))?;
-        let received = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let offset = chunk.offset.to_native();
-        if offset != received {
-            return Err((ErrorCode::Conflict, "chunks must come in order: ask for the status"));
-        }
-        if received + chunk.data.len() as u64 > record.size_bytes {
-            return Err((ErrorCode::TooLarge, "more bytes than declared"));
-        }
-        file.write_all(&chunk.data).map_err(|_| (ErrorCode::StorageFull, "cannot store media"))?;
-        Ok(received + chunk.data.len() as u64)
-    }
-
-    fn media_status(
+    /// A chunk of an upload: queued in order behind the upload's other steps.
+    pub fn chunk<S: Storage>(
         &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        me: UserId,
+        chunk: &ArchivedMediaChunk,
+    ) -> Result<(), MediaRefusal> {
+        let record = Self::own_upload(shared, me, &chunk.media_id)?;
+        if record.sha256.is_some() {
+            return Err(MediaRefusal::Committed);
+        }
+        let upload = self.upload(chunk.media_id, conn);
+        let offset = chunk.offset.to_native();
+        let received = upload.received.unwrap_or(offset);
+        if offset != received {
+            return Err(MediaRefusal::OutOfOrder);
+        }
+        let end = received + chunk.data.len() as u64;
+        if end > record.size_bytes {
+            return Err(MediaRefusal::TooManyBytes);
+        }
+        upload.received = Some(end);
+        upload.queued_bytes += chunk.data.len();
+        upload.queue.push_back(Step::Chunk { offset, data: chunk.data.to_vec() });
+        if upload.queued_bytes > UPLOAD_QUEUE_BYTES_MAX {
+            if let Some(c) = shared.conns.get_mut(conn) {
+                c.reading_paused = true;
+            }
+        }
+        self.next_step(shared, chunk.media_id);
+        Ok(())
+    }
+
+    fn upload(&mut self, media_id: MediaId, conn: ConnId) -> &mut Upload {
+        let upload = self.uploads.entry(media_id).or_insert_with(|| Upload {
+            conn,
+            received: None,
+            hasher: None,
+            busy: false,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+        });
+        upload.conn = conn;
+        upload
+    }
+
+    /// Where to resume: what is on disk after a sync (behind the queued chunks).
+    pub fn status<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
         conn: ConnId,
         rid: u32,
         me: UserId,
         media_id: &MediaId,
-    ) -> Result<(), MediaError> {
-        let record = self.own_upload(me, media_id)?;
-        let committed = record.sha256.is_some();
-        let path =
-            self.media_path(media_id, !committed).ok_or((ErrorCode::Internal, "no media"))?;
-        // What is on disk after a sync: a resumed upload never skips bytes.
-        let received = match std::fs::File::open(&path) {
-            Ok(file) => {
-                file.sync_data().map_err(|_| (ErrorCode::Internal, "cannot sync media"))?;
-                file.metadata().map(|m| m.len()).unwrap_or(0)
-            }
-            Err(_) => return Err((ErrorCode::NotFound, "the upload expired")),
-        };
-        let status = MediaStatus {
-            media_id: *media_id,
-            received_bytes: received,
-            size_bytes: record.size_bytes,
-            committed,
-        };
-        self.reply(conn, rid, &status);
+    ) -> Result<(), MediaRefusal> {
+        let record = Self::own_upload(shared, me, media_id)?;
+        if record.sha256.is_some() {
+            let op = BlobOp::Status { id: *media_id, sealed: true };
+            let step = StepKind::Status { conn, rid };
+            self.job(shared, op, Waiter::Step { media_id: *media_id, step });
+            return Ok(());
+        }
+        self.upload(*media_id, conn).queue.push_back(Step::Status { conn, rid });
+        self.next_step(shared, *media_id);
         Ok(())
     }
 
-    fn media_commit(
+    /// The upload is complete: the blob is sealed if its hash is the committed one.
+    pub fn commit<S: Storage>(
         &mut self,
+        shared: &mut Shared<S>,
         conn: ConnId,
         rid: u32,
         me: UserId,
         commit: &ArchivedMediaCommit,
-        now_ms: u64,
-    ) -> Result<(), MediaError> {
-        let mut record = self.own_upload(me, &commit.media_id)?;
+    ) -> Result<(), MediaRefusal> {
+        let record = Self::own_upload(shared, me, &commit.media_id)?;
         if record.sha256.is_some() {
-            return Err((ErrorCode::Conflict, "this upload is committed"));
+            return Err(MediaRefusal::Committed);
         }
-        let part =
-            self.media_path(&commit.media_id, true).ok_or((ErrorCode::Internal, "no media"))?;
-        let mut file =
-            std::fs::File::open(&part).map_err(|_| (ErrorCode::NotFound, "the upload expired"))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if size != record.size_bytes {
-            return Err((ErrorCode::InvalidArgument, "the upload is not complete"));
-        }
-        // Streamed: memory is one buffer whatever the size.
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 256 * 1024];
-        loop {
-            let n =
-                file.read(&mut buffer).map_err(|_| (ErrorCode::Internal, "cannot read media"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-        let sha256: [u8; 32] = hasher.finalize().into();
-        if sha256 != commit.sha256 {
-            return Err((ErrorCode::HashMismatch, "the stored bytes do not have this hash"));
-        }
-        file.sync_all().map_err(|_| (ErrorCode::Internal, "cannot sync media"))?;
-        let done = self.media_path(&commit.media_id, false).expect("checked above");
-        std::fs::rename(&part, &done).map_err(|_| (ErrorCode::Internal, "cannot store media"))?;
-        if let Some(dir) = done.parent() {
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-        }
-        record.sha256 = Some(sha256);
-        record.expires_ms = now_ms + self.config.media_ttl_ms;
-        let size_bytes = record.size_bytes;
-        let (shard_id, seq) = self.put_media(record)?;
-        let status = MediaStatus {
-            media_id: commit.media_id,
-            received_bytes: size,
-            size_bytes,
-            committed: true,
-        };
-        self.reply_when_durable(conn, rid, &status, vec![(shard_id, seq)]);
+        let step = Step::Commit { conn, rid, sha256: commit.sha256 };
+        self.upload(commit.media_id, conn).queue.push_back(step);
+        self.next_step(shared, commit.media_id);
         Ok(())
     }
 
-    /// Stores a whole blob made by the server for `owner` (an export), committed at once.
-    pub(super) fn store_blob(
+    /// Starts the upload's next step if none is in flight.
+    fn next_step<S: Storage>(&mut self, shared: &mut Shared<S>, media_id: MediaId) {
+        let Some(upload) = self.uploads.get_mut(&media_id) else { return };
+        if upload.busy {
+            return;
+        }
+        let Some(step) = upload.queue.pop_front() else { return };
+        upload.busy = true;
+        let (op, kind) = match step {
+            Step::Chunk { offset, data } => {
+                upload.queued_bytes = upload.queued_bytes.saturating_sub(data.len());
+                let hasher = upload.hasher.take();
+                (BlobOp::Append { id: media_id, offset, data, hasher }, StepKind::Chunk)
+            }
+            Step::Status { conn, rid } => {
+                (BlobOp::Status { id: media_id, sealed: false }, StepKind::Status { conn, rid })
+            }
+            Step::Commit { conn, rid, sha256 } => {
+                let size_bytes = media_record(shared, &media_id).map_or(0, |r| r.size_bytes);
+                let hasher = upload.hasher.take();
+                (
+                    BlobOp::Seal { id: media_id, size_bytes, sha256, hasher },
+                    StepKind::Commit { conn, rid },
+                )
+            }
+        };
+        if upload.queued_bytes <= UPLOAD_QUEUE_BYTES_MAX / 2 {
+            let conn = upload.conn;
+            if let Some(c) = shared.conns.get_mut(conn).filter(|c| c.reading_paused) {
+                c.reading_paused = false;
+                shared.conns.wake(conn);
+            }
+        }
+        self.job(shared, op, Waiter::Step { media_id, step: kind });
+    }
+
+    /// A blob job finished.
+    pub fn on_blob_done<S: Storage>(
         &mut self,
+        shared: &mut Shared<S>,
+        token: u64,
+        done: Result<BlobDone, BlobError>,
+    ) {
+        let Some(waiter) = self.jobs.remove(&token) else { return };
+        match waiter {
+            Waiter::Begun { conn, rid, record } => begun(shared, conn, rid, record, done),
+            Waiter::Step { media_id, step } => self.step_done(shared, media_id, step, done),
+            Waiter::Read { reply_to, total_bytes, offset, media_id } => {
+                let answer = match done {
+                    Ok(BlobDone::Bytes(data)) => {
+                        Ok(MediaData { media_id, offset, total_bytes, data })
+                    }
+                    Ok(_) | Err(_) => Err(MediaRefusal::NoSuchMedia),
+                };
+                shared.answer(reply_to, answer);
+            }
+            Waiter::Stored { conn, rid, record } => stored(shared, conn, rid, record, done),
+            Waiter::Removed => {
+                if let Err(error) = done {
+                    tracing::warn!(%error, "could not delete a media file");
+                }
+            }
+        }
+    }
+
+    fn step_done<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        media_id: MediaId,
+        step: StepKind,
+        done: Result<BlobDone, BlobError>,
+    ) {
+        let ty = |kind: MessageType| kind.code();
+        match (step, done) {
+            (StepKind::Chunk, Ok(BlobDone::Appended { hasher, .. })) => {
+                if let Some(upload) = self.uploads.get_mut(&media_id) {
+                    upload.hasher = Some(hasher);
+                }
+            }
+            (StepKind::Status { conn, rid }, Ok(BlobDone::Length(length))) => {
+                if let Some(upload) = self.uploads.get_mut(&media_id) {
+                    upload.received.get_or_insert(length);
+                }
+                let record = media_record(shared, &media_id);
+                let (size_bytes, committed) =
+                    record.map_or((0, false), |r| (r.size_bytes, r.sha256.is_some()));
+                let status =
+                    MediaStatus { media_id, received_bytes: length, size_bytes, committed };
+                shared.conns.send(conn, rid, &status);
+            }
+            (StepKind::Commit { conn, rid }, Ok(BlobDone::Sealed(sha256))) => {
+                self.uploads.remove(&media_id);
+                committed(shared, conn, rid, media_id, sha256);
+                return;
+            }
+            (step, result) => {
+                let refusal = match result {
+                    Err(error) => blob_refusal(error),
+                    Ok(_) => MediaRefusal::Io { code: ErrorCode::Internal },
+                };
+                // The failed step's request gets the error; a failed chunk (no request
+                // of its own) ends the upload's queue: the client asks the status.
+                let (conn, rid, kind) = match step {
+                    StepKind::Chunk => {
+                        (self.uploads.get(&media_id).map(|u| u.conn), 0, MessageType::MediaChunk)
+                    }
+                    StepKind::Status { conn, rid } => {
+                        (Some(conn), rid, MessageType::MediaStatusRequest)
+                    }
+                    StepKind::Commit { conn, rid } => (Some(conn), rid, MessageType::MediaCommit),
+                };
+                if let Some(upload) = self.uploads.get_mut(&media_id) {
+                    upload.received = None;
+                    upload.queue.retain(|s| !matches!(s, Step::Chunk { .. }));
+                    upload.queued_bytes = 0;
+                }
+                if let Some(conn) = conn {
+                    shared.conns.refuse(conn, rid, ty(kind), &refusal);
+                }
+            }
+        }
+        if let Some(upload) = self.uploads.get_mut(&media_id) {
+            upload.busy = false;
+        }
+        self.next_step(shared, media_id);
+    }
+
+    /// A download: read on the blob's core.
+    pub fn download<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        rid: u32,
+        me: UserId,
+        download: (MediaId, u64, u32),
+    ) -> Result<(), MediaRefusal> {
+        let (media_id, offset, length) = download;
+        let shard = home_shard_of_media(&media_id);
+        if !shared.shards.exists(shard) {
+            return Err(MediaRefusal::NoSuchMedia);
+        }
+        // The answer must fit the connection's frame limit (header and fields included).
+        let length = length.min(shared.conns.max_frame_bytes(conn).saturating_sub(256));
+        let call = ReadMedia { reader: me, media_id, offset, length };
+        let token = shared.outbox.ask(shared.shards.address_of(shard), call);
+        self.downloads.insert(token, (conn, rid));
+        Ok(())
+    }
+
+    /// The blob's core answered a download.
+    pub fn on_read<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        token: u64,
+        answer: Result<MediaData, MediaRefusal>,
+    ) {
+        let Some((conn, rid)) = self.downloads.remove(&token) else { return };
+        match answer {
+            Ok(data) => shared.conns.send(conn, rid, &data),
+            Err(refusal) => {
+                shared.conns.refuse(conn, rid, MessageType::MediaDownload.code(), &refusal)
+            }
+        }
+    }
+
+    /// Reads part of a committed blob homed here for a reader allowed to.
+    pub fn serve_read<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        call: ReadMedia,
+        reply_to: Option<ReplyTo<ReadMedia>>,
+    ) {
+        let ReadMedia { reader, media_id, offset, length } = call;
+        // A guessed id and a forbidden one look the same.
+        let record = media_record(shared, &media_id)
+            .filter(|r| r.sha256.is_some() && (r.owner == reader || r.readers.contains(&reader)));
+        let Some(record) = record else {
+            return shared.answer(reply_to, Err(MediaRefusal::NoSuchMedia));
+        };
+        let length = u64::from(length.min(MEDIA_READ_MAX));
+        let op = BlobOp::Read { id: media_id, offset, length };
+        let waiter = Waiter::Read { reply_to, total_bytes: record.size_bytes, offset, media_id };
+        self.job(shared, op, waiter);
+    }
+
+    /// Stores a whole blob made by the server for `owner` (an export); `answer` is
+    /// written to the connection once it is durable.
+    pub fn store_blob<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
         owner: UserId,
         kind: MediaKind,
-        bytes: &[u8],
-        now_ms: u64,
-    ) -> Result<(MediaId, Vec<(u32, u64)>), MediaError> {
-        let shard = home_shard_of_user(owner);
-        let mut media_id = [0u8; 16];
-        getrandom::fill(&mut media_id[2..]).map_err(|_| (ErrorCode::Internal, "no randomness"))?;
-        media_id[..2].copy_from_slice(&(shard as u16).to_be_bytes());
-        let path = self.media_path(&media_id, false).ok_or((ErrorCode::Internal, "no media"))?;
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&path)?;
-            file.write_all(bytes)?;
-            file.sync_all()
-        };
-        write().map_err(|_| (ErrorCode::StorageFull, "cannot store media"))?;
+        bytes: Vec<u8>,
+        answer: StoredBlob,
+    ) -> MediaId {
+        use sha2::Digest;
+        let media_id = new_media_id(shared, owner);
+        let now_ms = shared.now_ms();
         let record = MediaRecord {
             media_id,
             owner,
             kind,
             size_bytes: bytes.len() as u64,
-            sha256: Some(Sha256::digest(bytes).into()),
+            sha256: Some(sha2::Sha256::digest(&bytes).into()),
             created_ms: now_ms,
-            expires_ms: now_ms + self.config.media_ttl_ms,
+            expires_ms: now_ms + shared.config.media_ttl_ms,
             readers: Vec::new(),
         };
-        let wait = self.put_media(record)?;
-        Ok((media_id, vec![wait]))
+        let waiter = Waiter::Stored { conn: answer.conn, rid: answer.rid, record };
+        self.job(shared, BlobOp::Write { id: media_id, bytes }, waiter);
+        media_id
     }
 
     /// Records that the recipients of a `Media` message from the blob's owner may
-    /// download it (the message's copies start with the media id).
-    pub(super) fn grant_media(&mut self, owner: UserId, media_id: &MediaId, readers: &[UserId]) {
-        let Some(mut record) = self.media_record(media_id) else { return };
+    /// download it.
+    pub fn grant<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        owner: UserId,
+        media_id: &MediaId,
+        readers: &[UserId],
+    ) {
+        let Some(mut record) = media_record(shared, media_id) else { return };
         if record.owner != owner {
             return;
         }
@@ -308,101 +514,122 @@ impl<S: Storage> Core<S> {
             }
         }
         if record.readers.len() != before {
-            if let Err((_, why)) = self.put_media(record) {
-                tracing::warn!(why, "could not record a media grant");
+            if let Err(refusal) = put_media(shared, record) {
+                tracing::warn!(%refusal, "could not record a media grant");
             }
         }
     }
 
-    fn media_download(
-        &mut self,
-        conn: ConnId,
-        rid: u32,
-        me: UserId,
-        media_id: MediaId,
-        offset: u64,
-        length: u32,
-    ) -> Result<(), MediaError> {
-        let shard = home_shard_of_media(&media_id);
-        if shard >= self.shard_count() {
-            return Err((ErrorCode::NotFound, "no such media"));
-        }
-        // The answer must fit the connection's frame limit (header and fields included).
-        let length = length.min(self.max_frame_bytes(conn).saturating_sub(256));
-        if self.local_shard(shard).is_none() {
-            let core = self.placement.core_of_shard(shard);
-            let request = crate::mesh::Request::MediaRead { reader: me, media_id, offset, length };
-            let awaiting = super::Awaiting::Media { conn, rid };
-            self.ask(core, request, Some(awaiting));
-            return Ok(());
-        }
-        let data = self.read_media(me, media_id, offset, length)?;
-        self.reply(conn, rid, &data);
-        Ok(())
-    }
-
-    /// Reads part of a committed blob homed here for a reader allowed to.
-    pub(super) fn read_media(
-        &self,
-        reader: UserId,
-        media_id: MediaId,
-        offset: u64,
-        length: u32,
-    ) -> Result<MediaData, MediaError> {
-        // A guessed id and a forbidden one look the same.
-        let record = self
-            .media_record(&media_id)
-            .filter(|r| r.sha256.is_some() && (r.owner == reader || r.readers.contains(&reader)));
-        let record = record.ok_or((ErrorCode::NotFound, "no such media"))?;
-        let path = self.media_path(&media_id, false).ok_or((ErrorCode::Internal, "no media"))?;
-        let mut file =
-            std::fs::File::open(&path).map_err(|_| (ErrorCode::NotFound, "no such media"))?;
-        let length = length.min(MEDIA_READ_MAX) as u64;
-        let end = (offset + length).min(record.size_bytes);
-        let mut data = vec![0u8; end.saturating_sub(offset) as usize];
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|_| (ErrorCode::Internal, "cannot read media"))?;
-        file.read_exact(&mut data).map_err(|_| (ErrorCode::Internal, "cannot read media"))?;
-        Ok(MediaData { media_id, offset, total_bytes: record.size_bytes, data })
-    }
-
-    /// Deletes a blob and its record (its owner's account is being deleted).
-    pub(super) fn forget_media(&mut self, media_id: &MediaId) {
-        for part in [true, false] {
-            if let Some(path) = self.media_path(media_id, part) {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        if let Some(shard) = self.local_shard(home_shard_of_media(media_id)).cloned() {
-            let removed =
-                shard.borrow_mut().apply_state(StateOp::DeleteMedia { media_id: *media_id });
-            if let Err(error) = removed {
+    /// Deletes a blob and its record (expired, or its owner's account deleted).
+    pub fn forget<S: Storage>(&mut self, shared: &mut Shared<S>, media_id: &MediaId) {
+        self.uploads.remove(media_id);
+        self.job(shared, BlobOp::Remove { id: *media_id }, Waiter::Removed);
+        if let Some(shard) = shared.shards.local(home_shard_of_media(media_id)) {
+            if let Err(error) =
+                shard.borrow_mut().apply_state(StateOp::DeleteMedia { media_id: *media_id })
+            {
                 tracing::warn!(%error, "could not forget media");
             }
         }
     }
 
-    /// Deletes blobs past their time (uncommitted uploads after a day, committed ones
-    /// after the message TTL); returns how many.
-    pub fn expire_media(&mut self, now_ms: u64) -> usize {
-        let expired: Vec<MediaId> = self
-            .owned_shards()
+    /// Deletes blobs past their time; returns how many.
+    pub fn expire<S: Storage>(&mut self, shared: &mut Shared<S>) -> usize {
+        let now_ms = shared.now_ms();
+        let expired: Vec<MediaId> = shared
+            .shards
+            .owned()
             .into_iter()
             .flat_map(|(_, shard)| {
                 let shard = shard.borrow();
-                let ids: Vec<MediaId> = shard
+                shard
                     .state()
                     .media
                     .values()
                     .filter(|m| m.expires_ms <= now_ms)
                     .map(|m| m.media_id)
-                    .collect();
-                ids
+                    .collect::<Vec<_>>()
             })
             .collect();
         for media_id in &expired {
-            self.forget_media(media_id);
+            self.forget(shared, media_id);
         }
         expired.len()
+    }
+
+    /// The blobs `owner` (homed here) uploaded.
+    pub fn owned_by<S: Storage>(shared: &Shared<S>, owner: UserId) -> Vec<MediaId> {
+        let Some(shard) = shared.shards.home_of(owner) else { return Vec::new() };
+        let shard = shard.borrow();
+        shard.state().media.values().filter(|m| m.owner == owner).map(|m| m.media_id).collect()
+    }
+}
+
+/// An upload's file exists: its record follows, and the client learns the id.
+fn begun<S: Storage>(
+    shared: &mut Shared<S>,
+    conn: ConnId,
+    rid: u32,
+    record: MediaRecord,
+    done: Result<BlobDone, BlobError>,
+) {
+    let ty = MessageType::MediaBegin.code();
+    if let Err(error) = done {
+        return shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+    }
+    let (media_id, expires_ms) = (record.media_id, record.expires_ms);
+    match put_media(shared, record) {
+        Ok(wait) => {
+            let begun = MediaBegun { media_id, chunk_bytes: MEDIA_CHUNK_BYTES, expires_ms };
+            shared.reply_when_durable(conn, rid, &begun, vec![wait]);
+        }
+        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
+    }
+}
+
+/// A blob was sealed: it becomes downloadable once its record says so, durably.
+fn committed<S: Storage>(
+    shared: &mut Shared<S>,
+    conn: ConnId,
+    rid: u32,
+    media_id: MediaId,
+    sha256: [u8; 32],
+) {
+    let ty = MessageType::MediaCommit.code();
+    let Some(mut record) = media_record(shared, &media_id) else {
+        return shared.conns.refuse(conn, rid, ty, &MediaRefusal::NoSuchUpload);
+    };
+    record.sha256 = Some(sha256);
+    record.expires_ms = shared.now_ms() + shared.config.media_ttl_ms;
+    let size_bytes = record.size_bytes;
+    match put_media(shared, record) {
+        Ok(wait) => {
+            let status =
+                MediaStatus { media_id, received_bytes: size_bytes, size_bytes, committed: true };
+            shared.reply_when_durable(conn, rid, &status, vec![wait]);
+        }
+        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
+    }
+}
+
+/// A server-made blob was written: its record, then the answer.
+fn stored<S: Storage>(
+    shared: &mut Shared<S>,
+    conn: ConnId,
+    rid: u32,
+    record: MediaRecord,
+    done: Result<BlobDone, BlobError>,
+) {
+    let ty = MessageType::ExportRequest.code();
+    if let Err(error) = done {
+        return shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+    }
+    let ready = tern_wire::messages::ExportReady {
+        media_id: record.media_id,
+        size_bytes: record.size_bytes,
+    };
+    match put_media(shared, record) {
+        Ok(wait) => shared.reply_when_durable(conn, rid, &ready, vec![wait]),
+        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
     }
 }

@@ -30,7 +30,7 @@ pub async fn serve<S: Storage + 'static>(listener: TcpListener, core: Rc<RefCell
 /// `/healthz`: 200 "ok" while every shard takes writes; 503 naming each shard that
 /// refuses them since an I/O error (a failed fsync, a full disk), which only a restart
 /// clears (see docs/OPERATIONS.md).
-fn health(cores: &[crate::mesh::CoreStats]) -> (&'static str, &'static str, String) {
+fn health(cores: &[crate::stats::CoreStats]) -> (&'static str, &'static str, String) {
     let failed: Vec<String> = cores
         .iter()
         .flat_map(|c| c.failed_shards.iter().map(move |(id, e)| (c.core, id, e)))

@@ -1,0 +1,80 @@
+//! The core's tunables: what tests and operators change (`ternd` flags fill it).
+
+use crate::limits::Rate;
+
+/// Tunables of the core that tests and operators change.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Largest frame the server accepts after the handshake.
+    pub max_frame_bytes: u32,
+    /// Verification codes stop working after this.
+    pub code_ttl_ms: u64,
+    /// A connection must authenticate (or register) this soon after it starts.
+    pub auth_deadline_ms: u64,
+    /// An authenticated connection that sends no whole frame for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Code requests per phone number per hour.
+    pub code_requests_per_hour: u32,
+    /// Wrong codes accepted per issued code before it is burnt.
+    pub code_attempts_max: u32,
+    /// Default time-to-live of undelivered envelopes.
+    pub default_ttl_ms: u64,
+    /// Heartbeat interval advertised in `Welcome`.
+    pub heartbeat_interval_ms: u32,
+    /// Sends per device: a burst, then a steady rate (typed `RateLimited` beyond it).
+    pub send_rate: Rate,
+    /// Key-bundle fetches per (requester, target) pair: a client needs a handful per
+    /// contact; draining someone's one-time keys needs many.
+    pub fetch_rate: Rate,
+    /// Envelopes queued per device at most (the oldest are dropped, with notices).
+    pub mailbox_max_messages: u64,
+    /// Bytes queued per device at most (likewise).
+    pub mailbox_max_bytes: u64,
+    /// Whether this server takes media (the runtime or the simulation runs the blob
+    /// store behind it).
+    pub media_enabled: bool,
+    /// Largest media blob accepted.
+    pub media_max_bytes: u64,
+    /// Committed media blobs are deleted after this.
+    pub media_ttl_ms: u64,
+    /// Phone hashes one account may look up per day (contact discovery).
+    pub discovery_per_day: u32,
+    /// Codes sent per number prefix (the first 6 characters, like `+15551`) per hour, per
+    /// core: SMS pumping targets ranges of premium numbers.
+    pub code_requests_per_prefix_per_hour: u32,
+    /// Codes sent per client network address (an IPv4 address, an IPv6 /64) per hour,
+    /// per core.
+    pub code_requests_per_address_per_hour: u32,
+    /// Whether loopback clients count against the per-address budget (by default a
+    /// local process, such as a load generator or a TLS terminator, is exempt).
+    pub code_budget_loopback: bool,
+    /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
+    pub code_pow_bits: u8,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            max_frame_bytes: tern_wire::DEFAULT_MAX_FRAME_BYTES,
+            code_ttl_ms: 10 * 60 * 1000,
+            auth_deadline_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            code_requests_per_hour: 5,
+            code_attempts_max: 5,
+            default_ttl_ms: 30 * 24 * 3600 * 1000,
+            heartbeat_interval_ms: 30_000,
+            send_rate: Rate { burst: 200.0, per_second: 50.0 },
+            fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
+            mailbox_max_messages: 10_000,
+            mailbox_max_bytes: 256 << 20,
+            media_enabled: true,
+            media_max_bytes: 100 << 20,
+            media_ttl_ms: 30 * 24 * 3600 * 1000,
+            discovery_per_day: 5_000,
+            code_requests_per_prefix_per_hour: 1_000,
+            code_requests_per_address_per_hour: 20,
+            code_budget_loopback: false,
+            code_pow_bits: 0,
+        }
+    }
+}

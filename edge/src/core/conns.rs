@@ -1,0 +1,559 @@
+//! The connections of one core: their state, their output, their deadlines.
+//!
+//! The core owns each connection's outbound bytes; the runtime only reads them
+//! ([`Conns::output`]), reports what the socket took ([`Conns::consume`]) and polls
+//! which connections have something new to write or must close ([`Conns::poll_ready`]).
+//! It never writes a connection's fields. Every error frame a client gets is written in
+//! one place, [`Conns::refuse`] (or [`Conns::refuse_send`] for a `SendError`), from a
+//! typed refusal.
+//!
+//! Deadlines live here too, on the caller's monotonic clock: the auth deadline (from
+//! the connection's start, carried across a hand-off), the idle timeout after auth (from
+//! the last *whole* frame: a client trickling bytes into a frame it never finishes still
+//! meets it), a linking code's lifetime, and a grace to flush before a close. One heap
+//! holds at most one entry per connection plus stale ones: a deadline that moved later is
+//! found stale when popped and pushed again, so traffic costs no heap work.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::IpAddr;
+
+use tern_wire::messages::{DeviceId, ErrorFrame, SendError, UserId};
+use tern_wire::{encode_frame, Payload, WireSerializer, FLAG_RESPONSE, HANDSHAKE_MAX_FRAME_BYTES};
+
+use crate::refusal::{Refusal, SendRefusal};
+
+/// A connection's id within its core.
+pub type ConnId = u64;
+
+/// A connection whose unsent output exceeds this is not fed from its mailbox until it
+/// drains: a slow reader stops costing memory (its messages wait on disk).
+pub const OUTBOUND_BYTES_MAX: usize = 1 << 20;
+/// How long a closing connection may take to flush its last frames (an error, say)
+/// before it is dropped regardless.
+pub const CLOSE_GRACE_MS: u64 = 1000;
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Waiting for `Hello`.
+    AwaitHello,
+    /// Handshake done; not yet registered or authenticated.
+    Open,
+    /// Speaking for this device.
+    Authenticated {
+        /// The user.
+        user_id: UserId,
+        /// The device.
+        device_id: DeviceId,
+    },
+}
+
+/// One connection as the core sees it.
+#[derive(Debug)]
+pub struct Conn {
+    pub(super) state: ConnState,
+    /// Bytes waiting to be written to the socket.
+    pub(super) outbound: Vec<u8>,
+    /// Close once `outbound` is flushed.
+    pub(super) closing: bool,
+    /// Closing took longer than its grace: drop the socket now.
+    pub(super) abort: bool,
+    /// The negotiated frame limit.
+    pub(super) max_frame_bytes: u32,
+    /// Already counted in `connections_failed` (a connection counts once).
+    pub(super) failed: bool,
+    /// The client's network address (code budgets per address), when known.
+    pub(super) peer_ip: Option<IpAddr>,
+    /// Next mailbox sequence number to deliver.
+    pub(super) deliver_cursor: u64,
+    /// Everything before this mailbox sequence number was acknowledged.
+    pub(super) acked_through: u64,
+    /// The connection must authenticate (or register) by then (monotonic ms).
+    pub(super) auth_deadline_ms: u64,
+    /// When its last whole frame arrived (monotonic ms).
+    pub(super) last_frame_ms: u64,
+    /// When closing began (monotonic ms).
+    close_deadline_ms: Option<u64>,
+    /// Already in the ready queue.
+    ready_queued: bool,
+    /// Reading is paused until the core catches up with what it asked (uploads).
+    pub(super) reading_paused: bool,
+    /// It asked to be linked (once per connection).
+    pub(super) link_asked: bool,
+}
+
+impl Conn {
+    fn new(peer_ip: Option<IpAddr>, auth_deadline_ms: u64) -> Conn {
+        Conn {
+            state: ConnState::AwaitHello,
+            outbound: Vec::new(),
+            closing: false,
+            abort: false,
+            max_frame_bytes: HANDSHAKE_MAX_FRAME_BYTES,
+            failed: false,
+            peer_ip,
+            deliver_cursor: 0,
+            acked_through: 0,
+            auth_deadline_ms,
+            last_frame_ms: 0,
+            close_deadline_ms: None,
+            ready_queued: false,
+            reading_paused: false,
+            link_asked: false,
+        }
+    }
+
+    /// The device this connection speaks for, once authenticated.
+    pub fn device(&self) -> Option<(UserId, DeviceId)> {
+        match self.state {
+            ConnState::Authenticated { user_id, device_id } => Some((user_id, device_id)),
+            _ => None,
+        }
+    }
+
+    fn deadline_ms(&self, idle_timeout_ms: u64) -> u64 {
+        match (self.close_deadline_ms, self.state) {
+            (Some(close), _) => close,
+            (None, ConnState::Authenticated { .. }) => {
+                self.last_frame_ms.saturating_add(idle_timeout_ms)
+            }
+            (None, _) => self.auth_deadline_ms,
+        }
+    }
+}
+
+/// What a passed deadline means for its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// It did not authenticate in time, or idled too long: tell it, then close.
+    TimedOut,
+    /// It did not finish flushing before its close: dropped (the runtime sees
+    /// [`Conns::must_abort`]).
+    Aborted,
+}
+
+/// Connection counters (part of the core's metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnCounters {
+    /// Accepted by this core's listeners.
+    pub accepted: u64,
+    /// Failed before authenticating, or refused (each connection once).
+    pub failed: u64,
+    /// Closed for a protocol error.
+    pub protocol_errors: u64,
+    /// Handed to another core.
+    pub handed_over: u64,
+}
+
+/// The connection table of one core.
+pub struct Conns {
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
+    /// The connection of each online device homed here (one per device).
+    online: BTreeMap<(UserId, DeviceId), ConnId>,
+    ready: Vec<ConnId>,
+    deadlines: BinaryHeap<Reverse<(u64, ConnId)>>,
+    auth_deadline_ms: u64,
+    idle_timeout_ms: u64,
+    max_connections: usize,
+    counters: ConnCounters,
+}
+
+impl Conns {
+    /// An empty table with these limits.
+    pub fn new(auth_deadline_ms: u64, idle_timeout_ms: u64) -> Conns {
+        Conns {
+            conns: HashMap::new(),
+            next_id: 1,
+            online: BTreeMap::new(),
+            ready: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            auth_deadline_ms,
+            idle_timeout_ms,
+            max_connections: usize::MAX,
+            counters: ConnCounters::default(),
+        }
+    }
+
+    /// Registers a connection; it must authenticate by `auth_deadline_ms` (monotonic; a
+    /// new one gets the configured deadline from `now_ms`).
+    pub fn open(
+        &mut self,
+        peer_ip: Option<IpAddr>,
+        auth_deadline_ms: Option<u64>,
+        now_ms: u64,
+    ) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let deadline = auth_deadline_ms.unwrap_or(now_ms.saturating_add(self.auth_deadline_ms));
+        self.conns.insert(id, Conn::new(peer_ip, deadline));
+        self.deadlines.push(Reverse((deadline, id)));
+        id
+    }
+
+    /// Forgets a connection (its socket closed or it moved to another core).
+    pub fn remove(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        if let Some(device) = c.device() {
+            if self.online.get(&device) == Some(&conn) {
+                self.online.remove(&device);
+            }
+        }
+        Some(c)
+    }
+
+    /// A connection.
+    pub fn get(&self, conn: ConnId) -> Option<&Conn> {
+        self.conns.get(&conn)
+    }
+
+    /// A connection, to change.
+    pub fn get_mut(&mut self, conn: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(&conn)
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Every connection's id.
+    pub fn ids(&self) -> Vec<ConnId> {
+        self.conns.keys().copied().collect()
+    }
+
+    /// The connection limit and whether it is reached.
+    pub fn set_max(&mut self, max: usize) {
+        self.max_connections = max;
+    }
+
+    /// Whether more connections are open than the limit allows.
+    pub fn over_limit(&self) -> bool {
+        self.conns.len() > self.max_connections
+    }
+
+    /// Counters for the metrics.
+    pub fn counters(&self) -> ConnCounters {
+        self.counters
+    }
+
+    /// Counts counters kept for the core (accepted, handed over).
+    pub fn counters_mut(&mut self) -> &mut ConnCounters {
+        &mut self.counters
+    }
+
+    /// The device `conn` speaks for, once authenticated.
+    pub fn device(&self, conn: ConnId) -> Option<(UserId, DeviceId)> {
+        self.conns.get(&conn)?.device()
+    }
+
+    /// The frame limit in force for `conn`.
+    pub fn max_frame_bytes(&self, conn: ConnId) -> u32 {
+        self.conns.get(&conn).map_or(HANDSHAKE_MAX_FRAME_BYTES, |c| c.max_frame_bytes)
+    }
+
+    // -- who is online -----------------------------------------------------------------
+
+    /// The connection of an online device homed here.
+    pub fn online(&self, device: (UserId, DeviceId)) -> Option<ConnId> {
+        self.online.get(&device).copied()
+    }
+
+    /// `conn` now speaks for `device`; returns the connection it replaces, if any.
+    pub fn set_online(&mut self, device: (UserId, DeviceId), conn: ConnId) -> Option<ConnId> {
+        self.online.insert(device, conn).filter(|old| *old != conn)
+    }
+
+    /// Whether any device of `user_id` is connected.
+    pub fn user_online(&self, user_id: UserId) -> bool {
+        self.online.range((user_id, 0)..=(user_id, DeviceId::MAX)).next().is_some()
+    }
+
+    /// The connected devices of `user_id`.
+    pub fn online_devices(&self, user_id: UserId) -> Vec<((UserId, DeviceId), ConnId)> {
+        let range = self.online.range((user_id, 0)..=(user_id, DeviceId::MAX));
+        range.map(|(d, c)| (*d, *c)).collect()
+    }
+
+    /// `device` is no longer online, without closing its connection (it deleted its
+    /// own account and stays connected, unauthenticated).
+    pub fn forget_online(&mut self, device: (UserId, DeviceId)) {
+        self.online.remove(&device);
+    }
+
+    /// Ends `device`'s session (revoked, replaced, deleted): its connection goes back to
+    /// unauthenticated and closes. Returns whether it was online.
+    pub fn end_session(&mut self, device: (UserId, DeviceId)) -> bool {
+        let Some(old) = self.online.remove(&device) else { return false };
+        if let Some(c) = self.conns.get_mut(&old) {
+            c.state = ConnState::Open;
+        }
+        self.close(old, 0);
+        true
+    }
+
+    // -- output ------------------------------------------------------------------------
+
+    /// Marks `conn` ready for its driver (new output, or a state it must act on).
+    pub fn wake(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.ready_queued {
+                c.ready_queued = true;
+                self.ready.push(conn);
+            }
+        }
+    }
+
+    /// The next connection whose driver has something to do.
+    pub fn poll_ready(&mut self) -> Option<ConnId> {
+        while let Some(conn) = self.ready.pop() {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.ready_queued = false;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Bytes waiting for `conn`'s socket.
+    pub fn output(&self, conn: ConnId) -> &[u8] {
+        self.conns.get(&conn).map_or(&[], |c| &c.outbound)
+    }
+
+    /// The socket (or a layer) took `n` bytes of the output; an emptied buffer's memory
+    /// is freed (an idle connection holds none).
+    pub fn consume(&mut self, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbound.drain(..n.min(c.outbound.len()));
+            if c.outbound.is_empty() && c.outbound.capacity() > 0 {
+                c.outbound = Vec::new();
+            }
+        }
+    }
+
+    /// Bytes waiting in every connection's output.
+    pub fn outbound_bytes(&self) -> usize {
+        self.conns.values().map(|c| c.outbound.len()).sum()
+    }
+
+    /// Appends a frame already encoded for `conn`.
+    pub fn push_bytes(&mut self, conn: ConnId, frame: &[u8]) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbound.extend_from_slice(frame);
+            self.wake(conn);
+        }
+    }
+
+    /// Writes `value` to `conn` as the answer to `rid` (0: unsolicited).
+    pub fn send<T>(&mut self, conn: ConnId, rid: u32, value: &T)
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let flags = if rid == 0 { 0 } else { FLAG_RESPONSE };
+        if encode_frame(&mut c.outbound, rid, flags, value, c.max_frame_bytes).is_err() {
+            tracing::warn!(
+                message_type = T::TYPE.name(),
+                "reply larger than the client's frame limit"
+            );
+        }
+        self.wake(conn);
+    }
+
+    /// Encodes `value` for `conn` without sending it (a reply parked until durable).
+    pub fn encode<T>(&self, conn: ConnId, rid: u32, value: &T) -> Option<Vec<u8>>
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let mut frame = Vec::new();
+        let flags = if rid == 0 { 0 } else { FLAG_RESPONSE };
+        match encode_frame(&mut frame, rid, flags, value, self.max_frame_bytes(conn)) {
+            Ok(_) => Some(frame),
+            Err(_) => {
+                tracing::warn!(
+                    message_type = T::TYPE.name(),
+                    "reply larger than the client's frame limit"
+                );
+                None
+            }
+        }
+    }
+
+    /// The one place that writes an error frame: `refusal` answers request `rid` of type
+    /// `failed_type`.
+    pub fn refuse(&mut self, conn: ConnId, rid: u32, failed_type: u16, refusal: &dyn Refusal) {
+        self.send(conn, rid, &error_frame(failed_type, refusal));
+    }
+
+    /// A refused send, as the `SendError` the client matches to its message.
+    pub fn refuse_send(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        client_message_id: u64,
+        refusal: &SendRefusal,
+    ) {
+        self.send(conn, rid, &send_error(client_message_id, refusal));
+    }
+
+    // -- closing and failing -------------------------------------------------------------
+
+    /// Closes `conn` once its output is flushed (within the close grace, or the auth
+    /// deadline for a connection that never authenticated: its TLS handshake may have
+    /// to finish first so that the client reads the error).
+    pub fn close(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if !c.closing {
+            c.closing = true;
+            let grace = now_ms.saturating_add(CLOSE_GRACE_MS);
+            let deadline = match c.state {
+                ConnState::Authenticated { .. } => grace,
+                _ => c.auth_deadline_ms.max(grace),
+            };
+            c.close_deadline_ms = Some(deadline);
+            self.deadlines.push(Reverse((deadline, conn)));
+        }
+        self.wake(conn);
+    }
+
+    /// Counts `conn` as failed, once per connection.
+    pub fn note_failed(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.failed {
+                c.failed = true;
+                self.counters.failed += 1;
+            }
+        }
+    }
+
+    /// A protocol error: counted, answered with `refusal`, then closed.
+    pub fn fatal(
+        &mut self,
+        conn: ConnId,
+        rid: u32,
+        failed_type: u16,
+        refusal: &dyn Refusal,
+        now_ms: u64,
+    ) {
+        self.counters.protocol_errors += 1;
+        self.note_failed(conn);
+        self.refuse(conn, rid, failed_type, refusal);
+        self.close(conn, now_ms);
+    }
+
+    /// Whether `conn` must be dropped now (its close outlived its grace, or it is gone).
+    pub fn must_abort(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_none_or(|c| c.abort)
+    }
+
+    /// Whether `conn` closes once flushed.
+    pub fn is_closing(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_none_or(|c| c.closing)
+    }
+
+    // -- deadlines -----------------------------------------------------------------------
+
+    /// A whole frame arrived on `conn` (only whole frames count as traffic).
+    pub fn touch(&mut self, conn: ConnId, now_ms: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.last_frame_ms = now_ms;
+        }
+    }
+
+    /// Moves `conn`'s auth deadline to `deadline_ms` if that is later (a device waiting
+    /// for its link to be approved waits for a person).
+    pub fn extend_auth_deadline(&mut self, conn: ConnId, deadline_ms: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.auth_deadline_ms = c.auth_deadline_ms.max(deadline_ms);
+        }
+    }
+
+    /// The earliest deadline (monotonic ms), if any connection has one.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.deadlines.peek().map(|Reverse((deadline, _))| *deadline)
+    }
+
+    /// The connections whose deadline passed by `now_ms`, and what that means for each.
+    pub fn take_expired(&mut self, now_ms: u64) -> Vec<(ConnId, Expiry)> {
+        let mut expired = Vec::new();
+        while let Some(&Reverse((deadline, conn))) = self.deadlines.peek() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            let actual = c.deadline_ms(self.idle_timeout_ms);
+            if actual > now_ms {
+                // It moved later (traffic, authentication): look again then.
+                self.deadlines.push(Reverse((actual, conn)));
+                continue;
+            }
+            if c.closing {
+                c.abort = true;
+                self.wake(conn);
+                expired.push((conn, Expiry::Aborted));
+            } else {
+                expired.push((conn, Expiry::TimedOut));
+            }
+        }
+        expired
+    }
+}
+
+/// The `ErrorFrame` for a refusal.
+pub fn error_frame(failed_type: u16, refusal: &dyn Refusal) -> ErrorFrame {
+    ErrorFrame {
+        code: refusal.code() as u16,
+        failed_type,
+        retry_after_ms: refusal.retry_after_ms(),
+        message: refusal.to_string(),
+    }
+}
+
+/// The `SendError` for a refused send.
+pub fn send_error(client_message_id: u64, refusal: &SendRefusal) -> SendError {
+    let (missing, extra) = match refusal {
+        SendRefusal::StaleDevices { missing, extra } => (missing.clone(), extra.clone()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    SendError {
+        client_message_id,
+        code: refusal.code() as u16,
+        retry_after_ms: refusal.retry_after_ms(),
+        missing_devices: missing,
+        extra_devices: extra,
+        message: refusal.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Traffic moves the idle deadline without heap work; the stale entry is found when
+    /// it comes due and pushed again; a connection that stays silent times out, and one
+    /// that does not flush its close in time is aborted.
+    #[test]
+    fn deadlines_follow_traffic_and_closes() {
+        let mut conns = Conns::new(100, 1000);
+        let conn = conns.open(None, None, 0);
+        assert_eq!(conns.poll_timeout(), Some(100));
+        conns.get_mut(conn).unwrap().state = ConnState::Authenticated { user_id: 1, device_id: 1 };
+        conns.touch(conn, 50);
+        assert!(conns.take_expired(100).is_empty(), "authenticated: the idle timeout runs");
+        assert_eq!(conns.poll_timeout(), Some(1050));
+        conns.touch(conn, 900);
+        assert!(conns.take_expired(1050).is_empty());
+        assert_eq!(conns.take_expired(1900), vec![(conn, Expiry::TimedOut)]);
+        conns.close(conn, 1900);
+        assert!(!conns.must_abort(conn));
+        assert_eq!(conns.take_expired(1900 + CLOSE_GRACE_MS), vec![(conn, Expiry::Aborted)]);
+        assert!(conns.must_abort(conn));
+    }
+}

@@ -1,0 +1,541 @@
+//! Registration: verification codes, their budgets, proofs of work, the registration
+//! lock, and the account a verified number gets.
+//!
+//! A code request passes the SMS-pumping defences first (budgets per client address and
+//! per number prefix, per hour; optionally a proof of work), then the per-number hourly
+//! limit; the code leaves as an effect (`Effect::SendCode`). A `Verify` is checked
+//! against the pending code (a few wrong tries burn it), then the new device's prekey
+//! signatures and, for a locked number, the PIN are checked off the core's thread
+//! (Argon2id is slow by design). Only then is the code used up — checked again, since
+//! another `Verify` may have used it meanwhile — and the account created (or moved to
+//! the new primary device, revoking every old device and token).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use rand_core::RngCore;
+use tern_engine::{DeviceRecord, Shard, StateOp, Storage, WriteError};
+use tern_wire::accounts::pow_solves;
+use tern_wire::messages::{
+    ArchivedRequestCode, ArchivedSetRegistrationLock, ArchivedVerify, CodeSent, DeviceId, Done,
+    NewDevice, PowChallenge, Registered, Token, UserId,
+};
+use tern_wire::MessageType;
+
+use super::conns::ConnId;
+use super::effects::Effect;
+use super::shared::Shared;
+use crate::limits::HourlyWindow;
+use crate::refusal::{retry_hint, RegistrationRefusal, StorageRefusal};
+use crate::routing::home_shard_of_phone;
+use crate::secrets;
+use crate::work::{CheckDeviceKeys, CheckPin, HashPin};
+
+/// Wrong registration-lock PINs accepted per number and day.
+const PIN_ATTEMPTS_PER_DAY: u32 = 5;
+/// How long a proof-of-work challenge stays valid.
+const POW_TTL_MS: u64 = 10 * 60 * 1000;
+/// Expired codes, challenges and PIN counts are swept at most this often.
+const SWEEP_INTERVAL_MS: u64 = 60_000;
+const DAY_MS: u64 = 24 * 3600 * 1000;
+/// Digits of a verification code.
+const CODE_DIGITS: u32 = 6;
+
+#[derive(Debug)]
+struct PendingCode {
+    code: String,
+    expires_ms: u64,
+    attempts_left: u32,
+}
+
+/// A verification waiting for its checks off the core's thread.
+#[derive(Debug)]
+struct PendingVerify {
+    conn: ConnId,
+    rid: u32,
+    phone: String,
+    code: String,
+    device: NewDevice,
+    pin: Option<String>,
+}
+
+/// A newly registered device, for the caller to index and to end the old sessions of.
+#[derive(Debug)]
+pub struct NewAccount {
+    /// The account.
+    pub user_id: UserId,
+    /// Its phone number.
+    pub phone: String,
+    /// Whether it existed before (then its old devices were revoked).
+    pub moved: bool,
+}
+
+/// Registration state of one core (the numbers homed on its shards).
+#[derive(Debug)]
+pub struct Registration {
+    codes: HashMap<String, PendingCode>,
+    per_number: HourlyWindow<String>,
+    per_prefix: HourlyWindow<String>,
+    per_address: HourlyWindow<IpAddr>,
+    /// Outstanding proof-of-work challenges per phone number: (challenge, expires).
+    challenges: HashMap<String, (Vec<u8>, u64)>,
+    /// Wrong registration-lock PINs per phone number: (day, count).
+    pin_attempts: HashMap<String, (u64, u32)>,
+    /// Verifications whose device keys are being checked, by work token.
+    key_checks: HashMap<u64, PendingVerify>,
+    /// Verifications whose PIN is being checked, by work token.
+    pin_checks: HashMap<u64, PendingVerify>,
+    /// Registration-lock changes whose PIN is being hashed: token → (conn, rid, user).
+    pin_hashes: HashMap<u64, (ConnId, u32, UserId)>,
+    last_sweep_ms: u64,
+}
+
+/// Why a code request was answered without a code.
+enum Held {
+    Refused(RegistrationRefusal),
+    Challenged(PowChallenge),
+}
+
+/// What a code sent is counted under.
+struct BudgetKeys {
+    prefix: String,
+    address: Option<IpAddr>,
+}
+
+impl Registration {
+    /// Empty, with the budgets of `config`.
+    pub fn new(config: &super::config::CoreConfig) -> Registration {
+        Registration {
+            codes: HashMap::new(),
+            per_number: HourlyWindow::new(config.code_requests_per_hour),
+            per_prefix: HourlyWindow::new(config.code_requests_per_prefix_per_hour),
+            per_address: HourlyWindow::new(config.code_requests_per_address_per_hour),
+            challenges: HashMap::new(),
+            pin_attempts: HashMap::new(),
+            key_checks: HashMap::new(),
+            pin_checks: HashMap::new(),
+            pin_hashes: HashMap::new(),
+            last_sweep_ms: 0,
+        }
+    }
+
+    /// A client asks for a verification code for a number homed here.
+    pub fn request_code<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        rid: u32,
+        request: &ArchivedRequestCode,
+    ) {
+        let now_ms = shared.now_ms();
+        self.sweep(now_ms);
+        let ty = MessageType::RequestCode.code();
+        let phone = request.phone.as_str();
+        let held = match self.admit(shared, conn, request) {
+            Ok(keys) => match self.per_number.check(&phone.to_string(), now_ms) {
+                Ok(()) => Ok(keys),
+                Err(wait) => Err(Held::Refused(RegistrationRefusal::NumberBudget {
+                    retry_after_ms: retry_hint(wait),
+                })),
+            },
+            Err(held) => Err(held),
+        };
+        let keys = match held {
+            Ok(keys) => keys,
+            Err(Held::Refused(refusal)) => return shared.conns.refuse(conn, rid, ty, &refusal),
+            Err(Held::Challenged(challenge)) => return shared.conns.send(conn, rid, &challenge),
+        };
+        self.per_number.record(phone.to_string(), now_ms);
+        self.per_prefix.record(keys.prefix, now_ms);
+        if let Some(address) = keys.address {
+            self.per_address.record(address, now_ms);
+        }
+        let code = secrets::new_code(&mut shared.random, CODE_DIGITS);
+        shared.counters.codes_sent += 1;
+        shared.effects.push(Effect::SendCode { phone: phone.to_string(), code: code.clone() });
+        let expires_ms = now_ms + shared.config.code_ttl_ms;
+        let attempts_left = shared.config.code_attempts_max;
+        self.codes.insert(phone.to_string(), PendingCode { code, expires_ms, attempts_left });
+        let sent = CodeSent {
+            expires_in_s: (shared.config.code_ttl_ms / 1000) as u32,
+            retry_after_s: 0,
+            code_length: CODE_DIGITS as u8,
+        };
+        shared.conns.send(conn, rid, &sent);
+    }
+
+    /// The defences before a code is sent: a valid number, the address and prefix
+    /// budgets, and (if configured) a solved proof of work.
+    fn admit<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        request: &ArchivedRequestCode,
+    ) -> Result<BudgetKeys, Held> {
+        let phone = request.phone.as_str();
+        if !valid_phone(phone) {
+            return Err(Held::Refused(RegistrationRefusal::BadPhone));
+        }
+        let now_ms = shared.now_ms();
+        let prefix: String = phone.chars().take(6).collect();
+        let address = shared
+            .conns
+            .get(conn)
+            .and_then(|c| c.peer_ip)
+            .filter(|ip| shared.config.code_budget_loopback || !ip.is_loopback())
+            .map(address_budget_key);
+        let refused =
+            match address.map(|a| self.per_address.check(&a, now_ms)) {
+                Some(Err(wait)) => {
+                    Some(RegistrationRefusal::AddressBudget { retry_after_ms: retry_hint(wait) })
+                }
+                _ => self.per_prefix.check(&prefix, now_ms).err().map(|wait| {
+                    RegistrationRefusal::PrefixBudget { retry_after_ms: retry_hint(wait) }
+                }),
+            };
+        if let Some(refusal) = refused {
+            shared.counters.codes_refused += 1;
+            return Err(Held::Refused(refusal));
+        }
+        self.proof_of_work(shared, request)?;
+        Ok(BudgetKeys { prefix, address })
+    }
+
+    /// With proofs of work on: a request without a solution to this number's current
+    /// challenge gets a new challenge instead of a code.
+    fn proof_of_work<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        request: &ArchivedRequestCode,
+    ) -> Result<(), Held> {
+        let bits = shared.config.code_pow_bits;
+        if bits == 0 {
+            return Ok(());
+        }
+        let phone = request.phone.as_str();
+        let now_ms = shared.now_ms();
+        let solved = match (request.proof_of_work.as_ref(), self.challenges.get(phone)) {
+            (Some(pow), Some((challenge, expires))) => {
+                *expires > now_ms
+                    && pow.challenge.as_slice() == challenge.as_slice()
+                    && pow_solves(challenge, pow.nonce.to_native(), bits)
+            }
+            _ => false,
+        };
+        if solved {
+            self.challenges.remove(phone);
+            return Ok(());
+        }
+        let mut challenge = vec![0u8; 16];
+        shared.random.fill_bytes(&mut challenge);
+        self.challenges.insert(phone.to_string(), (challenge.clone(), now_ms + POW_TTL_MS));
+        shared.counters.pow_challenges += 1;
+        Err(Held::Challenged(PowChallenge { challenge, difficulty_bits: bits }))
+    }
+
+    /// Checks a submitted code against the pending one (a wrong one costs a try).
+    fn check_code(
+        &mut self,
+        phone: &str,
+        submitted: &str,
+        now_ms: u64,
+    ) -> Result<(), RegistrationRefusal> {
+        let Some(pending) = self.codes.get_mut(phone) else {
+            return Err(RegistrationRefusal::NoCode);
+        };
+        if pending.expires_ms <= now_ms {
+            return Err(RegistrationRefusal::CodeExpired);
+        }
+        if secrets::code_matches(submitted, &pending.code) {
+            return Ok(());
+        }
+        pending.attempts_left = pending.attempts_left.saturating_sub(1);
+        if pending.attempts_left == 0 {
+            self.codes.remove(phone);
+            return Err(RegistrationRefusal::WrongCodeBurnt);
+        }
+        Err(RegistrationRefusal::WrongCode)
+    }
+
+    /// A client verifies its number with the code and the new device's keys.
+    pub fn verify<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        rid: u32,
+        verify: &ArchivedVerify,
+    ) {
+        let ty = MessageType::Verify.code();
+        let phone = verify.phone.as_str();
+        if let Err(refusal) = self.check_code(phone, verify.code.as_str(), shared.now_ms()) {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
+        let Ok(device) = rkyv::deserialize::<NewDevice, rkyv::rancor::Failure>(&verify.device)
+        else {
+            return shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::UnreadableKeys);
+        };
+        // Checked before the code is used up: a client bug does not cost a new code.
+        let token = shared.effects.work(CheckDeviceKeys(device.keys.clone()));
+        let pending = PendingVerify {
+            conn,
+            rid,
+            phone: phone.to_string(),
+            code: verify.code.as_str().to_string(),
+            device,
+            pin: verify.registration_lock_pin.as_ref().map(|p| p.as_str().to_string()),
+        };
+        self.key_checks.insert(token, pending);
+    }
+
+    /// The new device's keys were checked: on to the registration lock.
+    pub fn on_device_keys_checked<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        token: u64,
+        checked: Result<(), &'static str>,
+    ) -> Option<NewAccount> {
+        let pending = self.key_checks.remove(&token)?;
+        let ty = MessageType::Verify.code();
+        if let Err(why) = checked {
+            shared.conns.refuse(
+                pending.conn,
+                pending.rid,
+                ty,
+                &RegistrationRefusal::BadKeys { why },
+            );
+            return None;
+        }
+        let Some(lock) = registration_lock(shared, &pending.phone) else {
+            return self.register(shared, pending);
+        };
+        // A locked number moves only with its PIN; wrong PINs are limited per number and
+        // day (the code stays valid meanwhile).
+        if let Err(refusal) = self.pin_budget(&pending.phone, shared.now_ms()) {
+            shared.conns.refuse(pending.conn, pending.rid, ty, &refusal);
+            return None;
+        }
+        let Some(pin) = pending.pin.clone() else {
+            self.wrong_pin(shared, pending);
+            return None;
+        };
+        let token = shared.effects.work(CheckPin { pin, hash: lock });
+        self.pin_checks.insert(token, pending);
+        None
+    }
+
+    /// A registration-lock PIN was checked.
+    pub fn on_pin_checked<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        token: u64,
+        matches: bool,
+    ) -> Option<NewAccount> {
+        let pending = self.pin_checks.remove(&token)?;
+        if matches {
+            return self.register(shared, pending);
+        }
+        self.wrong_pin(shared, pending);
+        None
+    }
+
+    fn pin_budget(&mut self, phone: &str, now_ms: u64) -> Result<(), RegistrationRefusal> {
+        let day = now_ms / DAY_MS;
+        let attempts = self.pin_attempts.entry(phone.to_string()).or_insert((day, 0));
+        if attempts.0 != day {
+            *attempts = (day, 0);
+        }
+        if attempts.1 >= PIN_ATTEMPTS_PER_DAY {
+            let wait = ((day + 1) * DAY_MS).saturating_sub(now_ms);
+            return Err(RegistrationRefusal::PinTries { retry_after_ms: retry_hint(wait) });
+        }
+        Ok(())
+    }
+
+    fn wrong_pin<S: Storage>(&mut self, shared: &mut Shared<S>, pending: PendingVerify) {
+        if let Some(attempts) = self.pin_attempts.get_mut(&pending.phone) {
+            attempts.1 += 1;
+        }
+        let ty = MessageType::Verify.code();
+        shared.conns.refuse(pending.conn, pending.rid, ty, &RegistrationRefusal::Locked);
+    }
+
+    /// Uses the code up (if no other verification did meanwhile) and registers.
+    fn register<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        pending: PendingVerify,
+    ) -> Option<NewAccount> {
+        let PendingVerify { conn, rid, phone, code, device, .. } = pending;
+        let ty = MessageType::Verify.code();
+        let still_valid = self.codes.get(&phone).is_some_and(|p| {
+            p.expires_ms > shared.now_ms() && secrets::code_matches(&code, &p.code)
+        });
+        if !still_valid {
+            shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::CodeUsed);
+            return None;
+        }
+        self.codes.remove(&phone);
+        let shard_id = home_shard_of_phone(&phone, shared.shards.count());
+        let Some(handle) = shared.shards.local(shard_id).cloned() else {
+            shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::WrongCore);
+            return None;
+        };
+        let token = secrets::new_token(&mut shared.random);
+        let now_ms = shared.now_ms();
+        let created = create_account(&mut handle.borrow_mut(), &phone, device, &token, now_ms);
+        match created {
+            Ok((user_id, new_account, seq)) => {
+                let registered = Registered { user_id, device_id: 1, token, new_account };
+                shared.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
+                Some(NewAccount { user_id, phone, moved: !new_account })
+            }
+            Err(error) => {
+                let refusal = RegistrationRefusal::Storage { refusal: StorageRefusal::of(&error) };
+                shared.conns.refuse(conn, rid, ty, &refusal);
+                None
+            }
+        }
+    }
+
+    /// The primary device sets (or removes) the registration lock; a PIN is hashed off
+    /// the core's thread first.
+    pub fn set_lock<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        conn: ConnId,
+        rid: u32,
+        me: (UserId, DeviceId),
+        lock: &ArchivedSetRegistrationLock,
+    ) {
+        if me.1 != 1 {
+            let ty = MessageType::SetRegistrationLock.code();
+            return shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::NotPrimary);
+        }
+        match lock.pin.as_ref() {
+            Some(pin) => {
+                let mut salt = [0u8; 16];
+                shared.random.fill_bytes(&mut salt);
+                let token = shared.effects.work(HashPin { pin: pin.as_str().to_string(), salt });
+                self.pin_hashes.insert(token, (conn, rid, me.0));
+            }
+            None => store_lock(shared, conn, rid, me.0, None),
+        }
+    }
+
+    /// A new registration-lock PIN was hashed.
+    pub fn on_pin_hashed<S: Storage>(&mut self, shared: &mut Shared<S>, token: u64, hash: Vec<u8>) {
+        if let Some((conn, rid, user_id)) = self.pin_hashes.remove(&token) {
+            store_lock(shared, conn, rid, user_id, Some(hash));
+        }
+    }
+
+    /// Drops expired codes and challenges and yesterday's PIN counts: this state stays
+    /// as small as the numbers active now.
+    fn sweep(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_sweep_ms) < SWEEP_INTERVAL_MS {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        self.codes.retain(|_, c| c.expires_ms > now_ms);
+        self.challenges.retain(|_, (_, expires)| *expires > now_ms);
+        let today = now_ms / DAY_MS;
+        self.pin_attempts.retain(|_, (day, _)| *day == today);
+    }
+}
+
+fn store_lock<S: Storage>(
+    shared: &mut Shared<S>,
+    conn: ConnId,
+    rid: u32,
+    user_id: UserId,
+    pin_hash: Option<Vec<u8>>,
+) {
+    let op = StateOp::SetRegistrationLock { user_id, pin_hash };
+    match shared.shards.apply_for(user_id, op) {
+        Some(Ok(wait)) => shared.reply_when_durable(conn, rid, &Done {}, vec![wait]),
+        Some(Err(error)) => {
+            let ty = MessageType::SetRegistrationLock.code();
+            shared.conns.refuse(conn, rid, ty, &StorageRefusal::of(&error));
+        }
+        None => {}
+    }
+}
+
+/// The PIN hash of `phone`'s account, if it is locked (homed here).
+fn registration_lock<S: Storage>(shared: &Shared<S>, phone: &str) -> Option<Vec<u8>> {
+    let shard = shared.shards.local(home_shard_of_phone(phone, shared.shards.count()))?;
+    let shard = shard.borrow();
+    let user = shard.state().user_by_phone(phone)?;
+    shard.state().account(user)?.registration_lock.clone()
+}
+
+/// E.164: '+' and 8 to 15 digits.
+fn valid_phone(phone: &str) -> bool {
+    let digits = phone.strip_prefix('+').unwrap_or("");
+    (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// What a per-address budget counts: an IPv4 address, or the /64 network of an IPv6
+/// address (one host usually holds a whole /64, so single addresses cost nothing).
+fn address_budget_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
+/// Creates the account for `phone` (or moves an existing one to a new primary device,
+/// revoking every old device and token). Returns (user id, new account?, record seq).
+fn create_account<S: Storage>(
+    shard: &mut Shard<S>,
+    phone: &str,
+    device: NewDevice,
+    token: &Token,
+    now_ms: u64,
+) -> Result<(UserId, bool, u64), WriteError> {
+    let (user_id, new_account) = match shard.state().user_by_phone(phone) {
+        Some(user_id) => (user_id, false),
+        None => {
+            let user_id = shard.allocate_message_id(now_ms);
+            shard.apply_state(StateOp::PutAccount {
+                user_id,
+                phone: phone.to_string(),
+                created_ms: now_ms,
+            })?;
+            (user_id, true)
+        }
+    };
+    if !new_account {
+        let old: Vec<DeviceId> = shard
+            .state()
+            .account(user_id)
+            .map(|a| a.devices.iter().map(|d| d.device_id).collect())
+            .unwrap_or_default();
+        for device_id in old.into_iter().filter(|d| *d != 1) {
+            shard.apply_state(StateOp::RemoveDevice { user_id, device_id })?;
+        }
+    }
+    let record = device_record(1, device, token, now_ms);
+    let seq = shard.apply_state(StateOp::PutDevice { user_id, device: record })?;
+    Ok((user_id, new_account, seq))
+}
+
+/// The stored form of a new device with `token`.
+pub fn device_record(
+    device_id: DeviceId,
+    device: NewDevice,
+    token: &Token,
+    now_ms: u64,
+) -> DeviceRecord {
+    DeviceRecord {
+        device_id,
+        name: device.name,
+        token_hash: secrets::token_hash(token),
+        identity_key: device.keys.identity_key,
+        signing_key: device.keys.signing_key,
+        fallback_key: device.keys.fallback_key,
+        one_time_keys: device.keys.one_time_keys,
+        push: None,
+        created_ms: now_ms,
+    }
+}
