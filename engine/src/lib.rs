@@ -30,8 +30,11 @@ pub use body::{
 };
 pub use error::{CorruptRecord, OpenError, WriteError};
 pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
-pub use shard::{
-    Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
-    ShardConfig, ShardCounters, ShardHandle,
-};
+pub use shard::config::{ShardConfig, ShardCounters};
+pub use shard::durable::Durable;
+pub use shard::handle::ShardHandle;
+pub use shard::index::{MailboxEntry, MailboxRead};
+pub use shard::loc::{DeviceAddr, Loc};
+pub use shard::segments::SegmentStats;
+pub use shard::{Appended, Shard};
 pub use storage::{PowerCut, ReadOnlyStorage, SimStorage, StdStorage, Storage, StorageFile};

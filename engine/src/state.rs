@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use tern_wire::messages::{DeviceId, GroupId, MediaId, PrivacySettings, UserId, Visibility};
 
-use crate::body::{AccountRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp};
+use crate::body::{
+    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
+};
 
 /// Privacy settings of a new account.
 pub fn default_privacy() -> PrivacySettings {
@@ -169,15 +171,11 @@ impl StateTables {
     }
 
     /// A device.
-    pub fn device(&self, user_id: UserId, device_id: DeviceId) -> Option<&crate::DeviceRecord> {
+    pub fn device(&self, user_id: UserId, device_id: DeviceId) -> Option<&DeviceRecord> {
         self.accounts.get(&user_id)?.devices.iter().find(|d| d.device_id == device_id)
     }
 
-    fn device_mut(
-        &mut self,
-        user_id: UserId,
-        device_id: DeviceId,
-    ) -> Option<&mut crate::DeviceRecord> {
+    fn device_mut(&mut self, user_id: UserId, device_id: DeviceId) -> Option<&mut DeviceRecord> {
         self.accounts.get_mut(&user_id)?.devices.iter_mut().find(|d| d.device_id == device_id)
     }
 }

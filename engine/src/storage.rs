@@ -530,7 +530,7 @@ impl StorageFile for SimFileHandle {
             return Err(error);
         }
         assert!(
-            offset % alignment == 0 && bytes.len() as u64 % alignment == 0,
+            offset.is_multiple_of(alignment) && (bytes.len() as u64).is_multiple_of(alignment),
             "unaligned write: {} bytes at {offset} (alignment {alignment})",
             bytes.len()
         );
