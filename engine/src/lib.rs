@@ -17,6 +17,7 @@
 pub mod body;
 pub mod checkpoint;
 mod error;
+mod handle;
 pub mod manifest;
 pub mod record;
 mod recovery;
@@ -29,10 +30,10 @@ pub use body::{
     AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
 };
 pub use error::{CorruptRecord, OpenError, WriteError};
+pub use handle::ShardHandle;
 pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
 pub use shard::config::{ShardConfig, ShardCounters};
 pub use shard::durable::Durable;
-pub use shard::handle::ShardHandle;
 pub use shard::index::{MailboxEntry, MailboxRead};
 pub use shard::loc::{DeviceAddr, Loc};
 pub use shard::segments::SegmentStats;

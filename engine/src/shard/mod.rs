@@ -3,14 +3,14 @@
 //!
 //! The shard is split the quinn way. [`Shard`] is plain owned state with synchronous
 //! methods: appends queue records into the pending batch and update the in-memory
-//! index at once; nothing here awaits. [`ShardHandle`](crate::ShardHandle) (`handle.rs`)
-//! wraps it in `Rc<RefCell<_>>` and owns the I/O: its `commit` takes the pending batch
-//! out (a short borrow), writes and syncs it with no borrow held — so appends keep
-//! arriving meanwhile and form the next batch by themselves — then marks it durable. That
-//! is group commit with no timer: an idle shard commits one record at once, a busy one
-//! commits whatever accumulated during the previous sync.
+//! index at once; nothing here awaits. [`ShardHandle`](crate::ShardHandle)
+//! (`engine/src/handle.rs`) wraps it in `Rc<RefCell<_>>` and owns the I/O: its `commit`
+//! takes the pending batch out (a short borrow), writes and syncs it with no borrow held
+//! — so appends keep arriving meanwhile and form the next batch by themselves — then
+//! marks it durable. That is group commit with no timer: an idle shard commits one
+//! record at once, a busy one commits whatever accumulated during the previous sync.
 //!
-//! The parts, leaves first (no module here uses this one, so the graph stays acyclic):
+//! The parts, leaves first:
 //! - `loc.rs`: [`Loc`] and [`DeviceAddr`], the terms every part speaks in;
 //! - `config.rs`: [`ShardConfig`] and [`ShardCounters`];
 //! - `durable.rs`: the durable watermark and the [`Durable`] future;
@@ -18,12 +18,13 @@
 //! - `segments.rs`: the log as readers see it, with per-segment accounting;
 //! - `index.rs`: the mailboxes (per-device queues of [`Loc`]s) and shared references;
 //! - `log.rs`: the write side, pending batches and group commit;
-//! - `reclaim.rs`: which segments to compact and which to delete;
-//! - `handle.rs`: [`ShardHandle`](crate::ShardHandle), the async side (open, commit,
-//!   checkpoint, reclaim).
+//! - `reclaim.rs`: which segments to compact and which to delete.
 //!
-//! Recovery (`recovery.rs`) builds the parts and [`Shard::from_parts`] takes them over;
-//! checkpoints (`checkpoint.rs`) capture and restore the parts, never the `Shard`.
+//! No part names anything defined in this file, so shared types live in the leaves and
+//! the module graph is acyclic. Above the shard, in `engine/src/`: recovery
+//! (`recovery.rs`) builds the parts and [`Shard::from_parts`] takes them over;
+//! checkpoints (`checkpoint.rs`) capture and restore the parts, never the `Shard`; and
+//! the handle (`handle.rs`) drives the I/O.
 //!
 //! Visibility: index entries point into the log by [`Loc`]; a mailbox read stops at the
 //! first entry at or past the durable end, so nothing is served before it is on disk.
@@ -31,7 +32,6 @@
 pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod durable;
-pub(crate) mod handle;
 pub(crate) mod ids;
 pub(crate) mod index;
 pub(crate) mod loc;
@@ -421,7 +421,7 @@ impl<S: Storage> Shard<S> {
     }
 }
 
-// What the handle (`handle.rs`) drives: building the shard, and the synchronous halves
+// What the handle (`engine/src/handle.rs`) drives: building the shard, and the synchronous halves
 // of commit, checkpoint and reclaim.
 impl<S: Storage> Shard<S> {
     /// Takes over the parts recovery rebuilt.

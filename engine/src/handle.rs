@@ -4,17 +4,21 @@
 //! Every method here follows one rule: borrow the shard only for synchronous steps and
 //! never across an `.await`. So a commit takes its job out under a short borrow and runs
 //! it with none held, and appends arriving meanwhile form the next batch.
+//!
+//! The handle sits above the shard (beside `recovery.rs`, which it calls to open one),
+//! not inside `shard/`: it uses the `Shard` type, and no part of `shard/` may, so the
+//! module graph stays acyclic.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::config::ShardConfig;
-use super::log::CommitStep;
-use super::Shard;
 use crate::checkpoint;
 use crate::error::{OpenError, WriteError};
 use crate::record::segment_file_name;
 use crate::recovery;
+use crate::shard::config::ShardConfig;
+use crate::shard::log::CommitStep;
+use crate::shard::Shard;
 use crate::storage::Storage;
 
 /// A shard shared by the tasks of one core: appends through [`ShardHandle::borrow_mut`],
