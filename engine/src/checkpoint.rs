@@ -6,15 +6,20 @@
 //! frame of the rkyv archive of [`Snapshot`]. Written to a temp file, synced, renamed,
 //! directory synced: a crash leaves either the old or the new checkpoint, never half.
 
+use std::collections::{BTreeMap, VecDeque};
+
 use rkyv::rancor::Failure;
 use rkyv::{Archive, Deserialize, Serialize};
 use tern_wire::encode_archive;
 use tern_wire::messages::{DeviceId, GroupId, MediaId, UserId};
 
 use crate::body::{AccountRecord, GroupRecord, MediaRecord, ReportRecord};
-use crate::shard::{SegmentStats, Shard};
+use crate::shard::config::ShardConfig;
+use crate::shard::dedup::Dedup;
+use crate::shard::index::Index;
+use crate::shard::loc::Loc;
+use crate::shard::segments::SegmentStats;
 use crate::state::StateTables;
-use crate::storage::Storage;
 
 /// Checkpoint file magic.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"TERNCKP1";
@@ -163,56 +168,134 @@ pub struct Snapshot {
     pub conversation_seqs: Vec<(UserId, DeviceId, UserId, u64)>,
 }
 
+/// What a checkpoint captures, borrowed from a shard with nothing pending.
+pub(crate) struct CapturedParts<'a> {
+    /// The mailbox index.
+    pub(crate) index: &'a Index,
+    /// Per-segment accounting.
+    pub(crate) segment_stats: &'a BTreeMap<u32, SegmentStats>,
+    /// The state tables.
+    pub(crate) state: &'a StateTables,
+    /// The dedup window.
+    pub(crate) dedup: &'a Dedup,
+    /// The highest message id of the shard.
+    pub(crate) last_message_id: u64,
+    /// The next record sequence number (everything before it is covered).
+    pub(crate) next_record_seq: u64,
+}
+
+/// What a checkpoint restores: the parts of a shard as they were after `covered_seq`.
+#[derive(Debug)]
+pub(crate) struct RestoredParts {
+    /// The mailbox index (record bytes summed lazily).
+    pub(crate) index: Index,
+    /// Per-segment accounting.
+    pub(crate) segment_stats: BTreeMap<u32, SegmentStats>,
+    /// The state tables.
+    pub(crate) state: StateTables,
+    /// The dedup window.
+    pub(crate) dedup: Dedup,
+    /// The highest message id of the shard.
+    pub(crate) last_message_id: u64,
+    /// Every record up to and including this one is reflected.
+    pub(crate) covered_seq: u64,
+    /// Mailboxes dropped as corrupt (past the sequence bound).
+    pub(crate) corrupt_records: u64,
+}
+
+impl RestoredParts {
+    /// What a shard without a checkpoint starts from: nothing.
+    pub(crate) fn empty(config: &ShardConfig) -> RestoredParts {
+        RestoredParts {
+            index: Index::default(),
+            segment_stats: BTreeMap::new(),
+            state: StateTables::default(),
+            dedup: Dedup::new(config),
+            last_message_id: 0,
+            covered_seq: 0,
+            corrupt_records: 0,
+        }
+    }
+}
+
 impl Snapshot {
-    /// Captures a shard with nothing pending.
-    pub(crate) fn capture<S: Storage>(shard: &Shard<S>) -> Snapshot {
-        let parts = shard.snapshot_parts();
-        let (mailboxes, shared, stats, state, dedup) =
-            (parts.mailboxes, parts.shared_refs, parts.stats, parts.state, parts.dedup);
-        let (last_message_id, next_record_seq) = (parts.last_message_id, parts.next_record_seq);
-        let mut mailboxes: Vec<MailboxSnapshot> = mailboxes
-            .iter()
-            .map(|(&(user_id, device_id), mailbox)| {
-                let (head_seq, entries) = Shard::<S>::mailbox_parts(mailbox);
-                MailboxSnapshot {
-                    user_id,
-                    device_id,
-                    head_seq,
-                    entries: entries.iter().map(|l| (l.segment_id, l.offset)).collect(),
-                }
+    /// Captures the parts of a shard with nothing pending. Every list is sorted, so the
+    /// same shard always gives the same bytes.
+    pub(crate) fn capture(parts: CapturedParts<'_>) -> Snapshot {
+        let mut mailboxes: Vec<MailboxSnapshot> = parts
+            .index
+            .mailboxes()
+            .map(|((user_id, device_id), head_seq, entries)| MailboxSnapshot {
+                user_id,
+                device_id,
+                head_seq,
+                entries: entries.iter().map(|l| (l.segment_id, l.offset)).collect(),
             })
             .collect();
         mailboxes.sort_by_key(|m| (m.user_id, m.device_id));
         let mut shared_refs: Vec<_> =
-            shared.iter().map(|(l, r)| (l.segment_id, l.offset, *r)).collect();
+            parts.index.shared_refs().map(|(l, r)| (l.segment_id, l.offset, r)).collect();
         shared_refs.sort_unstable();
-        let segments = stats.iter().map(|(&id, s)| SegmentSnapshot::of(id, s)).collect();
-        let mut dedup: Vec<_> = dedup
-            .iter()
-            .map(|(&(sender_user, sender_device, client_message_id), &(id, time_ms))| {
-                DedupSnapshot {
-                    sender_user,
-                    sender_device,
-                    client_message_id,
-                    server_message_id: id,
-                    time_ms,
-                }
+        let segments =
+            parts.segment_stats.iter().map(|(&id, s)| SegmentSnapshot::of(id, s)).collect();
+        let mut dedup: Vec<_> = parts
+            .dedup
+            .sends()
+            .map(|((sender_user, sender_device, client_message_id), id, time_ms)| DedupSnapshot {
+                sender_user,
+                sender_device,
+                client_message_id,
+                server_message_id: id,
+                time_ms,
             })
             .collect();
         dedup.sort_by_key(|d| (d.time_ms, d.sender_user, d.sender_device, d.client_message_id));
         let mut conversation_seqs: Vec<_> =
-            parts.conversation_seqs.iter().map(|(&(o, d, s), &seq)| (o, d, s, seq)).collect();
+            parts.index.conversation_seqs().map(|((o, d, s), seq)| (o, d, s, seq)).collect();
         conversation_seqs.sort_unstable();
         Snapshot {
-            covered_seq: next_record_seq.saturating_sub(1),
-            next_record_seq,
-            last_message_id,
+            covered_seq: parts.next_record_seq.saturating_sub(1),
+            next_record_seq: parts.next_record_seq,
+            last_message_id: parts.last_message_id,
             mailboxes,
             shared_refs,
             segments,
-            state: StateSnapshot::of(state),
+            state: StateSnapshot::of(parts.state),
             dedup,
             conversation_seqs,
+        }
+    }
+
+    /// The parts of a shard again (the dedup window bounded by `config`).
+    pub(crate) fn into_parts(self, config: &ShardConfig) -> RestoredParts {
+        let mailboxes = self.mailboxes.into_iter().map(|m| {
+            let entries: VecDeque<Loc> = m
+                .entries
+                .into_iter()
+                .map(|(segment_id, offset)| Loc { segment_id, offset })
+                .collect();
+            ((m.user_id, m.device_id), m.head_seq, entries)
+        });
+        let shared_refs = self
+            .shared_refs
+            .into_iter()
+            .map(|(segment_id, offset, refs)| (Loc { segment_id, offset }, refs));
+        let conversation_seqs = self
+            .conversation_seqs
+            .into_iter()
+            .map(|(owner, device, sender, seq)| ((owner, device, sender), seq));
+        let (index, corrupt_records) = Index::restore(mailboxes, shared_refs, conversation_seqs);
+        let sends = self.dedup.into_iter().map(|d| {
+            ((d.sender_user, d.sender_device, d.client_message_id), d.server_message_id, d.time_ms)
+        });
+        RestoredParts {
+            index,
+            segment_stats: self.segments.iter().map(|s| (s.segment_id, s.stats())).collect(),
+            state: self.state.into_tables(),
+            dedup: Dedup::restore(config, sends.collect()),
+            last_message_id: self.last_message_id,
+            covered_seq: self.covered_seq,
+            corrupt_records,
         }
     }
 }

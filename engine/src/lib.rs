@@ -18,6 +18,7 @@ pub mod blobs;
 pub mod body;
 pub mod checkpoint;
 mod error;
+mod handle;
 pub mod manifest;
 pub mod record;
 mod recovery;
@@ -30,9 +31,12 @@ pub use body::{
     AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
 };
 pub use error::{CorruptRecord, OpenError, WriteError};
+pub use handle::ShardHandle;
 pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
-pub use shard::{
-    Appended, DeviceAddr, Durable, Loc, MailboxEntry, MailboxRead, SegmentStats, Shard,
-    ShardConfig, ShardCounters, ShardHandle,
-};
+pub use shard::config::{ShardConfig, ShardCounters};
+pub use shard::durable::Durable;
+pub use shard::index::{MailboxEntry, MailboxRead};
+pub use shard::loc::{DeviceAddr, Loc};
+pub use shard::segments::SegmentStats;
+pub use shard::{Appended, Shard};
 pub use storage::{PowerCut, ReadOnlyStorage, SimStorage, StdStorage, Storage, StorageFile};

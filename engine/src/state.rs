@@ -8,9 +8,13 @@
 
 use std::collections::HashMap;
 
-use tern_wire::messages::{DeviceId, GroupId, MediaId, PrivacySettings, UserId, Visibility};
+use tern_wire::messages::{
+    DeviceId, GroupId, MediaId, PrivacySettings, SignedPrekey, UserId, Visibility,
+};
 
-use crate::body::{AccountRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp};
+use crate::body::{
+    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
+};
 
 /// Privacy settings of a new account.
 pub fn default_privacy() -> PrivacySettings {
@@ -44,22 +48,7 @@ impl StateTables {
     pub fn apply(&mut self, op: &StateOp) {
         match op {
             StateOp::PutAccount { user_id, phone, created_ms } => {
-                self.phones.insert(phone.clone(), *user_id);
-                self.accounts.insert(
-                    *user_id,
-                    AccountRecord {
-                        user_id: *user_id,
-                        phone: phone.clone(),
-                        created_ms: *created_ms,
-                        devices: Vec::new(),
-                        registration_lock: None,
-                        contacts: Vec::new(),
-                        blocked: Vec::new(),
-                        profile: ProfileRecord::default(),
-                        privacy: default_privacy(),
-                        last_seen_ms: 0,
-                    },
-                );
+                self.put_account(*user_id, phone, *created_ms)
             }
             StateOp::DeleteAccount { user_id } => {
                 if let Some(account) = self.accounts.remove(user_id) {
@@ -67,45 +56,27 @@ impl StateTables {
                 }
             }
             StateOp::PutDevice { user_id, device } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.devices.retain(|d| d.device_id != device.device_id);
-                    account.devices.push(device.clone());
-                    account.devices.sort_by_key(|d| d.device_id);
-                }
+                self.with_account(*user_id, |a| put_device(a, device))
             }
-            StateOp::RemoveDevice { user_id, device_id } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.devices.retain(|d| d.device_id != *device_id);
-                }
-            }
+            StateOp::RemoveDevice { user_id, device_id } => self.with_account(*user_id, |a| {
+                a.devices.retain(|d| d.device_id != *device_id);
+            }),
             StateOp::SetToken { user_id, device_id, token_hash } => {
-                if let Some(device) = self.device_mut(*user_id, *device_id) {
-                    device.token_hash = *token_hash;
-                }
+                self.with_device(*user_id, *device_id, |d| d.token_hash = *token_hash)
             }
             StateOp::AddOneTimeKeys { user_id, device_id, keys } => {
-                if let Some(device) = self.device_mut(*user_id, *device_id) {
-                    for key in keys {
-                        if !device.one_time_keys.iter().any(|k| k.key_id == key.key_id) {
-                            device.one_time_keys.push(key.clone());
-                        }
-                    }
-                }
+                self.with_device(*user_id, *device_id, |d| add_one_time_keys(d, keys))
             }
             StateOp::SetFallbackKey { user_id, device_id, key } => {
-                if let Some(device) = self.device_mut(*user_id, *device_id) {
-                    device.fallback_key = key.clone();
-                }
+                self.with_device(*user_id, *device_id, |d| d.fallback_key = key.clone())
             }
             StateOp::ClaimOneTimeKey { user_id, device_id, key_id } => {
-                if let Some(device) = self.device_mut(*user_id, *device_id) {
-                    device.one_time_keys.retain(|k| k.key_id != *key_id);
-                }
+                self.with_device(*user_id, *device_id, |d| {
+                    d.one_time_keys.retain(|k| k.key_id != *key_id)
+                })
             }
             StateOp::SetPush { user_id, device_id, endpoint } => {
-                if let Some(device) = self.device_mut(*user_id, *device_id) {
-                    device.push = endpoint.clone();
-                }
+                self.with_device(*user_id, *device_id, |d| d.push = endpoint.clone())
             }
             StateOp::PutGroup { group } => {
                 self.groups.insert(group.group_id, group.clone());
@@ -114,37 +85,22 @@ impl StateTables {
                 self.groups.remove(group_id);
             }
             StateOp::SetBlocked { user_id, other, blocked } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.blocked.retain(|u| u != other);
-                    if *blocked {
-                        account.blocked.push(*other);
-                    }
-                }
+                self.with_account(*user_id, |a| set_blocked(a, *other, *blocked))
             }
             StateOp::SetProfile { user_id, profile } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.profile = profile.clone();
-                }
+                self.with_account(*user_id, |a| a.profile = profile.clone())
             }
             StateOp::SetPrivacy { user_id, privacy } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.privacy = privacy.clone();
-                }
+                self.with_account(*user_id, |a| a.privacy = privacy.clone())
             }
             StateOp::SetContacts { user_id, contacts } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.contacts = contacts.clone();
-                }
+                self.with_account(*user_id, |a| a.contacts = contacts.clone())
             }
             StateOp::SetRegistrationLock { user_id, pin_hash } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.registration_lock = pin_hash.clone();
-                }
+                self.with_account(*user_id, |a| a.registration_lock = pin_hash.clone())
             }
             StateOp::SetLastSeen { user_id, last_seen_ms } => {
-                if let Some(account) = self.accounts.get_mut(user_id) {
-                    account.last_seen_ms = *last_seen_ms;
-                }
+                self.with_account(*user_id, |a| a.last_seen_ms = *last_seen_ms)
             }
             StateOp::PutMedia { media } => {
                 self.media.insert(media.media_id, media.clone());
@@ -155,6 +111,45 @@ impl StateTables {
             StateOp::AddReport { report } => self.reports.push(report.clone()),
             // Kept by the shard's dedup window, not in the tables.
             StateOp::NoteSend { .. } => {}
+        }
+    }
+
+    /// Creates (or replaces) an account, with no devices and default settings.
+    fn put_account(&mut self, user_id: UserId, phone: &str, created_ms: u64) {
+        self.phones.insert(phone.to_owned(), user_id);
+        self.accounts.insert(
+            user_id,
+            AccountRecord {
+                user_id,
+                phone: phone.to_owned(),
+                created_ms,
+                devices: Vec::new(),
+                registration_lock: None,
+                contacts: Vec::new(),
+                blocked: Vec::new(),
+                profile: ProfileRecord::default(),
+                privacy: default_privacy(),
+                last_seen_ms: 0,
+            },
+        );
+    }
+
+    /// Changes an account, if it exists (ops on a missing account are no-ops).
+    fn with_account(&mut self, user_id: UserId, change: impl FnOnce(&mut AccountRecord)) {
+        if let Some(account) = self.accounts.get_mut(&user_id) {
+            change(account);
+        }
+    }
+
+    /// Changes a device, if it exists (ops on a missing device are no-ops).
+    fn with_device(
+        &mut self,
+        user_id: UserId,
+        device_id: DeviceId,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) {
+        if let Some(device) = self.device_mut(user_id, device_id) {
+            change(device);
         }
     }
 
@@ -169,15 +164,35 @@ impl StateTables {
     }
 
     /// A device.
-    pub fn device(&self, user_id: UserId, device_id: DeviceId) -> Option<&crate::DeviceRecord> {
+    pub fn device(&self, user_id: UserId, device_id: DeviceId) -> Option<&DeviceRecord> {
         self.accounts.get(&user_id)?.devices.iter().find(|d| d.device_id == device_id)
     }
 
-    fn device_mut(
-        &mut self,
-        user_id: UserId,
-        device_id: DeviceId,
-    ) -> Option<&mut crate::DeviceRecord> {
+    fn device_mut(&mut self, user_id: UserId, device_id: DeviceId) -> Option<&mut DeviceRecord> {
         self.accounts.get_mut(&user_id)?.devices.iter_mut().find(|d| d.device_id == device_id)
+    }
+}
+
+/// Adds or replaces a device of an account, keeping devices in id order.
+fn put_device(account: &mut AccountRecord, device: &DeviceRecord) {
+    account.devices.retain(|d| d.device_id != device.device_id);
+    account.devices.push(device.clone());
+    account.devices.sort_by_key(|d| d.device_id);
+}
+
+/// Adds one-time prekeys to a device's stock, skipping ids it already has.
+fn add_one_time_keys(device: &mut DeviceRecord, keys: &[SignedPrekey]) {
+    for key in keys {
+        if !device.one_time_keys.iter().any(|k| k.key_id == key.key_id) {
+            device.one_time_keys.push(key.clone());
+        }
+    }
+}
+
+/// Blocks or unblocks `other` for an account (at most one entry per user).
+fn set_blocked(account: &mut AccountRecord, other: UserId, blocked: bool) {
+    account.blocked.retain(|u| *u != other);
+    if blocked {
+        account.blocked.push(other);
     }
 }

@@ -19,7 +19,7 @@ use std::io::ErrorKind;
 
 use common::*;
 use futures_lite::future::block_on;
-use tern_engine::{PowerCut, SimStorage, WriteError};
+use tern_engine::{PowerCut, ShardHandle, SimStorage, WriteError};
 
 /// SplitMix64: tiny, deterministic, good enough to pick test operations.
 struct Rng(u64);
@@ -47,7 +47,7 @@ struct ModelMailbox {
 }
 
 fn check(
-    shard: &tern_engine::ShardHandle<SimStorage>,
+    shard: &ShardHandle<SimStorage>,
     model: &BTreeMap<(u64, u32), ModelMailbox>,
     context: &str,
 ) {
@@ -75,147 +75,184 @@ fn power_cut_campaign() {
     // Long runs per seed: reclaim and rotation bugs need many segments to show.
     let seeds = (cycles / 500).max(1);
     for seed in 0..seeds {
-        let mut rng = Rng(seed * 7919 + 1);
-        let mut disk = SimStorage::new(512);
-        let mut model: BTreeMap<(u64, u32), ModelMailbox> = BTreeMap::new();
-        let mut next_id = 1u64;
-        let mut pending: Pending = Vec::new();
+        let mut campaign = Campaign::new(seed);
         for cycle in 0..cycles / seeds {
-            let context = format!("seed {seed} cycle {cycle}");
-            let shard = open(disk.clone(), small_config());
-            if std::env::var_os("TERN_DEBUG").is_some() {
-                eprintln!(
-                    "{context}: files {:?} counters {:?}",
-                    disk_files(&disk),
-                    shard.borrow().counters()
-                );
-            }
-            // Adopt the next sequences the shard reports (a failed batch may or may not
-            // have survived; the check below decides which is allowed).
-            check(&shard, &model, &context);
-            for device in DEVICES {
-                model.entry(device).or_default().next_seq = shard.borrow().mailbox_next_seq(device);
-            }
+            campaign.cycle(&format!("seed {seed} cycle {cycle}"));
+        }
+    }
+}
 
-            let ops = 1 + rng.below(30);
-            let debug = std::env::var_os("TERN_DEBUG").is_some();
-            for _ in 0..ops {
-                let op = rng.below(10);
-                if debug {
-                    eprintln!(
-                        "  op {op} durable {} pending {}",
-                        shard.borrow().durable_seq(),
-                        shard.borrow().has_pending()
-                    );
-                }
-                match op {
-                    0..=5 => {
-                        let fanout = 1 + rng.below(3) as usize;
-                        let start = rng.below(4) as usize;
-                        let recipients: Vec<_> =
-                            (0..fanout).map(|i| DEVICES[(start + i) % 4]).collect();
-                        let body: Vec<u8> = (0..rng.below(600)).map(|_| rng.next() as u8).collect();
-                        let id = next_id;
-                        next_id += 1;
-                        let appended = shard
-                            .borrow_mut()
-                            .append_envelope(&envelope(9, id, id, &body), &recipients)
-                            .unwrap();
-                        for (device, seq) in recipients.iter().zip(&appended.mailbox_seqs) {
-                            let mailbox = model.entry(*device).or_default();
-                            assert_eq!(*seq, mailbox.next_seq, "{context}: mailbox sequence");
-                            mailbox.next_seq += 1;
-                        }
-                        // Pending until its commit succeeds.
-                        pending.push((recipients, appended.mailbox_seqs, body));
-                    }
-                    6 | 7 => {
-                        block_on(shard.commit()).unwrap();
-                        promote_pending(&mut pending, &mut model);
-                    }
-                    8 => {
-                        // Ack a random prefix of what is readable (durable).
-                        block_on(shard.commit()).unwrap();
-                        promote_pending(&mut pending, &mut model);
-                        let device = DEVICES[rng.below(4) as usize];
-                        let mailbox = model.entry(device).or_default();
-                        if let Some((&last, _)) = mailbox.entries.iter().nth(rng.below(4) as usize)
-                        {
-                            shard.borrow_mut().ack(device, last).unwrap();
-                            block_on(shard.commit()).unwrap();
-                            mailbox.entries.retain(|seq, _| *seq > last);
-                        }
-                    }
-                    _ => {
-                        if rng.below(2) == 0 {
-                            block_on(shard.checkpoint()).unwrap();
-                        } else {
-                            block_on(shard.reclaim(NOW_MS)).unwrap();
-                        }
-                        promote_pending(&mut pending, &mut model);
-                    }
-                }
-            }
+/// One seed's run: the disk that outlives every cycle, and the model of what it holds.
+struct Campaign {
+    rng: Rng,
+    disk: SimStorage,
+    model: BTreeMap<(u64, u32), ModelMailbox>,
+    next_id: u64,
+    /// Appends not yet known durable.
+    pending: Pending,
+    /// `TERN_DEBUG` set: narrate every step on stderr.
+    debug: bool,
+}
 
-            if rng.below(3) == 0 {
-                // Clean stop: commit what is pending, reopen from the same disk.
+impl Campaign {
+    fn new(seed: u64) -> Campaign {
+        Campaign {
+            rng: Rng(seed * 7919 + 1),
+            disk: SimStorage::new(512),
+            model: BTreeMap::new(),
+            next_id: 1,
+            pending: Vec::new(),
+            debug: std::env::var_os("TERN_DEBUG").is_some(),
+        }
+    }
+
+    /// Opens the shard, checks it, runs random operations, then stops cleanly or cuts
+    /// power inside a commit.
+    fn cycle(&mut self, context: &str) {
+        let shard = open(self.disk.clone(), small_config());
+        if self.debug {
+            eprintln!(
+                "{context}: files {:?} counters {:?}",
+                disk_files(&self.disk),
+                shard.borrow().counters()
+            );
+        }
+        // Adopt the next sequences the shard reports (a failed batch may or may not
+        // have survived; the check below decides which is allowed).
+        check(&shard, &self.model, context);
+        for device in DEVICES {
+            self.model.entry(device).or_default().next_seq =
+                shard.borrow().mailbox_next_seq(device);
+        }
+        let ops = 1 + self.rng.below(30);
+        for _ in 0..ops {
+            self.random_op(&shard, context);
+        }
+        if self.rng.below(3) == 0 {
+            // Clean stop: commit what is pending, reopen from the same disk.
+            block_on(shard.commit()).unwrap();
+            promote_pending(&mut self.pending, &mut self.model);
+            return;
+        }
+        self.cut_power(shard, context);
+    }
+
+    fn random_op(&mut self, shard: &ShardHandle<SimStorage>, context: &str) {
+        let op = self.rng.below(10);
+        if self.debug {
+            eprintln!(
+                "  op {op} durable {} pending {}",
+                shard.borrow().durable_seq(),
+                shard.borrow().has_pending()
+            );
+        }
+        match op {
+            0..=5 => self.append(shard, context),
+            6 | 7 => {
                 block_on(shard.commit()).unwrap();
-                promote_pending(&mut pending, &mut model);
-                drop(shard);
-                continue;
+                promote_pending(&mut self.pending, &mut self.model);
             }
-            // Power cut inside a commit: fail one of its operations, then cut power.
-            let had_pending = shard.borrow().has_pending();
-            disk.fail_after(rng.below(4) as u32, ErrorKind::Other);
-            let result = block_on(shard.commit());
-            disk.clear_failure();
-            if std::env::var_os("TERN_DEBUG").is_some() {
-                eprintln!("  crash commit: {result:?} had_pending {had_pending}");
-            }
-            let failed = matches!(result, Err(WriteError::Io { .. }));
-            if !failed {
-                promote_pending(&mut pending, &mut model);
-            }
-            drop(shard);
-            let mut choice_rng = Rng(rng.next());
-            disk = disk.power_cut(|_, unsynced| match choice_rng.below(3) {
-                0 => PowerCut::DropAll,
-                1 => PowerCut::KeepFirst(choice_rng.below(unsynced as u64 + 1) as usize),
-                _ => PowerCut::Tear {
-                    whole: choice_rng.below(unsynced as u64 + 1) as usize,
-                    bytes: choice_rng.below(8192) as usize,
-                },
-            });
-            if failed && had_pending {
-                // The unacknowledged batch survives whole or not at all.
-                let shard = open(disk.clone(), small_config());
-                let survived = pending_survived(&shard, &pending);
-                drop(shard);
-                pending.truncate(survived);
-                promote_pending(&mut pending, &mut model);
-                if std::env::var_os("TERN_DEBUG").is_some() {
-                    use tern_engine::Storage;
-                    for name in disk.list().unwrap() {
-                        let map = disk.map(&name).unwrap();
-                        if let Ok(scan) = tern_engine::record::scan_segment(&map) {
-                            let seqs: Vec<u64> =
-                                scan.records.iter().map(|r| r.header.record_seq).collect();
-                            eprintln!(
-                                "  {name}: {} records {:?}..{:?} end {:?} faults {:?}",
-                                seqs.len(),
-                                seqs.first(),
-                                seqs.last(),
-                                scan.end,
-                                scan.faults
-                            );
-                        }
-                    }
+            8 => self.ack(shard),
+            _ => {
+                if self.rng.below(2) == 0 {
+                    block_on(shard.checkpoint()).unwrap();
+                } else {
+                    block_on(shard.reclaim(NOW_MS)).unwrap();
                 }
-                let shard = open(disk.clone(), small_config());
-                check(&shard, &model, &format!("{context} (after the cut, survived {survived})"));
-            } else {
-                pending.clear();
+                promote_pending(&mut self.pending, &mut self.model);
             }
+        }
+    }
+
+    fn append(&mut self, shard: &ShardHandle<SimStorage>, context: &str) {
+        let rng = &mut self.rng;
+        let fanout = 1 + rng.below(3) as usize;
+        let start = rng.below(4) as usize;
+        let recipients: Vec<_> = (0..fanout).map(|i| DEVICES[(start + i) % 4]).collect();
+        let body: Vec<u8> = (0..rng.below(600)).map(|_| rng.next() as u8).collect();
+        let id = self.next_id;
+        self.next_id += 1;
+        let appended =
+            shard.borrow_mut().append_envelope(&envelope(9, id, id, &body), &recipients).unwrap();
+        for (device, seq) in recipients.iter().zip(&appended.mailbox_seqs) {
+            let mailbox = self.model.entry(*device).or_default();
+            assert_eq!(*seq, mailbox.next_seq, "{context}: mailbox sequence");
+            mailbox.next_seq += 1;
+        }
+        // Pending until its commit succeeds.
+        self.pending.push((recipients, appended.mailbox_seqs, body));
+    }
+
+    /// Acks a random prefix of what is readable (durable).
+    fn ack(&mut self, shard: &ShardHandle<SimStorage>) {
+        block_on(shard.commit()).unwrap();
+        promote_pending(&mut self.pending, &mut self.model);
+        let device = DEVICES[self.rng.below(4) as usize];
+        let mailbox = self.model.entry(device).or_default();
+        if let Some((&last, _)) = mailbox.entries.iter().nth(self.rng.below(4) as usize) {
+            shard.borrow_mut().ack(device, last).unwrap();
+            block_on(shard.commit()).unwrap();
+            mailbox.entries.retain(|seq, _| *seq > last);
+        }
+    }
+
+    /// Power cut inside a commit: fails one of its operations, then cuts power; the
+    /// failed batch must survive whole or not at all.
+    fn cut_power(&mut self, shard: ShardHandle<SimStorage>, context: &str) {
+        let had_pending = shard.borrow().has_pending();
+        self.disk.fail_after(self.rng.below(4) as u32, ErrorKind::Other);
+        let result = block_on(shard.commit());
+        self.disk.clear_failure();
+        if self.debug {
+            eprintln!("  crash commit: {result:?} had_pending {had_pending}");
+        }
+        let failed = matches!(result, Err(WriteError::Io { .. }));
+        if !failed {
+            promote_pending(&mut self.pending, &mut self.model);
+        }
+        drop(shard);
+        let mut choice_rng = Rng(self.rng.next());
+        self.disk = self.disk.power_cut(|_, unsynced| match choice_rng.below(3) {
+            0 => PowerCut::DropAll,
+            1 => PowerCut::KeepFirst(choice_rng.below(unsynced as u64 + 1) as usize),
+            _ => PowerCut::Tear {
+                whole: choice_rng.below(unsynced as u64 + 1) as usize,
+                bytes: choice_rng.below(8192) as usize,
+            },
+        });
+        if !(failed && had_pending) {
+            self.pending.clear();
+            return;
+        }
+        // The unacknowledged batch survives whole or not at all.
+        let shard = open(self.disk.clone(), small_config());
+        let survived = pending_survived(&shard, &self.pending);
+        drop(shard);
+        self.pending.truncate(survived);
+        promote_pending(&mut self.pending, &mut self.model);
+        if self.debug {
+            print_segments(&self.disk);
+        }
+        let shard = open(self.disk.clone(), small_config());
+        check(&shard, &self.model, &format!("{context} (after the cut, survived {survived})"));
+    }
+}
+
+/// Every segment's records and end, for `TERN_DEBUG`.
+fn print_segments(disk: &SimStorage) {
+    use tern_engine::Storage;
+    for name in disk.list().unwrap() {
+        let map = disk.map(&name).unwrap();
+        if let Ok(scan) = tern_engine::record::scan_segment(&map) {
+            let seqs: Vec<u64> = scan.records.iter().map(|r| r.header.record_seq).collect();
+            eprintln!(
+                "  {name}: {} records {:?}..{:?} end {:?} faults {:?}",
+                seqs.len(),
+                seqs.first(),
+                seqs.last(),
+                scan.end,
+                scan.faults
+            );
         }
     }
 }
@@ -233,7 +270,7 @@ fn promote_pending(pending: &mut Pending, model: &mut BTreeMap<(u64, u32), Model
 /// How many of the pending (unacknowledged) appends survived the cut. A commit writes
 /// one batch, or two when the log rolls to a new segment; each batch is atomic, so what
 /// survives is a prefix of the appends, in order. Anything else panics.
-fn pending_survived(shard: &tern_engine::ShardHandle<SimStorage>, pending: &Pending) -> usize {
+fn pending_survived(shard: &ShardHandle<SimStorage>, pending: &Pending) -> usize {
     let mut present = Vec::new();
     for (recipients, seqs, body) in pending {
         let mut found_all = true;
