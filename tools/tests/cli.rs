@@ -132,7 +132,7 @@ fn two_people_chat_in_two_terminals() {
     // Alice's chat shows Bob's answer, and her message's ticks move to read.
     let mut chat = tern(&server, &alice_db, &["chat", "--with", &bob.to_string()]);
     chat.expect(&format!("{bob}: hi alice"));
-    chat.expect("✓✓ read: hello bob");
+    chat.expect("me: hello bob ✓✓ read");
     chat.finish();
 
     let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);

@@ -1,9 +1,15 @@
 //! `tern`, the chat CLI: a person's way to try Tern without writing an app.
 //!
-//! Each invocation opens one device's store (`--store`, a SQLite file made by the SDK),
-//! does one thing and exits; `tern chat` stays and shows incoming messages live with
-//! their ticks and who is typing. The store's secrets are encrypted with a passphrase
-//! (`TERN_PASSPHRASE`, or asked for).
+//! Each invocation opens one device's store (`--store`, an encrypted SQLCipher file made
+//! by the SDK), does one thing and exits, after handling and acknowledging whatever the
+//! server had waiting for the device; `tern chat` and `tern group listen` stay, show
+//! what arrives live, and take the sends of other `tern`s on the same store
+//! (`handoff.rs`). The store is encrypted with a passphrase (`TERN_PASSPHRASE`, or
+//! asked for). People are shown by name (`people.rs`); the chat screen is `chat.rs`.
+
+mod chat;
+mod handoff;
+mod people;
 
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
@@ -12,12 +18,19 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tern_client::{
     Client, ClientError, Endpoint, Event, PendingLink, PendingRegistration, Status, StoreSecret,
-    StoredMessage, Trust,
+    Trust,
 };
 use tokio::io::AsyncBufReadExt;
 
+use crate::chat::{Chat, Target};
+use crate::people::{conversation_of, label, line_of, Names};
+
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about = "Tern's chat client (end-to-end encrypted)")]
+#[command(
+    name = "tern",
+    version = tern_tools::version::VERSION,
+    about = "Tern's chat client (end-to-end encrypted)"
+)]
 struct Args {
     /// This device's store (created by `register` or `link`).
     #[arg(long, env = "TERN_STORE", default_value = "tern.db")]
@@ -30,8 +43,9 @@ struct Args {
     /// `tern-data/tls/dev-cert.pem`).
     #[arg(long)]
     tls: bool,
-    /// The certificate to trust with `--tls`.
-    #[arg(long, requires = "tls")]
+    /// The certificate to trust with `--tls` (a development ternd's is
+    /// `tern-data/tls/dev-cert.pem` in the directory it runs in).
+    #[arg(long, env = "TERN_CA", requires = "tls")]
     ca: Option<PathBuf>,
     /// Speak WebSocket (to ternd's WebSocket listener, e.g. 127.0.0.1:7480).
     #[arg(long)]
@@ -86,12 +100,15 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
-    /// Chat with someone: incoming messages, ticks and typing appear live; type a line
-    /// and Enter to send; Ctrl-D to leave.
+    /// Chat with someone (--with) or a group (--group): incoming messages, ticks and
+    /// typing appear live; type a line and Enter to send; Ctrl-D to leave.
     Chat {
         /// The other person's user id.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        with: Option<u64>,
+        /// The group's id.
         #[arg(long)]
-        with: u64,
+        group: Option<u64>,
     },
     /// Show the conversation with someone.
     History {
@@ -102,9 +119,10 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Full-text search over this device's history (SQLite FTS5 syntax).
+    /// Search this device's history: messages holding every word (words also match as
+    /// prefixes: "hel" finds "hello").
     Search {
-        /// What to look for.
+        /// The words.
         query: Vec<String>,
         /// How many results.
         #[arg(long, default_value_t = 20)]
@@ -219,6 +237,13 @@ enum GroupAction {
         /// The group.
         group: u64,
     },
+    /// Rename a group (admins only).
+    Rename {
+        /// The group.
+        group: u64,
+        /// Its new name.
+        name: Vec<String>,
+    },
     /// Make a member admin.
     Promote {
         /// The group.
@@ -246,11 +271,16 @@ enum GroupAction {
         /// The group.
         group: u64,
     },
-    /// Wait for group events and messages and print them (Ctrl-C to stop).
+    /// Wait for group events and messages and print them, marking them read (Ctrl-C to
+    /// stop). Other `tern send` / `tern group send` on this store are sent through it.
     Listen,
 }
 
 const DEFAULT_SERVER: &str = "127.0.0.1:7400";
+
+/// How long a one-shot command waits for the server to take a queued message, or for
+/// what was waiting for the device to arrive, before it leaves them to the next run.
+const ONE_SHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -283,86 +313,280 @@ fn endpoint(args: &Args, registered: Option<&str>) -> Endpoint {
     Endpoint { address, tls, websocket: args.websocket }
 }
 
+/// The store's lock for a command that connects, or the refusal naming its holder.
+fn lock_store(args: &Args) -> Result<handoff::StoreLock, ClientError> {
+    handoff::lock(&args.store)?.map_err(|holder| handoff::in_use(&args.store, holder))
+}
+
+/// Opens the store and connects (holding the store's lock, given by the caller).
 async fn open(args: &Args) -> Result<Client, ClientError> {
     let secret = passphrase()?;
     let endpoint = args.server.is_some().then(|| endpoint(args, None));
     Client::open(&args.store, &secret, endpoint).await
 }
 
+/// Opens the store without connecting (history, search, whoami).
+fn open_offline(args: &Args) -> Result<Client, ClientError> {
+    Client::open_offline(&args.store, &passphrase()?)
+}
+
 async fn run(args: Args) -> Result<(), ClientError> {
     match &args.command {
         Command::Register { phone, name, pin } => {
-            let secret = passphrase()?;
-            let mut pending =
-                PendingRegistration::request_code(&endpoint(&args, None), phone).await?;
-            if let Some(pin) = pin {
-                pending = pending.with_pin(pin);
-            }
-            println!("a code was sent to {phone} (valid {} s)", pending.expires_in_s);
-            let code = prompt_line("code: ").await?;
-            let client = pending.verify(code.trim(), name, &args.store, &secret).await?;
-            println!("registered: user {} device {}", client.user_id(), client.device_id());
+            register(&args, phone, name, pin.as_deref()).await
         }
-        Command::Link { name } => {
-            let secret = passphrase()?;
-            let pending = PendingLink::request(&endpoint(&args, None), name).await?;
-            println!("approve this device on your primary: tern approve {}", pending.code());
-            let client = pending.wait(&args.store, &secret).await?;
-            println!("linked: user {} device {}", client.user_id(), client.device_id());
+        Command::Link { name } => link(&args, name).await,
+        Command::Whoami => whoami(&args),
+        Command::History { with, limit } => history(&args, *with, *limit),
+        Command::Search { query, limit } => search(&args, &query.join(" "), *limit),
+        Command::Send { to, file: None, text } => {
+            let request = handoff::Request { to: Some(*to), group: None, text: text.join(" ") };
+            send_or_hand_over(&args, request).await
         }
-        Command::Approve { code } => {
+        Command::Group { action: GroupAction::Send { group, text } } => {
+            let request = handoff::Request { to: None, group: Some(*group), text: text.join(" ") };
+            send_or_hand_over(&args, request).await
+        }
+        Command::Chat { with, group } => {
+            let _lock = lock_store(&args)?;
             let mut client = open(&args).await?;
-            client.approve_link(code).await?;
-            println!("approved");
+            let target = chat_target(&mut client, *with, *group).await?;
+            let listener = handoff::Listener::bind(&args.store)?;
+            let raw = std::io::stdin().is_terminal();
+            Chat::start(client, target, raw).await?.run(Some(listener)).await
         }
-        Command::Whoami => {
+        Command::Group { action: GroupAction::Listen } => {
+            let _lock = lock_store(&args)?;
             let client = open(&args).await?;
-            println!("user {} device {}", client.user_id(), client.device_id());
+            let listener = handoff::Listener::bind(&args.store)?;
+            Chat::start(client, Target::Everything, false).await?.listen(listener).await
         }
-        Command::Send { to, file, text } => {
+        _ => {
+            let _lock = lock_store(&args)?;
             let mut client = open(&args).await?;
-            let sent = match file {
-                Some(path) => client.send_file(*to, path).await?,
-                None => client.send_text(*to, &text.join(" ")).await?,
+            connected(&args, &mut client).await?;
+            // Whatever the server had waiting is handled and acknowledged before leaving.
+            finish(&mut client).await
+        }
+    }
+}
+
+/// Handles and acknowledges what the server had waiting (bounded), showing nothing.
+async fn finish(client: &mut Client) -> Result<(), ClientError> {
+    match tokio::time::timeout(ONE_SHOT_WAIT, client.catch_up()).await {
+        Ok(events) => events.map(drop),
+        Err(_) => Ok(()), // The rest waits for the next run.
+    }
+}
+
+async fn register(
+    args: &Args,
+    phone: &str,
+    name: &str,
+    pin: Option<&str>,
+) -> Result<(), ClientError> {
+    let secret = passphrase()?;
+    let mut pending = PendingRegistration::request_code(&endpoint(args, None), phone).await?;
+    if let Some(pin) = pin {
+        pending = pending.with_pin(pin);
+    }
+    println!("a code was sent to {phone} (valid {} s)", pending.expires_in_s);
+    // A wrong code asks again: a new code would cost the number's hourly budget.
+    for attempt in 1..=3 {
+        let code = prompt_line("code: ").await?;
+        match pending.verify_or_retry(code.trim(), name, &args.store, &secret).await {
+            Ok(client) => {
+                println!("registered: user {} device {}", client.user_id(), client.device_id());
+                return Ok(());
+            }
+            Err((Some(again), _)) if attempt < 3 => {
+                println!("that code is not right; type it again (as sent to {phone})");
+                pending = again;
+            }
+            Err((_, error)) => return Err(error),
+        }
+    }
+    Err(ClientError::Config("three wrong codes; run `tern register` again".into()))
+}
+
+async fn link(args: &Args, name: &str) -> Result<(), ClientError> {
+    let secret = passphrase()?;
+    let pending = PendingLink::request(&endpoint(args, None), name).await?;
+    println!("approve this device on your primary: tern approve {}", pending.code());
+    println!("this device's key fingerprint: {}", pending.fingerprint());
+    let client = pending.wait(&args.store, &secret).await?;
+    println!("linked: user {} device {}", client.user_id(), client.device_id());
+    Ok(())
+}
+
+fn whoami(args: &Args) -> Result<(), ClientError> {
+    let client = open_offline(args)?;
+    let phone = client.own_phone()?.unwrap_or_else(|| "not on this device".into());
+    println!("user {} device {} phone {phone}", client.user_id(), client.device_id());
+    println!("key fingerprint: {}", client.fingerprint());
+    Ok(())
+}
+
+fn history(args: &Args, with: u64, limit: usize) -> Result<(), ClientError> {
+    let client = open_offline(args)?;
+    for message in client.history(with, limit)? {
+        println!("{}", line_of(&client, &message, true));
+    }
+    Ok(())
+}
+
+fn search(args: &Args, words: &str, limit: usize) -> Result<(), ClientError> {
+    let client = open_offline(args)?;
+    let found = client.search(words, limit)?;
+    if found.is_empty() {
+        println!("no matches for {words:?}");
+    }
+    for message in found {
+        let place = conversation_of(&client, &message)?;
+        println!("{place}: {}", line_of(&client, &message, true));
+    }
+    Ok(())
+}
+
+/// `tern send` and `tern group send`: handed to the running `tern chat` / `listen`
+/// holding the store, or sent on a connection of its own.
+async fn send_or_hand_over(args: &Args, request: handoff::Request) -> Result<(), ClientError> {
+    let _lock = match handoff::lock(&args.store)? {
+        Ok(lock) => lock,
+        Err(holder) => {
+            let Some(reply) = handoff::hand_over(&args.store, &request).await? else {
+                return Err(handoff::in_use(&args.store, holder));
             };
+            reply.lines.iter().for_each(|line| println!("{line}"));
+            return match reply.error {
+                Some(error) => Err(ClientError::Config(error)),
+                None => Ok(()),
+            };
+        }
+    };
+    let mut client = open(args).await?;
+    // Catch up first: group changes and keys that arrived while away.
+    finish(&mut client).await?;
+    match (request.to, request.group) {
+        (Some(to), _) => send_text(&mut client, to, &request.text).await?,
+        (None, Some(group)) => {
+            let sent = client.send_group_text(group, &request.text).await?;
+            println!("{} sent (id {}) {}", sent.status.ticks(), sent.server_id, sent.text);
+        }
+        (None, None) => unreachable!("clap requires a recipient"),
+    }
+    finish(&mut client).await
+}
+
+/// A one-shot text: sent, or queued when the server cannot take it now.
+async fn send_text(client: &mut Client, to: u64, text: &str) -> Result<(), ClientError> {
+    let mut sent = client.send_text(to, text).await?;
+    if sent.status == Status::Sending {
+        // Waiting (the server asked for later, or is away): give it a moment.
+        let wait = async {
+            loop {
+                match client.next_event().await? {
+                    Event::Sent(message) if message.client_id == sent.client_id => {
+                        return Ok(message)
+                    }
+                    Event::SendFailed { message, reason }
+                        if message.client_id == sent.client_id =>
+                    {
+                        let code = tern_client::ErrorCode::Internal;
+                        let client_id = message.client_id;
+                        return Err(ClientError::Refused { code, reason, client_id });
+                    }
+                    _ => {}
+                }
+            }
+        };
+        match tokio::time::timeout(ONE_SHOT_WAIT, wait).await {
+            Ok(result) => sent = result?,
+            Err(_) => {
+                println!("… queued: it is sent the next time tern connects to the server");
+                return Ok(());
+            }
+        }
+    }
+    let to = if to == client.user_id() {
+        "yourself (your other devices)".into()
+    } else {
+        label(client, to)
+    };
+    println!("{} sent (id {}) to {to}: {}", sent.status.ticks(), sent.server_id, sent.text);
+    Ok(())
+}
+
+/// The commands that need a connection (the store is locked).
+async fn connected(args: &Args, client: &mut Client) -> Result<(), ClientError> {
+    match &args.command {
+        Command::Approve { code } => approve(client, code).await?,
+        Command::Send { to, file: Some(path), .. } => {
+            let sent = client.send_file(*to, path).await?;
             println!("{} sent (id {}) {}", sent.status.ticks(), sent.server_id, sent.text);
         }
         Command::Get { message, out } => {
-            let mut client = open(&args).await?;
-            drain(&mut client).await?;
+            finish(client).await?;
             let path = client.download(*message, out).await?;
             println!("saved {}", path.display());
         }
-        Command::Chat { with } => chat(open(&args).await?, *with).await?,
-        Command::History { with, limit } => {
-            let client = open(&args).await?;
-            for message in client.history(*with, *limit)? {
-                println!("{}", line_of(&message));
-            }
+        Command::Group { action } => group(client, action).await?,
+        other => accounts(client, other).await?,
+    }
+    Ok(())
+}
+
+/// Whom `tern chat` talks to, checked first: a user id that exists, or a group this
+/// device knows.
+async fn chat_target(
+    client: &mut Client,
+    with: Option<u64>,
+    group: Option<u64>,
+) -> Result<Target, ClientError> {
+    if let Some(peer) = with {
+        if !client.user_exists(peer).await? {
+            return Err(ClientError::Config(format!(
+                "there is no user {peer} on this server; ask them for the id `tern whoami` \
+                 prints"
+            )));
         }
-        Command::Search { query, limit } => {
-            let client = open(&args).await?;
-            for message in client.search(&query.join(" "), *limit)? {
-                println!("{}", line_of(&message));
-            }
-        }
-        Command::Group { action } => group(open(&args).await?, action).await?,
+        return Ok(Target::User(peer));
+    }
+    let group = group.expect("clap requires --with or --group");
+    finish(client).await?; // The group's latest changes and keys.
+    if client.group(group)?.is_none() {
+        return Err(ClientError::Config(format!("no group {group} on this device")));
+    }
+    Ok(Target::Group(group))
+}
+
+async fn approve(client: &mut Client, code: &str) -> Result<(), ClientError> {
+    let before: Vec<u32> = client.devices().await?.into_iter().map(|d| d.0).collect();
+    client.approve_link(code).await?;
+    println!("approved");
+    let devices = client.devices().await?;
+    for (id, name, _) in devices.into_iter().filter(|d| !before.contains(&d.0)) {
+        let fingerprint = client.device_fingerprint(id).await?;
+        println!("linked device {id} \"{name}\", key fingerprint {fingerprint}");
+        println!("  (the new device printed its fingerprint: they must be the same)");
+    }
+    Ok(())
+}
+
+/// The account commands: one request each.
+async fn accounts(client: &mut Client, command: &Command) -> Result<(), ClientError> {
+    match command {
         Command::Lock { pin, remove } => {
-            let mut client = open(&args).await?;
             let pin = if *remove { None } else { pin.as_deref() };
             client.set_registration_lock(pin).await?;
-            println!(
-                "{}",
-                if pin.is_some() { "registration lock set" } else { "registration lock removed" }
-            );
+            let done = if pin.is_some() { "set" } else { "removed" };
+            println!("registration lock {done}");
         }
         Command::Export { out } => {
-            let mut client = open(&args).await?;
             let path = client.export(out).await?;
             println!("saved {}", path.display());
         }
         Command::Discover { phones } => {
-            let mut client = open(&args).await?;
             let found = client.discover(phones).await?;
             for phone in phones {
                 match found.iter().find(|(p, _)| p == phone) {
@@ -371,22 +595,10 @@ async fn run(args: Args) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Profile { user, name, about } => {
-            let mut client = open(&args).await?;
-            if name.is_some() || about.is_some() {
-                client.set_profile(name.as_deref(), about.as_deref()).await?;
-                println!("profile updated");
-            }
-            let user = user.unwrap_or(client.user_id());
-            let profile = client.profile(user).await?;
-            println!("user {user}");
-            println!("  name:  {}", profile.display_name.as_deref().unwrap_or("(hidden or unset)"));
-            println!("  about: {}", profile.about.as_deref().unwrap_or("(hidden or unset)"));
-        }
+        Command::Profile { user, name, about } => profile(client, *user, name, about).await?,
         Command::Block { user, undo } => {
-            let mut client = open(&args).await?;
             client.block(*user, !undo).await?;
-            println!("{} {user}", if *undo { "unblocked" } else { "blocked" });
+            println!("{} {}", if *undo { "unblocked" } else { "blocked" }, label(client, *user));
         }
         Command::Report { user, reason, messages, comment } => {
             use tern_client::messages::ReportReason;
@@ -396,112 +608,108 @@ async fn run(args: Args) -> Result<(), ClientError> {
                 "illegal" => ReportReason::Illegal,
                 _ => ReportReason::Other,
             };
-            let mut client = open(&args).await?;
             client.report(*user, messages, reason, comment).await?;
-            println!("reported {user}");
+            println!("reported {}", label(client, *user));
         }
         Command::Devices { unlink, send_history, per_conversation } => {
-            let mut client = open(&args).await?;
-            if let Some(device) = unlink {
-                client.unlink(*device).await?;
-                println!("unlinked device {device}");
-            }
-            if let Some(device) = send_history {
-                let sent = client.send_history(*device, *per_conversation).await?;
-                println!("sent {sent} messages of history to device {device}");
-            }
-            for (id, name, primary) in client.devices().await? {
-                println!("device {id}: {name}{}", if primary { " (primary)" } else { "" });
-            }
+            devices(client, *unlink, *send_history, *per_conversation).await?
         }
-        Command::SafetyNumber { with } => {
-            let mut client = open(&args).await?;
-            println!("{}", client.safety_number(*with).await?);
-        }
+        Command::SafetyNumber { with } => println!("{}", client.safety_number(*with).await?),
+        _ => unreachable!("handled by run"),
     }
     Ok(())
 }
 
-async fn group(mut client: Client, action: &GroupAction) -> Result<(), ClientError> {
+async fn profile(
+    client: &mut Client,
+    user: Option<u64>,
+    name: &Option<String>,
+    about: &Option<String>,
+) -> Result<(), ClientError> {
+    if name.is_some() || about.is_some() {
+        client.set_profile(name.as_deref(), about.as_deref()).await?;
+        println!("profile updated");
+    }
+    let user = user.unwrap_or(client.user_id());
+    let profile = client.profile(user).await?;
+    println!("user {user}");
+    println!("  name:  {}", profile.display_name.as_deref().unwrap_or("(hidden or unset)"));
+    println!("  about: {}", profile.about.as_deref().unwrap_or("(hidden or unset)"));
+    Ok(())
+}
+
+async fn devices(
+    client: &mut Client,
+    unlink: Option<u32>,
+    send_history: Option<u32>,
+    per_conversation: usize,
+) -> Result<(), ClientError> {
+    if let Some(device) = unlink {
+        client.unlink(device).await?;
+        println!("unlinked device {device}");
+    }
+    if let Some(device) = send_history {
+        let sent = client.send_history(device, per_conversation).await?;
+        println!("sent {sent} messages of history to device {device}");
+    }
+    for (id, name, primary) in client.devices().await? {
+        println!("device {id}: {name}{}", if primary { " (primary)" } else { "" });
+    }
+    Ok(())
+}
+
+async fn group(client: &mut Client, action: &GroupAction) -> Result<(), ClientError> {
     use tern_client::messages::GroupChange;
-    let change = |group: u64, change: GroupChange| (group, change);
     let (group_id, change) = match action {
         GroupAction::Create { name, members } => {
             let group = client.create_group(name, members).await?;
             println!("created group {group}");
             return Ok(());
         }
+        GroupAction::Show { group } => return show_group(client, *group).await,
         GroupAction::Add { group, members } => {
-            change(*group, GroupChange::Add { members: members.clone() })
+            (*group, GroupChange::Add { members: members.clone() })
         }
         GroupAction::Remove { group, members } => {
-            change(*group, GroupChange::Remove { members: members.clone() })
+            (*group, GroupChange::Remove { members: members.clone() })
         }
-        GroupAction::Leave { group } => change(*group, GroupChange::Leave),
+        GroupAction::Leave { group } => (*group, GroupChange::Leave),
+        GroupAction::Rename { group, name } => {
+            (*group, GroupChange::Rename { name: name.join(" ") })
+        }
         GroupAction::Promote { group, member } => {
-            change(*group, GroupChange::Promote { member: *member })
+            (*group, GroupChange::Promote { member: *member })
         }
-        GroupAction::Demote { group, member } => {
-            change(*group, GroupChange::Demote { member: *member })
-        }
-        GroupAction::Send { group, text } => {
-            // Catch up first: changes and keys that arrived while away.
-            drain(&mut client).await?;
-            let sent = client.send_group_text(*group, &text.join(" ")).await?;
-            println!("{} sent (id {})", sent.status.ticks(), sent.server_id);
-            return Ok(());
-        }
-        GroupAction::Show { group } => {
-            drain(&mut client).await?;
-            let Some(view) = client.group(*group)? else {
-                println!("no group {group} on this device");
-                return Ok(());
-            };
-            println!("group {} \"{}\" (epoch {})", view.group_id, view.name, view.epoch);
-            for (member, admin) in &view.members {
-                println!("  {member}{}", if *admin { " (admin)" } else { "" });
-            }
-            for message in client.group_history(*group, 20)? {
-                let mut line = line_of(&message);
-                if message.outgoing {
-                    let (delivered, read) = client.receipts(message.server_id)?;
-                    line.push_str(&format!(
-                        " [{} delivered, {} read]",
-                        delivered.len(),
-                        read.len()
-                    ));
-                }
-                println!("{line}");
-            }
-            return Ok(());
-        }
-        GroupAction::Listen => loop {
-            let event = client.next_event().await;
-            for line in on_event(&mut client, 0, event).await? {
-                println!("{line}");
-            }
-        },
+        GroupAction::Demote { group, member } => (*group, GroupChange::Demote { member: *member }),
+        GroupAction::Send { .. } | GroupAction::Listen => unreachable!("handled by run"),
     };
-    drain(&mut client).await?;
+    finish(client).await?; // Catch up: the group's latest epoch.
     client.change_group(group_id, change).await?;
     println!("done");
     Ok(())
 }
 
-/// Handles what arrived while this device was away (a short quiet period ends it).
-async fn drain(client: &mut Client) -> Result<(), ClientError> {
-    loop {
-        let next = tokio::time::timeout(std::time::Duration::from_millis(300), client.next_event());
-        match next.await {
-            Ok(Ok(event)) => {
-                for line in show(client, 0, event).await? {
-                    println!("{line}");
-                }
-            }
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Ok(()),
-        }
+async fn show_group(client: &mut Client, group: u64) -> Result<(), ClientError> {
+    finish(client).await?;
+    let Some(view) = client.group(group)? else {
+        println!("no group {group} on this device");
+        return Ok(());
+    };
+    let members: Vec<u64> = view.members.iter().map(|m| m.0).collect();
+    Names::default().learn(client, &members).await;
+    println!("group {} \"{}\" (epoch {})", view.group_id, view.name, view.epoch);
+    for (member, admin) in &view.members {
+        println!("  {}{}", label(client, *member), if *admin { " (admin)" } else { "" });
     }
+    for message in client.group_history(group, 20)? {
+        let mut line = line_of(client, &message, true);
+        if message.outgoing {
+            let (delivered, read) = client.receipts(message.server_id)?;
+            line.push_str(&format!(" [{} delivered, {} read]", delivered.len(), read.len()));
+        }
+        println!("{line}");
+    }
+    Ok(())
 }
 
 async fn prompt_line(prompt: &str) -> Result<String, ClientError> {
@@ -512,216 +720,57 @@ async fn prompt_line(prompt: &str) -> Result<String, ClientError> {
     Ok(line)
 }
 
-/// One history line: `[hh:mm:ss] who: text ticks`.
-fn line_of(message: &StoredMessage) -> String {
-    let seconds = message.time_ms / 1000;
-    let (h, m, s) = ((seconds / 3600) % 24, (seconds / 60) % 60, seconds % 60);
-    let who = if message.outgoing { "me".to_string() } else { message.sender.0.to_string() };
-    let ticks =
-        if message.outgoing { format!(" {}", message.status.ticks()) } else { String::new() };
-    format!("[{h:02}:{m:02}:{s:02} UTC] #{} {who}: {}{ticks}", message.server_id, message.text)
-}
-
 fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The interactive chat: lines typed are sent; events are printed as they come. On a
-/// terminal the line is edited in raw mode, so that typing can be announced as it
-/// starts and stops; from a pipe, lines are read as they are.
-async fn chat(mut client: Client, peer: u64) -> Result<(), ClientError> {
-    println!("chatting with {peer} as {} (Ctrl-D to leave)", client.user_id());
-    for message in client.history(peer, 10)? {
-        println!("{}", line_of(&message));
-    }
-    client.follow_presence(&[peer]).await?;
-    if std::io::stdin().is_terminal() {
-        return raw_chat::run(client, peer).await;
-    }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        tokio::select! {
-            line = lines.next_line() => {
-                let Some(line) = line? else { break };
-                if !line.trim().is_empty() {
-                    let sent = client.send_text(peer, &line).await?;
-                    println!("{}", line_of(&sent));
-                }
-            }
-            event = client.next_event() => {
-                for text in on_event(&mut client, peer, event).await? {
-                    println!("{text}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Handles one event of the chat (reconnecting after a disconnect); returns what to show.
-async fn on_event(
+/// The lines for an event a chat or `listen` shows as is (not a message of its own
+/// conversation, a tick, typing or the connection: those are `chat.rs`'s).
+pub(crate) async fn describe(
     client: &mut Client,
-    peer: u64,
-    event: Result<Event, ClientError>,
+    event: Event,
 ) -> Result<Vec<String>, ClientError> {
-    match event {
-        Ok(event) => show(client, peer, event).await,
-        Err(ClientError::Disconnected | ClientError::Io(_)) => {
-            client.reconnect_with_backoff(20).await?;
-            Ok(vec!["(reconnected)".to_string()])
-        }
-        Err(error) => Err(error),
-    }
-}
-
-/// The chat on a terminal: a one-line editor in raw mode.
-mod raw_chat {
-    use std::io::Write;
-
-    use crossterm::event::{Event as Key, EventStream, KeyCode, KeyEvent, KeyModifiers};
-    use futures_util::StreamExt;
-    use tern_client::{Client, ClientError};
-
-    use super::{line_of, on_event};
-
-    /// Leaves raw mode however the chat ends.
-    struct RawMode;
-
-    impl Drop for RawMode {
-        fn drop(&mut self) {
-            let _ = crossterm::terminal::disable_raw_mode();
-        }
-    }
-
-    /// Prints `text` above the line being edited, then the line again.
-    fn print_above(text: &str, editing: &str) {
-        let mut out = std::io::stdout();
-        let _ = write!(out, "\r\x1b[2K{}\r\n> {editing}", text.replace('\n', "\r\n"));
-        let _ = out.flush();
-    }
-
-    /// Rewrites the line being edited.
-    fn redraw(editing: &str) {
-        let mut out = std::io::stdout();
-        let _ = write!(out, "\r\x1b[2K> {editing}");
-        let _ = out.flush();
-    }
-
-    pub async fn run(mut client: Client, peer: u64) -> Result<(), ClientError> {
-        crossterm::terminal::enable_raw_mode()?;
-        let _raw = RawMode;
-        let mut keys = EventStream::new();
-        let mut editing = String::new();
-        redraw(&editing);
-        loop {
-            tokio::select! {
-                key = keys.next() => {
-                    let Some(key) = key else { break };
-                    let Key::Key(KeyEvent { code, modifiers, .. }) = key? else { continue };
-                    let ctrl = modifiers.contains(KeyModifiers::CONTROL);
-                    match code {
-                        KeyCode::Char('c' | 'd') if ctrl => break,
-                        KeyCode::Char(c) => {
-                            if editing.is_empty() {
-                                client.typing(peer, true).await?;
-                            }
-                            editing.push(c);
-                        }
-                        KeyCode::Backspace => {
-                            editing.pop();
-                            if editing.is_empty() {
-                                client.typing(peer, false).await?;
-                            }
-                        }
-                        KeyCode::Enter if !editing.trim().is_empty() => {
-                            let text = std::mem::take(&mut editing);
-                            client.typing(peer, false).await?;
-                            let sent = client.send_text(peer, &text).await?;
-                            print_above(&line_of(&sent), &editing);
-                            continue;
-                        }
-                        _ => continue,
-                    }
-                    redraw(&editing);
-                }
-                event = client.next_event() => {
-                    for text in on_event(&mut client, peer, event).await? {
-                        print_above(&text, &editing);
-                    }
-                }
-            }
-        }
-        if !editing.is_empty() {
-            client.typing(peer, false).await?;
-        }
-        print!("\r\x1b[2K");
-        Ok(())
-    }
-}
-
-async fn show(client: &mut Client, peer: u64, event: Event) -> Result<Vec<String>, ClientError> {
-    let mut out = Vec::new();
-    match event {
-        Event::Message(message) if message.peer == 0 => {
-            out.push(format!("[group] {}", line_of(&message)))
-        }
-        Event::Message(message) if message.peer == peer => {
-            out.push(line_of(&message));
-            if !message.outgoing {
-                client.mark_read(peer, &[message.server_id]).await?;
-            }
-        }
-        Event::Message(message) => out.push(format!("(new message from {})", message.sender.0)),
-        Event::Receipt { status, messages, .. } => {
-            for message in messages.iter().filter(|m| m.peer == peer) {
-                let what = if status == Status::Read { "✓✓ read" } else { "✓✓ delivered" };
-                out.push(format!("  {what}: {}", message.text));
-            }
-        }
-        Event::Typing { user_id, active } if user_id == peer => {
-            out.push(if active { format!("  … {user_id} is typing") } else { String::new() });
-            out.retain(|line| !line.is_empty());
-        }
-        Event::Typing { .. } => {}
-        Event::IdentityChanged { user_id, device_id } => out.push(format!(
-            "  ! the identity key of {user_id} device {device_id} changed: compare safety numbers"
-        )),
-        Event::Undecryptable { sender, reason } => {
-            out.push(format!("  ! a message from {} could not be decrypted: {reason}", sender.0))
-        }
-        Event::KeysRefilled(count) => out.push(format!("(uploaded {count} new one-time keys)")),
-        Event::Presence { user_id, online, last_seen_ms } if user_id == peer => {
-            out.push(if online {
-                format!("  ● {user_id} is online")
+    let line = match event {
+        Event::IdentityChanged { user_id, device_id } => format!(
+            "  ! the identity key of {} (device {device_id}) changed: compare safety numbers",
+            label(client, user_id)
+        ),
+        Event::Undecryptable { sender, reason } => format!(
+            "  ! a message from {} could not be decrypted: {reason}",
+            label(client, sender.0)
+        ),
+        Event::KeysRefilled(count) => format!("(uploaded {count} new one-time keys)"),
+        Event::Presence { user_id, online, last_seen_ms } => {
+            let who = label(client, user_id);
+            if online {
+                format!("  ● {who} is online")
             } else if last_seen_ms > 0 {
                 let ago = now_ms().saturating_sub(last_seen_ms) / 1000;
-                format!("  ○ {user_id} was last seen {ago} s ago")
+                format!("  ○ {who} was last seen {ago} s ago")
             } else {
-                format!("  ○ {user_id} is offline")
-            })
+                format!("  ○ {who} is offline")
+            }
         }
-        Event::Presence { .. } => {}
         Event::Dropped(count) => {
-            out.push(format!("  ! {count} messages to you were dropped (your mailbox was full)"))
+            format!("  ! {count} messages to you were dropped (your mailbox was full)")
         }
-        Event::SentDropped { recipient, server_ids } => out.push(format!(
-            "  ! {} of your messages to {recipient} were dropped (their mailbox was full)",
-            server_ids.len()
-        )),
+        Event::SentDropped { recipient, server_ids } => format!(
+            "  ! {} of your messages to {} were dropped (their mailbox was full)",
+            server_ids.len(),
+            label(client, recipient)
+        ),
         Event::Deleted { sender, .. } => {
-            out.push(format!("  (a message from {sender} was deleted)"))
+            format!("  (a message from {} was deleted)", label(client, sender))
         }
         Event::GroupChanged { group_id, epoch } => {
-            out.push(format!("  (group {group_id} changed; epoch {epoch})"))
+            let name = client.group(group_id)?.map_or_else(|| group_id.to_string(), |g| g.name);
+            format!("  (group \"{name}\" changed; epoch {epoch})")
         }
         Event::GroupChangeRejected { group_id, reason } => {
-            out.push(format!("  ! a change to group {group_id} was refused: {reason}"))
+            format!("  ! a change to group {group_id} was refused: {reason}")
         }
-        Event::HistoryOffered { from_device } => {
-            let added = client.import_history().await?;
-            out.push(format!("  (imported {added} messages of history from device {from_device})"))
-        }
-    }
-    Ok(out)
+        _ => return Ok(Vec::new()),
+    };
+    Ok(vec![line])
 }
