@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
+/// Sets `TERN_VERSION` (public so that `edge/build.rs` can call it).
 pub fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");
     let root = Path::new(&manifest_dir).parent().expect("a crate of the workspace");

@@ -76,7 +76,13 @@ enum Transport {
 
 /// How long connecting (TCP, TLS, WebSocket and the handshake) may take before the
 /// attempt counts as failed: a black-holed address must not hang a reconnect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long the answer to the hello may take once connected.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How long each probe of a port that did not answer the hello may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The keepalive used when a server advertises none.
 const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(30);
@@ -137,9 +143,16 @@ impl Connection {
             client: concat!("tern-client/", env!("CARGO_PKG_VERSION")).into(),
         };
         let id = connection.send(&hello).await?;
-        let reply = match connection.next_frame().await {
+        // A port that waits for something else (an HTTP server wants a whole request)
+        // never answers a hello: give up on it sooner than on a slow network.
+        let read = tokio::time::timeout(WELCOME_TIMEOUT, connection.next_frame()).await;
+        let read = read.unwrap_or(Err(ClientError::Disconnected));
+        let reply = match read {
             Ok(reply) => reply,
-            Err(error) => return Err(wrong_protocol(endpoint, connection.first_bytes, error)),
+            Err(error) => {
+                let error = wrong_protocol(endpoint, connection.first_bytes, error);
+                return Err(probe_tls(endpoint, error).await);
+            }
         };
         connection.first_bytes = None;
         let frame = reply.frame();
@@ -344,6 +357,41 @@ fn wrong_protocol(endpoint: &Endpoint, first: Option<Vec<u8>>, error: ClientErro
         )
     };
     ClientError::Config(advice)
+}
+
+/// A plain port that hung up on the handshake may be a TLS port (a TLS server drops
+/// a plaintext hello without a word): one TLS attempt tells, since it gets as far as
+/// the certificate. Returns the better error.
+async fn probe_tls(endpoint: &Endpoint, error: ClientError) -> ClientError {
+    if endpoint.tls.is_some() || !matches!(error, ClientError::Config(_)) {
+        return error;
+    }
+    let address = &endpoint.address;
+    // A WebSocket upgrade tells a WebSocket port (it accepts) from another HTTP server
+    // (it answers, but not with an upgrade).
+    if let Ok(Ok(tcp)) = tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(address)).await {
+        let upgrade = tokio_tungstenite::client_async(format!("ws://{address}/"), tcp);
+        match tokio::time::timeout(PROBE_TIMEOUT, upgrade).await {
+            Ok(Ok(_)) => {
+                return ClientError::Config(format!("{address} speaks WebSocket: add --websocket"))
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(_))) => {
+                return ClientError::Config(format!(
+                    "{address} answers HTTP: it is no client port (ternd's admin port is \
+                     7401; clients use 7400, or 7443 with --tls, or 7480 with --websocket)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    let probe = Endpoint { tls: Some(Trust::WebPki), ..endpoint.clone() };
+    match tokio::time::timeout(PROBE_TIMEOUT, open_transport(&probe)).await {
+        Ok(Ok(_) | Err(ClientError::Io(_))) => ClientError::Config(format!(
+            "{address} speaks TLS: add --tls (and --ca FILE for a development server's \
+             certificate)"
+        )),
+        _ => error,
+    }
 }
 
 fn websocket_error(error: tokio_tungstenite::tungstenite::Error) -> ClientError {

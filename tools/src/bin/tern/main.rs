@@ -508,6 +508,7 @@ async fn send_text(client: &mut Client, to: u64, text: &str) -> Result<(), Clien
             }
         }
     }
+    Names::default().learn(client, &[to]).await;
     let to = if to == client.user_id() {
         "yourself (your other devices)".into()
     } else {
