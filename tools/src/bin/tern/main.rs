@@ -325,9 +325,26 @@ async fn open(args: &Args) -> Result<Client, ClientError> {
     Client::open(&args.store, &secret, endpoint).await
 }
 
-/// Opens the store without connecting (history, search, whoami).
+/// Opens the store without connecting (whoami).
 fn open_offline(args: &Args) -> Result<Client, ClientError> {
     Client::open_offline(&args.store, &passphrase()?)
+}
+
+/// Opens the store for reading the history, brought up to date first when it can be:
+/// connected and caught up if no other `tern` holds the store (one that does keeps it
+/// up to date itself) and the server answers; as it is otherwise.
+async fn open_fresh(args: &Args) -> Result<Client, ClientError> {
+    if let Ok(_lock) = handoff::lock(&args.store)? {
+        match open(args).await {
+            Ok(mut client) => {
+                finish(&mut client).await?;
+                return Ok(client);
+            }
+            Err(ClientError::Store(error)) => return Err(error.into()),
+            Err(_) => {} // No server: the history as this device has it.
+        }
+    }
+    open_offline(args)
 }
 
 async fn run(args: Args) -> Result<(), ClientError> {
@@ -337,8 +354,8 @@ async fn run(args: Args) -> Result<(), ClientError> {
         }
         Command::Link { name } => link(&args, name).await,
         Command::Whoami => whoami(&args),
-        Command::History { with, limit } => history(&args, *with, *limit),
-        Command::Search { query, limit } => search(&args, &query.join(" "), *limit),
+        Command::History { with, limit } => history(&args, *with, *limit).await,
+        Command::Search { query, limit } => search(&args, &query.join(" "), *limit).await,
         Command::Send { to, file: None, text } => {
             let request = handoff::Request { to: Some(*to), group: None, text: text.join(" ") };
             send_or_hand_over(&args, request).await
@@ -427,16 +444,16 @@ fn whoami(args: &Args) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn history(args: &Args, with: u64, limit: usize) -> Result<(), ClientError> {
-    let client = open_offline(args)?;
+async fn history(args: &Args, with: u64, limit: usize) -> Result<(), ClientError> {
+    let client = open_fresh(args).await?;
     for message in client.history(with, limit)? {
         println!("{}", line_of(&client, &message, true));
     }
     Ok(())
 }
 
-fn search(args: &Args, words: &str, limit: usize) -> Result<(), ClientError> {
-    let client = open_offline(args)?;
+async fn search(args: &Args, words: &str, limit: usize) -> Result<(), ClientError> {
+    let client = open_fresh(args).await?;
     let found = client.search(words, limit)?;
     if found.is_empty() {
         println!("no matches for {words:?}");
