@@ -417,3 +417,48 @@ fn every_binary_reports_its_version_with_the_commit() {
         assert!(text.contains("(git "), "{binary}: {text}");
     }
 }
+
+/// `alice`'s device 1 queued envelopes, as `ternctl mailboxes` reads them off the disk.
+fn queued_for(data: &Path, user: u64) -> u64 {
+    let output = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("mailboxes")
+        .arg(data)
+        .output()
+        .expect("ternctl runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let row = text.lines().find(|l| l.split_whitespace().next() == Some(&format!("{user}:1")));
+    row.map_or(0, |r| r.split_whitespace().nth(2).unwrap().parse().unwrap())
+}
+
+/// Waits (bounded) until `check` holds for what is queued for `user`.
+fn until_queued(data: &Path, user: u64, check: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let queued = queued_for(data, user);
+        if check(queued) {
+            return queued;
+        }
+        assert!(std::time::Instant::now() < deadline, "{queued} queued for {user}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_one_shot_send_acknowledges_what_was_waiting_for_it() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let alice = register(&mut server, &alice_db, "+15598500001");
+    let bob = register(&mut server, &bob_db, "+15598500002");
+    one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "one"]);
+    // Bob's history catches up: his device acknowledges, and Alice gets a receipt.
+    let history = one_shot(&server, &bob_db, &["history", "--with", &alice.to_string()]);
+    assert!(history.iter().any(|l| l.contains(": one")), "{history:?}");
+    until_queued(data.path(), alice, |queued| queued >= 1);
+    // Alice's next one-shot send takes that receipt and acknowledges it before leaving.
+    one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "two"]);
+    assert_eq!(until_queued(data.path(), alice, |queued| queued == 0), 0);
+    let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);
+    assert!(history.iter().any(|l| l.contains("me: one ✓✓")), "{history:?}");
+}
