@@ -7,12 +7,14 @@
 //! cancel-safe (bytes read go into the decoder before anything awaits again), so a
 //! caller may race it against user input in `tokio::select!`.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tern_wire::messages::{Hello, Welcome};
+use tern_wire::messages::{Hello, Ping};
 use tern_wire::{
-    decode_frame, encode_frame, Frame, FrameDecoder, Payload, WireSerializer,
+    decode_frame, encode_frame, ErrorCode, Frame, FrameDecoder, Message, Payload, WireSerializer,
     ABSOLUTE_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_BYTES, HELLO_MAGIC,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -72,6 +74,19 @@ enum Transport {
     WebSocket(Box<tokio_tungstenite::WebSocketStream<Box<dyn Stream>>>),
 }
 
+/// How long connecting (TCP, TLS, WebSocket and the handshake) may take before the
+/// attempt counts as failed: a black-holed address must not hang a reconnect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long the answer to the hello may take once connected.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How long each probe of a port that did not answer the hello may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The keepalive used when a server advertises none.
+const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(30);
+
 /// An open, handshaken connection.
 pub struct Connection {
     transport: Transport,
@@ -79,6 +94,13 @@ pub struct Connection {
     max_frame_bytes: u32,
     next_request_id: u32,
     buffer: Vec<u8>,
+    /// Ping when nothing was sent for this long (the server's `Welcome` says).
+    heartbeat: Duration,
+    /// When a frame last left: the server's idle clock restarts then.
+    last_sent: Instant,
+    /// The first bytes the server sent, kept until the handshake is done: when they are
+    /// not a frame they tell what the port speaks instead.
+    first_bytes: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -88,39 +110,30 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Connects and performs the protocol handshake.
+    /// Connects and performs the protocol handshake. A port that speaks another protocol
+    /// (TLS without `tls`, WebSocket or HTTP without `websocket`, or the reverse) gets an
+    /// error saying which option to change.
     pub async fn open(endpoint: &Endpoint) -> Result<Connection, ClientError> {
-        let tcp = TcpStream::connect(&endpoint.address).await?;
-        tcp.set_nodelay(true)?;
-        let stream: Box<dyn Stream> = match &endpoint.tls {
-            None => Box::new(tcp),
-            Some(trust) => {
-                let config = tls_config(trust)?;
-                let host = endpoint.address.rsplit_once(':').map_or(&*endpoint.address, |h| h.0);
-                let host =
-                    if host.parse::<std::net::IpAddr>().is_ok() { "localhost" } else { host };
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| ClientError::Config(format!("server name {host}: {e}")))?;
-                let connector = tokio_rustls::TlsConnector::from(config);
-                Box::new(connector.connect(name, tcp).await?)
-            }
-        };
-        let transport = if endpoint.websocket {
-            let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
-            let url = format!("{scheme}://{}/", endpoint.address);
-            let (websocket, _) = tokio_tungstenite::client_async(url, stream)
-                .await
-                .map_err(|e| ClientError::Protocol(format!("WebSocket upgrade: {e}")))?;
-            Transport::WebSocket(Box::new(websocket))
-        } else {
-            Transport::Bytes(stream)
-        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(endpoint)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from {} in {} s", endpoint.address, CONNECT_TIMEOUT.as_secs()),
+            ))),
+        }
+    }
+
+    async fn open_now(endpoint: &Endpoint) -> Result<Connection, ClientError> {
+        let transport = open_transport(endpoint).await?;
         let mut connection = Connection {
             transport,
             decoder: FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES),
             max_frame_bytes: tern_wire::HANDSHAKE_MAX_FRAME_BYTES,
             next_request_id: 1,
             buffer: vec![0u8; 64 * 1024],
+            heartbeat: HEARTBEAT_DEFAULT,
+            last_sent: Instant::now(),
+            first_bytes: Some(Vec::new()),
         };
         let hello = Hello {
             magic: HELLO_MAGIC,
@@ -130,18 +143,113 @@ impl Connection {
             client: concat!("tern-client/", env!("CARGO_PKG_VERSION")).into(),
         };
         let id = connection.send(&hello).await?;
-        let reply = connection.next_frame().await?;
+        // A port that waits for something else (an HTTP server wants a whole request)
+        // never answers a hello: give up on it sooner than on a slow network.
+        let read = tokio::time::timeout(WELCOME_TIMEOUT, connection.next_frame()).await;
+        let read = read.unwrap_or(Err(ClientError::Disconnected));
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(error) => {
+                let error = wrong_protocol(endpoint, connection.first_bytes, error);
+                return Err(probe_tls(endpoint, error).await);
+            }
+        };
+        connection.first_bytes = None;
         let frame = reply.frame();
         match frame.message {
-            tern_wire::Message::Welcome(welcome) if frame.header.request_id == id => {
+            Message::Welcome(welcome) if frame.header.request_id == id => {
                 connection.max_frame_bytes = welcome.max_frame_bytes.to_native();
-                let _: &<Welcome as rkyv::Archive>::Archived = welcome;
+                let heartbeat_ms = welcome.heartbeat_interval_ms.to_native();
+                if heartbeat_ms > 0 {
+                    connection.heartbeat = Duration::from_millis(heartbeat_ms.into());
+                }
                 Ok(connection)
             }
-            _ => Err(crate::client::server_error(&reply)),
+            _ => Err(server_error(&reply)),
         }
     }
 
+    /// The largest frame the server accepts on this connection.
+    pub fn max_frame_bytes(&self) -> u32 {
+        self.max_frame_bytes
+    }
+
+    /// When a ping is due: the heartbeat after the last frame sent.
+    pub fn ping_due(&self) -> Instant {
+        self.last_sent + self.heartbeat
+    }
+
+    /// Sends a ping (the server's idle clock restarts; its `Pong` is ignored).
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        self.send(&Ping { nonce: u64::from(self.next_request_id) }).await.map(drop)
+    }
+
+    /// Reads until the answer to request `id`, keeping everything else in `backlog`. An
+    /// unsolicited error (the server stopping, an idle timeout) is the answer's error.
+    pub async fn answer(
+        &mut self,
+        id: u32,
+        backlog: &mut VecDeque<OwnedFrame>,
+    ) -> Result<OwnedFrame, ClientError> {
+        loop {
+            let frame = self.next_frame().await?;
+            let header = frame.frame().header;
+            if header.is_response() && header.request_id == id {
+                return Ok(frame);
+            }
+            if let Message::ErrorFrame(_) = frame.frame().message {
+                if header.request_id == 0 {
+                    return Err(server_error(&frame));
+                }
+            }
+            backlog.push_back(frame);
+        }
+    }
+}
+
+/// TCP, then TLS and WebSocket as the endpoint asks.
+async fn open_transport(endpoint: &Endpoint) -> Result<Transport, ClientError> {
+    let tcp = TcpStream::connect(&endpoint.address).await?;
+    tcp.set_nodelay(true)?;
+    let stream: Box<dyn Stream> = match &endpoint.tls {
+        None => Box::new(tcp),
+        Some(trust) => {
+            let config = tls_config(trust)?;
+            let host = endpoint.address.rsplit_once(':').map_or(&*endpoint.address, |h| h.0);
+            let host = if host.parse::<std::net::IpAddr>().is_ok() { "localhost" } else { host };
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| ClientError::Config(format!("server name {host}: {e}")))?;
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let tls = connector.connect(name, tcp).await.map_err(|e| {
+                if e.to_string().contains("certificate") {
+                    // A TLS server whose certificate is not trusted: say that, as is.
+                    return ClientError::Io(e);
+                }
+                ClientError::Config(format!(
+                    "TLS handshake with {} failed ({e}): if this port does not speak TLS, \
+                         drop --tls or use ternd's TLS port (7443 by default)",
+                    endpoint.address
+                ))
+            })?;
+            Box::new(tls)
+        }
+    };
+    if !endpoint.websocket {
+        return Ok(Transport::Bytes(stream));
+    }
+    let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
+    let url = format!("{scheme}://{}/", endpoint.address);
+    let (websocket, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| {
+        ClientError::Config(format!(
+            "WebSocket upgrade at {} failed ({e}): if this port does not speak WebSocket, \
+                 drop --websocket or use ternd's WebSocket port (7480, or 7481 with --tls)",
+            endpoint.address
+        ))
+    })?;
+    Ok(Transport::WebSocket(Box::new(websocket)))
+}
+
+impl Connection {
     /// Sends a frame; returns its request id.
     pub async fn send<T>(&mut self, value: &T) -> Result<u32, ClientError>
     where
@@ -149,9 +257,17 @@ impl Connection {
     {
         let id = self.next_request_id;
         self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        self.last_sent = Instant::now();
         let mut bytes = Vec::new();
-        encode_frame(&mut bytes, id, 0, value, self.max_frame_bytes)
-            .map_err(|e| ClientError::Protocol(format!("cannot encode {}: {e}", T::TYPE.name())))?;
+        encode_frame(&mut bytes, id, 0, value, self.max_frame_bytes).map_err(|e| match e {
+            tern_wire::EncodeError::FrameTooLarge { frame_bytes, max_frame_bytes } => {
+                ClientError::TooLong {
+                    bytes: frame_bytes as usize,
+                    max_bytes: max_frame_bytes as usize,
+                }
+            }
+            other => ClientError::Protocol(format!("cannot encode {}: {other}", T::TYPE.name())),
+        })?;
         match &mut self.transport {
             Transport::Bytes(stream) => {
                 stream.write_all(&bytes).await?;
@@ -185,6 +301,9 @@ impl Connection {
                     if n == 0 {
                         return Err(ClientError::Disconnected);
                     }
+                    if let Some(first) = self.first_bytes.as_mut() {
+                        first.extend_from_slice(&self.buffer[..n.min(64)]);
+                    }
                     self.decoder.feed(&self.buffer[..n]);
                 }
                 Transport::WebSocket(websocket) => {
@@ -201,6 +320,77 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// The typed error of an `ErrorFrame` (or of an unexpected frame).
+pub(crate) fn server_error(frame: &OwnedFrame) -> ClientError {
+    let frame = frame.frame();
+    match frame.message {
+        Message::ErrorFrame(error) => ClientError::Server {
+            code: ErrorCode::from_u16(error.code.to_native()).unwrap_or(ErrorCode::Internal),
+            message: error.message.to_string(),
+            retry_after_ms: error.retry_after_ms.to_native(),
+        },
+        other => ClientError::Protocol(format!("unexpected {}", other.message_type().name())),
+    }
+}
+
+/// What a handshake that got no `Welcome` means, from the first bytes the port sent: a
+/// TLS record, an HTTP answer, or nothing at all.
+fn wrong_protocol(endpoint: &Endpoint, first: Option<Vec<u8>>, error: ClientError) -> ClientError {
+    let first = first.unwrap_or_default();
+    let address = &endpoint.address;
+    let advice = if first.len() >= 2 && (first[0] == 0x15 || first[0] == 0x16) && first[1] == 3 {
+        format!("{address} speaks TLS: add --tls (and --ca FILE for a development server)")
+    } else if first.starts_with(b"HTTP/") {
+        format!(
+            "{address} answers HTTP: for ternd's WebSocket port add --websocket; the admin \
+             port (7401) serves no clients; plain TCP is 7400 by default"
+        )
+    } else if endpoint.websocket || endpoint.tls.is_some() {
+        return error;
+    } else {
+        format!(
+            "{address} closed the handshake ({error}): is it ternd's plain TCP port? \
+             (7400 by default; 7443 needs --tls, 7480 needs --websocket)"
+        )
+    };
+    ClientError::Config(advice)
+}
+
+/// A plain port that hung up on the handshake may be a TLS port (a TLS server drops
+/// a plaintext hello without a word): one TLS attempt tells, since it gets as far as
+/// the certificate. Returns the better error.
+async fn probe_tls(endpoint: &Endpoint, error: ClientError) -> ClientError {
+    if endpoint.tls.is_some() || !matches!(error, ClientError::Config(_)) {
+        return error;
+    }
+    let address = &endpoint.address;
+    // A WebSocket upgrade tells a WebSocket port (it accepts) from another HTTP server
+    // (it answers, but not with an upgrade).
+    if let Ok(Ok(tcp)) = tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(address)).await {
+        let upgrade = tokio_tungstenite::client_async(format!("ws://{address}/"), tcp);
+        match tokio::time::timeout(PROBE_TIMEOUT, upgrade).await {
+            Ok(Ok(_)) => {
+                return ClientError::Config(format!("{address} speaks WebSocket: add --websocket"))
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(_))) => {
+                return ClientError::Config(format!(
+                    "{address} answers HTTP: it is no client port (ternd's admin port is \
+                     7401; clients use 7400, or 7443 with --tls, or 7480 with --websocket)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    let probe = Endpoint { tls: Some(Trust::WebPki), ..endpoint.clone() };
+    match tokio::time::timeout(PROBE_TIMEOUT, open_transport(&probe)).await {
+        Ok(Ok(_) | Err(ClientError::Io(_))) => ClientError::Config(format!(
+            "{address} speaks TLS: add --tls (and --ca FILE for a development server's \
+             certificate)"
+        )),
+        _ => error,
     }
 }
 

@@ -442,7 +442,17 @@ impl GroupReceiver {
     }
 }
 
-/// Checks an Ed25519 signature by `signing_key` (a group change's, for instance).
+/// A device's key fingerprint for people to compare: the first 10 bytes of the SHA-256
+/// of its Curve25519 identity key, in five groups of four hex digits.
+pub fn fingerprint(identity_key: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(identity_key);
+    let hex: Vec<String> =
+        digest[..10].chunks(2).map(|c| format!("{:02x}{:02x}", c[0], c[1])).collect();
+    hex.join(" ")
+}
+
+/// Whether `signature` is `signing_key`'s Ed25519 signature over `message`.
 pub fn verify_signature(signing_key: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
     let Ok(key) = Ed25519PublicKey::from_slice(signing_key) else { return false };
     let Ok(signature) = Ed25519Signature::from_slice(signature) else { return false };

@@ -82,43 +82,53 @@ pub fn apply_change(
             if !allowed {
                 return Err(GroupChangeError::NotAllowed);
             }
-            let mut group = view.clone();
-            group.epoch = epoch;
-            match change {
-                GroupChange::Add { members } => {
-                    for member in members {
-                        if !group.members.iter().any(|(m, _)| m == member) {
-                            group.members.push((*member, false));
-                        }
-                    }
-                }
-                GroupChange::Remove { members } => {
-                    group.members.retain(|(m, _)| !members.contains(m));
-                    group.needs_rotation = true;
-                }
-                GroupChange::Leave => {
-                    group.members.retain(|(m, _)| *m != actor);
-                    group.needs_rotation = true;
-                }
-                GroupChange::Promote { member } | GroupChange::Demote { member } => {
-                    let admin = matches!(change, GroupChange::Promote { .. });
-                    if let Some(entry) = group.members.iter_mut().find(|(m, _)| m == member) {
-                        entry.1 = admin;
-                    }
-                }
-                GroupChange::Rename { name } => group.name = name.clone(),
-                GroupChange::Create { .. } => return Err(GroupChangeError::OutOfOrder(view.epoch)),
-            }
-            // The last admin gone: the longest member takes over, as on the server
-            // (members are kept in join order).
-            if !group.members.is_empty() && !group.members.iter().any(|(_, admin)| *admin) {
-                group.members[0].1 = true;
-            }
-            group
+            changed(view, epoch, actor, change)?
         }
     };
     if group.members.len() > GROUP_MEMBERS_MAX {
         return Err(GroupChangeError::TooLarge);
+    }
+    Ok(group)
+}
+
+/// A change by an allowed `actor` applied to an existing view, giving epoch `epoch`.
+fn changed(
+    view: &GroupView,
+    epoch: u64,
+    actor: UserId,
+    change: &GroupChange,
+) -> Result<GroupView, GroupChangeError> {
+    let mut group = view.clone();
+    group.epoch = epoch;
+    match change {
+        GroupChange::Add { members } => {
+            for member in members {
+                if !group.members.iter().any(|(m, _)| m == member) {
+                    group.members.push((*member, false));
+                }
+            }
+        }
+        GroupChange::Remove { members } => {
+            group.members.retain(|(m, _)| !members.contains(m));
+            group.needs_rotation = true;
+        }
+        GroupChange::Leave => {
+            group.members.retain(|(m, _)| *m != actor);
+            group.needs_rotation = true;
+        }
+        GroupChange::Promote { member } | GroupChange::Demote { member } => {
+            let admin = matches!(change, GroupChange::Promote { .. });
+            if let Some(entry) = group.members.iter_mut().find(|(m, _)| m == member) {
+                entry.1 = admin;
+            }
+        }
+        GroupChange::Rename { name } => group.name = name.clone(),
+        GroupChange::Create { .. } => return Err(GroupChangeError::OutOfOrder(view.epoch)),
+    }
+    // The last admin gone: the longest member takes over, as on the server
+    // (members are kept in join order).
+    if !group.members.is_empty() && !group.members.iter().any(|(_, admin)| *admin) {
+        group.members[0].1 = true;
     }
     Ok(group)
 }

@@ -52,6 +52,8 @@ pub struct MediaDescriptor {
     pub sha256: [u8; 32],
     /// Ciphertext bytes.
     pub size: u64,
+    /// The file's own size, before packing (0 from senders that did not say).
+    pub original_size: u64,
     /// How the plaintext was packed.
     pub packing: Packing,
     /// The file's name.
@@ -59,6 +61,9 @@ pub struct MediaDescriptor {
     /// A small JPEG preview, for images.
     pub thumbnail: Vec<u8>,
 }
+
+/// In a descriptor's packing byte: the original size follows the name.
+const ORIGINAL_SIZE_FLAG: u8 = 0x80;
 
 impl MediaDescriptor {
     /// Serializes for the E2E message.
@@ -71,9 +76,12 @@ impl MediaDescriptor {
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&self.sha256);
         out.extend_from_slice(&self.size.to_le_bytes());
-        out.push(self.packing as u8);
+        // The high bit says the original size follows the name (older descriptors
+        // lack it; they still decode).
+        out.push(self.packing as u8 | ORIGINAL_SIZE_FLAG);
         out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
         out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&self.original_size.to_le_bytes());
         out.extend_from_slice(&self.thumbnail);
         out
     }
@@ -89,7 +97,16 @@ impl MediaDescriptor {
         if bytes.len() < 110 + name_len {
             return Err(bad());
         }
-        let packing = match bytes[107] {
+        let with_size = bytes[107] & ORIGINAL_SIZE_FLAG != 0;
+        let rest = 110 + name_len;
+        if with_size && bytes.len() < rest + 8 {
+            return Err(bad());
+        }
+        let (original_size, thumbnail_at) = match with_size {
+            true => (u64::from_le_bytes(take(rest, 8).try_into().expect("8")), rest + 8),
+            false => (0, rest),
+        };
+        let packing = match bytes[107] & !ORIGINAL_SIZE_FLAG {
             0 => Packing::Raw,
             1 => Packing::Zstd,
             2 => Packing::Image,
@@ -101,9 +118,10 @@ impl MediaDescriptor {
             nonce: take(48, 19).try_into().expect("19"),
             sha256: take(67, 32).try_into().expect("32"),
             size: u64::from_le_bytes(take(99, 8).try_into().expect("8")),
+            original_size,
             packing,
             name: String::from_utf8(take(110, name_len).to_vec()).map_err(|_| bad())?,
-            thumbnail: bytes[110 + name_len..].to_vec(),
+            thumbnail: bytes[thumbnail_at..].to_vec(),
         })
     }
 }
@@ -141,6 +159,7 @@ pub fn seal(name: &str, plaintext: &[u8]) -> Result<SealedFile, CryptoError> {
         nonce,
         sha256,
         size: ciphertext.len() as u64,
+        original_size: plaintext.len() as u64,
         packing,
         name: name.to_string(),
         thumbnail,

@@ -1,13 +1,15 @@
-//! The device's local store: one SQLite file (rusqlite, bundled SQLite with FTS5).
+//! The device's local store: one SQLCipher file (rusqlite, bundled SQLCipher with FTS5).
 //!
 //! It holds who this device is (server, user, device, token), its E2E state (the Olm
 //! account and every pairwise session), the identities pinned for peer devices, and the
-//! message history with its delivery state and a full-text index. Secrets — the token
-//! and every vodozemac pickle — are encrypted at rest with the store key: 32 bytes given
-//! by the app, or derived from a passphrase with Argon2id (salt kept in the file). A
-//! known value encrypted with the key tells a wrong passphrase from a corrupt file.
-//! Message text is stored in the clear, so that it can be searched; protect the file
-//! (or the disk) accordingly.
+//! message history with its delivery state and a full-text index. The whole file is
+//! encrypted (every page, the full-text index and the WAL: SQLCipher, AES-256 with a
+//! per-page HMAC) with the store key: 32 bytes given by the app, or derived from a
+//! passphrase with Argon2id; the salt is the file's first 16 bytes (SQLCipher's own
+//! salt, given with the raw key), so the key never goes through SQLCipher's PBKDF2.
+//! Secrets — the token and every vodozemac pickle — are sealed again inside with the
+//! same key, as before SQLCipher. A store written by an older `tern` in plain SQLite is
+//! encrypted in place the first time it is opened (`sqlcipher_export`).
 //!
 //! Every change that must survive together (a decrypted message and the ratchet state
 //! that decrypted it) is one transaction.
@@ -69,6 +71,9 @@ pub enum Status {
     Read = 3,
     /// An incoming message.
     Received = 4,
+    /// Refused by the server for good: never sent, never re-sent (`Store::failure`
+    /// says why).
+    Failed = 5,
 }
 
 impl Status {
@@ -78,6 +83,7 @@ impl Status {
             2 => Status::Delivered,
             3 => Status::Read,
             4 => Status::Received,
+            5 => Status::Failed,
             _ => Status::Sending,
         }
     }
@@ -90,6 +96,7 @@ impl Status {
             Status::Delivered => "✓✓",
             Status::Read => "✓✓ read",
             Status::Received => "",
+            Status::Failed => "✗ not sent",
         }
     }
 }
@@ -179,6 +186,10 @@ CREATE TABLE IF NOT EXISTS media (
 CREATE TABLE IF NOT EXISTS receipts (
     server_id INTEGER NOT NULL, by_user INTEGER NOT NULL, by_device INTEGER NOT NULL,
     read INTEGER NOT NULL, PRIMARY KEY (server_id, by_user, by_device, read));
+CREATE TABLE IF NOT EXISTS failures (
+    client_id INTEGER PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS people (
+    user_id INTEGER PRIMARY KEY, name TEXT, phone TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_peer ON messages (peer, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender
     ON messages (sender_user, sender_device, client_id);
@@ -195,6 +206,84 @@ END;
 /// Encrypted with the key at creation; decrypting it checks the key.
 const KEY_CHECK: &[u8] = b"tern store key check v1";
 
+/// How a plain (unencrypted) SQLite file starts: a store from before SQLCipher.
+const PLAIN_SQLITE_HEADER: [u8; 16] = *b"SQLite format 3\0";
+
+/// The first 16 bytes of the file (SQLCipher's salt), if it has them.
+fn file_header(path: &Path) -> Result<Option<[u8; 16]>, StoreError> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let mut header = [0u8; 16];
+    match file.read_exact(&mut header) {
+        Ok(()) => Ok(Some(header)),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn random_salt() -> Result<[u8; 16], StoreError> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| StoreError::Random(e.to_string()))?;
+    Ok(salt)
+}
+
+/// The store key: the app's, or Argon2id of the passphrase with `salt`.
+fn store_key(secret: &StoreSecret, salt: &[u8]) -> Result<[u8; 32], StoreError> {
+    match secret {
+        StoreSecret::Key(key) => Ok(*key),
+        StoreSecret::Passphrase(passphrase) => {
+            let mut key = [0u8; 32];
+            argon2::Argon2::default()
+                .hash_password_into(passphrase.as_bytes(), salt, &mut key)
+                .map_err(|e| StoreError::Kdf(e.to_string()))?;
+            Ok(key)
+        }
+    }
+}
+
+/// SQLCipher's raw-key form: the key and the salt in hex, no key derivation.
+fn sqlcipher_key(key: &[u8; 32], salt: &[u8; 16]) -> String {
+    let hex: String = key.iter().chain(salt).map(|b| format!("{b:02x}")).collect();
+    format!("x'{hex}'")
+}
+
+/// Encrypts a store written in plain SQLite (by a `tern` before SQLCipher) in place:
+/// the passphrase is checked first, the copy keeps the old Argon2id salt as its own
+/// (so the same key opens it), and it replaces the plain file only once complete.
+fn encrypt_plain_store(path: &Path, secret: &StoreSecret) -> Result<(), StoreError> {
+    let db = Connection::open(path)?;
+    let salt_row: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE key = 'kdf_salt'", [], |row| row.get(0))
+        .optional()?;
+    let salt: [u8; 16] = match salt_row {
+        Some(salt) => salt.try_into().map_err(|_| StoreError::Corrupt("kdf salt".into()))?,
+        None => random_salt()?,
+    };
+    let key = store_key(secret, &salt)?;
+    let old = Store::finish_open(db, key)?; // Checks the passphrase.
+    let copy = path.with_extension("encrypting");
+    let _ = std::fs::remove_file(&copy);
+    old.db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+    old.db.execute(
+        "ATTACH DATABASE ?1 AS encrypted KEY ?2",
+        params![copy.to_string_lossy(), sqlcipher_key(&key, &salt)],
+    )?;
+    old.db.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
+    old.db.execute_batch("DETACH DATABASE encrypted;")?;
+    drop(old);
+    std::fs::rename(&copy, path)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(side);
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path, secret: &StoreSecret) -> Result<Store, StoreError> {
@@ -203,31 +292,33 @@ impl Store {
                 std::fs::create_dir_all(parent)?;
             }
         }
+        let header = file_header(path)?;
+        if header == Some(PLAIN_SQLITE_HEADER) {
+            encrypt_plain_store(path, secret)?;
+        }
+        let salt = match file_header(path)? {
+            Some(salt) => salt,
+            None => random_salt()?,
+        };
+        let key = store_key(secret, &salt)?;
         let db = Connection::open(path)?;
+        db.pragma_update(None, "key", sqlcipher_key(&key, &salt))?;
+        // The first read of an encrypted page checks the key (its HMAC).
+        if let Err(error) = db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+            return Err(match error.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => StoreError::WrongKey,
+                _ => error.into(),
+            });
+        }
+        Store::finish_open(db, key)
+    }
+
+    /// Sets the store up once its key is in: journal, schema, key check.
+    fn finish_open(db: Connection, key: [u8; 32]) -> Result<Store, StoreError> {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.execute_batch(SCHEMA)?;
-        let mut store = Store { db, key: [0; 32] };
-        store.key = match secret {
-            StoreSecret::Key(key) => *key,
-            StoreSecret::Passphrase(passphrase) => {
-                let salt = match store.meta("kdf_salt")? {
-                    Some(salt) => salt,
-                    None => {
-                        let mut salt = vec![0u8; 16];
-                        getrandom::fill(&mut salt)
-                            .map_err(|e| StoreError::Random(e.to_string()))?;
-                        store.set_meta("kdf_salt", &salt)?;
-                        salt
-                    }
-                };
-                let mut key = [0u8; 32];
-                argon2::Argon2::default()
-                    .hash_password_into(passphrase.as_bytes(), &salt, &mut key)
-                    .map_err(|e| StoreError::Kdf(e.to_string()))?;
-                key
-            }
-        };
+        let store = Store { db, key };
         match store.meta("key_check")? {
             Some(sealed) => {
                 if store.open_sealed(&sealed).as_deref() != Some(KEY_CHECK) {
@@ -748,6 +839,74 @@ impl Store {
         Ok(())
     }
 
+    /// Marks an outgoing message failed (the server refused it for good), with why.
+    pub fn mark_failed(&mut self, client_id: u64, reason: &str) -> Result<(), StoreError> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "UPDATE messages SET status = ?2 WHERE outgoing = 1 AND client_id = ?1",
+            params![client_id as i64, Status::Failed as i64],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO failures (client_id, reason) VALUES (?1, ?2)",
+            params![client_id as i64, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Why an outgoing message failed, if it did.
+    pub fn failure(&self, client_id: u64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT reason FROM failures WHERE client_id = ?1",
+                [client_id as i64],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Remembers what this device knows of a person: a display name, a phone number
+    /// (`None` keeps what was known).
+    pub fn remember_person(
+        &self,
+        user_id: u64,
+        name: Option<&str>,
+        phone: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO people (user_id, name, phone) VALUES (?1, ?2, ?3)
+             ON CONFLICT(user_id) DO UPDATE SET name = COALESCE(excluded.name, people.name),
+             phone = COALESCE(excluded.phone, people.phone)",
+            params![user_id as i64, name, phone],
+        )?;
+        Ok(())
+    }
+
+    /// What this device knows of a person: (display name, phone number).
+    pub fn person(&self, user_id: u64) -> Result<(Option<String>, Option<String>), StoreError> {
+        let row = self
+            .db
+            .query_row(
+                "SELECT name, phone FROM people WHERE user_id = ?1",
+                [user_id as i64],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.unwrap_or((None, None)))
+    }
+
+    /// Records this device's own phone number (at registration).
+    pub fn save_own_phone(&self, phone: &str) -> Result<(), StoreError> {
+        self.set_meta("phone", phone.as_bytes())
+    }
+
+    /// This account's phone number, if this device registered it (a linked device
+    /// learns it from the primary's history, or not at all).
+    pub fn own_phone(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.meta("phone")?.and_then(|p| String::from_utf8(p).ok()))
+    }
+
     /// Raises the status of outgoing messages by server id (ticks only go up).
     pub fn raise_status(
         &self,
@@ -770,6 +929,26 @@ impl Store {
         Ok(changed)
     }
 
+    /// The group a stored message belongs to (0: a one-to-one conversation).
+    pub fn group_of(&self, sender: (u64, u32), client_id: u64) -> Result<u64, StoreError> {
+        let found: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT group_id FROM messages
+                 WHERE sender_user = ?1 AND sender_device = ?2 AND client_id = ?3",
+                params![sender.0 as i64, sender.1, client_id as i64],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(found.unwrap_or(0) as u64)
+    }
+
+    /// This device's outgoing message with this client id.
+    pub fn message(&self, client_id: u64) -> Result<Option<StoredMessage>, StoreError> {
+        let found = self.query("WHERE outgoing = 1 AND client_id = ?1", params![client_id as i64]);
+        Ok(found?.into_iter().next())
+    }
+
     /// Outgoing messages not yet acknowledged (to send again after a reconnect).
     pub fn unsent(&self) -> Result<Vec<StoredMessage>, StoreError> {
         self.query("WHERE outgoing = 1 AND status = 0 ORDER BY id", [])
@@ -785,13 +964,26 @@ impl Store {
         Ok(messages)
     }
 
-    /// Messages whose text matches an FTS5 query, best match first.
-    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        self.query(
-            "WHERE id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1)
-             ORDER BY id DESC LIMIT ?2",
-            params![query, limit as i64],
-        )
+    /// Messages whose text holds every word of `words` (each also as a prefix: "hel"
+    /// finds "hello"), newest first, each with its group id (0 for one-to-one). The
+    /// words are the user's text, not FTS5 syntax: each is quoted, so a hyphen, a
+    /// quote or `AND` is just text. No words, no matches.
+    pub fn search(
+        &self,
+        words: &str,
+        limit: usize,
+    ) -> Result<Vec<(StoredMessage, u64)>, StoreError> {
+        let Some(query) = fts_query(words) else { return Ok(Vec::new()) };
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS}, group_id FROM messages WHERE id IN
+             (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?1)
+             ORDER BY id DESC LIMIT ?2"
+        );
+        let mut statement = self.db.prepare(&sql)?;
+        let rows = statement.query_map(params![query, limit as i64], |row| {
+            Ok((message_from_row(row)?, row.get::<_, i64>(9)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn query<P: rusqlite::Params>(
@@ -869,7 +1061,17 @@ impl Store {
     }
 }
 
-/// Adds a message to the history; `group_id` is 0 for a one-to-one conversation.
+/// A user's search words as an FTS5 query: each word a quoted string (inner quotes
+/// doubled) matched as a prefix, all of them required. `None` when there is no word.
+pub(crate) fn fts_query(words: &str) -> Option<String> {
+    let terms: Vec<String> = words
+        .split_whitespace()
+        .filter(|w| w.chars().any(char::is_alphanumeric))
+        .map(|w| format!("\"{}\"*", w.replace('"', "\"\"")))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
 /// The columns [`message_from_row`] reads, in order.
 const MESSAGE_COLUMNS: &str =
     "server_id, client_id, peer, sender_user, sender_device, outgoing, body, time_ms, status";
@@ -910,4 +1112,17 @@ fn insert_message(
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fts_query;
+
+    #[test]
+    fn search_words_are_quoted_and_match_as_prefixes() {
+        assert_eq!(fts_query("hel"), Some("\"hel\"*".into()));
+        assert_eq!(fts_query("e-mail AND"), Some("\"e-mail\"* \"AND\"*".into()));
+        assert_eq!(fts_query("say \"hi\""), Some("\"say\"* \"\"\"hi\"\"\"*".into()));
+        assert_eq!(fts_query("  - ! "), None);
+    }
 }

@@ -18,7 +18,7 @@ use tern_edge::tls::{CertSource, TlsSettings};
 /// Every flag can also be set in a TOML file given with `--config FILE`: keys are the
 /// flag names (`listen = "0.0.0.0:7400"`, `shards = 16`); flags on the command line win.
 #[derive(Debug, Parser)]
-#[command(name = "ternd", version, args_override_self = true)]
+#[command(name = "ternd", version = env!("TERN_VERSION"), args_override_self = true)]
 struct Args {
     /// TOML file with flag values (flags given on the command line override it).
     #[arg(long)]
@@ -148,6 +148,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a log file or journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let core = CoreConfig {
         max_frame_bytes: args.max_frame_bytes,

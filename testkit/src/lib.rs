@@ -270,3 +270,22 @@ pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// A free loopback port, for a server that must come back on the same address.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("bound").port()
+}
+
+/// Waits until `address` can be bound by a fresh socket without SO_REUSEADDR, which is
+/// how `ternd` binds today. FIXME: after a clean stop the server's side of each closed
+/// connection sits in TIME_WAIT for 60 s and such a bind fails meanwhile, so `ternd`
+/// cannot restart on its port at once; once its sockets set SO_REUSEADDR (which still
+/// refuses a second live listener) this returns at once. Bounded at 75 s.
+pub fn wait_until_bindable(address: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(75);
+    while std::net::TcpListener::bind(address).is_err() {
+        assert!(Instant::now() < deadline, "{address} stayed in use");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

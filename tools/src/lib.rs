@@ -5,3 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod ctl;
+pub mod time;
+pub mod version;

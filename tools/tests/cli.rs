@@ -132,7 +132,7 @@ fn two_people_chat_in_two_terminals() {
     // Alice's chat shows Bob's answer, and her message's ticks move to read.
     let mut chat = tern(&server, &alice_db, &["chat", "--with", &bob.to_string()]);
     chat.expect(&format!("{bob}: hi alice"));
-    chat.expect("✓✓ read: hello bob");
+    chat.expect("me: hello bob ✓✓ read");
     chat.finish();
 
     let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);
@@ -279,4 +279,186 @@ fn proof_of_work_lock_and_export_from_the_command_line() {
     let export =
         std::fs::read_to_string(out.path().join(format!("tern-export-{alice}.json"))).unwrap();
     assert!(export.contains("\"phone\":\"+15594000001\""), "{export}");
+}
+
+fn ids_of(line: &str) -> u64 {
+    let after = line.split("user ").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn misleading_errors_say_what_to_do() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+
+    // A wrong verification code asks again instead of ending the registration.
+    let mut run = tern(&server, &alice_db, &["register", "--phone", "+15595000001"]);
+    run.expect("a code was sent");
+    let code = server.code_for("+15595000001");
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    run.type_line(wrong);
+    run.expect("that code is not right; type it again");
+    run.type_line(&code);
+    let alice = ids_of(&run.expect("registered: user"));
+    assert!(run.finish().0);
+    let bob = register(&mut server, &bob_db, "+15595000002");
+
+    // whoami says the phone number too (offline: no connection needed).
+    let me = one_shot(&server, &alice_db, &["whoami"]);
+    assert!(me[0].contains(&format!("user {alice} device 1 phone +15595000001")), "{me:?}");
+
+    // chat --with a user id that does not exist is refused at once, saying why.
+    let nobody = (bob + 7919).to_string();
+    let (ok, lines) = tern(&server, &alice_db, &["chat", "--with", &nobody]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains(&format!("there is no user {nobody}"))), "{lines:?}");
+
+    // A send to no one fails that message only; the next send works; history says why.
+    let (ok, lines) = tern(&server, &alice_db, &["send", "--to", &nobody, "hello?"]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("not sent: no such user")), "{lines:?}");
+    let sent = one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "hi", "bob"]);
+    assert!(sent.iter().any(|l| l.contains("✓ sent") && l.contains("hi bob")), "{sent:?}");
+    let failed = one_shot(&server, &alice_db, &["history", "--with", &nobody]);
+    assert!(failed[0].contains("hello? ✗ not sent: no such user"), "{failed:?}");
+    // A note to self is kept, and a text over the limit is refused before it is queued.
+    let note = one_shot(&server, &alice_db, &["send", "--to", &alice.to_string(), "note"]);
+    assert!(note[0].contains("✓ sent") && note[0].contains("yourself"), "{note:?}");
+    let long = "x".repeat(70_000);
+    let (ok, lines) = tern(&server, &alice_db, &["send", "--to", &bob.to_string(), &long]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("send it as a file")), "{lines:?}");
+
+    // Ports that speak something else: the message names the option to change.
+    let cases = [
+        (server.tls_addr, vec![], "add --tls"),
+        (server.ws_addr, vec![], "speaks WebSocket: add --websocket"),
+        (server.admin, vec![], "answers HTTP: it is no client port"),
+        (server.addr, vec!["--tls"], "drop --tls"),
+    ];
+    for (address, extra, advice) in cases {
+        let mut args = vec!["--server", &*Box::leak(address.to_string().into_boxed_str())];
+        args.extend(extra);
+        args.push("approve");
+        args.push("123456");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+        command.arg("--store").arg(&alice_db).args(&args).env("TERN_PASSPHRASE", "a passphrase");
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(advice), "{address} {args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn search_takes_words_and_says_where_they_were_said() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let _alice = register(&mut server, &alice_db, "+15596000001");
+    let bob = register(&mut server, &bob_db, "+15596000002");
+    one_shot(&server, &bob_db, &["profile", "--name", "Bob"]);
+    one_shot(
+        &server,
+        &alice_db,
+        &["send", "--to", &bob.to_string(), "e-mail", "me", "AND", "call"],
+    );
+    let found = one_shot(&server, &alice_db, &["search", "e-mail"]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].starts_with("with Bob: [20") && found[0].contains("UTC]"), "{found:?}");
+    assert!(found[0].contains("me: e-mail me AND call"), "{found:?}");
+    assert_eq!(one_shot(&server, &alice_db, &["search", "cal", "AND"]).len(), 1);
+    let none = one_shot(&server, &alice_db, &["search", "\"", "OR", "zebra"]);
+    assert_eq!(none, ["no matches for \"\\\" OR zebra\""]);
+}
+
+#[test]
+fn group_send_is_handed_to_a_running_listen_on_the_same_store() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let _alice = register(&mut server, &alice_db, "+15597000001");
+    let bob = register(&mut server, &bob_db, "+15597000002");
+    let created = one_shot(
+        &server,
+        &alice_db,
+        &["group", "create", "--name", "club", "--members", &bob.to_string()],
+    );
+    let group = created[0].rsplit(' ').next().unwrap().to_string();
+    one_shot(&server, &alice_db, &["group", "rename", &group, "the", "club"]);
+
+    let mut listen = tern(&server, &alice_db, &["group", "listen"]);
+    listen.expect("listening");
+    // The store is held: the send goes through the running listen, on its connection.
+    let sent = one_shot(&server, &alice_db, &["group", "send", &group, "hello", "club"]);
+    assert!(sent.iter().any(|l| l.contains("✓ sent") && l.contains("hello club")), "{sent:?}");
+    listen.expect("me: hello club");
+    // Anything else that needs the connection is refused while it runs, saying why.
+    let (ok, lines) = tern(&server, &alice_db, &["devices"]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("is in use by tern (pid")), "{lines:?}");
+
+    let shown = one_shot(&server, &bob_db, &["group", "show", &group]);
+    assert!(shown.iter().any(|l| l.contains("\"the club\"")), "{shown:?}");
+    assert!(shown.iter().any(|l| l.contains("hello club")), "{shown:?}");
+    let _ = listen.child.kill();
+}
+
+#[test]
+fn every_binary_reports_its_version_with_the_commit() {
+    for binary in [env!("CARGO_BIN_EXE_tern"), env!("CARGO_BIN_EXE_ternctl")] {
+        let output = Command::new(binary).arg("--version").output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains(" 0.1.0"), "{binary}: {text}");
+        // Built from a checkout (the test is), the commit is there.
+        assert!(text.contains("(git "), "{binary}: {text}");
+    }
+}
+
+/// `alice`'s device 1 queued envelopes, as `ternctl mailboxes` reads them off the disk.
+fn queued_for(data: &Path, user: u64) -> u64 {
+    let output = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("mailboxes")
+        .arg(data)
+        .output()
+        .expect("ternctl runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let row = text.lines().find(|l| l.split_whitespace().next() == Some(&format!("{user}:1")));
+    row.map_or(0, |r| r.split_whitespace().nth(2).unwrap().parse().unwrap())
+}
+
+/// Waits (bounded) until `check` holds for what is queued for `user`.
+fn until_queued(data: &Path, user: u64, check: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let queued = queued_for(data, user);
+        if check(queued) {
+            return queued;
+        }
+        assert!(std::time::Instant::now() < deadline, "{queued} queued for {user}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_one_shot_send_acknowledges_what_was_waiting_for_it() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
+    let alice = register(&mut server, &alice_db, "+15598500001");
+    let bob = register(&mut server, &bob_db, "+15598500002");
+    one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "one"]);
+    // Bob's history catches up: his device acknowledges, and Alice gets a receipt.
+    let history = one_shot(&server, &bob_db, &["history", "--with", &alice.to_string()]);
+    assert!(history.iter().any(|l| l.contains(": one")), "{history:?}");
+    until_queued(data.path(), alice, |queued| queued >= 1);
+    // Alice's next one-shot send takes that receipt and acknowledges it before leaving.
+    one_shot(&server, &alice_db, &["send", "--to", &bob.to_string(), "two"]);
+    assert_eq!(until_queued(data.path(), alice, |queued| queued == 0), 0);
+    let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);
+    assert!(history.iter().any(|l| l.contains("me: one ✓✓")), "{history:?}");
 }

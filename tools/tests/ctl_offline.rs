@@ -164,6 +164,10 @@ async fn offline_commands_agree_with_the_server_and_never_show_ciphertext() {
     assert_eq!(sum("groups"), 1);
     assert_eq!(sum("reports"), 1);
     assert!(sum("queued_envelopes") >= queued);
+    // Times are dates for people (the tables), milliseconds for machines (the JSON).
+    let table = ternctl_ok(&[&"inspect", &d]);
+    let first = table.lines().next().unwrap();
+    assert!(first.contains(" created 20") && first.ends_with(" UTC"), "{first}");
     drop(alice);
     server.terminate();
 

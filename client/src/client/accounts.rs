@@ -48,14 +48,57 @@ impl Client {
         let Message::ContactMatches(found) = reply.frame().message else {
             return Err(server_error(&reply));
         };
-        Ok(found
+        let found: Vec<(String, u64)> = found
             .matches
             .iter()
             .filter_map(|m| {
                 let index = hashes.iter().position(|h| *h == m.hash)?;
                 Some((phones[index].clone(), m.user_id.to_native()))
             })
-            .collect())
+            .collect();
+        // Contacts found by number are shown with it from now on.
+        for (phone, user) in &found {
+            self.store.remember_person(*user, None, Some(phone))?;
+        }
+        Ok(found)
+    }
+
+    /// What this device knows of a person, without asking the server: (display name,
+    /// phone number), each if known.
+    pub fn person(&self, user_id: u64) -> Result<(Option<String>, Option<String>), ClientError> {
+        Ok(self.store.person(user_id)?)
+    }
+
+    /// This account's phone number, if this device registered it.
+    pub fn own_phone(&self) -> Result<Option<String>, ClientError> {
+        Ok(self.store.own_phone()?)
+    }
+
+    /// Whether a user exists on this server (their profile answers, hidden or not);
+    /// their display name is remembered when they show it.
+    pub async fn user_exists(&mut self, user_id: u64) -> Result<bool, ClientError> {
+        match self.profile(user_id).await {
+            Ok(_) => Ok(true),
+            Err(ClientError::Server { code: tern_wire::ErrorCode::NotFound, .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The key fingerprint of one of this account's devices (fetched from the server
+    /// and pinned): compare it with what the device itself shows.
+    pub async fn device_fingerprint(&mut self, device_id: u32) -> Result<String, ClientError> {
+        let me = self.identity.user_id;
+        if self.store.pinned(me, device_id)?.is_none() {
+            self.start_sessions(me, &[device_id]).await?;
+        }
+        let pinned = self.store.pinned(me, device_id)?;
+        let key = pinned.ok_or_else(|| ClientError::Protocol(format!("no device {device_id}")))?;
+        Ok(crate::crypto::fingerprint(&key.curve25519))
+    }
+
+    /// This device's own key fingerprint.
+    pub fn fingerprint(&self) -> String {
+        crate::crypto::fingerprint(&self.crypto.identity_key())
     }
 
     /// Sets this account's display name and about text (`None` leaves one unchanged).
@@ -79,11 +122,15 @@ impl Client {
         let Message::Profile(profile) = reply.frame().message else {
             return Err(server_error(&reply));
         };
-        Ok(ProfileView {
+        let view = ProfileView {
             user_id,
             display_name: profile.display_name.as_ref().map(|s| s.to_string()),
             about: profile.about.as_ref().map(|s| s.to_string()),
-        })
+        };
+        if let Some(name) = view.display_name.as_deref().filter(|n| !n.trim().is_empty()) {
+            self.store.remember_person(user_id, Some(name), None)?;
+        }
+        Ok(view)
     }
 
     /// Replaces this account's privacy settings.

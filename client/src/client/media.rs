@@ -67,7 +67,7 @@ impl Client {
             peer,
             sender: me,
             outgoing: true,
-            text: format!("📎 {} ({} bytes)", descriptor.name, descriptor.size),
+            text: super::inbox::media_line(&descriptor),
             time_ms,
             status: Status::Sent,
         };

@@ -10,19 +10,25 @@
 //! this user's other devices; a send is retried with the same client message id (the
 //! server answers a retry with the original id, never a duplicate); an incoming
 //! envelope is acknowledged only after it is decrypted and stored with the ratchet
-//! state that decrypted it; after a disconnect, [`Client::reconnect`] logs in again,
-//! re-sends what was not acknowledged, and the server redelivers what was not acked.
+//! state that decrypted it. The connection is kept alive (`link.rs`: pings inside the
+//! server's idle timeout) and comes back by itself after any drop, the server stopping
+//! included: [`Client::next_event`] reconnects with backoff and jitter, re-sends what was
+//! not acknowledged, and the server redelivers what was not acked. One message the
+//! server refuses for good fails alone (`outbox.rs`); it never blocks the device.
+//!
+//! Files: `register.rs` (new devices), `link.rs` (the connection's life), `outbox.rs`
+//! (sending), `inbox.rs` (what the server pushes), `groups.rs`, `media.rs`,
+//! `accounts.rs`.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::time::Duration;
 
 use rkyv::rancor::Failure;
 use tern_wire::messages::*;
-use tern_wire::{ErrorCode, Message, MessageType};
+use tern_wire::Message;
 
-use crate::connection::{Connection, Endpoint, OwnedFrame};
-use crate::crypto::{prekey_session_id, DeviceCrypto, PairSession};
+use crate::connection::{server_error, Connection, Endpoint, OwnedFrame};
+use crate::crypto::DeviceCrypto;
 use crate::store::{Identity, Status, Store, StoreSecret, StoredMessage};
 use crate::{ClientError, PeerIdentity};
 
@@ -43,10 +49,15 @@ const CONTENT_MEDIA: u8 = 4;
 const CONTENT_HISTORY: u8 = 5;
 
 mod accounts;
-mod media;
-pub use accounts::{phone_hash, ProfileView};
-
 mod groups;
+mod inbox;
+mod link;
+mod media;
+mod outbox;
+mod register;
+pub use accounts::{phone_hash, ProfileView};
+pub use outbox::TEXT_MAX_BYTES;
+pub use register::{PendingLink, PendingRegistration};
 
 /// Something the app should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,18 +144,25 @@ pub enum Event {
         /// Its server id.
         server_id: u64,
     },
-}
-
-/// A registration in progress: the code was requested.
-#[derive(Debug)]
-pub struct PendingRegistration {
-    connection: Connection,
-    endpoint: Endpoint,
-    phone: String,
-    /// How long the code stays valid.
-    pub expires_in_s: u32,
-    /// The registration-lock PIN, if the number has one.
-    pin: Option<String>,
+    /// A message that was waiting (the connection was down, or the server asked to try
+    /// later) is now on the server: the sent tick.
+    Sent(StoredMessage),
+    /// The server refused a message for good; it is marked failed in the history and
+    /// will not be sent again.
+    SendFailed {
+        /// The message, with its status `Failed`.
+        message: StoredMessage,
+        /// Which rule refused it.
+        reason: String,
+    },
+    /// The connection dropped (network, idle timeout, the server stopping); the client
+    /// reconnects by itself, with backoff. Sends meanwhile wait in the store.
+    Disconnected {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The connection is back (logged in again; waiting messages re-sent).
+    Reconnected,
 }
 
 /// A registered device, connected or not.
@@ -159,6 +177,8 @@ pub struct Client {
     events: VecDeque<Event>,
     /// Bytes put in clear before each copy of the message being sent (a media id).
     clear_prefix: Option<Vec<u8>>,
+    /// Reconnecting, keepalive and retry timers.
+    link: link::Link,
 }
 
 impl std::fmt::Debug for Client {
@@ -167,194 +187,6 @@ impl std::fmt::Debug for Client {
             .field("user_id", &self.identity.user_id)
             .field("device_id", &self.identity.device_id)
             .finish_non_exhaustive()
-    }
-}
-
-/// The typed error of an `ErrorFrame` (or an unexpected frame).
-pub(crate) fn server_error(frame: &OwnedFrame) -> ClientError {
-    let frame = frame.frame();
-    match frame.message {
-        Message::ErrorFrame(error) => ClientError::Server {
-            code: ErrorCode::from_u16(error.code.to_native()).unwrap_or(ErrorCode::Internal),
-            message: error.message.to_string(),
-            retry_after_ms: error.retry_after_ms.to_native(),
-        },
-        other => ClientError::Protocol(format!("unexpected {}", other.message_type().name())),
-    }
-}
-
-impl PendingRegistration {
-    /// Asks the server to send a verification code to `phone`.
-    pub async fn request_code(endpoint: &Endpoint, phone: &str) -> Result<Self, ClientError> {
-        let mut connection = Connection::open(endpoint).await?;
-        let mut proof_of_work = None;
-        // A server defending against SMS pumping may ask for a proof of work first.
-        for _ in 0..3 {
-            let request = RequestCode {
-                phone: phone.into(),
-                channel: CodeChannel::Sms,
-                locale: "en".into(),
-                proof_of_work: proof_of_work.take(),
-            };
-            let id = connection.send(&request).await?;
-            let reply = answer(&mut connection, id, &mut VecDeque::new()).await?;
-            match reply.frame().message {
-                Message::CodeSent(sent) => {
-                    return Ok(PendingRegistration {
-                        connection,
-                        endpoint: endpoint.clone(),
-                        phone: phone.into(),
-                        expires_in_s: sent.expires_in_s.to_native(),
-                        pin: None,
-                    })
-                }
-                Message::PowChallenge(challenge) => {
-                    let bytes = challenge.challenge.to_vec();
-                    let nonce = tern_wire::accounts::solve_pow(&bytes, challenge.difficulty_bits);
-                    proof_of_work = Some(ProofOfWork { challenge: bytes, nonce });
-                }
-                _ => return Err(server_error(&reply)),
-            }
-        }
-        Err(ClientError::Protocol("the server kept asking for proofs of work".into()))
-    }
-
-    /// Gives the number's registration-lock PIN (needed when it has one).
-    pub fn with_pin(mut self, pin: &str) -> Self {
-        self.pin = Some(pin.into());
-        self
-    }
-
-    /// Verifies the code and creates this device: a new E2E account whose public keys
-    /// go to the server, and the store at `store_path` (which must not hold another
-    /// device).
-    pub async fn verify(
-        mut self,
-        code: &str,
-        device_name: &str,
-        store_path: &Path,
-        secret: &StoreSecret,
-    ) -> Result<Client, ClientError> {
-        let store = open_unused_store(store_path, secret)?;
-        let crypto = DeviceCrypto::new();
-        let verify = Verify {
-            phone: self.phone.clone(),
-            code: code.into(),
-            device: NewDevice { name: device_name.into(), keys: crypto.device_keys() },
-            registration_lock_pin: self.pin.clone(),
-        };
-        let id = self.connection.send(&verify).await?;
-        start_new_device(self.connection, id, self.endpoint, store, crypto).await
-    }
-}
-
-/// A new device waiting to be linked to an account: show [`PendingLink::code`] to the
-/// user, who approves it on the primary device ([`Client::approve_link`]).
-pub struct PendingLink {
-    connection: Connection,
-    endpoint: Endpoint,
-    crypto: DeviceCrypto,
-    request_id: u32,
-    code: String,
-}
-
-impl std::fmt::Debug for PendingLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingLink").field("code", &self.code).finish_non_exhaustive()
-    }
-}
-
-impl PendingLink {
-    /// Creates this device's keys and asks the server for a linking code.
-    pub async fn request(endpoint: &Endpoint, device_name: &str) -> Result<Self, ClientError> {
-        let mut connection = Connection::open(endpoint).await?;
-        let crypto = DeviceCrypto::new();
-        let request = LinkRequest {
-            device: NewDevice { name: device_name.into(), keys: crypto.device_keys() },
-        };
-        let request_id = connection.send(&request).await?;
-        let code = loop {
-            let frame = connection.next_frame().await?;
-            match frame.frame().message {
-                Message::LinkCode(code) => break code.code.to_string(),
-                Message::ErrorFrame(_) => return Err(server_error(&frame)),
-                _ => {}
-            }
-        };
-        Ok(PendingLink { connection, endpoint: endpoint.clone(), crypto, request_id, code })
-    }
-
-    /// The code to approve on the primary device.
-    pub fn code(&self) -> &str {
-        &self.code
-    }
-
-    /// Waits for the approval (up to the code's lifetime) and creates the store.
-    pub async fn wait(
-        self,
-        store_path: &Path,
-        secret: &StoreSecret,
-    ) -> Result<Client, ClientError> {
-        let store = open_unused_store(store_path, secret)?;
-        start_new_device(self.connection, self.request_id, self.endpoint, store, self.crypto).await
-    }
-}
-
-/// Opens the store a new device will live in, refusing one that already holds a device.
-fn open_unused_store(store_path: &Path, secret: &StoreSecret) -> Result<Store, ClientError> {
-    let store = Store::open(store_path, secret)?;
-    if store.identity()?.is_some() {
-        return Err(ClientError::Config(format!(
-            "{} already holds a registered device; use another file",
-            store_path.display()
-        )));
-    }
-    Ok(store)
-}
-
-/// Waits for the `Registered` answer to request `request_id` (a verification or a
-/// link), saves the new device's identity and keys, and starts its client.
-async fn start_new_device(
-    mut connection: Connection,
-    request_id: u32,
-    endpoint: Endpoint,
-    mut store: Store,
-    mut crypto: DeviceCrypto,
-) -> Result<Client, ClientError> {
-    let reply = answer(&mut connection, request_id, &mut VecDeque::new()).await?;
-    let identity = match reply.frame().message {
-        Message::Registered(registered) => Identity {
-            server: endpoint.address.clone(),
-            user_id: registered.user_id.to_native(),
-            device_id: registered.device_id.to_native(),
-            token: registered.token,
-        },
-        _ => return Err(server_error(&reply)),
-    };
-    // The server has the keys (the reply came after they were durable).
-    crypto.mark_published();
-    store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
-    Client::start(endpoint, store, crypto, identity).await
-}
-
-/// Reads until the answer to request `id`, keeping everything else in `backlog`.
-async fn answer(
-    connection: &mut Connection,
-    id: u32,
-    backlog: &mut VecDeque<OwnedFrame>,
-) -> Result<OwnedFrame, ClientError> {
-    loop {
-        let frame = connection.next_frame().await?;
-        let header = frame.frame().header;
-        if header.is_response() && header.request_id == id {
-            return Ok(frame);
-        }
-        if let Message::ErrorFrame(_) = frame.frame().message {
-            if header.request_id == 0 {
-                return Err(server_error(&frame));
-            }
-        }
-        backlog.push_back(frame);
     }
 }
 
@@ -390,6 +222,7 @@ impl Client {
             backlog: VecDeque::new(),
             events: VecDeque::new(),
             clear_prefix: None,
+            link: link::Link::default(),
         };
         client.reconnect().await?;
         Ok(client)
@@ -412,45 +245,6 @@ impl Client {
         self.identity.device_id
     }
 
-    /// (Re)connects and authenticates; then re-sends what the server had not acked.
-    /// The server redelivers unacknowledged envelopes by itself.
-    pub async fn reconnect(&mut self) -> Result<(), ClientError> {
-        self.connection = None;
-        let mut connection = Connection::open(&self.endpoint).await?;
-        let auth = Auth {
-            user_id: self.identity.user_id,
-            device_id: self.identity.device_id,
-            token: self.identity.token,
-        };
-        let id = connection.send(&auth).await?;
-        let reply = answer(&mut connection, id, &mut self.backlog).await?;
-        let Message::AuthOk(_) = reply.frame().message else { return Err(server_error(&reply)) };
-        self.connection = Some(connection);
-        for message in self.store.unsent()? {
-            self.send_stored(message).await?;
-        }
-        Ok(())
-    }
-
-    /// Reconnects with exponential backoff (100 ms doubling to 10 s) until it works or
-    /// `attempts` are used up.
-    pub async fn reconnect_with_backoff(&mut self, attempts: u32) -> Result<(), ClientError> {
-        let mut delay = Duration::from_millis(100);
-        let mut last = None;
-        for _ in 0..attempts.max(1) {
-            match self.reconnect().await {
-                Ok(()) => return Ok(()),
-                Err(error @ ClientError::Server { code: ErrorCode::BadToken, .. }) => {
-                    return Err(error)
-                }
-                Err(error) => last = Some(error),
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-        Err(last.unwrap_or(ClientError::Disconnected))
-    }
-
     fn connection(&mut self) -> Result<&mut Connection, ClientError> {
         self.connection.as_mut().ok_or(ClientError::Disconnected)
     }
@@ -461,150 +255,21 @@ impl Client {
         T: tern_wire::Payload + for<'a, 'b> rkyv::Serialize<tern_wire::WireSerializer<'a, 'b>>,
     {
         let connection = self.connection.as_mut().ok_or(ClientError::Disconnected)?;
-        let id = connection.send(value).await?;
-        let result = answer(connection, id, &mut self.backlog).await;
-        if matches!(result, Err(ClientError::Disconnected | ClientError::Io(_))) {
-            self.connection = None;
-        }
-        let reply = result?;
+        let result = match connection.send(value).await {
+            Ok(id) => connection.answer(id, &mut self.backlog).await,
+            Err(error) => Err(error),
+        };
+        let reply = match result {
+            Err(error) if error.is_disconnect() => {
+                self.dropped(&error);
+                return Err(error);
+            }
+            other => other?,
+        };
         if let Message::ErrorFrame(_) = reply.frame().message {
             return Err(server_error(&reply));
         }
         Ok(reply)
-    }
-
-    /// Sends `text` to `peer`, end to end encrypted; returns once the server has it
-    /// durably (the sent tick), with the stored message.
-    pub async fn send_text(&mut self, peer: u64, text: &str) -> Result<StoredMessage, ClientError> {
-        let message = StoredMessage {
-            server_id: 0,
-            client_id: Store::new_client_id()?,
-            peer,
-            sender: (self.identity.user_id, self.identity.device_id),
-            outgoing: true,
-            text: text.into(),
-            time_ms: 0,
-            status: Status::Sending,
-        };
-        // Stored first: a crash or a disconnect before the ack re-sends it.
-        self.store.add_message(&message)?;
-        self.send_stored(message).await
-    }
-
-    async fn send_stored(
-        &mut self,
-        mut message: StoredMessage,
-    ) -> Result<StoredMessage, ClientError> {
-        let mut plaintext = vec![CONTENT_TEXT];
-        plaintext.extend_from_slice(message.text.as_bytes());
-        let (server_id, time_ms) = self
-            .send_encrypted(message.peer, message.client_id, EnvelopeKind::Text, &plaintext)
-            .await?;
-        message.server_id = server_id;
-        message.time_ms = time_ms;
-        message.status = Status::Sent;
-        self.store.mark_sent(message.client_id, message.server_id, message.time_ms)?;
-        Ok(message)
-    }
-
-    /// Encrypts `plaintext` for every device of `peer` and this user's other devices and
-    /// sends it; returns (server id, server time) once durable. Stale device lists are
-    /// refreshed and the message re-encrypted, a few rounds at most (devices do not come
-    /// and go that fast).
-    async fn send_encrypted(
-        &mut self,
-        peer: u64,
-        client_message_id: u64,
-        kind: EnvelopeKind,
-        plaintext: &[u8],
-    ) -> Result<(u64, u64), ClientError> {
-        for _ in 0..4 {
-            let mut copies = self.encrypt_for_all(peer, plaintext).await?;
-            if let Some(prefix) = self.clear_prefix.as_ref() {
-                // A media message names its blob in clear (see `media.rs`).
-                for copy in &mut copies {
-                    copy.ciphertext.splice(0..0, prefix.iter().copied());
-                }
-            }
-            let send = SendMessage {
-                client_message_id,
-                to: Conversation::User(peer),
-                kind,
-                ttl_s: 0,
-                copies,
-            };
-            let reply = self.request(&send).await?;
-            match reply.frame().message {
-                Message::SendAck(ack) => {
-                    return Ok((ack.server_message_id.to_native(), ack.server_time_ms.to_native()))
-                }
-                Message::SendError(error) => {
-                    let code =
-                        ErrorCode::from_u16(error.code.to_native()).unwrap_or(ErrorCode::Internal);
-                    if code != ErrorCode::StaleDevices {
-                        return Err(ClientError::Server {
-                            code,
-                            message: "the server refused the message".into(),
-                            retry_after_ms: error.retry_after_ms.to_native(),
-                        });
-                    }
-                    let missing: Vec<(u64, u32)> = error
-                        .missing_devices
-                        .iter()
-                        .map(|d| (d.0.to_native(), d.1.to_native()))
-                        .collect();
-                    for extra in error.extra_devices.iter() {
-                        self.store.forget_device(extra.0.to_native(), extra.1.to_native())?;
-                    }
-                    for user in
-                        missing.iter().map(|d| d.0).collect::<std::collections::BTreeSet<_>>()
-                    {
-                        let devices: Vec<u32> =
-                            missing.iter().filter(|d| d.0 == user).map(|d| d.1).collect();
-                        self.start_sessions(user, &devices).await?;
-                    }
-                }
-                _ => return Err(server_error(&reply)),
-            }
-        }
-        Err(ClientError::Protocol("the device list kept changing; try again".into()))
-    }
-
-    /// One ciphertext per device of `peer` and per other device of this user.
-    async fn encrypt_for_all(
-        &mut self,
-        peer: u64,
-        plaintext: &[u8],
-    ) -> Result<Vec<DeviceCopy>, ClientError> {
-        let me = (self.identity.user_id, self.identity.device_id);
-        if self.store.known_devices(peer)?.is_empty() {
-            // First contact: every device of the peer (the server says which).
-            self.start_sessions(peer, &[]).await?;
-        }
-        let mut targets: Vec<(u64, u32)> =
-            self.store.known_devices(peer)?.into_iter().map(|(d, _)| (peer, d)).collect();
-        if peer != me.0 {
-            let mine = self.store.known_devices(me.0)?.into_iter().map(|(d, _)| (me.0, d));
-            targets.extend(mine);
-        }
-        targets.retain(|d| *d != me);
-        let mut copies = Vec::with_capacity(targets.len());
-        for (user_id, device_id) in targets {
-            let mut sessions = self.store.sessions(user_id, device_id)?;
-            if sessions.is_empty() {
-                self.start_sessions(user_id, &[device_id]).await?;
-                sessions = self.store.sessions(user_id, device_id)?;
-            }
-            let Some((session_id, pickle)) = sessions.into_iter().next() else {
-                continue; // The device has gone: the server will say so.
-            };
-            let mut session = PairSession::from_pickle(&pickle, self.store.pickle_key())?;
-            let (e2e_type, ciphertext) = session.encrypt(plaintext);
-            let pickle = session.pickle(self.store.pickle_key());
-            self.store.save_session((user_id, device_id), &session_id, &pickle, None, None)?;
-            copies.push(DeviceCopy { user_id, device_id, e2e_type, ciphertext });
-        }
-        Ok(copies)
     }
 
     /// Fetches bundles (all devices if `devices` is empty), checks them, pins identities
@@ -671,8 +336,55 @@ impl Client {
     /// Tells `peer` this user is typing (or stopped). Not stored anywhere.
     pub async fn typing(&mut self, peer: u64, active: bool) -> Result<(), ClientError> {
         let typing = Typing { conversation: Conversation::User(peer), active };
-        self.connection()?.send(&typing).await?;
+        // Typing is a hint: with no connection it is simply not shown.
+        let Some(connection) = self.connection.as_mut() else { return Ok(()) };
+        if let Err(error) = connection.send(&typing).await {
+            self.dropped(&error);
+        }
         Ok(())
+    }
+
+    /// Tells these users (a group's members, say) that this user is typing or stopped;
+    /// at most 32 of them, since it costs a frame each.
+    pub async fn typing_to(&mut self, users: &[u64], active: bool) -> Result<(), ClientError> {
+        let me = self.identity.user_id;
+        for &user in users.iter().filter(|u| **u != me).take(32) {
+            self.typing(user, active).await?;
+        }
+        Ok(())
+    }
+
+    /// The group a message of the history belongs to (0: a one-to-one conversation,
+    /// with its `peer`).
+    pub fn group_of(&self, message: &StoredMessage) -> Result<u64, ClientError> {
+        Ok(self.store.group_of(message.sender, message.client_id)?)
+    }
+
+    /// Opens a registered device's store without connecting: for what only reads the
+    /// local history (it connects by itself when something needs the server).
+    pub fn open_offline(store_path: &Path, secret: &StoreSecret) -> Result<Client, ClientError> {
+        let store = Store::open(store_path, secret)?;
+        let identity = store.identity()?.ok_or_else(|| {
+            ClientError::Config(format!("{} holds no registered device", store_path.display()))
+        })?;
+        let crypto =
+            store.device_crypto()?.ok_or_else(|| ClientError::Config("no E2E account".into()))?;
+        Ok(Client {
+            endpoint: Endpoint::tcp(identity.server.clone()),
+            store,
+            crypto,
+            identity,
+            connection: None,
+            backlog: VecDeque::new(),
+            events: VecDeque::new(),
+            clear_prefix: None,
+            link: link::Link::default(),
+        })
+    }
+
+    /// Why an outgoing message failed (the server's reason), if it did.
+    pub fn failure(&self, client_id: u64) -> Result<Option<String>, ClientError> {
+        Ok(self.store.failure(client_id)?)
     }
 
     /// Follows the presence of these users (replacing the previous set); events come as
@@ -736,9 +448,20 @@ impl Client {
         Ok(self.store.history(peer, limit)?)
     }
 
-    /// Messages matching a full-text query (SQLite FTS5 syntax), newest first.
-    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<StoredMessage>, ClientError> {
-        Ok(self.store.search(query, limit)?)
+    /// Messages holding every one of these words (as typed: no query syntax; each word
+    /// also matches as a prefix), newest first.
+    pub fn search(&self, words: &str, limit: usize) -> Result<Vec<StoredMessage>, ClientError> {
+        Ok(self.store.search(words, limit)?.into_iter().map(|(m, _)| m).collect())
+    }
+
+    /// Like [`Client::search`], with each message's conversation: its group id, or 0 for
+    /// a one-to-one conversation (the message's `peer`).
+    pub fn search_conversations(
+        &self,
+        words: &str,
+        limit: usize,
+    ) -> Result<Vec<(StoredMessage, u64)>, ClientError> {
+        Ok(self.store.search(words, limit)?)
     }
 
     /// The safety number with `peer`: both users see the same 60 digits when no one is
@@ -764,284 +487,6 @@ impl Client {
         pinned
             .map(|p| p.curve25519)
             .ok_or_else(|| ClientError::Protocol("no primary device".into()))
-    }
-
-    /// The next event, reading from the server as needed. A disconnect is an error
-    /// (`ClientError::Disconnected`): call [`Client::reconnect_with_backoff`] and go on.
-    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Ok(event);
-            }
-            let frame = match self.backlog.pop_front() {
-                Some(frame) => frame,
-                None => {
-                    let connection = self.connection()?;
-                    match connection.next_frame().await {
-                        Ok(frame) => frame,
-                        Err(error) => {
-                            self.connection = None;
-                            return Err(error);
-                        }
-                    }
-                }
-            };
-            self.handle_push(frame).await?;
-        }
-    }
-
-    /// Handles one frame the server pushed.
-    async fn handle_push(&mut self, frame: OwnedFrame) -> Result<(), ClientError> {
-        let ty = frame.frame().message.message_type();
-        match ty {
-            MessageType::Deliver => self.on_deliver(&frame).await,
-            MessageType::KeysLow => {
-                let Message::KeysLow(low) = frame.frame().message else { unreachable_frame() };
-                let remaining = low.one_time_keys_remaining.to_native() as usize;
-                self.refill_keys(remaining).await
-            }
-            MessageType::TypingEvent => {
-                let Message::TypingEvent(typing) = frame.frame().message else {
-                    unreachable_frame()
-                };
-                self.events.push_back(Event::Typing {
-                    user_id: typing.user_id.to_native(),
-                    active: typing.active,
-                });
-                Ok(())
-            }
-            MessageType::PresenceEvent => {
-                let Message::PresenceEvent(event) = frame.frame().message else {
-                    unreachable_frame()
-                };
-                self.events.push_back(Event::Presence {
-                    user_id: event.user_id.to_native(),
-                    online: event.online,
-                    last_seen_ms: event.last_seen_ms.to_native(),
-                });
-                Ok(())
-            }
-            MessageType::ErrorFrame => Err(server_error(&frame)),
-            _ => Ok(()), // Events this SDK version does not use yet.
-        }
-    }
-
-    async fn refill_keys(&mut self, remaining: usize) -> Result<(), ClientError> {
-        self.crypto.refill_one_time_keys(remaining);
-        self.store.save_account(&self.crypto.pickle(self.store.pickle_key()))?;
-        let keys = self.crypto.unpublished_one_time_keys();
-        let count = keys.len() as u32;
-        if count == 0 {
-            return Ok(());
-        }
-        let upload = UploadKeys { one_time_keys: keys, fallback_key: None };
-        self.request(&upload).await?;
-        // Only now: a lost upload must leave the keys unpublished, to be sent again.
-        self.crypto.mark_published();
-        self.store.save_account(&self.crypto.pickle(self.store.pickle_key()))?;
-        self.events.push_back(Event::KeysRefilled(count));
-        Ok(())
-    }
-
-    async fn on_deliver(&mut self, frame: &OwnedFrame) -> Result<(), ClientError> {
-        let Message::Deliver(deliver) = frame.frame().message else { unreachable_frame() };
-        let mailbox_seq = deliver.mailbox_seq;
-        let envelope = deliver.envelope;
-        let sender = (envelope.sender_user.to_native(), envelope.sender_device.to_native());
-        match envelope.kind {
-            ArchivedEnvelopeKind::Text
-            | ArchivedEnvelopeKind::Media
-            | ArchivedEnvelopeKind::Control => {
-                let client_id = envelope.client_message_id.to_native();
-                if !self.store.has_message(sender, client_id)? {
-                    let e2e_type = match envelope.e2e_type {
-                        ArchivedE2eType::OlmPreKey => E2eType::OlmPreKey,
-                        ArchivedE2eType::OlmMessage => E2eType::OlmMessage,
-                        ArchivedE2eType::Megolm => E2eType::Megolm,
-                        ArchivedE2eType::Plain => E2eType::Plain,
-                    };
-                    let peer = match &envelope.conversation {
-                        ArchivedConversation::User(user) => user.to_native(),
-                        ArchivedConversation::Group(_) => sender.0,
-                    };
-                    let stored = StoredMessage {
-                        server_id: envelope.server_message_id.to_native(),
-                        client_id,
-                        peer,
-                        sender,
-                        outgoing: sender.0 == self.identity.user_id,
-                        text: String::new(),
-                        time_ms: envelope.server_time_ms.to_native(),
-                        status: if sender.0 == self.identity.user_id {
-                            Status::Sent
-                        } else {
-                            Status::Received
-                        },
-                    };
-                    let mut body = envelope.body.as_slice().to_vec();
-                    if envelope.kind == ArchivedEnvelopeKind::Media && body.len() >= 16 {
-                        body.drain(..16); // The media id in clear; the descriptor is inside.
-                    }
-                    let decrypted = match &envelope.conversation {
-                        ArchivedConversation::Group(group) if e2e_type == E2eType::Megolm => {
-                            self.decrypt_group(group.to_native(), stored, &body)
-                        }
-                        _ => self.decrypt_and_store(stored, e2e_type, &body),
-                    };
-                    match decrypted {
-                        Ok(message) => self.events.push_back(Event::Message(message)),
-                        Err(ClientError::NotAMessage) => {}
-                        Err(ClientError::Crypto(error)) => self
-                            .events
-                            .push_back(Event::Undecryptable { sender, reason: error.to_string() }),
-                        Err(other) => return Err(other),
-                    }
-                }
-            }
-            ArchivedEnvelopeKind::Receipt => {
-                if let Ok(tern_wire::EnvelopeContent::Receipt(body)) = envelope.content() {
-                    let ids: Vec<u64> = body.message_ids.iter().map(|id| id.to_native()).collect();
-                    let status = match body.kind {
-                        ArchivedReceiptKind::Read => Status::Read,
-                        _ => Status::Delivered,
-                    };
-                    let by = (body.by_user.to_native(), body.by_device.to_native());
-                    for id in &ids {
-                        self.store.add_receipt(*id, by, status == Status::Read)?;
-                    }
-                    let messages = self.store.raise_status(&ids, status)?;
-                    if !messages.is_empty() {
-                        self.events.push_back(Event::Receipt { status, by, messages });
-                    }
-                }
-            }
-            ArchivedEnvelopeKind::GroupEvent => {
-                if let Ok(tern_wire::EnvelopeContent::GroupEvent(body)) = envelope.content() {
-                    if let Ok(body) = rkyv::deserialize::<GroupEventBody, Failure>(body) {
-                        self.on_group_event(body).await?;
-                    }
-                }
-            }
-            ArchivedEnvelopeKind::Notice => match envelope.content() {
-                Ok(tern_wire::EnvelopeContent::Notice(ArchivedNoticeBody::Dropped { count })) => {
-                    self.events.push_back(Event::Dropped(count.to_native()))
-                }
-                Ok(tern_wire::EnvelopeContent::Notice(ArchivedNoticeBody::SentDropped {
-                    recipient,
-                    message_ids,
-                })) => self.events.push_back(Event::SentDropped {
-                    recipient: recipient.to_native(),
-                    server_ids: message_ids.iter().map(|id| id.to_native()).collect(),
-                }),
-                _ => {}
-            },
-        }
-        // Stored (or known undecryptable): the server may forget it.
-        self.connection()?.send(&DeliveryAck { up_to_mailbox_seq: mailbox_seq }).await?;
-        Ok(())
-    }
-
-    /// Decrypts one copy and stores the message with the session state, in one
-    /// transaction.
-    fn decrypt_and_store(
-        &mut self,
-        mut message: StoredMessage,
-        e2e_type: E2eType,
-        ciphertext: &[u8],
-    ) -> Result<StoredMessage, ClientError> {
-        let sender = message.sender;
-        let key = *self.store.pickle_key();
-        let sessions = self.store.sessions(sender.0, sender.1)?;
-        let mut decrypted = None;
-        if e2e_type == E2eType::OlmPreKey {
-            let session_id = prekey_session_id(ciphertext)?;
-            match sessions.iter().find(|(id, _)| *id == session_id) {
-                // Never a second session from one pre-key message: decrypt with the one
-                // it made (a replay then fails).
-                Some((_, pickle)) => {
-                    let mut session = PairSession::from_pickle(pickle, &key)?;
-                    let plaintext = session.decrypt(e2e_type, ciphertext)?;
-                    decrypted = Some((session, plaintext, None));
-                }
-                None => {
-                    let (session, plaintext, identity) = self.crypto.inbound_session(ciphertext)?;
-                    decrypted = Some((session, plaintext, Some(identity)));
-                }
-            }
-        } else {
-            let mut last_error = None;
-            for (_, pickle) in &sessions {
-                let mut session = PairSession::from_pickle(pickle, &key)?;
-                match session.decrypt(e2e_type, ciphertext) {
-                    Ok(plaintext) => {
-                        decrypted = Some((session, plaintext, None));
-                        break;
-                    }
-                    Err(error) => last_error = Some(error),
-                }
-            }
-            if decrypted.is_none() {
-                let reason =
-                    last_error.map_or("no session with this device".to_string(), |e| e.to_string());
-                return Err(ClientError::Crypto(crate::CryptoError::Decrypt(reason)));
-            }
-        }
-        let (session, plaintext, new_identity) = decrypted.expect("set above");
-        if let Some(curve25519) = new_identity {
-            self.pin(sender, PeerIdentity { curve25519, ed25519: None })?;
-        }
-        // What the plaintext is: a message for the history, or a control message.
-        let mut control = None;
-        match plaintext.split_first() {
-            Some((&CONTENT_TEXT, text)) => {
-                message.text = String::from_utf8_lossy(text).into_owned()
-            }
-            Some((&CONTENT_MEDIA, descriptor)) => {
-                let descriptor = crate::media::MediaDescriptor::decode(descriptor)?;
-                self.store.save_media(message.sender, message.client_id, &descriptor.encode())?;
-                message.text = format!("📎 {} ({} bytes)", descriptor.name, descriptor.size);
-            }
-            Some((&CONTENT_GROUP_KEY, payload)) => control = Some((CONTENT_GROUP_KEY, payload)),
-            Some((&CONTENT_HISTORY, payload)) if sender.0 == self.identity.user_id => {
-                control = Some((CONTENT_HISTORY, payload))
-            }
-            Some((&CONTENT_DELETE, id)) if id.len() == 8 => control = Some((CONTENT_DELETE, id)),
-            _ => {
-                return Err(ClientError::Crypto(crate::CryptoError::Decrypt(
-                    "unknown content".into(),
-                )))
-            }
-        }
-        // The ratchet moved: saved with the message it decrypted (or alone for a control
-        // message), in one transaction.
-        let account = new_identity.map(|_| self.crypto.pickle(&key));
-        let pickle = session.pickle(&key);
-        let stored = control.is_none().then_some(&message);
-        self.store.save_session(sender, &session.id(), &pickle, account.as_deref(), stored)?;
-        match control {
-            None => Ok(message),
-            Some((CONTENT_GROUP_KEY, payload)) => {
-                self.accept_group_key(sender, payload)?;
-                Err(ClientError::NotAMessage)
-            }
-            Some((CONTENT_HISTORY, payload)) => {
-                if let Some((device, descriptor)) = payload.split_first_chunk::<4>() {
-                    if u32::from_le_bytes(*device) == self.identity.device_id {
-                        crate::media::MediaDescriptor::decode(descriptor)?;
-                        self.store.save_history_offer(descriptor)?;
-                        self.events.push_back(Event::HistoryOffered { from_device: sender.1 });
-                    }
-                }
-                Err(ClientError::NotAMessage)
-            }
-            Some((_, id)) => {
-                // A deletion for everyone: the history loses the message.
-                let server_id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
-                self.store.delete_message(sender.0, server_id)?;
-                self.events.push_back(Event::Deleted { sender: sender.0, server_id });
-                Err(ClientError::NotAMessage)
-            }
-        }
     }
 }
 

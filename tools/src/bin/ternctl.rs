@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use tern_tools::ctl::{offline, online};
 
 #[derive(Debug, Parser)]
-#[command(name = "ternctl", version, about = "Inspect and verify Tern data, watch a live ternd")]
+#[command(
+    name = "ternctl",
+    version = tern_tools::version::VERSION,
+    about = "Inspect and verify Tern data, watch a live ternd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +25,7 @@ enum Command {
     /// Manifest, shards, segments (sizes, record counts by type, live and garbage bytes)
     /// and checkpoints of a data directory.
     Inspect {
+        /// The data directory (ternd's --data-dir), read only.
         dir: PathBuf,
         /// One JSON object instead of the tables.
         #[arg(long)]
@@ -29,6 +34,7 @@ enum Command {
     /// Checks every CRC and archive of every segment and checkpoint; exits 0 only when
     /// everything is intact, and lists each corrupt record (shard, segment, offset).
     Verify {
+        /// The data directory (ternd's --data-dir), read only.
         dir: PathBuf,
         /// No progress bar (it is drawn on stderr when stderr is a terminal).
         #[arg(long)]
@@ -36,6 +42,7 @@ enum Command {
     },
     /// Records as JSON lines (ciphertext as its length and SHA-256, never its bytes).
     Dump {
+        /// The data directory (ternd's --data-dir), read only.
         dir: PathBuf,
         /// Every record of one segment (with --shard).
         #[arg(long, conflicts_with = "mailbox", requires = "shard")]
@@ -49,30 +56,45 @@ enum Command {
     },
     /// The largest backlogs: devices with the most queued envelopes.
     Mailboxes {
+        /// The data directory (ternd's --data-dir), read only.
         dir: PathBuf,
+        /// How many devices to list.
         #[arg(long, default_value_t = 20)]
         top: usize,
     },
     /// One account: devices, key stock, groups, mailboxes.
     User {
+        /// The data directory (ternd's --data-dir), read only.
         dir: PathBuf,
+        /// The account's phone number (E.164, like +15550001).
         #[arg(long, conflicts_with = "id", required_unless_present = "id")]
         phone: Option<String>,
+        /// The account's user id.
         #[arg(long)]
         id: Option<u64>,
     },
     /// Abuse reports, oldest first, as JSON lines.
-    Reports { dir: PathBuf },
+    Reports {
+        /// The data directory (ternd's --data-dir), read only.
+        dir: PathBuf,
+    },
     /// A consistent copy of a data directory, safe while ternd runs (newest checkpoint,
     /// then the segments, MANIFEST and committed media). Restore: start ternd on it.
-    Backup { dir: PathBuf, dest: PathBuf },
+    Backup {
+        /// The data directory to copy (ternd's --data-dir), read only.
+        dir: PathBuf,
+        /// Where the copy goes: a new or empty directory.
+        dest: PathBuf,
+    },
     /// Per-core figures of a live server, read from its admin port.
     Stats {
+        /// ternd's admin address (its --admin).
         #[arg(long, default_value = "127.0.0.1:7401")]
         admin: String,
     },
     /// A live view of the same figures, refreshed every second (q to quit).
     Top {
+        /// ternd's admin address (its --admin).
         #[arg(long, default_value = "127.0.0.1:7401")]
         admin: String,
     },

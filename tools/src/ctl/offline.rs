@@ -388,11 +388,11 @@ pub fn inspect(dir: &Path, as_json: bool) -> Result<Outcome, CtlError> {
     }
     writeln!(
         out,
-        "{}: format {}, {} shards, created {} ms",
+        "{}: format {}, {} shards, created {}",
         dir.display(),
         manifest.format_version,
         manifest.shard_count,
-        manifest.created_ms
+        crate::time::utc_datetime(manifest.created_ms)
     )?;
     for shard in &report.shards {
         writeln!(

@@ -1,0 +1,118 @@
+//! The SDK's error types, in a module of their own below every other one: the
+//! connection, the store and the client all name them, and none of those modules needs
+//! another's file for it (no import cycle).
+
+use tern_wire::ErrorCode;
+
+use crate::crypto::CryptoError;
+
+/// What the SDK's calls fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The network failed.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server closed the connection (reconnect and go on).
+    #[error("the server closed the connection")]
+    Disconnected,
+    /// The server refused a request.
+    #[error("the server said {code:?}: {message}")]
+    Server {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+        /// When to try again (0: do not).
+        retry_after_ms: u32,
+    },
+    /// The server said something this SDK does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The E2E layer refused (bad signature, undecryptable message, ...).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A setting is wrong (store path, certificate file, ...).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// An envelope held a control message, not a message for the history (internal).
+    #[error("not a message")]
+    NotAMessage,
+    /// A text is longer than one message may be; it was not queued.
+    #[error("too long ({bytes} bytes; at most {max_bytes}); send it as a file")]
+    TooLong {
+        /// Its length in bytes (UTF-8).
+        bytes: usize,
+        /// The most a text may have.
+        max_bytes: usize,
+    },
+    /// The server refused this one message for good (no such user, not allowed, too
+    /// large, ...). It is marked failed in the history and never re-sent; the device and
+    /// its other messages go on.
+    #[error("not sent: {reason}")]
+    Refused {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Which rule refused it, in words.
+        reason: String,
+        /// The message's client id (its history entry is marked failed).
+        client_id: u64,
+    },
+}
+
+impl ClientError {
+    /// Whether this error is the connection going away (a network error, a closed
+    /// socket, the server stopping or timing the connection out): the client reconnects
+    /// and goes on.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            ClientError::Io(_) | ClientError::Disconnected => true,
+            ClientError::Server { code, .. } => {
+                matches!(code, ErrorCode::ShuttingDown | ErrorCode::Timeout)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether a server's refusal of a message may pass, so that sending it again later can
+/// work: rate limits (after `retry_after_ms`), a full disk or quota, the server failing,
+/// stopping or timing out. Every other code (no such user, not allowed, too large, bad
+/// argument, a code this SDK does not know, ...) is permanent: that message fails and
+/// is never sent again, so that one bad message never blocks the messages after it.
+pub fn is_transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::RateLimited
+            | ErrorCode::StorageFull
+            | ErrorCode::QuotaExceeded
+            | ErrorCode::Internal
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Timeout
+    )
+}
+
+/// What the local store fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("local database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file system failed.
+    #[error("local store: {0}")]
+    Io(#[from] std::io::Error),
+    /// The passphrase or key does not open this store.
+    #[error("wrong passphrase or key for this store")]
+    WrongKey,
+    /// The store holds something unreadable.
+    #[error("the local store is corrupt: {0}")]
+    Corrupt(String),
+    /// Key derivation failed.
+    #[error("key derivation: {0}")]
+    Kdf(String),
+    /// The OS random source failed.
+    #[error("random source: {0}")]
+    Random(String),
+}
