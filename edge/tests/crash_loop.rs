@@ -151,6 +151,10 @@ impl Conn {
                 client_message_id: envelope.client_message_id.to_native(),
                 server_message_id: envelope.server_message_id.to_native(),
                 mailbox_seq: deliver.mailbox_seq,
+                stream: match envelope.conversation {
+                    ArchivedConversation::Group(group) => group.to_native(),
+                    _ => 0,
+                },
                 sequence: open_payload(&envelope.body).map(|(_, sequence)| sequence),
             };
             let me = (self.me.user_id, self.me.device_id);

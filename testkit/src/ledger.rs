@@ -4,7 +4,9 @@
 //! - every message whose sent tick arrived reached every recipient device;
 //! - no message is stored twice (one server id per sender device and client message id,
 //!   in each recipient's mailbox; a re-delivery of the same stored envelope is fine);
-//! - order is kept per sender device in every mailbox;
+//! - order is kept per sender device and conversation in every mailbox (the server
+//!   promises order within a conversation; a 1:1 message and a group message of the same
+//!   sender take different paths and may pass each other);
 //! - nothing served fails its checksum (payloads carry their own SHA-256);
 //! - no one-time prekey is handed out twice.
 //!
@@ -63,6 +65,8 @@ pub struct Received {
     pub mailbox_seq: u64,
     /// The sender's sequence number from the payload (`None`: the checksum failed).
     pub sequence: Option<u64>,
+    /// The conversation the order holds in (0 for 1:1, else the group id).
+    pub stream: u64,
 }
 
 /// What the clients of a run logged.
@@ -140,11 +144,11 @@ impl Ledger {
                     ));
                 }
             }
-            // Order per sender device, in mailbox order.
-            let mut last: BTreeMap<Device, u64> = BTreeMap::new();
+            // Order per sender device and conversation, in mailbox order.
+            let mut last: BTreeMap<(Device, u64), u64> = BTreeMap::new();
             for e in by_position.values() {
                 let Some(sequence) = e.sequence else { continue };
-                if let Some(previous) = last.insert(e.sender, sequence) {
+                if let Some(previous) = last.insert((e.sender, e.stream), sequence) {
                     if sequence <= previous {
                         violations.push(format!(
                             "{recipient:?} got {:?}'s #{sequence} after #{previous}",
@@ -192,6 +196,7 @@ mod tests {
             server_message_id: server,
             mailbox_seq: seq,
             sequence: Some(sequence),
+            stream: 0,
         }
     }
 

@@ -249,7 +249,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     if cores == 0 || cores > 256 {
         return Err(ServerError::Cores(format!("{cores} cores; use 1 to 256")));
     }
-    tracing::info!(data_dir = %config.data_dir.display(), shards = shard_count, cores, "data directory open");
+    let data_dir = config.data_dir.display();
+    tracing::info!(%data_dir, shards = shard_count, cores, "data directory open");
     if cores > shard_count {
         tracing::warn!(
             cores,
@@ -406,7 +407,8 @@ fn make_ctx(
     let code_sender: Box<dyn CodeSender> = match &config.code_webhook {
         Some(url) => {
             if first {
-                tracing::info!(host = %url.host, port = url.port, "verification codes go to the webhook");
+                let (host, port) = (&url.host, url.port);
+                tracing::info!(%host, port, "verification codes go to the webhook");
             }
             Box::new(WebhookCodeSender::new(url.clone(), 5, Duration::from_millis(200)))
         }
