@@ -249,8 +249,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     if cores == 0 || cores > 256 {
         return Err(ServerError::Cores(format!("{cores} cores; use 1 to 256")));
     }
-    let data_dir = config.data_dir.display();
-    tracing::info!(%data_dir, shards = shard_count, cores, "data directory open");
+    let path = config.data_dir.display();
+    tracing::info!(data_dir = %path, shards = shard_count, cores, "data directory open");
     if cores > shard_count {
         tracing::warn!(
             cores,
