@@ -23,6 +23,8 @@ pub mod refusal;
 pub mod routing;
 pub mod runtime;
 pub mod secrets;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 
 pub mod stats;
 pub mod tls;

@@ -1,0 +1,261 @@
+//! The edge's protocol rules, each stated once against the simulated server: in
+//! process, on two cores and four shards, with the clock moved by hand (no sleeping for
+//! a TTL or a code's expiry) and the interleaving chosen by the seed. The binary-level
+//! tests in `edge/tests/` keep what needs the runtime: sockets, transports, signals.
+
+use rkyv::rancor::Failure;
+use tern_wire::messages::{
+    ArchivedNoticeBody, CodeSent, Conversation, DeliveryAck, Done, GroupChange, GroupUpdated,
+    NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ReceiptKind, Registered, SendAck,
+    SendReceipt, SetContacts,
+};
+use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
+
+use crate::core::config::CoreConfig;
+use crate::sim::peer::{self, group_text, login, register, signed_update, text, Peer};
+use crate::sim::{Event, Received, SimConfig, World};
+
+fn world_with(core: CoreConfig) -> World {
+    World::new(SimConfig { core, ..SimConfig::default() }, 1)
+}
+
+fn world() -> World {
+    world_with(CoreConfig::default())
+}
+
+/// The texts and the dropped count a device is handed, acknowledging as it goes.
+fn drain(world: &mut World, peer: &mut Peer) -> (Vec<Vec<u8>>, u64) {
+    let (mut texts, mut dropped) = (Vec::new(), 0);
+    loop {
+        let frames = peer.take_all(world, MessageType::Deliver);
+        if frames.is_empty() {
+            return (texts, dropped);
+        }
+        for frame in frames {
+            let deliver = frame.deliver();
+            match deliver.envelope.content() {
+                Ok(EnvelopeContent::Ciphertext(body)) => texts.push(body.to_vec()),
+                Ok(EnvelopeContent::Notice(ArchivedNoticeBody::Dropped { count })) => {
+                    dropped += count.to_native()
+                }
+                _ => {}
+            }
+            peer.send(world, &DeliveryAck { up_to_mailbox_seq: deliver.mailbox_seq });
+        }
+    }
+}
+
+#[test]
+fn registration_takes_the_code_once_and_only_before_it_expires() {
+    let mut world = world();
+    let ttl_ms = CoreConfig::default().code_ttl_ms;
+    let mut c = Peer::connect(&mut world);
+    let phone = "+15550061";
+    c.request(&mut world, &peer::request_code(phone)).access::<CodeSent>();
+    let wrong = c.request(&mut world, &peer::verify(phone, "000000x".into(), 0));
+    assert_eq!(wrong.error_code(), Some(ErrorCode::InvalidCode), "{}", wrong.describe());
+    // The clock passes the code's lifetime: the right code no longer works.
+    world.advance(ttl_ms + 1);
+    let mut c = Peer::connect(&mut world);
+    let code = world.code_for(phone).unwrap();
+    let late = c.request(&mut world, &peer::verify(phone, code, 0));
+    assert!(late.error_code().is_some(), "an expired code registered: {}", late.describe());
+    // A fresh code registers a new account, once.
+    c.request(&mut world, &peer::request_code(phone)).access::<CodeSent>();
+    let code = world.code_for(phone).unwrap();
+    let first = c.request(&mut world, &peer::verify(phone, code.clone(), 0));
+    assert!(first.access::<Registered>().new_account);
+    let again = c.request(&mut world, &peer::verify(phone, code, 0));
+    assert!(again.error_code().is_some(), "a code was used twice: {}", again.describe());
+}
+
+#[test]
+fn the_sent_tick_waits_for_the_disk_then_delivered_and_read_follow() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550001", 0);
+    let bob = register(&mut world, "+15550002", 0);
+    let mut a = login(&mut world, &alice);
+    let mut b = login(&mut world, &bob);
+    let id = a.send(&mut world, &text(&bob, 1, b"hello bob"));
+    // Everything but a commit: the message is not durable, so no tick and no delivery.
+    world.settle_only(|e| !matches!(e, Event::Commit(_)));
+    assert!(a.response(&mut world, id).is_none(), "a sent tick before the commit");
+    b.collect(&mut world);
+    let deliveries = b.inbox.iter().filter(|f| f.header.message_type == MessageType::Deliver);
+    let early: Vec<String> = deliveries.map(Received::describe).collect();
+    assert!(early.is_empty(), "delivered before the commit: {early:?}");
+    world.settle();
+    let ack = a.response(&mut world, id).expect("the sent tick after the commit");
+    let message_id = ack.access::<SendAck>().server_message_id.to_native();
+    let frame = b.next_of(&mut world, MessageType::Deliver).expect("Bob gets it");
+    assert_eq!(frame.deliver().envelope.body.as_slice(), b"hello bob");
+    b.send(&mut world, &DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    let receipt = a.next_of(&mut world, MessageType::Deliver).expect("a receipt").receipt();
+    assert_eq!((receipt.kind, receipt.message_ids), (ReceiptKind::Delivered, vec![message_id]));
+    let read = SendReceipt {
+        kind: ReceiptKind::Read,
+        to_user: alice.user_id,
+        conversation: Conversation::User(alice.user_id),
+        message_ids: vec![message_id],
+    };
+    b.request(&mut world, &read).access::<Done>();
+    let receipt = a.next_of(&mut world, MessageType::Deliver).expect("a receipt").receipt();
+    assert_eq!(receipt.kind, ReceiptKind::Read);
+}
+
+#[test]
+fn a_retried_send_is_stored_once() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550011", 0);
+    let bob = register(&mut world, "+15550012", 0);
+    let mut a = login(&mut world, &alice);
+    let first = a.request(&mut world, &text(&bob, 7, b"once"));
+    let again = a.request(&mut world, &text(&bob, 7, b"once"));
+    assert!(!first.access::<SendAck>().duplicate);
+    assert!(again.access::<SendAck>().duplicate);
+    let mut b = login(&mut world, &bob);
+    assert_eq!(drain(&mut world, &mut b).0, vec![b"once".to_vec()]);
+}
+
+#[test]
+fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
+    let core = CoreConfig { mailbox_max_messages: 5, ..CoreConfig::default() };
+    let mut world = world_with(core);
+    let alice = register(&mut world, "+15550021", 0);
+    let bob = register(&mut world, "+15550022", 0);
+    let mut a = login(&mut world, &alice);
+    for id in 1..=12u64 {
+        a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes())).access::<SendAck>();
+    }
+    let mut b = login(&mut world, &bob);
+    let (texts, dropped) = drain(&mut world, &mut b);
+    assert!(texts.len() <= 5, "{} queued", texts.len());
+    assert_eq!(texts.len() as u64 + dropped, 12, "every message delivered or announced");
+    assert_eq!(texts.last().unwrap(), b"m12", "the newest are kept");
+    let notices = a.take_all(&mut world, MessageType::Deliver);
+    let lost: usize = notices
+        .iter()
+        .filter_map(|f| match f.deliver().envelope.content() {
+            Ok(EnvelopeContent::Notice(notice)) => {
+                match rkyv::deserialize::<NoticeBody, Failure>(notice).unwrap() {
+                    NoticeBody::SentDropped { message_ids, .. } => Some(message_ids.len()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(lost as u64, dropped, "the sender learns which were lost");
+}
+
+#[test]
+fn an_expired_message_is_never_delivered() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550031", 0);
+    let bob = register(&mut world, "+15550032", 0);
+    let mut a = login(&mut world, &alice);
+    let mut short = text(&bob, 1, b"disappearing");
+    short.ttl_s = 1;
+    a.request(&mut world, &short).access::<SendAck>();
+    a.request(&mut world, &text(&bob, 2, b"lasting")).access::<SendAck>();
+    world.advance(1_500);
+    world.maintain();
+    let mut b = login(&mut world, &bob);
+    assert_eq!(drain(&mut world, &mut b).0, vec![b"lasting".to_vec()]);
+}
+
+#[test]
+fn a_group_message_reaches_every_member_and_only_members() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550041", 0);
+    let bob = register(&mut world, "+15550042", 0);
+    let carol = register(&mut world, "+15550043", 0);
+    let dave = register(&mut world, "+15550044", 0);
+    let mut a = login(&mut world, &alice);
+    let group_id = 0x5EED_0001;
+    let create =
+        GroupChange::Create { name: "club".into(), members: vec![bob.user_id, carol.user_id] };
+    let reply = a.request(&mut world, &signed_update(&alice, group_id, 0, create));
+    assert_eq!(reply.access::<GroupUpdated>().epoch.to_native(), 1);
+    a.request(&mut world, &group_text(group_id, 1, b"megolm")).access::<SendAck>();
+    // Dave is no member: his send is refused and he gets nothing.
+    let mut d = login(&mut world, &dave);
+    let refused = d.request(&mut world, &group_text(group_id, 1, b"intruder"));
+    assert!(refused.error_code().is_some(), "{}", refused.describe());
+    assert!(drain(&mut world, &mut d).0.is_empty());
+    // Bob and Carol each get it once (after the group event).
+    for member in [&bob, &carol] {
+        let mut m = login(&mut world, member);
+        assert_eq!(drain(&mut world, &mut m).0, vec![b"megolm".to_vec()]);
+    }
+    // A forged change (Bob signs as Alice) is refused.
+    let mut b = login(&mut world, &bob);
+    let add = GroupChange::Add { members: vec![dave.user_id] };
+    let mut forged = signed_update(&alice, group_id, 1, add);
+    forged.signature[0] ^= 1;
+    let reply = b.request(&mut world, &forged);
+    assert!(reply.error_code().is_some(), "{}", reply.describe());
+}
+
+fn presence(frames: &[Received]) -> Vec<(u64, bool)> {
+    let events = frames.iter().map(|f| f.access::<PresenceEvent>());
+    events.map(|e| (e.user_id.to_native(), e.online)).collect()
+}
+
+#[test]
+fn presence_goes_to_contacts_only() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550051", 0);
+    let bob = register(&mut world, "+15550052", 0);
+    let carol = register(&mut world, "+15550053", 0);
+    // Bob counts Alice as a contact; his visibility is the default, "contacts".
+    let mut b = login(&mut world, &bob);
+    b.request(&mut world, &SetContacts { user_ids: vec![alice.user_id] }).access::<Done>();
+    world.close(b.link);
+    let mut a = login(&mut world, &alice);
+    let mut c = login(&mut world, &carol);
+    let subscribe = PresenceSubscribe { user_ids: vec![bob.user_id] };
+    a.request(&mut world, &subscribe).access::<Done>();
+    c.request(&mut world, &subscribe).access::<Done>();
+    assert_eq!(
+        presence(&a.take_all(&mut world, MessageType::PresenceEvent)),
+        [(bob.user_id, false)]
+    );
+    let b = login(&mut world, &bob);
+    assert_eq!(
+        presence(&a.take_all(&mut world, MessageType::PresenceEvent)),
+        [(bob.user_id, true)]
+    );
+    world.close(b.link);
+    world.settle();
+    assert_eq!(
+        presence(&a.take_all(&mut world, MessageType::PresenceEvent)),
+        [(bob.user_id, false)]
+    );
+    c.request(&mut world, &Ping { nonce: 9 }).access::<Pong>();
+    assert!(c.take_all(&mut world, MessageType::PresenceEvent).is_empty(), "not a contact");
+}
+
+#[test]
+fn an_unauthenticated_connection_is_closed_at_its_deadline() {
+    let mut world = world();
+    let peer = Peer::connect(&mut world);
+    world.advance(CoreConfig::default().auth_deadline_ms + 1);
+    world.settle();
+    assert!(!world.is_open(peer.link), "still open past the auth deadline");
+}
+
+#[test]
+fn what_was_acknowledged_survives_a_power_cut() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550061", 0);
+    let bob = register(&mut world, "+15550062", 0);
+    let mut a = login(&mut world, &alice);
+    for id in 1..=5u64 {
+        a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes())).access::<SendAck>();
+    }
+    world.power_cut();
+    let mut b = login(&mut world, &bob);
+    let expected: Vec<Vec<u8>> = (1..=5).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(drain(&mut world, &mut b).0, expected);
+}
