@@ -94,32 +94,6 @@ fn offline_messages_arrive_in_order_and_survive_a_restart() {
 }
 
 #[test]
-fn a_retried_send_is_not_duplicated() {
-    let dir = data_dir();
-    let mut server = Server::start(dir.path(), &[]);
-    let alice = register(&mut server, "+15550021", 5);
-    let bob = register(&mut server, "+15550022", 5);
-    let mut a = login(&server, alice);
-    let first = a.request(&text(bob, 77, b"once"));
-    let first_id = first.access::<SendAck>().server_message_id.to_native();
-    let second = a.request(&text(bob, 77, b"once"));
-    let second = second.access::<SendAck>();
-    assert!(second.duplicate);
-    assert_eq!(second.server_message_id.to_native(), first_id);
-
-    let mut b = login(&server, bob);
-    let frame = b.next_of(MessageType::Deliver);
-    b.send(&DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
-    // Nothing else arrives: a ping round trip proves the queue is empty.
-    let pong = b.request(&Ping { nonce: 5 });
-    pong.access::<Pong>();
-    assert!(
-        b.inbox.iter().all(|f| f.header.message_type != MessageType::Deliver),
-        "duplicate delivered"
-    );
-}
-
-#[test]
 fn a_stale_device_list_is_a_typed_error() {
     let dir = data_dir();
     let mut server = Server::start(dir.path(), &[]);

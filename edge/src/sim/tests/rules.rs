@@ -111,8 +111,9 @@ fn a_retried_send_is_stored_once() {
     let mut a = login(&mut world, &alice);
     let first = a.request(&mut world, &text(&bob, 7, b"once"));
     let again = a.request(&mut world, &text(&bob, 7, b"once"));
-    assert!(!first.access::<SendAck>().duplicate);
-    assert!(again.access::<SendAck>().duplicate);
+    let (first, again) = (first.access::<SendAck>(), again.access::<SendAck>());
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!(first.server_message_id, again.server_message_id, "the same stored message");
     let mut b = login(&mut world, &bob);
     assert_eq!(drain(&mut world, &mut b).0, vec![b"once".to_vec()]);
 }
@@ -124,28 +125,28 @@ fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
     let alice = register(&mut world, "+15550021", 0);
     let bob = register(&mut world, "+15550022", 0);
     let mut a = login(&mut world, &alice);
+    let mut ids = Vec::new();
     for id in 1..=12u64 {
-        a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes())).access::<SendAck>();
+        let ack = a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes()));
+        ids.push(ack.access::<SendAck>().server_message_id.to_native());
     }
     let mut b = login(&mut world, &bob);
     let (texts, dropped) = drain(&mut world, &mut b);
     assert!(texts.len() <= 5, "{} queued", texts.len());
     assert_eq!(texts.len() as u64 + dropped, 12, "every message delivered or announced");
-    assert_eq!(texts.last().unwrap(), b"m12", "the newest are kept");
-    let notices = a.take_all(&mut world, MessageType::Deliver);
-    let lost: usize = notices
-        .iter()
-        .filter_map(|f| match f.deliver().envelope.content() {
-            Ok(EnvelopeContent::Notice(notice)) => {
-                match rkyv::deserialize::<NoticeBody, Failure>(notice).unwrap() {
-                    NoticeBody::SentDropped { message_ids, .. } => Some(message_ids.len()),
-                    _ => None,
-                }
+    let kept: Vec<Vec<u8>> = (dropped + 1..=12).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(texts, kept, "the newest are kept, in order");
+    let mut lost = Vec::new();
+    for frame in a.take_all(&mut world, MessageType::Deliver) {
+        if let Ok(EnvelopeContent::Notice(notice)) = frame.deliver().envelope.content() {
+            if let NoticeBody::SentDropped { message_ids, .. } =
+                rkyv::deserialize::<NoticeBody, Failure>(notice).unwrap()
+            {
+                lost.extend(message_ids);
             }
-            _ => None,
-        })
-        .sum();
-    assert_eq!(lost as u64, dropped, "the sender learns which were lost");
+        }
+    }
+    assert_eq!(lost, ids[..dropped as usize], "the sender learns exactly which were lost");
 }
 
 #[test]
