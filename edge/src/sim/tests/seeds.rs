@@ -12,13 +12,12 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn check(seed: u64, options: &Options) {
-    if let Err(violations) = run(seed, options) {
-        panic!(
-            "{}\nreproduce: TERN_SIM_SEED={seed} cargo test -p tern-edge --lib sim",
-            violations.join("\n")
-        );
-    }
+/// Fails the test with what the run broke and the command that replays it.
+fn fail(seed: u64, violations: &[String]) -> ! {
+    panic!(
+        "seed {seed}:\n{}\nreproduce: TERN_SIM_SEED={seed} cargo test -p tern-edge --lib sim",
+        violations.join("\n")
+    );
 }
 
 #[test]
