@@ -104,6 +104,11 @@ struct Args {
     /// Presence storm: disconnect+reconnect cycles per second over all users.
     #[arg(long, default_value_t = 200)]
     churn: u64,
+    /// Messages scenario: one more user uploads a file of this many MiB during the
+    /// warm-up and commits it halfway through the measurement; latencies of the sends
+    /// made while the commit runs are reported apart (0: no upload).
+    #[arg(long, default_value_t = 0)]
+    commit_mib: usize,
     /// `ternd --cores` (default: ternd's own, every CPU).
     #[arg(long)]
     cores: Option<u32>,
@@ -118,6 +123,87 @@ struct Stats {
     errors: AtomicU64,
     send_to_sent: Mutex<Histogram<u64>>,
     send_to_deliver: Mutex<Histogram<u64>>,
+    /// `--commit-mib`: when the commit was sent and answered (µs since the epoch; 0: not
+    /// yet), and the latencies of sends made in between.
+    commit_from_us: AtomicU64,
+    commit_to_us: AtomicU64,
+    during_commit_sent: Mutex<Histogram<u64>>,
+    during_commit_deliver: Mutex<Histogram<u64>>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            sent: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            send_to_sent: Mutex::new(Histogram::new(3).unwrap()),
+            send_to_deliver: Mutex::new(Histogram::new(3).unwrap()),
+            commit_from_us: AtomicU64::new(0),
+            commit_to_us: AtomicU64::new(0),
+            during_commit_sent: Mutex::new(Histogram::new(3).unwrap()),
+            during_commit_deliver: Mutex::new(Histogram::new(3).unwrap()),
+        }
+    }
+
+    /// Whether a send made at `t` (µs since the epoch) overlapped the commit.
+    fn during_commit(&self, t: u64) -> bool {
+        let from = self.commit_from_us.load(Ordering::Relaxed);
+        let to = self.commit_to_us.load(Ordering::Relaxed);
+        from > 0 && t >= from && (to == 0 || t <= to)
+    }
+
+    fn record(
+        &self,
+        histogram: &Mutex<Histogram<u64>>,
+        during: &Mutex<Histogram<u64>>,
+        t: u64,
+        now: u64,
+    ) {
+        let _ = histogram.lock().unwrap().record(now.saturating_sub(t));
+        if self.during_commit(t) {
+            let _ = during.lock().unwrap().record(now.saturating_sub(t));
+        }
+    }
+}
+
+/// `--commit-mib`: uploads a file at once, then commits it at `commit_at` and records
+/// how long the commit took in `stats`.
+async fn upload_then_commit(
+    addr: SocketAddr,
+    (user_id, token): (u64, [u8; 32]),
+    mib: usize,
+    epoch: Instant,
+    commit_at: Instant,
+    stats: Arc<Stats>,
+) {
+    use sha2::Digest as _;
+    let blob: Vec<u8> =
+        (0..mib << 20).map(|i| (i as u64).wrapping_mul(0x9E37_79B9) as u8).collect();
+    let (mut stream, mut decoder) = handshake(addr).await;
+    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+    let begin = MediaBegin { size_bytes: blob.len() as u64, kind: MediaKind::Video };
+    stream.write_all(&frame(3, &begin)).await.unwrap();
+    let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+    assert_eq!(ty, MessageType::MediaBegun, "upload starts");
+    let media_id = access::<MediaBegun>(&payload).unwrap().media_id;
+    let mut out = Vec::new();
+    for (i, piece) in blob.chunks(256 * 1024).enumerate() {
+        out.clear();
+        let chunk = MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() };
+        encode_frame(&mut out, 0, 0, &chunk, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        stream.write_all(&out).await.unwrap();
+    }
+    stream.write_all(&frame(4, &MediaStatusRequest { media_id })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 4).await;
+    let sha256: [u8; 32] = sha2::Sha256::digest(&blob).into();
+    tokio::time::sleep_until(commit_at.into()).await;
+    stats.commit_from_us.store(now_us(epoch), Ordering::Relaxed);
+    stream.write_all(&frame(5, &MediaCommit { media_id, sha256 })).await.unwrap();
+    let (ty, _) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 5).await;
+    stats.commit_to_us.store(now_us(epoch), Ordering::Relaxed);
+    assert_eq!(ty, MessageType::MediaStatus, "commit accepted");
 }
 
 /// Appends a 1:1 `SendMessage` of `body` to `peer`'s device 1 (request and client
@@ -165,6 +251,12 @@ async fn main() {
         accounts.push((registered.user_id, registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    let uploader = if args.commit_mib > 0 {
+        let registered = register(addr, "+15559999999", &codes).await;
+        Some((registered.user_id, registered.token))
+    } else {
+        None
+    };
     let pid = child.id();
     let mut result = match args.scenario.as_str() {
         "drain" => store_and_forward(&args, addr, &accounts).await,
@@ -177,7 +269,7 @@ async fn main() {
         "media" => media_transfer(&args, addr, accounts, bench_dir.path()).await,
         "groups" => group_fanout(&args, addr, accounts, signers).await,
         "presence" => presence_storm(&args, addr, accounts, pid).await,
-        _ => one_to_one(&args, addr, accounts, pid, data_dir.path()).await,
+        _ => one_to_one(&args, addr, accounts, uploader, pid, data_dir.path()).await,
     };
     let pid = child.id();
     // Named as `peerbench` names its runs, so that `bench/peers/run.sh` gathers both.
@@ -209,19 +301,19 @@ async fn one_to_one(
     args: &Args,
     addr: SocketAddr,
     accounts: Vec<(u64, [u8; 32])>,
+    uploader: Option<(u64, [u8; 32])>,
     pid: u32,
     data_dir: &std::path::Path,
 ) -> Value {
-    let stats = Arc::new(Stats {
-        sent: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        send_to_sent: Mutex::new(Histogram::new(3).unwrap()),
-        send_to_deliver: Mutex::new(Histogram::new(3).unwrap()),
-    });
+    let stats = Arc::new(Stats::new());
     let running = Arc::new(AtomicBool::new(true));
     let measuring = Arc::new(AtomicBool::new(false));
     let epoch = Instant::now();
+    let commit_at = epoch + Duration::from_secs(2) + Duration::from_secs(args.seconds) / 2;
+    let upload = uploader.map(|account| {
+        let (mib, stats) = (args.commit_mib, stats.clone());
+        tokio::spawn(upload_then_commit(addr, account, mib, epoch, commit_at, stats))
+    });
     let user_ids: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
     let mut tasks = Vec::new();
     for (index, (user_id, token)) in accounts.into_iter().enumerate() {
@@ -306,7 +398,9 @@ async fn one_to_one(
                             if let Some(t) = in_flight.remove(&frame.header.request_id) {
                                 if measuring.load(Ordering::Relaxed) {
                                     stats.sent.fetch_add(1, Ordering::Relaxed);
-                                    let _ = stats.send_to_sent.lock().unwrap().record(now - t);
+                                    let (all, during) =
+                                        (&stats.send_to_sent, &stats.during_commit_sent);
+                                    stats.record(all, during, t, now);
                                 }
                             }
                         }
@@ -318,11 +412,9 @@ async fn one_to_one(
                                 let t =
                                     u64::from_le_bytes(d.envelope.body[..8].try_into().unwrap());
                                 stats.delivered.fetch_add(1, Ordering::Relaxed);
-                                let _ = stats
-                                    .send_to_deliver
-                                    .lock()
-                                    .unwrap()
-                                    .record(now.saturating_sub(t));
+                                let (all, during) =
+                                    (&stats.send_to_deliver, &stats.during_commit_deliver);
+                                stats.record(all, during, t, now);
                             }
                         }
                         Message::SendError(_) | Message::ErrorFrame(_) => {
@@ -363,6 +455,9 @@ async fn one_to_one(
     if let Some(sampler) = sampler {
         let _ = sampler.await;
     }
+    if let Some(upload) = upload {
+        upload.await.expect("the upload ran");
+    }
 
     let sent = stats.sent.load(Ordering::Relaxed);
     let delivered = stats.delivered.load(Ordering::Relaxed);
@@ -391,7 +486,32 @@ async fn one_to_one(
         ms(&d, 0.99),
         ms(&d, 0.999)
     );
+    let mut commit = json!(null);
+    if args.commit_mib > 0 {
+        let from = stats.commit_from_us.load(Ordering::Relaxed);
+        let commit_ms =
+            stats.commit_to_us.load(Ordering::Relaxed).saturating_sub(from) as f64 / 1e3;
+        let (ds, dd) =
+            (stats.during_commit_sent.lock().unwrap(), stats.during_commit_deliver.lock().unwrap());
+        println!(
+            "commit of {} MiB took {commit_ms:.1} ms; sends during it ({}): \
+             send→sent p99 {:.2} ms, send→deliver p99 {:.2} ms (max {:.2} ms)",
+            args.commit_mib,
+            dd.len(),
+            ms(&ds, 0.99),
+            ms(&dd, 0.99),
+            dd.max() as f64 / 1000.0,
+        );
+        commit = json!({
+            "mib": args.commit_mib,
+            "commit_ms": commit_ms,
+            "samples": dd.len(),
+            "sent_ms": quantiles(&ds),
+            "deliver_ms": quantiles(&dd),
+        });
+    }
     json!({
+        "commit_during_load": commit,
         "window": args.window,
         "rate": args.rate,
         "seconds": elapsed,
