@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use crate::catalogue::MessageType;
+use crate::types::MessageType;
 
 /// Why bytes could not be decoded as a frame. "Need more bytes" is not an error: the
 /// decoder returns `Ok(None)` for it.

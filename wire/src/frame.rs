@@ -13,8 +13,9 @@ use rkyv::rancor::Failure;
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::Serialize;
 
-use crate::catalogue::{Message, MessageType, Payload, DELIVER_PREFIX_BYTES};
+use crate::catalogue::{Message, Payload, DELIVER_PREFIX_BYTES};
 use crate::error::{DecodeError, EncodeError};
+use crate::types::MessageType;
 
 /// Size of the frame header.
 pub const HEADER_BYTES: usize = 12;

@@ -25,16 +25,16 @@ mod error;
 pub mod fixtures;
 mod frame;
 pub mod messages;
+mod types;
 
 pub use borrowed::{DeviceCopyRef, EnvelopeRef, SendMessageRef, SliceAsVec};
-pub use catalogue::{
-    access, Deliver, EnvelopeContent, Message, MessageType, Payload, DELIVER_PREFIX_BYTES,
-};
+pub use catalogue::{access, Deliver, EnvelopeContent, Message, Payload, DELIVER_PREFIX_BYTES};
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use frame::{
     decode_frame, deliver_preamble, encode_archive, encode_deliver, encode_frame, Frame,
     FrameDecoder, FrameHeader, WireSerializer, FLAGS_KNOWN, FLAG_RESPONSE, HEADER_BYTES,
 };
+pub use types::MessageType;
 
 /// The magic bytes of a [`messages::Hello`]: `TERN`.
 pub const HELLO_MAGIC: [u8; 4] = *b"TERN";
