@@ -5,20 +5,19 @@
 //! never across an `.await`. So a commit takes its job out under a short borrow and runs
 //! it with none held, and appends arriving meanwhile form the next batch.
 //!
-//! The handle sits above the shard (beside `recovery.rs`, which it calls to open one),
-//! not inside `shard/`: it uses the `Shard` type, and no part of `shard/` may, so the
-//! module graph stays acyclic.
+//! The handle sits above the shard, not inside `shard/`: it uses the `Shard` type (and
+//! `shard/recovery.rs` to open one), and no part of `shard/` may, so the module graph
+//! stays acyclic.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use crate::checkpoint;
 use crate::error::{OpenError, WriteError};
 use crate::record::segment_file_name;
-use crate::recovery;
 use crate::shard::config::ShardConfig;
 use crate::shard::log::CommitStep;
 use crate::shard::Shard;
+use crate::shard::{checkpoint, recovery};
 use crate::storage::Storage;
 
 /// A shard shared by the tasks of one core: appends through [`ShardHandle::borrow_mut`],

@@ -16,12 +16,10 @@
 
 pub mod blobs;
 pub mod body;
-pub mod checkpoint;
 mod error;
 mod handle;
 pub mod manifest;
 pub mod record;
-mod recovery;
 mod shard;
 pub mod state;
 pub mod storage;
@@ -33,6 +31,7 @@ pub use body::{
 pub use error::{CorruptRecord, OpenError, WriteError};
 pub use handle::ShardHandle;
 pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
+pub use shard::checkpoint;
 pub use shard::config::{ShardConfig, ShardCounters};
 pub use shard::durable::Durable;
 pub use shard::index::{MailboxEntry, MailboxRead};

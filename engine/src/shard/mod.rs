@@ -18,17 +18,19 @@
 //! - `segments.rs`: the log as readers see it, with per-segment accounting;
 //! - `index.rs`: the mailboxes (per-device queues of [`Loc`]s) and shared references;
 //! - `log.rs`: the write side, pending batches and group commit;
-//! - `reclaim.rs`: which segments to compact and which to delete.
+//! - `reclaim.rs`: which segments to compact and which to delete;
+//! - `checkpoint.rs`: checkpoints capture and restore the parts, never the `Shard`;
+//! - `recovery.rs`: builds the parts from a checkpoint and the log, and
+//!   [`Shard::from_parts`] takes them over.
 //!
-//! No part names anything defined in this file, so shared types live in the leaves and
-//! the module graph is acyclic. Above the shard, in `engine/src/`: recovery
-//! (`recovery.rs`) builds the parts and [`Shard::from_parts`] takes them over;
-//! checkpoints (`checkpoint.rs`) capture and restore the parts, never the `Shard`; and
-//! the handle (`handle.rs`) drives the I/O.
+//! No part names anything defined in this file (this file uses them, never the reverse),
+//! so shared types live in the leaves and the module graph is acyclic. Above the shard,
+//! in `engine/src/`, the handle (`handle.rs`) drives the I/O.
 //!
 //! Visibility: index entries point into the log by [`Loc`]; a mailbox read stops at the
 //! first entry at or past the durable end, so nothing is served before it is on disk.
 
+pub mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod durable;
@@ -37,6 +39,7 @@ pub(crate) mod index;
 pub(crate) mod loc;
 pub(crate) mod log;
 mod reclaim;
+pub(crate) mod recovery;
 pub(crate) mod segments;
 
 use std::collections::BTreeMap;
@@ -44,6 +47,7 @@ use std::collections::BTreeMap;
 use tern_wire::messages::{DeviceId, SignedPrekey, UserId};
 use tern_wire::{encode_archive, EnvelopeRef};
 
+use self::checkpoint::{CapturedParts, Snapshot};
 use self::config::{ShardConfig, ShardCounters};
 use self::dedup::Dedup;
 use self::durable::Durable;
@@ -52,12 +56,11 @@ use self::index::{Index, MailboxRead};
 use self::loc::{DeviceAddr, Loc};
 use self::log::{CommitJob, CommitOutcome, CommitStep, Log};
 use self::reclaim::Compaction;
+use self::recovery::RecoveredParts;
 use self::segments::{SegmentStats, Segments};
 use crate::body::{AckRecord, EnvelopeRecordRef, MailboxSlot, RemoveRecord, StateOp};
-use crate::checkpoint::{self, CapturedParts, Snapshot};
 use crate::error::{CorruptRecord, WriteError};
 use crate::record::RecordType;
-use crate::recovery::RecoveredParts;
 use crate::state::StateTables;
 use crate::storage::Storage;
 

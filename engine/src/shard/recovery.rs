@@ -25,22 +25,22 @@ use rkyv::rancor::Failure;
 use tern_wire::messages::ArchivedEnvelope;
 use tern_wire::EnvelopeRef;
 
+use super::checkpoint::{self, RestoredParts, Snapshot};
+use super::config::{ShardConfig, ShardCounters};
+use super::dedup::Dedup;
+use super::ids::MessageIds;
+use super::index::Index;
+use super::loc::{Loc, MAILBOX_SEQ_MAX};
+use super::segments::Segments;
 use crate::body::{
     ArchivedAckRecord, ArchivedEnvelopeRecord, ArchivedRemoveRecord, ArchivedStateOp, MailboxSlot,
     StateOp,
 };
-use crate::checkpoint::{self, RestoredParts, Snapshot};
 use crate::error::{CorruptRecord, OpenError};
 use crate::record::{
     align_up, first_record_offset, parse_segment_file_name, scan_segment, segment_file_name,
     RecordType, ScanEnd, SegmentHeader, FLAG_MOVED, RECORD_HEADER_BYTES,
 };
-use crate::shard::config::{ShardConfig, ShardCounters};
-use crate::shard::dedup::Dedup;
-use crate::shard::ids::MessageIds;
-use crate::shard::index::Index;
-use crate::shard::loc::{Loc, MAILBOX_SEQ_MAX};
-use crate::shard::segments::Segments;
 use crate::state::StateTables;
 use crate::storage::{Mapped, Storage, StorageFile};
 

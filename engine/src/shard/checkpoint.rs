@@ -13,12 +13,12 @@ use rkyv::{Archive, Deserialize, Serialize};
 use tern_wire::encode_archive;
 use tern_wire::messages::{DeviceId, GroupId, MediaId, UserId};
 
+use super::config::ShardConfig;
+use super::dedup::Dedup;
+use super::index::Index;
+use super::loc::Loc;
+use super::segments::SegmentStats;
 use crate::body::{AccountRecord, GroupRecord, MediaRecord, ReportRecord};
-use crate::shard::config::ShardConfig;
-use crate::shard::dedup::Dedup;
-use crate::shard::index::Index;
-use crate::shard::loc::Loc;
-use crate::shard::segments::SegmentStats;
 use crate::state::StateTables;
 
 /// Checkpoint file magic.
