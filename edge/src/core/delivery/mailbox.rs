@@ -18,7 +18,7 @@ use tern_wire::messages::{
 };
 use tern_wire::{encode_deliver, MessageType};
 
-use super::store::{append_envelope_to, archive};
+use super::server_envelope::{append_envelope_to, archive};
 use crate::core::conns::{ConnId, ConnState, OUTBOUND_BYTES_MAX};
 use crate::core::shared::Shared;
 use crate::mesh::calls::StoreServerEnvelope;

@@ -11,10 +11,12 @@
 //!
 //! Submodules: [`store`] appends envelopes (and serves the calls that store them),
 //! [`mailbox`] feeds connections and keeps quotas, [`receipts`] routes delivered/read
-//! receipts and deletions for everyone.
+//! receipts and deletions for everyone, and [`server_envelope`], below them all, archives
+//! and appends server-made envelopes.
 
 pub mod mailbox;
 pub mod receipts;
+pub mod server_envelope;
 pub mod store;
 
 use std::collections::HashMap;

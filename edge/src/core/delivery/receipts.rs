@@ -17,7 +17,7 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
-use super::store::archive;
+use super::server_envelope::archive;
 use crate::core::conns::ConnId;
 use crate::core::shards::Waits;
 use crate::core::shared::Shared;

@@ -29,7 +29,7 @@ use tern_wire::MessageType;
 
 use super::conns::ConnId;
 use super::delivery::mailbox::make_room;
-use super::delivery::store::archive;
+use super::delivery::server_envelope::archive;
 use super::shards::Waits;
 use super::shared::Shared;
 use super::wakeups::Wakeups;
