@@ -142,6 +142,22 @@ fn main() -> ExitCode {
         }
     };
     let args = Args::parse_from(argv);
+    init_logging();
+    let Some(config) = server_config(args) else {
+        return ExitCode::from(2);
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "ternd stopped");
+            eprintln!("ternd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -151,7 +167,11 @@ fn main() -> ExitCode {
         // Colour codes only for a person at a terminal, never in a log file or journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let core = CoreConfig {
+}
+
+/// The protocol limits and quotas of every core, from the flags.
+fn core_config(args: &Args) -> CoreConfig {
+    CoreConfig {
         max_frame_bytes: args.max_frame_bytes,
         code_requests_per_hour: args.code_requests_per_hour,
         send_rate: Rate { burst: args.sends_per_second * 4.0, per_second: args.sends_per_second },
@@ -172,21 +192,28 @@ fn main() -> ExitCode {
         // idle chat survives two lost pings; at most the default 30 s.
         heartbeat_interval_ms: ((args.idle_timeout_s * 1000.0 / 3.0) as u32).clamp(100, 30_000),
         ..CoreConfig::default()
-    };
+    }
+}
+
+/// The server's configuration from the flags, or `None` (after telling the operator)
+/// when an address or the code webhook does not parse.
+fn server_config(args: Args) -> Option<ServerConfig> {
+    let core = core_config(&args);
+    // Every address is checked, so one run names every bad one.
     let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (
         optional_address("--admin", &args.admin),
         optional_address("--tls-listen", &args.tls_listen),
         optional_address("--ws-listen", &args.ws_listen),
         optional_address("--wss-listen", &args.wss_listen),
     ) else {
-        return ExitCode::from(2);
+        return None;
     };
     let code_webhook = match args.code_webhook.as_deref().map(WebhookUrl::parse) {
         None => None,
         Some(Ok(url)) => Some(url),
         Some(Err(error)) => {
             eprintln!("ternd: --code-webhook {error}");
-            return ExitCode::from(2);
+            return None;
         }
     };
     let source = match (args.tls_cert, args.tls_key) {
@@ -194,7 +221,7 @@ fn main() -> ExitCode {
         _ => CertSource::Development { data_dir: args.data_dir.clone() },
     };
     let tls = TlsSettings { source, allow_tls12: args.tls12 };
-    let config = ServerConfig {
+    Some(ServerConfig {
         data_dir: args.data_dir,
         listen: args.listen,
         shards: args.shards,
@@ -213,15 +240,7 @@ fn main() -> ExitCode {
         code_webhook,
         max_connections: args.max_connections,
         core,
-    };
-    match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "ternd stopped");
-            eprintln!("ternd: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// Parses an address flag that may be "off": `Some(None)` for off, `None` (after telling
