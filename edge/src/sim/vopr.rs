@@ -22,6 +22,7 @@ use super::peer::{self, Account};
 use super::world::{LinkId, Received, SimConfig, World};
 use crate::core::config::CoreConfig;
 use crate::limits::Rate;
+use crate::routing::home_shard_of_user;
 
 /// What a run does.
 #[derive(Clone, Debug)]
@@ -30,7 +31,7 @@ pub struct Options {
     pub people: usize,
     /// Steps (each one server event or one person's action).
     pub steps: usize,
-    /// Power cuts at most.
+    /// Power cuts, each at a step drawn at random over the run.
     pub power_cuts: u32,
     /// The server.
     pub server: SimConfig,
@@ -150,16 +151,25 @@ struct Run {
 
 /// Runs seed `seed`: a clean report, or every violation found (with the seed).
 pub fn run(seed: u64, options: &Options) -> Result<Report, Vec<String>> {
+    let mut world = World::new(options.server.clone(), seed);
+    // The cuts fall anywhere in the run, not mostly before the first registration.
+    let steps = options.steps.max(1) as u64;
+    let mut cut_at: Vec<usize> =
+        (0..options.power_cuts).map(|_| world.below(steps) as usize).collect();
+    cut_at.sort_unstable();
     let mut run = Run {
-        world: World::new(options.server.clone(), seed),
+        world,
         people: (0..options.people).map(Person::new).collect(),
         ledger: Ledger::default(),
         report: Report::default(),
         violations: Vec::new(),
         options: options.clone(),
     };
-    for _ in 0..options.steps {
+    for step in 0..options.steps {
         run.step();
+        for _ in cut_at.iter().filter(|at| **at == step) {
+            run.power_cut();
+        }
         if !run.violations.is_empty() {
             break;
         }
@@ -178,8 +188,8 @@ pub fn run(seed: u64, options: &Options) -> Result<Report, Vec<String>> {
 }
 
 impl Run {
-    /// One step: mostly a server event, else one person acts, the clock moves, the
-    /// maintenance pass runs or the power goes.
+    /// One step: mostly a server event, else one person acts, the clock moves or the
+    /// maintenance pass runs. (Power cuts fall at steps drawn when the run starts.)
     fn step(&mut self) {
         let roll = self.world.below(1_000);
         match roll {
@@ -194,18 +204,27 @@ impl Run {
                 let ms = 1 + self.world.below(2_000);
                 self.world.advance(ms);
             }
-            990..=996 => self.world.maintain(),
-            _ => {
-                if self.world.boots() < u64::from(self.options.power_cuts) {
-                    if self.options.lose_a_disk {
-                        let shard = self.world.below(u64::from(self.options.server.shards));
-                        self.world.lose_disk(shard as u32);
-                    }
-                    self.world.power_cut();
-                }
-            }
+            _ => self.world.maintain(),
         }
         self.read_all();
+    }
+
+    /// The power goes. With [`Options::lose_a_disk`], the disk of a shard that holds
+    /// someone's account goes with it (a random one while nobody has registered).
+    fn power_cut(&mut self) {
+        if self.options.lose_a_disk {
+            let homes: Vec<u32> = self
+                .people
+                .iter()
+                .filter_map(|p| p.account.map(|a| home_shard_of_user(a.user_id)))
+                .collect();
+            let shard = match homes.len() {
+                0 => self.world.below(u64::from(self.options.server.shards)) as u32,
+                n => homes[self.world.below(n as u64) as usize],
+            };
+            self.world.lose_disk(shard);
+        }
+        self.world.power_cut();
     }
 
     /// After the steps: everyone comes online and the world settles, so that every
