@@ -325,6 +325,14 @@ fn codes_have_a_budget_per_client_address() {
     assert!(metrics.contains("tern_codes_refused_total{core=\"0\"} 1"), "{metrics}");
 }
 
+/// A phone number (from +15680000600 up) whose account lands on the shard of `phone`'s.
+fn phone_on_the_shard_of(phone: &str) -> String {
+    (600..)
+        .map(|n| format!("+1568{n:07}"))
+        .find(|p| home_shard_of_phone(p, 4) == home_shard_of_phone(phone, 4))
+        .unwrap()
+}
+
 #[test]
 fn a_deleted_account_leaves_nothing_live_behind() {
     let dir = data_dir();
@@ -334,11 +342,7 @@ fn a_deleted_account_leaves_nothing_live_behind() {
     let alice_phone = phone_on_core(400, 0);
     let bob = register(&mut server, &phone_on_core(500, 1), 0);
     // Carol shares Alice's shard, and has mail from her waiting there.
-    let carol_phone = (600..)
-        .map(|n| format!("+1568{n:07}"))
-        .find(|p| home_shard_of_phone(p, 4) == home_shard_of_phone(&alice_phone, 4))
-        .unwrap();
-    let carol = register(&mut server, &carol_phone, 0);
+    let carol = register(&mut server, &phone_on_the_shard_of(&alice_phone), 0);
     let mut a = login(&server, alice);
     let mut b = login(&server, bob);
     for id in 1..=3 {

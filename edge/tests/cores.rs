@@ -45,34 +45,7 @@ fn two_cores_serve_users_homed_on_different_shards() {
     // to their home core, and everything works from there.
     let mut a = login(&server, alice);
     let mut b = login(&server, bob);
-    for id in 1..=20u64 {
-        let ack = a.request(&text(bob, id, format!("to bob {id}").as_bytes()));
-        let ack = ack.access::<SendAck>();
-        assert!(!ack.duplicate);
-        let frame = b.next_of(MessageType::Deliver);
-        let deliver = frame.deliver();
-        assert_eq!(deliver.envelope.sender_user.to_native(), alice.user_id);
-        assert_eq!(deliver.envelope.conversation_seq.to_native(), id);
-        assert_eq!(deliver.envelope.body.as_slice(), format!("to bob {id}").as_bytes());
-        b.send(&DeliveryAck { up_to_mailbox_seq: deliver.mailbox_seq });
-        let receipt = a.next_of(MessageType::Deliver).receipt();
-        assert_eq!(receipt.kind, ReceiptKind::Delivered);
-        assert_eq!(receipt.message_ids, vec![ack.server_message_id.to_native()]);
-    }
-    // The other way, with a read receipt crossing back.
-    let ack = b.request(&text(alice, 1, b"to alice"));
-    let message_id = ack.access::<SendAck>().server_message_id.to_native();
-    let frame = a.next_of(MessageType::Deliver);
-    assert_eq!(frame.deliver().envelope.body.as_slice(), b"to alice");
-    let done = a.request(&SendReceipt {
-        kind: ReceiptKind::Read,
-        to_user: bob.user_id,
-        conversation: Conversation::User(bob.user_id),
-        message_ids: vec![message_id],
-    });
-    done.access::<Done>();
-    let read = b.next_of(MessageType::Deliver).receipt();
-    assert_eq!((read.kind, read.message_ids), (ReceiptKind::Read, vec![message_id]));
+    messages_and_receipts_cross_the_mesh(&mut a, &mut b, alice, bob);
 
     // A retry across cores is answered with the original id, not stored twice.
     let first = a.request(&text(bob, 500, b"once"));
@@ -111,7 +84,49 @@ fn two_cores_serve_users_homed_on_different_shards() {
     let error = a.request(&text(ghost, 502, b"x"));
     assert_eq!(error.access::<SendError>().code.to_native(), ErrorCode::NotFound as u16);
 
-    // Metrics cover both cores (core 1 pushes its figures every second).
+    metrics_cover_both_cores(&server);
+}
+
+/// Alice (core 0) and Bob (core 1) exchange messages both ways: each is delivered in
+/// order and acknowledged, and the delivered and read receipts cross back.
+fn messages_and_receipts_cross_the_mesh(
+    a: &mut Client,
+    b: &mut Client,
+    alice: Account,
+    bob: Account,
+) {
+    for id in 1..=20u64 {
+        let ack = a.request(&text(bob, id, format!("to bob {id}").as_bytes()));
+        let ack = ack.access::<SendAck>();
+        assert!(!ack.duplicate);
+        let frame = b.next_of(MessageType::Deliver);
+        let deliver = frame.deliver();
+        assert_eq!(deliver.envelope.sender_user.to_native(), alice.user_id);
+        assert_eq!(deliver.envelope.conversation_seq.to_native(), id);
+        assert_eq!(deliver.envelope.body.as_slice(), format!("to bob {id}").as_bytes());
+        b.send(&DeliveryAck { up_to_mailbox_seq: deliver.mailbox_seq });
+        let receipt = a.next_of(MessageType::Deliver).receipt();
+        assert_eq!(receipt.kind, ReceiptKind::Delivered);
+        assert_eq!(receipt.message_ids, vec![ack.server_message_id.to_native()]);
+    }
+    // The other way, with a read receipt crossing back.
+    let ack = b.request(&text(alice, 1, b"to alice"));
+    let message_id = ack.access::<SendAck>().server_message_id.to_native();
+    let frame = a.next_of(MessageType::Deliver);
+    assert_eq!(frame.deliver().envelope.body.as_slice(), b"to alice");
+    let done = a.request(&SendReceipt {
+        kind: ReceiptKind::Read,
+        to_user: bob.user_id,
+        conversation: Conversation::User(bob.user_id),
+        message_ids: vec![message_id],
+    });
+    done.access::<Done>();
+    let read = b.next_of(MessageType::Deliver).receipt();
+    assert_eq!((read.kind, read.message_ids), (ReceiptKind::Read, vec![message_id]));
+}
+
+/// `/metrics` covers both cores (core 1 pushes its figures every second) and the mesh.
+fn metrics_cover_both_cores(server: &Server) {
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let (_, metrics) = server.admin_get("/metrics");

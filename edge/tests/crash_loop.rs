@@ -198,27 +198,9 @@ fn client(index: usize, shared: Arc<Shared>, seed: u64) {
     while !shared.stop.load(Ordering::Relaxed) {
         let action = rng.below(10);
         if action >= 8 {
-            // Key fetch from a random other user: record the one-time key handed out.
             let target =
                 shared.accounts[(index + 1 + rng.below(USERS as u64 - 1) as usize) % USERS];
-            let fetch = FetchBundles { user_id: target.user_id, device_ids: vec![] };
-            let c = connected(&mut conn, me, &shared);
-            match c.call(&fetch, &shared) {
-                Ok(reply) if reply.header.message_type == MessageType::Bundles => {
-                    for bundle in reply.access::<Bundles>().devices.iter() {
-                        if let Some(key) = bundle.one_time_key.as_ref() {
-                            let owner = (target.user_id, bundle.device_id.to_native());
-                            shared
-                                .ledger
-                                .lock()
-                                .unwrap()
-                                .key_handed_out(owner, key.key_id.to_native());
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => conn = None,
-            }
+            fetch_keys(me, target, &mut conn, &shared);
             continue;
         }
         sequence += 1;
@@ -232,32 +214,62 @@ fn client(index: usize, shared: Arc<Shared>, seed: u64) {
             (text(peer, client_id, &body), vec![(peer.user_id, 1)])
         };
         shared.ledger.lock().unwrap().sending(device, client_id, sequence, &recipients);
-        // Until the sent tick arrives: a crash means reconnect and send again, same id.
-        loop {
-            let c = connected(&mut conn, me, &shared);
-            let result = c.call(&message, &shared);
-            if std::env::var("TERN_CRASH_DEBUG").is_ok() {
-                let what = match &result {
-                    Ok(r) if r.header.message_type == MessageType::SendAck => {
-                        format!(
-                            "ack s{} dup={}",
-                            r.access::<SendAck>().server_message_id,
-                            r.access::<SendAck>().duplicate
-                        )
-                    }
-                    Ok(r) => r.describe(),
-                    Err(e) => format!("err {e}"),
-                };
-                eprintln!("DBG SEND {device:?} c{client_id} {what}");
-            }
-            match result {
-                Ok(reply) if reply.header.message_type == MessageType::SendAck => {
-                    shared.ledger.lock().unwrap().acked(device, client_id);
-                    break;
+        send_until_acked(me, client_id, &message, &mut conn, &shared);
+    }
+}
+
+/// Fetches `target`'s key bundles and records each one-time key handed out.
+fn fetch_keys(me: Account, target: Account, conn: &mut Option<Conn>, shared: &Shared) {
+    let fetch = FetchBundles { user_id: target.user_id, device_ids: vec![] };
+    let c = connected(conn, me, shared);
+    match c.call(&fetch, shared) {
+        Ok(reply) if reply.header.message_type == MessageType::Bundles => {
+            for bundle in reply.access::<Bundles>().devices.iter() {
+                if let Some(key) = bundle.one_time_key.as_ref() {
+                    let owner = (target.user_id, bundle.device_id.to_native());
+                    shared.ledger.lock().unwrap().key_handed_out(owner, key.key_id.to_native());
                 }
-                Ok(reply) => panic!("send refused: {}", reply.describe()),
-                Err(_) => conn = None,
             }
+        }
+        Ok(_) => {}
+        Err(_) => *conn = None,
+    }
+}
+
+/// Sends `message` until its sent tick arrives: a crash means reconnect and send again,
+/// with the same id.
+fn send_until_acked(
+    me: Account,
+    client_id: u64,
+    message: &SendMessage,
+    conn: &mut Option<Conn>,
+    shared: &Shared,
+) {
+    let device = (me.user_id, me.device_id);
+    loop {
+        let c = connected(conn, me, shared);
+        let result = c.call(message, shared);
+        if std::env::var("TERN_CRASH_DEBUG").is_ok() {
+            let what = match &result {
+                Ok(r) if r.header.message_type == MessageType::SendAck => {
+                    format!(
+                        "ack s{} dup={}",
+                        r.access::<SendAck>().server_message_id,
+                        r.access::<SendAck>().duplicate
+                    )
+                }
+                Ok(r) => r.describe(),
+                Err(e) => format!("err {e}"),
+            };
+            eprintln!("DBG SEND {device:?} c{client_id} {what}");
+        }
+        match result {
+            Ok(reply) if reply.header.message_type == MessageType::SendAck => {
+                shared.ledger.lock().unwrap().acked(device, client_id);
+                break;
+            }
+            Ok(reply) => panic!("send refused: {}", reply.describe()),
+            Err(_) => *conn = None,
         }
     }
 }
@@ -290,6 +302,24 @@ fn drain(me: Account, shared: &Shared) {
     }
 }
 
+/// Registers the users, each with plenty of one-time keys, and has the first create
+/// the group of them all.
+fn register_users_in_a_group(server: &mut Server) -> Vec<Account> {
+    let signer = test_signer();
+    let accounts: Vec<Account> = (0..USERS)
+        .map(|i| {
+            register_with_keys(server, &format!("+1577000{i:04}"), keys_signed_by(&signer, 5_000))
+        })
+        .collect();
+    let members: Vec<UserId> = accounts[1..].iter().map(|a| a.user_id).collect();
+    let mut admin = login(server, accounts[0]);
+    let create = GroupChange::Create { name: "crash".into(), members };
+    admin
+        .request(&signed_update(&signer, accounts[0], GROUP_ID, 0, create))
+        .access::<GroupUpdated>();
+    accounts
+}
+
 #[test]
 fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let cycles: u64 =
@@ -301,23 +331,7 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     eprintln!("crash loop: {cycles} cycles, seed {seed} (TERN_CRASH_SEED={seed} repeats it)");
     let dir = data_dir();
     let mut server = Server::start(dir.path(), &SERVER_ARGS);
-    let signer = test_signer();
-    let accounts: Vec<Account> = (0..USERS)
-        .map(|i| {
-            register_with_keys(
-                &mut server,
-                &format!("+1577000{i:04}"),
-                keys_signed_by(&signer, 5_000),
-            )
-        })
-        .collect();
-    let members: Vec<UserId> = accounts[1..].iter().map(|a| a.user_id).collect();
-    let mut admin = login(&server, accounts[0]);
-    let create = GroupChange::Create { name: "crash".into(), members };
-    admin
-        .request(&signed_update(&signer, accounts[0], GROUP_ID, 0, create))
-        .access::<GroupUpdated>();
-    drop(admin);
+    let accounts = register_users_in_a_group(&mut server);
 
     let shared = Arc::new(Shared {
         addr: Mutex::new(server.addr),

@@ -404,6 +404,12 @@ fn metrics_pass_promtool_with_two_cores_and_traffic() {
     }
     assert!(metrics.contains("tern_connections{core=\"1\"}"), "{metrics}");
 
+    check_with_promtool(&metrics);
+}
+
+/// Pipes a `/metrics` text to `promtool check metrics`, which must find nothing to say.
+/// Without promtool on `PATH` it says so and returns, unless `TERN_REQUIRE_PROMTOOL=1`.
+fn check_with_promtool(metrics: &str) {
     let promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
