@@ -5,6 +5,8 @@
 //! POSTs JSON to an SMS gateway (`http://` or `https://`), retrying with backoff; the
 //! core only sees the trait and never waits for the gateway.
 
+use crate::http::{check_field, RequestField};
+
 /// Sends a verification code to a phone number.
 pub trait CodeSender {
     /// Sends `code` to `phone` (best effort; failures are logged by the sender).
@@ -35,7 +37,10 @@ pub struct WebhookUrl {
 }
 
 impl WebhookUrl {
-    /// Parses `http://host[:port]/path` or `https://...`.
+    /// Parses `http://host[:port]/path` or `https://...`. The host and the path go into
+    /// a request head as they are, so either is refused if it holds a byte that could end
+    /// its field there (a control character such as CR or LF, a space, non-ASCII): see
+    /// `http::check_field`.
     pub fn parse(url: &str) -> Result<WebhookUrl, String> {
         let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
             (true, rest)
@@ -52,6 +57,9 @@ impl WebhookUrl {
         };
         if host.is_empty() {
             return Err(format!("{url}: no host"));
+        }
+        for (field, text) in [(RequestField::Host, host), (RequestField::Path, path.as_str())] {
+            check_field(field, text).map_err(|error| format!("{url:?}: {error}"))?;
         }
         Ok(WebhookUrl { tls, host: host.to_string(), port, path })
     }
@@ -93,6 +101,23 @@ mod tests {
         assert_eq!((url.port, url.path.as_str(), url.tls), (8080, "/", false));
         assert!(WebhookUrl::parse("ftp://x").is_err());
         assert!(WebhookUrl::parse("http://:80/").is_err());
+    }
+
+    /// Goal: nothing from an operator's URL or a device's push endpoint can end a line
+    /// or a field of the request head it goes into.
+    #[test]
+    fn webhook_urls_with_breaking_bytes_are_refused() {
+        for url in [
+            "http://gw.example/send\r\nX-Injected: 1",
+            "http://gw.example/a b",
+            "http://gw.example\n/send",
+            "http://gw example/send",
+            "https://gw.example/\u{7f}",
+            "https://gw.example/é",
+        ] {
+            let error = WebhookUrl::parse(url).unwrap_err();
+            assert!(error.contains("which it cannot"), "{url:?}: {error}");
+        }
     }
 
     #[test]

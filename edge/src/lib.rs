@@ -6,7 +6,7 @@
 //! protocol logic is [`core`]: a deterministic state machine with no I/O, driven by
 //! [`runtime`] (the thin glommio driver) in production and by [`sim`] in tests.
 //!
-//! Layers, bottom up (no module uses one above it): [`routing`], [`histogram`],
+//! Layers, bottom up (no module uses one above it): [`routing`], [`histogram`], [`http`],
 //! [`limits`], [`secrets`], [`stats`], [`refusal`], [`push`], [`work`] → [`mesh`] →
 //! [`core`] → [`metrics`], [`tls`], [`websocket`], [`code_sender`] → [`runtime`], [`sim`].
 
@@ -15,6 +15,7 @@
 pub mod code_sender;
 pub mod core;
 pub mod histogram;
+pub mod http;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;

@@ -179,6 +179,58 @@ fn verification_codes_go_to_the_webhook_with_retries() {
     server.wait_for_log(|l| l.contains("code webhook refused"));
 }
 
+/// Goal: a broken or hostile gateway cannot make `ternd` buffer without limit. Method: a
+/// gateway that answers every POST with a status line that never ends, writing until
+/// the connection breaks (at most 64 MiB); `ternd` must give up on its own after 16 KiB
+/// and log that there was no status line (before, it read to the end, and at the end
+/// took `HTTP/1.1 200 aaa...` for a success).
+#[test]
+fn a_gateway_whose_status_line_never_ends_is_read_only_up_to_the_limit() {
+    let gateway = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gateway_addr = gateway.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in gateway.incoming() {
+            std::thread::spawn(move || answer_without_end(stream.unwrap()));
+        }
+    });
+    let dir = data_dir();
+    let url = format!("http://{gateway_addr}/sms/send");
+    let mut server = Server::start(dir.path(), &["--code-webhook", &url]);
+    let mut client = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: "+15550132".into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    client.request(&request).access::<CodeSent>();
+    let logged = server.wait_for_log(|l| l.contains("code webhook failed"));
+    assert!(logged.contains("no status line"), "{logged}");
+    assert!(logged.contains("attempt=1"), "the first attempt already gave up: {logged}");
+}
+
+/// Reads one request (up to its JSON body's end), then writes a status line without end.
+fn answer_without_end(mut stream: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !request.ends_with(b"}") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let _ = stream.write_all(b"HTTP/1.1 200 ");
+    let endless = [b'a'; 64 * 1024];
+    for _ in 0..1024 {
+        if stream.write_all(&endless).is_err() {
+            return;
+        }
+    }
+}
+
 #[test]
 fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
     let dir = data_dir();

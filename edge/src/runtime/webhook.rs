@@ -2,7 +2,10 @@
 //! UnifiedPush sender (POSTs a content-free wake-up to a device's endpoint), over HTTP or
 //! HTTPS (Mozilla's root certificates), retrying with backoff, as tasks of their own so
 //! the core never waits for a remote service. URLs, JSON and the push policy are plain
-//! code in `code_sender.rs` and `push.rs`; this is the I/O.
+//! code in `code_sender.rs` and `push.rs`, the HTTP text is `crate::http` (pure,
+//! fuzzed); this is the I/O. A response is read only until its status line is whole and
+//! never past `http::RESPONSE_BYTES_MAX`, so a hostile or broken gateway or push service
+//! cannot make `ternd` buffer without limit.
 
 use std::io;
 use std::rc::Rc;
@@ -14,6 +17,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::code_sender::{json_string, CodeSender, WebhookUrl};
+use crate::http::{self, RESPONSE_BYTES_MAX};
 use crate::push::{PushJob, PushOutcome, PushSender};
 use tern_wire::messages::PushProvider;
 
@@ -144,13 +148,8 @@ async fn post(
     content_type: &str,
     body: &str,
 ) -> io::Result<u16> {
-    let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\nUser-Agent: ternd\r\n\r\n{body}",
-        url.path,
-        url.host,
-        body.len()
-    );
+    let request = http::format_post(&url.host, &url.path, content_type, body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let connect = TcpStream::connect((url.host.as_str(), url.port));
     let mut stream = futures_lite::future::or(async { Some(connect.await) }, async {
         Timer::new(Duration::from_secs(10)).await;
@@ -159,12 +158,10 @@ async fn post(
     .await
     .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
     .map_err(io::Error::from)?;
-    let response = match tls {
+    let status = match tls {
         None => {
             stream.write_all(request.as_bytes()).await?;
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).await?;
-            response
+            plain_status(&mut stream).await?
         }
         Some(config) => {
             let name = rustls::pki_types::ServerName::try_from(url.host.clone())
@@ -172,25 +169,39 @@ async fn post(
             let mut tls =
                 rustls::ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
             io::Write::write_all(&mut tls.writer(), request.as_bytes())?;
-            tls_exchange(&mut stream, &mut tls).await?
+            tls_status(&mut stream, &mut tls).await?
         }
     };
-    let status_line = response.split(|b| *b == b'\n').next().unwrap_or_default();
-    let status = String::from_utf8_lossy(status_line)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP status line"))?;
-    Ok(status)
+    status.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Drives a rustls client over a glommio stream until the server closes; returns the
-/// plaintext it sent.
-async fn tls_exchange(
+/// Reads a plain response until `http::status_from_prefix` decides or the server
+/// closes, never more than [`RESPONSE_BYTES_MAX`] bytes.
+async fn plain_status(stream: &mut TcpStream) -> io::Result<Result<u16, http::StatusError>> {
+    let mut response = Vec::with_capacity(1024);
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        if let Some(status) = http::status_from_prefix(&response) {
+            return Ok(status);
+        }
+        // Undecided means under the limit, so there is room.
+        let room = (RESPONSE_BYTES_MAX - response.len()).min(buffer.len());
+        let n = stream.read(&mut buffer[..room]).await?;
+        if n == 0 {
+            return Ok(http::status_at_close(&response));
+        }
+        response.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Drives a rustls client over a glommio stream until the plaintext it receives decides
+/// `http::status_from_prefix` or the server closes; keeps at most [`RESPONSE_BYTES_MAX`]
+/// bytes of plaintext.
+async fn tls_status(
     stream: &mut TcpStream,
     tls: &mut rustls::ClientConnection,
-) -> io::Result<Vec<u8>> {
-    let mut response = Vec::new();
+) -> io::Result<Result<u16, http::StatusError>> {
+    let mut response = Vec::with_capacity(1024);
     let mut out = Vec::new();
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -201,7 +212,7 @@ async fn tls_exchange(
         }
         let n = stream.read(&mut buffer).await?;
         if n == 0 {
-            return Ok(response);
+            return Ok(http::status_at_close(&response));
         }
         let mut received = &buffer[..n];
         while !received.is_empty() {
@@ -209,17 +220,31 @@ async fn tls_exchange(
             let state = tls
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let mut available = state.plaintext_bytes_to_read();
-            while available > 0 {
-                let start = response.len();
-                response.resize(start + available, 0);
-                let read = io::Read::read(&mut tls.reader(), &mut response[start..])?;
-                response.truncate(start + read);
-                available = available.saturating_sub(read);
-                if read == 0 {
-                    break;
-                }
+            take_plaintext(tls, state.plaintext_bytes_to_read(), &mut response)?;
+            if let Some(status) = http::status_from_prefix(&response) {
+                return Ok(status);
             }
         }
     }
+}
+
+/// Moves up to `available` bytes of decrypted plaintext into `response`, never past
+/// [`RESPONSE_BYTES_MAX`] (the rest stays in rustls, dropped with the connection).
+fn take_plaintext(
+    tls: &mut rustls::ClientConnection,
+    available: usize,
+    response: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut wanted = available.min(RESPONSE_BYTES_MAX.saturating_sub(response.len()));
+    while wanted > 0 {
+        let start = response.len();
+        response.resize(start + wanted, 0);
+        let read = io::Read::read(&mut tls.reader(), &mut response[start..])?;
+        response.truncate(start + read);
+        if read == 0 {
+            break;
+        }
+        wanted -= read;
+    }
+    Ok(())
 }
