@@ -124,6 +124,9 @@ refusals! {
         Timeout => ErrorCode::Timeout, "no authentication or traffic in time; reconnect",
         /// The server is stopping.
         ShuttingDown => ErrorCode::ShuttingDown, "the server is stopping; reconnect later",
+        /// Output piled up past its bound: the client asked and did not read.
+        NotReading { bytes: usize } => ErrorCode::NotReading,
+            "more than {bytes} bytes of output unread; read what you ask for",
         /// The connection limit.
         TooManyConnections => ErrorCode::TooManyConnections,
             "the server holds its maximum number of connections; retry later",
@@ -295,6 +298,15 @@ refusals! {
             "too many key fetches for this user",
         /// No such user.
         NoSuchUser => ErrorCode::NotFound, "no such user",
+        /// More one-time keys in one frame than a frame may carry.
+        TooManyInFrame { count: usize, max: usize } => ErrorCode::TooLarge,
+            "{count} one-time keys in one frame; at most {max}",
+        /// The upload would leave the device holding more keys than it may.
+        StockFull { stock: usize, max: usize } => ErrorCode::QuotaExceeded,
+            "the server holds {stock} one-time keys of this device; at most {max}",
+        /// A device name over its limit.
+        NameTooLong { bytes: usize, max: usize } => ErrorCode::TooLarge,
+            "a device name of {bytes} bytes; at most {max}",
         /// A shard refused the write.
         Storage { refusal: StorageRefusal } => refusal.error_code(), "retry later",
     }

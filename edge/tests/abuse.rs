@@ -31,7 +31,12 @@
 //!   device; a copy for a third user → `StaleDevices` and nothing reaches that user;
 //!   server-only envelope kinds (`Receipt`, `GroupEvent`, `Notice`) and the server-only
 //!   `Plain` encryption type → `InvalidArgument` (before the fix here `Plain` was
-//!   accepted) (`the_sender_is_always_the_authenticated_device`).
+//!   accepted) (`the_sender_is_always_the_authenticated_device`);
+//! - asking without reading: a megabyte download pipelined a thousand times, and
+//!   requests pipelined before auth (each answered `AuthRequired`), by clients that
+//!   never read → the server stops reading them: its memory stays within a bound and
+//!   others are served (`clients_that_ask_and_never_read_cost_bounded_memory`; before
+//!   the fix here the server kept reading and buffered every answer: gigabytes).
 //!
 //! Covered elsewhere, not repeated here:
 //!
@@ -228,8 +233,10 @@ fn a_frame_trickled_after_auth_meets_the_idle_timeout() {
 
 /// Goal: a frame over the limit is refused with `FrameTooLarge` and the close, before
 /// and after the handshake and over WebSocket, without waiting for its bytes. Method:
-/// headers announcing one byte over 4096 (before `Welcome`) and over the negotiated
-/// 1 MiB (after auth); one WebSocket message of 1 MiB + 1 after auth.
+/// headers announcing one byte over 4096 (before `Welcome`), over 64 KiB (after
+/// `Welcome`, before auth: an unauthenticated client gets no megabyte frames; before the
+/// fix here it had the negotiated 1 MiB) and over the negotiated 1 MiB (after auth);
+/// one WebSocket message of 1 MiB + 1 after auth.
 #[test]
 fn oversized_frames_are_refused_before_and_after_the_handshake() {
     let dir = data_dir();
@@ -249,6 +256,13 @@ fn oversized_frames_are_refused_before_and_after_the_handshake() {
     let mut early = connect(server.addr);
     early.write_all(&header(HANDSHAKE_MAX_FRAME_BYTES + 1, MessageType::Hello)).unwrap();
     assert_eq!(errors_until_closed(&mut early), vec![Some(ErrorCode::FrameTooLarge)]);
+
+    let mut unauthenticated = connect(server.addr);
+    let mut hello_then_big = frame_bytes(1, &hello());
+    hello_then_big.extend(header(64 * 1024 + 1, MessageType::Verify));
+    unauthenticated.write_all(&hello_then_big).unwrap();
+    let errors = errors_until_closed(&mut unauthenticated);
+    assert_eq!(errors, vec![Some(ErrorCode::FrameTooLarge)]);
 
     let mut late = connect(server.addr);
     let mut hello_and_auth = frame_bytes(1, &hello());
@@ -416,4 +430,142 @@ fn the_sender_is_always_the_authenticated_device() {
     a.request(&Ping { nonce: 2 }).access::<Pong>();
     assert!(!b.inbox_types().contains(&MessageType::Deliver), "{:?}", b.inbox_types());
     assert!(!a.inbox_types().contains(&MessageType::Deliver), "{:?}", a.inbox_types());
+}
+
+/// Pipelines `frame` `count` times on `tcp` from a thread (the socket's buffers fill
+/// when the server stops reading; the write then waits until the test shuts it down).
+fn pipeline(mut tcp: TcpStream, frame: Vec<u8>, count: usize) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let batch: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 256).collect();
+        for _ in 0..count / 256 {
+            if tcp.write_all(&batch).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Goal: a client that asks and never reads costs the server a bounded amount of
+/// memory, whatever it asks (hardening item 1: one such client grew ternd's RSS to
+/// gigabytes). Method: Mallory uploads a 1 MiB file, then pipelines 1,024 downloads of
+/// all of it and never reads; Eve pipelines 256,000 pings and key fetches before
+/// authenticating (the fetches answered `AuthRequired`) and never reads. For three
+/// seconds the server's output gauge stays within the per-connection bounds and its RSS
+/// within 128 MiB of where it started; Alice's message still reaches Bob.
+#[test]
+fn clients_that_ask_and_never_read_cost_bounded_memory() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "1", "--auth-deadline-s", "30"]);
+    let mallory = register(&mut server, "+15550361", 0);
+    let (alice, bob) =
+        (register(&mut server, "+15550362", 5), register(&mut server, "+15550363", 5));
+    let mut m = login(&server, mallory);
+    let data = vec![0x5A; 1 << 20];
+    let begun = m.request(&MediaBegin { size_bytes: data.len() as u64, kind: MediaKind::Video });
+    let media_id = begun.access::<MediaBegun>().media_id;
+    for (i, piece) in data.chunks(256 * 1024).enumerate() {
+        m.send(&MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() });
+    }
+    let sha256: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+    assert!(m.request(&MediaCommit { media_id, sha256 }).access::<MediaStatus>().committed);
+    let started_kib = server.rss_kib();
+
+    let download = MediaDownload { media_id, offset: 0, length: 1 << 20 };
+    let downloads = pipeline(m.tcp(), frame_bytes(1_000, &download), 1_024);
+    let eve = Client::connect(server.addr);
+    let mut asks = frame_bytes(7, &Ping { nonce: 7 });
+    asks.extend(frame_bytes(8, &FetchBundles { user_id: alice.user_id, device_ids: vec![] }));
+    let before_auth = pipeline(eve.tcp(), asks, 128_000);
+
+    let (mut most_kib, mut most_queued) = (0, 0);
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, metrics) = server.admin_get("/metrics");
+        let line = metrics.lines().find(|l| l.starts_with("tern_outbound_bytes{")).unwrap();
+        most_queued = most_queued.max(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap());
+        most_kib = most_kib.max(server.rss_kib());
+    }
+    // Mallory: under the 1 MiB bound, then the 4 downloads in flight land (1 MiB each);
+    // Eve: the bound plus one answer. Before the fix: every answer asked for.
+    assert!(most_queued <= 8 << 20, "{most_queued} bytes queued for two silent clients");
+    let grown_mib = most_kib.saturating_sub(started_kib) / 1024;
+    assert!(grown_mib <= 128, "ternd grew by {grown_mib} MiB for two clients that never read");
+
+    let (mut a, mut b) = (login(&server, alice), login(&server, bob));
+    a.request(&text(bob, 1, b"still here")).access::<SendAck>();
+    let delivered = b.next_of(MessageType::Deliver);
+    assert_eq!(delivered.deliver().envelope.client_message_id, 1);
+    for silent in [m.tcp(), eve.tcp()] {
+        let _ = silent.shutdown(std::net::Shutdown::Both);
+    }
+    for writer in [downloads, before_auth] {
+        writer.join().unwrap();
+    }
+}
+
+/// Goal: what a new or existing device brings is bounded (hardening item 2): a name
+/// over 64 bytes or more than 100 one-time keys in one frame are refused with
+/// `TooLarge` at registration, at linking and in an upload, before a signature is
+/// checked or a code used up; a device holds at most 500 one-time keys
+/// (`QuotaExceeded` past them). Before the fix here each was stored as sent.
+#[test]
+fn device_names_and_keys_are_bounded() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let phone = "+15550371";
+    let mut client = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: phone.into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    client.request(&request).access::<CodeSent>();
+    let code = server.code_for(phone);
+    let signer = test_signer();
+    let verify = |keys: DeviceKeys, name: &str| Verify {
+        phone: phone.into(),
+        code: code.clone(),
+        device: NewDevice { name: name.into(), keys },
+        registration_lock_pin: None,
+    };
+    for refused in [verify(keys_signed_by(&signer, 101), "phone"), verify(keys(1), &"n".repeat(65))]
+    {
+        let answer = client.request(&refused);
+        assert_eq!(answer.error_code(), Some(ErrorCode::TooLarge), "{}", answer.describe());
+    }
+    let registered = client.request(&verify(keys_signed_by(&signer, 100), &"n".repeat(64)));
+    let registered = registered.access::<Registered>();
+    let alice = Account {
+        user_id: registered.user_id.to_native(),
+        device_id: registered.device_id.to_native(),
+        token: registered.token,
+    };
+
+    let mut a = login(&server, alice);
+    let upload = |ids: std::ops::RangeInclusive<u64>| UploadKeys {
+        one_time_keys: ids.map(|id| sign_prekey(&signer, id, [id as u8; 32])).collect(),
+        fallback_key: None,
+    };
+    let too_many = a.request(&upload(101..=201));
+    assert_eq!(too_many.error_code(), Some(ErrorCode::TooLarge), "{}", too_many.describe());
+    for from in [101, 201, 301, 401] {
+        a.request(&upload(from..=from + 99)).access::<KeysUploaded>();
+    }
+    let over_stock = a.request(&upload(501..=501));
+    assert_eq!(
+        over_stock.error_code(),
+        Some(ErrorCode::QuotaExceeded),
+        "{}",
+        over_stock.describe()
+    );
+
+    for device in [
+        NewDevice { name: "laptop".into(), keys: keys(101) },
+        NewDevice { name: "l".repeat(65), keys: keys(1) },
+    ] {
+        let mut new = Client::connect(server.addr);
+        let answer = new.request(&LinkRequest { device });
+        assert_eq!(answer.error_code(), Some(ErrorCode::TooLarge), "{}", answer.describe());
+    }
 }

@@ -302,13 +302,23 @@ fn drain(me: Account, shared: &Shared) {
     }
 }
 
-/// Registers the users, each with plenty of one-time keys, and has the first create
-/// the group of them all.
+/// Registers the users, each with as many one-time keys as a device may hold (100 in
+/// the registration, 400 more uploaded), and has the first create the group of them
+/// all.
 fn register_users_in_a_group(server: &mut Server) -> Vec<Account> {
     let signer = test_signer();
     let accounts: Vec<Account> = (0..USERS)
         .map(|i| {
-            register_with_keys(server, &format!("+1577000{i:04}"), keys_signed_by(&signer, 5_000))
+            let phone = format!("+1577000{i:04}");
+            let account = register_with_keys(server, &phone, keys_signed_by(&signer, 100));
+            let mut device = login(server, account);
+            for from in (101..=401).step_by(100) {
+                let one_time_keys =
+                    (from..from + 100).map(|id| sign_prekey(&signer, id, [id as u8; 32])).collect();
+                let upload = UploadKeys { one_time_keys, fallback_key: None };
+                device.request(&upload).access::<KeysUploaded>();
+            }
+            account
         })
         .collect();
     let members: Vec<UserId> = accounts[1..].iter().map(|a| a.user_id).collect();

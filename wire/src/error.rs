@@ -187,4 +187,5 @@ error_codes! {
     26 => StorageFull: "The server's disk is full; nothing was accepted.",
     27 => InvalidSignature: "A key or group change signature does not verify.",
     28 => InvalidArgument: "A field has a value outside its range.",
+    29 => NotReading: "Output piled up unread past its bound; the connection is closed.",
 }

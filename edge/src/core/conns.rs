@@ -21,14 +21,25 @@ use std::net::IpAddr;
 use tern_wire::messages::{DeviceId, ErrorFrame, SendError, UserId};
 use tern_wire::{encode_frame, Payload, WireSerializer, FLAG_RESPONSE, HANDSHAKE_MAX_FRAME_BYTES};
 
-use crate::refusal::{Refusal, SendRefusal};
+use crate::refusal::{Refusal, SendRefusal, SessionRefusal};
 
 /// A connection's id within its core.
 pub type ConnId = u64;
 
-/// A connection whose unsent output exceeds this is not fed from its mailbox until it
-/// drains: a slow reader stops costing memory (its messages wait on disk).
+/// A connection whose unsent output exceeds this is neither read nor fed from its
+/// mailbox until it drains: a slow reader stops costing memory (what it asks waits in
+/// its socket, its messages on disk).
 pub const OUTBOUND_BYTES_MAX: usize = 1 << 20;
+/// Output that passes this anyway (pushes from others to a client that does not read)
+/// closes the connection with [`SessionRefusal::NotReading`].
+pub const OUTBOUND_HARD_BYTES_MAX: usize = 8 << 20;
+/// The largest frame a connection may send before it authenticates (after `Hello`;
+/// before it, `HANDSHAKE_MAX_FRAME_BYTES`): a registration or link request with a full
+/// set of keys fits many times over; the negotiated limit applies once authenticated.
+pub const PRE_AUTH_MAX_FRAME_BYTES: u32 = 64 * 1024;
+/// Downloads one connection may have in flight; past it the connection is not read
+/// until one is answered (each answer can be a megabyte).
+pub const DOWNLOADS_IN_FLIGHT_MAX: u32 = 4;
 /// How long a closing connection may take to flush its last frames (an error, say)
 /// before it is dropped regardless.
 pub const CLOSE_GRACE_MS: u64 = 1000;
@@ -77,8 +88,10 @@ pub struct Conn {
     close_deadline_ms: Option<u64>,
     /// Already in the ready queue.
     ready_queued: bool,
-    /// Reading is paused until the core catches up with what it asked (uploads).
-    pub(super) reading_paused: bool,
+    /// An upload's queue is full: reading waits until the disk catches up.
+    pub(super) upload_queue_full: bool,
+    /// Downloads asked and not yet answered.
+    pub(super) downloads_in_flight: u32,
     /// It asked to be linked (once per connection).
     pub(super) link_asked: bool,
 }
@@ -99,9 +112,19 @@ impl Conn {
             last_frame_ms: 0,
             close_deadline_ms: None,
             ready_queued: false,
-            reading_paused: false,
+            upload_queue_full: false,
+            downloads_in_flight: 0,
             link_asked: false,
         }
+    }
+
+    /// Whether reading waits: for the disk (an upload), for answers (downloads in
+    /// flight), or for the client to read its output. What it asks meanwhile stays in
+    /// its socket, so a client that asks and never reads costs a bounded amount.
+    pub fn reading_paused(&self) -> bool {
+        self.upload_queue_full
+            || self.downloads_in_flight >= DOWNLOADS_IN_FLIGHT_MAX
+            || self.outbound.len() >= OUTBOUND_BYTES_MAX
     }
 
     /// The device this connection speaks for, once authenticated.
@@ -158,6 +181,8 @@ pub struct Conns {
     idle_timeout_ms: u64,
     max_connections: usize,
     counters: ConnCounters,
+    /// The time of the input being handled (monotonic ms).
+    now_ms: u64,
 }
 
 impl Conns {
@@ -173,6 +198,7 @@ impl Conns {
             idle_timeout_ms,
             max_connections: usize::MAX,
             counters: ConnCounters::default(),
+            now_ms: 0,
         }
     }
 
@@ -256,6 +282,15 @@ impl Conns {
     /// The frame limit in force for `conn`.
     pub fn max_frame_bytes(&self, conn: ConnId) -> u32 {
         self.conns.get(&conn).map_or(HANDSHAKE_MAX_FRAME_BYTES, |c| c.max_frame_bytes)
+    }
+
+    /// The largest frame `conn` may send now: the negotiated limit once authenticated,
+    /// at most [`PRE_AUTH_MAX_FRAME_BYTES`] before.
+    pub fn max_inbound_frame_bytes(&self, conn: ConnId) -> u32 {
+        self.conns.get(&conn).map_or(HANDSHAKE_MAX_FRAME_BYTES, |c| match c.state {
+            ConnState::Authenticated { .. } => c.max_frame_bytes,
+            _ => c.max_frame_bytes.min(PRE_AUTH_MAX_FRAME_BYTES),
+        })
     }
 
     // -- who is online -----------------------------------------------------------------
@@ -347,7 +382,30 @@ impl Conns {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.outbound.extend_from_slice(frame);
             self.wake(conn);
+            self.bound_output(conn);
         }
+    }
+
+    /// Closes `conn` if its output passed the hard bound: it has not been reading.
+    fn bound_output(&mut self, conn: ConnId) {
+        let over = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.outbound.len() > OUTBOUND_HARD_BYTES_MAX && !c.closing);
+        if over {
+            self.counters.protocol_errors += 1;
+            self.note_failed(conn);
+            // Closing first, so that the error frame does not come back here.
+            self.close(conn, self.now_ms);
+            let refusal = SessionRefusal::NotReading { bytes: OUTBOUND_HARD_BYTES_MAX };
+            self.refuse(conn, 0, 0, &refusal);
+        }
+    }
+
+    /// The time of the input being handled (monotonic ms), for closes that output
+    /// starts.
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
     }
 
     /// Writes `value` to `conn` as the answer to `rid` (0: unsolicited).
@@ -364,6 +422,7 @@ impl Conns {
             );
         }
         self.wake(conn);
+        self.bound_output(conn);
     }
 
     /// Encodes `value` for `conn` without sending it (a reply parked until durable).

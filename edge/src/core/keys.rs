@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use tern_engine::{DeviceRecord, StateOp, Storage, WriteError};
 use tern_wire::messages::{
     ArchivedFetchBundles, ArchivedUploadKeys, Bundles, DeviceBundle, DeviceId, DeviceInfo,
-    DeviceList, KeysLow, KeysUploaded, UploadKeys, UserId,
+    DeviceList, KeysLow, KeysUploaded, NewDevice, UploadKeys, UserId,
 };
 use tern_wire::MessageType;
 
@@ -27,6 +27,30 @@ use crate::work::CheckPrekeys;
 
 /// A device is told to upload more one-time prekeys below this stock.
 pub const ONE_TIME_KEYS_LOW: u32 = 15;
+
+/// One-time keys one frame (a registration, a link request, an upload) may carry.
+pub const ONE_TIME_KEYS_PER_FRAME_MAX: usize = 100;
+/// One-time keys the server holds for one device at most.
+pub const ONE_TIME_KEYS_STOCK_MAX: usize = 500;
+/// Bytes of a device's name at most.
+pub const DEVICE_NAME_BYTES_MAX: usize = 64;
+
+/// A new device (registering or linking) within the limits, checked before its keys'
+/// signatures cost any work.
+pub fn check_new_device(device: &NewDevice) -> Result<(), KeysRefusal> {
+    let bytes = device.name.len();
+    if bytes > DEVICE_NAME_BYTES_MAX {
+        return Err(KeysRefusal::NameTooLong { bytes, max: DEVICE_NAME_BYTES_MAX });
+    }
+    check_keys_in_frame(device.keys.one_time_keys.len())
+}
+
+fn check_keys_in_frame(count: usize) -> Result<(), KeysRefusal> {
+    match count > ONE_TIME_KEYS_PER_FRAME_MAX {
+        true => Err(KeysRefusal::TooManyInFrame { count, max: ONE_TIME_KEYS_PER_FRAME_MAX }),
+        false => Ok(()),
+    }
+}
 
 /// An upload whose signatures are being checked.
 #[derive(Debug)]
@@ -73,6 +97,19 @@ impl Keys {
         let Some(signing_key) = shared.shards.signing_key(me.0, me.1) else {
             return shared.conns.refuse(conn, rid, ty, &SessionRefusal::WrongCore);
         };
+        let stock = shared.shards.home_of(me.0).map_or(0, |shard| {
+            shard.borrow().state().device(me.0, me.1).map_or(0, |d| d.one_time_keys.len())
+        });
+        let count = upload.one_time_keys.len();
+        let within = check_keys_in_frame(count).and_then(|()| {
+            match stock + count > ONE_TIME_KEYS_STOCK_MAX {
+                true => Err(KeysRefusal::StockFull { stock, max: ONE_TIME_KEYS_STOCK_MAX }),
+                false => Ok(()),
+            }
+        });
+        if let Err(refusal) = within {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         let prekeys =
             upload.one_time_keys.iter().chain(upload.fallback_key.as_ref()).cloned().collect();
         let token = shared.effects.work(CheckPrekeys { signing_key, prekeys });

@@ -18,6 +18,7 @@ use tern_wire::MessageType;
 
 use super::conns::ConnId;
 use super::durable::Release;
+use super::keys::check_new_device;
 use super::registration::device_record;
 use super::shared::Shared;
 use crate::mesh::calls::ClaimLink;
@@ -74,6 +75,9 @@ impl Linking {
         else {
             return shared.conns.refuse(conn, rid, ty, &LinkRefusal::UnreadableKeys);
         };
+        if let Err(refusal) = check_new_device(&device) {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         let token = shared.effects.work(CheckDeviceKeys(device.keys.clone()));
         self.key_checks.insert(token, (conn, rid, device));
     }

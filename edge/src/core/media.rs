@@ -221,7 +221,7 @@ impl Media {
         upload.queue.push_back(Step::Chunk { offset, data: chunk.data.to_vec() });
         if upload.queued_bytes > UPLOAD_QUEUE_BYTES_MAX {
             if let Some(c) = shared.conns.get_mut(conn) {
-                c.reading_paused = true;
+                c.upload_queue_full = true;
             }
         }
         self.next_step(shared, chunk.media_id);
@@ -309,8 +309,8 @@ impl Media {
         };
         if upload.queued_bytes <= UPLOAD_QUEUE_BYTES_MAX / 2 {
             let conn = upload.conn;
-            if let Some(c) = shared.conns.get_mut(conn).filter(|c| c.reading_paused) {
-                c.reading_paused = false;
+            if let Some(c) = shared.conns.get_mut(conn).filter(|c| c.upload_queue_full) {
+                c.upload_queue_full = false;
                 shared.conns.wake(conn);
             }
         }
@@ -427,6 +427,9 @@ impl Media {
         let call = ReadMedia { reader: me, media_id, offset, length };
         let token = shared.outbox.ask(shared.shards.address_of(shard), call);
         self.downloads.insert(token, (conn, rid));
+        if let Some(c) = shared.conns.get_mut(conn) {
+            c.downloads_in_flight += 1;
+        }
         Ok(())
     }
 
@@ -438,6 +441,10 @@ impl Media {
         answer: Result<MediaData, MediaRefusal>,
     ) {
         let Some((conn, rid)) = self.downloads.remove(&token) else { return };
+        if let Some(c) = shared.conns.get_mut(conn) {
+            c.downloads_in_flight = c.downloads_in_flight.saturating_sub(1);
+            shared.conns.wake(conn); // Its reading may go on.
+        }
         match answer {
             Ok(data) => shared.conns.send(conn, rid, &data),
             Err(refusal) => {

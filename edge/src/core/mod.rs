@@ -103,8 +103,10 @@ impl<S: Storage> Core<S> {
         Core { shared, parts, peer_stats: vec![None; placement.count as usize] }
     }
 
+    /// Sets the time of the input being handled.
     fn enter(&mut self, now: Now) -> &mut Shared<S> {
         self.shared.now = now;
+        self.shared.conns.set_now_ms(now.mono_ms());
         &mut self.shared
     }
 
@@ -146,7 +148,7 @@ impl<S: Storage> Core<S> {
 
     /// One validated frame from `conn`.
     pub fn handle_frame(&mut self, conn: ConnId, frame: &Frame<'_>, now: Now) {
-        self.shared.now = now;
+        self.enter(now);
         frames::handle(&mut self.shared, &mut self.parts, conn, frame);
         self.drain_local();
     }
@@ -172,7 +174,7 @@ impl<S: Storage> Core<S> {
 
     /// `conn`'s socket closed.
     pub fn handle_closed(&mut self, conn: ConnId, now: Now) {
-        self.shared.now = now;
+        self.enter(now);
         handshake::closed(&mut self.shared, &mut self.parts.presence, conn);
         self.parts.linking.forget_conn(conn);
         self.drain_local();
@@ -191,7 +193,7 @@ impl<S: Storage> Core<S> {
 
     /// A batch from another core.
     pub fn handle_mesh(&mut self, messages: Vec<CoreMsg>, now: Now) {
-        self.shared.now = now;
+        self.enter(now);
         for message in messages {
             self.dispatch(message);
         }
@@ -217,7 +219,7 @@ impl<S: Storage> Core<S> {
 
     /// A job of the work pool finished.
     pub fn handle_work_done(&mut self, done: WorkDone, now: Now) {
-        self.shared.now = now;
+        self.enter(now);
         if let Some(account) = serve::work_done(&mut self.shared, &mut self.parts, done) {
             self.parts.accounts.registered(&account.phone, account.user_id);
             if account.moved {
@@ -239,7 +241,7 @@ impl<S: Storage> Core<S> {
 
     /// The push service said `job`'s endpoint is gone.
     pub fn handle_push_gone(&mut self, job: &PushJob, now: Now) {
-        self.shared.now = now;
+        self.enter(now);
         self.parts.wakeups.gone(&mut self.shared, job);
     }
 
@@ -250,7 +252,7 @@ impl<S: Storage> Core<S> {
 
     /// The maintenance pass: expired blobs go. Returns how many.
     pub fn expire_media(&mut self, now: Now) -> usize {
-        self.shared.now = now;
+        self.enter(now);
         self.parts.media.expire(&mut self.shared)
     }
 
@@ -320,7 +322,7 @@ impl<S: Storage> Core<S> {
 
     /// Whether reading `conn` waits for the core to catch up (a full upload queue).
     pub fn reading_paused(&self, conn: ConnId) -> bool {
-        self.shared.conns.get(conn).is_some_and(|c| c.reading_paused)
+        self.shared.conns.get(conn).is_some_and(|c| c.reading_paused())
     }
 
     /// Whether `conn` is authenticated.
@@ -328,9 +330,10 @@ impl<S: Storage> Core<S> {
         self.shared.conns.device(conn).is_some()
     }
 
-    /// The frame limit in force for reading from `conn`.
+    /// The frame limit in force for reading from `conn` (smaller before it
+    /// authenticates).
     pub fn max_frame_bytes(&self, conn: ConnId) -> u32 {
-        self.shared.conns.max_frame_bytes(conn)
+        self.shared.conns.max_inbound_frame_bytes(conn)
     }
 
     /// Whether any shard has records waiting for a commit.

@@ -24,6 +24,7 @@ use tern_wire::MessageType;
 
 use super::conns::ConnId;
 use super::effects::Effect;
+use super::keys::check_new_device;
 use super::shared::Shared;
 use crate::limits::HourlyWindow;
 use crate::refusal::{retry_hint, RegistrationRefusal, StorageRefusal};
@@ -274,6 +275,9 @@ impl Registration {
         else {
             return shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::UnreadableKeys);
         };
+        if let Err(refusal) = check_new_device(&device) {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         // Checked before the code is used up: a client bug does not cost a new code.
         let token = shared.effects.work(CheckDeviceKeys(device.keys.clone()));
         let pending = PendingVerify {

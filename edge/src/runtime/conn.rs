@@ -16,7 +16,7 @@ use glommio::net::TcpStream;
 use tern_wire::FrameDecoder;
 
 use super::ctx::{now, Ctx};
-use super::wire::Wire;
+use super::wire::{Wire, LAYERED_BYTES_MAX};
 use super::{socket_handoff, HandOff};
 use crate::core::conns::ConnId;
 
@@ -242,8 +242,9 @@ fn poll_connection(
     }
     ctx.wakers.borrow_mut().insert(conn, cx.waker().clone());
     // With layers, frames go down through them first; what TLS accepts leaves the
-    // core's output, so the core's output bound still applies to what is not encrypted.
-    if wire.is_layered() {
+    // core's output, so the core's output bound still applies to what is not encrypted,
+    // and a layer takes more only while it holds less than LAYERED_BYTES_MAX.
+    if wire.is_layered() && wire.held_bytes() < LAYERED_BYTES_MAX {
         match wire.prepare_output(core.output(conn)) {
             Ok(0) => {}
             Ok(taken) => core.consume_output(conn, taken, now()),

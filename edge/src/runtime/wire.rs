@@ -8,6 +8,10 @@ use std::sync::Arc;
 
 use crate::websocket::WsLayer;
 
+/// Output a layer (TLS, WebSocket) holds for the socket before it takes more of the
+/// core's: past it the frames wait in the core, whose output bound then applies.
+pub const LAYERED_BYTES_MAX: usize = 256 * 1024;
+
 /// The byte transport under the frames: the socket itself, or TLS and/or WebSocket
 /// layered on it. Inbound: socket → TLS → WebSocket → frames. Outbound: frames →
 /// WebSocket → TLS → socket.
@@ -104,6 +108,11 @@ impl Wire {
             Some(ws) => ws.received(after_tls, frames)?,
         }
         Ok(frames)
+    }
+
+    /// Bytes the layers hold: encrypted or framed, waiting for the socket.
+    pub fn held_bytes(&self) -> usize {
+        self.out.len() + self.layered.len()
     }
 
     /// Moves frames from `outbound` down the layers into `out` (as much as TLS takes);

@@ -206,6 +206,12 @@ impl Client {
         assert_eq!(welcome.access::<Welcome>().version, 1);
     }
 
+    /// Another handle on the socket (for a thread that writes while the test reads, or
+    /// to shut it down).
+    pub fn tcp(&self) -> TcpStream {
+        self.tcp.try_clone().unwrap()
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
