@@ -16,7 +16,7 @@ use tern_edge::tls::{CertSource, TlsSettings};
 /// Tern's messaging server.
 ///
 /// Every flag can also be set in a TOML file given with `--config FILE`: keys are the
-/// flag names (`listen = "0.0.0.0:7400"`, `shards = 16`); flags on the command line win.
+/// flag names (`tls_listen = "0.0.0.0:7443"`, `shards = 16`); flags on the command line win.
 #[derive(Debug, Parser)]
 #[command(name = "ternd", version = env!("TERN_VERSION"), args_override_self = true)]
 struct Args {
@@ -29,6 +29,11 @@ struct Args {
     /// TCP listen address for the binary protocol (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// Let the plaintext listeners (`--listen`, `--ws-listen`) take an address other
+    /// than loopback: tokens then cross the network in clear (only behind a proxy that
+    /// terminates TLS).
+    #[arg(long)]
+    insecure_listeners: bool,
     /// TLS listen address ("off" to disable); TLS 1.3 only unless `--tls12`.
     #[arg(long, default_value = "127.0.0.1:7443")]
     tls_listen: String,
@@ -208,6 +213,9 @@ fn server_config(args: Args) -> Option<ServerConfig> {
     ) else {
         return None;
     };
+    if !plaintext_allowed(args.listen, ws_listen, args.insecure_listeners) {
+        return None;
+    }
     let code_webhook = match args.code_webhook.as_deref().map(WebhookUrl::parse) {
         None => None,
         Some(Ok(url)) => Some(url),
@@ -241,6 +249,27 @@ fn server_config(args: Args) -> Option<ServerConfig> {
         max_connections: args.max_connections,
         core,
     })
+}
+
+/// Whether the plaintext listeners may take their addresses: loopback always, any other
+/// only with `--insecure-listeners` (after telling the operator why not).
+fn plaintext_allowed(listen: SocketAddr, ws_listen: Option<SocketAddr>, insecure: bool) -> bool {
+    let exposed: Vec<String> = [("--listen", Some(listen)), ("--ws-listen", ws_listen)]
+        .into_iter()
+        .filter_map(|(flag, address)| Some((flag, address?)))
+        .filter(|(_, address)| !address.ip().is_loopback())
+        .map(|(flag, address)| format!("{flag} {address}"))
+        .collect();
+    if exposed.is_empty() || insecure {
+        return true;
+    }
+    eprintln!(
+        "ternd: {} would carry tokens in clear beyond this machine: serve clients over TLS \
+         (--tls-listen, --wss-listen) and keep the plaintext listeners on loopback (or off), \
+         or pass --insecure-listeners behind a proxy that terminates TLS",
+        exposed.join(" and ")
+    );
+    false
 }
 
 /// Parses an address flag that may be "off": `Some(None)` for off, `None` (after telling

@@ -227,6 +227,9 @@ refusals! {
         Locked => ErrorCode::RegistrationLocked, "this number is locked: give its PIN",
         /// Too many wrong PINs.
         PinTries { retry_after_ms: u32 } => ErrorCode::RateLimited, "too many wrong PINs today",
+        /// A PIN too short to protect anything, or too long to hash cheaply.
+        PinLength { bytes: usize, min: usize, max: usize } => ErrorCode::InvalidArgument,
+            "a PIN of {bytes} bytes; it must have {min} to {max}",
         /// Only the primary device sets the lock.
         NotPrimary => ErrorCode::Forbidden, "only the primary device sets the registration lock",
         /// A verification that lost a race with another for the same code.

@@ -191,6 +191,16 @@ fn a_locked_number_moves_only_with_its_pin() {
     let phone = "+15680009101";
     let alice = register(&mut server, phone, 0);
     let mut a = login(&server, alice);
+    // A PIN of 3 or 65 bytes protects too little or costs too much: refused.
+    for pin in ["123".to_string(), "7".repeat(65)] {
+        let refused = a.request(&SetRegistrationLock { pin: Some(pin) });
+        assert_eq!(
+            refused.error_code(),
+            Some(ErrorCode::InvalidArgument),
+            "{}",
+            refused.describe()
+        );
+    }
     a.request(&SetRegistrationLock { pin: Some("2468".into()) }).access::<Done>();
 
     // Someone with the SMS code but not the PIN cannot take the number.

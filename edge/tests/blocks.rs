@@ -72,3 +72,54 @@ fn a_block_stops_messages_typing_and_presence_but_not_groups() {
     let again = a.next_of(MessageType::Deliver);
     assert_eq!(again.deliver().envelope.body.as_slice(), b"hello again");
 }
+
+/// Reads `client`'s frames up to the answer to a ping and returns the receipts among
+/// them (as kind and message ids).
+fn receipts_before_a_pong(client: &mut Client, nonce: u64) -> Vec<(ReceiptKind, Vec<u64>)> {
+    client.request(&Ping { nonce }).access::<Pong>();
+    let frames = std::mem::take(&mut client.inbox);
+    let deliveries = frames.iter().filter(|f| f.header.message_type == MessageType::Deliver);
+    deliveries
+        .filter(|f| f.deliver().envelope.kind == ArchivedEnvelopeKind::Receipt)
+        .map(|f| {
+            let receipt = f.receipt();
+            (receipt.kind, receipt.message_ids)
+        })
+        .collect()
+}
+
+/// Goal: receipts are messages too (hardening item 6): a blocked user's delivered and
+/// read receipts never reach the blocker, on another core; before the fix here they
+/// did, so a blocked user could still fill the blocker's mailbox. Method: Alice writes
+/// to Bob, blocks him, and Bob acknowledges and reads it; nothing reaches Alice. The
+/// control: unblocked, the same two receipts for a second message arrive.
+#[test]
+fn a_blocked_users_receipts_do_not_reach_the_blocker() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &["--cores", "2"]);
+    let alice = register(&mut server, &phone_on_core(400, 0), 0);
+    let bob = register(&mut server, &phone_on_core(500, 1), 0); // Another core.
+    let (mut a, mut b) = (login(&server, alice), login(&server, bob));
+    let mut exchange = |a: &mut Client, id: u64, nonce: u64| {
+        let sent = a.request(&text(bob, id, b"hello")).access::<SendAck>().server_message_id;
+        let sent = sent.to_native();
+        let got = b.next_of(MessageType::Deliver);
+        b.send(&DeliveryAck { up_to_mailbox_seq: got.deliver().mailbox_seq });
+        let read = SendReceipt {
+            kind: ReceiptKind::Read,
+            to_user: alice.user_id,
+            conversation: Conversation::User(alice.user_id),
+            message_ids: vec![sent],
+        };
+        b.request(&read).access::<Done>();
+        (sent, receipts_before_a_pong(a, nonce))
+    };
+    a.request(&Block { user_id: bob.user_id }).access::<Done>();
+    let (_, while_blocked) = exchange(&mut a, 1, 1);
+    assert_eq!(while_blocked, vec![], "receipts from a blocked user arrived");
+
+    a.request(&Unblock { user_id: bob.user_id }).access::<Done>();
+    let (sent, unblocked) = exchange(&mut a, 2, 2);
+    let expected = vec![(ReceiptKind::Delivered, vec![sent]), (ReceiptKind::Read, vec![sent])];
+    assert_eq!(unblocked, expected);
+}

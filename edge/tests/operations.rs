@@ -567,3 +567,42 @@ fn a_second_server_on_the_same_port_is_refused() {
         client.request(&Ping { nonce }).access::<Pong>();
     }
 }
+
+/// Goal: a plaintext listener is not exposed by accident (hardening item 11): an
+/// address other than loopback for `--listen` or `--ws-listen` is refused at start-up,
+/// naming the flags and what to do, unless `--insecure-listeners` is given. The address
+/// is a documentation one (192.0.2.1) that no interface has, so nothing is bound either
+/// way: with the flag, ternd gets past the check and fails to bind.
+#[test]
+fn plaintext_listeners_stay_on_loopback_unless_asked() {
+    let dir = data_dir();
+    let ternd = |extra: &[&str]| -> (Option<i32>, String) {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ternd"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--tls-listen", "off", "--wss-listen", "off", "--admin", "off"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("ternd {extra:?} did not stop by itself");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().unwrap();
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, stderr) = ternd(&["--listen", "192.0.2.1:7400", "--ws-listen", "192.0.2.1:7480"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let named = "--listen 192.0.2.1:7400 and --ws-listen 192.0.2.1:7480 would carry tokens";
+    assert!(stderr.contains(named) && stderr.contains("--insecure-listeners"), "{stderr}");
+
+    let flags = ["--listen", "192.0.2.1:7400", "--ws-listen", "off", "--insecure-listeners"];
+    let (code, stderr) = ternd(&flags);
+    assert!(!stderr.contains("would carry tokens"), "{stderr}");
+    assert_ne!(code, Some(0), "{stderr}");
+}

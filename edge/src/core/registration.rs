@@ -34,6 +34,10 @@ use crate::work::{CheckDeviceKeys, CheckPin, HashPin};
 
 /// Wrong registration-lock PINs accepted per number and day.
 const PIN_ATTEMPTS_PER_DAY: u32 = 5;
+/// A registration-lock PIN's length, in bytes: at least 4 (digits), at most 64 (Argon2
+/// takes the same time whatever the length, but nothing needs more).
+const PIN_BYTES_MIN: usize = 4;
+const PIN_BYTES_MAX: usize = 64;
 /// How long a proof-of-work challenge stays valid.
 const POW_TTL_MS: u64 = 10 * 60 * 1000;
 /// Expired codes, challenges and PIN counts are swept at most this often.
@@ -42,7 +46,7 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Digits of a verification code.
 const CODE_DIGITS: u32 = 6;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct PendingCode {
     code: String,
     expires_ms: u64,
@@ -151,17 +155,20 @@ impl Registration {
         if let Some(address) = keys.address {
             self.per_address.record(address, now_ms);
         }
-        let code = secrets::new_code(&mut shared.random, CODE_DIGITS);
+        // A pending code is sent again, never replaced: a stranger asking for this
+        // number must not void the code its owner holds.
+        let pending = self.codes.get(phone).filter(|p| p.expires_ms > now_ms).cloned();
+        let pending = pending.unwrap_or_else(|| PendingCode {
+            code: secrets::new_code(&mut shared.random, CODE_DIGITS),
+            expires_ms: now_ms + shared.config.code_ttl_ms,
+            attempts_left: shared.config.code_attempts_max,
+        });
         shared.counters.codes_sent += 1;
-        shared.effects.push(Effect::SendCode { phone: phone.to_string(), code: code.clone() });
-        let expires_ms = now_ms + shared.config.code_ttl_ms;
-        let attempts_left = shared.config.code_attempts_max;
-        self.codes.insert(phone.to_string(), PendingCode { code, expires_ms, attempts_left });
-        let sent = CodeSent {
-            expires_in_s: (shared.config.code_ttl_ms / 1000) as u32,
-            retry_after_s: 0,
-            code_length: CODE_DIGITS as u8,
-        };
+        let code = pending.code.clone();
+        shared.effects.push(Effect::SendCode { phone: phone.to_string(), code });
+        let expires_in_s = (pending.expires_ms - now_ms).div_ceil(1000) as u32;
+        self.codes.insert(phone.to_string(), pending);
+        let sent = CodeSent { expires_in_s, retry_after_s: 0, code_length: CODE_DIGITS as u8 };
         shared.conns.send(conn, rid, &sent);
     }
 
@@ -416,6 +423,16 @@ impl Registration {
             return shared.conns.refuse(conn, rid, ty, &RegistrationRefusal::NotPrimary);
         }
         match lock.pin.as_ref() {
+            Some(pin) if !(PIN_BYTES_MIN..=PIN_BYTES_MAX).contains(&pin.len()) => {
+                let ty = MessageType::SetRegistrationLock.code();
+                let (bytes, min, max) = (pin.len(), PIN_BYTES_MIN, PIN_BYTES_MAX);
+                shared.conns.refuse(
+                    conn,
+                    rid,
+                    ty,
+                    &RegistrationRefusal::PinLength { bytes, min, max },
+                )
+            }
             Some(pin) => {
                 let mut salt = [0u8; 16];
                 shared.random.fill_bytes(&mut salt);

@@ -175,8 +175,8 @@ pub fn serve_server_envelope<S: Storage>(
 }
 
 /// Appends a server-made envelope with an archived `body` to every device of
-/// `to_user`, homed here (nothing if there is no such user, or for a read receipt to
-/// someone who turned read receipts off).
+/// `to_user`, homed here (nothing if there is no such user, for a receipt from someone
+/// `to_user` blocked, or for a read receipt to someone who turned read receipts off).
 pub fn append_server_envelope<S: Storage>(
     shared: &mut Shared<S>,
     to_user: UserId,
@@ -184,6 +184,9 @@ pub fn append_server_envelope<S: Storage>(
     kind: EnvelopeKind,
     body: &[u8],
 ) -> Result<Waits, WriteError> {
+    if kind == EnvelopeKind::Receipt && shared.shards.blocked_by(to_user, from.0) {
+        return Ok(Vec::new()); // A receipt is a message from its reader: blocked alike.
+    }
     if kind == EnvelopeKind::Receipt && shared.shards.read_receipts_off(to_user) {
         let read = rkyv::access::<ArchivedReceiptBody, rkyv::rancor::Failure>(body)
             .is_ok_and(|r| r.kind == ArchivedReceiptKind::Read);

@@ -69,6 +69,28 @@ fn registration_takes_the_code_once_and_only_before_it_expires() {
     assert!(again.error_code().is_some(), "a code was used twice: {}", again.describe());
 }
 
+/// A second code request for a number (a stranger's, say) sends the pending code again
+/// instead of replacing it: the code its owner already holds keeps working. (Before the
+/// fix, every request drew a new code, so anyone could void the owner's.)
+#[test]
+fn a_pending_code_is_sent_again_not_replaced() {
+    let mut world = world();
+    let phone = "+15550062";
+    let mut owner = Peer::connect(&mut world);
+    owner.request(&mut world, &peer::request_code(phone)).access::<CodeSent>();
+    drop(owner);
+    let code = world.code_for(phone).unwrap();
+    world.advance(60_000);
+    let mut stranger = Peer::connect(&mut world);
+    let again = stranger.request(&mut world, &peer::request_code(phone));
+    let left_s = u64::from(again.access::<CodeSent>().expires_in_s.to_native());
+    assert_eq!(left_s, CoreConfig::default().code_ttl_ms / 1000 - 60, "the expiry stays");
+    assert_eq!(world.code_for(phone).unwrap(), code, "the second request drew another code");
+    let mut owner = Peer::connect(&mut world); // Later, from another connection.
+    let registered = owner.request(&mut world, &peer::verify(phone, code, 0));
+    assert!(registered.access::<Registered>().new_account, "{}", registered.describe());
+}
+
 #[test]
 fn the_sent_tick_waits_for_the_disk_then_delivered_and_read_follow() {
     let mut world = world();
