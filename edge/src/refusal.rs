@@ -127,6 +127,9 @@ refusals! {
         /// Output piled up past its bound: the client asked and did not read.
         NotReading { bytes: usize } => ErrorCode::NotReading,
             "more than {bytes} bytes of output unread; read what you ask for",
+        /// A costly request over its budget (`core::budgets`).
+        OverBudget { what: &'static str, retry_after_ms: u32 } => ErrorCode::RateLimited,
+            "too many {what}; retry later",
         /// The connection limit.
         TooManyConnections => ErrorCode::TooManyConnections,
             "the server holds its maximum number of connections; retry later",
@@ -147,6 +150,7 @@ impl Refusal for SessionRefusal {
         match self {
             SessionRefusal::ShuttingDown | SessionRefusal::TooManyConnections => 1000,
             SessionRefusal::WrongCore => 1000,
+            SessionRefusal::OverBudget { retry_after_ms, .. } => *retry_after_ms,
             _ => 0,
         }
     }

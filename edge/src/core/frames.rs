@@ -14,6 +14,7 @@ use tern_wire::messages::{
 use tern_wire::{Frame, Message};
 
 use super::accounts;
+use super::budgets::Costly;
 use super::conns::{ConnId, ConnState};
 use super::deletion::{self, Reach};
 use super::delivery::{mailbox, ttl_ms, Target};
@@ -24,7 +25,7 @@ use super::presence;
 use super::shared::Shared;
 use crate::mesh::calls::OrderGroupMessage;
 use crate::mesh::EnvelopeMeta;
-use crate::refusal::{MediaRefusal, SendRefusal, SessionRefusal};
+use crate::refusal::{retry_hint, MediaRefusal, SendRefusal, SessionRefusal};
 
 /// Handles one validated frame from `conn`.
 pub fn handle<S: Storage>(
@@ -84,6 +85,15 @@ fn authenticated<S: Storage>(
     message: Message<'_>,
 ) {
     let (conn, rid, ty) = request;
+    if let Some(kind) = Costly::of(&message) {
+        if let Err(wait_ms) = parts.budgets.take(kind, me, shared.now_ms()) {
+            let refusal = SessionRefusal::OverBudget {
+                what: kind.name(),
+                retry_after_ms: retry_hint(wait_ms),
+            };
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
+    }
     match message {
         Message::SendMessage(send) => send_message(shared, parts, (conn, rid), me, send),
         Message::DeliveryAck(ack) => {

@@ -26,6 +26,7 @@
 //! core: it is queued locally and served before the input that made it returns.
 
 pub mod accounts;
+pub mod budgets;
 pub mod config;
 pub mod conns;
 pub mod deletion;

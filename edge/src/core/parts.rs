@@ -4,6 +4,7 @@
 use tern_engine::Storage;
 
 use super::accounts::Accounts;
+use super::budgets::Budgets;
 use super::config::CoreConfig;
 use super::delivery::Delivery;
 use super::export::Exports;
@@ -39,6 +40,8 @@ pub struct Parts {
     pub exports: Exports,
     /// Devices woken since they were last connected.
     pub wakeups: Wakeups,
+    /// What each device may still ask of the costly requests.
+    pub budgets: Budgets,
 }
 
 impl Parts {
@@ -55,6 +58,7 @@ impl Parts {
             accounts: Accounts::new(shared),
             exports: Exports::default(),
             wakeups: Wakeups::default(),
+            budgets: Budgets::default(),
         }
     }
 }

@@ -5,9 +5,9 @@
 
 use rkyv::rancor::Failure;
 use tern_wire::messages::{
-    ArchivedNoticeBody, CodeSent, Conversation, DeliveryAck, Done, GroupChange, GroupUpdated,
-    NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ReceiptKind, Registered, SendAck,
-    SendReceipt, SetContacts,
+    ArchivedNoticeBody, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
+    GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
+    ReceiptKind, Registered, SendAck, SendReceipt, SetContacts,
 };
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
 
@@ -89,6 +89,29 @@ fn a_pending_code_is_sent_again_not_replaced() {
     let mut owner = Peer::connect(&mut world); // Later, from another connection.
     let registered = owner.request(&mut world, &peer::verify(phone, code, 0));
     assert!(registered.access::<Registered>().new_account, "{}", registered.describe());
+}
+
+/// A device's costly requests have budgets (hardening item 4): profile lookups come in
+/// a burst of 100, then 2 a second; the 101st at once is `RateLimited` with the wait,
+/// and after the wait one more goes through. Before the fix there was no limit.
+#[test]
+fn costly_requests_have_a_budget_per_device() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550071", 0);
+    let bob = register(&mut world, "+15550072", 0);
+    let mut a = login(&mut world, &alice);
+    let lookup = ProfileGet { user_id: bob.user_id };
+    for _ in 0..100 {
+        let answer = a.request(&mut world, &lookup);
+        assert_ne!(answer.error_code(), Some(ErrorCode::RateLimited), "{}", answer.describe());
+    }
+    let refused = a.request(&mut world, &lookup);
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    let retry_after_ms = refused.access::<ErrorFrame>().retry_after_ms.to_native();
+    assert_eq!(retry_after_ms, 500, "{}", refused.describe());
+    world.advance(u64::from(retry_after_ms));
+    let again = a.request(&mut world, &lookup);
+    assert_ne!(again.error_code(), Some(ErrorCode::RateLimited), "{}", again.describe());
 }
 
 #[test]
