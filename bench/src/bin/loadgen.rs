@@ -167,6 +167,41 @@ impl Stats {
     }
 }
 
+/// Connects and authenticates as `account`, then starts an upload of `blob`'s size.
+async fn begin_upload(
+    addr: SocketAddr,
+    (user_id, token): (u64, [u8; 32]),
+    blob: &[u8],
+) -> (TcpStream, FrameDecoder, MediaId) {
+    let (mut stream, mut decoder) = handshake(addr).await;
+    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
+    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
+    let begin = MediaBegin { size_bytes: blob.len() as u64, kind: MediaKind::Video };
+    stream.write_all(&frame(3, &begin)).await.unwrap();
+    let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
+    assert_eq!(ty, MessageType::MediaBegun, "upload starts (is --media-max-bytes big enough?)");
+    let media_id = access::<MediaBegun>(&payload).unwrap().media_id;
+    (stream, decoder, media_id)
+}
+
+/// Sends `blob` as 256 KiB chunks and waits until the server has them all (a status).
+async fn send_chunks(
+    stream: &mut TcpStream,
+    decoder: &mut FrameDecoder,
+    media_id: MediaId,
+    blob: &[u8],
+) {
+    let mut out = Vec::new();
+    for (i, piece) in blob.chunks(256 * 1024).enumerate() {
+        out.clear();
+        let chunk = MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() };
+        encode_frame(&mut out, 0, 0, &chunk, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        stream.write_all(&out).await.unwrap();
+    }
+    stream.write_all(&frame(4, &MediaStatusRequest { media_id })).await.unwrap();
+    read_until(stream, decoder, |f| f.header.request_id == 4).await;
+}
+
 /// `--commit-mib`: uploads a file at once, then commits it at `commit_at` and records
 /// how long the commit took in `stats`.
 async fn upload_then_commit(
@@ -180,23 +215,8 @@ async fn upload_then_commit(
     use sha2::Digest as _;
     let blob: Vec<u8> =
         (0..mib << 20).map(|i| (i as u64).wrapping_mul(0x9E37_79B9) as u8).collect();
-    let (mut stream, mut decoder) = handshake(addr).await;
-    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
-    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
-    let begin = MediaBegin { size_bytes: blob.len() as u64, kind: MediaKind::Video };
-    stream.write_all(&frame(3, &begin)).await.unwrap();
-    let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
-    assert_eq!(ty, MessageType::MediaBegun, "upload starts");
-    let media_id = access::<MediaBegun>(&payload).unwrap().media_id;
-    let mut out = Vec::new();
-    for (i, piece) in blob.chunks(256 * 1024).enumerate() {
-        out.clear();
-        let chunk = MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() };
-        encode_frame(&mut out, 0, 0, &chunk, DEFAULT_MAX_FRAME_BYTES).unwrap();
-        stream.write_all(&out).await.unwrap();
-    }
-    stream.write_all(&frame(4, &MediaStatusRequest { media_id })).await.unwrap();
-    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 4).await;
+    let (mut stream, mut decoder, media_id) = begin_upload(addr, (user_id, token), &blob).await;
+    send_chunks(&mut stream, &mut decoder, media_id, &blob).await;
     let sha256: [u8; 32] = sha2::Sha256::digest(&blob).into();
     tokio::time::sleep_until(commit_at.into()).await;
     stats.commit_from_us.store(now_us(epoch), Ordering::Relaxed);
@@ -1097,26 +1117,9 @@ async fn media_transfer(
         state ^= state << 17;
         *byte = state as u8;
     }
-    let (user_id, token) = accounts[0];
-    let (mut stream, mut decoder) = handshake(addr).await;
-    stream.write_all(&frame(2, &Auth { user_id, device_id: 1, token })).await.unwrap();
-    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 2).await;
-    let begin = MediaBegin { size_bytes: size as u64, kind: MediaKind::Video };
-    stream.write_all(&frame(3, &begin)).await.unwrap();
-    let (ty, payload) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 3).await;
-    assert_eq!(ty, MessageType::MediaBegun, "upload starts (is --media-max-bytes big enough?)");
-    let media_id = access::<MediaBegun>(&payload).unwrap().media_id;
-
+    let (mut stream, mut decoder, media_id) = begin_upload(addr, accounts[0], &blob).await;
     let start = Instant::now();
-    let mut out = Vec::new();
-    for (i, piece) in blob.chunks(256 * 1024).enumerate() {
-        out.clear();
-        let chunk = MediaChunk { media_id, offset: (i * 256 * 1024) as u64, data: piece.to_vec() };
-        encode_frame(&mut out, 0, 0, &chunk, DEFAULT_MAX_FRAME_BYTES).unwrap();
-        stream.write_all(&out).await.unwrap();
-    }
-    stream.write_all(&frame(4, &MediaStatusRequest { media_id })).await.unwrap();
-    read_until(&mut stream, &mut decoder, |f| f.header.request_id == 4).await;
+    send_chunks(&mut stream, &mut decoder, media_id, &blob).await;
     let sha256: [u8; 32] = sha2::Sha256::digest(&blob).into();
     stream.write_all(&frame(5, &MediaCommit { media_id, sha256 })).await.unwrap();
     let (ty, _) = read_until(&mut stream, &mut decoder, |f| f.header.request_id == 5).await;
