@@ -342,6 +342,9 @@ refusals! {
         NewGroupEpoch => ErrorCode::Conflict, "a new group starts at epoch 0",
         /// The id is taken.
         IdTaken => ErrorCode::Conflict, "this group id is taken; draw another",
+        /// A name over its limit.
+        NameTooLong { bytes: usize, max: usize } => ErrorCode::TooLarge,
+            "a group name of {bytes} bytes; at most {max}",
         /// No such group.
         NoSuchGroup => ErrorCode::NotFound, "no such group",
         /// A stale epoch.
@@ -428,6 +431,9 @@ refusals! {
         DeleteConfirm => ErrorCode::InvalidArgument, "give the account's phone number to confirm",
         /// Too many users to follow.
         TooManyFollowed => ErrorCode::TooLarge, "too many users to follow at once",
+        /// A per-account quota (contacts, blocks, message ids in a report).
+        TooMany { what: &'static str, count: usize, max: usize } => ErrorCode::QuotaExceeded,
+            "{count} {what}; at most {max}",
         /// A UnifiedPush endpoint that is not a URL (or too long).
         BadEndpoint => ErrorCode::InvalidArgument, "a UnifiedPush endpoint must be an http(s) URL",
         /// The export could not be stored.

@@ -21,7 +21,7 @@ use tern_wire::messages::{
     ContactMatch, ContactMatches, DeviceId, DeviceListChanged, Done, PhoneHash, Profile,
     ProfileSet, Report, UserId, Visibility,
 };
-use tern_wire::MessageType;
+use tern_wire::{Message, MessageType};
 
 use super::conns::ConnId;
 use super::presence::Presence;
@@ -35,6 +35,40 @@ use crate::routing::home_shard_of_user;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Characters of a report's comment kept.
 const REPORT_COMMENT_CHARS_MAX: usize = 2000;
+/// Contacts an account may list.
+pub const CONTACTS_MAX: usize = 5_000;
+/// Users an account may block.
+pub const BLOCKS_MAX: usize = 10_000;
+/// Message ids one report may name.
+pub const REPORT_MESSAGE_IDS_MAX: usize = 100;
+
+/// The per-account quotas an account frame could pass: contacts, blocks, the message
+/// ids of a report. Checked before anything is stored.
+pub fn check_quota<S: Storage>(
+    shared: &Shared<S>,
+    me: UserId,
+    message: &Message<'_>,
+) -> Result<(), AccountRefusal> {
+    let over = |what, count: usize, max: usize| match count > max {
+        true => Err(AccountRefusal::TooMany { what, count, max }),
+        false => Ok(()),
+    };
+    match message {
+        Message::SetContacts(contacts) => over("contacts", contacts.user_ids.len(), CONTACTS_MAX),
+        Message::Report(report) => {
+            over("message ids in a report", report.message_ids.len(), REPORT_MESSAGE_IDS_MAX)
+        }
+        Message::Block(block) => {
+            let other = block.user_id.to_native();
+            let (count, already) = shared
+                .shards
+                .with_account(me, |a| (a.blocked.len(), a.blocked.contains(&other)))
+                .unwrap_or((0, false));
+            over("blocked users", count + usize::from(!already), BLOCKS_MAX)
+        }
+        _ => Ok(()),
+    }
+}
 
 /// A discovery waiting for every core's part.
 #[derive(Debug)]

@@ -151,6 +151,9 @@ fn account_frame<S: Storage>(
     me: (UserId, DeviceId),
     message: Message<'_>,
 ) {
+    if let Err(refusal) = accounts::check_quota(shared, me.0, &message) {
+        return shared.conns.refuse(conn, rid, ty, &refusal);
+    }
     let presence = &mut parts.presence;
     let setting = |op: StateOp| (op, (conn, rid, ty));
     let state_op = match message {

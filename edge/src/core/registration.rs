@@ -29,7 +29,7 @@ use super::shared::Shared;
 use crate::limits::HourlyWindow;
 use crate::refusal::{retry_hint, RegistrationRefusal, StorageRefusal};
 use crate::routing::home_shard_of_phone;
-use crate::secrets;
+use crate::secrets::{self, Random};
 use crate::work::{CheckDeviceKeys, CheckPin, HashPin};
 
 /// Wrong registration-lock PINs accepted per number and day.
@@ -393,7 +393,13 @@ impl Registration {
         };
         let token = secrets::new_token(&mut shared.random);
         let now_ms = shared.now_ms();
-        let created = create_account(&mut handle.borrow_mut(), &phone, device, &token, now_ms);
+        let mut shard = handle.borrow_mut();
+        let existing = match shard.state().user_by_phone(&phone) {
+            Some(user_id) => Ok(user_id),
+            None => Err(new_user_id(&shard, shard_id, &mut shared.random)),
+        };
+        let created = create_account(&mut shard, &phone, existing, (device, &token), now_ms);
+        drop(shard);
         match created {
             Ok((user_id, new_account, seq)) => {
                 let registered = Registered { user_id, device_id: 1, token, new_account };
@@ -505,19 +511,32 @@ fn address_budget_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Creates the account for `phone` (or moves an existing one to a new primary device,
-/// revoking every old device and token). Returns (user id, new account?, record seq).
+/// A user id for a new account of `shard`: the shard in the top 16 bits, then 48 random
+/// bits (never 0, never an existing account's), so that ids say nothing of when or in
+/// which order accounts were made and cannot be enumerated by counting.
+fn new_user_id<S: Storage>(shard: &Shard<S>, shard_id: u32, random: &mut Random) -> UserId {
+    let shard_bits = u64::from(shard_id) << 48;
+    loop {
+        let candidate = shard_bits | (random.next_u64() & ((1 << 48) - 1));
+        if candidate != shard_bits && shard.state().account(candidate).is_none() {
+            return candidate;
+        }
+    }
+}
+
+/// Creates the account for `phone` with the new id given (`Err(id)`), or moves the
+/// existing one (`Ok(id)`) to a new primary device, revoking every old device and token.
+/// Returns (user id, new account?, record seq).
 fn create_account<S: Storage>(
     shard: &mut Shard<S>,
     phone: &str,
-    device: NewDevice,
-    token: &Token,
+    existing: Result<UserId, UserId>,
+    (device, token): (NewDevice, &Token),
     now_ms: u64,
 ) -> Result<(UserId, bool, u64), WriteError> {
-    let (user_id, new_account) = match shard.state().user_by_phone(phone) {
-        Some(user_id) => (user_id, false),
-        None => {
-            let user_id = shard.allocate_message_id(now_ms);
+    let (user_id, new_account) = match existing {
+        Ok(user_id) => (user_id, false),
+        Err(user_id) => {
             shard.apply_state(StateOp::PutAccount {
                 user_id,
                 phone: phone.to_string(),

@@ -14,6 +14,15 @@ use crate::refusal::GroupRefusal;
 
 /// Members per group at most.
 pub const GROUP_MEMBERS_MAX: usize = 256;
+/// Bytes of a group's name at most.
+pub const GROUP_NAME_BYTES_MAX: usize = 100;
+
+fn check_name(name: &str) -> Result<(), GroupRefusal> {
+    match name.len() > GROUP_NAME_BYTES_MAX {
+        true => Err(GroupRefusal::NameTooLong { bytes: name.len(), max: GROUP_NAME_BYTES_MAX }),
+        false => Ok(()),
+    }
+}
 
 /// A change applied: the group after it, and who left or was removed (they hear of
 /// the change too).
@@ -40,6 +49,7 @@ pub fn apply(
             if base_epoch != 0 {
                 return Err(GroupRefusal::NewGroupEpoch);
             }
+            check_name(name)?;
             let mut all = vec![actor];
             for member in members {
                 if !all.contains(member) && valid_user(*member) {
@@ -111,7 +121,10 @@ fn change_existing(
             let m = group.members.iter_mut().find(|m| m.user_id == *member);
             m.ok_or(GroupRefusal::NoSuchMember)?.admin = admin;
         }
-        GroupChange::Rename { name } => group.name = name.clone(),
+        GroupChange::Rename { name } => {
+            check_name(name)?;
+            group.name = name.clone();
+        }
         GroupChange::Create { .. } => return Err(GroupRefusal::IdTaken),
     }
     keep_an_admin(&mut group);
@@ -166,5 +179,18 @@ mod tests {
         assert_eq!(left.group.epoch, 2);
         let gone = apply(9, None, &add, (1, 1), 20, |_| true).unwrap_err();
         assert_eq!(gone, GroupRefusal::NoSuchGroup);
+    }
+
+    #[test]
+    fn a_group_name_has_at_most_100_bytes() {
+        let long = GroupChange::Create { name: "n".repeat(101), members: vec![] };
+        let refused = apply(9, None, &long, (1, 0), 10, |_| true).unwrap_err();
+        assert_eq!(refused, GroupRefusal::NameTooLong { bytes: 101, max: 100 });
+        let group = create(vec![2]);
+        let rename = GroupChange::Rename { name: "é".repeat(51) }; // 102 bytes
+        let refused = apply(9, Some(group.clone()), &rename, (1, 1), 20, |_| true).unwrap_err();
+        assert_eq!(refused, GroupRefusal::NameTooLong { bytes: 102, max: 100 });
+        let rename = GroupChange::Rename { name: "n".repeat(100) };
+        assert!(apply(9, Some(group), &rename, (1, 1), 20, |_| true).is_ok());
     }
 }

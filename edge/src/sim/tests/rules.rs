@@ -5,9 +5,9 @@
 
 use rkyv::rancor::Failure;
 use tern_wire::messages::{
-    ArchivedNoticeBody, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
+    ArchivedNoticeBody, Block, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
     GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
-    ReceiptKind, Registered, SendAck, SendReceipt, SetContacts,
+    ReceiptKind, Registered, Report, ReportReason, SendAck, SendReceipt, SetContacts,
 };
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
 
@@ -112,6 +112,51 @@ fn costly_requests_have_a_budget_per_device() {
     world.advance(u64::from(retry_after_ms));
     let again = a.request(&mut world, &lookup);
     assert_ne!(again.error_code(), Some(ErrorCode::RateLimited), "{}", again.describe());
+}
+
+/// Per-account quotas (hardening item 5): a contact list over 5,000, a report naming
+/// over 100 messages and a 10,001st blocked user are refused with `QuotaExceeded`, and
+/// nothing of them is stored; at the limit each passes. Before the fix each was stored.
+#[test]
+fn account_quotas_refuse_what_is_over_them() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550081", 0);
+    let mut a = login(&mut world, &alice);
+    let over = |answer: Received| {
+        assert_eq!(answer.error_code(), Some(ErrorCode::QuotaExceeded), "{}", answer.describe());
+    };
+    let contacts = |n: u64| SetContacts { user_ids: (1..=n).collect() };
+    over(a.request(&mut world, &contacts(5_001)));
+    a.request(&mut world, &contacts(5_000)).access::<Done>();
+    let report = |n: u64| Report {
+        user_id: 1 << 48,
+        message_ids: (1..=n).collect(),
+        reason: ReportReason::Spam,
+        comment: String::new(),
+    };
+    over(a.request(&mut world, &report(101)));
+    a.request(&mut world, &report(100)).access::<Done>();
+    for user_id in 1..=10_000 {
+        a.send(&mut world, &Block { user_id });
+    }
+    world.settle();
+    over(a.request(&mut world, &Block { user_id: 10_001 }));
+    // Blocking someone already blocked adds nobody: still allowed at the limit.
+    a.request(&mut world, &Block { user_id: 10_000 }).access::<Done>();
+}
+
+/// User ids say nothing of when or in which order accounts were made (hardening item
+/// 8): below the shard's 16 bits they are random, so they cannot be enumerated by
+/// counting. Before the fix they were the shard's time-ordered message ids, increasing
+/// with every registration.
+#[test]
+fn user_ids_are_not_in_registration_order() {
+    let mut world = world();
+    let low_bits: Vec<u64> = (0..8)
+        .map(|i| register(&mut world, &format!("+1555009{i:04}"), 0).user_id & ((1 << 48) - 1))
+        .collect();
+    assert!(low_bits.windows(2).any(|w| w[0] > w[1]), "ids in registration order: {low_bits:?}");
+    assert!(low_bits.iter().all(|b| *b != 0));
 }
 
 #[test]
