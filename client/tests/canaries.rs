@@ -101,7 +101,8 @@ async fn until_message(client: &mut Client, text: &str) {
 async fn no_canary_reaches_the_server_in_any_form() {
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let stores = tempfile::tempdir().unwrap();
-    let mut server = Server::start(data.path(), &["--cores", "2", "--push", "http"]);
+    let flags = ["--cores", "2", "--push", "http", "--push-insecure-endpoints"];
+    let mut server = Server::start(data.path(), &flags);
     let mut alice = register(&mut server, stores.path(), "alice", "+15580900001").await;
     let mut bob = register(&mut server, stores.path(), "bob", "+15580900002").await;
     let carol = register(&mut server, stores.path(), "carol", "+15580900003").await;

@@ -113,6 +113,11 @@ struct Args {
     /// Codes sent per client address (IPv4 address, IPv6 /64) per hour, per core.
     #[arg(long, default_value_t = 20)]
     code_requests_per_address_per_hour: u32,
+    /// Accept UnifiedPush endpoints over plain http or at private, loopback and
+    /// link-local addresses (development only: such an endpoint lets a client make ternd
+    /// call inside the operator's network).
+    #[arg(long)]
+    push_insecure_endpoints: bool,
     /// Count loopback clients against the per-address budget too (they are exempt by
     /// default: a local load generator or TLS terminator is not one network address).
     #[arg(long)]
@@ -191,6 +196,7 @@ fn core_config(args: &Args) -> CoreConfig {
         code_requests_per_prefix_per_hour: args.code_requests_per_prefix_per_hour,
         code_requests_per_address_per_hour: args.code_requests_per_address_per_hour,
         code_budget_loopback: args.code_budget_loopback,
+        push_insecure_endpoints: args.push_insecure_endpoints,
         code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         // Clients ping at this interval (`Welcome`): a third of the idle timeout, so an

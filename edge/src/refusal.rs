@@ -436,6 +436,9 @@ refusals! {
             "{count} {what}; at most {max}",
         /// A UnifiedPush endpoint that is not a URL (or too long).
         BadEndpoint => ErrorCode::InvalidArgument, "a UnifiedPush endpoint must be an http(s) URL",
+        /// A UnifiedPush endpoint ternd will not call: it could reach inside the network.
+        EndpointInside { why: &'static str } => ErrorCode::InvalidArgument,
+            "a UnifiedPush endpoint must be https to a public host: this one {why}",
         /// The export could not be stored.
         Export { refusal: MediaRefusal } => refusal.error_code(), "{refusal}",
         /// A shard refused the write.

@@ -81,7 +81,8 @@ fn visit(server: &Server, bob: Account) {
 #[test]
 fn offline_devices_get_one_content_free_push_with_retries_and_pruning() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &[]);
+    // The receiver is on loopback over http: development endpoints.
+    let mut server = Server::start(dir.path(), &["--push-insecure-endpoints"]);
     let script = Arc::new(Mutex::new(VecDeque::new()));
     let (url, seen) = receiver(script.clone());
     let alice = register(&mut server, "+15600001", 0);
@@ -130,4 +131,36 @@ fn offline_devices_get_one_content_free_push_with_retries_and_pruning() {
     a.request(&text(bob, 400, b"more")).access::<SendAck>();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(seen.lock().unwrap().len(), 4, "a pruned endpoint got a push");
+}
+
+/// Goal: a client cannot make ternd call inside the operator's network (hardening item
+/// 3): without `--push-insecure-endpoints`, a UnifiedPush endpoint over plain http, at
+/// a loopback, private or link-local address (the cloud metadata service's among them)
+/// or naming localhost is refused with `InvalidArgument` saying why; https to a public
+/// host is stored. Before the fix every one of them was stored and called.
+#[test]
+fn push_endpoints_cannot_reach_inside() {
+    let dir = data_dir();
+    let mut server = Server::start(dir.path(), &[]);
+    let bob = register(&mut server, "+15600011", 0);
+    let mut b = login(&server, bob);
+    let register = |address: &str| PushRegister {
+        endpoint: Some(PushEndpoint {
+            provider: PushProvider::UnifiedPush,
+            address: address.into(),
+        }),
+    };
+    for inside in [
+        "http://push.example.org/up/bob",
+        "https://127.0.0.1:8443/up",
+        "https://10.0.0.7/up",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[::1]:443/up",
+        "https://localhost/up",
+    ] {
+        let refused = b.request(&register(inside));
+        assert_eq!(refused.error_code(), Some(ErrorCode::InvalidArgument), "{inside}");
+        assert!(refused.describe().contains("https to a public host"), "{}", refused.describe());
+    }
+    b.request(&register("https://push.example.org/up/bob")).access::<Done>();
 }

@@ -50,6 +50,9 @@ pub struct CoreConfig {
     pub code_budget_loopback: bool,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
     pub code_pow_bits: u8,
+    /// Accept push endpoints over plain http or at private, loopback and link-local
+    /// addresses (development and tests; see `wakeups::check_push_url`).
+    pub push_insecure_endpoints: bool,
 }
 
 impl Default for CoreConfig {
@@ -75,6 +78,7 @@ impl Default for CoreConfig {
             code_requests_per_address_per_hour: 20,
             code_budget_loopback: false,
             code_pow_bits: 0,
+            push_insecure_endpoints: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! push service says is gone; it is removed unless the device registered another.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use tern_engine::{StateOp, Storage};
 use tern_wire::messages::{
@@ -17,6 +18,7 @@ use tern_wire::MessageType;
 use super::conns::ConnId;
 use super::effects::Effect;
 use super::shared::Shared;
+use crate::code_sender::WebhookUrl;
 use crate::push::PushJob;
 use crate::refusal::{AccountRefusal, SessionRefusal, StorageRefusal};
 
@@ -74,15 +76,22 @@ impl Wakeups {
             return shared.conns.refuse(conn, rid, ty, &SessionRefusal::Unreadable);
         };
         if let Some(endpoint) = &register.endpoint {
+            let url = match endpoint.provider {
+                PushProvider::UnifiedPush => WebhookUrl::parse(&endpoint.address).ok(),
+                PushProvider::Apns | PushProvider::Fcm => None,
+            };
             let valid = endpoint.address.len() <= PUSH_ADDRESS_BYTES_MAX
                 && match endpoint.provider {
-                    PushProvider::UnifiedPush => {
-                        crate::code_sender::WebhookUrl::parse(&endpoint.address).is_ok()
-                    }
+                    PushProvider::UnifiedPush => url.is_some(),
                     PushProvider::Apns | PushProvider::Fcm => !endpoint.address.is_empty(),
                 };
             if !valid {
                 return shared.conns.refuse(conn, rid, ty, &AccountRefusal::BadEndpoint);
+            }
+            let insecure = shared.config.push_insecure_endpoints;
+            if let Some(Err(why)) = url.map(|url| check_push_url(&url, insecure)) {
+                let refusal = AccountRefusal::EndpointInside { why };
+                return shared.conns.refuse(conn, rid, ty, &refusal);
             }
         }
         let op = StateOp::SetPush { user_id: me.0, device_id: me.1, endpoint: register.endpoint };
@@ -111,5 +120,90 @@ impl Wakeups {
         if let Some(Err(error)) = shared.shards.apply_for(user_id, op) {
             tracing::warn!(%error, "could not remove a gone push endpoint");
         }
+    }
+}
+
+/// Whether ternd may call `url` for a device's wake-ups: https, to a host that is not
+/// this machine or a private, loopback, link-local or otherwise non-public address
+/// literal (a client must not make the server call inside the operator's network).
+/// Everything goes with `insecure` (`--push-insecure-endpoints`). Names are not resolved
+/// here: a name that resolves inside is not caught yet.
+pub fn check_push_url(url: &WebhookUrl, insecure: bool) -> Result<(), &'static str> {
+    if insecure {
+        return Ok(());
+    }
+    if !url.tls {
+        return Err("is plain http");
+    }
+    let host = url.host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Err("names this machine");
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if !is_public(ip) => Err("is a private, loopback or link-local address"),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `ip` is an address of the public internet.
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            let mapped = v6.to_ipv4_mapped().map(IpAddr::V4);
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || mapped.is_some_and(|v4| !is_public(v4)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_urls_cannot_reach_inside() {
+        let check = |url: &str| check_push_url(&WebhookUrl::parse(url).unwrap(), false);
+        assert_eq!(check("https://push.example.org/up/abc"), Ok(()));
+        assert_eq!(
+            check("https://203.0.113.9/up"),
+            Err("is a private, loopback or link-local address")
+        );
+        assert_eq!(check("https://8.8.8.8/up"), Ok(()));
+        assert_eq!(check("http://push.example.org/up"), Err("is plain http"));
+        for inside in [
+            "https://127.0.0.1/x",
+            "https://10.1.2.3/x",
+            "https://172.16.0.1/x",
+            "https://192.168.1.1:8443/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://100.64.0.1/x",
+            "https://0.0.0.0/x",
+            "https://[::1]:443/x",
+            "https://[fd00::1]:443/x",
+            "https://[fe80::1]:443/x",
+            "https://[::ffff:127.0.0.1]:443/x",
+        ] {
+            assert!(check(inside).is_err(), "{inside} was accepted");
+        }
+        assert_eq!(check("https://LocalHost:9000/x"), Err("names this machine"));
+        let dev = WebhookUrl::parse("http://127.0.0.1:9000/x").unwrap();
+        assert_eq!(check_push_url(&dev, true), Ok(()));
     }
 }
