@@ -209,6 +209,37 @@ fn a_gateway_whose_status_line_never_ends_is_read_only_up_to_the_limit() {
     assert!(logged.contains("attempt=1"), "the first attempt already gave up: {logged}");
 }
 
+/// Goal: a gateway that accepts and then stalls does not hold ternd's sender for ever
+/// (hardening item 3: "responses capped in size and time"): each exchange is given up
+/// after 5 s and retried. Before the fix only connecting had a deadline, so a gateway
+/// that took the request and never answered kept the attempt waiting for good.
+#[test]
+fn a_gateway_that_never_answers_is_given_up_on_in_time() {
+    let gateway = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gateway_addr = gateway.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in gateway.incoming() {
+            keep.lock().unwrap().push(stream.unwrap()); // Read nothing, answer nothing.
+        }
+    });
+    let dir = data_dir();
+    let url = format!("http://{gateway_addr}/sms/send");
+    let mut server = Server::start(dir.path(), &["--code-webhook", &url]);
+    let mut client = Client::connect(server.addr);
+    let request = RequestCode {
+        phone: "+15550133".into(),
+        channel: CodeChannel::Sms,
+        locale: "en".into(),
+        proof_of_work: None,
+    };
+    client.request(&request).access::<CodeSent>();
+    let logged = server.wait_for_log(|l| l.contains("code webhook failed"));
+    assert!(logged.contains("no status line within 5 s"), "{logged}");
+    assert!(logged.contains("attempt=1"), "{logged}");
+}
+
 /// Reads one request (up to its JSON body's end), then writes a status line without end.
 fn answer_without_end(mut stream: std::net::TcpStream) {
     use std::io::{Read, Write};

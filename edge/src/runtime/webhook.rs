@@ -141,8 +141,28 @@ impl CodeSender for WebhookCodeSender {
     }
 }
 
-/// One POST; returns the HTTP status code.
+/// One POST, from connecting to the end of the response's status line, takes at most
+/// this long: a gateway or push service that accepts and then stalls (or sends a byte
+/// now and then) does not hold a task for ever.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One POST; returns the HTTP status code (a `TimedOut` error after
+/// [`EXCHANGE_TIMEOUT`]).
 async fn post(
+    url: &WebhookUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    content_type: &str,
+    body: &str,
+) -> io::Result<u16> {
+    futures_lite::future::or(exchange(url, tls, content_type, body), async {
+        Timer::new(EXCHANGE_TIMEOUT).await;
+        let why = format!("no status line within {} s", EXCHANGE_TIMEOUT.as_secs());
+        Err(io::Error::new(io::ErrorKind::TimedOut, why))
+    })
+    .await
+}
+
+async fn exchange(
     url: &WebhookUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     content_type: &str,
@@ -150,14 +170,7 @@ async fn post(
 ) -> io::Result<u16> {
     let request = http::format_post(&url.host, &url.path, content_type, body)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let connect = TcpStream::connect((url.host.as_str(), url.port));
-    let mut stream = futures_lite::future::or(async { Some(connect.await) }, async {
-        Timer::new(Duration::from_secs(10)).await;
-        None
-    })
-    .await
-    .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-    .map_err(io::Error::from)?;
+    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
     let status = match tls {
         None => {
             stream.write_all(request.as_bytes()).await?;
