@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use tern_engine::{DeviceRecord, StateOp, Storage, WriteError};
+use tern_engine::{DeviceRecord, Shard, StateOp, Storage, WriteError};
 use tern_wire::messages::{
     ArchivedFetchBundles, ArchivedUploadKeys, Bundles, DeviceBundle, DeviceId, DeviceInfo,
     DeviceList, KeysLow, KeysUploaded, NewDevice, UploadKeys, UserId,
@@ -43,6 +43,11 @@ pub fn check_new_device(device: &NewDevice) -> Result<(), KeysRefusal> {
         return Err(KeysRefusal::NameTooLong { bytes, max: DEVICE_NAME_BYTES_MAX });
     }
     check_keys_in_frame(device.keys.one_time_keys.len())
+}
+
+/// One-time keys the server holds for `device`.
+fn stock_of<S: Storage>(shard: &Shard<S>, device: (UserId, DeviceId)) -> usize {
+    shard.state().device(device.0, device.1).map_or(0, |d| d.one_time_keys.len())
 }
 
 fn check_keys_in_frame(count: usize) -> Result<(), KeysRefusal> {
@@ -97,17 +102,9 @@ impl Keys {
         let Some(signing_key) = shared.shards.signing_key(me.0, me.1) else {
             return shared.conns.refuse(conn, rid, ty, &SessionRefusal::WrongCore);
         };
-        let stock = shared.shards.home_of(me.0).map_or(0, |shard| {
-            shard.borrow().state().device(me.0, me.1).map_or(0, |d| d.one_time_keys.len())
-        });
-        let count = upload.one_time_keys.len();
-        let within = check_keys_in_frame(count).and_then(|()| {
-            match stock + count > ONE_TIME_KEYS_STOCK_MAX {
-                true => Err(KeysRefusal::StockFull { stock, max: ONE_TIME_KEYS_STOCK_MAX }),
-                false => Ok(()),
-            }
-        });
-        if let Err(refusal) = within {
+        // The stock is checked when the keys are stored (`on_prekeys_checked`): uploads
+        // in flight at once would all pass a check made here.
+        if let Err(refusal) = check_keys_in_frame(upload.one_time_keys.len()) {
             return shared.conns.refuse(conn, rid, ty, &refusal);
         }
         let prekeys =
@@ -131,6 +128,11 @@ impl Keys {
             return shared.conns.refuse(conn, rid, ty, &KeysRefusal::BadSignature);
         }
         let Some(handle) = shared.shards.home_of(me.0).cloned() else { return };
+        let stock = stock_of(&handle.borrow(), me);
+        if stock + upload.one_time_keys.len() > ONE_TIME_KEYS_STOCK_MAX {
+            let refusal = KeysRefusal::StockFull { stock, max: ONE_TIME_KEYS_STOCK_MAX };
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         let stored = (|| {
             let mut shard = handle.borrow_mut();
             let mut seq = shard.appended_seq();
@@ -149,9 +151,7 @@ impl Keys {
                     keys,
                 })?;
             }
-            let stock =
-                shard.state().device(me.0, me.1).map_or(0, |d| d.one_time_keys.len() as u32);
-            Ok::<_, WriteError>((seq, stock))
+            Ok::<_, WriteError>((seq, stock_of(&shard, me) as u32))
         })();
         match stored {
             Ok((seq, stock)) => {
