@@ -193,18 +193,7 @@ fn a_gateway_whose_status_line_never_ends_is_read_only_up_to_the_limit() {
             std::thread::spawn(move || answer_without_end(stream.unwrap()));
         }
     });
-    let dir = data_dir();
-    let url = format!("http://{gateway_addr}/sms/send");
-    let mut server = Server::start(dir.path(), &["--code-webhook", &url]);
-    let mut client = Client::connect(server.addr);
-    let request = RequestCode {
-        phone: "+15550132".into(),
-        channel: CodeChannel::Sms,
-        locale: "en".into(),
-        proof_of_work: None,
-    };
-    client.request(&request).access::<CodeSent>();
-    let logged = server.wait_for_log(|l| l.contains("code webhook failed"));
+    let logged = first_webhook_failure(gateway_addr, "+15550132");
     assert!(logged.contains("no status line"), "{logged}");
     assert!(logged.contains("attempt=1"), "the first attempt already gave up: {logged}");
 }
@@ -223,20 +212,26 @@ fn a_gateway_that_never_answers_is_given_up_on_in_time() {
             held.push(stream.unwrap()); // Read nothing, answer nothing, close nothing.
         }
     });
+    let logged = first_webhook_failure(gateway_addr, "+15550133");
+    assert!(logged.contains("no status line within 5 s"), "{logged}");
+    assert!(logged.contains("attempt=1"), "{logged}");
+}
+
+/// Starts a ternd whose SMS gateway is `gateway`, asks it for a code for `phone`, and
+/// returns the log line of the first failed delivery.
+fn first_webhook_failure(gateway: std::net::SocketAddr, phone: &str) -> String {
     let dir = data_dir();
-    let url = format!("http://{gateway_addr}/sms/send");
+    let url = format!("http://{gateway}/sms/send");
     let mut server = Server::start(dir.path(), &["--code-webhook", &url]);
     let mut client = Client::connect(server.addr);
     let request = RequestCode {
-        phone: "+15550133".into(),
+        phone: phone.into(),
         channel: CodeChannel::Sms,
         locale: "en".into(),
         proof_of_work: None,
     };
     client.request(&request).access::<CodeSent>();
-    let logged = server.wait_for_log(|l| l.contains("code webhook failed"));
-    assert!(logged.contains("no status line within 5 s"), "{logged}");
-    assert!(logged.contains("attempt=1"), "{logged}");
+    server.wait_for_log(|l| l.contains("code webhook failed"))
 }
 
 /// Reads one request (up to its JSON body's end), then writes a status line without end.

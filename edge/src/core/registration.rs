@@ -393,13 +393,9 @@ impl Registration {
         };
         let token = secrets::new_token(&mut shared.random);
         let now_ms = shared.now_ms();
-        let mut shard = handle.borrow_mut();
-        let existing = match shard.state().user_by_phone(&phone) {
-            Some(user_id) => Ok(user_id),
-            None => Err(new_user_id(&shard, shard_id, &mut shared.random)),
-        };
-        let created = create_account(&mut shard, &phone, existing, (device, &token), now_ms);
-        drop(shard);
+        let new_id = |shard: &Shard<_>| new_user_id(shard, shard_id, &mut shared.random);
+        let created =
+            create_account(&mut handle.borrow_mut(), &phone, new_id, (device, &token), now_ms);
         match created {
             Ok((user_id, new_account, seq)) => {
                 let registered = Registered { user_id, device_id: 1, token, new_account };
@@ -524,19 +520,20 @@ fn new_user_id<S: Storage>(shard: &Shard<S>, shard_id: u32, random: &mut Random)
     }
 }
 
-/// Creates the account for `phone` with the new id given (`Err(id)`), or moves the
-/// existing one (`Ok(id)`) to a new primary device, revoking every old device and token.
-/// Returns (user id, new account?, record seq).
+/// Creates the account for `phone` with an id from `new_id` (or moves an existing one to
+/// a new primary device, revoking every old device and token). Returns (user id, new
+/// account?, record seq).
 fn create_account<S: Storage>(
     shard: &mut Shard<S>,
     phone: &str,
-    existing: Result<UserId, UserId>,
+    new_id: impl FnOnce(&Shard<S>) -> UserId,
     (device, token): (NewDevice, &Token),
     now_ms: u64,
 ) -> Result<(UserId, bool, u64), WriteError> {
-    let (user_id, new_account) = match existing {
-        Ok(user_id) => (user_id, false),
-        Err(user_id) => {
+    let (user_id, new_account) = match shard.state().user_by_phone(phone) {
+        Some(user_id) => (user_id, false),
+        None => {
+            let user_id = new_id(shard);
             shard.apply_state(StateOp::PutAccount {
                 user_id,
                 phone: phone.to_string(),

@@ -162,6 +162,7 @@ async fn post(
     .await
 }
 
+/// The POST itself: connect, send, read up to the status line.
 async fn exchange(
     url: &WebhookUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
