@@ -48,6 +48,10 @@ pub enum ClientError {
         /// The most a text may have.
         max_bytes: usize,
     },
+    /// A file broke a rule of this device (too large, unpacking beyond its declared
+    /// size, more bytes than asked for): refused before it is stored or opened.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The server refused this one message for good (no such user, not allowed, too
     /// large, ...). It is marked failed in the history and never re-sent; the device and
     /// its other messages go on.
@@ -75,6 +79,45 @@ impl ClientError {
             _ => false,
         }
     }
+}
+
+/// Which rule a file (one to send, or one a sender or the server described) broke.
+/// Every number in a descriptor comes from its sender and every byte count from the
+/// server: each is checked before it sizes an allocation or a decompression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    /// Larger than the server's file limit (`media::FILE_MAX_BYTES`).
+    #[error("the file is {size_bytes} bytes; at most {max_bytes} are accepted")]
+    TooLarge {
+        /// Its size (sealed, or as the descriptor says).
+        size_bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// It decompresses beyond the size its descriptor declared (a decompression bomb):
+    /// decompression stopped there.
+    #[error("the file unpacks to more than the {bound_bytes} bytes its sender declared")]
+    UnpacksBeyond {
+        /// The declared size, where decompression stopped.
+        bound_bytes: u64,
+    },
+    /// It unpacked, or downloaded, to another size than its descriptor declared.
+    #[error("the file has {actual_bytes} bytes, not the {declared_bytes} its sender declared")]
+    SizeMismatch {
+        /// What the descriptor said.
+        declared_bytes: u64,
+        /// What there was.
+        actual_bytes: u64,
+    },
+    /// The server answered a download with more bytes than were asked for.
+    #[error("the server sent {sent_bytes} bytes where at most {asked_bytes} were asked for")]
+    Oversent {
+        /// What came.
+        sent_bytes: u64,
+        /// What was asked.
+        asked_bytes: u64,
+    },
 }
 
 /// Whether a server's refusal of a message may pass, so that sending it again later can

@@ -26,7 +26,7 @@ pub use client::{
 };
 pub use connection::{Endpoint, Trust};
 pub use crypto::{CryptoError, PeerIdentity};
-pub use error::{is_transient, ClientError, StoreError};
+pub use error::{is_transient, ClientError, FileError, StoreError};
 pub use store::{Status, StoreSecret, StoredMessage};
 /// The protocol's message types (group changes, for instance), for apps.
 pub use tern_wire::messages;

@@ -11,13 +11,23 @@
 //! Compression: documents go through zstd when that makes them smaller; images are
 //! re-encoded at most 1600 px on the long side, with a small JPEG thumbnail for the
 //! message itself.
+//!
+//! A descriptor comes from the sender, so none of its numbers is trusted: its sizes must
+//! be within [`FILE_MAX_BYTES`] before anything is fetched, the blob must be exactly
+//! `size` bytes, and a zstd file is decompressed only up to the `original_size` it
+//! declared (a decompression bomb stops there, [`FileError::UnpacksBeyond`]).
 
 use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
 use chacha20poly1305::aead::KeyInit;
 use chacha20poly1305::XChaCha20Poly1305;
 use sha2::{Digest, Sha256};
 
-use crate::CryptoError;
+use crate::{ClientError, CryptoError, FileError};
+
+/// The largest file this SDK sends or accepts, sealed or unpacked: `ternd`'s default
+/// `--media-max-bytes` (100 MiB), the server's file limit. A descriptor declaring more
+/// is refused before a byte is fetched.
+pub const FILE_MAX_BYTES: u64 = 100 << 20;
 
 /// Plaintext bytes per sealed piece.
 pub const PIECE_BYTES: usize = 256 * 1024;
@@ -171,11 +181,31 @@ fn sealing() -> CryptoError {
     CryptoError::Decrypt("sealing failed".into())
 }
 
-/// Checks, opens and unpacks a downloaded blob.
-pub fn open(descriptor: &MediaDescriptor, ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+impl MediaDescriptor {
+    /// Checks the sender's numbers against the file limit: the sealed size and the
+    /// declared original size are each at most [`FILE_MAX_BYTES`].
+    pub fn check(&self) -> Result<(), FileError> {
+        for size_bytes in [self.size, self.original_size] {
+            if size_bytes > FILE_MAX_BYTES {
+                return Err(FileError::TooLarge { size_bytes, max_bytes: FILE_MAX_BYTES });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks, opens and unpacks a downloaded blob: the descriptor's sizes within the limit,
+/// the blob exactly its declared size and hash, decompression bounded by the declared
+/// original size.
+pub fn open(descriptor: &MediaDescriptor, ciphertext: &[u8]) -> Result<Vec<u8>, ClientError> {
+    descriptor.check()?;
+    if ciphertext.len() as u64 != descriptor.size {
+        let (declared_bytes, actual_bytes) = (descriptor.size, ciphertext.len() as u64);
+        return Err(FileError::SizeMismatch { declared_bytes, actual_bytes }.into());
+    }
     let sha256: [u8; 32] = Sha256::digest(ciphertext).into();
     if sha256 != descriptor.sha256 {
-        return Err(CryptoError::Decrypt("the file's hash does not match".into()));
+        return Err(CryptoError::Decrypt("the file's hash does not match".into()).into());
     }
     let aead = XChaCha20Poly1305::new((&descriptor.key).into());
     let mut decryptor = DecryptorBE32::from_aead(aead, (&descriptor.nonce).into());
@@ -189,9 +219,33 @@ pub fn open(descriptor: &MediaDescriptor, ciphertext: &[u8]) -> Result<Vec<u8>, 
     packed.extend(decryptor.decrypt_last(*last).map_err(|_| tampered())?);
     match descriptor.packing {
         Packing::Raw | Packing::Image => Ok(packed),
-        Packing::Zstd => zstd::decode_all(&packed[..])
-            .map_err(|e| CryptoError::Decrypt(format!("cannot decompress: {e}"))),
+        Packing::Zstd => unpack_bounded(&packed, descriptor.original_size),
     }
+}
+
+/// Decompresses a zstd file, never past the size its sender declared (0, from senders
+/// that did not say: the file limit), and checks it is exactly that size. The output
+/// grows with what really decompresses; the declared number sizes no allocation.
+fn unpack_bounded(packed: &[u8], original_size: u64) -> Result<Vec<u8>, ClientError> {
+    use std::io::Read;
+    let bound_bytes = if original_size == 0 { FILE_MAX_BYTES } else { original_size };
+    let decoder = zstd::stream::read::Decoder::new(packed)
+        .map_err(|e| CryptoError::Decrypt(format!("cannot decompress: {e}")))?;
+    let mut unpacked = Vec::new();
+    // One byte past the bound tells "more than declared" without reading further.
+    decoder
+        .take(bound_bytes + 1)
+        .read_to_end(&mut unpacked)
+        .map_err(|e| CryptoError::Decrypt(format!("cannot decompress: {e}")))?;
+    let actual_bytes = unpacked.len() as u64;
+    if actual_bytes > bound_bytes {
+        return Err(FileError::UnpacksBeyond { bound_bytes }.into());
+    }
+    if original_size != 0 && actual_bytes != original_size {
+        let declared_bytes = original_size;
+        return Err(FileError::SizeMismatch { declared_bytes, actual_bytes }.into());
+    }
+    Ok(unpacked)
 }
 
 /// Chooses how to pack a file: images re-encoded smaller with a thumbnail, other files
@@ -261,10 +315,55 @@ mod tests {
         // Truncated at a piece boundary (the last-piece flag is missing).
         let cut = sealed.ciphertext[..PIECE_BYTES + TAG_BYTES].to_vec();
         descriptor.sha256 = Sha256::digest(&cut).into();
+        descriptor.size = cut.len() as u64;
         assert!(open(&descriptor, &cut).is_err());
         // The descriptor survives its encoding.
         let back = MediaDescriptor::decode(&sealed.descriptor.encode()).unwrap();
         assert_eq!(back, sealed.descriptor);
+    }
+
+    /// A hostile sender seals 64 MiB of zeros (a few KiB of zstd) and declares 1 KiB:
+    /// opening stops decompressing at the declared size and names the rule; a
+    /// descriptor declaring more than the file limit is refused before anything else.
+    /// (Before: `zstd::decode_all` unpacked whatever the blob held.)
+    #[test]
+    fn a_decompression_bomb_stops_at_the_declared_size() {
+        let zeros = vec![0u8; 64 << 20];
+        let mut sealed = seal("bomb.txt", &zeros).unwrap();
+        assert_eq!(sealed.descriptor.packing, Packing::Zstd);
+        assert!(sealed.ciphertext.len() < 64 << 10, "{}", sealed.ciphertext.len());
+        sealed.descriptor.original_size = 1024;
+        let opened = open(&sealed.descriptor, &sealed.ciphertext);
+        let refusal = FileError::UnpacksBeyond { bound_bytes: 1024 };
+        assert!(
+            matches!(opened, Err(ClientError::File(e)) if e == refusal),
+            "{:?}",
+            opened.map(|v| v.len())
+        );
+        // Declaring more than the limit is refused as such.
+        sealed.descriptor.original_size = FILE_MAX_BYTES + 1;
+        let opened = open(&sealed.descriptor, &sealed.ciphertext);
+        let too_large =
+            FileError::TooLarge { size_bytes: FILE_MAX_BYTES + 1, max_bytes: FILE_MAX_BYTES };
+        assert!(
+            matches!(opened, Err(ClientError::File(e)) if e == too_large),
+            "{:?}",
+            opened.map(|v| v.len())
+        );
+        // Declaring nothing (an older sender) bounds it by the limit; a smaller
+        // declared size than the truth is a mismatch, never a silent truncation.
+        let small = seal("small.txt", &vec![7u8; 10_000]).unwrap();
+        let mut descriptor = small.descriptor.clone();
+        descriptor.original_size = 0;
+        assert_eq!(open(&descriptor, &small.ciphertext).unwrap().len(), 10_000);
+        descriptor.original_size = 20_000;
+        let opened = open(&descriptor, &small.ciphertext);
+        let mismatch = FileError::SizeMismatch { declared_bytes: 20_000, actual_bytes: 10_000 };
+        assert!(
+            matches!(opened, Err(ClientError::File(e)) if e == mismatch),
+            "{:?}",
+            opened.map(|v| v.len())
+        );
     }
 
     #[test]

@@ -645,6 +645,12 @@ async fn a_file_travels_encrypted_and_arrives_byte_identical() {
     let saved = bob.download(message.server_id, out.path()).await.unwrap();
     assert_eq!(saved.file_name().unwrap(), "holiday.bin");
     assert!(std::fs::read(&saved).unwrap() == file, "the file changed on the way");
+    // Downloading it again never overwrites the first copy (or anything else there).
+    std::fs::write(&saved, b"edited by bob").unwrap();
+    let again = bob.download(message.server_id, out.path()).await.unwrap();
+    assert_eq!(again.file_name().unwrap(), "holiday (2).bin");
+    assert_eq!(std::fs::read(&saved).unwrap(), b"edited by bob");
+    assert!(std::fs::read(&again).unwrap() == file);
 
     // The server holds the blob, never the plaintext.
     for (path, bytes) in files_under(data.path()) {

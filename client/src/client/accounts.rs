@@ -167,16 +167,22 @@ impl Client {
             return Err(server_error(&reply));
         };
         let (media_id, size) = (ready.media_id, ready.size_bytes.to_native());
-        let mut bytes = Vec::with_capacity(size as usize);
+        // The server's number bounds the loop, never an allocation: the buffer grows
+        // with the bytes that came, each answer at most what was asked.
+        let mut bytes = Vec::new();
         while (bytes.len() as u64) < size {
-            let request =
-                MediaDownload { media_id, offset: bytes.len() as u64, length: 512 * 1024 };
+            let length = (size - bytes.len() as u64).min(512 * 1024) as u32;
+            let request = MediaDownload { media_id, offset: bytes.len() as u64, length };
             let reply = self.request(&request).await?;
             let Message::MediaData(data) = reply.frame().message else {
                 return Err(server_error(&reply));
             };
             if data.data.is_empty() {
                 return Err(ClientError::Protocol("the server sent no bytes".into()));
+            }
+            let (sent_bytes, asked_bytes) = (data.data.len() as u64, u64::from(length));
+            if sent_bytes > asked_bytes {
+                return Err(crate::FileError::Oversent { sent_bytes, asked_bytes }.into());
             }
             bytes.extend_from_slice(&data.data);
         }

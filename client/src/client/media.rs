@@ -1,6 +1,11 @@
 //! Sending and fetching files: sealed on the device (`crate::media`), uploaded in chunks
 //! that resume after a disconnect where the server says, announced in an end-to-end
 //! encrypted `Media` message, downloaded in ranges and checked before they are opened.
+//!
+//! A download trusts neither the sender's descriptor nor the server: the descriptor's
+//! sizes are checked against the file limit before the first request, the server may
+//! not send more than was asked or than the blob holds, and the file is written under a
+//! name that is not taken yet ("name (2).ext"), never over an existing file.
 
 use std::path::{Path, PathBuf};
 
@@ -8,9 +13,9 @@ use tern_wire::messages::*;
 use tern_wire::Message;
 
 use super::{server_error, Client, CONTENT_HISTORY, CONTENT_MEDIA};
-use crate::media::{open, seal, MediaDescriptor, SealedFile};
+use crate::media::{open, seal, MediaDescriptor, SealedFile, FILE_MAX_BYTES};
 use crate::store::{Status, Store, StoredMessage};
-use crate::ClientError;
+use crate::{ClientError, FileError};
 
 /// What a history bundle holds: messages as the sending device stored them (an rkyv
 /// archive, sealed like any file; only this user's devices ever hold its key).
@@ -36,6 +41,34 @@ struct HistoryEntry {
 /// Bytes asked for per download request.
 const DOWNLOAD_BYTES: u32 = 512 * 1024;
 
+/// Names tried for a download before giving up: `name`, then `name (2)` to this.
+const SAVE_NAMES_MAX: u32 = 1000;
+
+/// Creates a new file for `name` in `dir`: `name` itself if it does not exist, else
+/// `stem (2).ext`, `stem (3).ext`, ... Creation is exclusive (`create_new`), so a file
+/// that appears meanwhile is not overwritten either.
+fn create_unused(dir: &Path, name: &Path) -> Result<(std::fs::File, PathBuf), ClientError> {
+    let stem = name.file_stem().map_or("file".into(), |s| s.to_string_lossy().into_owned());
+    let extension = name.extension().map(|e| e.to_string_lossy().into_owned());
+    for n in 1..=SAVE_NAMES_MAX {
+        let path = match (n, &extension) {
+            (1, _) => dir.join(name),
+            (_, Some(extension)) => dir.join(format!("{stem} ({n}).{extension}")),
+            (_, None) => dir.join(format!("{stem} ({n})")),
+        };
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(ClientError::Config(format!("{}: {e}", path.display()))),
+        }
+    }
+    Err(ClientError::Config(format!(
+        "{}: {SAVE_NAMES_MAX} files named like {} are there already",
+        dir.display(),
+        name.display()
+    )))
+}
+
 impl Client {
     /// Sends a file to `peer`: compressed and encrypted here, uploaded (resuming after
     /// disconnects), then announced. Returns the message once the server has it.
@@ -44,8 +77,13 @@ impl Client {
         peer: u64,
         path: &Path,
     ) -> Result<StoredMessage, ClientError> {
-        let plaintext = std::fs::read(path)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let unreadable =
+            |e: std::io::Error| ClientError::Config(format!("{}: {e}", path.display()));
+        let size_bytes = std::fs::metadata(path).map_err(unreadable)?.len();
+        if size_bytes > FILE_MAX_BYTES {
+            return Err(FileError::TooLarge { size_bytes, max_bytes: FILE_MAX_BYTES }.into());
+        }
+        let plaintext = std::fs::read(path).map_err(unreadable)?;
         let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy().into_owned());
         let sealed = seal(&name, &plaintext)?;
         let kind = if sealed.descriptor.thumbnail.is_empty() {
@@ -188,14 +226,19 @@ impl Client {
         Ok(added)
     }
 
-    /// Downloads a blob in ranges and opens it (checking its hash).
+    /// Downloads a blob in ranges and opens it (checking its sizes and hash). The
+    /// sender's sizes are checked against the limit first; the buffer grows with the
+    /// bytes that really came, never to a number someone sent.
     async fn fetch_blob(&mut self, descriptor: &MediaDescriptor) -> Result<Vec<u8>, ClientError> {
-        let mut ciphertext = Vec::with_capacity(descriptor.size as usize);
+        descriptor.check()?;
+        let mut ciphertext = Vec::new();
         while (ciphertext.len() as u64) < descriptor.size {
+            let left = descriptor.size - ciphertext.len() as u64;
+            let length = u64::from(DOWNLOAD_BYTES).min(left) as u32;
             let request = MediaDownload {
                 media_id: descriptor.media_id,
                 offset: ciphertext.len() as u64,
-                length: DOWNLOAD_BYTES,
+                length,
             };
             let reply = self.request(&request).await?;
             let Message::MediaData(data) = reply.frame().message else {
@@ -204,9 +247,14 @@ impl Client {
             if data.data.is_empty() {
                 return Err(ClientError::Protocol("the server sent no bytes".into()));
             }
+            let sent_bytes = data.data.len() as u64;
+            if sent_bytes > u64::from(length) {
+                let asked_bytes = u64::from(length);
+                return Err(FileError::Oversent { sent_bytes, asked_bytes }.into());
+            }
             ciphertext.extend_from_slice(&data.data);
         }
-        Ok(open(descriptor, &ciphertext)?)
+        open(descriptor, &ciphertext)
     }
 
     /// Uploads `data` in chunks; after a disconnect, reconnects and resumes from what
@@ -262,7 +310,8 @@ impl Client {
     }
 
     /// Fetches the file carried by the message `server_id`, checks and opens it, and
-    /// writes it into `dir` under its name. Returns the path.
+    /// writes it into `dir` under its name, or under `name (2).ext` and so on when that
+    /// is taken (an existing file is never overwritten). Returns the path.
     pub async fn download(&mut self, server_id: u64, dir: &Path) -> Result<PathBuf, ClientError> {
         let descriptor = self
             .store
@@ -272,9 +321,9 @@ impl Client {
         let plaintext = self.fetch_blob(&descriptor).await?;
         // Only the file name, never a path from the sender.
         let name = Path::new(&descriptor.name).file_name().map_or("file".into(), |n| n.to_owned());
-        let path = dir.join(name);
-        std::fs::write(&path, plaintext)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let (mut file, path) = create_unused(dir, Path::new(&name))?;
+        let written = std::io::Write::write_all(&mut file, &plaintext);
+        written.map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
         Ok(path)
     }
 }
