@@ -61,8 +61,8 @@ pub enum WriteError {
         /// The error that poisoned it.
         cause: io::ErrorKind,
     },
-    /// The disk is full. Nothing of the failed batch was acknowledged; free space and
-    /// reopen the shard.
+    /// The disk is full. Nothing of the failed batch was acknowledged; the shard keeps
+    /// it and refuses appends until a commit, once space is freed, writes it.
     StorageFull,
     /// A file operation failed (the shard is now poisoned).
     Io {
@@ -102,7 +102,7 @@ impl fmt::Display for WriteError {
                 write!(f, "shard refuses writes after an earlier I/O failure ({cause}); reopen it")
             }
             WriteError::StorageFull => {
-                write!(f, "disk full: the write was not acknowledged; free space and reopen")
+                write!(f, "disk full: nothing is acknowledged until space is freed")
             }
             WriteError::Io { during, kind } => write!(f, "I/O error while {during}: {kind}"),
             WriteError::RecordTooLarge { record_bytes } => {

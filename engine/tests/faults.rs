@@ -1,6 +1,7 @@
 //! Storage faults, injected through the engine's storage seam (`SimStorage`): a failed
 //! fsync poisons the shard (never retry-and-hope), a full disk and a short write are
-//! clear errors, a failure at any step of a checkpoint is survived, corrupt records are
+//! clear errors, a full disk stalls the shard until a commit finds space again (the
+//! stalled batches written whole once more, nothing acknowledged early), a failure at any step of a checkpoint is survived, corrupt records are
 //! quarantined and never served, and a damaged checkpoint falls back to the log. In every
 //! case nothing acknowledged is lost. (Torn writes at every byte offset: `torn_sweep.rs`;
 //! power cuts that drop, tear and reorder unsynced writes: `power_cut.rs`.)
@@ -76,6 +77,111 @@ fn full_disk_is_a_clear_error_and_loses_nothing_acknowledged() {
     assert_eq!(read_all(&shard, device).len(), 4);
 }
 
+/// A full disk stalls the shard instead of poisoning it: what the failed commit held is
+/// not acknowledged (its waiters hear `StorageFull`), appends are refused meanwhile and
+/// nothing spins on the full disk (`has_pending` is false), and once space is back the
+/// next commit writes the kept batches and the shard works on, without a reopen. The
+/// old engine refused every write until the shard was reopened (a server restart).
+#[test]
+fn a_full_disk_stalls_the_shard_until_space_is_back() {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    fill(&shard, device, 1, 3);
+    block_on(shard.commit()).unwrap();
+    let durable_before = shard.borrow().durable_seq();
+
+    fill(&shard, device, 4, 3);
+    let last = shard.borrow_mut().append_envelope(&envelope(5, 7, 7, b"7"), &[device]).unwrap();
+    disk.fail_after(0, ErrorKind::StorageFull);
+    assert_eq!(block_on(shard.commit()), Err(WriteError::StorageFull));
+    assert!(shard.borrow().write_stalled());
+    assert_eq!(shard.borrow().durable_seq(), durable_before, "nothing of it is durable");
+    assert_eq!(block_on(shard.borrow().durable(last.record_seq)), Err(WriteError::StorageFull));
+    let refused = shard.borrow_mut().append_envelope(&envelope(5, 8, 8, b"8"), &[device]);
+    assert_eq!(refused.unwrap_err(), WriteError::StorageFull);
+    assert!(!shard.borrow().has_pending(), "a commit loop must not spin on a full disk");
+    // Still full: the retry fails alike and changes nothing.
+    assert_eq!(block_on(shard.commit()), Err(WriteError::StorageFull));
+    assert_eq!(read_all(&shard, device).len(), 3, "reads stop at the durable end");
+
+    disk.clear_failure(); // space is back
+    assert_eq!(block_on(shard.commit()), Ok(shard.borrow().appended_seq()));
+    assert!(!shard.borrow().write_stalled() && shard.borrow().write_error().is_none());
+    assert_eq!(block_on(shard.borrow().durable(last.record_seq)), Ok(()));
+    fill(&shard, device, 8, 1);
+    block_on(shard.commit()).unwrap();
+    let bodies: Vec<Vec<u8>> = read_all(&shard, device).into_iter().map(|(_, b)| b).collect();
+    let expected: Vec<Vec<u8>> = (1..=8u64)
+        .map(|id| if id == 7 { b"7".to_vec() } else { id.to_le_bytes().to_vec() })
+        .collect();
+    assert_eq!(bodies, expected);
+    drop(shard);
+    let shard = open(disk.power_cut(|_, _| PowerCut::DropAll), small_config());
+    assert_eq!(read_all(&shard, device).len(), 8, "all of it was synced");
+}
+
+/// The disk fills at each step of a commit that rolls to a new segment — the batch
+/// closing the old segment, creating the new file, syncing the directory, the write and
+/// the sync of the first batch there — with and without a short write. Every time: a
+/// clear `StorageFull`, then, once space is back, a commit without a reopen that
+/// writes it all (a new segment file left by the failed attempt is made again), and a
+/// power cut after that loses nothing.
+#[test]
+fn a_full_disk_at_every_step_of_a_segment_roll_is_recovered_in_place() {
+    let mut steps = 0;
+    for fail_at in 0.. {
+        let mut failed = false;
+        for short in [false, true] {
+            failed |= full_disk_during_a_roll(fail_at, short);
+        }
+        if !failed {
+            break; // the commit has fewer operations than that
+        }
+        steps += 1;
+    }
+    assert!(steps >= 6, "the roll commit took {steps} storage operations");
+}
+
+/// One case of the sweep above; whether the failure fired.
+fn full_disk_during_a_roll(fail_at: u32, short: bool) -> bool {
+    let disk = SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (1, 1);
+    let append = |id: u64| {
+        let body = vec![id as u8; 200];
+        shard.borrow_mut().append_envelope(&envelope(5, id, id, &body), &[device]).unwrap();
+    };
+    (1..=100).for_each(append);
+    block_on(shard.commit()).unwrap();
+    let segments = |s: &tern_engine::ShardHandle<SimStorage>| s.borrow().segment_stats().len();
+    assert_eq!(segments(&shard), 1);
+    (101..=250).for_each(append); // crosses into segment 2
+    assert_eq!(segments(&shard), 2);
+    match short {
+        true => disk.fail_short_after(fail_at, ErrorKind::StorageFull),
+        false => disk.fail_after(fail_at, ErrorKind::StorageFull),
+    }
+    let case = format!("failing at operation {fail_at}, short write {short}");
+    let first = block_on(shard.commit());
+    let failed = first.is_err();
+    if failed {
+        assert_eq!(first, Err(WriteError::StorageFull), "{case}");
+        assert_eq!(read_all(&shard, device).len(), 100, "{case}");
+    }
+    disk.clear_failure();
+    block_on(shard.commit()).unwrap_or_else(|e| panic!("{case}: {e}"));
+    (251..=260).for_each(append);
+    block_on(shard.commit()).unwrap();
+    assert_eq!(read_all(&shard, device).len(), 260, "{case}");
+    drop(shard);
+    let shard = open(disk.power_cut(|_, _| PowerCut::DropAll), small_config());
+    let read = read_all(&shard, device);
+    assert_eq!(read.len(), 260, "{case}");
+    assert_eq!(read[259].1, vec![4u8; 200], "{case}"); // 260 as u8
+    failed
+}
+
 #[test]
 fn corrupt_record_in_a_sealed_segment_is_quarantined_not_served() {
     let disk = SimStorage::new(512);
@@ -149,7 +255,7 @@ fn a_short_write_is_an_error_and_loses_nothing_acknowledged() {
     disk.fail_short_after(0, ErrorKind::StorageFull); // half the batch lands, then ENOSPC
     assert_eq!(block_on(shard.commit()), Err(WriteError::StorageFull));
     disk.clear_failure();
-    assert!(shard.borrow().write_error().is_some(), "the shard refuses writes until reopened");
+    assert!(shard.borrow().write_error().is_some(), "the shard refuses writes until a commit");
     drop(shard);
     // Whatever part of the failed batch reached the disk, it has no Commit record: it
     // is a torn tail, discarded; the forty acknowledged records are all there.

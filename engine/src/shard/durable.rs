@@ -2,7 +2,7 @@
 //! [`Durable`] future that tasks await on them.
 //!
 //! The log moves the watermark after each synced batch (or sets the error when a sync
-//! failed); a waiter holds only an `Rc` of the [`Notifier`], never a borrow of the shard,
+//! failed, or a passing one while a full disk stalls it); a waiter holds only an `Rc` of the [`Notifier`], never a borrow of the shard,
 //! so it can wait across the commit that wakes it.
 
 use std::cell::{Cell, RefCell};
@@ -18,6 +18,8 @@ use crate::error::WriteError;
 pub(crate) struct Notifier {
     durable_seq: Cell<u64>,
     failed: Cell<Option<WriteError>>,
+    /// A commit found the disk full: waiters hear it, until the watermark moves.
+    stalled: Cell<Option<WriteError>>,
     waiters: RefCell<Vec<Waker>>,
 }
 
@@ -43,6 +45,14 @@ impl Notifier {
     /// Moves the watermark to `durable_seq` and wakes every waiter.
     pub(crate) fn advance(&self, durable_seq: u64) {
         self.durable_seq.set(durable_seq);
+        self.stalled.set(None);
+        self.wake_all();
+    }
+
+    /// A commit failed for lack of space and will be tried again: wakes every waiter
+    /// with `error`, which holds only until the next successful commit.
+    pub(crate) fn stall(&self, error: WriteError) {
+        self.stalled.set(Some(error));
         self.wake_all();
     }
 
@@ -59,7 +69,7 @@ impl Notifier {
     }
 }
 
-/// Resolves when a record is durable (or the shard failed).
+/// Resolves when a record is durable (or the shard failed, or stalled on a full disk).
 #[derive(Debug)]
 pub struct Durable {
     notifier: Rc<Notifier>,
@@ -82,6 +92,10 @@ impl Future for Durable {
         }
         if let Some(error) = self.notifier.failed.take() {
             self.notifier.failed.set(Some(error.clone()));
+            return Poll::Ready(Err(error));
+        }
+        if let Some(error) = self.notifier.stalled.take() {
+            self.notifier.stalled.set(Some(error.clone()));
             return Poll::Ready(Err(error));
         }
         self.notifier.waiters.borrow_mut().push(cx.waker().clone());

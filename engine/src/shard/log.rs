@@ -8,7 +8,13 @@
 //! and takes it out as a [`CommitJob`], the handle awaits [`CommitJob::run`], and
 //! [`Log::finish_commit`] makes the bytes readable ([`Segments`]) and durable. Appends
 //! arriving meanwhile form the next batch. A failed write or sync poisons the log for
-//! good: nothing is retried, and only reopening the shard clears it.
+//! good: nothing is retried, and only reopening the shard clears it. The one exception
+//! is a full disk (`ENOSPC`): the log *stalls* — it keeps the batches that failed,
+//! refuses appends with [`WriteError::StorageFull`], and the next commit writes and
+//! syncs those same batches again, from its own buffers, at the same offsets. Writing
+//! them whole again is what makes a retry safe where retrying an `fdatasync` is not: any
+//! page the kernel dropped after the failed sync is written again, and nothing reads as
+//! durable before a sync of all of it succeeded.
 
 use std::rc::Rc;
 
@@ -62,6 +68,11 @@ pub(crate) struct Log<S: Storage> {
     in_flight_last_seq: u64,
     next_record_seq: u64,
     poisoned: Option<WriteError>,
+    /// Batches of a commit that failed for lack of space, written again (before
+    /// `pending`) by the next commit.
+    retry: Vec<PendingBatch>,
+    /// Set while `retry` waits: appends are refused with this error.
+    stalled: Option<WriteError>,
     notifier: Rc<Notifier>,
     /// Scratch for record bodies, reused to avoid an allocation per record.
     body_scratch: Vec<u8>,
@@ -86,6 +97,9 @@ pub(crate) struct CommitJob<S: Storage> {
     segment_bytes: u64,
     last_seq: u64,
     batches: Vec<PendingBatch>,
+    /// The batches were written before, and failed for lack of space: a segment file
+    /// they open may exist from that attempt (holding nothing acknowledged).
+    retry: bool,
 }
 
 /// What [`CommitJob::run`] did: the segment files it created, and how it ended.
@@ -118,6 +132,8 @@ impl<S: Storage> Log<S> {
             in_flight_last_seq: 0,
             next_record_seq,
             poisoned: None,
+            retry: Vec::new(),
+            stalled: None,
             notifier: Rc::new(Notifier::new(next_record_seq.saturating_sub(1))),
             body_scratch: Vec::new(),
             spare_buffers: Vec::new(),
@@ -129,14 +145,22 @@ impl<S: Storage> Log<S> {
         &self.storage
     }
 
-    /// The error that made the log refuse every later write, if any.
+    /// The error that makes the log refuse writes, if any: for good after an I/O
+    /// error, until a commit gets the stalled batches out after a full disk.
     pub(crate) fn write_error(&self) -> Option<&WriteError> {
-        self.poisoned.as_ref()
+        self.poisoned.as_ref().or(self.stalled.as_ref())
     }
 
-    /// Whether records wait for a commit.
+    /// Whether a commit failed for lack of space and its batches wait to be written
+    /// again (by the next [`Log::next_commit_step`]).
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.is_some()
+    }
+
+    /// Whether records wait for a commit. Not while stalled: committing again at once
+    /// would spin on a full disk; whoever retries calls commit when space may be back.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() && self.stalled.is_none()
     }
 
     /// The sequence number of the next record.
@@ -176,7 +200,7 @@ impl<S: Storage> Log<S> {
         flags: u8,
         write_body: impl FnOnce(&mut Vec<u8>) -> Result<(), WriteError>,
     ) -> Result<(u64, Loc, u64), WriteError> {
-        if let Some(error) = &self.poisoned {
+        if let Some(error) = self.write_error() {
             return Err(error.clone());
         }
         // Lay the record out straight at the end of the current batch: almost always it
@@ -353,11 +377,16 @@ impl<S: Storage> Log<S> {
     }
 
     fn take_commit_job(&mut self, segments: &mut Segments) -> Option<CommitJob<S>> {
-        if self.pending.is_empty() || self.commit_in_flight || self.poisoned.is_some() {
+        let nothing = self.pending.is_empty() && self.retry.is_empty();
+        if nothing || self.commit_in_flight || self.poisoned.is_some() {
             return None;
         }
-        self.close_last_batch(segments);
-        let batches = std::mem::take(&mut self.pending);
+        if !self.pending.is_empty() {
+            self.close_last_batch(segments);
+        }
+        // The stalled batches first: the pending ones were laid out after them.
+        let mut batches = std::mem::take(&mut self.retry);
+        batches.append(&mut self.pending);
         let last = batches.last().expect("non-empty");
         self.next_batch_start = (last.segment_id, last.start_offset + last.bytes.len() as u64);
         self.commit_in_flight = true;
@@ -368,11 +397,13 @@ impl<S: Storage> Log<S> {
             segment_bytes: self.segment_bytes,
             last_seq: self.next_record_seq - 1,
             batches,
+            retry: self.stalled.is_some(),
         })
     }
 
     /// Ends a commit: on success the batches become readable and durable (and a batch
-    /// that opened a segment seals the previous one); on failure the log is poisoned.
+    /// that opened a segment seals the previous one); on a full disk the log stalls
+    /// with the batches kept for the next commit; on any other failure it is poisoned.
     /// Returns the durable sequence number.
     pub(crate) fn finish_commit(
         &mut self,
@@ -382,8 +413,10 @@ impl<S: Storage> Log<S> {
         outcome: CommitOutcome<S::File>,
     ) -> Result<u64, WriteError> {
         self.commit_in_flight = false;
-        if let Err(error) = outcome.result {
-            return Err(self.poison(error));
+        match outcome.result {
+            Ok(()) => self.stalled = None,
+            Err(WriteError::StorageFull) => return Err(self.stall(job.batches)),
+            Err(error) => return Err(self.poison(error)),
         }
         let mut created = outcome.created.into_iter();
         for batch in job.batches {
@@ -411,6 +444,17 @@ impl<S: Storage> Log<S> {
         Ok(job.last_seq)
     }
 
+    /// Keeps the batches of a commit that found the disk full, to write them again.
+    /// Their records stay where they were laid out (the index already points there) and
+    /// are not durable; waiters hear the error but may wait again.
+    fn stall(&mut self, batches: Vec<PendingBatch>) -> WriteError {
+        debug_assert!(self.retry.is_empty(), "a retry takes the stalled batches with it");
+        self.retry = batches;
+        self.stalled = Some(WriteError::StorageFull);
+        self.notifier.stall(WriteError::StorageFull);
+        WriteError::StorageFull
+    }
+
     fn poison(&mut self, error: WriteError) -> WriteError {
         self.poisoned = Some(error.clone());
         self.notifier.fail(error.clone());
@@ -432,6 +476,11 @@ impl<S: Storage> CommitJob<S> {
         for batch in &self.batches {
             if batch.new_segment {
                 let name = segment_file_name(u64::from(batch.segment_id));
+                if self.retry {
+                    // An earlier attempt may have created it before the disk filled. It
+                    // holds nothing acknowledged: this batch, which opens it, never was.
+                    let _ = self.storage.remove(&name).await;
+                }
                 let new_file = self
                     .storage
                     .create(&name, self.segment_bytes)

@@ -298,10 +298,22 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    /// The write error that made this shard refuse every later write (a failed
-    /// `fdatasync`, a full disk), if any: only reopening the shard clears it.
+    /// The write error that makes this shard refuse writes, if any: after a failed
+    /// write or `fdatasync`, for good (only reopening the shard clears it); after a full
+    /// disk ([`WriteError::StorageFull`]), until a commit writes the stalled batches
+    /// (see [`Shard::write_stalled`]).
     pub fn write_error(&self) -> Option<&WriteError> {
         self.log.write_error()
+    }
+
+    /// Whether a commit found the disk full: its batches are kept (nothing in them is
+    /// durable or acknowledged), appends are refused with `StorageFull`, and the next
+    /// [`ShardHandle::commit`](crate::ShardHandle::commit) writes them again. Call it
+    /// when space may be back (the server tries every second); it fails alike while
+    /// the disk is still full. [`Shard::has_pending`] is false meanwhile, so a loop
+    /// that commits while records are pending does not spin on a full disk.
+    pub fn write_stalled(&self) -> bool {
+        self.log.is_stalled()
     }
 
     /// Whether a deleted account's records still wait to be erased from disk (by the
