@@ -97,6 +97,10 @@ struct Args {
     /// Bytes queued per device at most (likewise).
     #[arg(long, default_value_t = 256 << 20)]
     mailbox_max_bytes: u64,
+    /// Percent of a device's mailbox (of both limits above) one sender may fill; past it
+    /// the sender's messages are refused (`QuotaExceeded`) and its receipts dropped.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100))]
+    mailbox_sender_share_percent: u64,
     /// Largest media file accepted, in bytes (uploads declaring more are refused at once).
     #[arg(long, default_value_t = 100 << 20)]
     media_max_bytes: u64,
@@ -191,6 +195,7 @@ fn core_config(args: &Args) -> CoreConfig {
         },
         mailbox_max_messages: args.mailbox_max_messages.max(2),
         mailbox_max_bytes: args.mailbox_max_bytes,
+        mailbox_sender_share_percent: args.mailbox_sender_share_percent,
         media_max_bytes: args.media_max_bytes,
         discovery_per_day: args.discovery_per_day,
         code_requests_per_prefix_per_hour: args.code_requests_per_prefix_per_hour,

@@ -175,6 +175,10 @@ refusals! {
             "too many messages from this device; slow down",
         /// No such recipient.
         NoSuchUser => ErrorCode::NotFound, "no such user",
+        /// The sender holds its whole share of a recipient device's mailbox.
+        OverMailboxShare => ErrorCode::QuotaExceeded,
+            "the recipient's mailbox holds all the undelivered messages one sender may queue \
+             there; wait until they are delivered",
         /// The copies do not match the devices.
         StaleDevices {
             missing: Vec<(UserId, DeviceId)>,

@@ -34,7 +34,7 @@ pub use manifest::{DataDir, DataDirLock, Manifest, ManifestError};
 pub use shard::checkpoint;
 pub use shard::config::{ShardConfig, ShardCounters};
 pub use shard::durable::Durable;
-pub use shard::index::{MailboxEntry, MailboxRead};
+pub use shard::index::{MailboxEntry, MailboxRead, SenderShare};
 pub use shard::loc::{DeviceAddr, Loc};
 pub use shard::segments::SegmentStats;
 pub use shard::{Appended, Shard};

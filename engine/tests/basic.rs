@@ -133,6 +133,44 @@ fn mailbox_bytes_follow_appends_acks_and_restarts() {
 }
 
 #[test]
+fn sender_shares_follow_appends_acks_removals_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = StdStorage::new(dir.path()).unwrap();
+    let shard = open(storage.clone(), small_config());
+    let alice = (10, 1);
+    let (flooder, friend) = (20, 30);
+    for i in 0..12u64 {
+        let sender = if i % 3 == 0 { friend } else { flooder };
+        let body = vec![b'x'; 100];
+        let envelope = envelope(sender, i + 1, 1000 + i, &body);
+        shard.borrow_mut().append_envelope(&envelope, &[alice]).unwrap();
+    }
+    block_on(shard.commit()).unwrap();
+    let share = |shard: &tern_engine::ShardHandle<StdStorage>, sender| {
+        shard.borrow_mut().mailbox_sender_share(alice, sender)
+    };
+    assert_eq!((share(&shard, flooder).entries, share(&shard, friend).entries), (8, 4));
+    let bytes = shard.borrow_mut().mailbox_bytes(alice);
+    assert_eq!(share(&shard, flooder).bytes + share(&shard, friend).bytes, bytes);
+    // Acks release both senders' entries: 0..=5 holds two of the friend's, four others.
+    shard.borrow_mut().ack(alice, 5).unwrap();
+    assert_eq!((share(&shard, flooder).entries, share(&shard, friend).entries), (4, 2));
+    // A removal (deleted for everyone) releases one.
+    let seq = shard.borrow().find_queued(alice, flooder, 1007).unwrap();
+    shard.borrow_mut().remove_queued(alice, seq).unwrap();
+    block_on(shard.commit()).unwrap();
+    assert_eq!(share(&shard, flooder).entries, 3);
+    // After a checkpoint and a restart the shares are counted again from the records.
+    block_on(shard.checkpoint()).unwrap();
+    drop(shard);
+    let shard = open(storage, small_config());
+    assert_eq!((share(&shard, flooder).entries, share(&shard, friend).entries), (3, 2));
+    shard.borrow_mut().ack(alice, 11).unwrap();
+    assert_eq!(share(&shard, flooder), tern_engine::SenderShare::default());
+    assert_eq!(shard.borrow_mut().mailbox_bytes(alice), 0);
+}
+
+#[test]
 fn a_removed_envelope_is_never_served_again_after_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let storage = StdStorage::new(dir.path()).unwrap();

@@ -30,6 +30,10 @@ pub struct CoreConfig {
     pub mailbox_max_messages: u64,
     /// Bytes queued per device at most (likewise).
     pub mailbox_max_bytes: u64,
+    /// The share of a device's mailbox (percent of both limits) one sender may fill: past
+    /// it, its messages are refused (`QuotaExceeded`) and its receipts dropped, so that one
+    /// sender cannot push everyone else's messages out of somebody's mailbox.
+    pub mailbox_sender_share_percent: u64,
     /// Whether this server takes media (the runtime or the simulation runs the blob
     /// store behind it).
     pub media_enabled: bool,
@@ -70,6 +74,7 @@ impl Default for CoreConfig {
             fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
             mailbox_max_messages: 10_000,
             mailbox_max_bytes: 256 << 20,
+            mailbox_sender_share_percent: 50,
             media_enabled: true,
             media_max_bytes: 100 << 20,
             media_ttl_ms: 30 * 24 * 3600 * 1000,

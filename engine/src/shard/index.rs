@@ -45,16 +45,62 @@ pub struct MailboxRead<'a> {
 /// sequence number continues.
 pub(crate) type ConversationKey = (UserId, DeviceId, UserId);
 
+/// What one sender has queued in a mailbox (the per-sender share a recipient's quota
+/// checks, so that one sender cannot fill somebody's mailbox alone).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderShare {
+    /// Envelopes queued.
+    pub entries: u64,
+    /// Their record bytes (headers included).
+    pub bytes: u64,
+}
+
+/// What a mailbox holds, for quotas: record bytes in all, and per sender.
 #[derive(Debug, Default)]
+struct Tally {
+    bytes: u64,
+    senders: HashMap<UserId, SenderShare>,
+}
+
+impl Tally {
+    fn add(&mut self, sender: UserId, bytes: u64) {
+        self.bytes += bytes;
+        let share = self.senders.entry(sender).or_default();
+        share.entries += 1;
+        share.bytes += bytes;
+    }
+
+    fn remove(&mut self, sender: UserId, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        let Some(share) = self.senders.get_mut(&sender) else { return };
+        share.entries = share.entries.saturating_sub(1);
+        share.bytes = share.bytes.saturating_sub(bytes);
+        if share.entries == 0 {
+            self.senders.remove(&sender);
+            if self.senders.is_empty() {
+                // An online device's mailbox empties after every delivery: keep no
+                // table allocated for it meanwhile.
+                self.senders = HashMap::default();
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Mailbox {
     /// Sequence number of `entries[0]`.
     head_seq: u64,
     entries: VecDeque<Loc>,
-    /// Record bytes of the entries (for quotas), unless `bytes_unknown`.
-    bytes: u64,
-    /// Set for mailboxes restored from a checkpoint (which does not store sizes): the
-    /// first [`Index::mailbox_bytes`] sums them, so recovery does not pay for it.
-    bytes_unknown: bool,
+    /// Bytes and per-sender shares of the entries; `None` for mailboxes restored from a
+    /// checkpoint (which does not store them): the first query counts them, so recovery
+    /// does not pay for it.
+    tally: Option<Tally>,
+}
+
+impl Default for Mailbox {
+    fn default() -> Mailbox {
+        Mailbox { head_seq: 0, entries: VecDeque::new(), tally: Some(Tally::default()) }
+    }
 }
 
 impl Mailbox {
@@ -66,6 +112,28 @@ impl Mailbox {
     fn entry_mut(&mut self, mailbox_seq: u64) -> Option<&mut Loc> {
         let index = mailbox_seq.checked_sub(self.head_seq)?;
         self.entries.get_mut(index as usize)
+    }
+
+    /// The tally, counted from the records if it is not known yet.
+    fn tally(&mut self, segments: &Segments) -> &Tally {
+        self.tally.get_or_insert_with(|| {
+            let mut tally = Tally::default();
+            for loc in self.entries.iter().filter(|loc| loc.is_record()) {
+                if let Some((sender, bytes)) = segments.sender_and_len(*loc) {
+                    tally.add(sender, bytes);
+                }
+            }
+            tally
+        })
+    }
+
+    /// Takes a released entry out of the tally (if it is known).
+    fn untally(&mut self, segments: &Segments, loc: Loc) {
+        let Some(tally) = &mut self.tally else { return };
+        if let Some((sender, bytes)) = loc.is_record().then(|| segments.sender_and_len(loc)).flatten()
+        {
+            tally.remove(sender, bytes);
+        }
     }
 }
 
@@ -112,7 +180,7 @@ impl Index {
                 head_seq.saturating_add(entries.len() as u64) < MAILBOX_SEQ_MAX
             })
             .map(|(device, head_seq, entries)| {
-                (device, Mailbox { head_seq, entries, bytes: 0, bytes_unknown: true })
+                (device, Mailbox { head_seq, entries, tally: None })
             })
             .collect();
         let dropped = (mailboxes_before - mailboxes.len()) as u64;
@@ -168,7 +236,10 @@ impl Index {
     pub(crate) fn memory_bytes(&self) -> usize {
         let entry = std::mem::size_of::<Loc>();
         let per_mailbox = std::mem::size_of::<(DeviceAddr, Mailbox)>() + 8;
-        self.mailboxes.values().map(|m| m.entries.capacity() * entry + per_mailbox).sum::<usize>()
+        let per_sender = std::mem::size_of::<(UserId, SenderShare)>() + 1;
+        let tally = |m: &Mailbox| m.tally.as_ref().map_or(0, |t| t.senders.capacity() * per_sender);
+        let mailbox = |m: &Mailbox| m.entries.capacity() * entry + per_mailbox + tally(m);
+        self.mailboxes.values().map(mailbox).sum::<usize>()
             + self.shared_refs.capacity() * (std::mem::size_of::<(Loc, u32)>() + 1)
     }
 
@@ -278,13 +349,19 @@ impl Index {
     /// Bytes of the records queued for a device. Summed once after a restart from a
     /// checkpoint, then kept up to date.
     pub(crate) fn mailbox_bytes(&mut self, segments: &Segments, device: DeviceAddr) -> u64 {
-        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return 0 };
-        if mailbox.bytes_unknown {
-            mailbox.bytes =
-                mailbox.entries.iter().filter_map(|loc| segments.record_len(*loc)).sum();
-            mailbox.bytes_unknown = false;
-        }
-        mailbox.bytes
+        self.mailboxes.get_mut(&device).map_or(0, |m| m.tally(segments).bytes)
+    }
+
+    /// What `sender` has queued in a device's mailbox. Counted once after a restart from
+    /// a checkpoint, then kept up to date.
+    pub(crate) fn sender_share(
+        &mut self,
+        segments: &Segments,
+        device: DeviceAddr,
+        sender: UserId,
+    ) -> SenderShare {
+        let Some(mailbox) = self.mailboxes.get_mut(&device) else { return SenderShare::default() };
+        mailbox.tally(segments).senders.get(&sender).copied().unwrap_or_default()
     }
 
     // -----------------------------------------------------------------------------------
@@ -328,7 +405,9 @@ impl Index {
                 mailbox.entries.push_back(Loc::LOST);
             }
             mailbox.entries.push_back(loc);
-            mailbox.bytes += record_bytes;
+            if let Some(tally) = &mut mailbox.tally {
+                tally.add(envelope.sender_user, record_bytes);
+            }
             added += 1;
             if envelope.conversation_seq > 0 {
                 let key = (slot.user_id, slot.device_id, envelope.sender_user);
@@ -358,8 +437,9 @@ impl Index {
             released.push(loc);
         }
         let count = released.len() as u64;
-        let released_bytes: u64 = released.iter().filter_map(|loc| segments.record_len(*loc)).sum();
-        mailbox.bytes = mailbox.bytes.saturating_sub(released_bytes);
+        for loc in &released {
+            mailbox.untally(segments, *loc);
+        }
         for loc in released {
             self.release(segments, loc);
         }
@@ -372,11 +452,7 @@ impl Index {
         let Some(mailbox) = self.mailboxes.get_mut(&device) else { return };
         let Some(entry) = mailbox.entry_mut(mailbox_seq) else { return };
         let loc = std::mem::replace(entry, Loc::REMOVED);
-        if !loc.is_record() {
-            return;
-        }
-        let bytes = segments.record_len(loc).unwrap_or(0);
-        mailbox.bytes = mailbox.bytes.saturating_sub(bytes);
+        mailbox.untally(segments, loc);
         self.release(segments, loc);
     }
 
@@ -439,6 +515,7 @@ impl Index {
                 let mailbox = self.mailboxes.get_mut(&device).expect("present");
                 mailbox.entries.pop_front();
                 mailbox.head_seq += 1;
+                mailbox.untally(segments, loc); // (Its bytes used to stay counted.)
                 dropped += 1;
                 self.release(segments, loc);
             }

@@ -52,7 +52,7 @@ use self::config::{ShardConfig, ShardCounters};
 use self::dedup::Dedup;
 use self::durable::Durable;
 use self::ids::MessageIds;
-use self::index::{Index, MailboxRead};
+use self::index::{Index, MailboxRead, SenderShare};
 use self::loc::{DeviceAddr, Loc};
 use self::log::{CommitJob, CommitOutcome, CommitStep, Log};
 use self::reclaim::Compaction;
@@ -383,6 +383,11 @@ impl<S: Storage> Shard<S> {
     /// after a restart from a checkpoint, then kept up to date.
     pub fn mailbox_bytes(&mut self, device: DeviceAddr) -> u64 {
         self.index.mailbox_bytes(&self.segments, device)
+    }
+
+    /// What `sender` has queued in a device's mailbox (for the per-sender share).
+    pub fn mailbox_sender_share(&mut self, device: DeviceAddr, sender: UserId) -> SenderShare {
+        self.index.sender_share(&self.segments, device, sender)
     }
 
     /// Devices with a non-empty mailbox and their backlog.

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use rkyv::rancor::Failure;
-use tern_wire::messages::ArchivedEnvelope;
+use tern_wire::messages::{ArchivedEnvelope, UserId};
 
 use super::loc::Loc;
 use crate::body::ArchivedEnvelopeRecord;
@@ -154,6 +154,17 @@ impl Segments {
         let envelope = rkyv::access::<ArchivedEnvelope, Failure>(envelope_bytes)
             .map_err(|_| corrupt(RecordFault::BadBody))?;
         Ok((envelope_bytes, envelope))
+    }
+
+    /// The sender and record length of the envelope at `loc`, for a mailbox's tallies:
+    /// the header is checked, the body's CRC is not (a tally off by one damaged record is
+    /// harmless; a CRC over every acknowledged envelope's body is not free).
+    pub(crate) fn sender_and_len(&self, loc: Loc) -> Option<(UserId, u64)> {
+        let bytes = self.bytes(loc.segment_id)?.get(loc.offset as usize..)?;
+        let (header, body) = record_body_of_checked_bytes(bytes, loc.segment_id).ok()?;
+        let record = rkyv::access::<ArchivedEnvelopeRecord, Failure>(body).ok()?;
+        let envelope = rkyv::access::<ArchivedEnvelope, Failure>(&record.envelope).ok()?;
+        Some((envelope.sender_user.to_native(), header.record_bytes() as u64))
     }
 
     // -----------------------------------------------------------------------------------

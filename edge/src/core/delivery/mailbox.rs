@@ -6,7 +6,9 @@
 //! what the device received and sends **delivered** receipts to the senders. Before an
 //! envelope joins a full mailbox, [`make_room`] drops the oldest down to 90 % of each
 //! limit and announces it: a `Dropped` notice to the device, `SentDropped` to each
-//! sender. Never silent.
+//! sender. Never silent. One sender may fill only its share of a mailbox
+//! ([`within_sender_share`]), so it is a flooder's own messages that are refused, not
+//! everyone else's that are dropped.
 
 use std::collections::BTreeMap;
 
@@ -200,6 +202,27 @@ pub fn tell_server_envelope<S: Storage, T>(
         let call = StoreServerEnvelope { to_user, from, kind, body, now_ms: shared.now_ms() };
         shared.outbox.ask_without_answer(to, call);
     }
+}
+
+/// Whether `sender` may queue one more envelope of about `incoming` bytes for `device`
+/// (homed here): a sender may hold its share of a mailbox's limits and no more, so that
+/// flooding somebody's mailbox refuses the flooder's messages instead of dropping
+/// everyone else's. The server and the device's own user are not held to it.
+pub fn within_sender_share<S: Storage>(
+    shared: &Shared<S>,
+    device: (UserId, DeviceId),
+    sender: UserId,
+    incoming: u64,
+) -> bool {
+    let percent = shared.config.mailbox_sender_share_percent;
+    if sender == 0 || sender == device.0 || percent >= 100 {
+        return true; // (At 100 % the mailbox's own limits decide: the oldest go.)
+    }
+    let Some(handle) = shared.shards.home_of(device.0) else { return true };
+    let held = handle.borrow_mut().mailbox_sender_share(device, sender);
+    let max_entries = (shared.config.mailbox_max_messages * percent / 100).max(1);
+    let max_bytes = shared.config.mailbox_max_bytes / 100 * percent;
+    held.entries < max_entries && held.bytes + incoming <= max_bytes
 }
 
 /// What a full mailbox drops and who is told.

@@ -12,7 +12,7 @@ use tern_wire::messages::{
 };
 use tern_wire::EnvelopeRef;
 
-use super::mailbox::make_room;
+use super::mailbox::{make_room, within_sender_share};
 use super::server_envelope::append_envelope_to;
 use crate::core::shards::Waits;
 use crate::core::shared::Shared;
@@ -148,6 +148,12 @@ fn store_copies<S: Storage>(
     if let Err(refusal) = check_copies(&expected, &given) {
         return (Err(refusal), Vec::new());
     }
+    let over_share = copies.iter().any(|c| {
+        !within_sender_share(shared, (peer, c.device_id), sender.0, c.ciphertext.len() as u64)
+    });
+    if over_share {
+        return (Err(SendRefusal::OverMailboxShare), Vec::new());
+    }
     let copies = copies.iter().map(|c| ((peer, c.device_id), c.e2e_type, &c.ciphertext[..]));
     match append_copies(shared, wakeups, meta, copies) {
         Ok(waits) => (Ok(Stored::New), waits),
@@ -176,7 +182,8 @@ pub fn serve_server_envelope<S: Storage>(
 
 /// Appends a server-made envelope with an archived `body` to every device of
 /// `to_user`, homed here (nothing if there is no such user, for a receipt from someone
-/// `to_user` blocked, or for a read receipt to someone who turned read receipts off).
+/// `to_user` blocked, or for a read receipt to someone who turned read receipts off; not
+/// to devices where `from` holds its whole mailbox share).
 pub fn append_server_envelope<S: Storage>(
     shared: &mut Shared<S>,
     to_user: UserId,
@@ -194,7 +201,9 @@ pub fn append_server_envelope<S: Storage>(
             return Ok(Vec::new());
         }
     }
-    let devices = shared.shards.devices_of(to_user).unwrap_or_default();
+    let mut devices = shared.shards.devices_of(to_user).unwrap_or_default();
+    // A flooding reader's receipts (or adder's group events) past its share are dropped.
+    devices.retain(|device| within_sender_share(shared, *device, from.0, body.len() as u64));
     for device in &devices {
         make_room(shared, *device, body.len() as u64);
     }

@@ -23,12 +23,12 @@ use std::collections::{BTreeMap, HashMap};
 use tern_engine::{StateOp, Storage};
 use tern_wire::messages::{
     ArchivedGroupUpdate, Conversation, DeviceId, E2eType, EnvelopeKind, GroupChangeSigned,
-    GroupEventBody, GroupId, GroupInfo, GroupUpdate, GroupUpdated, SendAck, UserId,
+    GroupEventBody, GroupId, GroupInfo, GroupUpdate, GroupUpdated, NoticeBody, SendAck, UserId,
 };
 use tern_wire::MessageType;
 
 use super::conns::ConnId;
-use super::delivery::mailbox::make_room;
+use super::delivery::mailbox::{make_room, tell_server_envelope, within_sender_share};
 use super::delivery::server_envelope::archive;
 use super::shards::Waits;
 use super::shared::Shared;
@@ -392,6 +392,10 @@ fn store_for_shard<S: Storage>(
     shard_id: u32,
     devices: Vec<(UserId, DeviceId)>,
 ) -> Option<(u32, u64)> {
+    let devices = within_share_or_told(shared, delivery, devices);
+    if devices.is_empty() {
+        return None;
+    }
     for device in &devices {
         make_room(shared, *device, delivery.body.len() as u64);
     }
@@ -428,6 +432,29 @@ fn store_for_shard<S: Storage>(
         }
     }
     Some((shard_id, appended.record_seq))
+}
+
+/// The devices where the sender holds less than its mailbox share; for a message, the
+/// sender is told (`SentDropped`) which members' devices it could not reach.
+fn within_share_or_told<S: Storage>(
+    shared: &mut Shared<S>,
+    delivery: &GroupDelivery,
+    devices: Vec<(UserId, DeviceId)>,
+) -> Vec<(UserId, DeviceId)> {
+    let (sender, bytes) = (delivery.sender.0, delivery.body.len() as u64);
+    let (within, over): (Vec<_>, Vec<_>) =
+        devices.into_iter().partition(|d| within_sender_share(shared, *d, sender, bytes));
+    if delivery.kind == EnvelopeKind::GroupEvent {
+        return within;
+    }
+    let mut missed: Vec<UserId> = over.iter().map(|d| d.0).collect();
+    missed.dedup();
+    for recipient in missed {
+        let message_ids = vec![delivery.server_message_id];
+        let notice = NoticeBody::SentDropped { recipient, message_ids };
+        tell_server_envelope(shared, sender, (0, 0), EnvelopeKind::Notice, &notice);
+    }
+    within
 }
 
 /// On the group's core: the group's state, for a member.

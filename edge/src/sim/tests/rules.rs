@@ -210,7 +210,12 @@ fn a_retried_send_is_stored_once() {
 
 #[test]
 fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
-    let core = CoreConfig { mailbox_max_messages: 5, ..CoreConfig::default() };
+    // One sender may fill the whole mailbox here: what is dropped is the oldest.
+    let core = CoreConfig {
+        mailbox_max_messages: 5,
+        mailbox_sender_share_percent: 100,
+        ..CoreConfig::default()
+    };
     let mut world = world_with(core);
     let alice = register(&mut world, "+15550021", 0);
     let bob = register(&mut world, "+15550022", 0);
@@ -237,6 +242,43 @@ fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
         }
     }
     assert_eq!(lost, ids[..dropped as usize], "the sender learns exactly which were lost");
+}
+
+#[test]
+fn one_sender_fills_only_its_share_of_a_mailbox() {
+    let core = CoreConfig { mailbox_max_messages: 10, ..CoreConfig::default() };
+    let mut world = world_with(core);
+    let friend = register(&mut world, "+15550024", 0);
+    let flooder = register(&mut world, "+15550025", 0);
+    let bob = register(&mut world, "+15550026", 0);
+    let mut f = login(&mut world, &friend);
+    for id in 1..=3u64 {
+        f.request(&mut world, &text(&bob, id, format!("friend {id}").as_bytes()))
+            .access::<SendAck>();
+    }
+    // The flooder gets half of Bob's mailbox (5 of 10), then typed refusals.
+    let mut x = login(&mut world, &flooder);
+    let mut refused = 0;
+    for id in 1..=30u64 {
+        let reply = x.request(&mut world, &text(&bob, id, b"spam"));
+        match reply.error_code() {
+            None => drop(reply.access::<SendAck>()),
+            Some(code) => {
+                assert_eq!(code, ErrorCode::QuotaExceeded, "{}", reply.describe());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 25);
+    let mut b = login(&mut world, &bob);
+    let (texts, dropped) = drain(&mut world, &mut b);
+    assert_eq!(dropped, 0, "nothing of anyone else's was dropped");
+    let friends: Vec<_> = texts.iter().filter(|t| t.starts_with(b"friend")).collect();
+    assert_eq!(friends.len(), 3, "the friend's messages all arrived");
+    assert_eq!(texts.len(), 8);
+    // Delivered, the flooder's share is free again.
+    let reply = x.request(&mut world, &text(&bob, 31, b"later"));
+    assert!(reply.error_code().is_none(), "{}", reply.describe());
 }
 
 #[test]
