@@ -205,6 +205,24 @@ impl Refusal for SendRefusal {
 }
 
 refusals! {
+    /// Read receipts.
+    pub enum ReceiptRefusal {
+        /// The reader's device never received anything from the receipt's addressee.
+        NothingReceived => ErrorCode::Forbidden,
+            "this device never received a message from that user: there is nothing to receipt",
+        /// Too many message ids in one receipt.
+        TooManyIds { count: usize, max: usize } => ErrorCode::TooLarge,
+            "{count} message ids in one receipt; at most {max}",
+    }
+}
+
+impl Refusal for ReceiptRefusal {
+    fn code(&self) -> ErrorCode {
+        self.error_code()
+    }
+}
+
+refusals! {
     /// Registration: code requests and verification.
     pub enum RegistrationRefusal {
         /// Not E.164.

@@ -4,6 +4,7 @@
 //! A read receipt is a server-made envelope for the sender's devices, stored on the
 //! sender's home core ([`StoreServerEnvelope`]); the reader gets `Done` once it is
 //! durable there. Who turned read receipts off neither sends nor receives them. A
+//! device sends them only to users it received messages from ([`check_read`]). A
 //! deletion for everyone removes the sender's queued copies from the peer's mailboxes
 //! (on the peer's core, [`UnqueueMessages`]) and from the sender's own other devices'
 //! (here), then answers `Done`.
@@ -23,7 +24,7 @@ use crate::core::shards::Waits;
 use crate::core::shared::Shared;
 use crate::mesh::calls::{StoreServerEnvelope, UnqueueMessages};
 use crate::mesh::ReplyTo;
-use crate::refusal::StorageRefusal;
+use crate::refusal::{ReceiptRefusal, StorageRefusal};
 use crate::routing::home_shard_of_user;
 
 /// Receipts and deletions waiting for answers.
@@ -47,6 +48,9 @@ impl Receipts {
     ) {
         let to_user = receipt.to_user.to_native();
         let shard = home_shard_of_user(to_user);
+        if let Err(refusal) = check_read(shared, me, to_user, receipt) {
+            return shared.conns.refuse(conn, rid, MessageType::SendReceipt.code(), &refusal);
+        }
         if shared.shards.read_receipts_off(me.0) || !shared.shards.exists(shard) {
             // Who turns read receipts off neither sends nor receives them.
             return shared.conns.send(conn, rid, &Done {});
@@ -114,6 +118,30 @@ impl Receipts {
     pub fn on_unqueued<S: Storage>(&mut self, shared: &mut Shared<S>, token: u64) {
         let Some((conn, rid, waits)) = self.deletions.remove(&token) else { return };
         shared.reply_when_durable(conn, rid, &Done {}, waits);
+    }
+}
+
+/// Message ids one read receipt may name.
+pub const RECEIPT_MESSAGE_IDS_MAX: usize = 256;
+
+/// A read receipt is for messages this device received: `to_user` must have sent it
+/// something (the shard's per-sender numbering, kept across restarts, says so). A
+/// stranger cannot send receipts to people who never wrote to it.
+fn check_read<S: Storage>(
+    shared: &Shared<S>,
+    me: (UserId, DeviceId),
+    to_user: UserId,
+    receipt: &ArchivedSendReceipt,
+) -> Result<(), ReceiptRefusal> {
+    let count = receipt.message_ids.len();
+    if count > RECEIPT_MESSAGE_IDS_MAX {
+        return Err(ReceiptRefusal::TooManyIds { count, max: RECEIPT_MESSAGE_IDS_MAX });
+    }
+    let Some(handle) = shared.shards.home_of(me.0) else { return Ok(()) };
+    if to_user == me.0 || handle.borrow().next_conversation_seq(me, to_user) > 1 {
+        Ok(())
+    } else {
+        Err(ReceiptRefusal::NothingReceived)
     }
 }
 

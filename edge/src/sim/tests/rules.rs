@@ -194,6 +194,39 @@ fn the_sent_tick_waits_for_the_disk_then_delivered_and_read_follow() {
 }
 
 #[test]
+fn a_read_receipt_goes_only_to_who_wrote_to_the_reader() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550013", 0);
+    let stranger = register(&mut world, "+15550014", 0);
+    let mut a = login(&mut world, &alice);
+    let mut s = login(&mut world, &stranger);
+    let read = SendReceipt {
+        kind: ReceiptKind::Read,
+        to_user: alice.user_id,
+        conversation: Conversation::User(stranger.user_id),
+        message_ids: vec![1, 2, 3],
+    };
+    let refused = s.request(&mut world, &read);
+    assert_eq!(refused.error_code(), Some(ErrorCode::Forbidden), "{}", refused.describe());
+    let mut many = read.clone();
+    many.message_ids = (1..=257).collect();
+    let refused = s.request(&mut world, &many);
+    assert_eq!(refused.error_code(), Some(ErrorCode::TooLarge), "{}", refused.describe());
+    assert!(a.take_all(&mut world, MessageType::Deliver).is_empty(), "no receipt reached Alice");
+    // Once Alice wrote to the stranger, its receipts reach her.
+    a.request(&mut world, &text(&stranger, 1, b"hi")).access::<SendAck>();
+    let frame = s.next_of(&mut world, MessageType::Deliver).expect("the stranger gets it");
+    s.send(&mut world, &DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
+    s.request(&mut world, &read).access::<Done>();
+    let kinds: Vec<_> = a
+        .take_all(&mut world, MessageType::Deliver)
+        .iter()
+        .map(|f| f.receipt().kind)
+        .collect();
+    assert_eq!(kinds, vec![ReceiptKind::Delivered, ReceiptKind::Read]);
+}
+
+#[test]
 fn a_retried_send_is_stored_once() {
     let mut world = world();
     let alice = register(&mut world, "+15550011", 0);
