@@ -8,6 +8,7 @@
 //! caller may race it against user input in `tokio::select!`.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,11 @@ use tokio::net::TcpStream;
 use crate::ClientError;
 
 /// How to reach the server.
+///
+/// Without `tls`, everything — the bearer token included — crosses the network in
+/// clear: such a connection is made only to an address of this machine (every address
+/// the name resolves to is loopback) unless `allow_plaintext` says the user asked for it
+/// ([`ClientError::PlaintextRefused`] otherwise, before a byte is sent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// `host:port`.
@@ -31,6 +37,9 @@ pub struct Endpoint {
     pub tls: Option<Trust>,
     /// Frames as binary WebSocket messages (to `ternd`'s WebSocket listener).
     pub websocket: bool,
+    /// Plain TCP or WebSocket to an address off this machine, knowingly (the user gave a
+    /// flag such as `tern --insecure-plaintext`): only behind a network that protects it.
+    pub allow_plaintext: bool,
 }
 
 /// Which certificates a TLS connection accepts.
@@ -40,13 +49,97 @@ pub enum Trust {
     WebPki,
     /// Exactly this certificate (PEM file): for a development server's self-signed one.
     Pinned(PathBuf),
+    /// Exactly this certificate (PEM bytes): what a device's store keeps of a `Pinned`
+    /// file chosen at registration, so that a changed file changes nothing.
+    Certificate(Vec<u8>),
 }
 
+/// The version byte of [`Endpoint::encode`].
+const ENDPOINT_ENCODING_V1: u8 = 1;
+
 impl Endpoint {
-    /// Plain TCP to `address`.
+    /// Plain TCP to `address` (refused off this machine unless `allow_plaintext`).
     pub fn tcp(address: impl Into<String>) -> Endpoint {
-        Endpoint { address: address.into(), tls: None, websocket: false }
+        Endpoint { address: address.into(), tls: None, websocket: false, allow_plaintext: false }
     }
+
+    /// The same endpoint with a `Pinned` file read into a `Certificate`: what a store
+    /// remembers, and what a later endpoint is compared with.
+    pub fn resolved(&self) -> Result<Endpoint, ClientError> {
+        let tls = match &self.tls {
+            Some(Trust::Pinned(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+                Some(Trust::Certificate(pem))
+            }
+            other => other.clone(),
+        };
+        Ok(Endpoint { tls, ..self.clone() })
+    }
+
+    /// Bytes for the store: version, flags (WebSocket, plaintext allowed), trust kind
+    /// (0 none, 1 web PKI, 2 certificate), the address and the certificate, each with its
+    /// length. A `Pinned` trust must be [`Endpoint::resolved`] first (it is kept as 1).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ENDPOINT_ENCODING_V1];
+        out.push(u8::from(self.websocket) | u8::from(self.allow_plaintext) << 1);
+        let pem: &[u8] = match &self.tls {
+            None => {
+                out.push(0);
+                &[]
+            }
+            Some(Trust::WebPki | Trust::Pinned(_)) => {
+                out.push(1);
+                &[]
+            }
+            Some(Trust::Certificate(pem)) => {
+                out.push(2);
+                pem
+            }
+        };
+        out.extend_from_slice(&(self.address.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.address.as_bytes());
+        out.extend_from_slice(&(pem.len() as u32).to_le_bytes());
+        out.extend_from_slice(pem);
+        out
+    }
+
+    /// Parses [`Endpoint::encode`]; `None` for bytes it did not make.
+    pub fn decode(bytes: &[u8]) -> Option<Endpoint> {
+        let (&[version, flags, trust], rest) = bytes.split_first_chunk::<3>()?;
+        if version != ENDPOINT_ENCODING_V1 || flags > 3 {
+            return None;
+        }
+        let (address, rest) = take_counted(rest)?;
+        let (pem, rest) = take_counted(rest)?;
+        let tls = match (trust, pem.is_empty()) {
+            (0, true) => None,
+            (1, true) => Some(Trust::WebPki),
+            (2, false) => Some(Trust::Certificate(pem.to_vec())),
+            _ => return None,
+        };
+        let address = String::from_utf8(address.to_vec()).ok()?;
+        let (websocket, allow_plaintext) = (flags & 1 != 0, flags & 2 != 0);
+        rest.is_empty().then_some(Endpoint { address, tls, websocket, allow_plaintext })
+    }
+}
+
+/// A `u32` (LE) length and that many bytes, and what follows.
+fn take_counted(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (length, rest) = bytes.split_first_chunk::<4>()?;
+    let length = u32::from_le_bytes(*length) as usize;
+    (rest.len() >= length).then(|| rest.split_at(length))
+}
+
+/// The rule for plaintext: a connection without TLS goes only to addresses of this
+/// machine, unless the user allowed it. `addresses` are what the endpoint's name
+/// resolved to; checked before connecting, so nothing leaves in clear.
+pub fn check_plaintext(endpoint: &Endpoint, addresses: &[SocketAddr]) -> Result<(), ClientError> {
+    let on_this_machine = !addresses.is_empty() && addresses.iter().all(|a| a.ip().is_loopback());
+    if endpoint.tls.is_some() || endpoint.allow_plaintext || on_this_machine {
+        return Ok(());
+    }
+    Err(ClientError::PlaintextRefused { address: endpoint.address.clone() })
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -207,9 +300,12 @@ impl Connection {
     }
 }
 
-/// TCP, then TLS and WebSocket as the endpoint asks.
+/// TCP, then TLS and WebSocket as the endpoint asks. A plaintext endpoint off this
+/// machine is refused first ([`check_plaintext`]).
 async fn open_transport(endpoint: &Endpoint) -> Result<Transport, ClientError> {
-    let tcp = TcpStream::connect(&endpoint.address).await?;
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(&endpoint.address).await?.collect();
+    check_plaintext(endpoint, &addresses)?;
+    let tcp = TcpStream::connect(&addresses[..]).await?;
     tcp.set_nodelay(true)?;
     let stream: Box<dyn Stream> = match &endpoint.tls {
         None => Box::new(tcp),
@@ -405,17 +501,18 @@ fn websocket_error(error: tokio_tungstenite::tungstenite::Error) -> ClientError 
 
 fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
-    match trust {
-        Trust::WebPki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Trust::Pinned(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert =
-                    cert.map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| ClientError::Config(e.to_string()))?;
-            }
+    let pem = match trust {
+        Trust::WebPki => {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Vec::new()
         }
+        Trust::Pinned(path) => std::fs::read(path)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?,
+        Trust::Certificate(pem) => pem.clone(),
+    };
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| ClientError::Config(format!("pinned certificate: {e}")))?;
+        roots.add(cert).map_err(|e| ClientError::Config(e.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -424,4 +521,61 @@ fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, ClientError> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plaintext rule: TLS, or the user's flag, or every resolved address on this
+    /// machine. One address off it is enough to refuse.
+    #[test]
+    fn plaintext_goes_only_to_this_machine_unless_allowed() {
+        let at = |a: &str| -> SocketAddr { a.parse().unwrap() };
+        let plain = Endpoint::tcp("chat.example:7400");
+        for loopback in [vec![at("127.0.0.1:7400")], vec![at("[::1]:7400"), at("127.0.0.2:1")]] {
+            assert!(check_plaintext(&plain, &loopback).is_ok(), "{loopback:?}");
+        }
+        for outside in [
+            vec![at("192.0.2.1:7400")],
+            vec![at("127.0.0.1:7400"), at("[2001:db8::1]:7400")],
+            vec![at("[::ffff:192.0.2.1]:7400")],
+            vec![],
+        ] {
+            let refused = check_plaintext(&plain, &outside);
+            assert!(matches!(refused, Err(ClientError::PlaintextRefused { .. })), "{outside:?}");
+        }
+        let outside = [at("192.0.2.1:7400")];
+        let allowed = Endpoint { allow_plaintext: true, ..plain.clone() };
+        assert!(check_plaintext(&allowed, &outside).is_ok());
+        let tls = Endpoint { tls: Some(Trust::WebPki), ..plain };
+        assert!(check_plaintext(&tls, &outside).is_ok());
+    }
+
+    #[test]
+    fn an_endpoint_survives_its_encoding_and_refuses_other_bytes() {
+        let endpoints = [
+            Endpoint::tcp("127.0.0.1:7400"),
+            Endpoint { websocket: true, allow_plaintext: true, ..Endpoint::tcp("h:1") },
+            Endpoint { tls: Some(Trust::WebPki), ..Endpoint::tcp("chat.example:7443") },
+            Endpoint { tls: Some(Trust::Certificate(b"PEM".to_vec())), ..Endpoint::tcp("h:2") },
+        ];
+        for endpoint in endpoints {
+            let bytes = endpoint.encode();
+            assert_eq!(Endpoint::decode(&bytes), Some(endpoint));
+            assert_eq!(Endpoint::decode(&bytes[..bytes.len() - 1]), None);
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(Endpoint::decode(&longer), None);
+        }
+        assert_eq!(Endpoint::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+    }
+
+    /// A plaintext endpoint off this machine is refused before any connection: nothing,
+    /// not even the hello, leaves (192.0.2.1 is TEST-NET-1; before, the client dialled it).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_plaintext_connection_off_this_machine_is_refused_before_dialling() {
+        let refused = Connection::open(&Endpoint::tcp("192.0.2.1:7400")).await;
+        assert!(matches!(refused, Err(ClientError::PlaintextRefused { .. })), "{refused:?}");
+    }
 }

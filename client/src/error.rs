@@ -37,6 +37,31 @@ pub enum ClientError {
     /// A setting is wrong (store path, certificate file, ...).
     #[error("configuration: {0}")]
     Config(String),
+    /// A connection without TLS to an address off this machine, which the user did not
+    /// allow (`Endpoint::allow_plaintext`): the token would cross the network in clear.
+    /// Nothing was sent.
+    #[error(
+        "{address} is not on this machine and the connection has no TLS: the token and \
+         every frame would cross the network in clear; use TLS (tern: --tls), or allow \
+         plaintext knowingly (tern: --insecure-plaintext)"
+    )]
+    PlaintextRefused {
+        /// The endpoint's address.
+        address: String,
+    },
+    /// The endpoint given to open a store protects less than the one chosen at
+    /// registration (no TLS where it had TLS, or another trust root): a reconnect keeps
+    /// the registration's transport and trust root. Nothing was sent.
+    #[error(
+        "this device registered over {registered}; it does not connect over {given} \
+         (a reconnect keeps the transport and trust root chosen at registration)"
+    )]
+    TransportChanged {
+        /// The registration's protection, in words.
+        registered: String,
+        /// The given endpoint's, in words.
+        given: String,
+    },
     /// An envelope held a control message, not a message for the history (internal).
     #[error("not a message")]
     NotAMessage,

@@ -390,8 +390,27 @@ impl Store {
         Ok(Some(Identity { server, user_id, device_id, token }))
     }
 
-    /// Records who this device is, with its E2E account, in one transaction.
-    pub fn save_identity(&mut self, identity: &Identity, account: &str) -> Result<(), StoreError> {
+    /// How this device reaches its server, as chosen at registration (an encoded
+    /// `connection::Endpoint`: transport, trust root, whether plaintext was allowed);
+    /// `None` for a store from before it was kept.
+    pub fn endpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta("endpoint")
+    }
+
+    /// Records how this device reaches its server (a store that had none learns the
+    /// endpoint it is first opened with).
+    pub fn save_endpoint(&self, endpoint: &[u8]) -> Result<(), StoreError> {
+        self.set_meta("endpoint", endpoint)
+    }
+
+    /// Records who this device is, with its E2E account and the endpoint it registered
+    /// through (encoded), in one transaction.
+    pub fn save_identity(
+        &mut self,
+        identity: &Identity,
+        account: &str,
+        endpoint: &[u8],
+    ) -> Result<(), StoreError> {
         let mut plain = Vec::with_capacity(44 + identity.server.len());
         plain.extend_from_slice(&identity.user_id.to_le_bytes());
         plain.extend_from_slice(&identity.device_id.to_le_bytes());
@@ -399,7 +418,12 @@ impl Store {
         plain.extend_from_slice(identity.server.as_bytes());
         let sealed = self.seal(&plain)?;
         let tx = self.db.transaction()?;
-        for (key, value) in [("identity", sealed.as_slice()), ("account", account.as_bytes())] {
+        let rows = [
+            ("identity", sealed.as_slice()),
+            ("account", account.as_bytes()),
+            ("endpoint", endpoint),
+        ];
+        for (key, value) in rows {
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",

@@ -353,6 +353,7 @@ async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
         address: server.tls_addr.to_string(),
         tls: Some(tern_client::Trust::WebPki),
         websocket: false,
+        allow_plaintext: false,
     };
     let refused = Client::open(&stores.path().join("alice.db"), &secret(), Some(untrusted)).await;
     assert!(matches!(refused, Err(ClientError::Io(_))), "{refused:?}");
@@ -361,11 +362,12 @@ async fn a_restarted_client_continues_its_sessions_and_finds_old_messages() {
         address: server.tls_addr.to_string(),
         tls: Some(tern_client::Trust::Pinned(server.data_dir.join("tls/dev-cert.pem"))),
         websocket: false,
+        allow_plaintext: false,
     };
     let mut alice =
         Client::open(&stores.path().join("alice.db"), &secret(), Some(tls)).await.unwrap();
     // Bob over WebSocket.
-    let websocket = Endpoint { address: server.ws_addr.to_string(), tls: None, websocket: true };
+    let websocket = Endpoint { websocket: true, ..Endpoint::tcp(server.ws_addr.to_string()) };
     let mut bob =
         Client::open(&stores.path().join("bob.db"), &secret(), Some(websocket)).await.unwrap();
     alice.send_text(bob_id, "after the restart").await.unwrap();

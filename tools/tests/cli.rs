@@ -21,10 +21,15 @@ fn tern(server: &Server, store: &Path, args: &[&str]) -> Tern {
 }
 
 fn tern_with(server: &Server, store: &Path, passphrase: &str, args: &[&str]) -> Tern {
+    let address = server.addr.to_string();
+    tern_raw(store, passphrase, &[&["--server", &*address], args].concat())
+}
+
+/// `tern` with exactly these arguments (no `--server` added).
+fn tern_raw(store: &Path, passphrase: &str, args: &[&str]) -> Tern {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .arg("--store")
         .arg(store)
-        .args(["--server", &server.addr.to_string()])
         .args(args)
         .env("TERN_PASSPHRASE", passphrase)
         .stdin(Stdio::piped())
@@ -461,4 +466,37 @@ fn a_one_shot_send_acknowledges_what_was_waiting_for_it() {
     assert_eq!(until_queued(data.path(), alice, |queued| queued == 0), 0);
     let history = one_shot(&server, &alice_db, &["history", "--with", &bob.to_string()]);
     assert!(history.iter().any(|l| l.contains("me: one ✓✓")), "{history:?}");
+}
+
+/// Registered over TLS, a device's later commands need no flag to use TLS with the
+/// registration's certificate (before: they dialled the registration's address in plain
+/// TCP, and failed on the TLS port); plain TCP to the same server is refused, and
+/// plaintext to an address off this machine needs --insecure-plaintext.
+#[test]
+fn a_device_keeps_the_transport_it_registered_with() {
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let db = stores.path().join("alice.db");
+    let (tls, ca) = (server.tls_addr.to_string(), server.data_dir.join("tls/dev-cert.pem"));
+    let ca = ca.to_string_lossy().into_owned();
+    let register =
+        ["--server", &*tls, "--tls", "--ca", &*ca, "register", "--phone", "+15595200001"];
+    let mut run = tern_raw(&db, "a passphrase", &register);
+    run.expect("a code was sent");
+    let code = server.code_for("+15595200001");
+    run.type_line(&code);
+    run.expect("registered: user");
+    assert!(run.finish().0);
+
+    let (ok, lines) = tern_raw(&db, "a passphrase", &["profile", "--name", "Alice"]).finish();
+    assert!(ok && lines.iter().any(|l| l.contains("profile updated")), "{lines:?}");
+    let (ok, lines) = tern(&server, &db, &["profile"]).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("this device registered over TLS")), "{lines:?}");
+    let outside = ["--server", "192.0.2.1:7400", "register", "--phone", "+15595200002"];
+    let other = stores.path().join("other.db");
+    let (ok, lines) = tern_raw(&other, "a passphrase", &outside).finish();
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("--insecure-plaintext")), "{lines:?}");
 }

@@ -198,7 +198,11 @@ impl Client {
                 Ok(())
             }
             Err(error @ ClientError::Server { code: ErrorCode::BadToken, .. }) => Err(error),
-            Err(error @ (ClientError::Store(_) | ClientError::Config(_))) => Err(error),
+            Err(
+                error @ (ClientError::Store(_)
+                | ClientError::Config(_)
+                | ClientError::PlaintextRefused { .. }),
+            ) => Err(error),
             Err(error) => {
                 // The server answered oddly (a refusal while starting up, say): try later.
                 self.dropped(&error);

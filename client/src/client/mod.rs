@@ -27,7 +27,7 @@ use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::Message;
 
-use crate::connection::{server_error, Connection, Endpoint, OwnedFrame};
+use crate::connection::{server_error, Connection, Endpoint, OwnedFrame, Trust};
 use crate::crypto::DeviceCrypto;
 use crate::store::{Identity, Status, Store, StoreSecret, StoredMessage};
 use crate::{ClientError, PeerIdentity};
@@ -191,7 +191,10 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Opens a registered device's store and connects.
+    /// Opens a registered device's store and connects: through the endpoint chosen at
+    /// registration (its transport and trust root, kept in the store), or through
+    /// `endpoint` if given — another address, or TLS where registration had none, but
+    /// never less protection than registration chose ([`ClientError::TransportChanged`]).
     pub async fn open(
         store_path: &Path,
         secret: &StoreSecret,
@@ -203,8 +206,13 @@ impl Client {
         })?;
         let crypto =
             store.device_crypto()?.ok_or_else(|| ClientError::Config("no E2E account".into()))?;
-        let endpoint = endpoint.unwrap_or_else(|| Endpoint::tcp(identity.server.clone()));
+        let endpoint = chosen_endpoint(&store, &identity, endpoint)?;
         Client::start(endpoint, store, crypto, identity).await
+    }
+
+    /// How this client reaches its server (what [`Client::open`] chose).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     async fn start(
@@ -370,7 +378,7 @@ impl Client {
         let crypto =
             store.device_crypto()?.ok_or_else(|| ClientError::Config("no E2E account".into()))?;
         Ok(Client {
-            endpoint: Endpoint::tcp(identity.server.clone()),
+            endpoint: chosen_endpoint(&store, &identity, None)?,
             store,
             crypto,
             identity,
@@ -488,6 +496,59 @@ impl Client {
             .map(|p| p.curve25519)
             .ok_or_else(|| ClientError::Protocol("no primary device".into()))
     }
+}
+
+/// The endpoint a store is opened with: the one kept at registration, or `given`
+/// checked against it. A given endpoint may change the address or the framing, or add
+/// TLS to a registration without it; where registration chose TLS it must keep that
+/// trust root (a pinned certificate is compared by its bytes). A store from before the
+/// endpoint was kept learns the first one given (or connects as before: plain TCP to the
+/// address it registered with, itself subject to the plaintext rule).
+fn chosen_endpoint(
+    store: &Store,
+    identity: &Identity,
+    given: Option<Endpoint>,
+) -> Result<Endpoint, ClientError> {
+    let stored = match store.endpoint()? {
+        Some(bytes) => Some(Endpoint::decode(&bytes).ok_or_else(|| {
+            crate::StoreError::Corrupt("the registration's endpoint is unreadable".into())
+        })?),
+        None => None,
+    };
+    let Some(given) = given else {
+        return Ok(stored.unwrap_or_else(|| Endpoint::tcp(identity.server.clone())));
+    };
+    let given = given.resolved()?;
+    match stored {
+        None => store.save_endpoint(&given.encode())?,
+        Some(stored) if stored.tls.is_some() && stored.tls != given.tls => {
+            return Err(ClientError::TransportChanged {
+                registered: protection(&stored),
+                given: protection(&given),
+            })
+        }
+        Some(_) => {}
+    }
+    Ok(given)
+}
+
+/// An endpoint's protection, in words, for [`ClientError::TransportChanged`].
+fn protection(endpoint: &Endpoint) -> String {
+    let framing = if endpoint.websocket { "WebSocket" } else { "TCP" };
+    match &endpoint.tls {
+        None => format!("plain {framing} (no TLS)"),
+        Some(Trust::WebPki) => format!("TLS ({framing}) trusting the web PKI"),
+        Some(Trust::Pinned(path)) => format!("TLS ({framing}) trusting {}", path.display()),
+        Some(Trust::Certificate(pem)) => {
+            let digest = crate::crypto::fingerprint(&sha256(pem));
+            format!("TLS ({framing}) trusting the pinned certificate {digest}")
+        }
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn unreachable_frame() -> ! {

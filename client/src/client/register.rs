@@ -214,8 +214,11 @@ async fn registered(
         },
         _ => return Err(server_error(&reply)),
     };
-    // The server has the keys (the reply came after they were durable).
+    // The server has the keys (the reply came after they were durable). The endpoint is
+    // kept with the identity, a pinned certificate as its bytes: every later connection
+    // of this device uses this transport and trust root.
     crypto.mark_published();
-    store.save_identity(&identity, &crypto.pickle(store.pickle_key()))?;
+    let endpoint = endpoint.resolved()?;
+    store.save_identity(&identity, &crypto.pickle(store.pickle_key()), &endpoint.encode())?;
     Client::start(endpoint, store, crypto, identity).await
 }

@@ -50,6 +50,11 @@ struct Args {
     /// Speak WebSocket (to ternd's WebSocket listener, e.g. 127.0.0.1:7480).
     #[arg(long)]
     websocket: bool,
+    /// Connect without TLS to a server that is not on this machine: the token and every
+    /// frame cross the network in clear. Refused without this flag; a device remembers
+    /// the choice made at `register`/`link`.
+    #[arg(long)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -310,7 +315,7 @@ fn endpoint(args: &Args, registered: Option<&str>) -> Endpoint {
         Some(ca) => Trust::Pinned(ca.clone()),
         None => Trust::WebPki,
     });
-    Endpoint { address, tls, websocket: args.websocket }
+    Endpoint { address, tls, websocket: args.websocket, allow_plaintext: args.insecure_plaintext }
 }
 
 /// The store's lock for a command that connects, or the refusal naming its holder.
@@ -321,6 +326,7 @@ fn lock_store(args: &Args) -> Result<handoff::StoreLock, ClientError> {
 /// Opens the store and connects (holding the store's lock, given by the caller).
 async fn open(args: &Args) -> Result<Client, ClientError> {
     let secret = passphrase()?;
+    // Without --server: the transport and trust root the device registered with.
     let endpoint = args.server.is_some().then(|| endpoint(args, None));
     Client::open(&args.store, &secret, endpoint).await
 }
