@@ -122,6 +122,10 @@ struct Args {
     /// call inside the operator's network).
     #[arg(long)]
     push_insecure_endpoints: bool,
+    /// The only UnifiedPush hosts ternd calls, comma-separated: a host name, or
+    /// `.domain` for any host under it (default: any public host).
+    #[arg(long, value_delimiter = ',')]
+    push_allowed_hosts: Vec<String>,
     /// Count loopback clients against the per-address budget too (they are exempt by
     /// default: a local load generator or TLS terminator is not one network address).
     #[arg(long)]
@@ -202,6 +206,7 @@ fn core_config(args: &Args) -> CoreConfig {
         code_requests_per_address_per_hour: args.code_requests_per_address_per_hour,
         code_budget_loopback: args.code_budget_loopback,
         push_insecure_endpoints: args.push_insecure_endpoints,
+        push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
         // Clients ping at this interval (`Welcome`): a third of the idle timeout, so an

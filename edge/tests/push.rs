@@ -164,3 +164,28 @@ fn push_endpoints_cannot_reach_inside() {
     }
     b.request(&register("https://push.example.org/up/bob")).access::<Done>();
 }
+
+/// Goal: with `--push-allowed-hosts`, the operator's list is the only way out (hardening
+/// item 3): an endpoint elsewhere, public or not, is refused with `InvalidArgument`
+/// saying so; one on the list (or under a listed `.domain`) is stored.
+#[test]
+fn only_the_operators_push_services_are_called() {
+    let dir = data_dir();
+    let list = "ntfy.example.org,.push.example.net";
+    let mut server = Server::start(dir.path(), &["--push-allowed-hosts", list]);
+    let bob = register(&mut server, "+15600021", 0);
+    let mut b = login(&server, bob);
+    let register = |address: &str| PushRegister {
+        endpoint: Some(PushEndpoint {
+            provider: PushProvider::UnifiedPush,
+            address: address.into(),
+        }),
+    };
+    for elsewhere in ["https://push.example.org/up/bob", "https://ntfy.example.org.evil.com/up"] {
+        let refused = b.request(&register(elsewhere));
+        assert_eq!(refused.error_code(), Some(ErrorCode::InvalidArgument), "{elsewhere}");
+        assert!(refused.describe().contains("operator's list"), "{}", refused.describe());
+    }
+    b.request(&register("https://ntfy.example.org/up/bob")).access::<Done>();
+    b.request(&register("https://eu.push.example.net/up/bob")).access::<Done>();
+}

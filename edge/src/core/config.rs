@@ -57,6 +57,9 @@ pub struct CoreConfig {
     /// Accept push endpoints over plain http or at private, loopback and link-local
     /// addresses (development and tests; see `wakeups::check_push_url`).
     pub push_insecure_endpoints: bool,
+    /// When not empty, the only UnifiedPush hosts called: a host name, or `.domain` for
+    /// any host under it (`--push-allowed-hosts`).
+    pub push_allowed_hosts: Vec<String>,
 }
 
 impl Default for CoreConfig {
@@ -84,6 +87,7 @@ impl Default for CoreConfig {
             code_budget_loopback: false,
             code_pow_bits: 0,
             push_insecure_endpoints: false,
+            push_allowed_hosts: Vec::new(),
         }
     }
 }

@@ -88,8 +88,9 @@ impl Wakeups {
             if !valid {
                 return shared.conns.refuse(conn, rid, ty, &AccountRefusal::BadEndpoint);
             }
-            let insecure = shared.config.push_insecure_endpoints;
-            if let Some(Err(why)) = url.map(|url| check_push_url(&url, insecure)) {
+            let (insecure, allowed) =
+                (shared.config.push_insecure_endpoints, &shared.config.push_allowed_hosts);
+            if let Some(Err(why)) = url.map(|url| check_push_url(&url, insecure, allowed)) {
                 let refusal = AccountRefusal::EndpointInside { why };
                 return shared.conns.refuse(conn, rid, ty, &refusal);
             }
@@ -125,17 +126,28 @@ impl Wakeups {
 
 /// Whether ternd may call `url` for a device's wake-ups: https, to a host that is not
 /// this machine or a private, loopback, link-local or otherwise non-public address
-/// literal (a client must not make the server call inside the operator's network).
-/// Everything goes with `insecure` (`--push-insecure-endpoints`). Names are not resolved
-/// here: a name that resolves inside is not caught yet.
-pub fn check_push_url(url: &WebhookUrl, insecure: bool) -> Result<(), &'static str> {
+/// literal (a client must not make the server call inside the operator's network), and
+/// on the operator's list of push services when there is one (`allowed_hosts`: a host,
+/// or `.domain` for any host under it). With `insecure` (`--push-insecure-endpoints`)
+/// only the list is checked. Names are resolved when a push is sent, off the core's
+/// thread, and a name resolving to no public address is not called (`resolve_public`
+/// in the runtime's webhook module).
+pub fn check_push_url(
+    url: &WebhookUrl,
+    insecure: bool,
+    allowed_hosts: &[String],
+) -> Result<(), &'static str> {
+    let host = url.host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = host.trim_end_matches('.');
+    if !allowed_hosts.is_empty() && !allowed_hosts.iter().any(|entry| host_matches(host, entry)) {
+        return Err("is not on the operator's list of push services");
+    }
     if insecure {
         return Ok(());
     }
     if !url.tls {
         return Err("is plain http");
     }
-    let host = url.host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
     if host == "localhost" || host.ends_with(".localhost") {
         return Err("names this machine");
     }
@@ -145,8 +157,17 @@ pub fn check_push_url(url: &WebhookUrl, insecure: bool) -> Result<(), &'static s
     }
 }
 
+/// Whether `host` (lowercase, no final dot) is `entry`, or under it for `.domain`.
+fn host_matches(host: &str, entry: &str) -> bool {
+    let entry = entry.trim_end_matches('.').to_ascii_lowercase();
+    match entry.strip_prefix('.') {
+        Some(domain) => host.strip_suffix(domain).is_some_and(|rest| rest.ends_with('.')),
+        None => host == entry,
+    }
+}
+
 /// Whether `ip` is an address of the public internet.
-fn is_public(ip: IpAddr) -> bool {
+pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, ..] = v4.octets();
@@ -179,7 +200,7 @@ mod tests {
 
     #[test]
     fn push_urls_cannot_reach_inside() {
-        let check = |url: &str| check_push_url(&WebhookUrl::parse(url).unwrap(), false);
+        let check = |url: &str| check_push_url(&WebhookUrl::parse(url).unwrap(), false, &[]);
         assert_eq!(check("https://push.example.org/up/abc"), Ok(()));
         assert_eq!(
             check("https://203.0.113.9/up"),
@@ -203,7 +224,31 @@ mod tests {
             assert!(check(inside).is_err(), "{inside} was accepted");
         }
         assert_eq!(check("https://LocalHost:9000/x"), Err("names this machine"));
+        assert_eq!(check("https://localhost.:9000/x"), Err("names this machine"));
         let dev = WebhookUrl::parse("http://127.0.0.1:9000/x").unwrap();
-        assert_eq!(check_push_url(&dev, true), Ok(()));
+        assert_eq!(check_push_url(&dev, true, &[]), Ok(()));
+    }
+
+    #[test]
+    fn the_operators_list_of_push_services_is_the_only_way_out() {
+        let allowed = ["ntfy.example.org".to_string(), ".push.example.net".to_string()];
+        let check = |url: &str| check_push_url(&WebhookUrl::parse(url).unwrap(), false, &allowed);
+        assert_eq!(check("https://ntfy.example.org/up/1"), Ok(()));
+        assert_eq!(check("https://NTFY.example.org./up/1"), Ok(()));
+        assert_eq!(check("https://eu.push.example.net/up/1"), Ok(()));
+        let refused = Err("is not on the operator's list of push services");
+        for outside in [
+            "https://example.org/up",
+            "https://evil-ntfy.example.org/up",
+            "https://ntfy.example.org.evil.com/up",
+            "https://push.example.net/up",
+            "https://xpush.example.net/up",
+            "https://8.8.8.8/up",
+        ] {
+            assert_eq!(check(outside), refused, "{outside}");
+        }
+        // The list holds with development endpoints allowed too.
+        let dev = WebhookUrl::parse("http://127.0.0.1:9000/x").unwrap();
+        assert_eq!(check_push_url(&dev, true, &allowed), refused);
     }
 }

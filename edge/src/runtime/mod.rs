@@ -434,7 +434,10 @@ fn make_ctx(
         wakers: RefCell::new(HashMap::new()),
         code_sender,
         pusher: match config.push {
-            PushMode::Http => Box::new(webhook::HttpPushSender::new(5, Duration::from_millis(200))),
+            PushMode::Http => {
+                let backoff = Duration::from_millis(200);
+                Box::new(webhook::HttpPushSender::new(5, backoff, &config.core))
+            }
             PushMode::Log => Box::new(crate::push::LogPushSender),
         },
         blobs,

@@ -8,6 +8,7 @@
 //! cannot make `ternd` buffer without limit.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::code_sender::{json_string, CodeSender, WebhookUrl};
+use crate::core::config::CoreConfig;
+use crate::core::wakeups::{check_push_url, is_public};
 use crate::http::{self, RESPONSE_BYTES_MAX};
 use crate::push::{PushJob, PushOutcome, PushSender};
 use tern_wire::messages::PushProvider;
@@ -34,18 +37,30 @@ fn client_tls() -> Arc<rustls::ClientConfig> {
 }
 
 /// POSTs a content-free wake-up to UnifiedPush endpoints, retrying a failure with
-/// backoff; an endpoint answering 404 or 410 is gone.
+/// backoff; an endpoint answering 404 or 410 is gone, and so is one the push policy
+/// refuses now (off the operator's list, or a name resolving to no public address).
 #[derive(Clone, Debug)]
 pub struct HttpPushSender {
     tls: Arc<rustls::ClientConfig>,
     attempts: u32,
     first_backoff: Duration,
+    /// `--push-insecure-endpoints`: inside addresses may be called (development).
+    insecure: bool,
+    /// `--push-allowed-hosts` (see `wakeups::check_push_url`).
+    allowed_hosts: Rc<Vec<String>>,
 }
 
 impl HttpPushSender {
-    /// A sender trying each push up to `attempts` times.
-    pub fn new(attempts: u32, first_backoff: Duration) -> HttpPushSender {
-        HttpPushSender { tls: client_tls(), attempts: attempts.max(1), first_backoff }
+    /// A sender trying each push up to `attempts` times, under the push policy of
+    /// `config`.
+    pub fn new(attempts: u32, first_backoff: Duration, config: &CoreConfig) -> HttpPushSender {
+        HttpPushSender {
+            tls: client_tls(),
+            attempts: attempts.max(1),
+            first_backoff,
+            insecure: config.push_insecure_endpoints,
+            allowed_hosts: Rc::new(config.push_allowed_hosts.clone()),
+        }
     }
 }
 
@@ -68,10 +83,20 @@ impl PushSender for HttpPushSender {
             let Ok(url) = WebhookUrl::parse(&job.endpoint.address) else {
                 return PushOutcome::Gone;
             };
+            // Registered before the policy changed, perhaps: checked again at each push.
+            if let Err(why) = check_push_url(&url, sender.insecure, &sender.allowed_hosts) {
+                tracing::warn!(user_id, device_id, why, "push endpoint refused by the policy");
+                return PushOutcome::Gone;
+            }
             let tls = url.tls.then_some(&sender.tls);
             let mut backoff = sender.first_backoff;
+            let public_only = !sender.insecure;
             for attempt in 1..=sender.attempts {
-                match post(&url, tls, "application/json", PUSH_BODY).await {
+                match post(&url, tls, public_only, PUSH_BODY).await {
+                    Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                        tracing::warn!(user_id, device_id, %error, "push endpoint inside");
+                        return PushOutcome::Gone;
+                    }
                     Ok(status) if (200..300).contains(&status) => return PushOutcome::Delivered,
                     Ok(404 | 410) => return PushOutcome::Gone,
                     Ok(status) => {
@@ -122,7 +147,8 @@ impl CodeSender for WebhookCodeSender {
         glommio::spawn_local(async move {
             let mut backoff = sender.first_backoff;
             for attempt in 1..=sender.attempts {
-                match post(&sender.url, sender.tls.as_ref(), "application/json", &body).await {
+                // The operator's own gateway may well be inside: any address goes.
+                match post(&sender.url, sender.tls.as_ref(), false, &body).await {
                     Ok(status) if (200..300).contains(&status) => {
                         tracing::info!(phone, attempt, "verification code handed to the gateway");
                         return;
@@ -146,15 +172,16 @@ impl CodeSender for WebhookCodeSender {
 /// now and then) does not hold a task for ever.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One POST; returns the HTTP status code (a `TimedOut` error after
-/// [`EXCHANGE_TIMEOUT`]).
+/// One POST of a JSON `body`; returns the HTTP status code (a `TimedOut` error after
+/// [`EXCHANGE_TIMEOUT`]; `PermissionDenied` when `public_only` and the host resolves to
+/// no public address).
 async fn post(
     url: &WebhookUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    content_type: &str,
+    public_only: bool,
     body: &str,
 ) -> io::Result<u16> {
-    futures_lite::future::or(exchange(url, tls, content_type, body), async {
+    futures_lite::future::or(exchange(url, tls, public_only, body), async {
         Timer::new(EXCHANGE_TIMEOUT).await;
         let why = format!("no status line within {} s", EXCHANGE_TIMEOUT.as_secs());
         Err(io::Error::new(io::ErrorKind::TimedOut, why))
@@ -162,16 +189,17 @@ async fn post(
     .await
 }
 
-/// The POST itself: connect, send, read up to the status line.
+/// The POST itself: resolve, connect, send, read up to the status line.
 async fn exchange(
     url: &WebhookUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    content_type: &str,
+    public_only: bool,
     body: &str,
 ) -> io::Result<u16> {
-    let request = http::format_post(&url.host, &url.path, content_type, body)
+    let request = http::format_post(&url.host, &url.path, "application/json", body)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let address = resolve(&url.host, url.port, public_only).await?;
+    let mut stream = TcpStream::connect(address).await?;
     let status = match tls {
         None => {
             stream.write_all(request.as_bytes()).await?;
@@ -187,6 +215,26 @@ async fn exchange(
         }
     };
     status.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The address to call for `host`: resolved on glommio's blocking-thread pool (a name
+/// lookup can take seconds, and the core's thread serves everyone), and with
+/// `public_only` the first public address, `PermissionDenied` when there is none. The
+/// address checked is the one connected to: no second lookup can answer otherwise.
+pub(crate) async fn resolve(host: &str, port: u16, public_only: bool) -> io::Result<SocketAddr> {
+    let name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let addresses: Vec<SocketAddr> = match name.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => {
+            let lookup = move || (name.as_str(), port).to_socket_addrs().map(Vec::from_iter);
+            glommio::executor().spawn_blocking(lookup).await?
+        }
+    };
+    let usable = addresses.iter().find(|a| !public_only || is_public(a.ip()));
+    usable.copied().ok_or_else(|| {
+        let why = format!("{host} resolves to no public address ({addresses:?})");
+        io::Error::new(io::ErrorKind::PermissionDenied, why)
+    })
 }
 
 /// Reads a plain response until `http::status_from_prefix` decides or the server
@@ -261,4 +309,27 @@ fn take_plaintext(
         wanted -= read;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real lookup (through the system's resolver: `localhost` is in every hosts file)
+    /// on glommio's blocking pool: a name resolving inside is refused for push endpoints,
+    /// taken for the operator's own gateway; a public literal goes through untouched.
+    #[test]
+    fn a_name_resolving_inside_is_not_called() {
+        let executor = glommio::LocalExecutorBuilder::default().make().expect("an executor");
+        executor.run(async {
+            let inside = resolve("localhost", 443, true).await.expect_err("localhost refused");
+            assert_eq!(inside.kind(), io::ErrorKind::PermissionDenied, "{inside}");
+            let gateway = resolve("localhost", 8080, false).await.expect("a gateway may be inside");
+            assert!(gateway.ip().is_loopback(), "{gateway}");
+            let literal = resolve("[::1]", 443, true).await.expect_err("::1 refused");
+            assert_eq!(literal.kind(), io::ErrorKind::PermissionDenied);
+            let public = resolve("8.8.8.8", 443, true).await.expect("a public literal");
+            assert_eq!(public, "8.8.8.8:443".parse::<SocketAddr>().unwrap());
+        });
+    }
 }
