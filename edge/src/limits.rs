@@ -7,7 +7,10 @@
 //!   codes per number, per number prefix, per network address: budgets an operator
 //!   states per hour). Keys with nothing in the last hour are dropped.
 //!
-//! Both live on one core (plain owned data) and stay as small as the set of active keys.
+//! - [`DailyCount`]: at most `max` of something per key per UTC day (quotas on what
+//!   an account creates: groups, exports). Kept in memory: a restart forgets them.
+//!
+//! All live on one core (plain owned data) and stay as small as the set of active keys.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -121,6 +124,46 @@ impl<K: Hash + Eq> HourlyWindow<K> {
     }
 }
 
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Counts per key for the current UTC day; the day's counts are void the next day.
+#[derive(Debug, Default)]
+pub struct DailyCount<K> {
+    day: u64,
+    counts: HashMap<K, u32>,
+}
+
+impl<K: Hash + Eq> DailyCount<K> {
+    /// Counts one for `key` if it has fewer than `max` today; otherwise returns the
+    /// count it would reach.
+    pub fn take(&mut self, key: K, now_ms: u64, max: u32) -> Result<(), u32> {
+        self.turn(now_ms);
+        let count = self.counts.entry(key).or_insert(0);
+        if *count >= max {
+            return Err(count.saturating_add(1));
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Gives back one taken today for `key` (what it counted was refused after all).
+    pub fn give_back(&mut self, key: &K, now_ms: u64) {
+        self.turn(now_ms);
+        if let Some(count) = self.counts.get_mut(key) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    fn turn(&mut self, now_ms: u64) {
+        let day = now_ms / DAY_MS;
+        if day != self.day {
+            // Yesterday's counts are void: the map holds today's keys only.
+            self.day = day;
+            self.counts.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +181,18 @@ mod tests {
         // Keys idle for an hour are forgotten.
         window.check(&"b", 3 * HOUR_MS).unwrap();
         assert!(window.times.is_empty());
+    }
+
+    #[test]
+    fn a_daily_count_turns_with_the_day() {
+        let mut count = DailyCount::default();
+        assert_eq!(count.take("a", 1_000, 2), Ok(()));
+        assert_eq!(count.take("a", 2_000, 2), Ok(()));
+        assert_eq!(count.take("a", 3_000, 2), Err(3));
+        assert_eq!(count.take("b", 3_000, 2), Ok(()), "keys are independent");
+        count.give_back(&"a", 4_000);
+        assert_eq!(count.take("a", 5_000, 2), Ok(()));
+        assert_eq!(count.take("a", DAY_MS, 2), Ok(()), "a new day");
     }
 
     #[test]

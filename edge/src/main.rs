@@ -108,6 +108,15 @@ struct Args {
     /// expired by then).
     #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
     media_ttl_s: f64,
+    /// Free space kept on the data directory's file system for messages, in MiB: below
+    /// it new accounts, media uploads and exports are refused (`StorageFull`) while
+    /// messages are still stored. 0 turns the reserve off.
+    #[arg(long, default_value_t = 1024)]
+    disk_reserve_mib: u64,
+    /// Media bytes one account may hold at once (its files, exports and the declared
+    /// size of its uploads in progress); beyond, uploads are refused (`QuotaExceeded`).
+    #[arg(long, default_value_t = 4 << 30)]
+    media_account_max_bytes: u64,
     /// Phone hashes one account may look up per day (contact discovery).
     #[arg(long, default_value_t = 5_000)]
     discovery_per_day: u32,
@@ -209,6 +218,8 @@ fn core_config(args: &Args) -> CoreConfig {
         push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),
         media_ttl_ms: (args.media_ttl_s * 1000.0) as u64,
+        disk_reserve_bytes: args.disk_reserve_mib.saturating_mul(1 << 20),
+        media_account_max_bytes: args.media_account_max_bytes,
         // Clients ping at this interval (`Welcome`): a third of the idle timeout, so an
         // idle chat survives two lost pings; at most the default 30 s.
         heartbeat_interval_ms: ((args.idle_timeout_s * 1000.0 / 3.0) as u32).clamp(100, 30_000),

@@ -70,6 +70,10 @@ refusals! {
     pub enum StorageRefusal {
         /// The disk is full.
         Full => ErrorCode::StorageFull, "the server's disk is full; retry later",
+        /// Free space is under the disk reserve (`--disk-reserve-mib`): what is left is
+        /// kept for messages, so new accounts, uploads and exports wait.
+        Reserve => ErrorCode::StorageFull,
+            "the server keeps its last free disk space for messages; retry later",
         /// A record over the engine's limit.
         TooLarge => ErrorCode::TooLarge, "too large for the server to store",
         /// The shard refuses writes since an I/O error, or another failure.
@@ -93,10 +97,11 @@ impl Refusal for StorageRefusal {
         self.error_code()
     }
     fn retry_after_ms(&self) -> u32 {
-        if *self == StorageRefusal::TooLarge {
-            0
-        } else {
-            1000
+        match self {
+            StorageRefusal::TooLarge => 0,
+            // An operator has to free space: not a matter of a second.
+            StorageRefusal::Reserve => 60_000,
+            StorageRefusal::Full | StorageRefusal::Failed => 1000,
         }
     }
 }
@@ -377,6 +382,9 @@ refusals! {
         NotAdmin => ErrorCode::NotAdmin, "only a group admin may do this",
         /// Over 256 members.
         Full => ErrorCode::GroupFull, "a group has at most 256 members",
+        /// The account created its groups for the day.
+        CreatedToday { count: u32, max: u32 } => ErrorCode::QuotaExceeded,
+            "{count} groups created today; at most {max} a day",
         /// Promote/demote of a non-member.
         NoSuchMember => ErrorCode::NotFound, "not a member",
         /// A shard refused the write.
@@ -409,6 +417,12 @@ refusals! {
         OutOfOrder => ErrorCode::Conflict, "chunks must come in order: ask for the status",
         /// More than declared.
         TooManyBytes => ErrorCode::TooLarge, "more bytes than declared",
+        /// The account has its maximum of uploads in progress.
+        UploadsInProgress { max: usize } => ErrorCode::QuotaExceeded,
+            "this account has {max} uploads in progress; commit one (or let it expire) first",
+        /// The account holds its maximum of media bytes.
+        AccountBytes { max: u64 } => ErrorCode::QuotaExceeded,
+            "this account holds at most {max} bytes of media; wait until older files expire",
         /// A commit before all bytes arrived.
         Incomplete => ErrorCode::InvalidArgument, "the upload is not complete",
         /// The hash does not match.
@@ -425,6 +439,12 @@ refusals! {
 impl Refusal for MediaRefusal {
     fn code(&self) -> ErrorCode {
         self.error_code()
+    }
+    fn retry_after_ms(&self) -> u32 {
+        match self {
+            MediaRefusal::Storage { refusal } => refusal.retry_after_ms(),
+            _ => 0,
+        }
     }
 }
 

@@ -76,7 +76,7 @@ pub struct DiskUsage {
     /// Bytes allocated to each owned shard's files (segments, which are preallocated,
     /// and checkpoints), by shard id.
     pub shard_allocated_bytes: Vec<(u32, u64)>,
-    /// The data directory's file system (measured by core 0 only).
+    /// The data directory's file system (`None` if statvfs failed).
     pub file_system: Option<FileSystemSpace>,
 }
 

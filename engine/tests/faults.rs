@@ -1,8 +1,9 @@
 //! Storage faults, injected through the engine's storage seam (`SimStorage`): a failed
 //! fsync poisons the shard (never retry-and-hope), a full disk and a short write are
 //! clear errors, a full disk stalls the shard until a commit finds space again (the
-//! stalled batches written whole once more, nothing acknowledged early), a failure at any step of a checkpoint is survived, corrupt records are
-//! quarantined and never served, and a damaged checkpoint falls back to the log. In every
+//! stalled batches written whole once more, nothing acknowledged early), a failure at
+//! any step of a checkpoint is survived, corrupt records are quarantined and never
+//! served, and a damaged checkpoint falls back to the log. In every
 //! case nothing acknowledged is lost. (Torn writes at every byte offset: `torn_sweep.rs`;
 //! power cuts that drop, tear and reorder unsynced writes: `power_cut.rs`.)
 

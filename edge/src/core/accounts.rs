@@ -41,9 +41,12 @@ pub const CONTACTS_MAX: usize = 5_000;
 pub const BLOCKS_MAX: usize = 10_000;
 /// Message ids one report may name.
 pub const REPORT_MESSAGE_IDS_MAX: usize = 100;
+/// Reports one account may file in any 24 hours: reports are kept for the operator
+/// for good, so they need a bound beyond the request budget's rate.
+pub const REPORTS_PER_DAY_MAX: usize = 50;
 
 /// The per-account quotas an account frame could pass: contacts, blocks, the message
-/// ids of a report. Checked before anything is stored.
+/// ids of a report, reports a day. Checked before anything is stored.
 pub fn check_quota<S: Storage>(
     shared: &Shared<S>,
     me: UserId,
@@ -56,7 +59,9 @@ pub fn check_quota<S: Storage>(
     match message {
         Message::SetContacts(contacts) => over("contacts", contacts.user_ids.len(), CONTACTS_MAX),
         Message::Report(report) => {
-            over("message ids in a report", report.message_ids.len(), REPORT_MESSAGE_IDS_MAX)
+            over("message ids in a report", report.message_ids.len(), REPORT_MESSAGE_IDS_MAX)?;
+            let filed = reports_filed_today(shared, me);
+            over("reports in 24 hours", filed + 1, REPORTS_PER_DAY_MAX)
         }
         Message::Block(block) => {
             let other = block.user_id.to_native();
@@ -68,6 +73,17 @@ pub fn check_quota<S: Storage>(
         }
         _ => Ok(()),
     }
+}
+
+/// Reports `me` filed in the last 24 hours. They are stored on its home shard in the
+/// order they came, so the scan goes back from the newest and stops at the first older
+/// than a day: it reads only the shard's last day of reports.
+fn reports_filed_today<S: Storage>(shared: &Shared<S>, me: UserId) -> usize {
+    let Some(shard) = shared.shards.home_of(me) else { return 0 };
+    let since_ms = shared.now_ms().saturating_sub(DAY_MS);
+    let shard = shard.borrow();
+    let recent = shard.state().reports.iter().rev().take_while(|r| r.time_ms > since_ms);
+    recent.filter(|r| r.reporter == me).count()
 }
 
 /// A discovery waiting for every core's part.

@@ -36,11 +36,15 @@ pub enum Costly {
     MediaStatus,
     /// `LinkApprove`: a new device's record and its code claimed on another core.
     LinkApprove,
+    /// `MediaBegin`: a file created and a record stored.
+    MediaBegin,
+    /// `PresenceSubscribe`: up to 5,000 watches changed on every core.
+    PresenceSubscribe,
 }
 
 impl Costly {
     /// Every kind, in the order of their buckets.
-    const ALL: [Costly; 10] = [
+    const ALL: [Costly; 12] = [
         Costly::Receipt,
         Costly::ProfileGet,
         Costly::GroupUpdate,
@@ -51,6 +55,8 @@ impl Costly {
         Costly::MediaCommit,
         Costly::MediaStatus,
         Costly::LinkApprove,
+        Costly::MediaBegin,
+        Costly::PresenceSubscribe,
     ];
 
     /// The kind of `message`, if it has a budget here.
@@ -66,6 +72,8 @@ impl Costly {
             Message::MediaCommit(_) => Costly::MediaCommit,
             Message::MediaStatusRequest(_) => Costly::MediaStatus,
             Message::LinkApprove(_) => Costly::LinkApprove,
+            Message::MediaBegin(_) => Costly::MediaBegin,
+            Message::PresenceSubscribe(_) => Costly::PresenceSubscribe,
             _ => return None,
         })
     }
@@ -85,6 +93,10 @@ impl Costly {
             Costly::MediaCommit => (20.0, 1.0),
             Costly::MediaStatus => (60.0, 5.0),
             Costly::LinkApprove => (5.0, 1.0 / 60.0),
+            Costly::MediaBegin => (20.0, 1.0),
+            // Clients subscribe again after each reconnection: a flapping network
+            // reconnects often, a person's list changes rarely.
+            Costly::PresenceSubscribe => (10.0, 1.0 / 10.0),
         };
         Rate { burst, per_second }
     }
@@ -102,6 +114,8 @@ impl Costly {
             Costly::MediaCommit => "media commits",
             Costly::MediaStatus => "media status requests",
             Costly::LinkApprove => "link approvals",
+            Costly::MediaBegin => "uploads begun",
+            Costly::PresenceSubscribe => "presence subscriptions",
         }
     }
 }

@@ -60,6 +60,13 @@ pub struct CoreConfig {
     /// When not empty, the only UnifiedPush hosts called: a host name, or `.domain` for
     /// any host under it (`--push-allowed-hosts`).
     pub push_allowed_hosts: Vec<String>,
+    /// Free bytes kept for messages on the data directory's file system: below it new
+    /// accounts, uploads and exports are refused (`StorageRefusal::Reserve`) while
+    /// message appends go on. 0: no reserve.
+    pub disk_reserve_bytes: u64,
+    /// Media bytes one account may hold: committed blobs, exports and the declared
+    /// size of its uploads in progress.
+    pub media_account_max_bytes: u64,
 }
 
 impl Default for CoreConfig {
@@ -88,6 +95,8 @@ impl Default for CoreConfig {
             code_pow_bits: 0,
             push_insecure_endpoints: false,
             push_allowed_hosts: Vec::new(),
+            disk_reserve_bytes: 0,
+            media_account_max_bytes: 4 << 30,
         }
     }
 }

@@ -5,6 +5,10 @@
 //! document as a media blob the user downloads like any other (`ExportReady` names
 //! it). The JSON is made by `serde_json` from the types below: their field names are the
 //! document's (documented in `docs/PROTOCOL.md`, "Account export").
+//!
+//! Each export asks every core and keeps a blob for the media TTL, so an account has
+//! one in progress at a time and [`EXPORTS_PER_DAY_MAX`] a day (counted on its home
+//! core, in memory); the blob counts in the account's media bytes.
 
 use std::collections::HashMap;
 
@@ -16,10 +20,14 @@ use tern_wire::MessageType;
 use super::conns::ConnId;
 use super::media::{Media, StoredBlob};
 use super::shared::Shared;
+use crate::limits::DailyCount;
 use crate::mesh::calls::ListMemberships;
 use crate::mesh::GroupMembership;
 use crate::refusal::AccountRefusal;
 use crate::routing::Address;
+
+/// Exports one account may ask for per day (more is a quota refusal).
+pub const EXPORTS_PER_DAY_MAX: u32 = 3;
 
 /// An export waiting for every core's memberships.
 #[derive(Debug)]
@@ -36,6 +44,8 @@ struct Pending {
 pub struct Exports {
     pending: HashMap<u64, Pending>,
     parts: HashMap<u64, u64>,
+    /// Exports asked for today, per account.
+    today: DailyCount<UserId>,
 }
 
 impl Exports {
@@ -47,6 +57,19 @@ impl Exports {
         rid: u32,
         me: UserId,
     ) {
+        let ty = MessageType::ExportRequest.code();
+        if let Err(refusal) = super::media::check_disk_reserve(shared) {
+            return shared.conns.refuse(conn, rid, ty, &AccountRefusal::Export { refusal });
+        }
+        if self.pending.values().any(|p| p.me == me) {
+            let refusal = AccountRefusal::TooMany { what: "exports in progress", count: 2, max: 1 };
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
+        if let Err(count) = self.today.take(me, shared.now_ms(), EXPORTS_PER_DAY_MAX) {
+            let (count, max) = (count as usize, EXPORTS_PER_DAY_MAX as usize);
+            let refusal = AccountRefusal::TooMany { what: "exports today", count, max };
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         let id = shared.outbox.token();
         let cores = shared.shards.placement().count;
         for core in 0..cores {
@@ -79,11 +102,17 @@ impl Exports {
         groups.sort_by_key(|g| g.group_id);
         let document =
             shared.shards.with_account(me, |account| export_json(shared, account, &groups));
+        let ty = MessageType::ExportRequest.code();
         let Some(Ok(json)) = document else {
-            let ty = MessageType::ExportRequest.code();
             return shared.conns.refuse(conn, rid, ty, &AccountRefusal::Deleted);
         };
-        media.store_blob(shared, me, MediaKind::Archive, json, StoredBlob { conn, rid });
+        let stored =
+            media.store_blob(shared, me, MediaKind::Archive, json, StoredBlob { conn, rid });
+        if let Err(refusal) = stored {
+            // Refused for space, not made: it does not count against today's exports.
+            self.today.give_back(&me, shared.now_ms());
+            shared.conns.refuse(conn, rid, ty, &AccountRefusal::Export { refusal });
+        }
     }
 }
 

@@ -17,6 +17,13 @@
 //! that name the blob — by protocol convention the first 16 bytes of each copy of a
 //! `Media` message are the media id in clear. Downloads are read on the blob's core.
 //! Uncommitted uploads expire after a day, committed blobs after the message TTL.
+//!
+//! Quotas per account: at most [`UPLOADS_IN_PROGRESS_MAX`] uploads begun and not
+//! committed, and at most `media_account_max_bytes` held (committed blobs, exports, and
+//! the declared size of uploads in progress), tallied on the owner's home core (where
+//! its blobs live) from the first time it is needed and kept by every change here; an
+//! upload counts from the moment it is asked for, so pipelined requests cannot pass the
+//! check together. Below the disk reserve no blob bytes are taken at all.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -46,6 +53,18 @@ const UPLOAD_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Chunk bytes queued per upload before its connection stops being read: a few chunks
 /// keep the disk busy, more would only cost memory.
 pub const UPLOAD_QUEUE_BYTES_MAX: usize = 4 * MEDIA_CHUNK_BYTES as usize;
+/// Uploads one account may have begun and not committed at once: an album sent at once
+/// fits; more would only hold files on the server for the day an upload may wait.
+pub const UPLOADS_IN_PROGRESS_MAX: usize = 16;
+
+/// What an account holds in media (its quota's tally).
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    /// Uploads begun (asked for) and not committed.
+    uploads: usize,
+    /// Bytes of its blobs, uploads in progress at their declared size.
+    bytes: u64,
+}
 
 /// A step of an upload, run in order.
 #[derive(Debug)]
@@ -93,6 +112,8 @@ pub struct Media {
     jobs: HashMap<u64, Waiter>,
     /// Downloads waiting for the blob's core: token → (connection, request).
     downloads: HashMap<u64, (ConnId, u32)>,
+    /// The quota tally of owners homed here (see [`Media::usage`]).
+    usage: HashMap<UserId, Usage>,
 }
 
 /// A server-made blob written for a request (an export): answered once durable.
@@ -131,6 +152,14 @@ fn new_media_id<S: Storage>(shared: &mut Shared<S>, owner: UserId) -> MediaId {
     media_id
 }
 
+/// Below the disk reserve no blob bytes are taken (uploads, exports).
+pub fn check_disk_reserve<S: Storage>(shared: &Shared<S>) -> Result<(), MediaRefusal> {
+    match shared.disk_low() {
+        true => Err(MediaRefusal::Storage { refusal: StorageRefusal::Reserve }),
+        false => Ok(()),
+    }
+}
+
 fn blob_refusal(error: BlobError) -> MediaRefusal {
     match error {
         BlobError::NotFound => MediaRefusal::Expired,
@@ -143,6 +172,50 @@ fn blob_refusal(error: BlobError) -> MediaRefusal {
 }
 
 impl Media {
+    /// `owner`'s media (homed here): counted from its shard's records the first time it
+    /// is needed, then kept by every change made here.
+    fn usage<S: Storage>(&mut self, shared: &Shared<S>, owner: UserId) -> &mut Usage {
+        self.usage.entry(owner).or_insert_with(|| {
+            let mut usage = Usage::default();
+            if let Some(shard) = shared.shards.home_of(owner) {
+                for record in shard.borrow().state().media.values().filter(|m| m.owner == owner) {
+                    usage.uploads += usize::from(record.sha256.is_none());
+                    usage.bytes = usage.bytes.saturating_add(record.size_bytes);
+                }
+            }
+            usage
+        })
+    }
+
+    /// Takes `bytes` (and one upload in progress, when `upload`) of `owner`'s quota.
+    fn reserve<S: Storage>(
+        &mut self,
+        shared: &Shared<S>,
+        owner: UserId,
+        bytes: u64,
+        upload: bool,
+    ) -> Result<(), MediaRefusal> {
+        let max_bytes = shared.config.media_account_max_bytes;
+        let usage = self.usage(shared, owner);
+        if upload && usage.uploads >= UPLOADS_IN_PROGRESS_MAX {
+            return Err(MediaRefusal::UploadsInProgress { max: UPLOADS_IN_PROGRESS_MAX });
+        }
+        if usage.bytes.saturating_add(bytes) > max_bytes {
+            return Err(MediaRefusal::AccountBytes { max: max_bytes });
+        }
+        usage.uploads += usize::from(upload);
+        usage.bytes += bytes;
+        Ok(())
+    }
+
+    /// Gives back `bytes` (and an upload in progress, when `upload`) of `owner`'s quota.
+    fn release(&mut self, owner: UserId, bytes: u64, upload: bool) {
+        if let Some(usage) = self.usage.get_mut(&owner) {
+            usage.uploads = usage.uploads.saturating_sub(usize::from(upload));
+            usage.bytes = usage.bytes.saturating_sub(bytes);
+        }
+    }
+
     fn job<S: Storage>(&mut self, shared: &mut Shared<S>, op: BlobOp, waiter: Waiter) {
         let token = shared.effects.work(BlobJob(op));
         self.jobs.insert(token, waiter);
@@ -164,8 +237,10 @@ impl Media {
         if !shared.config.media_enabled {
             return Err(MediaRefusal::NoMedia);
         }
+        check_disk_reserve(shared)?;
         let kind = rkyv::deserialize::<MediaKind, rkyv::rancor::Failure>(&begin.kind)
             .map_err(|_| MediaRefusal::UnknownKind)?;
+        self.reserve(shared, me, size, true)?;
         let media_id = new_media_id(shared, me);
         let now_ms = shared.now_ms();
         let record = MediaRecord {
@@ -206,6 +281,9 @@ impl Media {
         if record.sha256.is_some() {
             return Err(MediaRefusal::Committed);
         }
+        // An upload under way stops too: its bytes would take the messages' space. The
+        // client resumes from the status once the server takes uploads again.
+        check_disk_reserve(shared)?;
         let upload = self.upload(chunk.media_id, conn);
         let offset = chunk.offset.to_native();
         let received = upload.received.unwrap_or(offset);
@@ -326,7 +404,12 @@ impl Media {
     ) {
         let Some(waiter) = self.jobs.remove(&token) else { return };
         match waiter {
-            Waiter::Begun { conn, rid, record } => begun(shared, conn, rid, record, done),
+            Waiter::Begun { conn, rid, record } => {
+                let (owner, size_bytes) = (record.owner, record.size_bytes);
+                if !begun(shared, conn, rid, record, done) {
+                    self.release(owner, size_bytes, true);
+                }
+            }
             Waiter::Step { media_id, step } => self.step_done(shared, media_id, step, done),
             Waiter::Read { reply_to, total_bytes, offset, media_id } => {
                 let answer = match done {
@@ -337,7 +420,12 @@ impl Media {
                 };
                 shared.answer(reply_to, answer);
             }
-            Waiter::Stored { conn, rid, record } => stored(shared, conn, rid, record, done),
+            Waiter::Stored { conn, rid, record } => {
+                let (owner, size_bytes) = (record.owner, record.size_bytes);
+                if !stored(shared, conn, rid, record, done) {
+                    self.release(owner, size_bytes, false);
+                }
+            }
             Waiter::Removed => {
                 if let Err(error) = done {
                     tracing::warn!(%error, "could not delete a media file");
@@ -373,7 +461,9 @@ impl Media {
             }
             (StepKind::Commit { conn, rid }, Ok(BlobDone::Sealed(sha256))) => {
                 self.uploads.remove(&media_id);
-                committed(shared, conn, rid, media_id, sha256);
+                if let Some(owner) = committed(shared, conn, rid, media_id, sha256) {
+                    self.release(owner, 0, true); // no longer in progress; its bytes stay
+                }
                 return;
             }
             (step, result) => {
@@ -474,7 +564,7 @@ impl Media {
     }
 
     /// Stores a whole blob made by the server for `owner` (an export); `answer` is
-    /// written to the connection once it is durable.
+    /// written to the connection once it is durable. It counts in the owner's quota.
     pub fn store_blob<S: Storage>(
         &mut self,
         shared: &mut Shared<S>,
@@ -482,8 +572,10 @@ impl Media {
         kind: MediaKind,
         bytes: Vec<u8>,
         answer: StoredBlob,
-    ) -> MediaId {
+    ) -> Result<MediaId, MediaRefusal> {
         use sha2::Digest;
+        check_disk_reserve(shared)?;
+        self.reserve(shared, owner, bytes.len() as u64, false)?;
         let media_id = new_media_id(shared, owner);
         let now_ms = shared.now_ms();
         let record = MediaRecord {
@@ -498,7 +590,7 @@ impl Media {
         };
         let waiter = Waiter::Stored { conn: answer.conn, rid: answer.rid, record };
         self.job(shared, BlobOp::Write { id: media_id, bytes }, waiter);
-        media_id
+        Ok(media_id)
     }
 
     /// Records that the recipients of a `Media` message from the blob's owner may
@@ -530,6 +622,9 @@ impl Media {
     /// Deletes a blob and its record (expired, or its owner's account deleted).
     pub fn forget<S: Storage>(&mut self, shared: &mut Shared<S>, media_id: &MediaId) {
         self.uploads.remove(media_id);
+        if let Some(record) = media_record(shared, media_id) {
+            self.release(record.owner, record.size_bytes, record.sha256.is_none());
+        }
         self.job(shared, BlobOp::Remove { id: *media_id }, Waiter::Removed);
         if let Some(shard) = shared.shards.local(home_shard_of_media(media_id)) {
             if let Err(error) =
@@ -572,71 +667,91 @@ impl Media {
     }
 }
 
-/// An upload's file exists: its record follows, and the client learns the id.
+/// An upload's file exists: its record follows, and the client learns the id. Returns
+/// whether the record was stored.
 fn begun<S: Storage>(
     shared: &mut Shared<S>,
     conn: ConnId,
     rid: u32,
     record: MediaRecord,
     done: Result<BlobDone, BlobError>,
-) {
+) -> bool {
     let ty = MessageType::MediaBegin.code();
     if let Err(error) = done {
-        return shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+        shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+        return false;
     }
     let (media_id, expires_ms) = (record.media_id, record.expires_ms);
     match put_media(shared, record) {
         Ok(wait) => {
             let begun = MediaBegun { media_id, chunk_bytes: MEDIA_CHUNK_BYTES, expires_ms };
             shared.reply_when_durable(conn, rid, &begun, vec![wait]);
+            true
         }
-        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
+        Err(refusal) => {
+            shared.conns.refuse(conn, rid, ty, &refusal);
+            false
+        }
     }
 }
 
 /// A blob was sealed: it becomes downloadable once its record says so, durably.
+/// Returns its owner when the record was stored.
 fn committed<S: Storage>(
     shared: &mut Shared<S>,
     conn: ConnId,
     rid: u32,
     media_id: MediaId,
     sha256: [u8; 32],
-) {
+) -> Option<UserId> {
     let ty = MessageType::MediaCommit.code();
     let Some(mut record) = media_record(shared, &media_id) else {
-        return shared.conns.refuse(conn, rid, ty, &MediaRefusal::NoSuchUpload);
+        shared.conns.refuse(conn, rid, ty, &MediaRefusal::NoSuchUpload);
+        return None;
     };
     record.sha256 = Some(sha256);
     record.expires_ms = shared.now_ms() + shared.config.media_ttl_ms;
-    let size_bytes = record.size_bytes;
+    let (size_bytes, owner) = (record.size_bytes, record.owner);
     match put_media(shared, record) {
         Ok(wait) => {
             let status =
                 MediaStatus { media_id, received_bytes: size_bytes, size_bytes, committed: true };
             shared.reply_when_durable(conn, rid, &status, vec![wait]);
+            Some(owner)
         }
-        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
+        Err(refusal) => {
+            shared.conns.refuse(conn, rid, ty, &refusal);
+            None
+        }
     }
 }
 
-/// A server-made blob was written: its record, then the answer.
+/// A server-made blob was written: its record, then the answer. Returns whether the
+/// record was stored.
 fn stored<S: Storage>(
     shared: &mut Shared<S>,
     conn: ConnId,
     rid: u32,
     record: MediaRecord,
     done: Result<BlobDone, BlobError>,
-) {
+) -> bool {
     let ty = MessageType::ExportRequest.code();
     if let Err(error) = done {
-        return shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+        shared.conns.refuse(conn, rid, ty, &blob_refusal(error));
+        return false;
     }
     let ready = tern_wire::messages::ExportReady {
         media_id: record.media_id,
         size_bytes: record.size_bytes,
     };
     match put_media(shared, record) {
-        Ok(wait) => shared.reply_when_durable(conn, rid, &ready, vec![wait]),
-        Err(refusal) => shared.conns.refuse(conn, rid, ty, &refusal),
+        Ok(wait) => {
+            shared.reply_when_durable(conn, rid, &ready, vec![wait]);
+            true
+        }
+        Err(refusal) => {
+            shared.conns.refuse(conn, rid, ty, &refusal);
+            false
+        }
     }
 }

@@ -259,7 +259,24 @@ impl<S: Storage> Core<S> {
 
     /// Disk use as the runtime measured it (for the metrics).
     pub fn set_disk_usage(&mut self, disk: DiskUsage) {
+        let was_low = self.shared.disk_low();
         self.shared.disk = disk;
+        let core = self.shared.shards.placement().index;
+        let free_bytes = self.shared.disk.file_system.map_or(0, |fs| fs.free_bytes);
+        match (was_low, self.shared.disk_low()) {
+            (false, true) => tracing::warn!(
+                core,
+                free_bytes,
+                "free disk space is under the reserve: new accounts, uploads and exports \
+                 are refused, messages are still stored"
+            ),
+            (true, false) => tracing::info!(
+                core,
+                free_bytes,
+                "free disk space is above the reserve again: accounts and uploads are taken"
+            ),
+            _ => {}
+        }
     }
 
     /// The per-core connection limit.

@@ -136,6 +136,9 @@ impl Registration {
         self.sweep(now_ms);
         let ty = MessageType::RequestCode.code();
         let phone = request.phone.as_str();
+        if let Err(refusal) = disk_reserve_allows(shared, phone) {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         let held = match self.admit(shared, conn, request) {
             Ok(keys) => match self.per_number.check(&phone.to_string(), now_ms) {
                 Ok(()) => Ok(keys),
@@ -275,6 +278,9 @@ impl Registration {
     ) {
         let ty = MessageType::Verify.code();
         let phone = verify.phone.as_str();
+        if let Err(refusal) = disk_reserve_allows(shared, phone) {
+            return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
         if let Err(refusal) = self.check_code(phone, verify.code.as_str(), shared.now_ms()) {
             return shared.conns.refuse(conn, rid, ty, &refusal);
         }
@@ -517,6 +523,27 @@ fn new_user_id<S: Storage>(shard: &Shard<S>, shard_id: u32, random: &mut Random)
         if candidate != shard_bits && shard.state().account(candidate).is_none() {
             return candidate;
         }
+    }
+}
+
+/// Below the disk reserve a number with no account gets none (the space left is kept
+/// for messages); a registered number may still move to a new phone (that adds no
+/// account). Checked before a code is sent, and again at verification.
+fn disk_reserve_allows<S: Storage>(
+    shared: &Shared<S>,
+    phone: &str,
+) -> Result<(), RegistrationRefusal> {
+    if !shared.disk_low() {
+        return Ok(());
+    }
+    let shard_id = home_shard_of_phone(phone, shared.shards.count());
+    let registered = shared
+        .shards
+        .local(shard_id)
+        .is_some_and(|shard| shard.borrow().state().user_by_phone(phone).is_some());
+    match registered {
+        true => Ok(()),
+        false => Err(RegistrationRefusal::Storage { refusal: StorageRefusal::Reserve }),
     }
 }
 

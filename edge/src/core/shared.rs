@@ -103,6 +103,13 @@ impl<S: Storage> Shared<S> {
         self.now.unix_ms
     }
 
+    /// Whether free disk space (as last measured, once a second) is under the reserve:
+    /// then new accounts, uploads and exports are refused and appends go on.
+    pub fn disk_low(&self) -> bool {
+        let reserve = self.config.disk_reserve_bytes;
+        reserve > 0 && self.disk.file_system.is_some_and(|fs| fs.free_bytes < reserve)
+    }
+
     /// Releases `release` once every wait is durable (now, if they already are: no
     /// commit would come to release it later).
     pub fn when_durable(&mut self, waits: Waits, release: Release) {

@@ -31,8 +31,9 @@ pub async fn serve<S: Storage + 'static>(listener: TcpListener, core: Rc<RefCell
 }
 
 /// `/healthz`: 200 "ok" while every shard takes writes; 503 naming each shard that
-/// refuses them since an I/O error (a failed fsync, a full disk), which only a restart
-/// clears (see docs/OPERATIONS.md).
+/// refuses them: since an I/O error (a failed fsync), which only a restart clears, or
+/// while its disk is full, which clears by itself once space is back (see
+/// docs/OPERATIONS.md).
 fn health(cores: &[crate::stats::CoreStats]) -> (Status, &'static str, String) {
     let failed: Vec<String> = cores
         .iter()

@@ -122,8 +122,15 @@ pub async fn committer(ctx: Rc<Ctx>) {
 /// Commits one shard's pending records and counts the batch.
 async fn commit_shard(ctx: Rc<Ctx>, shard: ShardHandle<UringStorage>) {
     let records_before = shard.borrow().counters().committed_records;
-    if let Err(error) = shard.commit().await {
-        tracing::error!(%error, "commit failed; the shard refuses writes until restart");
+    match shard.commit().await {
+        Ok(_) => {}
+        Err(tern_engine::WriteError::StorageFull) => tracing::error!(
+            "commit found the disk full; the shard refuses writes until space is back \
+             (tried again every second)"
+        ),
+        Err(error) => {
+            tracing::error!(%error, "commit failed; the shard refuses writes until restart")
+        }
     }
     let records = shard.borrow().counters().committed_records - records_before;
     if records > 0 {
@@ -184,10 +191,10 @@ pub struct DiskPaths {
 
 impl DiskPaths {
     /// Bytes allocated to each shard's files (segments are preallocated, so this is what
-    /// they take from the file system, not what is written in them) and, on core 0, the
-    /// file system's free and total bytes. A few `stat`s of small directories: cheap
-    /// enough to do inline once a second.
-    fn measure(&self, with_file_system: bool) -> DiskUsage {
+    /// they take from the file system, not what is written in them) and the file
+    /// system's free and total bytes. A few `stat`s of small directories and one
+    /// `statvfs`: cheap enough to do inline once a second.
+    fn measure(&self) -> DiskUsage {
         use std::os::unix::fs::MetadataExt;
         let allocated = |dir: &PathBuf| -> u64 {
             let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
@@ -197,29 +204,46 @@ impl DiskPaths {
         };
         let shard_allocated_bytes =
             self.shards.iter().map(|(id, dir)| (*id, allocated(dir))).collect();
-        let file_system = with_file_system
-            .then(|| rustix::fs::statvfs(&self.data_dir).ok())
-            .flatten()
-            .map(|fs| FileSystemSpace {
-                free_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
-                size_bytes: fs.f_blocks.saturating_mul(fs.f_frsize),
-            });
+        let file_system = rustix::fs::statvfs(&self.data_dir).ok().map(|fs| FileSystemSpace {
+            free_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
+            size_bytes: fs.f_blocks.saturating_mul(fs.f_frsize),
+        });
         DiskUsage { shard_allocated_bytes, file_system }
     }
 }
 
-/// Every second: measures this core's disk use and, on the other cores, sends this
-/// core's metrics to core 0 (which serves the admin endpoint).
+/// Every second: measures this core's disk use (each core checks its own disk reserve
+/// with it), commits again any shard stalled on a full disk and, on the other cores,
+/// sends this core's metrics to core 0 (which serves the admin endpoint).
 pub async fn refresh_stats(ctx: Rc<Ctx>, disk: DiskPaths) {
     loop {
         let index = ctx.core.borrow().placement().index;
-        let usage = disk.measure(index == 0);
+        let usage = disk.measure();
         ctx.core.borrow_mut().set_disk_usage(usage);
+        retry_stalled(&ctx).await;
         if index != 0 {
             ctx.core.borrow_mut().push_stats_to(0);
             ctx.mesh_needed.notify();
         }
         Timer::new(Duration::from_secs(1)).await;
+    }
+}
+
+/// Commits again each shard whose last commit found the disk full (the engine kept its
+/// batches and refuses appends meanwhile): once space is back the shard writes on by
+/// itself, with no restart, and the replies that waited for those records go out. While
+/// the disk is still full the attempt fails as before and changes nothing.
+async fn retry_stalled(ctx: &Rc<Ctx>) {
+    let shards = ctx.core.borrow().owned_shards();
+    for (shard_id, shard) in shards {
+        if !shard.borrow().write_stalled() {
+            continue;
+        }
+        if shard.commit().await.is_ok() {
+            tracing::warn!(shard = shard_id, "the disk has space again; the shard writes again");
+            ctx.core.borrow_mut().handle_durable(now());
+            ctx.kick();
+        }
     }
 }
 

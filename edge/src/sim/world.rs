@@ -39,6 +39,7 @@ use crate::mesh::CoreMsg;
 use crate::push::PushJob;
 use crate::routing::Placement;
 use crate::secrets::{random_from_seed, Random};
+use crate::stats::{DiskUsage, FileSystemSpace};
 use crate::work::WorkOrder;
 
 /// Where the simulated wall clock starts (ms since the epoch, a fixed day).
@@ -251,6 +252,18 @@ impl World {
     /// The cores (for metrics and state a test looks at).
     pub fn cores(&self) -> &[Core<SimStorage>] {
         &self.cores
+    }
+
+    /// What every core measures of the data directory's file system from now on (the
+    /// runtime's once-a-second statvfs): `free_bytes` available.
+    pub fn set_free_disk_bytes(&mut self, free_bytes: u64) {
+        let file_system = FileSystemSpace { free_bytes, size_bytes: 1 << 40 };
+        for core in &mut self.cores {
+            core.set_disk_usage(DiskUsage {
+                file_system: Some(file_system),
+                ..DiskUsage::default()
+            });
+        }
     }
 
     // -- sockets -----------------------------------------------------------------------

@@ -2,8 +2,9 @@
 //! [`Durable`] future that tasks await on them.
 //!
 //! The log moves the watermark after each synced batch (or sets the error when a sync
-//! failed, or a passing one while a full disk stalls it); a waiter holds only an `Rc` of the [`Notifier`], never a borrow of the shard,
-//! so it can wait across the commit that wakes it.
+//! failed, or a passing one while a full disk stalls it); a waiter holds only an `Rc` of
+//! the [`Notifier`], never a borrow of the shard, so it can wait across the commit that
+//! wakes it.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

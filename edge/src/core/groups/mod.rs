@@ -22,8 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use tern_engine::{StateOp, Storage};
 use tern_wire::messages::{
-    ArchivedGroupUpdate, Conversation, DeviceId, E2eType, EnvelopeKind, GroupChangeSigned,
-    GroupEventBody, GroupId, GroupInfo, GroupUpdate, GroupUpdated, NoticeBody, SendAck, UserId,
+    ArchivedGroupUpdate, Conversation, DeviceId, E2eType, EnvelopeKind, GroupChange,
+    GroupChangeSigned, GroupEventBody, GroupId, GroupInfo, GroupUpdate, GroupUpdated, NoticeBody,
+    SendAck, UserId,
 };
 use tern_wire::MessageType;
 
@@ -33,10 +34,16 @@ use super::delivery::server_envelope::archive;
 use super::shards::Waits;
 use super::shared::Shared;
 use super::wakeups::Wakeups;
+use crate::limits::DailyCount;
 use crate::mesh::calls::{ApplyGroupChange, OrderGroupMessage, ReadGroup};
 use crate::mesh::{EnvelopeMeta, GroupDelivery, GroupMembership, ReplyTo};
 use crate::refusal::{GroupRefusal, SessionRefusal, StorageRefusal};
 use crate::routing::{home_shard_of_group, home_shard_of_user, Address};
+
+/// Groups one account may create per day (counted on its home core when asked, given
+/// back when the group's core refuses): a group is a record kept until its last member
+/// leaves, so creating them needs a bound beyond the group-change budget's rate.
+pub const GROUPS_CREATED_PER_DAY_MAX: u32 = 20;
 
 /// A group message waiting for its member cores to have their copies durable.
 #[derive(Debug)]
@@ -58,6 +65,9 @@ pub struct Groups {
     updates: HashMap<u64, (ConnId, u32)>,
     sends: HashMap<u64, (ConnId, u32)>,
     reads: HashMap<u64, (ConnId, u32)>,
+    /// Creations asked for today, per account; and those in flight (token → creator).
+    created_today: DailyCount<UserId>,
+    creating: HashMap<u64, UserId>,
 }
 
 fn group_address<S: Storage>(shared: &Shared<S>, group_id: GroupId) -> Address {
@@ -82,10 +92,21 @@ impl Groups {
         let Some(signing_key) = shared.shards.signing_key(me.0, me.1) else {
             return shared.conns.refuse(conn, rid, ty, &SessionRefusal::WrongCore);
         };
+        let creates = matches!(update.change, GroupChange::Create { .. });
+        let now_ms = shared.now_ms();
+        if creates {
+            if let Err(count) = self.created_today.take(me.0, now_ms, GROUPS_CREATED_PER_DAY_MAX) {
+                let refusal = GroupRefusal::CreatedToday { count, max: GROUPS_CREATED_PER_DAY_MAX };
+                return shared.conns.refuse(conn, rid, ty, &refusal);
+            }
+        }
         let to = group_address(shared, update.group_id);
-        let call = ApplyGroupChange { actor: me, signing_key, update, now_ms: shared.now_ms() };
+        let call = ApplyGroupChange { actor: me, signing_key, update, now_ms };
         let token = shared.outbox.ask(to, call);
         self.updates.insert(token, (conn, rid));
+        if creates {
+            self.creating.insert(token, me.0);
+        }
     }
 
     /// The group's core applied (or refused) a change.
@@ -96,6 +117,11 @@ impl Groups {
         answer: Result<GroupUpdated, GroupRefusal>,
     ) {
         let Some((conn, rid)) = self.updates.remove(&token) else { return };
+        if let Some(creator) = self.creating.remove(&token) {
+            if answer.is_err() {
+                self.created_today.give_back(&creator, shared.now_ms());
+            }
+        }
         match answer {
             Ok(updated) => shared.conns.send(conn, rid, &updated),
             Err(refusal) => shared.conns.refuse(conn, rid, 0, &refusal),
