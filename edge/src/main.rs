@@ -135,10 +135,15 @@ struct Args {
     /// `.domain` for any host under it (default: any public host).
     #[arg(long, value_delimiter = ',')]
     push_allowed_hosts: Vec<String>,
-    /// Count loopback clients against the per-address budget too (they are exempt by
-    /// default: a local load generator or TLS terminator is not one network address).
-    #[arg(long)]
+    /// Count loopback clients against the per-address budgets too (codes requested,
+    /// unauthenticated connections; they are exempt by default: a local load generator
+    /// or TLS terminator is not one network address).
+    #[arg(long, alias = "address-budget-loopback")]
     code_budget_loopback: bool,
+    /// Connections from one network address (IPv4, IPv6 /64) that have not
+    /// authenticated yet, at most, per core (0: no limit); more get `TooManyConnections`.
+    #[arg(long, default_value_t = 64)]
+    pre_auth_per_address: u32,
     /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
     /// 16 costs a phone well under a second).
     #[arg(long, default_value_t = 0)]
@@ -214,6 +219,7 @@ fn core_config(args: &Args) -> CoreConfig {
         code_requests_per_prefix_per_hour: args.code_requests_per_prefix_per_hour,
         code_requests_per_address_per_hour: args.code_requests_per_address_per_hour,
         code_budget_loopback: args.code_budget_loopback,
+        pre_auth_per_address: args.pre_auth_per_address,
         push_insecure_endpoints: args.push_insecure_endpoints,
         push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),

@@ -138,6 +138,10 @@ refusals! {
         /// The connection limit.
         TooManyConnections => ErrorCode::TooManyConnections,
             "the server holds its maximum number of connections; retry later",
+        /// The per-address limit on connections that have not authenticated.
+        AddressBusy => ErrorCode::TooManyConnections,
+            "too many connections from this network address have not authenticated; \
+             authenticate or close them first",
         /// A payload that validated but would not deserialize.
         Unreadable => ErrorCode::Malformed, "unreadable",
         /// The request reached a core that does not own what it needs (a routing bug).
@@ -154,6 +158,7 @@ impl Refusal for SessionRefusal {
     fn retry_after_ms(&self) -> u32 {
         match self {
             SessionRefusal::ShuttingDown | SessionRefusal::TooManyConnections => 1000,
+            SessionRefusal::AddressBusy => 1000,
             SessionRefusal::WrongCore => 1000,
             SessionRefusal::OverBudget { retry_after_ms, .. } => *retry_after_ms,
             _ => 0,

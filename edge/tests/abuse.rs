@@ -24,9 +24,13 @@
 //!   (`a_token_replayed_after_re_registration_is_refused`);
 //! - another user's messages: `DeliveryAck` up to `u64::MAX` acks only the acking
 //!   device's own mailbox; `DeleteForEveryone` of another sender's message id → `Done`,
-//!   and the recipient still gets the message; a forged read receipt reaches the sender
-//!   named with the real reader, not the recipient
+//!   and the recipient still gets the message; a read receipt to someone who never
+//!   wrote to the reader → `Forbidden`, and nothing reaches them
 //!   (`another_users_messages_cannot_be_acked_deleted_or_marked_read`);
+//! - one address opening connections and never authenticating: past
+//!   `--pre-auth-per-address` → `TooManyConnections`, other addresses unaffected, and
+//!   authenticating frees a place
+//!   (`an_address_holds_only_so_many_unauthenticated_connections`);
 //! - the sender field: `SendMessage` has none, the envelope's sender is the authenticated
 //!   device; a copy for a third user → `StaleDevices` and nothing reaches that user;
 //!   server-only envelope kinds (`Receipt`, `GroupEvent`, `Notice`) and the server-only
@@ -572,4 +576,32 @@ fn device_names_and_keys_are_bounded() {
         let answer = new.request(&LinkRequest { device });
         assert_eq!(answer.error_code(), Some(ErrorCode::TooLarge), "{}", answer.describe());
     }
+}
+
+/// Goal: one network address cannot take every connection slot by connecting and never
+/// authenticating (hardening item 2). Method: with 3 unauthenticated connections per
+/// address allowed (loopback counted), 127.0.0.3 opens 3 and completes only the
+/// handshake; its 4th gets `TooManyConnections` and is closed, while 127.0.0.4 connects
+/// and logs in. Once one of the three authenticates, 127.0.0.3 may open another.
+#[test]
+fn an_address_holds_only_so_many_unauthenticated_connections() {
+    let dir = data_dir();
+    let args = ["--cores", "1", "--pre-auth-per-address", "3", "--code-budget-loopback"];
+    let mut server = Server::start(dir.path(), &args);
+    let alice = register(&mut server, "+15550361", 0);
+    let busy = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let mut held: Vec<Client> = (0..3).map(|_| Client::connect_from(server.addr, busy)).collect();
+    let mut refused = Client::connect_raw_from(server.addr, busy);
+    let frame = refused.read_frame().expect("a typed refusal before the close");
+    assert_eq!(frame.error_code(), Some(ErrorCode::TooManyConnections), "{}", frame.describe());
+    assert!(frame.describe().contains("this network address"), "{}", frame.describe());
+    assert!(refused.read_frame().is_none(), "closed after the refusal");
+    // Another address is not affected.
+    let mut other = Client::connect_from(server.addr, std::net::Ipv4Addr::new(127, 0, 0, 4));
+    let auth = Auth { user_id: alice.user_id, device_id: alice.device_id, token: alice.token };
+    other.request(&auth).access::<AuthOk>();
+    // One of the three authenticates: its place is free again.
+    held[0].request(&auth).access::<AuthOk>();
+    let mut again = Client::connect_from(server.addr, busy);
+    again.request(&Ping { nonce: 3 }).access::<Pong>();
 }

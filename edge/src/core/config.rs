@@ -49,9 +49,13 @@ pub struct CoreConfig {
     /// Codes sent per client network address (an IPv4 address, an IPv6 /64) per hour,
     /// per core.
     pub code_requests_per_address_per_hour: u32,
-    /// Whether loopback clients count against the per-address budget (by default a
-    /// local process, such as a load generator or a TLS terminator, is exempt).
+    /// Whether loopback clients count against the per-address budgets (codes,
+    /// unauthenticated connections; by default a local process, such as a load
+    /// generator or a TLS terminator, is exempt).
     pub code_budget_loopback: bool,
+    /// Connections from one network address that have not authenticated yet, at most,
+    /// per core (0: no limit; see `core::addresses`).
+    pub pre_auth_per_address: u32,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
     pub code_pow_bits: u8,
     /// Accept push endpoints over plain http or at private, loopback and link-local
@@ -92,6 +96,7 @@ impl Default for CoreConfig {
             code_requests_per_prefix_per_hour: 1_000,
             code_requests_per_address_per_hour: 20,
             code_budget_loopback: false,
+            pre_auth_per_address: 64,
             code_pow_bits: 0,
             push_insecure_endpoints: false,
             push_allowed_hosts: Vec::new(),

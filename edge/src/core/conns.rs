@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use tern_wire::messages::{DeviceId, ErrorFrame, SendError, UserId};
 use tern_wire::{encode_frame, Payload, WireSerializer, FLAG_RESPONSE, HANDSHAKE_MAX_FRAME_BYTES};
 
+use super::addresses::PreAuthCounts;
 use crate::refusal::{Refusal, SendRefusal, SessionRefusal};
 
 /// A connection's id within its core.
@@ -94,6 +95,8 @@ pub struct Conn {
     pub(super) downloads_in_flight: u32,
     /// It asked to be linked (once per connection).
     pub(super) link_asked: bool,
+    /// Its address key while it counts as unauthenticated ([`PreAuthCounts`]).
+    pre_auth_key: Option<IpAddr>,
 }
 
 impl Conn {
@@ -115,6 +118,7 @@ impl Conn {
             upload_queue_full: false,
             downloads_in_flight: 0,
             link_asked: false,
+            pre_auth_key: None,
         }
     }
 
@@ -180,6 +184,8 @@ pub struct Conns {
     auth_deadline_ms: u64,
     idle_timeout_ms: u64,
     max_connections: usize,
+    /// Unauthenticated connections per address, and their limit.
+    pre_auth: PreAuthCounts,
     counters: ConnCounters,
     /// The time of the input being handled (monotonic ms).
     now_ms: u64,
@@ -197,6 +203,7 @@ impl Conns {
             auth_deadline_ms,
             idle_timeout_ms,
             max_connections: usize::MAX,
+            pre_auth: PreAuthCounts::new(0, false),
             counters: ConnCounters::default(),
             now_ms: 0,
         }
@@ -213,13 +220,36 @@ impl Conns {
         let id = self.next_id;
         self.next_id += 1;
         let deadline = auth_deadline_ms.unwrap_or(now_ms.saturating_add(self.auth_deadline_ms));
-        self.conns.insert(id, Conn::new(peer_ip, deadline));
+        let mut c = Conn::new(peer_ip, deadline);
+        let (key, over) = self.pre_auth.admit(peer_ip);
+        c.pre_auth_key = key;
+        self.conns.insert(id, c);
         self.deadlines.push(Reverse((deadline, id)));
+        if over {
+            self.refuse(id, 0, 0, &SessionRefusal::AddressBusy);
+            self.note_failed(id);
+            self.close(id, now_ms);
+        }
         id
+    }
+
+    /// At most `max` unauthenticated connections per network address (0: no limit);
+    /// loopback ones count only with `count_loopback`.
+    pub fn set_pre_auth_per_address(&mut self, max: u32, count_loopback: bool) {
+        self.pre_auth = PreAuthCounts::new(max, count_loopback);
+    }
+
+    /// `conn` no longer counts as unauthenticated (it authenticated, or is going).
+    fn release_pre_auth(&mut self, conn: ConnId) {
+        let key = self.conns.get_mut(&conn).and_then(|c| c.pre_auth_key.take());
+        if let Some(key) = key {
+            self.pre_auth.release(key);
+        }
     }
 
     /// Forgets a connection (its socket closed or it moved to another core).
     pub fn remove(&mut self, conn: ConnId) -> Option<Conn> {
+        self.release_pre_auth(conn);
         let c = self.conns.remove(&conn)?;
         if let Some(device) = c.device() {
             if self.online.get(&device) == Some(&conn) {
@@ -302,6 +332,7 @@ impl Conns {
 
     /// `conn` now speaks for `device`; returns the connection it replaces, if any.
     pub fn set_online(&mut self, device: (UserId, DeviceId), conn: ConnId) -> Option<ConnId> {
+        self.release_pre_auth(conn);
         self.online.insert(device, conn).filter(|old| *old != conn)
     }
 

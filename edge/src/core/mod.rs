@@ -26,6 +26,7 @@
 //! core: it is queued locally and served before the input that made it returns.
 
 pub mod accounts;
+pub mod addresses;
 pub mod budgets;
 pub mod config;
 pub mod conns;
@@ -135,7 +136,8 @@ impl<S: Storage> Core<S> {
         let shared = self.enter(now);
         shared.conns.counters_mut().accepted += 1;
         let conn = shared.conns.open(peer_ip, None, now.mono_ms());
-        if shared.conns.over_limit() {
+        let refused = shared.conns.get(conn).is_some_and(|c| c.closing);
+        if shared.conns.over_limit() && !refused {
             // Refuse cleanly: a typed error on this connection, then close it.
             handshake::refuse_connection(shared, conn);
         }

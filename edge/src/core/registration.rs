@@ -22,6 +22,7 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
+use super::addresses::budget_key;
 use super::conns::ConnId;
 use super::effects::Effect;
 use super::keys::check_new_device;
@@ -194,7 +195,7 @@ impl Registration {
             .get(conn)
             .and_then(|c| c.peer_ip)
             .filter(|ip| shared.config.code_budget_loopback || !ip.is_loopback())
-            .map(address_budget_key);
+            .map(budget_key);
         let refused =
             match address.map(|a| self.per_address.check(&a, now_ms)) {
                 Some(Err(wait)) => {
@@ -502,15 +503,6 @@ fn registration_lock<S: Storage>(shared: &Shared<S>, phone: &str) -> Option<Vec<
 fn valid_phone(phone: &str) -> bool {
     let digits = phone.strip_prefix('+').unwrap_or("");
     (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// What a per-address budget counts: an IPv4 address, or the /64 network of an IPv6
-/// address (one host usually holds a whole /64, so single addresses cost nothing).
-fn address_budget_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-    }
 }
 
 /// A user id for a new account of `shard`: the shard in the top 16 bits, then 48 random

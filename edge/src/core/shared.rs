@@ -79,9 +79,11 @@ impl<S: Storage> Shared<S> {
     /// The parts of a new core.
     pub fn new(shards: Shards<S>, config: CoreConfig, random: Random) -> Shared<S> {
         let here = shards.placement().here();
+        let mut conns = Conns::new(config.auth_deadline_ms, config.idle_timeout_ms);
+        conns.set_pre_auth_per_address(config.pre_auth_per_address, config.code_budget_loopback);
         Shared {
             shards,
-            conns: Conns::new(config.auth_deadline_ms, config.idle_timeout_ms),
+            conns,
             durable: Durability::default(),
             outbox: Outbox::new(here),
             effects: Effects::default(),

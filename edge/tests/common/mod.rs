@@ -99,6 +99,13 @@ impl Client {
     /// Connects from the loopback address `source` (127.0.0.2, ...) and performs the
     /// handshake: another client address for per-address limits.
     pub fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Client {
+        let mut client = Client::connect_raw_from(addr, source);
+        client.handshake();
+        client
+    }
+
+    /// Connects from the loopback address `source` without a handshake.
+    pub fn connect_raw_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Client {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
@@ -107,9 +114,7 @@ impl Client {
         tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
         tcp.set_nodelay(true).unwrap();
         let stream = Box::new(tcp.try_clone().unwrap());
-        let mut client = Client::over(stream, tcp);
-        client.handshake();
-        client
+        Client::over(stream, tcp)
     }
 
     /// Connects without a handshake.
