@@ -920,6 +920,17 @@ impl Store {
         Ok(row.unwrap_or((None, None)))
     }
 
+    /// Whether this device sends read receipts (the user's privacy setting, kept here so
+    /// that the device honours it whatever a server does; on unless turned off).
+    pub fn read_receipts(&self) -> Result<bool, StoreError> {
+        Ok(self.meta("read_receipts")?.is_none_or(|value| value != [0]))
+    }
+
+    /// Records whether this device sends read receipts.
+    pub fn set_read_receipts(&self, on: bool) -> Result<(), StoreError> {
+        self.set_meta("read_receipts", &[u8::from(on)])
+    }
+
     /// Records this device's own phone number (at registration).
     pub fn save_own_phone(&self, phone: &str) -> Result<(), StoreError> {
         self.set_meta("phone", phone.as_bytes())

@@ -5,12 +5,23 @@
 //! - A device keeps the transport and trust root it registered with: reopening it
 //!   without an endpoint is TLS with the same pinned certificate, and a plaintext or
 //!   differently trusted endpoint is refused before a byte is sent (item 11).
+//! - Receipts leak no activity: an envelope the device cannot decrypt is acknowledged
+//!   without a delivered receipt, and with read receipts off none leaves the device, as a
+//!   recorder between the SDK and the server sees (item 12).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tern_client::connection::Endpoint;
-use tern_client::{Client, ClientError, PendingRegistration, StoreSecret, Trust};
+use tern_client::connection::{Connection, Endpoint, OwnedFrame};
+use tern_client::crypto::DeviceCrypto;
+use tern_client::store::Store;
+use tern_client::{Client, ClientError, Event, PendingRegistration, StoreSecret, Trust};
 use tern_testkit::Server;
+use tern_wire::messages::*;
+use tern_wire::{EnvelopeContent, Message, MessageType};
+
+const WAIT: Duration = Duration::from_secs(10);
 
 fn secret() -> StoreSecret {
     StoreSecret::Passphrase("correct horse battery staple".into())
@@ -36,6 +47,181 @@ async fn register_at(
 async fn register(server: &mut Server, stores: &Path, name: &str, phone: &str) -> Client {
     let endpoint = Endpoint::tcp(server.addr.to_string());
     register_at(server, &endpoint, stores, name, phone).await
+}
+
+/// Reads events until `wanted` matches one; returns it and the events before it.
+async fn until(client: &mut Client, wanted: impl Fn(&Event) -> bool) -> (Event, Vec<Event>) {
+    let mut before = Vec::new();
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let event = client.next_event().await.unwrap();
+            if wanted(&event) {
+                return event;
+            }
+            before.push(event);
+        }
+    });
+    let event = found.await.unwrap_or_else(|_| panic!("{client:?}: no such event in time"));
+    (event, before)
+}
+
+/// Acts as a registered device below the SDK (what a hostile sender can do): the
+/// store's keys, a raw connection, logged in.
+async fn raw_device(server: &Server, store: &Path) -> (Connection, DeviceCrypto) {
+    let store = Store::open(store, &secret()).unwrap();
+    let identity = store.identity().unwrap().unwrap();
+    let crypto = store.device_crypto().unwrap().unwrap();
+    let mut connection = Connection::open(&Endpoint::tcp(server.addr.to_string())).await.unwrap();
+    let auth =
+        Auth { user_id: identity.user_id, device_id: identity.device_id, token: identity.token };
+    let id = connection.send(&auth).await.unwrap();
+    let Message::AuthOk(_) = answer(&mut connection, id).await.frame().message else {
+        panic!("not logged in")
+    };
+    (connection, crypto)
+}
+
+async fn answer(connection: &mut Connection, id: u32) -> OwnedFrame {
+    let read = tokio::time::timeout(WAIT, async {
+        loop {
+            let frame = connection.next_frame().await.unwrap();
+            if frame.frame().header.request_id == id && frame.frame().header.is_response() {
+                return frame;
+            }
+        }
+    });
+    read.await.expect("an answer in time")
+}
+
+/// Sends one pairwise copy to `to`'s device 1; returns its server id.
+async fn send_copy(raw: &mut Connection, to: u64, copy: (u64, E2eType, Vec<u8>)) -> u64 {
+    let (client_message_id, e2e_type, ciphertext) = copy;
+    let send = SendMessage {
+        client_message_id,
+        to: Conversation::User(to),
+        kind: EnvelopeKind::Text,
+        ttl_s: 0,
+        copies: vec![DeviceCopy { user_id: to, device_id: 1, e2e_type, ciphertext }],
+    };
+    let id = raw.send(&send).await.unwrap();
+    let reply = answer(raw, id).await;
+    let Message::SendAck(ack) = reply.frame().message else { panic!("not sent") };
+    ack.server_message_id.to_native()
+}
+
+/// The message ids of the delivered receipts `raw` gets, until one names `last`.
+async fn delivered_receipts_until(raw: &mut Connection, last: u64) -> Vec<u64> {
+    let mut named = Vec::new();
+    let read = tokio::time::timeout(WAIT, async {
+        while !named.contains(&last) {
+            let frame = raw.next_frame().await.unwrap();
+            let Message::Deliver(deliver) = frame.frame().message else { continue };
+            let Ok(EnvelopeContent::Receipt(receipt)) = deliver.envelope.content() else {
+                continue;
+            };
+            if receipt.kind == ArchivedReceiptKind::Delivered {
+                named.extend(receipt.message_ids.iter().map(|id| id.to_native()));
+            }
+        }
+    });
+    read.await.expect("the delivered receipt in time");
+    named
+}
+
+/// A hostile sender sends Bob a tampered ciphertext, then a genuine one. Bob's SDK
+/// reports the first as undecryptable and acknowledges it with `DiscardAck`: the sender
+/// gets a delivered receipt for the genuine message only (before: for both, so garbage
+/// sent to anyone told whether their device was online).
+#[tokio::test(flavor = "current_thread")]
+async fn an_undecryptable_envelope_earns_no_delivered_receipt() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mallory = register(&mut server, stores.path(), "mallory", "+15581201").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15581202").await;
+    let bob_id = bob.user_id();
+    drop(mallory);
+    let (mut raw, crypto) = raw_device(&server, &stores.path().join("mallory.db")).await;
+    let id = raw.send(&FetchBundles { user_id: bob_id, device_ids: vec![1] }).await.unwrap();
+    let reply = answer(&mut raw, id).await;
+    let Message::Bundles(bundles) = reply.frame().message else { panic!("no bundle") };
+    let bundles: Bundles = rkyv::deserialize::<Bundles, rkyv::rancor::Failure>(bundles).unwrap();
+    let mut session = crypto.outbound_session(bob_id, &bundles.devices[0]).unwrap();
+    let (e2e_type, genuine) = session.encrypt(b"\x01genuine");
+    let mut tampered = genuine.clone();
+    *tampered.last_mut().unwrap() ^= 0x40;
+
+    let probe = send_copy(&mut raw, bob_id, (1, e2e_type, tampered)).await;
+    let real = send_copy(&mut raw, bob_id, (2, e2e_type, genuine)).await;
+    let genuine = |e: &Event| matches!(e, Event::Message(m) if m.text == "genuine");
+    let (_, before) = until(&mut bob, genuine).await;
+    assert!(before.iter().any(|e| matches!(e, Event::Undecryptable { .. })), "{before:?}");
+    let named = delivered_receipts_until(&mut raw, real).await;
+    assert!(!named.contains(&probe), "the probe {probe} got a delivered receipt: {named:?}");
+}
+
+/// Every frame type the client sent through a recorder, in order.
+fn frame_types(bytes: &[u8]) -> Vec<MessageType> {
+    let mut decoder = tern_wire::FrameDecoder::new(tern_wire::ABSOLUTE_MAX_FRAME_BYTES);
+    decoder.feed(bytes);
+    let mut types = Vec::new();
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        types.push(frame.header.message_type);
+    }
+    types
+}
+
+/// A TCP relay to `server` that records what the client sends.
+async fn recording_relay(server: std::net::SocketAddr) -> (String, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let recorded = sent.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = upstream.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
+            recorded.lock().unwrap().extend_from_slice(&buffer[..n]);
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    (address, sent)
+}
+
+/// With read receipts off, `mark_read` sends nothing: a recorder between Bob's SDK and
+/// the server sees his other requests but no `SendReceipt` (before: the SDK sent it and
+/// relied on the server to drop it). The setting survives reopening the store.
+#[tokio::test(flavor = "current_thread")]
+async fn with_read_receipts_off_none_leaves_the_device() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15581301").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15581302").await;
+    let alice_id = alice.user_id();
+    bob.set_read_receipts(false).await.unwrap();
+    assert!(!bob.privacy().await.unwrap().read_receipts);
+    drop(bob);
+
+    let (relay, sent) = recording_relay(server.addr).await;
+    let path = stores.path().join("bob.db");
+    let mut bob = Client::open(&path, &secret(), Some(Endpoint::tcp(relay))).await.unwrap();
+    assert!(!bob.read_receipts().unwrap());
+    let hello = alice.send_text(bob.user_id(), "hello bob").await.unwrap();
+    until(&mut bob, |e| matches!(e, Event::Message(m) if m.text == "hello bob")).await;
+    bob.mark_read(alice_id, &[hello.server_id]).await.unwrap();
+    // A request after it: everything before it has been written through the relay.
+    bob.send_text(alice_id, "read it").await.unwrap();
+    let types = frame_types(&sent.lock().unwrap());
+    assert!(types.contains(&MessageType::SendMessage), "{types:?}");
+    assert!(!types.contains(&MessageType::SendReceipt), "a read receipt left: {types:?}");
 }
 
 /// Registered over TLS with a pinned certificate, a device reconnects over TLS with that

@@ -621,6 +621,17 @@ payload! {
 }
 
 payload! {
+    /// Like `DeliveryAck`, for what the device could not read: the server deletes every
+    /// envelope up to and including this mailbox sequence number and sends **no**
+    /// delivered receipt for them, so an undecryptable message (a probe, say) does not
+    /// tell its sender that the device is online.
+    pub struct DiscardAck {
+        /// Highest mailbox sequence handled.
+        pub up_to_mailbox_seq: u64,
+    }
+}
+
+payload! {
     /// Ask the server to deliver the mailbox again from a sequence number (after a gap).
     pub struct Resync {
         /// First mailbox sequence wanted.

@@ -103,6 +103,7 @@ round_trip_tests! {
     round_trip_resync: Resync,
     round_trip_send_receipt: SendReceipt,
     round_trip_delete_for_everyone: DeleteForEveryone,
+    round_trip_discard_ack: DiscardAck,
     round_trip_typing: Typing,
     round_trip_typing_event: TypingEvent,
     round_trip_presence_subscribe: PresenceSubscribe,

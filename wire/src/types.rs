@@ -56,6 +56,7 @@ macro_rules! frame_types {
             0x0305 => Resync,
             0x0306 => SendReceipt,
             0x0307 => DeleteForEveryone,
+            0x0308 => DiscardAck,
             // Presence and typing.
             0x0401 => Typing,
             0x0402 => TypingEvent,

@@ -133,10 +133,36 @@ impl Client {
         Ok(view)
     }
 
-    /// Replaces this account's privacy settings.
+    /// Replaces this account's privacy settings. The read-receipt setting is also kept
+    /// on this device, first: with it off, [`Client::mark_read`] and
+    /// [`Client::mark_group_read`] send nothing, whatever the server would do with it.
     pub async fn set_privacy(&mut self, privacy: PrivacySettings) -> Result<(), ClientError> {
+        self.store.set_read_receipts(privacy.read_receipts)?;
         self.request(&privacy).await?;
         Ok(())
+    }
+
+    /// This account's privacy settings, as the server has them.
+    pub async fn privacy(&mut self) -> Result<PrivacySettings, ClientError> {
+        let reply = self.request(&PrivacyGet {}).await?;
+        let Message::PrivacySettings(settings) = reply.frame().message else {
+            return Err(server_error(&reply));
+        };
+        rkyv::deserialize::<PrivacySettings, rkyv::rancor::Failure>(settings)
+            .map_err(|e| ClientError::Protocol(format!("unreadable privacy settings: {e}")))
+    }
+
+    /// Turns read receipts on or off: on this device at once (it stops sending them),
+    /// then in the account's settings on the server (which stops relaying them).
+    pub async fn set_read_receipts(&mut self, on: bool) -> Result<(), ClientError> {
+        self.store.set_read_receipts(on)?;
+        let privacy = PrivacySettings { read_receipts: on, ..self.privacy().await? };
+        self.set_privacy(privacy).await
+    }
+
+    /// Whether this device sends read receipts.
+    pub fn read_receipts(&self) -> Result<bool, ClientError> {
+        Ok(self.store.read_receipts()?)
     }
 
     /// Blocks (or unblocks) a user: their messages, typing and presence stop reaching

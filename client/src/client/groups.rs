@@ -71,13 +71,17 @@ impl Client {
         Ok(())
     }
 
-    /// Tells the sender of these group messages that the user read them.
+    /// Tells the sender of these group messages that the user read them; nothing when
+    /// the user turned read receipts off.
     pub async fn mark_group_read(
         &mut self,
         group_id: u64,
         sender: u64,
         server_ids: &[u64],
     ) -> Result<(), ClientError> {
+        if !self.store.read_receipts()? {
+            return Ok(());
+        }
         let receipt = SendReceipt {
             kind: ReceiptKind::Read,
             to_user: sender,

@@ -100,10 +100,11 @@ impl Client {
         let Message::Deliver(deliver) = frame.frame().message else { unreachable_frame() };
         let mailbox_seq = deliver.mailbox_seq;
         let envelope = &deliver.envelope;
+        let mut readable = true;
         match envelope.kind {
             ArchivedEnvelopeKind::Text
             | ArchivedEnvelopeKind::Media
-            | ArchivedEnvelopeKind::Control => self.on_message(envelope)?,
+            | ArchivedEnvelopeKind::Control => readable = self.on_message(envelope)?,
             ArchivedEnvelopeKind::Receipt => {
                 if let Ok(EnvelopeContent::Receipt(body)) = envelope.content() {
                     self.on_receipt(body)?;
@@ -123,18 +124,25 @@ impl Client {
             }
         }
         self.link.pending = self.link.pending.saturating_sub(1);
-        // Stored (or known undecryptable): the server may forget it.
-        let ack = DeliveryAck { up_to_mailbox_seq: mailbox_seq };
-        self.connection()?.send(&ack).await?;
+        // Stored (or known undecryptable): the server may forget it. Each envelope is
+        // acknowledged on its own, so what this device could not read is discarded
+        // without a delivered receipt: an undecryptable probe learns nothing.
+        let up_to_mailbox_seq = mailbox_seq;
+        if readable {
+            self.connection()?.send(&DeliveryAck { up_to_mailbox_seq }).await?;
+        } else {
+            self.connection()?.send(&DiscardAck { up_to_mailbox_seq }).await?;
+        }
         Ok(())
     }
 
-    /// A message envelope (text, file, control): decrypted, stored, reported.
-    fn on_message(&mut self, envelope: &ArchivedEnvelope) -> Result<(), ClientError> {
+    /// A message envelope (text, file, control): decrypted, stored, reported. Returns
+    /// whether it was readable (an undecryptable one is reported, never stored).
+    fn on_message(&mut self, envelope: &ArchivedEnvelope) -> Result<bool, ClientError> {
         let sender = (envelope.sender_user.to_native(), envelope.sender_device.to_native());
         let client_id = envelope.client_message_id.to_native();
         if self.store.has_message(sender, client_id)? {
-            return Ok(()); // A redelivery.
+            return Ok(true); // A redelivery.
         }
         let e2e_type = match envelope.e2e_type {
             ArchivedE2eType::OlmPreKey => E2eType::OlmPreKey,
@@ -171,11 +179,12 @@ impl Client {
             Err(ClientError::NotAMessage) => {}
             Err(ClientError::Crypto(error)) => {
                 let reason = error.to_string();
-                self.events.push_back(Event::Undecryptable { sender, reason })
+                self.events.push_back(Event::Undecryptable { sender, reason });
+                return Ok(false);
             }
             Err(other) => return Err(other),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A delivered or read receipt: the ticks of this user's messages go up.

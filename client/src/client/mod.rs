@@ -436,9 +436,10 @@ impl Client {
         Ok(())
     }
 
-    /// Tells the senders of these incoming messages that the user read them.
+    /// Tells the senders of these incoming messages that the user read them; nothing
+    /// when the user turned read receipts off ([`Client::set_read_receipts`]).
     pub async fn mark_read(&mut self, peer: u64, server_ids: &[u64]) -> Result<(), ClientError> {
-        if server_ids.is_empty() {
+        if server_ids.is_empty() || !self.store.read_receipts()? {
             return Ok(());
         }
         let receipt = SendReceipt {

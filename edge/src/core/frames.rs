@@ -97,7 +97,12 @@ fn authenticated<S: Storage>(
     match message {
         Message::SendMessage(send) => send_message(shared, parts, (conn, rid), me, send),
         Message::DeliveryAck(ack) => {
-            mailbox::acknowledge(shared, conn, me, ack.up_to_mailbox_seq.to_native())
+            let up_to = ack.up_to_mailbox_seq.to_native();
+            mailbox::acknowledge(shared, conn, me, up_to, mailbox::Receipts::Send)
+        }
+        Message::DiscardAck(ack) => {
+            let up_to = ack.up_to_mailbox_seq.to_native();
+            mailbox::acknowledge(shared, conn, me, up_to, mailbox::Receipts::Withhold)
         }
         Message::Resync(resync) => {
             mailbox::resync(shared, conn, resync.from_mailbox_seq.to_native())

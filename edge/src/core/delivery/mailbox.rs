@@ -112,13 +112,25 @@ pub fn resync<S: Storage>(shared: &mut Shared<S>, conn: ConnId, from: u64) {
     pump(shared, conn);
 }
 
+/// Whether an acknowledgement tells the senders: `DeliveryAck` does (delivered
+/// receipts), `DiscardAck` (what the device could not read) does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receipts {
+    /// Delivered receipts to the senders of the acknowledged messages.
+    Send,
+    /// None: the device could not read them.
+    Withhold,
+}
+
 /// The device received everything up to `up_to`: drops it from the mailbox, sends the
-/// senders their delivered receipts, and feeds the device more.
+/// senders their delivered receipts (unless `receipts` withholds them), and feeds the
+/// device more.
 pub fn acknowledge<S: Storage>(
     shared: &mut Shared<S>,
     conn: ConnId,
     me: (UserId, DeviceId),
     up_to: u64,
+    receipts: Receipts,
 ) {
     // Only what this connection was sent can be acknowledged: an ack beyond it (a bug or
     // a hostile client) must not delete envelopes the device never received.
@@ -132,7 +144,10 @@ pub fn acknowledge<S: Storage>(
     }
     let up_to = up_to.min(cursor - 1);
     let Some(handle) = shared.shards.home_of(me.0).cloned() else { return };
-    let receipts = receipts_for(shared, &handle, me, acked_through, up_to);
+    let receipts = match receipts {
+        Receipts::Send => receipts_for(shared, &handle, me, acked_through, up_to),
+        Receipts::Withhold => BTreeMap::new(),
+    };
     if let Err(error) = handle.borrow_mut().ack(me, up_to) {
         let ty = MessageType::DeliveryAck.code();
         return shared.conns.refuse(conn, 0, ty, &StorageRefusal::of(&error));

@@ -149,6 +149,13 @@ enum Command {
         #[arg(long)]
         about: Option<String>,
     },
+    /// Show this account's privacy settings, or turn read receipts on or off (off: this
+    /// device stops sending them at once, whatever the server does).
+    Privacy {
+        /// on or off.
+        #[arg(long, value_parser = ["on", "off"])]
+        read_receipts: Option<String>,
+    },
     /// Block a user (or unblock with --undo).
     Block {
         /// Whom.
@@ -620,6 +627,16 @@ async fn accounts(client: &mut Client, command: &Command) -> Result<(), ClientEr
             }
         }
         Command::Profile { user, name, about } => profile(client, *user, name, about).await?,
+        Command::Privacy { read_receipts } => {
+            if let Some(setting) = read_receipts {
+                client.set_read_receipts(setting == "on").await?;
+            }
+            let privacy = client.privacy().await?;
+            let on_off = |on: bool| if on { "on" } else { "off" };
+            println!("read receipts: {}", on_off(privacy.read_receipts));
+            println!("last seen: {:?}, online: {:?}", privacy.last_seen, privacy.online);
+            println!("name: {:?}, about: {:?}", privacy.display_name, privacy.about);
+        }
         Command::Block { user, undo } => {
             client.block(*user, !undo).await?;
             println!("{} {}", if *undo { "unblocked" } else { "blocked" }, label(client, *user));
