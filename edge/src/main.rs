@@ -144,6 +144,10 @@ struct Args {
     /// authenticated yet, at most, per core (0: no limit); more get `TooManyConnections`.
     #[arg(long, default_value_t = 64)]
     pre_auth_per_address: u32,
+    /// Devices asking to be linked per client address (IPv4, IPv6 /64) per hour, per
+    /// core (`RateLimited` beyond).
+    #[arg(long, default_value_t = 20)]
+    link_requests_per_address_per_hour: u32,
     /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
     /// 16 costs a phone well under a second).
     #[arg(long, default_value_t = 0)]
@@ -220,6 +224,7 @@ fn core_config(args: &Args) -> CoreConfig {
         code_requests_per_address_per_hour: args.code_requests_per_address_per_hour,
         code_budget_loopback: args.code_budget_loopback,
         pre_auth_per_address: args.pre_auth_per_address,
+        link_requests_per_address_per_hour: args.link_requests_per_address_per_hour,
         push_insecure_endpoints: args.push_insecure_endpoints,
         push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),

@@ -303,6 +303,9 @@ refusals! {
         BadKeys { why: &'static str } => ErrorCode::InvalidSignature, "{why}",
         /// One link request per connection.
         AlreadyAsked => ErrorCode::UnexpectedFrame, "this connection already asked to be linked",
+        /// The per-address budget.
+        AddressBudget { retry_after_ms: u32 } => ErrorCode::RateLimited,
+            "too many devices asked to be linked from this network address",
         /// Only the primary approves.
         NotPrimary => ErrorCode::Forbidden, "only the primary device links devices",
         /// No such code (or already claimed).
@@ -321,6 +324,12 @@ refusals! {
 impl Refusal for LinkRefusal {
     fn code(&self) -> ErrorCode {
         self.error_code()
+    }
+    fn retry_after_ms(&self) -> u32 {
+        match self {
+            LinkRefusal::AddressBudget { retry_after_ms } => *retry_after_ms,
+            _ => 0,
+        }
     }
 }
 

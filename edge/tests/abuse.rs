@@ -30,7 +30,9 @@
 //! - one address opening connections and never authenticating: past
 //!   `--pre-auth-per-address` → `TooManyConnections`, other addresses unaffected, and
 //!   authenticating frees a place
-//!   (`an_address_holds_only_so_many_unauthenticated_connections`);
+//!   (`an_address_holds_only_so_many_unauthenticated_connections`); link requests past
+//!   `--link-requests-per-address-per-hour` → `RateLimited`
+//!   (`link_requests_have_a_budget_per_address`);
 //! - the sender field: `SendMessage` has none, the envelope's sender is the authenticated
 //!   device; a copy for a third user → `StaleDevices` and nothing reaches that user;
 //!   server-only envelope kinds (`Receipt`, `GroupEvent`, `Notice`) and the server-only
@@ -604,4 +606,33 @@ fn an_address_holds_only_so_many_unauthenticated_connections() {
     held[0].request(&auth).access::<AuthOk>();
     let mut again = Client::connect_from(server.addr, busy);
     again.request(&Ping { nonce: 3 }).access::<Pong>();
+}
+
+/// Goal: asking to be linked costs signature checks and holds a connection for the
+/// code's lifetime, so one address may ask only so often (hardening item 2). Method:
+/// with 2 link requests per address and hour (loopback counted), 127.0.0.5's first two
+/// get codes, its third `RateLimited` with a wait; 127.0.0.6 still gets a code.
+#[test]
+fn link_requests_have_a_budget_per_address() {
+    let dir = data_dir();
+    let args = ["--link-requests-per-address-per-hour", "2", "--code-budget-loopback"];
+    let server = Server::start(dir.path(), &args);
+    let ask = |source: [u8; 4]| {
+        let mut new = Client::connect_from(server.addr, source.into());
+        let device = NewDevice { name: "laptop".into(), keys: keys(1) };
+        let asked = new.send(&LinkRequest { device });
+        let first = new.read_frame().expect("an answer");
+        (new, asked, first)
+    };
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let (new, _, first) = ask([127, 0, 0, 5]);
+        assert_eq!(first.header.message_type, MessageType::LinkCode, "{}", first.describe());
+        waiting.push(new);
+    }
+    let (_, asked, refused) = ask([127, 0, 0, 5]);
+    assert_eq!(refused.header.request_id, asked);
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    let (_, _, other) = ask([127, 0, 0, 6]);
+    assert_eq!(other.header.message_type, MessageType::LinkCode, "{}", other.describe());
 }

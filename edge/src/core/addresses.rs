@@ -24,6 +24,12 @@ pub fn budget_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The budget key of a client at `peer_ip`, if it counts: loopback clients only with
+/// `count_loopback` (`--code-budget-loopback`), unknown ones never.
+pub fn budget_key_of(peer_ip: Option<IpAddr>, count_loopback: bool) -> Option<IpAddr> {
+    peer_ip.filter(|ip| count_loopback || !ip.is_loopback()).map(budget_key)
+}
+
 /// Counts of unauthenticated connections per address key, with their limit.
 #[derive(Debug)]
 pub struct PreAuthCounts {
@@ -43,8 +49,8 @@ impl PreAuthCounts {
     /// Counts a new connection from `ip`: its key, if it counts (release it once the
     /// connection authenticates or closes), and whether its address is now over the limit.
     pub fn admit(&mut self, ip: Option<IpAddr>) -> (Option<IpAddr>, bool) {
-        let key = ip.filter(|ip| self.max > 0 && (self.count_loopback || !ip.is_loopback()));
-        let Some(key) = key.map(budget_key) else { return (None, false) };
+        let key = budget_key_of(ip, self.count_loopback).filter(|_| self.max > 0);
+        let Some(key) = key else { return (None, false) };
         let count = self.counts.entry(key).or_insert(0);
         *count += 1;
         (Some(key), *count > self.max)

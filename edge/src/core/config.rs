@@ -56,6 +56,8 @@ pub struct CoreConfig {
     /// Connections from one network address that have not authenticated yet, at most,
     /// per core (0: no limit; see `core::addresses`).
     pub pre_auth_per_address: u32,
+    /// Devices asking to be linked per client address per hour, per core.
+    pub link_requests_per_address_per_hour: u32,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
     pub code_pow_bits: u8,
     /// Accept push endpoints over plain http or at private, loopback and link-local
@@ -97,6 +99,7 @@ impl Default for CoreConfig {
             code_requests_per_address_per_hour: 20,
             code_budget_loopback: false,
             pre_auth_per_address: 64,
+            link_requests_per_address_per_hour: 20,
             code_pow_bits: 0,
             push_insecure_endpoints: false,
             push_allowed_hosts: Vec::new(),

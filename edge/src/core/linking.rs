@@ -9,6 +9,7 @@
 //! and tells the account's other online devices the new list.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use tern_engine::{StateOp, Storage};
 use tern_wire::messages::{
@@ -16,6 +17,8 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
+use super::addresses::budget_key_of;
+use super::config::CoreConfig;
 use super::conns::ConnId;
 use super::durable::Release;
 use super::keys::check_new_device;
@@ -23,7 +26,8 @@ use super::registration::device_record;
 use super::shared::Shared;
 use crate::mesh::calls::ClaimLink;
 use crate::mesh::{CoreMsg, ReplyTo, Tell};
-use crate::refusal::{LinkRefusal, Refusal, StorageRefusal};
+use crate::limits::HourlyWindow;
+use crate::refusal::{retry_hint, LinkRefusal, Refusal, StorageRefusal};
 use crate::routing::{core_of_link_code, home_shard_of_user, Address};
 use crate::secrets;
 use crate::work::CheckDeviceKeys;
@@ -46,8 +50,11 @@ struct PendingLink {
 }
 
 /// Linking state of one core.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Linking {
+    /// Link requests per client address (IPv4, IPv6 /64) in the last hour: each costs
+    /// signature checks and a connection held for the code's lifetime.
+    per_address: HourlyWindow<IpAddr>,
     /// Devices waiting to be linked, by code (the new device's connection is here).
     links: HashMap<String, PendingLink>,
     /// Requests whose keys are being checked: token → (connection, request, device).
@@ -57,6 +64,16 @@ pub struct Linking {
 }
 
 impl Linking {
+    /// No links yet; at most `config.link_requests_per_address_per_hour` per address.
+    pub fn new(config: &CoreConfig) -> Linking {
+        Linking {
+            per_address: HourlyWindow::new(config.link_requests_per_address_per_hour),
+            links: HashMap::new(),
+            key_checks: HashMap::new(),
+            claims: HashMap::new(),
+        }
+    }
+
     /// A new device asks to join an account; its keys are checked first.
     pub fn request<S: Storage>(
         &mut self,
@@ -66,11 +83,20 @@ impl Linking {
         request: &ArchivedLinkRequest,
     ) {
         let ty = MessageType::LinkRequest.code();
+        let now_ms = shared.now_ms();
+        let count_loopback = shared.config.code_budget_loopback;
         let Some(c) = shared.conns.get_mut(conn) else { return };
         if c.link_asked {
             return shared.conns.refuse(conn, rid, ty, &LinkRefusal::AlreadyAsked);
         }
         c.link_asked = true;
+        if let Some(address) = budget_key_of(c.peer_ip, count_loopback) {
+            if let Err(wait) = self.per_address.check(&address, now_ms) {
+                let refusal = LinkRefusal::AddressBudget { retry_after_ms: retry_hint(wait) };
+                return shared.conns.refuse(conn, rid, ty, &refusal);
+            }
+            self.per_address.record(address, now_ms);
+        }
         let Ok(device) = rkyv::deserialize::<NewDevice, rkyv::rancor::Failure>(&request.device)
         else {
             return shared.conns.refuse(conn, rid, ty, &LinkRefusal::UnreadableKeys);

@@ -49,7 +49,7 @@ impl Parts {
     pub fn new<S: Storage>(shared: &Shared<S>, config: &CoreConfig) -> Parts {
         Parts {
             registration: Registration::new(config),
-            linking: Linking::default(),
+            linking: Linking::new(config),
             delivery: Delivery::new(config.send_rate),
             keys: Keys::new(config.fetch_rate),
             presence: Presence::default(),

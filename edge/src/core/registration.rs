@@ -22,7 +22,7 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
-use super::addresses::budget_key;
+use super::addresses::budget_key_of;
 use super::conns::ConnId;
 use super::effects::Effect;
 use super::keys::check_new_device;
@@ -190,12 +190,8 @@ impl Registration {
         }
         let now_ms = shared.now_ms();
         let prefix: String = phone.chars().take(6).collect();
-        let address = shared
-            .conns
-            .get(conn)
-            .and_then(|c| c.peer_ip)
-            .filter(|ip| shared.config.code_budget_loopback || !ip.is_loopback())
-            .map(budget_key);
+        let peer_ip = shared.conns.get(conn).and_then(|c| c.peer_ip);
+        let address = budget_key_of(peer_ip, shared.config.code_budget_loopback);
         let refused =
             match address.map(|a| self.per_address.check(&a, now_ms)) {
                 Some(Err(wait)) => {
