@@ -43,6 +43,12 @@ pub async fn read_until<S: AsyncRead + Unpin>(
 /// Device keys whose fallback key is signed by a fresh signing key, as ternd checks;
 /// returns them with the signing key (PKCS#8) for group changes.
 pub fn signed_keys() -> (DeviceKeys, Vec<u8>) {
+    signed_keys_with(0)
+}
+
+/// Device keys as [`signed_keys`], with `one_time_keys` signed one-time prekeys (at most
+/// 100: ternd's limit per frame), for runs that fetch key bundles.
+pub fn signed_keys_with(one_time_keys: usize) -> (DeviceKeys, Vec<u8>) {
     use ring::signature::KeyPair as _;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("random");
@@ -50,11 +56,19 @@ pub fn signed_keys() -> (DeviceKeys, Vec<u8>) {
     let (key_id, public_key) = (1u64, [3u8; 32]);
     let signed = SignedPrekey::signed_bytes(key_id, &public_key);
     let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
+    let one_time_keys = (0..one_time_keys as u64)
+        .map(|i| {
+            let (key_id, public_key) = (100 + i, [(i % 251) as u8 + 4; 32]);
+            let signed = SignedPrekey::signed_bytes(key_id, &public_key);
+            let signature = signer.sign(&signed).as_ref().try_into().expect("64 bytes");
+            SignedPrekey { key_id, public_key, signature }
+        })
+        .collect();
     let keys = DeviceKeys {
         identity_key: [1; 32],
         signing_key: signer.public_key().as_ref().try_into().expect("32 bytes"),
         fallback_key: SignedPrekey { key_id, public_key, signature },
-        one_time_keys: Vec::new(),
+        one_time_keys,
     };
     (keys, pkcs8.as_ref().to_vec())
 }
@@ -122,6 +136,17 @@ pub struct Registered {
 
 /// Registers `phone` through the protocol, taking the code from `codes`.
 pub async fn register(addr: SocketAddr, phone: &str, codes: &Codes) -> Registered {
+    register_with_keys(addr, phone, codes, 0).await
+}
+
+/// Registers `phone` as [`register`] does, its device bringing `one_time_keys` one-time
+/// prekeys.
+pub async fn register_with_keys(
+    addr: SocketAddr,
+    phone: &str,
+    codes: &Codes,
+    one_time_keys: usize,
+) -> Registered {
     let (mut stream, mut decoder) = handshake(addr).await;
     let request = RequestCode {
         phone: phone.into(),
@@ -138,7 +163,7 @@ pub async fn register(addr: SocketAddr, phone: &str, codes: &Codes) -> Registere
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    let (keys, signer) = signed_keys();
+    let (keys, signer) = signed_keys_with(one_time_keys);
     let verify = Verify {
         phone: phone.into(),
         code,

@@ -24,6 +24,11 @@ pub struct Ternd {
 
 /// Starts `binary` on `data_dir` with loopback listeners (TCP, TLS) and `extra` flags.
 pub fn start(binary: &Path, data_dir: &Path, extra: &[String]) -> Ternd {
+    start_logged(binary, data_dir, extra, None)
+}
+
+/// Starts `binary` as [`start`] does, and also copies every line of its log to `log`.
+pub fn start_logged(binary: &Path, data_dir: &Path, extra: &[String], log: Option<&Path>) -> Ternd {
     let mut child = Command::new(binary)
         .arg("--data-dir")
         .arg(data_dir)
@@ -41,8 +46,15 @@ pub fn start(binary: &Path, data_dir: &Path, extra: &[String]) -> Ternd {
     let codes = Codes::default();
     let (addr_tx, addr_rx) = channel();
     let log_codes = codes.clone();
+    let mut copy = log.map(|path| {
+        std::io::BufWriter::new(std::fs::File::create(path).expect("the log file is writable"))
+    });
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
+            if let Some(copy) = &mut copy {
+                use std::io::Write as _;
+                let _ = writeln!(copy, "{line}").and_then(|()| copy.flush());
+            }
             if line.contains("listening (tcp)") || line.contains("listening (tls)") {
                 if let Some(rest) = line.split("local=").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap().to_string();

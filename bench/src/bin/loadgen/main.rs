@@ -10,9 +10,10 @@
 //!
 //! Other scenarios (`--scenario`): `presence` (a presence storm), `groups` (fan-out),
 //! `media` (upload and download), `drain` (store and forward: offline users' mailboxes
-//! filled, then read) and `recovery` (mailboxes filled, the server killed with SIGKILL and
+//! filled, then read), `recovery` (mailboxes filled, the server killed with SIGKILL and
 //! restarted on the same data directory: time until it serves them again, per GiB of
-//! log). Every run ends with one JSON object on stdout (after `JSON `), also appended to
+//! log) and `abuse` (issue 20's abuse run: the honest 1:1 load alone, then beside
+//! `--hostile` attacking connections; `abuse.rs`, `hostile.rs`). Every run ends with one JSON object on stdout (after `JSON `), also appended to
 //! `--json FILE`, with the scenario's figures and the server's RSS and CPU from `/proc`.
 //!
 //! Run: `cargo run --release -p tern-bench --bin loadgen -- --users 1000 --seconds 20`
@@ -26,10 +27,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod abuse;
+mod hostile;
+
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tern_bench::proto::{frame, handshake, read_until, register};
+use tern_bench::proto::{frame, handshake, read_until, register_with_keys};
 use tern_bench::server::cpu_seconds;
 use tern_wire::messages::*;
 use tern_wire::*;
@@ -71,14 +75,34 @@ struct Args {
     json: Option<PathBuf>,
     /// `messages` (the default: users send to each other), `presence` (a presence storm:
     /// users with large contact lists go offline and online), `groups` (fan-out), `media`,
-    /// `drain` (store and forward) or `recovery` (queue messages as `drain` does, kill the
-    /// server, time its restart until it serves them).
+    /// `drain` (store and forward), `recovery` (queue messages as `drain` does, kill the
+    /// server, time its restart until it serves them) or `abuse` (the honest load of
+    /// `messages` at `--rate`, alone and then beside `--hostile` attackers).
     #[arg(
         long,
         default_value = "messages",
-        value_parser = ["messages", "presence", "groups", "media", "drain", "recovery"]
+        value_parser = ["messages", "presence", "groups", "media", "drain", "recovery", "abuse"]
     )]
     scenario: String,
+    /// Abuse: hostile connections beside the honest users (0: the baseline only).
+    #[arg(long, default_value_t = 1000)]
+    hostile: usize,
+    /// Abuse: requests per second of each flooding hostile connection (sends, receipts,
+    /// profile lookups, group changes, key fetches, reports).
+    #[arg(long, default_value_t = 100.0)]
+    flood_rate: f64,
+    /// Abuse: seconds a never-reading hostile connection holds its connection unread.
+    #[arg(long, default_value_t = 12.0)]
+    hostile_hold_s: f64,
+    /// Abuse: milliseconds a hostile connection waits before it starts over.
+    #[arg(long, default_value_t = 100)]
+    hostile_pause_ms: u64,
+    /// Abuse: one-time prekeys each honest user registers with (drained by key fetches).
+    #[arg(long, default_value_t = 20)]
+    one_time_keys: usize,
+    /// Abuse: also copy ternd's log to this file.
+    #[arg(long)]
+    ternd_log: Option<PathBuf>,
     /// Drain (store and forward): messages queued for each offline user.
     #[arg(long, default_value_t = 100)]
     drain_messages: usize,
@@ -257,22 +281,30 @@ async fn main() {
     let bench_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
     let mut extra = vec!["--media-max-bytes".to_string(), "10000000000".to_string()];
     extra.extend(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]));
+    if args.scenario == "abuse" {
+        // Registration stays relaxed (codes per number and prefix, as every scenario),
+        // but the send rate is ternd's own: the attackers must meet it.
+        extra.extend(["--sends-per-second".to_string(), "50".to_string()]);
+    }
     extra.extend(args.ternd_arg.iter().cloned());
-    let ternd = tern_bench::server::start(&args.ternd, data_dir.path(), &extra);
+    let log = args.ternd_log.as_deref();
+    let ternd = tern_bench::server::start_logged(&args.ternd, data_dir.path(), &extra, log);
     let (mut child, addr, codes) = (ternd.child, ternd.addr, ternd.codes);
 
     // Register everyone (sequentially: registration is not what is measured).
     let mut accounts = Vec::with_capacity(args.users);
     let mut signers = Vec::with_capacity(args.users);
     let started = Instant::now();
+    let one_time_keys = if args.scenario == "abuse" { args.one_time_keys } else { 0 };
     for i in 0..args.users {
-        let registered = register(addr, &format!("+1555{:07}", i), &codes).await;
+        let phone = format!("+1555{:07}", i);
+        let registered = register_with_keys(addr, &phone, &codes, one_time_keys).await;
         signers.push(registered.signer);
         accounts.push((registered.user_id, registered.token));
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
     let uploader = if args.commit_mib > 0 {
-        let registered = register(addr, "+15559999999", &codes).await;
+        let registered = register_with_keys(addr, "+15559999999", &codes, 0).await;
         Some((registered.user_id, registered.token))
     } else {
         None
@@ -289,6 +321,7 @@ async fn main() {
         "media" => media_transfer(&args, addr, accounts, bench_dir.path()).await,
         "groups" => group_fanout(&args, addr, accounts, signers).await,
         "presence" => presence_storm(&args, addr, accounts, pid).await,
+        "abuse" => abuse::run(&args, addr, &accounts, &codes, pid).await,
         _ => one_to_one(&args, addr, accounts, uploader, pid, data_dir.path()).await,
     };
     let pid = child.id();
