@@ -7,8 +7,9 @@
 //! [`runtime`] (the thin glommio driver) in production and by [`sim`] in tests.
 //!
 //! Layers, bottom up (no module uses one above it): [`routing`], [`histogram`], [`http`],
-//! [`limits`], [`secrets`], [`stats`], [`refusal`], [`push`], [`work`] → [`mesh`] →
-//! [`core`] → [`metrics`], [`tls`], [`websocket`], [`code_sender`] → [`runtime`], [`sim`].
+//! [`limits`], [`proxy`], [`secrets`], [`stats`], [`refusal`], [`push`], [`work`] →
+//! [`mesh`] → [`core`] → [`metrics`], [`tls`], [`websocket`], [`code_sender`] →
+//! [`runtime`], [`sim`].
 
 #![deny(unsafe_code)] // One exception: `runtime::socket_handoff` (moving a socket between cores).
 
@@ -19,6 +20,7 @@ pub mod http;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+pub mod proxy;
 pub mod push;
 pub mod refusal;
 pub mod routing;

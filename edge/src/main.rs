@@ -70,6 +70,11 @@ struct Args {
     /// Client connections held at most (default: the open-files limit minus 256).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Addresses of load balancers whose connections start with a PROXY protocol v2
+    /// header naming the client (comma-separated); the per-address budgets then count
+    /// the client, not the balancer. Connections from anyone else have no header.
+    #[arg(long, value_delimiter = ',')]
+    proxy_protocol_from: Vec<std::net::IpAddr>,
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
@@ -285,6 +290,7 @@ fn server_config(args: Args) -> Option<ServerConfig> {
         dedup_entries_per_shard: args.dedup_entries_per_shard,
         code_webhook,
         max_connections: args.max_connections,
+        proxy_protocol_from: args.proxy_protocol_from.clone(),
         core,
     })
 }

@@ -636,3 +636,49 @@ fn link_requests_have_a_budget_per_address() {
     let (_, _, other) = ask([127, 0, 0, 6]);
     assert_eq!(other.header.message_type, MessageType::LinkCode, "{}", other.describe());
 }
+
+/// Goal: behind a load balancer the per-address budgets count clients, not the balancer,
+/// and nobody else can claim an address (hardening item 2). Method: 127.0.0.1 is the
+/// trusted proxy (`--proxy-protocol-from`), 2 unauthenticated connections per address.
+/// Two connections the proxy says are 198.51.100.7's are held, a third is refused, one
+/// for 198.51.100.8 is served; the proxy's connection without a header is closed
+/// unanswered; a client at 127.0.0.2 sending a header is not believed (its header is a
+/// malformed frame: refused and closed).
+#[test]
+fn behind_a_proxy_the_budgets_count_clients() {
+    let dir = data_dir();
+    let args = [
+        ["--cores", "1", "--pre-auth-per-address", "2", "--code-budget-loopback"].as_slice(),
+        &["--proxy-protocol-from", "127.0.0.1"],
+    ]
+    .concat();
+    let server = Server::start(dir.path(), &args);
+    let via_proxy = |client: &str| {
+        let mut c = Client::connect_raw_from(server.addr, [127, 0, 0, 1].into());
+        c.send_raw(&tern_edge::proxy::header_for(client.parse().unwrap(), server.addr));
+        c
+    };
+    let mut held = Vec::new();
+    for port in [1000, 1001] {
+        let mut c = via_proxy(&format!("198.51.100.7:{port}"));
+        c.handshake();
+        held.push(c);
+    }
+    let mut third = via_proxy("198.51.100.7:1002");
+    let refused = third.read_frame().expect("a typed refusal");
+    assert_eq!(refused.error_code(), Some(ErrorCode::TooManyConnections), "{}", refused.describe());
+    let mut other = via_proxy("198.51.100.8:1000");
+    other.handshake();
+    other.request(&Ping { nonce: 1 }).access::<Pong>();
+    // The proxy must send a header: without one, closed with nothing said.
+    let mut headless = Client::connect_raw_from(server.addr, [127, 0, 0, 1].into());
+    headless.send_raw(&[0u8; 16]);
+    assert!(headless.read_frame().is_none(), "closed");
+    // A client that is no proxy cannot claim an address.
+    let mut claimant = Client::connect_raw_from(server.addr, [127, 0, 0, 2].into());
+    let header = tern_edge::proxy::header_for("198.51.100.9:1".parse().unwrap(), server.addr);
+    claimant.send_raw(&header);
+    let answer = claimant.read_frame().expect("an error frame");
+    assert!(answer.error_code().is_some(), "{}", answer.describe());
+    assert!(claimant.read_frame().is_none(), "closed");
+}

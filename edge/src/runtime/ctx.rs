@@ -106,6 +106,8 @@ pub struct Ctx {
     pub pusher: Box<dyn PushSender>,
     /// The media files (blob jobs run in the blocking pool).
     pub blobs: FsBlobs,
+    /// Load balancers whose connections start with a PROXY protocol v2 header.
+    pub proxy_protocol_from: Vec<std::net::IpAddr>,
     /// Connections leaving for other cores, sent with the next batch.
     pub leaving: RefCell<Vec<(u32, HandOff)>>,
     /// This core's TLS configuration, for the connections it accepts next (`None`: no

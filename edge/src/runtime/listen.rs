@@ -3,16 +3,19 @@
 //! each listener.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::time::Duration;
 
-use glommio::net::TcpListener;
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 
 use super::conn::connection;
 use super::ctx::{now, Ctx, ACCEPT_PAUSE};
 use super::wire::{Layers, Wire};
 use super::{ServerConfig, ServerError};
+use crate::proxy;
 
 /// The addresses every core listens on, resolved once so that port 0 means the same
 /// port on every core.
@@ -115,23 +118,60 @@ pub async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
         };
         let _ = stream.set_nodelay(true);
         let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
-        let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
-        // The configuration in force now (a SIGHUP may have replaced it since the last
-        // accept): a borrow on this core's own state, no lock.
-        let tls = if layers.tls { ctx.tls.borrow().clone() } else { None };
-        let wire = match Wire::new(tls, layers.websocket, max_frame_bytes) {
-            Ok(wire) => wire,
-            Err(error) => {
-                tracing::warn!(%error, "could not start TLS");
-                continue;
-            }
-        };
-        // Over the connection limit, the core answers `TooManyConnections` and closes.
-        let conn = ctx.core.borrow_mut().handle_accept(peer_ip, now());
-        ctx.kick();
-        tracing::debug!(conn, ?peer_ip, "connection opened");
-        glommio::spawn_local(connection(ctx.clone(), conn, stream, wire, Vec::new())).detach();
+        if peer_ip.is_some_and(|ip| ctx.proxy_protocol_from.contains(&ip)) {
+            // The client's address comes first, from the proxy: read it in a task of its
+            // own, so a proxy that stalls holds no accept.
+            glommio::spawn_local(start_proxied(ctx.clone(), stream, layers)).detach();
+        } else {
+            start(&ctx, stream, layers, peer_ip);
+        }
     }
+}
+
+/// Opens a connection from `peer_ip` on the core and starts its task.
+fn start(ctx: &Rc<Ctx>, stream: TcpStream, layers: Layers, peer_ip: Option<IpAddr>) {
+    let max_frame_bytes = ctx.core.borrow().config().max_frame_bytes;
+    // The configuration in force now (a SIGHUP may have replaced it since the last
+    // accept): a borrow on this core's own state, no lock.
+    let tls = if layers.tls { ctx.tls.borrow().clone() } else { None };
+    let wire = match Wire::new(tls, layers.websocket, max_frame_bytes) {
+        Ok(wire) => wire,
+        Err(error) => return tracing::warn!(%error, "could not start TLS"),
+    };
+    // Over the connection limit, the core answers `TooManyConnections` and closes.
+    let conn = ctx.core.borrow_mut().handle_accept(peer_ip, now());
+    ctx.kick();
+    tracing::debug!(conn, ?peer_ip, "connection opened");
+    glommio::spawn_local(connection(ctx.clone(), conn, stream, wire, Vec::new())).detach();
+}
+
+/// A proxy's connection reads the PROXY protocol v2 header first (within
+/// [`PROXY_HEADER_DEADLINE`]); the client it names is the connection's address. A
+/// connection without a valid header is closed (logged, as a proxy misconfiguration).
+async fn start_proxied(ctx: Rc<Ctx>, mut stream: TcpStream, layers: Layers) {
+    let proxy_ip = stream.peer_addr().ok().map(|a| a.ip());
+    let read = futures_lite::future::or(read_proxy_header(&mut stream), async {
+        Timer::new(PROXY_HEADER_DEADLINE).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "no PROXY header in time"))
+    });
+    match read.await {
+        Ok(client) => start(&ctx, stream, layers, client.map(|a| a.ip()).or(proxy_ip)),
+        Err(error) => tracing::warn!(%error, ?proxy_ip, "closed a proxy's connection"),
+    }
+}
+
+/// A proxy has this long to send the header of a connection.
+const PROXY_HEADER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Reads exactly one PROXY protocol v2 header (nothing after it: the client's bytes
+/// stay in the socket for the connection).
+async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    let invalid = |error: proxy::ProxyError| io::Error::new(io::ErrorKind::InvalidData, error);
+    let mut fixed = [0u8; proxy::HEADER_FIXED_BYTES];
+    stream.read_exact(&mut fixed).await?;
+    let mut body = vec![0u8; proxy::body_len(&fixed).map_err(invalid)?];
+    stream.read_exact(&mut body).await?;
+    proxy::source_of(&fixed, &body).map_err(invalid)
 }
 
 /// The soft limit on open files, from `/proc/self/limits` (Linux).

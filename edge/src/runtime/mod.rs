@@ -20,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -90,6 +90,9 @@ pub struct ServerConfig {
     /// ones get `TooManyConnections`); `None`: derived from the process's file
     /// descriptor limit.
     pub max_connections: Option<usize>,
+    /// Load balancers whose connections start with a PROXY protocol v2 header naming the
+    /// client (`crate::proxy`); everyone else connects directly.
+    pub proxy_protocol_from: Vec<IpAddr>,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
     /// Size of each log segment file.
@@ -447,6 +450,7 @@ fn make_ctx(
             false => None,
         }),
         tls_settings: config.tls.clone(),
+        proxy_protocol_from: config.proxy_protocol_from.clone(),
         read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES]),
     })
 }

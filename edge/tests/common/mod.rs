@@ -199,7 +199,7 @@ impl Client {
         client
     }
 
-    fn handshake(&mut self) {
+    pub fn handshake(&mut self) {
         let hello = Hello {
             magic: HELLO_MAGIC,
             version_min: 1,
