@@ -246,6 +246,9 @@ refusals! {
         /// The per-number budget.
         NumberBudget { retry_after_ms: u32 } => ErrorCode::RateLimited,
             "too many codes requested for this number",
+        /// Too many proof-of-work challenges outstanding on this core.
+        Challenges { retry_after_ms: u32 } => ErrorCode::RateLimited,
+            "too many registrations are under way; retry later",
         /// Verify without a code.
         NoCode => ErrorCode::InvalidCode, "no code was requested for this number",
         /// The code expired.
@@ -286,6 +289,7 @@ impl Refusal for RegistrationRefusal {
             RegistrationRefusal::AddressBudget { retry_after_ms }
             | RegistrationRefusal::PrefixBudget { retry_after_ms }
             | RegistrationRefusal::NumberBudget { retry_after_ms }
+            | RegistrationRefusal::Challenges { retry_after_ms }
             | RegistrationRefusal::PinTries { retry_after_ms } => *retry_after_ms,
             RegistrationRefusal::Storage { refusal } => refusal.retry_after_ms(),
             RegistrationRefusal::WrongCore => 1000,

@@ -306,6 +306,33 @@ fn codes_cost_a_proof_of_work_and_a_prefix_budget() {
     assert!(metrics.contains("tern_codes_refused_total{core=\"0\"} 1"), "{metrics}");
 }
 
+/// Goal: a proof of work is bound to who was challenged (hardening item 7). Method:
+/// 127.0.0.1 gets a challenge for a number; a stranger at 127.0.0.2 asks for the same
+/// number (before, that replaced the challenge, so the owner's solution failed) and
+/// then offers the owner's solution (refused: a challenge of its own instead). The
+/// owner's solution still gets the code.
+#[test]
+fn a_proof_of_work_is_bound_to_who_was_challenged() {
+    let dir = data_dir();
+    let server = Server::start(dir.path(), &["--cores", "1", "--code-pow-bits", "8"]);
+    let ask = |c: &mut Client, proof: Option<ProofOfWork>| {
+        c.request(&RequestCode {
+            phone: "+15690000101".into(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work: proof,
+        })
+    };
+    let mut owner = Client::connect(server.addr);
+    let challenge = ask(&mut owner, None).access::<PowChallenge>().challenge.to_vec();
+    let nonce = (0..).find(|n| pow_solves(&challenge, *n, 8)).unwrap();
+    let solution = ProofOfWork { challenge, nonce };
+    let mut stranger = Client::connect_from(server.addr, [127, 0, 0, 2].into());
+    ask(&mut stranger, None).access::<PowChallenge>();
+    ask(&mut stranger, Some(solution.clone())).access::<PowChallenge>();
+    ask(&mut owner, Some(solution)).access::<CodeSent>();
+}
+
 #[test]
 fn codes_have_a_budget_per_client_address() {
     let dir = data_dir();

@@ -22,7 +22,7 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
-use super::addresses::budget_key_of;
+use super::addresses::{budget_key, budget_key_of};
 use super::conns::ConnId;
 use super::effects::Effect;
 use super::keys::check_new_device;
@@ -46,6 +46,17 @@ const SWEEP_INTERVAL_MS: u64 = 60_000;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Digits of a verification code.
 const CODE_DIGITS: u32 = 6;
+
+/// A proof-of-work challenge given out.
+#[derive(Clone, Debug)]
+struct Challenge {
+    bytes: Vec<u8>,
+    expires_ms: u64,
+}
+
+/// Challenges outstanding per core, at most (each expires in [`POW_TTL_MS`]); past it a
+/// request is refused (`RateLimited`) until some expire.
+const CHALLENGES_MAX: usize = 100_000;
 
 #[derive(Clone, Debug)]
 struct PendingCode {
@@ -83,8 +94,10 @@ pub struct Registration {
     per_number: HourlyWindow<String>,
     per_prefix: HourlyWindow<String>,
     per_address: HourlyWindow<IpAddr>,
-    /// Outstanding proof-of-work challenges per phone number: (challenge, expires).
-    challenges: HashMap<String, (Vec<u8>, u64)>,
+    /// Outstanding proof-of-work challenges per (phone number, requester's address
+    /// key): a challenge is solved only by who was given it, and a stranger asking for
+    /// the same number does not void it.
+    challenges: HashMap<(String, Option<IpAddr>), Challenge>,
     /// Wrong registration-lock PINs per phone number: (day, count).
     pin_attempts: HashMap<String, (u64, u32)>,
     /// Verifications whose device keys are being checked, by work token.
@@ -205,40 +218,48 @@ impl Registration {
             shared.counters.codes_refused += 1;
             return Err(Held::Refused(refusal));
         }
-        self.proof_of_work(shared, request)?;
+        self.proof_of_work(shared, conn, request)?;
         Ok(BudgetKeys { prefix, address })
     }
 
-    /// With proofs of work on: a request without a solution to this number's current
-    /// challenge gets a new challenge instead of a code.
+    /// With proofs of work on: a request without a solution to the challenge this
+    /// requester (its address key) got for this number gets a new challenge instead of a
+    /// code.
     fn proof_of_work<S: Storage>(
         &mut self,
         shared: &mut Shared<S>,
+        conn: ConnId,
         request: &ArchivedRequestCode,
     ) -> Result<(), Held> {
         let bits = shared.config.code_pow_bits;
         if bits == 0 {
             return Ok(());
         }
-        let phone = request.phone.as_str();
+        let requester = shared.conns.get(conn).and_then(|c| c.peer_ip).map(budget_key);
+        let key = (request.phone.as_str().to_string(), requester);
         let now_ms = shared.now_ms();
-        let solved = match (request.proof_of_work.as_ref(), self.challenges.get(phone)) {
-            (Some(pow), Some((challenge, expires))) => {
-                *expires > now_ms
-                    && pow.challenge.as_slice() == challenge.as_slice()
-                    && pow_solves(challenge, pow.nonce.to_native(), bits)
+        let solved = match (request.proof_of_work.as_ref(), self.challenges.get(&key)) {
+            (Some(pow), Some(challenge)) => {
+                challenge.expires_ms > now_ms
+                    && pow.challenge.as_slice() == challenge.bytes.as_slice()
+                    && pow_solves(&challenge.bytes, pow.nonce.to_native(), bits)
             }
             _ => false,
         };
         if solved {
-            self.challenges.remove(phone);
+            self.challenges.remove(&key);
             return Ok(());
         }
-        let mut challenge = vec![0u8; 16];
-        shared.random.fill_bytes(&mut challenge);
-        self.challenges.insert(phone.to_string(), (challenge.clone(), now_ms + POW_TTL_MS));
+        if self.challenges.len() >= CHALLENGES_MAX && !self.challenges.contains_key(&key) {
+            let refusal = RegistrationRefusal::Challenges { retry_after_ms: POW_TTL_MS as u32 };
+            return Err(Held::Refused(refusal));
+        }
+        let mut bytes = vec![0u8; 16];
+        shared.random.fill_bytes(&mut bytes);
+        let challenge = Challenge { bytes: bytes.clone(), expires_ms: now_ms + POW_TTL_MS };
+        self.challenges.insert(key, challenge);
         shared.counters.pow_challenges += 1;
-        Err(Held::Challenged(PowChallenge { challenge, difficulty_bits: bits }))
+        Err(Held::Challenged(PowChallenge { challenge: bytes, difficulty_bits: bits }))
     }
 
     /// Checks a submitted code against the pending one (a wrong one costs a try).
@@ -463,7 +484,7 @@ impl Registration {
         }
         self.last_sweep_ms = now_ms;
         self.codes.retain(|_, c| c.expires_ms > now_ms);
-        self.challenges.retain(|_, (_, expires)| *expires > now_ms);
+        self.challenges.retain(|_, challenge| challenge.expires_ms > now_ms);
         let today = now_ms / DAY_MS;
         self.pin_attempts.retain(|_, (day, _)| *day == today);
     }
