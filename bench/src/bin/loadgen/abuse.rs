@@ -38,12 +38,16 @@ struct Phase {
     honest: HashSet<u64>,
 }
 
-/// What one honest user saw: (sender, client message id) acknowledged to it and
-/// received by it, duplicates, refusals by code, whether the server closed it.
+/// What one honest user saw: (sender, client message id) acknowledged to it (with the
+/// recipient and the server's id) and received by it, duplicates, the server ids of its
+/// messages a full mailbox dropped (`SentDropped` notices), refusals by code, whether
+/// the server closed it.
 #[derive(Default)]
 struct Ledger {
-    acked: HashSet<(u64, u64)>,
+    acked: HashMap<(u64, u64), (u64, u64)>,
     received: HashSet<(u64, u64)>,
+    told_dropped: HashSet<u64>,
+    dropped_notices: u64,
     duplicates: u64,
     refused: BTreeMap<&'static str, u64>,
     closed: bool,
@@ -64,7 +68,7 @@ async fn honest_user(
     let (mut reader, mut writer) = stream.into_split();
     let mut out = frame(2, &Auth { user_id, device_id: 1, token });
     let mut ledger = Ledger::default();
-    let (mut in_flight, mut next_id) = (HashMap::<u32, u64>::new(), phase.first_id);
+    let (mut in_flight, mut next_id) = (HashMap::<u32, (u64, u64)>::new(), phase.first_id);
     let mut rng = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let (mut authed, mut due, mut buffer) = (false, 0usize, vec![0u8; 65536]);
     let mut ticker = tokio::time::interval(interval);
@@ -84,7 +88,7 @@ async fn honest_user(
                 let mut body = vec![0u8; message_bytes.max(8)];
                 body[..8].copy_from_slice(&t.to_le_bytes());
                 encode_text(&mut out, next_id, peer, &body);
-                in_flight.insert(next_id, t);
+                in_flight.insert(next_id, (t, peer));
                 next_id += 1;
             }
         }
@@ -132,10 +136,20 @@ async fn honest_user(
 }
 
 /// A delivery: an honest text of this phase goes in the ledger (and its latency in the
-/// histogram while measuring); everything else (receipts, the attackers') is only acked.
+/// histogram while measuring), and so do the server's notices of dropped messages;
+/// everything else (receipts, the attackers' messages) is only acknowledged.
 fn on_deliver(phase: &Phase, ledger: &mut Ledger, d: &Deliver<'_>) {
     let (sender, id) = (d.envelope.sender_user.to_native(), d.envelope.client_message_id);
     let id = id.to_native();
+    if let Ok(EnvelopeContent::Notice(notice)) = d.envelope.content() {
+        match notice {
+            ArchivedNoticeBody::SentDropped { message_ids, .. } => {
+                ledger.told_dropped.extend(message_ids.iter().map(|m| m.to_native()));
+            }
+            ArchivedNoticeBody::Dropped { .. } => ledger.dropped_notices += 1,
+        }
+        return;
+    }
     let ours = d.envelope.kind == ArchivedEnvelopeKind::Text
         && phase.honest.contains(&sender)
         && id >= u64::from(phase.first_id);
@@ -159,15 +173,15 @@ fn on_deliver(phase: &Phase, ledger: &mut Ledger, d: &Deliver<'_>) {
 fn on_answer(
     phase: &Phase,
     ledger: &mut Ledger,
-    in_flight: &mut HashMap<u32, u64>,
+    in_flight: &mut HashMap<u32, (u64, u64)>,
     user_id: u64,
     message: Message<'_>,
 ) {
     match message {
         Message::SendAck(ack) => {
             let id = ack.client_message_id.to_native();
-            let Some(t) = in_flight.remove(&(id as u32)) else { return };
-            ledger.acked.insert((user_id, id));
+            let Some((t, peer)) = in_flight.remove(&(id as u32)) else { return };
+            ledger.acked.insert((user_id, id), (peer, ack.server_message_id.to_native()));
             phase.acked.fetch_add(1, Ordering::Relaxed);
             if phase.measuring.load(Ordering::Relaxed) {
                 let stats = &phase.stats;
@@ -215,7 +229,9 @@ struct PhaseResult {
     deliver_ms: Value,
     deliver: Histogram<u64>,
     acked: usize,
-    lost: Vec<(u64, u64)>,
+    /// (sender, client message id, recipient, server id, whether the sender was told).
+    lost: Vec<(u64, u64, u64, u64, bool)>,
+    dropped_notices: u64,
     duplicates: u64,
     refused: BTreeMap<&'static str, u64>,
     closed: usize,
@@ -267,13 +283,20 @@ async fn honest_phase(
         let ledger = task.await.expect("an honest user ran");
         all.acked.extend(ledger.acked);
         all.received.extend(ledger.received);
+        all.told_dropped.extend(ledger.told_dropped);
+        all.dropped_notices += ledger.dropped_notices;
         all.duplicates += ledger.duplicates;
         all.closed |= ledger.closed;
         for (code, n) in ledger.refused {
             *all.refused.entry(code).or_insert(0) += n;
         }
     }
-    let mut lost: Vec<(u64, u64)> = all.acked.difference(&all.received).copied().collect();
+    let mut lost: Vec<_> = (all.acked.iter())
+        .filter(|(key, _)| !all.received.contains(key))
+        .map(|(&(u, id), &(peer, server_id))| {
+            (u, id, peer, server_id, all.told_dropped.contains(&server_id))
+        })
+        .collect();
     lost.sort_unstable();
     let stats = &phase.stats;
     let (s, d) = (stats.send_to_sent.lock().unwrap(), stats.send_to_deliver.lock().unwrap());
@@ -286,6 +309,7 @@ async fn honest_phase(
         deliver: d.clone(),
         acked: all.acked.len(),
         lost,
+        dropped_notices: all.dropped_notices,
         duplicates: all.duplicates,
         refused: all.refused,
         closed: usize::from(all.closed),
@@ -346,9 +370,10 @@ async fn register_hostile(
     accounts
 }
 
-/// Starts the attackers (their starts spread over `spread`) and returns their shared
-/// context and tasks.
+/// Starts the attackers on `runtime` (their starts spread over `spread`) and returns
+/// their shared context and tasks.
 fn start_attackers(
+    runtime: &tokio::runtime::Runtime,
     args: &Args,
     addr: SocketAddr,
     honest: Arc<Vec<u64>>,
@@ -373,7 +398,7 @@ fn start_attackers(
         .enumerate()
         .map(|(i, (&attack, account))| {
             let ctx = ctx.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 tokio::time::sleep(step * i as u32).await;
                 hostile::attacker(ctx, attack, account, i as u64 * 0x9E37_79B9 + 1).await
             })
@@ -406,7 +431,7 @@ pub async fn run(
     codes: &Codes,
     pid: u32,
 ) -> Value {
-    let plan = hostile::plan(args.hostile);
+    let plan = hostile::plan(args.hostile, &args.attacks);
     let accounts = register_hostile(addr, codes, &plan).await;
     let ids: Arc<Vec<u64>> = Arc::new(honest.iter().map(|a| a.0).collect());
     let rss_idle_kib = tern_bench::server::rss_kib(pid);
@@ -414,10 +439,13 @@ pub async fn run(
     let baseline = honest_phase(args, addr, honest, 10).await;
     stop.store(true, Ordering::Relaxed);
     let baseline_peaks = sampler.await.unwrap();
+    println!("victim of the send flood and the reports: honest user {}", ids[0]);
     print_phase("baseline (no attackers)", &baseline, baseline_peaks, None);
     let mut result = json!({
         "rate": args.rate,
         "hostile": args.hostile,
+        "attacks": args.attacks,
+        "hostile_threads": args.hostile_threads,
         "flood_rate": args.flood_rate,
         "hostile_hold_s": args.hostile_hold_s,
         "hostile_pause_ms": args.hostile_pause_ms,
@@ -427,11 +455,21 @@ pub async fn run(
     if plan.is_empty() {
         return result;
     }
+    // The attackers get a runtime of their own, so that the honest users' tasks do not
+    // queue behind theirs in the generator.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.hostile_threads.max(1))
+        .thread_name("hostile")
+        .enable_all()
+        .build()
+        .expect("a runtime for the attackers");
     let (stop, sampler) = spawn_sampler(pid);
-    let (ctx, tasks) = start_attackers(args, addr, ids, &plan, accounts, Duration::from_secs(3));
+    let spread = Duration::from_secs(3);
+    let (ctx, tasks) = start_attackers(&runtime, args, addr, ids, &plan, accounts, spread);
     tokio::time::sleep(Duration::from_secs(5)).await; // Every attacker at work.
     let attack = honest_phase(args, addr, honest, 1 << 30).await;
     stop_attackers(&ctx, tasks).await;
+    runtime.shutdown_background();
     stop.store(true, Ordering::Relaxed);
     let attack_peaks = sampler.await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -474,20 +512,32 @@ fn print_phase(label: &str, r: &PhaseResult, (rss, fds): (u64, u64), base: Optio
         ratio(0.999),
         r.sent_ms,
     );
-    let lost: Vec<String> = r.lost.iter().take(20).map(|(u, id)| format!("{u}/{id}")).collect();
+    let told = r.lost.iter().filter(|l| l.4).count();
     println!(
-        "{label}: ledger: {} acknowledged to honest senders, lost {} {:?}, duplicates {}, \
-         drained in {:.1} s; honest refusals {:?}, honest connections closed by the server: {}; \
-         ternd peak RSS {rss} KiB ({:.0} MiB), peak descriptors {fds}",
+        "{label}: ledger: {} acknowledged to honest senders, lost {} ({told} of them dropped \
+         from a full mailbox with a SentDropped notice to the sender), duplicates {}, \
+         Dropped notices to honest users {}, drained in {:.1} s; honest refusals {:?}, honest \
+         connections closed by the server: {}; ternd peak RSS {rss} KiB ({:.0} MiB), peak \
+         descriptors {fds}",
         r.acked,
         r.lost.len(),
-        lost,
         r.duplicates,
+        r.dropped_notices,
         r.drain_s,
         r.refused,
         r.closed,
         rss as f64 / 1024.0,
     );
+    let mut recipients: BTreeMap<u64, usize> = BTreeMap::new();
+    for l in &r.lost {
+        *recipients.entry(l.2).or_insert(0) += 1;
+    }
+    for (recipient, n) in &recipients {
+        println!("{label}: lost {n} message(s) to user {recipient}");
+    }
+    for (u, id, peer, server_id, told) in r.lost.iter().take(10) {
+        println!("{label}: lost: user {u} client id {id} → user {peer}, server id {server_id}, sender told: {told}");
+    }
 }
 
 fn phase_json(r: &PhaseResult, (rss, fds): (u64, u64)) -> Value {
@@ -499,7 +549,9 @@ fn phase_json(r: &PhaseResult, (rss, fds): (u64, u64)) -> Value {
         "deliver_ms": r.deliver_ms,
         "acked": r.acked,
         "lost": r.lost.len(),
-        "lost_ids": r.lost.iter().take(100).map(|(u, id)| format!("{u}/{id}")).collect::<Vec<_>>(),
+        "lost_told_dropped": r.lost.iter().filter(|l| l.4).count(),
+        "lost_ids": r.lost.iter().take(100).map(|l| format!("{}/{}→{}", l.0, l.1, l.2)).collect::<Vec<_>>(),
+        "dropped_notices": r.dropped_notices,
         "duplicates": r.duplicates,
         "drain_s": r.drain_s,
         "honest_refusals": r.refused,

@@ -63,10 +63,14 @@ pub enum Attack {
     ReportFlood,
     /// Connect, authenticate, drop.
     Churn,
+    /// Authenticated, pipelines `Ping` and reads every answer as fast as it can (not in
+    /// the default mix: `--attacks ping-pipeline`).
+    PingPipeline,
 }
 
-/// Connections of each attack per 1,000 hostile connections.
-pub const MIX: [(Attack, usize); 12] = [
+/// Connections of each attack per 1,000 hostile connections (the default mix is the
+/// first 12; the last is only run when named).
+pub const MIX: [(Attack, usize); 13] = [
     (Attack::PreAuthNoRead, 100),
     (Attack::DownloadNoRead, 50),
     (Attack::PingNoRead, 50),
@@ -79,6 +83,7 @@ pub const MIX: [(Attack, usize); 12] = [
     (Attack::KeyDrain, 60),
     (Attack::ReportFlood, 40),
     (Attack::Churn, 150),
+    (Attack::PingPipeline, 50),
 ];
 
 impl Attack {
@@ -97,6 +102,7 @@ impl Attack {
             Attack::KeyDrain => "key-bundle fetches of honest users",
             Attack::ReportFlood => "reports of the victim",
             Attack::Churn => "reconnect churn (connect, auth, drop)",
+            Attack::PingPipeline => "pipelines Pings after auth, reads every answer",
         }
     }
 
@@ -116,17 +122,45 @@ impl Attack {
                 | Attack::ReportFlood
         )
     }
+
+    /// Its short name (`--attacks`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Attack::PreAuthNoRead => "preauth-noread",
+            Attack::DownloadNoRead => "download-noread",
+            Attack::PingNoRead => "ping-noread",
+            Attack::Slowloris => "slowloris",
+            Attack::Oversized => "oversized",
+            Attack::SendFlood => "send-flood",
+            Attack::ReceiptFlood => "receipts",
+            Attack::ProfileFlood => "profiles",
+            Attack::GroupSpam => "groups",
+            Attack::KeyDrain => "key-fetches",
+            Attack::ReportFlood => "reports",
+            Attack::Churn => "churn",
+            Attack::PingPipeline => "ping-pipeline",
+        }
+    }
 }
 
-/// The attacks of `hostile` connections in [`MIX`]'s proportions (slowloris takes what
-/// rounding leaves).
-pub fn plan(hostile: usize) -> Vec<Attack> {
+/// The attacks of `hostile` connections in [`MIX`]'s proportions, among those named in
+/// `only` (all when empty; the shares are scaled to the chosen ones, and the first
+/// chosen takes what rounding leaves).
+pub fn plan(hostile: usize, only: &[String]) -> Vec<Attack> {
+    let chosen: Vec<(Attack, usize)> = MIX
+        .into_iter()
+        .filter(|(a, _)| match only.is_empty() {
+            true => *a != Attack::PingPipeline,
+            false => only.iter().any(|o| o == a.flag()),
+        })
+        .collect();
+    let total: usize = chosen.iter().map(|c| c.1).sum();
     let mut attacks = Vec::with_capacity(hostile);
-    for (attack, per_thousand) in MIX {
-        attacks.extend(std::iter::repeat_n(attack, hostile * per_thousand / 1000));
+    for &(attack, share) in &chosen {
+        attacks.extend(std::iter::repeat_n(attack, hostile * share / total.max(1)));
     }
-    while attacks.len() < hostile {
-        attacks.push(Attack::Slowloris);
+    while attacks.len() < hostile && !chosen.is_empty() {
+        attacks.push(chosen[0].0);
     }
     attacks.sort();
     attacks
@@ -178,6 +212,19 @@ struct State {
 }
 
 impl State {
+    /// A state for counting only.
+    fn bare(attack: Attack) -> State {
+        State {
+            attack,
+            account: None,
+            signer: None,
+            rng: 1,
+            media: None,
+            group: None,
+            tally: Tally::new(),
+        }
+    }
+
     fn count(&mut self, kind: &'static str, what: &'static str) {
         *self.tally.entry((self.attack, kind, what)).or_insert(0) += 1;
     }
@@ -214,6 +261,7 @@ pub async fn attacker(ctx: Arc<Ctx>, attack: Attack, account: Option<Account>, s
             Attack::Slowloris => slowloris(&ctx, &mut st, seed).await,
             Attack::Oversized => oversized(&ctx, &mut st, seed).await,
             Attack::Churn => churn(&ctx, &mut st).await,
+            Attack::PingPipeline => ping_pipeline(&ctx, &mut st).await,
             _ => flood(&ctx, &mut st).await,
         }
         st.count("cycles", "started");
@@ -281,11 +329,12 @@ impl End {
 }
 
 /// Reads until the server closes the connection or sends nothing for `quiet`, tallying
-/// every frame (at most `max_bytes`: a bound on what is read).
+/// every frame (at most about `max_bytes`).
 async fn read_tally<R: AsyncRead + Unpin>(
     reader: &mut R,
     decoder: &mut FrameDecoder,
     quiet: Duration,
+    max_bytes: usize,
     st: &mut State,
 ) -> End {
     let (mut buffer, mut total) = (vec![0u8; 65536], 0usize);
@@ -300,7 +349,7 @@ async fn read_tally<R: AsyncRead + Unpin>(
                 Err(_) => return End::Undecodable,
             }
         }
-        if total > 256 << 20 {
+        if total >= max_bytes {
             return End::Quiet;
         }
         match timeout(quiet, reader.read(&mut buffer)).await {
@@ -466,9 +515,29 @@ async fn never_read(ctx: &Ctx, st: &mut State) {
         }
     };
     st.count("client", how);
-    idle(ctx, ctx.hold.saturating_sub(started.elapsed())).await;
-    let end = read_tally(&mut stream, &mut decoder, Duration::from_secs(1), st).await;
-    st.count("connection", end.name());
+    if let Some(held) = hold_unread(ctx, &stream, started).await {
+        st.count("connection", "reset by the server while unread");
+        st.count("held", bucket(held));
+        return;
+    }
+    // Still open: a look at the first answers (bounded, so that the server is not made
+    // to serve the pipelined backlog), then the client drops it.
+    let quiet = Duration::from_millis(500);
+    let end = read_tally(&mut stream, &mut decoder, quiet, 64 << 10, st).await;
+    st.count("after the hold, a 64 KiB read", end.name());
+}
+
+/// Holds a connection unread until `ctx.hold` has passed since `started`, probing every
+/// 200 ms whether the server reset it (without reading); returns when it was reset.
+async fn hold_unread(ctx: &Ctx, stream: &TcpStream, started: Instant) -> Option<f64> {
+    while ctx.running() && started.elapsed() < ctx.hold {
+        let reset = matches!(stream.take_error(), Ok(Some(_))) || stream.peer_addr().is_err();
+        if reset {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// A frame header announcing `frame_bytes` of type `ty` (request id 1).
@@ -568,7 +637,47 @@ async fn oversized(ctx: &Ctx, st: &mut State, seed: u64) {
         return;
     }
     let mut decoder = FrameDecoder::new(ABSOLUTE_MAX_FRAME_BYTES);
-    let end = read_tally(&mut stream, &mut decoder, Duration::from_secs(5), st).await;
+    let end = read_tally(&mut stream, &mut decoder, Duration::from_secs(5), 1 << 20, st).await;
+    st.count("connection", end.name());
+}
+
+/// Pipelines `Ping`s in batches of 256 for as long as the server takes them, and reads
+/// (and counts) every answer meanwhile.
+async fn ping_pipeline(ctx: &Ctx, st: &mut State) {
+    let Some((stream, mut decoder)) = open_authed(ctx, st).await else { return };
+    let (mut reader, mut writer) = stream.into_split();
+    let batch: Vec<u8> = (0..256).flat_map(|i| frame(10 + i, &Ping { nonce: 7 })).collect();
+    let writing = async {
+        while ctx.running() {
+            match timeout(Duration::from_secs(1), writer.write_all(&batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return "closed while writing",
+                Err(_) => return "writes stalled: the server stopped reading",
+            }
+        }
+        "run ended"
+    };
+    let reading = async {
+        let mut local = State::bare(st.attack);
+        let mut buffer = vec![0u8; 65536];
+        let end = loop {
+            match timeout(Duration::from_secs(2), reader.read(&mut buffer)).await {
+                Ok(Ok(0)) => break End::Closed,
+                Ok(Ok(n)) => decoder.feed(&buffer[..n]),
+                Ok(Err(_)) => break End::Reset,
+                Err(_) if !ctx.running() => break End::Quiet,
+                Err(_) => {}
+            }
+            while let Ok(Some(frame)) = decoder.next_frame() {
+                let (kind, what) = outcome(&frame);
+                local.count(kind, what);
+            }
+        };
+        (end, local.tally)
+    };
+    let (how, (end, tally)) = tokio::join!(writing, reading);
+    merge(ctx, tally);
+    st.count("client", how);
     st.count("connection", end.name());
 }
 
@@ -645,8 +754,10 @@ async fn flood(ctx: &Ctx, st: &mut State) {
                 Ok(0) => break End::Closed,
                 Ok(n) => {
                     decoder.feed(&buffer[..n]);
-                    if let Some(seq) = tally_flood_frames(&mut decoder, st) {
-                        out = frame(0, &DeliveryAck { up_to_mailbox_seq: seq });
+                    match tally_flood_frames(&mut decoder, st) {
+                        Some(u64::MAX) => break End::Undecodable,
+                        Some(seq) => out = frame(0, &DeliveryAck { up_to_mailbox_seq: seq }),
+                        None => {}
                     }
                 }
                 Err(_) => break End::Reset,
@@ -675,7 +786,16 @@ async fn flood(ctx: &Ctx, st: &mut State) {
 /// mailbox sequence to acknowledge, if anything was delivered.
 fn tally_flood_frames(decoder: &mut FrameDecoder, st: &mut State) -> Option<u64> {
     let mut ack = None;
-    while let Ok(Some(frame)) = decoder.next_frame() {
+    loop {
+        let frame = match decoder.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                // A generator built from other wire sources than the server, or a bug.
+                st.count("client", "undecodable frame: stopped reading");
+                return Some(u64::MAX);
+            }
+        };
         match &frame.message {
             Message::Deliver(d) => {
                 ack = Some(d.mailbox_seq);

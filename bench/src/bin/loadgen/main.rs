@@ -87,6 +87,15 @@ struct Args {
     /// Abuse: hostile connections beside the honest users (0: the baseline only).
     #[arg(long, default_value_t = 1000)]
     hostile: usize,
+    /// Abuse: only these attacks (comma-separated: preauth-noread, download-noread,
+    /// ping-noread, slowloris, oversized, send-flood, receipts, profiles, groups,
+    /// key-fetches, reports, churn); all by default.
+    #[arg(long, value_delimiter = ',')]
+    attacks: Vec<String>,
+    /// Abuse: worker threads of the attackers' own tokio runtime (the honest users keep
+    /// the generator's 2).
+    #[arg(long, default_value_t = 1)]
+    hostile_threads: usize,
     /// Abuse: requests per second of each flooding hostile connection (sends, receipts,
     /// profile lookups, group changes, key fetches, reports).
     #[arg(long, default_value_t = 100.0)]
