@@ -34,6 +34,39 @@ pub struct Reach<'a> {
     pub wakeups: &'a mut Wakeups,
 }
 
+/// What goes with an account besides its state record (the caller applies the engine's
+/// `DeleteAccount`): the mailboxes of its `devices`, their sessions (but `keep`'s, the
+/// connection asking), wake-ups, media, group memberships on every core (a
+/// `ForgetMember` tell each), followers, the phone index. Shared by a deletion and by a
+/// number registered afresh without the registration-lock PIN (the new owner starts with
+/// nothing of the old one's).
+pub fn erase_all_but_the_record<S: Storage>(
+    shared: &mut Shared<S>,
+    reach: Reach<'_>,
+    (user_id, devices): (UserId, &[DeviceId]),
+    phone: &str,
+    keep: Option<ConnId>,
+) {
+    for &device_id in devices {
+        let device = (user_id, device_id);
+        drop_mailbox(shared, device);
+        if keep.is_some() && shared.conns.online(device) == keep {
+            shared.conns.forget_online(device);
+        } else {
+            shared.conns.end_session(device);
+        }
+        reach.wakeups.forget(device);
+    }
+    for media_id in Media::owned_by(shared, user_id) {
+        reach.media.forget(shared, &media_id);
+    }
+    for core in 0..shared.shards.placement().count {
+        shared.outbox.tell(Address::local(core), Tell::ForgetMember { user_id });
+    }
+    reach.presence.forget(user_id);
+    reach.accounts.deleted(phone, user_id);
+}
+
 /// Deletes `me`'s account (homed here).
 pub fn delete_account<S: Storage>(
     shared: &mut Shared<S>,
@@ -50,24 +83,9 @@ pub fn delete_account<S: Storage>(
     if account_phone.as_deref() != Some(phone) {
         return shared.conns.refuse(conn, rid, ty, &AccountRefusal::DeleteConfirm);
     }
-    // Mailboxes go, and every other connection of the account.
-    for device in shared.shards.devices_of(me.0).unwrap_or_default() {
-        drop_mailbox(shared, device);
-        if shared.conns.online(device) == Some(conn) {
-            shared.conns.forget_online(device);
-        } else {
-            shared.conns.end_session(device);
-        }
-        reach.wakeups.forget(device);
-    }
-    for media_id in Media::owned_by(shared, me.0) {
-        reach.media.forget(shared, &media_id);
-    }
-    for core in 0..shared.shards.placement().count {
-        shared.outbox.tell(Address::local(core), Tell::ForgetMember { user_id: me.0 });
-    }
-    reach.presence.forget(me.0);
-    reach.accounts.deleted(phone, me.0);
+    let devices = shared.shards.devices_of(me.0).unwrap_or_default();
+    let devices: Vec<DeviceId> = devices.into_iter().map(|(_, device)| device).collect();
+    erase_all_but_the_record(shared, reach, (me.0, &devices), phone, Some(conn));
     match shared.shards.apply_for(me.0, StateOp::DeleteAccount { user_id: me.0 }) {
         Some(Ok(wait)) => {
             tracing::info!(user_id = me.0, "account deleted");

@@ -224,6 +224,15 @@ impl<S: Storage> Core<S> {
     pub fn handle_work_done(&mut self, done: WorkDone, now: Now) {
         self.enter(now);
         if let Some(account) = serve::work_done(&mut self.shared, &mut self.parts, done) {
+            if let Some((old, devices)) = &account.replaced {
+                // A fresh account for the number: the old one's data goes (its record
+                // went with the new one's creation).
+                let Parts { accounts, media, presence, wakeups, .. } = &mut self.parts;
+                let reach = deletion::Reach { accounts, media, presence, wakeups };
+                let (shared, phone) = (&mut self.shared, &account.phone);
+                deletion::erase_all_but_the_record(shared, reach, (*old, devices), phone, None);
+                tracing::info!(old, new = account.user_id, "number registered afresh");
+            }
             self.parts.accounts.registered(&account.phone, account.user_id);
             if account.moved {
                 // The account moved to a new primary: every old device and token is

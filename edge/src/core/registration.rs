@@ -85,6 +85,32 @@ pub struct NewAccount {
     pub phone: String,
     /// Whether it existed before (then its old devices were revoked).
     pub moved: bool,
+    /// An account the number had, replaced by this new one (the number was registered
+    /// without the registration-lock PIN): its id and devices, whose state record is
+    /// deleted already and whose mailboxes, sessions, media, group memberships and
+    /// followers the caller erases (`deletion::erase_all_but_the_record`).
+    pub replaced: Option<(UserId, Vec<DeviceId>)>,
+}
+
+/// What a verified number takes over from an account it already has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inherit {
+    /// Nothing: the registration-lock PIN was not given (there is no lock), so this may
+    /// be a new owner of a recycled number. A fresh account, a new user id.
+    Nothing,
+    /// The account, moved to the new primary device: the PIN proved the owner.
+    Account,
+}
+
+/// What `create_account` did.
+struct Created {
+    user_id: UserId,
+    /// The account existed and moved to a new primary device.
+    moved: bool,
+    /// An account replaced by a fresh one: its id and devices.
+    replaced: Option<(UserId, Vec<DeviceId>)>,
+    /// The last record's sequence number (the reply waits for it).
+    seq: u64,
 }
 
 /// Registration state of one core (the numbers homed on its shards).
@@ -341,7 +367,7 @@ impl Registration {
             return None;
         }
         let Some(lock) = registration_lock(shared, &pending.phone) else {
-            return self.register(shared, pending);
+            return self.register(shared, pending, Inherit::Nothing);
         };
         // A locked number moves only with its PIN; wrong PINs are limited per number and
         // day (the code stays valid meanwhile).
@@ -367,7 +393,7 @@ impl Registration {
     ) -> Option<NewAccount> {
         let pending = self.pin_checks.remove(&token)?;
         if matches {
-            return self.register(shared, pending);
+            return self.register(shared, pending, Inherit::Account);
         }
         self.wrong_pin(shared, pending);
         None
@@ -399,6 +425,7 @@ impl Registration {
         &mut self,
         shared: &mut Shared<S>,
         pending: PendingVerify,
+        inherit: Inherit,
     ) -> Option<NewAccount> {
         let PendingVerify { conn, rid, phone, code, device, .. } = pending;
         let ty = MessageType::Verify.code();
@@ -418,13 +445,15 @@ impl Registration {
         let token = secrets::new_token(&mut shared.random);
         let now_ms = shared.now_ms();
         let new_id = |shard: &Shard<_>| new_user_id(shard, shard_id, &mut shared.random);
-        let created =
-            create_account(&mut handle.borrow_mut(), &phone, new_id, (device, &token), now_ms);
+        let mut shard = handle.borrow_mut();
+        let created = create_account(&mut shard, &phone, new_id, inherit, (device, &token), now_ms);
+        drop(shard);
         match created {
-            Ok((user_id, new_account, seq)) => {
+            Ok(Created { user_id, moved, replaced, seq }) => {
+                let new_account = !moved;
                 let registered = Registered { user_id, device_id: 1, token, new_account };
                 shared.reply_when_durable(conn, rid, &registered, vec![(shard_id, seq)]);
-                Some(NewAccount { user_id, phone, moved: !new_account })
+                Some(NewAccount { user_id, phone, moved, replaced })
             }
             Err(error) => {
                 let refusal = RegistrationRefusal::Storage { refusal: StorageRefusal::of(&error) };
@@ -556,41 +585,44 @@ fn disk_reserve_allows<S: Storage>(
     }
 }
 
-/// Creates the account for `phone` with an id from `new_id` (or moves an existing one to
-/// a new primary device, revoking every old device and token). Returns (user id, new
-/// account?, record seq).
+/// Creates the account for `phone` with an id from `new_id`. A number with an account
+/// moves it to the new primary device (revoking every old device and token) when it
+/// `inherit`s it; otherwise the old account's state record is deleted and a fresh one
+/// made, with a new id (so no device id, group, contact or profile carries over).
 fn create_account<S: Storage>(
     shard: &mut Shard<S>,
     phone: &str,
     new_id: impl FnOnce(&Shard<S>) -> UserId,
+    inherit: Inherit,
     (device, token): (NewDevice, &Token),
     now_ms: u64,
-) -> Result<(UserId, bool, u64), WriteError> {
-    let (user_id, new_account) = match shard.state().user_by_phone(phone) {
-        Some(user_id) => (user_id, false),
-        None => {
+) -> Result<Created, WriteError> {
+    let existing = shard.state().user_by_phone(phone);
+    let old_devices = |shard: &Shard<S>, user_id| -> Vec<DeviceId> {
+        let account = shard.state().account(user_id);
+        account.map(|a| a.devices.iter().map(|d| d.device_id).collect()).unwrap_or_default()
+    };
+    let (user_id, moved, replaced) = match (existing, inherit) {
+        (Some(user_id), Inherit::Account) => {
+            for device_id in old_devices(shard, user_id).into_iter().filter(|d| *d != 1) {
+                shard.apply_state(StateOp::RemoveDevice { user_id, device_id })?;
+            }
+            (user_id, true, None)
+        }
+        (existing, _) => {
+            let replaced = existing.map(|old| (old, old_devices(shard, old)));
+            if let Some((old, _)) = &replaced {
+                shard.apply_state(StateOp::DeleteAccount { user_id: *old })?;
+            }
             let user_id = new_id(shard);
-            shard.apply_state(StateOp::PutAccount {
-                user_id,
-                phone: phone.to_string(),
-                created_ms: now_ms,
-            })?;
-            (user_id, true)
+            let put = StateOp::PutAccount { user_id, phone: phone.to_string(), created_ms: now_ms };
+            shard.apply_state(put)?;
+            (user_id, false, replaced)
         }
     };
-    if !new_account {
-        let old: Vec<DeviceId> = shard
-            .state()
-            .account(user_id)
-            .map(|a| a.devices.iter().map(|d| d.device_id).collect())
-            .unwrap_or_default();
-        for device_id in old.into_iter().filter(|d| *d != 1) {
-            shard.apply_state(StateOp::RemoveDevice { user_id, device_id })?;
-        }
-    }
     let record = device_record(1, device, token, now_ms);
     let seq = shard.apply_state(StateOp::PutDevice { user_id, device: record })?;
-    Ok((user_id, new_account, seq))
+    Ok(Created { user_id, moved, replaced, seq })
 }
 
 /// The stored form of a new device with `token`.

@@ -130,8 +130,8 @@ impl Mailbox {
     /// Takes a released entry out of the tally (if it is known).
     fn untally(&mut self, segments: &Segments, loc: Loc) {
         let Some(tally) = &mut self.tally else { return };
-        if let Some((sender, bytes)) = loc.is_record().then(|| segments.sender_and_len(loc)).flatten()
-        {
+        let released = loc.is_record().then(|| segments.sender_and_len(loc)).flatten();
+        if let Some((sender, bytes)) = released {
             tally.remove(sender, bytes);
         }
     }

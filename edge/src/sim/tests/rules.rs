@@ -6,7 +6,7 @@
 use rkyv::rancor::Failure;
 use tern_wire::messages::{
     ArchivedNoticeBody, Block, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
-    GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
+    GroupInfo, GroupInfoRequest, GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
     ReceiptKind, Registered, Report, ReportReason, SendAck, SendReceipt, SetContacts,
 };
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
@@ -312,6 +312,34 @@ fn one_sender_fills_only_its_share_of_a_mailbox() {
     // Delivered, the flooder's share is free again.
     let reply = x.request(&mut world, &text(&bob, 31, b"later"));
     assert!(reply.error_code().is_none(), "{}", reply.describe());
+}
+
+#[test]
+fn a_number_registered_again_without_the_pin_starts_afresh() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550027", 0);
+    let bob = register(&mut world, "+15550028", 0);
+    let mut a = login(&mut world, &alice);
+    let group_id = 0x5EED_0027;
+    let create = GroupChange::Create { name: "old".into(), members: vec![bob.user_id] };
+    a.request(&mut world, &signed_update(&alice, group_id, 0, create)).access::<GroupUpdated>();
+    let mut b = login(&mut world, &bob);
+    drain(&mut world, &mut b);
+    // The number gets a new owner, who has no PIN (there is no lock).
+    let fresh = register(&mut world, "+15550027", 0);
+    assert_ne!(fresh.user_id, alice.user_id, "a new account, not the old one moved");
+    let members = |world: &mut World, b: &mut Peer| -> Vec<u64> {
+        let info = b.request(world, &GroupInfoRequest { group_id });
+        let info = info.access::<GroupInfo>();
+        info.members.iter().map(|m| m.user_id.to_native()).collect()
+    };
+    world.settle();
+    assert_eq!(members(&mut world, &mut b), vec![bob.user_id], "the old account left its groups");
+    // Bob's message to the old account does not reach the new owner.
+    let refused = b.request(&mut world, &text(&alice, 1, b"for the old owner"));
+    assert!(refused.error_code().is_some(), "{}", refused.describe());
+    let mut f = login(&mut world, &fresh);
+    assert!(drain(&mut world, &mut f).0.is_empty(), "nothing of the old account arrived");
 }
 
 #[test]
