@@ -405,6 +405,10 @@ refusals! {
             "{count} groups created today; at most {max} a day",
         /// Promote/demote of a non-member.
         NoSuchMember => ErrorCode::NotFound, "not a member",
+        /// Users who do not accept group adds from the actor (they blocked it, or let
+        /// only contacts, or nobody, add them).
+        CannotAdd { users: Vec<UserId> } => ErrorCode::Forbidden,
+            "these users do not accept being added to groups by you: {users:?}",
         /// A shard refused the write.
         Storage { refusal: StorageRefusal } => refusal.error_code(), "{refusal}",
     }

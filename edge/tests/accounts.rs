@@ -25,6 +25,7 @@ fn privacy(about: Visibility, read_receipts: bool) -> PrivacySettings {
         about,
         avatar: Visibility::Everyone,
         read_receipts,
+        group_adds: Visibility::Everyone,
     }
 }
 

@@ -33,6 +33,7 @@ fn a_block_stops_messages_typing_and_presence_but_not_groups() {
         about: Visibility::Everyone,
         avatar: Visibility::Everyone,
         read_receipts: true,
+        group_adds: Visibility::Everyone,
     };
     a.request(&everyone).access::<Done>();
     b.request(&PresenceSubscribe { user_ids: vec![alice.user_id] }).access::<Done>();

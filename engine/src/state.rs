@@ -25,6 +25,7 @@ pub fn default_privacy() -> PrivacySettings {
         about: Visibility::Contacts,
         avatar: Visibility::Everyone,
         read_receipts: true,
+        group_adds: Visibility::Everyone,
     }
 }
 

@@ -1141,6 +1141,9 @@ payload! {
         pub avatar: Visibility,
         /// Off: this user neither sends nor receives read receipts.
         pub read_receipts: bool,
+        /// Who may add this user to groups (`Contacts`: only users in its contact list;
+        /// `Nobody`: no one).
+        pub group_adds: Visibility,
     }
 }
 

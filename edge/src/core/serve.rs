@@ -54,6 +54,9 @@ fn serve<S: Storage>(shared: &mut Shared<S>, parts: &mut Parts, request: Request
             groups::serve_store(shared, &mut parts.wakeups, delivery, reply_to)
         }
         Request::ReadGroup(call, reply_to) => groups::serve_read(shared, call, reply_to),
+        Request::CheckGroupAdds(call, reply_to) => {
+            groups::admission::serve_check(shared, call, reply_to)
+        }
         Request::ReadMedia(call, reply_to) => parts.media.serve_read(shared, call, reply_to),
         Request::FindPhones(call, reply_to) => parts.accounts.serve_find(shared, call, reply_to),
         Request::ListMemberships(call, reply_to) => {
@@ -82,6 +85,9 @@ fn on_reply<S: Storage>(shared: &mut Shared<S>, parts: &mut Parts, reply: Reply)
         Reply::OrderGroupMessage(token, answer) => parts.groups.on_sent(shared, token, answer),
         Reply::StoreGroupCopies(token, ()) => parts.groups.on_part_stored(shared, token),
         Reply::ReadGroup(token, answer) => parts.groups.on_read(shared, token, answer),
+        Reply::CheckGroupAdds(token, refusing) => {
+            parts.groups.on_adds_checked(shared, token, refusing)
+        }
         Reply::ReadMedia(token, answer) => parts.media.on_read(shared, token, answer),
         Reply::FindPhones(token, matches) => parts.accounts.on_found(shared, token, matches),
         Reply::ListMemberships(token, groups) => {

@@ -112,6 +112,9 @@ calls! {
     StoreGroupCopies(GroupDelivery) -> ();
     /// A member asks for a group's state.
     ReadGroup(ReadGroup) -> Result<GroupInfo, GroupRefusal>;
+    /// Which of these users (homed on the receiving core) refuse to be added to a group
+    /// by the actor.
+    CheckGroupAdds(CheckGroupAdds) -> Vec<UserId>;
     /// Read part of a blob homed on the receiving core.
     ReadMedia(ReadMedia) -> Result<MediaData, MediaRefusal>;
     /// Which of these phone hashes are registered on the receiving core.
@@ -208,6 +211,15 @@ pub struct OrderGroupMessage {
     pub e2e_type: E2eType,
     /// The one ciphertext.
     pub ciphertext: Vec<u8>,
+}
+
+/// Whether users may be added to a group by `actor`.
+#[derive(Debug)]
+pub struct CheckGroupAdds {
+    /// Who adds.
+    pub actor: UserId,
+    /// Whom (homed on the receiving core).
+    pub users: Vec<UserId>,
 }
 
 /// A member asks for a group's state.

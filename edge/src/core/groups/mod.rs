@@ -16,6 +16,7 @@
 //! The sent tick is given once every core has its copies durable. Members are those at
 //! send time: someone removed receives nothing after, someone added nothing from before.
 
+pub mod admission;
 pub mod change;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,7 @@ use tern_wire::messages::{
 use tern_wire::MessageType;
 
 use super::conns::ConnId;
+use self::admission::{added_users, Admission};
 use super::delivery::mailbox::{make_room, tell_server_envelope, within_sender_share};
 use super::delivery::server_envelope::archive;
 use super::shards::Waits;
@@ -68,6 +70,8 @@ pub struct Groups {
     /// Creations asked for today, per account; and those in flight (token → creator).
     created_today: DailyCount<UserId>,
     creating: HashMap<u64, UserId>,
+    /// Changes that add members, waiting for the added users' cores.
+    admission: Admission,
 }
 
 fn group_address<S: Storage>(shared: &Shared<S>, group_id: GroupId) -> Address {
@@ -100,12 +104,47 @@ impl Groups {
                 return shared.conns.refuse(conn, rid, ty, &refusal);
             }
         }
-        let to = group_address(shared, update.group_id);
+        let added = added_users(&update.change, me.0);
         let call = ApplyGroupChange { actor: me, signing_key, update, now_ms };
+        match added.is_empty() {
+            true => self.apply(shared, (conn, rid), call),
+            false => self.admission.hold(shared, (conn, rid), call, added),
+        }
+    }
+
+    /// Sends a change to the group's core.
+    fn apply<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        (conn, rid): (ConnId, u32),
+        call: ApplyGroupChange,
+    ) {
+        let (to, actor) = (group_address(shared, call.update.group_id), call.actor.0);
+        let creates = matches!(call.update.change, GroupChange::Create { .. });
         let token = shared.outbox.ask(to, call);
         self.updates.insert(token, (conn, rid));
         if creates {
-            self.creating.insert(token, me.0);
+            self.creating.insert(token, actor);
+        }
+    }
+
+    /// An added user's core answered which users refuse adds from the actor.
+    pub fn on_adds_checked<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        token: u64,
+        refusing: Vec<UserId>,
+    ) {
+        match self.admission.on_checked(token, refusing) {
+            None => {}
+            Some(Ok(held)) => self.apply(shared, (held.conn, held.rid), held.call),
+            Some(Err((held, refusal))) => {
+                if matches!(held.call.update.change, GroupChange::Create { .. }) {
+                    self.created_today.give_back(&held.call.actor.0, shared.now_ms());
+                }
+                let ty = MessageType::GroupUpdate.code();
+                shared.conns.refuse(held.conn, held.rid, ty, &refusal);
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use tern_wire::messages::{
     GroupInfo, GroupInfoRequest, GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
     ReceiptKind, Registered, Report, ReportReason, SendAck, SendReceipt, SetContacts,
 };
+use tern_wire::messages::Visibility;
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
 
 use crate::core::config::CoreConfig;
@@ -340,6 +341,35 @@ fn a_number_registered_again_without_the_pin_starts_afresh() {
     assert!(refused.error_code().is_some(), "{}", refused.describe());
     let mut f = login(&mut world, &fresh);
     assert!(drain(&mut world, &mut f).0.is_empty(), "nothing of the old account arrived");
+}
+
+#[test]
+fn blocks_and_privacy_decide_who_may_add_whom_to_groups() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550061", 0);
+    let bob = register(&mut world, "+15550062", 0);
+    let carol = register(&mut world, "+15550063", 0);
+    let mut a = login(&mut world, &alice);
+    let mut c = login(&mut world, &carol);
+    c.request(&mut world, &Block { user_id: alice.user_id }).access::<Done>();
+    // Carol blocked Alice: Alice's group with Bob and Carol is refused, naming Carol.
+    let create = |members| GroupChange::Create { name: "g".into(), members };
+    let both = create(vec![bob.user_id, carol.user_id]);
+    let refused = a.request(&mut world, &signed_update(&alice, 0x5EED_0061, 0, both));
+    assert_eq!(refused.error_code(), Some(ErrorCode::Forbidden), "{}", refused.describe());
+    assert!(refused.describe().contains(&carol.user_id.to_string()), "{}", refused.describe());
+    let mut b = login(&mut world, &bob);
+    assert!(b.take_all(&mut world, MessageType::Deliver).is_empty(), "nothing was created");
+    // Bob lets only contacts add him; Alice is none, then she is.
+    let mut privacy = tern_engine::state::default_privacy();
+    privacy.group_adds = Visibility::Contacts;
+    b.request(&mut world, &privacy).access::<Done>();
+    let just_bob = create(vec![bob.user_id]);
+    let refused = a.request(&mut world, &signed_update(&alice, 0x5EED_0062, 0, just_bob.clone()));
+    assert_eq!(refused.error_code(), Some(ErrorCode::Forbidden), "{}", refused.describe());
+    b.request(&mut world, &SetContacts { user_ids: vec![alice.user_id] }).access::<Done>();
+    let made = a.request(&mut world, &signed_update(&alice, 0x5EED_0062, 0, just_bob));
+    assert_eq!(made.access::<GroupUpdated>().epoch.to_native(), 1);
 }
 
 #[test]
