@@ -146,10 +146,9 @@ mod tests {
 
     #[test]
     fn headers_name_the_client() {
-        for (source, destination) in [
-            ("203.0.113.7:51000", "10.0.0.1:7000"),
-            ("[2001:db8::9]:443", "[2001:db8::1]:7000"),
-        ] {
+        for (source, destination) in
+            [("203.0.113.7:51000", "10.0.0.1:7000"), ("[2001:db8::9]:443", "[2001:db8::1]:7000")]
+        {
             let source: SocketAddr = source.parse().unwrap();
             let header = header_for(source, destination.parse().unwrap());
             let (fixed, body) = split(&header);

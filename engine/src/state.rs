@@ -21,9 +21,10 @@ pub fn default_privacy() -> PrivacySettings {
     PrivacySettings {
         last_seen: Visibility::Contacts,
         online: Visibility::Contacts,
-        display_name: Visibility::Everyone,
+        // Names and avatars too: a stranger who guesses a user id learns nothing.
+        display_name: Visibility::Contacts,
         about: Visibility::Contacts,
-        avatar: Visibility::Everyone,
+        avatar: Visibility::Contacts,
         read_receipts: true,
         group_adds: Visibility::Everyone,
     }

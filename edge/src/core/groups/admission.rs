@@ -68,12 +68,16 @@ impl Admission {
     ) {
         let mut by_core: HashMap<_, Vec<UserId>> = HashMap::new();
         for user in added {
-            by_core.entry(shared.shards.address_of(home_shard_of_user(user))).or_default().push(user);
+            by_core
+                .entry(shared.shards.address_of(home_shard_of_user(user)))
+                .or_default()
+                .push(user);
         }
         let id = self.next_id;
         self.next_id += 1;
         let actor = call.actor.0;
-        self.held.insert(id, Held { conn, rid, call, waiting: by_core.len(), refusing: Vec::new() });
+        self.held
+            .insert(id, Held { conn, rid, call, waiting: by_core.len(), refusing: Vec::new() });
         for (core, users) in by_core {
             let token = shared.outbox.ask(core, CheckGroupAdds { actor, users });
             self.tokens.insert(token, id);

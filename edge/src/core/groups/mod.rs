@@ -29,8 +29,8 @@ use tern_wire::messages::{
 };
 use tern_wire::MessageType;
 
-use super::conns::ConnId;
 use self::admission::{added_users, Admission};
+use super::conns::ConnId;
 use super::delivery::mailbox::{make_room, tell_server_envelope, within_sender_share};
 use super::delivery::server_envelope::archive;
 use super::shards::Waits;

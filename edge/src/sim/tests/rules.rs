@@ -6,10 +6,11 @@
 use rkyv::rancor::Failure;
 use tern_wire::messages::{
     ArchivedNoticeBody, Block, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
-    GroupInfo, GroupInfoRequest, GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent, PresenceSubscribe, ProfileGet,
-    ReceiptKind, Registered, Report, ReportReason, SendAck, SendReceipt, SetContacts,
+    GroupInfo, GroupInfoRequest, GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent,
+    PresenceSubscribe, ProfileGet, ReceiptKind, Registered, Report, ReportReason, SendAck,
+    SendReceipt, SetContacts,
 };
-use tern_wire::messages::Visibility;
+use tern_wire::messages::{Profile, ProfileSet, Visibility};
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
 
 use crate::core::config::CoreConfig;
@@ -219,11 +220,8 @@ fn a_read_receipt_goes_only_to_who_wrote_to_the_reader() {
     let frame = s.next_of(&mut world, MessageType::Deliver).expect("the stranger gets it");
     s.send(&mut world, &DeliveryAck { up_to_mailbox_seq: frame.deliver().mailbox_seq });
     s.request(&mut world, &read).access::<Done>();
-    let kinds: Vec<_> = a
-        .take_all(&mut world, MessageType::Deliver)
-        .iter()
-        .map(|f| f.receipt().kind)
-        .collect();
+    let kinds: Vec<_> =
+        a.take_all(&mut world, MessageType::Deliver).iter().map(|f| f.receipt().kind).collect();
     assert_eq!(kinds, vec![ReceiptKind::Delivered, ReceiptKind::Read]);
 }
 
@@ -370,6 +368,24 @@ fn blocks_and_privacy_decide_who_may_add_whom_to_groups() {
     b.request(&mut world, &SetContacts { user_ids: vec![alice.user_id] }).access::<Done>();
     let made = a.request(&mut world, &signed_update(&alice, 0x5EED_0062, 0, just_bob));
     assert_eq!(made.access::<GroupUpdated>().epoch.to_native(), 1);
+}
+
+#[test]
+fn a_new_accounts_name_is_for_its_contacts() {
+    let mut world = world();
+    let alice = register(&mut world, "+15550064", 0);
+    let stranger = register(&mut world, "+15550065", 0);
+    let mut a = login(&mut world, &alice);
+    let name = ProfileSet { display_name: Some("Alice".into()), about: None, avatar: None };
+    a.request(&mut world, &name).access::<Done>();
+    let mut s = login(&mut world, &stranger);
+    let seen = |world: &mut World, s: &mut Peer| {
+        let profile = s.request(world, &ProfileGet { user_id: alice.user_id });
+        profile.access::<Profile>().display_name.as_ref().map(|n| n.to_string())
+    };
+    assert_eq!(seen(&mut world, &mut s), None, "a stranger sees no name");
+    a.request(&mut world, &SetContacts { user_ids: vec![stranger.user_id] }).access::<Done>();
+    assert_eq!(seen(&mut world, &mut s), Some("Alice".to_string()), "a contact does");
 }
 
 #[test]
