@@ -246,6 +246,9 @@ refusals! {
         /// The per-number budget.
         NumberBudget { retry_after_ms: u32 } => ErrorCode::RateLimited,
             "too many codes requested for this number",
+        /// Too many wrong codes for this number today.
+        CodeTries { retry_after_ms: u32 } => ErrorCode::RateLimited,
+            "too many wrong codes for this number today; retry tomorrow",
         /// Too many proof-of-work challenges outstanding on this core.
         Challenges { retry_after_ms: u32 } => ErrorCode::RateLimited,
             "too many registrations are under way; retry later",
@@ -290,6 +293,7 @@ impl Refusal for RegistrationRefusal {
             | RegistrationRefusal::PrefixBudget { retry_after_ms }
             | RegistrationRefusal::NumberBudget { retry_after_ms }
             | RegistrationRefusal::Challenges { retry_after_ms }
+            | RegistrationRefusal::CodeTries { retry_after_ms }
             | RegistrationRefusal::PinTries { retry_after_ms } => *retry_after_ms,
             RegistrationRefusal::Storage { refusal } => refusal.retry_after_ms(),
             RegistrationRefusal::WrongCore => 1000,

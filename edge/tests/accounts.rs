@@ -439,3 +439,53 @@ fn a_deleted_account_leaves_nothing_live_behind() {
     let fresh = register(&mut server, &alice_phone, 0);
     assert_ne!(fresh.user_id, alice.user_id);
 }
+
+/// Goal: wrong verification codes are counted per number and day, and the count
+/// survives a restart (hardening item 7: before, a restart gave a guesser a fresh
+/// budget, and only each code's own five tries bounded the guessing). Method: three
+/// codes of the same number each get five wrong answers, with a kill and restart after
+/// the second; the fourth code, though right, is refused with `RateLimited` until the
+/// next day.
+#[test]
+fn wrong_codes_are_counted_per_number_across_restarts() {
+    let dir = data_dir();
+    let args = ["--cores", "1", "--code-requests-per-hour", "100"];
+    let phone = "+15690000201";
+    let verify = |server: &mut Server, wrong: bool| -> Received {
+        let mut client = Client::connect(server.addr);
+        let ask = RequestCode {
+            phone: phone.into(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work: None,
+        };
+        client.request(&ask).access::<CodeSent>();
+        let code = server.code_for(phone);
+        let code = match wrong {
+            // Another code of the same length.
+            true => code.chars().map(|c| if c == '0' { '1' } else { '0' }).collect(),
+            false => code,
+        };
+        let mut last = None;
+        for _ in 0..if wrong { 5 } else { 1 } {
+            last = Some(client.request(&Verify {
+                phone: phone.into(),
+                code: code.clone(),
+                device: NewDevice { name: "guesser".into(), keys: keys(0) },
+                registration_lock_pin: None,
+            }));
+        }
+        last.unwrap()
+    };
+    let mut server = Server::start(dir.path(), &args);
+    for _ in 0..2 {
+        let burnt = verify(&mut server, true);
+        assert_eq!(burnt.error_code(), Some(ErrorCode::InvalidCode), "{}", burnt.describe());
+    }
+    server.kill();
+    let mut server = Server::start(dir.path(), &args);
+    verify(&mut server, true);
+    let refused = verify(&mut server, false);
+    assert_eq!(refused.error_code(), Some(ErrorCode::RateLimited), "{}", refused.describe());
+    assert!(refused.describe().contains("wrong codes"), "{}", refused.describe());
+}

@@ -184,6 +184,22 @@ pub struct MediaRecord {
     pub readers: Vec<UserId>,
 }
 
+/// A phone number's failed registration attempts on one UTC day: wrong verification
+/// codes and wrong registration-lock PINs. Stored, so that a restart does not give a
+/// guesser a new budget.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct RegistrationFailures {
+    /// The number.
+    pub phone: String,
+    /// The UTC day (days since the epoch) the counts are for; older counts are void.
+    pub day: u64,
+    /// Wrong codes given that day.
+    pub wrong_codes: u32,
+    /// Wrong PINs given that day.
+    pub wrong_pins: u32,
+}
+
 /// A user report, as stored for the operator.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -263,5 +279,7 @@ mod state_op {
             server_message_id: u64,
             time_ms: u64,
         },
+        /// Replace a phone number's failed registration attempts of the day.
+        SetRegistrationFailures { failures: RegistrationFailures },
     }
 }

@@ -26,7 +26,8 @@ pub mod storage;
 pub mod uring;
 
 pub use body::{
-    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
+    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, RegistrationFailures,
+    ReportRecord, StateOp,
 };
 pub use error::{CorruptRecord, OpenError, WriteError};
 pub use handle::ShardHandle;

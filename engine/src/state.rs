@@ -13,7 +13,8 @@ use tern_wire::messages::{
 };
 
 use crate::body::{
-    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, ReportRecord, StateOp,
+    AccountRecord, DeviceRecord, GroupRecord, MediaRecord, ProfileRecord, RegistrationFailures,
+    ReportRecord, StateOp,
 };
 
 /// Privacy settings of a new account.
@@ -43,7 +44,12 @@ pub struct StateTables {
     pub media: HashMap<MediaId, MediaRecord>,
     /// Reports, oldest first.
     pub reports: Vec<ReportRecord>,
+    /// Failed registration attempts per phone number (the latest day's).
+    pub registration_failures: HashMap<String, RegistrationFailures>,
 }
+
+/// Numbers with failed registration attempts kept before older days' counts are swept.
+const REGISTRATION_FAILURES_SWEEP_AT: usize = 10_000;
 
 impl StateTables {
     /// Applies one change.
@@ -113,6 +119,13 @@ impl StateTables {
             StateOp::AddReport { report } => self.reports.push(report.clone()),
             // Kept by the shard's dedup window, not in the tables.
             StateOp::NoteSend { .. } => {}
+            StateOp::SetRegistrationFailures { failures } => {
+                let table = &mut self.registration_failures;
+                if table.len() >= REGISTRATION_FAILURES_SWEEP_AT {
+                    table.retain(|_, f| f.day >= failures.day); // Earlier days' are void.
+                }
+                table.insert(failures.phone.clone(), failures.clone());
+            }
         }
     }
 

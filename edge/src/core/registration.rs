@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use rand_core::RngCore;
-use tern_engine::{DeviceRecord, Shard, StateOp, Storage, WriteError};
+use tern_engine::{DeviceRecord, RegistrationFailures, Shard, StateOp, Storage, WriteError};
 use tern_wire::accounts::pow_solves;
 use tern_wire::messages::{
     ArchivedRequestCode, ArchivedSetRegistrationLock, ArchivedVerify, CodeSent, DeviceId, Done,
@@ -26,6 +26,7 @@ use super::addresses::{budget_key, budget_key_of};
 use super::conns::ConnId;
 use super::effects::Effect;
 use super::keys::check_new_device;
+use super::shards::Waits;
 use super::shared::Shared;
 use crate::limits::HourlyWindow;
 use crate::refusal::{retry_hint, RegistrationRefusal, StorageRefusal};
@@ -35,6 +36,9 @@ use crate::work::{CheckDeviceKeys, CheckPin, HashPin};
 
 /// Wrong registration-lock PINs accepted per number and day.
 const PIN_ATTEMPTS_PER_DAY: u32 = 5;
+/// Wrong verification codes accepted per number and day (each code burns after a few;
+/// this bounds the guesses across codes, restarts included).
+const WRONG_CODES_PER_DAY: u32 = 15;
 /// A registration-lock PIN's length, in bytes: at least 4 (digits), at most 64 (Argon2
 /// takes the same time whatever the length, but nothing needs more).
 const PIN_BYTES_MIN: usize = 4;
@@ -124,8 +128,6 @@ pub struct Registration {
     /// key): a challenge is solved only by who was given it, and a stranger asking for
     /// the same number does not void it.
     challenges: HashMap<(String, Option<IpAddr>), Challenge>,
-    /// Wrong registration-lock PINs per phone number: (day, count).
-    pin_attempts: HashMap<String, (u64, u32)>,
     /// Verifications whose device keys are being checked, by work token.
     key_checks: HashMap<u64, PendingVerify>,
     /// Verifications whose PIN is being checked, by work token.
@@ -156,7 +158,6 @@ impl Registration {
             per_prefix: HourlyWindow::new(config.code_requests_per_prefix_per_hour),
             per_address: HourlyWindow::new(config.code_requests_per_address_per_hour),
             challenges: HashMap::new(),
-            pin_attempts: HashMap::new(),
             key_checks: HashMap::new(),
             pin_checks: HashMap::new(),
             pin_hashes: HashMap::new(),
@@ -325,8 +326,18 @@ impl Registration {
         if let Err(refusal) = disk_reserve_allows(shared, phone) {
             return shared.conns.refuse(conn, rid, ty, &refusal);
         }
-        if let Err(refusal) = self.check_code(phone, verify.code.as_str(), shared.now_ms()) {
+        if failures_today(shared, phone).wrong_codes >= WRONG_CODES_PER_DAY {
+            let retry_after_ms = retry_hint(until_tomorrow(shared.now_ms()));
+            let refusal = RegistrationRefusal::CodeTries { retry_after_ms };
             return shared.conns.refuse(conn, rid, ty, &refusal);
+        }
+        if let Err(refusal) = self.check_code(phone, verify.code.as_str(), shared.now_ms()) {
+            let wrong = matches!(
+                refusal,
+                RegistrationRefusal::WrongCode | RegistrationRefusal::WrongCodeBurnt
+            );
+            let waits = if wrong { count_failure(shared, phone, Failure::Code) } else { vec![] };
+            return shared.refuse_when_durable((conn, rid), ty, &refusal, waits);
         }
         let Ok(device) = rkyv::deserialize::<NewDevice, rkyv::rancor::Failure>(&verify.device)
         else {
@@ -371,7 +382,7 @@ impl Registration {
         };
         // A locked number moves only with its PIN; wrong PINs are limited per number and
         // day (the code stays valid meanwhile).
-        if let Err(refusal) = self.pin_budget(&pending.phone, shared.now_ms()) {
+        if let Err(refusal) = self.pin_budget(shared, &pending.phone) {
             shared.conns.refuse(pending.conn, pending.rid, ty, &refusal);
             return None;
         }
@@ -399,25 +410,22 @@ impl Registration {
         None
     }
 
-    fn pin_budget(&mut self, phone: &str, now_ms: u64) -> Result<(), RegistrationRefusal> {
-        let day = now_ms / DAY_MS;
-        let attempts = self.pin_attempts.entry(phone.to_string()).or_insert((day, 0));
-        if attempts.0 != day {
-            *attempts = (day, 0);
+    fn pin_budget<S: Storage>(
+        &mut self,
+        shared: &Shared<S>,
+        phone: &str,
+    ) -> Result<(), RegistrationRefusal> {
+        if failures_today(shared, phone).wrong_pins < PIN_ATTEMPTS_PER_DAY {
+            return Ok(());
         }
-        if attempts.1 >= PIN_ATTEMPTS_PER_DAY {
-            let wait = ((day + 1) * DAY_MS).saturating_sub(now_ms);
-            return Err(RegistrationRefusal::PinTries { retry_after_ms: retry_hint(wait) });
-        }
-        Ok(())
+        let retry_after_ms = retry_hint(until_tomorrow(shared.now_ms()));
+        Err(RegistrationRefusal::PinTries { retry_after_ms })
     }
 
     fn wrong_pin<S: Storage>(&mut self, shared: &mut Shared<S>, pending: PendingVerify) {
-        if let Some(attempts) = self.pin_attempts.get_mut(&pending.phone) {
-            attempts.1 += 1;
-        }
-        let ty = MessageType::Verify.code();
-        shared.conns.refuse(pending.conn, pending.rid, ty, &RegistrationRefusal::Locked);
+        let waits = count_failure(shared, &pending.phone, Failure::Pin);
+        let (ty, refusal) = (MessageType::Verify.code(), RegistrationRefusal::Locked);
+        shared.refuse_when_durable((pending.conn, pending.rid), ty, &refusal, waits);
     }
 
     /// Uses the code up (if no other verification did meanwhile) and registers.
@@ -514,9 +522,58 @@ impl Registration {
         self.last_sweep_ms = now_ms;
         self.codes.retain(|_, c| c.expires_ms > now_ms);
         self.challenges.retain(|_, challenge| challenge.expires_ms > now_ms);
-        let today = now_ms / DAY_MS;
-        self.pin_attempts.retain(|_, (day, _)| *day == today);
     }
+}
+
+/// A failed registration attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Code,
+    Pin,
+}
+
+/// `phone`'s failed attempts today (zero if none, or only on an earlier day), from its
+/// home shard's tables: they survive a restart.
+fn failures_today<S: Storage>(shared: &Shared<S>, phone: &str) -> RegistrationFailures {
+    let today = shared.now_ms() / DAY_MS;
+    let zero = RegistrationFailures {
+        phone: phone.to_string(),
+        day: today,
+        wrong_codes: 0,
+        wrong_pins: 0,
+    };
+    let Some(shard) = shared.shards.local(home_shard_of_phone(phone, shared.shards.count())) else {
+        return zero;
+    };
+    let shard = shard.borrow();
+    let stored = shard.state().registration_failures.get(phone).filter(|f| f.day == today);
+    stored.cloned().unwrap_or(zero)
+}
+
+/// Counts a failed attempt for `phone` in its home shard; returns what the refusal
+/// waits for (the count holds in memory at once, and on disk before the client learns
+/// of the failure).
+fn count_failure<S: Storage>(shared: &mut Shared<S>, phone: &str, failure: Failure) -> Waits {
+    let mut failures = failures_today(shared, phone);
+    match failure {
+        Failure::Code => failures.wrong_codes += 1,
+        Failure::Pin => failures.wrong_pins += 1,
+    }
+    let shard_id = home_shard_of_phone(phone, shared.shards.count());
+    let Some(shard) = shared.shards.local(shard_id) else { return Vec::new() };
+    let counted = shard.borrow_mut().apply_state(StateOp::SetRegistrationFailures { failures });
+    match counted {
+        Ok(seq) => vec![(shard_id, seq)],
+        Err(error) => {
+            tracing::warn!(%error, phone, "could not count a failed registration attempt");
+            Vec::new()
+        }
+    }
+}
+
+/// Milliseconds to the next UTC day.
+fn until_tomorrow(now_ms: u64) -> u64 {
+    (now_ms / DAY_MS + 1) * DAY_MS - now_ms
 }
 
 fn store_lock<S: Storage>(

@@ -130,6 +130,20 @@ impl<S: Storage> Shared<S> {
         self.reply_when_durable_timed(conn, rid, value, waits, None);
     }
 
+    /// Refuses a request once `waits` are durable: a refusal that follows a state
+    /// change (a failed attempt counted) never reaches the client before the change is
+    /// on disk, so a crash cannot undo what the client was told.
+    pub fn refuse_when_durable(
+        &mut self,
+        (conn, rid): (ConnId, u32),
+        failed_type: u16,
+        refusal: &dyn crate::refusal::Refusal,
+        waits: Waits,
+    ) {
+        let frame = super::conns::error_frame(failed_type, refusal);
+        self.reply_when_durable(conn, rid, &frame, waits);
+    }
+
     /// Like [`Shared::reply_when_durable`], measuring send→sent from `started_us`.
     pub fn reply_when_durable_timed<T>(
         &mut self,

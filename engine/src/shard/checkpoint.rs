@@ -18,7 +18,7 @@ use super::dedup::Dedup;
 use super::index::Index;
 use super::loc::Loc;
 use super::segments::SegmentStats;
-use crate::body::{AccountRecord, GroupRecord, MediaRecord, ReportRecord};
+use crate::body::{AccountRecord, GroupRecord, MediaRecord, RegistrationFailures, ReportRecord};
 use crate::state::StateTables;
 
 /// Checkpoint file magic.
@@ -111,6 +111,8 @@ pub struct StateSnapshot {
     pub media: Vec<MediaRecord>,
     /// Reports.
     pub reports: Vec<ReportRecord>,
+    /// Failed registration attempts per number.
+    pub registration_failures: Vec<RegistrationFailures>,
 }
 
 impl StateSnapshot {
@@ -121,7 +123,11 @@ impl StateSnapshot {
         groups.sort_by_key(|g| g.group_id);
         let mut media: Vec<_> = tables.media.values().cloned().collect();
         media.sort_by_key(|m| m.media_id);
-        StateSnapshot { accounts, groups, media, reports: tables.reports.clone() }
+        let mut registration_failures: Vec<_> =
+            tables.registration_failures.values().cloned().collect();
+        registration_failures.sort_by(|a, b| a.phone.cmp(&b.phone));
+        let reports = tables.reports.clone();
+        StateSnapshot { accounts, groups, media, reports, registration_failures }
     }
 
     /// The tables again.
@@ -141,6 +147,11 @@ impl StateSnapshot {
                 .map(|m| (m.media_id, m))
                 .collect::<std::collections::HashMap<MediaId, _>>(),
             reports: self.reports,
+            registration_failures: self
+                .registration_failures
+                .into_iter()
+                .map(|f| (f.phone.clone(), f))
+                .collect(),
         }
     }
 }

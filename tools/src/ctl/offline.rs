@@ -172,6 +172,10 @@ fn state_op_json(op: &StateOp) -> Value {
         StateOp::AddReport { report } => json!({
             "op": "AddReport", "reporter": report.reporter, "reported": report.reported,
         }),
+        StateOp::SetRegistrationFailures { failures } => json!({
+            "op": "SetRegistrationFailures", "phone": failures.phone, "day": failures.day,
+            "wrong_codes": failures.wrong_codes, "wrong_pins": failures.wrong_pins,
+        }),
     }
 }
 
