@@ -22,7 +22,7 @@ use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::hostile::{self, Attack, Ctx, Tally};
-use super::{encode_text, now_us, quantiles, Args, Stats};
+use super::{cpu_seconds, encode_text, now_us, quantiles, Args, Stats};
 
 /// One honest phase's shared state.
 struct Phase {
@@ -225,8 +225,7 @@ struct PhaseResult {
     seconds: f64,
     sent: u64,
     delivered: u64,
-    sent_ms: Value,
-    deliver_ms: Value,
+    send_to_sent: Histogram<u64>,
     deliver: Histogram<u64>,
     acked: usize,
     /// (sender, client message id, recipient, server id, whether the sender was told).
@@ -236,6 +235,36 @@ struct PhaseResult {
     refused: BTreeMap<&'static str, u64>,
     closed: usize,
     drain_s: f64,
+    /// CPU seconds per second while measuring: (ternd, the whole generator).
+    cpu_per_s: (f64, f64),
+    /// The generator's timer lag while measuring (p99, max) in ms.
+    lag: (f64, f64),
+    /// ternd's peak RSS (KiB) and descriptors over the phase.
+    peaks: (u64, u64),
+}
+
+impl PhaseResult {
+    /// Adds another round's phase to this one.
+    fn absorb(&mut self, o: PhaseResult) {
+        let w = |a: f64, b: f64| (a * self.seconds + b * o.seconds) / (self.seconds + o.seconds);
+        self.cpu_per_s = (w(self.cpu_per_s.0, o.cpu_per_s.0), w(self.cpu_per_s.1, o.cpu_per_s.1));
+        self.seconds += o.seconds;
+        self.sent += o.sent;
+        self.delivered += o.delivered;
+        self.send_to_sent.add(&o.send_to_sent).expect("same histogram bounds");
+        self.deliver.add(&o.deliver).expect("same histogram bounds");
+        self.acked += o.acked;
+        self.lost.extend(o.lost);
+        self.dropped_notices += o.dropped_notices;
+        self.duplicates += o.duplicates;
+        for (code, n) in o.refused {
+            *self.refused.entry(code).or_insert(0) += n;
+        }
+        self.closed += o.closed;
+        self.drain_s = self.drain_s.max(o.drain_s);
+        self.lag = (self.lag.0.max(o.lag.0), self.lag.1.max(o.lag.1));
+        self.peaks = (self.peaks.0.max(o.peaks.0), self.peaks.1.max(o.peaks.1));
+    }
 }
 
 /// Runs the honest users for a phase: 2 s of warm-up, `--seconds` measured, then the
@@ -245,6 +274,7 @@ async fn honest_phase(
     addr: SocketAddr,
     accounts: &[(u64, Token)],
     first_id: u32,
+    pid: u32,
 ) -> PhaseResult {
     let peers: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
     let phase = Arc::new(Phase {
@@ -272,9 +302,13 @@ async fn honest_phase(
     tokio::time::sleep(Duration::from_secs(2)).await;
     phase.measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
+    let cpu = (cpu_seconds(pid), cpu_seconds(std::process::id()));
+    let lag = tokio::spawn(lag_probe(phase.clone()));
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     phase.measuring.store(false, Ordering::Relaxed);
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(pid) - cpu.0, cpu_seconds(std::process::id()) - cpu.1);
+    let lag = lag.await.expect("the lag probe ran");
     phase.sending.store(false, Ordering::Relaxed);
     let drain_s = drain(&phase).await;
     phase.reading.store(false, Ordering::Relaxed);
@@ -304,8 +338,7 @@ async fn honest_phase(
         seconds,
         sent: stats.sent.load(Ordering::Relaxed),
         delivered: stats.delivered.load(Ordering::Relaxed),
-        sent_ms: quantiles(&s),
-        deliver_ms: quantiles(&d),
+        send_to_sent: s.clone(),
         deliver: d.clone(),
         acked: all.acked.len(),
         lost,
@@ -314,7 +347,24 @@ async fn honest_phase(
         refused: all.refused,
         closed: usize::from(all.closed),
         drain_s,
+        cpu_per_s: (cpu.0 / seconds, cpu.1 / seconds),
+        lag,
+        peaks: (0, 0),
     }
+}
+
+/// How late the generator's own timers fire while the phase measures (a 5 ms sleep,
+/// again and again): the part of the honest latencies that is the generator's, not the
+/// server's, on a machine both share. Returns (p99, max) in ms.
+async fn lag_probe(phase: Arc<Phase>) -> (f64, f64) {
+    let mut lag = Histogram::<u64>::new(3).unwrap();
+    while phase.measuring.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let late = t.elapsed().saturating_sub(Duration::from_millis(5));
+        let _ = lag.record(late.as_micros() as u64);
+    }
+    (p(&lag, 0.99), lag.max() as f64 / 1000.0)
 }
 
 /// After the sends stop: waits until every acknowledged message was received (the counts
@@ -421,9 +471,10 @@ async fn stop_attackers(ctx: &Ctx, tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// The abuse run: the baseline (honest users alone) and, with `--hostile`, the same
-/// honest load beside the attackers; prints both and their ratio, the ledger's verdict,
-/// peak RSS and what each attack got.
+/// The abuse run: `--rounds` times the baseline (honest users alone) and, with
+/// `--hostile`, the same honest load beside the attackers (alternating, so that the rest
+/// of a shared machine's load weighs on both alike); prints both and their ratio, the
+/// ledger's verdict, peak RSS and what each attack got.
 pub async fn run(
     args: &Args,
     addr: SocketAddr,
@@ -434,27 +485,8 @@ pub async fn run(
     let plan = hostile::plan(args.hostile, &args.attacks);
     let accounts = register_hostile(addr, codes, &plan).await;
     let ids: Arc<Vec<u64>> = Arc::new(honest.iter().map(|a| a.0).collect());
-    let rss_idle_kib = tern_bench::server::rss_kib(pid);
-    let (stop, sampler) = spawn_sampler(pid);
-    let baseline = honest_phase(args, addr, honest, 10).await;
-    stop.store(true, Ordering::Relaxed);
-    let baseline_peaks = sampler.await.unwrap();
     println!("victim of the send flood and the reports: honest user {}", ids[0]);
-    print_phase("baseline (no attackers)", &baseline, baseline_peaks, None);
-    let mut result = json!({
-        "rate": args.rate,
-        "hostile": args.hostile,
-        "attacks": args.attacks,
-        "hostile_threads": args.hostile_threads,
-        "flood_rate": args.flood_rate,
-        "hostile_hold_s": args.hostile_hold_s,
-        "hostile_pause_ms": args.hostile_pause_ms,
-        "rss_idle_kib": rss_idle_kib,
-        "baseline": phase_json(&baseline, baseline_peaks),
-    });
-    if plan.is_empty() {
-        return result;
-    }
+    let rss_idle_kib = tern_bench::server::rss_kib(pid);
     // The attackers get a runtime of their own, so that the honest users' tasks do not
     // queue behind theirs in the generator.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -463,26 +495,104 @@ pub async fn run(
         .enable_all()
         .build()
         .expect("a runtime for the attackers");
-    let (stop, sampler) = spawn_sampler(pid);
-    let spread = Duration::from_secs(3);
-    let (ctx, tasks) = start_attackers(&runtime, args, addr, ids, &plan, accounts, spread);
-    tokio::time::sleep(Duration::from_secs(5)).await; // Every attacker at work.
-    let attack = honest_phase(args, addr, honest, 1 << 30).await;
-    stop_attackers(&ctx, tasks).await;
+    let (mut baseline, mut attack, mut tally) =
+        (None::<PhaseResult>, None::<PhaseResult>, Tally::new());
+    let mut rss_after_kib = 0;
+    let first_id = |phase: u32| 10 + (phase << 26);
+    for round in 0..args.rounds.clamp(1, 30) {
+        let result =
+            measured(pid, honest_phase(args, addr, honest, first_id(2 * round), pid)).await;
+        print_phase(&format!("round {round}, baseline"), &result, None);
+        absorb(&mut baseline, result);
+        if plan.is_empty() {
+            continue;
+        }
+        let attackers = Attackers { runtime: &runtime, plan: &plan, accounts: accounts.clone() };
+        let honest_load = honest_phase(args, addr, honest, first_id(2 * round + 1), pid);
+        let (result, round_tally) =
+            measured_attack(args, pid, addr, &ids, attackers, honest_load).await;
+        print_phase(&format!("round {round}, attack"), &result, baseline.as_ref());
+        absorb(&mut attack, result);
+        for (key, n) in round_tally {
+            *tally.entry(key).or_insert(0) += n;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rss_after_kib = tern_bench::server::rss_kib(pid);
+    }
     runtime.shutdown_background();
-    stop.store(true, Ordering::Relaxed);
-    let attack_peaks = sampler.await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after_kib = tern_bench::server::rss_kib(pid);
-    print_phase("attack", &attack, attack_peaks, Some(&baseline));
-    let tally = std::mem::take(&mut *ctx.tally.lock().unwrap());
+    let baseline = baseline.expect("one round at least");
+    let mut result = json!({
+        "rate": args.rate,
+        "rounds": args.rounds,
+        "hostile": args.hostile,
+        "attacks": args.attacks,
+        "hostile_threads": args.hostile_threads,
+        "flood_rate": args.flood_rate,
+        "hostile_hold_s": args.hostile_hold_s,
+        "hostile_pause_ms": args.hostile_pause_ms,
+        "rss_idle_kib": rss_idle_kib,
+        "baseline": phase_json(&baseline),
+    });
+    print_phase("all rounds, baseline (no attackers)", &baseline, None);
+    let Some(attack) = attack else { return result };
+    print_phase("all rounds, attack", &attack, Some(&baseline));
     print_tally(&plan, &tally);
-    println!("ternd RSS: {rss_idle_kib} KiB idle before the run, {rss_after_kib} KiB 2 s after the attackers stopped");
-    result["attack"] = phase_json(&attack, attack_peaks);
+    println!(
+        "ternd RSS: {rss_idle_kib} KiB idle before the run, {rss_after_kib} KiB 2 s after the \
+         attackers stopped"
+    );
+    result["attack"] = phase_json(&attack);
     result["deliver_p99_ratio"] = json!(p(&attack.deliver, 0.99) / p(&baseline.deliver, 0.99));
     result["rss_after_kib"] = json!(rss_after_kib);
     result["outcomes"] = tally_json(&plan, &tally);
     result
+}
+
+fn absorb(total: &mut Option<PhaseResult>, result: PhaseResult) {
+    match total {
+        Some(total) => total.absorb(result),
+        None => *total = Some(result),
+    }
+}
+
+/// Runs a phase while sampling ternd's peaks.
+async fn measured(pid: u32, phase: impl std::future::Future<Output = PhaseResult>) -> PhaseResult {
+    let (stop, sampler) = spawn_sampler(pid);
+    let mut result = phase.await;
+    stop.store(true, Ordering::Relaxed);
+    result.peaks = sampler.await.unwrap();
+    result
+}
+
+/// What a round's attack needs.
+struct Attackers<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    plan: &'a [Attack],
+    accounts: Vec<Option<hostile::Account>>,
+}
+
+/// Starts the attackers, gives them 5 s to get to work, runs the honest phase beside them
+/// and stops them; returns the phase (peaks sampled from the attackers' start to their
+/// end) and what the attackers got.
+async fn measured_attack(
+    args: &Args,
+    pid: u32,
+    addr: SocketAddr,
+    ids: &Arc<Vec<u64>>,
+    attackers: Attackers<'_>,
+    honest_load: impl std::future::Future<Output = PhaseResult>,
+) -> (PhaseResult, Tally) {
+    let (stop, sampler) = spawn_sampler(pid);
+    let spread = Duration::from_secs(3);
+    let Attackers { runtime, plan, accounts } = attackers;
+    let (ctx, tasks) = start_attackers(runtime, args, addr, ids.clone(), plan, accounts, spread);
+    tokio::time::sleep(Duration::from_secs(5)).await; // Every attacker at work.
+    let mut result = honest_load.await;
+    stop_attackers(&ctx, tasks).await;
+    stop.store(true, Ordering::Relaxed);
+    result.peaks = sampler.await.unwrap();
+    let tally = std::mem::take(&mut *ctx.tally.lock().unwrap());
+    (result, tally)
 }
 
 fn spawn_sampler(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
@@ -494,7 +604,8 @@ fn p(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-fn print_phase(label: &str, r: &PhaseResult, (rss, fds): (u64, u64), base: Option<&PhaseResult>) {
+fn print_phase(label: &str, r: &PhaseResult, base: Option<&PhaseResult>) {
+    let (rss, fds) = r.peaks;
     let ratio = |q: f64| {
         base.map_or(String::new(), |b| format!(" ({:.2}×)", p(&r.deliver, q) / p(&b.deliver, q)))
     };
@@ -510,7 +621,12 @@ fn print_phase(label: &str, r: &PhaseResult, (rss, fds): (u64, u64), base: Optio
         ratio(0.99),
         p(&r.deliver, 0.999),
         ratio(0.999),
-        r.sent_ms,
+        quantiles(&r.send_to_sent),
+    );
+    println!(
+        "{label}: CPU while measuring: ternd {:.2} s/s, generator {:.2} s/s (of 2 cores); \
+         generator timer lag p99 {:.1} ms, max {:.1} ms",
+        r.cpu_per_s.0, r.cpu_per_s.1, r.lag.0, r.lag.1,
     );
     let told = r.lost.iter().filter(|l| l.4).count();
     println!(
@@ -540,13 +656,14 @@ fn print_phase(label: &str, r: &PhaseResult, (rss, fds): (u64, u64), base: Optio
     }
 }
 
-fn phase_json(r: &PhaseResult, (rss, fds): (u64, u64)) -> Value {
+fn phase_json(r: &PhaseResult) -> Value {
+    let (rss, fds) = r.peaks;
     json!({
         "seconds": r.seconds,
         "sent_per_s": r.sent as f64 / r.seconds,
         "delivered_per_s": r.delivered as f64 / r.seconds,
-        "sent_ms": r.sent_ms,
-        "deliver_ms": r.deliver_ms,
+        "sent_ms": quantiles(&r.send_to_sent),
+        "deliver_ms": quantiles(&r.deliver),
         "acked": r.acked,
         "lost": r.lost.len(),
         "lost_told_dropped": r.lost.iter().filter(|l| l.4).count(),
@@ -554,6 +671,9 @@ fn phase_json(r: &PhaseResult, (rss, fds): (u64, u64)) -> Value {
         "dropped_notices": r.dropped_notices,
         "duplicates": r.duplicates,
         "drain_s": r.drain_s,
+        "ternd_cpu_per_s": r.cpu_per_s.0,
+        "generator_cpu_per_s": r.cpu_per_s.1,
+        "generator_lag_ms": { "p99": r.lag.0, "max": r.lag.1 },
         "honest_refusals": r.refused,
         "peak_rss_kib": rss,
         "peak_fds": fds,

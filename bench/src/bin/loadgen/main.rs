@@ -84,6 +84,10 @@ struct Args {
         value_parser = ["messages", "presence", "groups", "media", "drain", "recovery", "abuse"]
     )]
     scenario: String,
+    /// Abuse: rounds of (baseline, attack), each phase `--seconds` long; the figures
+    /// are over all rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Abuse: hostile connections beside the honest users (0: the baseline only).
     #[arg(long, default_value_t = 1000)]
     hostile: usize,
