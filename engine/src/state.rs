@@ -197,8 +197,12 @@ fn put_device(account: &mut AccountRecord, device: &DeviceRecord) {
 
 /// Adds one-time prekeys to a device's stock, skipping ids it already has.
 fn add_one_time_keys(device: &mut DeviceRecord, keys: &[SignedPrekey]) {
+    // One pass over the stock and one over the keys (a scan of the stock per key was
+    // quadratic in what a client uploads).
+    let mut held: std::collections::HashSet<u64> =
+        device.one_time_keys.iter().map(|k| k.key_id).collect();
     for key in keys {
-        if !device.one_time_keys.iter().any(|k| k.key_id == key.key_id) {
+        if held.insert(key.key_id) {
             device.one_time_keys.push(key.clone());
         }
     }
