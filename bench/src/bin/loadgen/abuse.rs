@@ -652,12 +652,17 @@ fn print_phase(label: &str, r: &PhaseResult, base: Option<&PhaseResult>) {
         println!("{label}: lost {n} message(s) to user {recipient}");
     }
     for (u, id, peer, server_id, told) in r.lost.iter().take(10) {
-        println!("{label}: lost: user {u} client id {id} → user {peer}, server id {server_id}, sender told: {told}");
+        println!(
+            "{label}: lost: user {u} client id {id} → user {peer}, server id {server_id}, \
+             sender told: {told}"
+        );
     }
 }
 
 fn phase_json(r: &PhaseResult) -> Value {
     let (rss, fds) = r.peaks;
+    let lost_ids: Vec<String> =
+        r.lost.iter().take(100).map(|l| format!("{}/{}→{}", l.0, l.1, l.2)).collect();
     json!({
         "seconds": r.seconds,
         "sent_per_s": r.sent as f64 / r.seconds,
@@ -667,7 +672,7 @@ fn phase_json(r: &PhaseResult) -> Value {
         "acked": r.acked,
         "lost": r.lost.len(),
         "lost_told_dropped": r.lost.iter().filter(|l| l.4).count(),
-        "lost_ids": r.lost.iter().take(100).map(|l| format!("{}/{}→{}", l.0, l.1, l.2)).collect::<Vec<_>>(),
+        "lost_ids": lost_ids,
         "dropped_notices": r.dropped_notices,
         "duplicates": r.duplicates,
         "drain_s": r.drain_s,

@@ -625,7 +625,7 @@ async fn oversized(ctx: &Ctx, st: &mut State, seed: u64) {
         st.count("connection", "connect failed");
         return;
     };
-    let bytes = if seed % 2 == 0 {
+    let bytes = if seed.is_multiple_of(2) {
         header(HANDSHAKE_MAX_FRAME_BYTES + 1, MessageType::Hello)
     } else {
         let mut bytes = hello_frame();
@@ -726,7 +726,7 @@ fn flood_request(ctx: &Ctx, st: &mut State, rid: u32) -> Vec<u8> {
 fn group_change(ctx: &Ctx, st: &mut State, rid: u32) -> Vec<u8> {
     let members: BTreeSet<u64> = (0..8).map(|_| st.stranger(ctx)).collect();
     let members: Vec<u64> = members.into_iter().collect();
-    let add = st.next() % 2 == 0;
+    let add = st.next().is_multiple_of(2);
     let (group_id, base_epoch, change) = match st.group.take() {
         Some((group_id, epoch)) if add => (group_id, epoch, GroupChange::Add { members }),
         _ => (st.next() >> 8, 0, GroupChange::Create { name: "spam".into(), members }),

@@ -13,8 +13,9 @@
 //! filled, then read), `recovery` (mailboxes filled, the server killed with SIGKILL and
 //! restarted on the same data directory: time until it serves them again, per GiB of
 //! log) and `abuse` (issue 20's abuse run: the honest 1:1 load alone, then beside
-//! `--hostile` attacking connections; `abuse.rs`, `hostile.rs`). Every run ends with one JSON object on stdout (after `JSON `), also appended to
-//! `--json FILE`, with the scenario's figures and the server's RSS and CPU from `/proc`.
+//! `--hostile` attacking connections; `abuse.rs`, `hostile.rs`). Every run ends with one
+//! JSON object on stdout (after `JSON `), also appended to `--json FILE`, with the
+//! scenario's figures and the server's RSS and CPU from `/proc`.
 //!
 //! Run: `cargo run --release -p tern-bench --bin loadgen -- --users 1000 --seconds 20`
 //! (closed loop) or add `--rate 50000` for an open-loop run at a fixed total rate
