@@ -62,6 +62,18 @@ pub enum ClientError {
         /// The given endpoint's, in words.
         given: String,
     },
+    /// A send found a new or changed device of a recipient ([`crate::Event::DeviceAdded`],
+    /// [`crate::Event::IdentityChanged`]) and stopped before encrypting anything to it,
+    /// so that the app shows the event first. A text waits in the outbox and is sent
+    /// again by itself; other sends (files, group messages) can be tried again.
+    #[error(
+        "the devices of user {user_id} changed (a new device, or new keys): show the event \
+         and the safety number, then send again"
+    )]
+    DevicesChanged {
+        /// The recipient whose devices changed.
+        user_id: u64,
+    },
     /// An envelope held a control message, not a message for the history (internal).
     #[error("not a message")]
     NotAMessage,

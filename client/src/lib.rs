@@ -4,6 +4,7 @@
 //!   the handshake, frames in and out.
 //! - [`crypto`]: Olm sessions per device pair with `vodozemac` (the only module that
 //!   touches it), signed prekeys, pinned identities, safety numbers.
+//! - [`devices`]: device lists signed by the primary device, which vouch for companions.
 //! - [`store`]: one SQLite file with the device's identity, E2E state (encrypted at
 //!   rest), pinned peer identities, history with delivery ticks and full-text search.
 //! - [`client`]: registration, login, reconnect and resume, send with retry, events.
@@ -16,6 +17,7 @@
 pub mod client;
 pub mod connection;
 pub mod crypto;
+pub mod devices;
 mod error;
 pub mod groups;
 pub mod media;

@@ -190,6 +190,12 @@ CREATE TABLE IF NOT EXISTS failures (
     client_id INTEGER PRIMARY KEY, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS people (
     user_id INTEGER PRIMARY KEY, name TEXT, phone TEXT);
+CREATE TABLE IF NOT EXISTS device_lists (
+    user_id INTEGER PRIMARY KEY, issued_ms INTEGER NOT NULL, devices TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unvouched (
+    user_id INTEGER NOT NULL, device_id INTEGER NOT NULL, PRIMARY KEY (user_id, device_id));
+CREATE TABLE IF NOT EXISTS retired (
+    user_id INTEGER NOT NULL, device_id INTEGER NOT NULL, PRIMARY KEY (user_id, device_id));
 CREATE INDEX IF NOT EXISTS messages_by_peer ON messages (peer, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_sender
     ON messages (sender_user, sender_device, client_id);
@@ -510,6 +516,90 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the sessions with a device (its identity changed), keeping its pin.
+    pub fn forget_sessions(&self, user_id: u64, device_id: u32) -> Result<(), StoreError> {
+        let key = params![user_id as i64, device_id];
+        self.db.execute("DELETE FROM sessions WHERE user_id = ?1 AND device_id = ?2", key)?;
+        Ok(())
+    }
+
+    /// A device the server says is gone: no more copies and no sessions, but its pinned
+    /// identity stays, so that if it comes back with other keys the change is reported
+    /// (the server's word never erases what this device pinned).
+    pub fn retire_device(&self, user_id: u64, device_id: u32) -> Result<(), StoreError> {
+        self.forget_sessions(user_id, device_id)?;
+        self.db.execute(
+            "INSERT OR IGNORE INTO retired (user_id, device_id) VALUES (?1, ?2)",
+            params![user_id as i64, device_id],
+        )?;
+        Ok(())
+    }
+
+    /// Records whether a device the server lists lacks the primary's signature (it gets
+    /// an empty copy, never a ciphertext). Returns whether that changed.
+    pub fn set_unvouched(
+        &self,
+        user_id: u64,
+        device_id: u32,
+        unvouched: bool,
+    ) -> Result<bool, StoreError> {
+        let key = params![user_id as i64, device_id];
+        let changed = match unvouched {
+            true => self.db.execute(
+                "INSERT OR IGNORE INTO unvouched (user_id, device_id) VALUES (?1, ?2)",
+                key,
+            )?,
+            false => self
+                .db
+                .execute("DELETE FROM unvouched WHERE user_id = ?1 AND device_id = ?2", key)?,
+        };
+        Ok(changed > 0)
+    }
+
+    /// The devices of a user the server lists but their primary did not sign.
+    pub fn unvouched_devices(&self, user_id: u64) -> Result<Vec<u32>, StoreError> {
+        let mut statement = self
+            .db
+            .prepare("SELECT device_id FROM unvouched WHERE user_id = ?1 ORDER BY device_id")?;
+        let ids = statement.query_map([user_id as i64], |row| row.get(0))?;
+        Ok(ids.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest device list verified for a user: when it was signed, and the device
+    /// ids it named.
+    pub fn device_list(&self, user_id: u64) -> Result<Option<(u64, Vec<u32>)>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .db
+            .query_row(
+                "SELECT issued_ms, devices FROM device_lists WHERE user_id = ?1",
+                [user_id as i64],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((issued_ms, devices)) = row else { return Ok(None) };
+        let ids = devices.split(',').filter(|d| !d.is_empty()).map(str::parse::<u32>);
+        let ids = ids.collect::<Result<_, _>>();
+        let ids = ids.map_err(|_| StoreError::Corrupt("a device list's ids".into()))?;
+        Ok(Some((issued_ms as u64, ids)))
+    }
+
+    /// Records the newest device list verified for a user (when signed, which devices).
+    pub fn save_device_list(
+        &self,
+        user_id: u64,
+        issued_ms: u64,
+        devices: &[u32],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<String> = devices.iter().map(u32::to_string).collect();
+        self.db.execute(
+            "INSERT INTO device_lists (user_id, issued_ms, devices) VALUES (?1, ?2, ?3)
+             ON CONFLICT(user_id) DO UPDATE SET issued_ms = excluded.issued_ms,
+             devices = excluded.devices",
+            params![user_id as i64, issued_ms as i64, ids.join(",")],
+        )?;
+        Ok(())
+    }
+
     /// The identity pinned for a device, if any.
     pub fn pinned(
         &self,
@@ -554,17 +644,37 @@ impl Store {
                 identity.ed25519.as_ref().map(|k| k.as_slice())
             ],
         )?;
+        // Seen again: no longer retired.
+        self.db.execute(
+            "DELETE FROM retired WHERE user_id = ?1 AND device_id = ?2",
+            params![user_id as i64, device_id],
+        )?;
         Ok(())
     }
 
-    /// The devices of a user this device knows (pinned), by id.
+    /// Replaces a device's pinned identity with exactly these keys (after the app was
+    /// told of the change): unlike [`Store::pin`], an unknown signing key is not taken
+    /// from the old pin.
+    pub fn replace_pin(
+        &self,
+        user_id: u64,
+        device_id: u32,
+        identity: &crate::PeerIdentity,
+    ) -> Result<(), StoreError> {
+        let key = params![user_id as i64, device_id];
+        self.db.execute("DELETE FROM identities WHERE user_id = ?1 AND device_id = ?2", key)?;
+        self.pin(user_id, device_id, identity)
+    }
+
+    /// The devices of a user this device knows (pinned, and not retired), by id.
     pub fn known_devices(
         &self,
         user_id: u64,
     ) -> Result<Vec<(u32, crate::PeerIdentity)>, StoreError> {
-        let mut statement = self
-            .db
-            .prepare("SELECT device_id FROM identities WHERE user_id = ?1 ORDER BY device_id")?;
+        let mut statement = self.db.prepare(
+            "SELECT device_id FROM identities WHERE user_id = ?1 AND device_id NOT IN
+             (SELECT device_id FROM retired WHERE user_id = ?1) ORDER BY device_id",
+        )?;
         let ids: Vec<u32> =
             statement.query_map([user_id as i64], |row| row.get(0))?.collect::<Result<_, _>>()?;
         let mut devices = Vec::with_capacity(ids.len());
@@ -924,6 +1034,16 @@ impl Store {
     /// that the device honours it whatever a server does; on unless turned off).
     pub fn read_receipts(&self) -> Result<bool, StoreError> {
         Ok(self.meta("read_receipts")?.is_none_or(|value| value != [0]))
+    }
+
+    /// Whether this (primary) device has published its signed device list.
+    pub fn device_list_published(&self) -> Result<bool, StoreError> {
+        Ok(self.meta("device_list_published")?.is_some())
+    }
+
+    /// Records that this (primary) device published its signed device list.
+    pub fn mark_device_list_published(&self) -> Result<(), StoreError> {
+        self.set_meta("device_list_published", &[1])
     }
 
     /// Records whether this device sends read receipts.

@@ -8,6 +8,10 @@
 //! - Receipts leak no activity: an envelope the device cannot decrypt is acknowledged
 //!   without a delivered receipt, and with read receipts off none leaves the device, as a
 //!   recorder between the SDK and the server sees (item 12).
+//! - Device lists are signed by the primary (item 10): a companion linked behind the
+//!   primary's back reads nothing until the primary signs it, then is announced; a relay
+//!   playing a malicious server that swaps a device's signing key, or calls a device
+//!   "extra" and then serves other keys for it, is caught by the pins.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,7 +20,9 @@ use std::time::Duration;
 use tern_client::connection::{Connection, Endpoint, OwnedFrame};
 use tern_client::crypto::DeviceCrypto;
 use tern_client::store::Store;
-use tern_client::{Client, ClientError, Event, PendingRegistration, StoreSecret, Trust};
+use tern_client::{
+    Client, ClientError, Event, PendingLink, PendingRegistration, StoreSecret, Trust,
+};
 use tern_testkit::Server;
 use tern_wire::messages::*;
 use tern_wire::{EnvelopeContent, Message, MessageType};
@@ -263,4 +269,181 @@ async fn a_device_keeps_the_transport_and_trust_root_it_registered_with() {
             "{endpoint:?}: {refused:?}"
         );
     }
+}
+
+/// A device linked to Bob's account without his primary's signature (here approved by a
+/// raw connection with the primary's token, as a malicious server could add one) reads
+/// nothing Alice sends: it gets an empty copy, and Alice is told it is unverified.
+/// Once Bob's primary signs the list, Alice is told of the new device and the next
+/// message reaches it. (Before: Alice encrypted to every device the server listed.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_companion_the_primary_did_not_sign_reads_nothing() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15581401").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15581402").await;
+    let bob_id = bob.user_id();
+    drop(bob);
+    let endpoint = Endpoint::tcp(server.addr.to_string());
+    let pending = PendingLink::request(&endpoint, "not bob's").await.unwrap();
+    let (mut raw, _) = raw_device(&server, &stores.path().join("bob.db")).await;
+    let id = raw.send(&LinkApprove { code: pending.code().into() }).await.unwrap();
+    let Message::Done(_) = answer(&mut raw, id).await.frame().message else { panic!("approve") };
+    drop(raw);
+    let mut intruder = pending.wait(&stores.path().join("intruder.db"), &secret()).await.unwrap();
+    assert_eq!((intruder.user_id(), intruder.device_id()), (bob_id, 2));
+
+    alice.send_text(bob_id, "for bob only").await.unwrap();
+    let got = |e: &Event| matches!(e, Event::Message(_) | Event::Undecryptable { .. });
+    let (first, _) = until(&mut intruder, got).await;
+    assert!(matches!(first, Event::Undecryptable { .. }), "the intruder read: {first:?}");
+    let (unverified, _) = until(&mut alice, |e| matches!(e, Event::DeviceUnverified { .. })).await;
+    assert_eq!(unverified, Event::DeviceUnverified { user_id: bob_id, device_id: 2 });
+    let mut bob = Client::open(&stores.path().join("bob.db"), &secret(), None).await.unwrap();
+    until(&mut bob, |e| matches!(e, Event::Message(m) if m.text == "for bob only")).await;
+
+    // Bob's primary signs the list with device 2 in it: Alice is told, then it reads.
+    bob.publish_device_list().await.unwrap();
+    alice.refresh_devices(bob_id).await.unwrap();
+    let (added, _) = until(&mut alice, |e| matches!(e, Event::DeviceAdded { .. })).await;
+    assert_eq!(added, Event::DeviceAdded { user_id: bob_id, device_id: 2 });
+    alice.send_text(bob_id, "now for both").await.unwrap();
+    until(&mut intruder, |e| matches!(e, Event::Message(m) if m.text == "now for both")).await;
+}
+
+/// What the hostile relay does to the server's answers.
+#[derive(Default)]
+struct Tampering {
+    /// Bundles of this user name the impostor's signing key (with the prekeys signed
+    /// again by it), or, with `replace`, all of the impostor's keys.
+    impostor: Option<(u64, bool)>,
+    /// The next `SendAck` becomes a `StaleDevices` error naming this device extra.
+    extra: Option<(u64, u32)>,
+}
+
+/// A server's answer as the hostile relay rewrites it, or `None` to pass it on.
+fn tamper(
+    frame: &tern_wire::Frame<'_>,
+    rules: &mut Tampering,
+    impostor: &DeviceCrypto,
+) -> Option<Vec<u8>> {
+    let header = frame.header;
+    let mut out = Vec::new();
+    let max = tern_wire::ABSOLUTE_MAX_FRAME_BYTES;
+    match frame.message {
+        Message::Bundles(bundles) => {
+            let (user, replace) = rules.impostor?;
+            let mut bundles: Bundles =
+                rkyv::deserialize::<Bundles, rkyv::rancor::Failure>(bundles).unwrap();
+            if bundles.user_id != user {
+                return None;
+            }
+            for bundle in &mut bundles.devices {
+                impersonate(bundle, impostor, replace);
+            }
+            tern_wire::encode_frame(&mut out, header.request_id, header.flags, &bundles, max)
+        }
+        Message::SendAck(ack) => {
+            let extra = rules.extra.take()?;
+            let error = SendError {
+                client_message_id: ack.client_message_id.to_native(),
+                code: tern_wire::ErrorCode::StaleDevices as u16,
+                retry_after_ms: 0,
+                missing_devices: vec![],
+                extra_devices: vec![extra],
+                message: "that device is gone (it is not)".into(),
+            };
+            tern_wire::encode_frame(&mut out, header.request_id, header.flags, &error, max)
+        }
+        _ => return None,
+    }
+    .unwrap();
+    Some(out)
+}
+
+/// The impostor's signing key in the bundle, with its prekeys signed again by it; with
+/// `replace`, the impostor's identity and prekeys too.
+fn impersonate(bundle: &mut DeviceBundle, impostor: &DeviceCrypto, replace: bool) {
+    if replace {
+        bundle.identity_key = impostor.identity_key();
+        bundle.fallback_key = impostor.fallback_key();
+        bundle.one_time_key = None;
+    }
+    bundle.signing_key = impostor.signing_key();
+    let sign = |key: &mut SignedPrekey| {
+        key.signature = impostor.sign(&SignedPrekey::signed_bytes(key.key_id, &key.public_key));
+    };
+    sign(&mut bundle.fallback_key);
+    bundle.one_time_key.as_mut().map(sign);
+}
+
+/// A TCP relay to `server` that plays a malicious server: it rewrites answers as the
+/// shared [`Tampering`] says.
+async fn hostile_relay(server: std::net::SocketAddr) -> (String, Arc<Mutex<Tampering>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let rules = Arc::new(Mutex::new(Tampering::default()));
+    let shared = rules.clone();
+    tokio::spawn(async move {
+        let impostor = DeviceCrypto::new();
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = upstream.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+            let mut decoder = tern_wire::FrameDecoder::new(tern_wire::ABSOLUTE_MAX_FRAME_BYTES);
+            let mut buffer = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+                decoder.feed(&buffer[..n]);
+                let mut out = Vec::new();
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    match tamper(&frame, &mut shared.lock().unwrap(), &impostor) {
+                        Some(bytes) => out.extend_from_slice(&bytes),
+                        None => {
+                            out.extend_from_slice(&frame.header.to_bytes());
+                            out.extend_from_slice(frame.payload);
+                        }
+                    }
+                }
+                if client_write.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (address, rules)
+}
+
+/// Alice talks to Bob through a relay that plays a malicious server. It swaps Bob's
+/// signing key (his Curve25519 key unchanged): `pin` compares both keys, so Alice is
+/// told (before: only the Curve25519 key was compared). Then it calls Bob's device
+/// "extra" in a send error and serves someone else's keys for it: the pin was kept,
+/// so the change is reported, not trusted as a new device (before: the pin was deleted
+/// on the server's word and the impostor's keys pinned silently).
+#[tokio::test(flavor = "current_thread")]
+async fn pins_hold_both_keys_and_outlive_the_servers_word() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let alice = register(&mut server, stores.path(), "alice", "+15581501").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15581502").await;
+    let bob_id = bob.user_id();
+    drop(alice);
+    let (relay, rules) = hostile_relay(server.addr).await;
+    let path = stores.path().join("alice.db");
+    let mut alice = Client::open(&path, &secret(), Some(Endpoint::tcp(relay))).await.unwrap();
+    alice.send_text(bob_id, "hello").await.unwrap();
+    until(&mut bob, |e| matches!(e, Event::Message(m) if m.text == "hello")).await;
+
+    rules.lock().unwrap().impostor = Some((bob_id, false));
+    alice.refresh_devices(bob_id).await.unwrap();
+    let (changed, _) = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
+    assert_eq!(changed, Event::IdentityChanged { user_id: bob_id, device_id: 1 });
+
+    *rules.lock().unwrap() = Tampering { impostor: Some((bob_id, true)), extra: Some((bob_id, 1)) };
+    let sent = alice.send_text(bob_id, "are you still you?").await;
+    let (changed, _) = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
+    assert_eq!(changed, Event::IdentityChanged { user_id: bob_id, device_id: 1 }, "{sent:?}");
 }

@@ -363,6 +363,11 @@ refusals! {
         /// A device name over its limit.
         NameTooLong { bytes: usize, max: usize } => ErrorCode::TooLarge,
             "a device name of {bytes} bytes; at most {max}",
+        /// A companion device publishing a device list (only the primary signs it).
+        NotPrimary => ErrorCode::Forbidden, "only the primary device publishes the device list",
+        /// A signed device list over its limit.
+        DeviceListTooLarge { bytes: usize, max: usize } => ErrorCode::TooLarge,
+            "a device list of {bytes} bytes; at most {max}",
         /// A shard refused the write.
         Storage { refusal: StorageRefusal } => refusal.error_code(), "retry later",
     }

@@ -143,6 +143,8 @@ pub struct AccountRecord {
     pub privacy: PrivacySettings,
     /// Last time any device was connected.
     pub last_seen_ms: u64,
+    /// The device list as the primary device last signed it (opaque; empty if never).
+    pub device_list: Vec<u8>,
 }
 
 /// A group, as stored.
@@ -281,5 +283,8 @@ mod state_op {
         },
         /// Replace a phone number's failed registration attempts of the day.
         SetRegistrationFailures { failures: RegistrationFailures },
+        /// Replace the device list the account's primary device signed (opaque bytes,
+        /// the clients' format; served with the account's key bundles).
+        SetDeviceList { user_id: UserId, device_list: Vec<u8> },
     }
 }

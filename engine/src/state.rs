@@ -92,24 +92,13 @@ impl StateTables {
             StateOp::DeleteGroup { group_id } => {
                 self.groups.remove(group_id);
             }
-            StateOp::SetBlocked { user_id, other, blocked } => {
-                self.with_account(*user_id, |a| set_blocked(a, *other, *blocked))
-            }
-            StateOp::SetProfile { user_id, profile } => {
-                self.with_account(*user_id, |a| a.profile = profile.clone())
-            }
-            StateOp::SetPrivacy { user_id, privacy } => {
-                self.with_account(*user_id, |a| a.privacy = privacy.clone())
-            }
-            StateOp::SetContacts { user_id, contacts } => {
-                self.with_account(*user_id, |a| a.contacts = contacts.clone())
-            }
-            StateOp::SetRegistrationLock { user_id, pin_hash } => {
-                self.with_account(*user_id, |a| a.registration_lock = pin_hash.clone())
-            }
-            StateOp::SetLastSeen { user_id, last_seen_ms } => {
-                self.with_account(*user_id, |a| a.last_seen_ms = *last_seen_ms)
-            }
+            StateOp::SetBlocked { .. }
+            | StateOp::SetProfile { .. }
+            | StateOp::SetPrivacy { .. }
+            | StateOp::SetContacts { .. }
+            | StateOp::SetRegistrationLock { .. }
+            | StateOp::SetLastSeen { .. }
+            | StateOp::SetDeviceList { .. } => self.apply_setting(op),
             StateOp::PutMedia { media } => {
                 self.media.insert(media.media_id, media.clone());
             }
@@ -129,6 +118,34 @@ impl StateTables {
         }
     }
 
+    /// Applies a change to one of an account's settings.
+    fn apply_setting(&mut self, op: &StateOp) {
+        match op {
+            StateOp::SetBlocked { user_id, other, blocked } => {
+                self.with_account(*user_id, |a| set_blocked(a, *other, *blocked))
+            }
+            StateOp::SetProfile { user_id, profile } => {
+                self.with_account(*user_id, |a| a.profile = profile.clone())
+            }
+            StateOp::SetPrivacy { user_id, privacy } => {
+                self.with_account(*user_id, |a| a.privacy = privacy.clone())
+            }
+            StateOp::SetContacts { user_id, contacts } => {
+                self.with_account(*user_id, |a| a.contacts = contacts.clone())
+            }
+            StateOp::SetRegistrationLock { user_id, pin_hash } => {
+                self.with_account(*user_id, |a| a.registration_lock = pin_hash.clone())
+            }
+            StateOp::SetLastSeen { user_id, last_seen_ms } => {
+                self.with_account(*user_id, |a| a.last_seen_ms = *last_seen_ms)
+            }
+            StateOp::SetDeviceList { user_id, device_list } => {
+                self.with_account(*user_id, |a| a.device_list = device_list.clone())
+            }
+            _ => {}
+        }
+    }
+
     /// Creates (or replaces) an account, with no devices and default settings.
     fn put_account(&mut self, user_id: UserId, phone: &str, created_ms: u64) {
         self.phones.insert(phone.to_owned(), user_id);
@@ -145,6 +162,7 @@ impl StateTables {
                 profile: ProfileRecord::default(),
                 privacy: default_privacy(),
                 last_seen_ms: 0,
+                device_list: Vec::new(),
             },
         );
     }

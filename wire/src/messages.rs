@@ -484,6 +484,21 @@ payload! {
         pub user_id: UserId,
         /// One bundle per device.
         pub devices: Vec<DeviceBundle>,
+        /// The user's device list as their primary device last signed it (see
+        /// `PublishDeviceList`; empty if it never did). Opaque to the server: clients
+        /// trust a companion device only if this list, signed by the primary, names its
+        /// keys.
+        pub device_list: Vec<u8>,
+    }
+}
+
+payload! {
+    /// The primary device publishes its signed device list (the format is the
+    /// clients'; the server stores and serves it as bytes, with every `Bundles` of the
+    /// account). Only device 1 may; answered with `Done` once durable.
+    pub struct PublishDeviceList {
+        /// The signed list.
+        pub device_list: Vec<u8>,
     }
 }
 

@@ -96,6 +96,7 @@ round_trip_tests! {
     round_trip_bundles: Bundles,
     round_trip_keys_low: KeysLow,
     round_trip_device_list_changed: DeviceListChanged,
+    round_trip_publish_device_list: PublishDeviceList,
     round_trip_send_message: SendMessage,
     round_trip_send_ack: SendAck,
     round_trip_send_error: SendError,

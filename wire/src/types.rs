@@ -48,6 +48,7 @@ macro_rules! frame_types {
             0x0204 => Bundles,
             0x0205 => KeysLow,
             0x0206 => DeviceListChanged,
+            0x0207 => PublishDeviceList,
             // Messaging (0x0301 is Deliver).
             0x0300 => SendMessage,
             0x0302 => SendAck,

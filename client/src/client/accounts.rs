@@ -34,9 +34,13 @@ impl Client {
             .collect())
     }
 
-    /// Removes a device from this account (the primary removes any companion).
+    /// Removes a device from this account (the primary removes any companion, and signs
+    /// the device list without it).
     pub async fn unlink(&mut self, device_id: u32) -> Result<(), ClientError> {
         self.request(&Unlink { device_id }).await?;
+        if self.identity.device_id == 1 {
+            self.publish_device_list().await?;
+        }
         Ok(())
     }
 

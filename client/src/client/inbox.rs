@@ -104,7 +104,11 @@ impl Client {
         match envelope.kind {
             ArchivedEnvelopeKind::Text
             | ArchivedEnvelopeKind::Media
-            | ArchivedEnvelopeKind::Control => readable = self.on_message(envelope)?,
+            | ArchivedEnvelopeKind::Control => {
+                let sender = (envelope.sender_user.to_native(), envelope.sender_device.to_native());
+                self.vouch_for_sender(sender).await?;
+                readable = self.on_message(envelope)?
+            }
             ArchivedEnvelopeKind::Receipt => {
                 if let Ok(EnvelopeContent::Receipt(body)) = envelope.content() {
                     self.on_receipt(body)?;
@@ -143,6 +147,15 @@ impl Client {
         let client_id = envelope.client_message_id.to_native();
         if self.store.has_message(sender, client_id)? {
             return Ok(true); // A redelivery.
+        }
+        if self.store.unvouched_devices(sender.0)?.contains(&sender.1) {
+            // A companion its user's primary did not sign: nothing from it is read.
+            let reason = format!(
+                "device {} of user {} is not vouched for by their primary device",
+                sender.1, sender.0
+            );
+            self.events.push_back(Event::Undecryptable { sender, reason });
+            return Ok(false);
         }
         let e2e_type = match envelope.e2e_type {
             ArchivedE2eType::OlmPreKey => E2eType::OlmPreKey,

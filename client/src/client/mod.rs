@@ -17,20 +17,19 @@
 //! server refuses for good fails alone (`outbox.rs`); it never blocks the device.
 //!
 //! Files: `register.rs` (new devices), `link.rs` (the connection's life), `outbox.rs`
-//! (sending), `inbox.rs` (what the server pushes), `groups.rs`, `media.rs`,
-//! `accounts.rs`.
+//! (sending), `inbox.rs` (what the server pushes), `trust.rs` (whose devices to trust:
+//! signed device lists, pinned identities), `groups.rs`, `media.rs`, `accounts.rs`.
 
 use std::collections::VecDeque;
 use std::path::Path;
 
-use rkyv::rancor::Failure;
 use tern_wire::messages::*;
 use tern_wire::Message;
 
 use crate::connection::{server_error, Connection, Endpoint, OwnedFrame, Trust};
 use crate::crypto::DeviceCrypto;
 use crate::store::{Identity, Status, Store, StoreSecret, StoredMessage};
-use crate::{ClientError, PeerIdentity};
+use crate::ClientError;
 
 /// The first byte of a plaintext: what it holds (the rest follows).
 const CONTENT_TEXT: u8 = 1;
@@ -55,6 +54,7 @@ mod link;
 mod media;
 mod outbox;
 mod register;
+mod trust;
 pub use accounts::{phone_hash, ProfileView};
 pub use outbox::TEXT_MAX_BYTES;
 pub use register::{PendingLink, PendingRegistration};
@@ -80,9 +80,27 @@ pub enum Event {
         /// Started or stopped.
         active: bool,
     },
-    /// A device's identity key is not the one seen before: show it, and let the user
-    /// compare safety numbers. The new key is pinned.
+    /// A device's identity keys (Curve25519 or Ed25519) are not the ones seen before:
+    /// show it, with the new safety number, and let the user compare. The new keys are
+    /// pinned; a message that was being sent waits until this event was given.
     IdentityChanged {
+        /// Whose.
+        user_id: u64,
+        /// Which device.
+        device_id: u32,
+    },
+    /// A contact (or this account) has a new device, vouched for by their primary
+    /// device's signed device list: show it before anything is encrypted to it (a
+    /// message that was being sent waits until this event was given).
+    DeviceAdded {
+        /// Whose.
+        user_id: u64,
+        /// Which device.
+        device_id: u32,
+    },
+    /// The server lists a device of this user that their primary device did not sign:
+    /// it gets nothing readable (an empty copy) until the primary vouches for it.
+    DeviceUnverified {
         /// Whose.
         user_id: u64,
         /// Which device.
@@ -179,6 +197,11 @@ pub struct Client {
     clear_prefix: Option<Vec<u8>>,
     /// Reconnecting, keepalive and retry timers.
     link: link::Link,
+    /// How many new or changed devices were found (a send that sees this move stops
+    /// before encrypting: `trust.rs`).
+    device_news: u64,
+    /// When each device without its primary's signature was last asked about.
+    unvouched_checked: std::collections::HashMap<(u64, u32), std::time::Instant>,
 }
 
 impl std::fmt::Debug for Client {
@@ -231,16 +254,23 @@ impl Client {
             events: VecDeque::new(),
             clear_prefix: None,
             link: link::Link::default(),
+            device_news: 0,
+            unvouched_checked: Default::default(),
         };
         client.reconnect().await?;
+        if client.identity.device_id == 1 && !client.store.device_list_published()? {
+            // A primary from before signed device lists (or whose first try failed).
+            client.publish_device_list().await?;
+        }
         Ok(client)
     }
 
-    /// Approves a device waiting with `code` (shown on it) into this account. Only the
-    /// primary device may.
+    /// Approves a device waiting with `code` (shown on it) into this account, and signs
+    /// the new device list with it ([`Client::publish_device_list`]). Only the primary
+    /// device may.
     pub async fn approve_link(&mut self, code: &str) -> Result<(), ClientError> {
         self.request(&LinkApprove { code: code.into() }).await?;
-        Ok(())
+        self.publish_device_list().await
     }
 
     /// This device's user id.
@@ -278,67 +308,6 @@ impl Client {
             return Err(server_error(&reply));
         }
         Ok(reply)
-    }
-
-    /// Fetches bundles (all devices if `devices` is empty), checks them, pins identities
-    /// and starts a session with each device.
-    /// Returns the devices the server listed.
-    async fn start_sessions(
-        &mut self,
-        user_id: u64,
-        devices: &[u32],
-    ) -> Result<Vec<u32>, ClientError> {
-        let fetch = FetchBundles { user_id, device_ids: devices.to_vec() };
-        let reply = self.request(&fetch).await?;
-        let Message::Bundles(bundles) = reply.frame().message else {
-            return Err(server_error(&reply));
-        };
-        let bundles: Bundles = rkyv::deserialize::<Bundles, Failure>(bundles)
-            .map_err(|e| ClientError::Protocol(format!("unreadable bundles: {e}")))?;
-        for bundle in &bundles.devices {
-            let device = (user_id, bundle.device_id);
-            if device == (self.identity.user_id, self.identity.device_id) {
-                continue;
-            }
-            let session = self.crypto.outbound_session(user_id, bundle)?;
-            let seen =
-                PeerIdentity { curve25519: bundle.identity_key, ed25519: Some(bundle.signing_key) };
-            self.pin(device, seen)?;
-            let pickle = session.pickle(self.store.pickle_key());
-            self.store.save_session(device, &session.id(), &pickle, None, None)?;
-        }
-        Ok(bundles.devices.iter().map(|b| b.device_id).collect())
-    }
-
-    /// Asks the server for `peer`'s current devices and keys: new devices get sessions,
-    /// gone ones are forgotten, and a changed identity key is reported
-    /// ([`Event::IdentityChanged`]) and re-pinned. Use it when a contact says they
-    /// reinstalled, or before comparing safety numbers. (Each call uses up one of the
-    /// peer's one-time keys per device.)
-    pub async fn refresh_devices(&mut self, peer: u64) -> Result<(), ClientError> {
-        let known: Vec<u32> = self.store.known_devices(peer)?.into_iter().map(|d| d.0).collect();
-        let current = self.start_sessions(peer, &[]).await?;
-        for gone in known.into_iter().filter(|d| !current.contains(d)) {
-            self.store.forget_device(peer, gone)?;
-        }
-        Ok(())
-    }
-
-    /// Pins a device's identity on first sight; a different one later is reported.
-    fn pin(
-        &mut self,
-        (user_id, device_id): (u64, u32),
-        seen: PeerIdentity,
-    ) -> Result<(), ClientError> {
-        match self.store.pinned(user_id, device_id)? {
-            Some(pinned) if pinned.curve25519 != seen.curve25519 => {
-                self.events.push_back(Event::IdentityChanged { user_id, device_id });
-                self.store.forget_device(user_id, device_id)?;
-            }
-            _ => {}
-        }
-        self.store.pin(user_id, device_id, &seen)?;
-        Ok(())
     }
 
     /// Tells `peer` this user is typing (or stopped). Not stored anywhere.
@@ -387,6 +356,8 @@ impl Client {
             events: VecDeque::new(),
             clear_prefix: None,
             link: link::Link::default(),
+            device_news: 0,
+            unvouched_checked: Default::default(),
         })
     }
 

@@ -127,7 +127,11 @@ impl Client {
                 self.store.mark_failed(client_id, &reason)?;
                 Ok(Outcome::Failed { code, reason })
             }
-            None if matches!(error, ClientError::Server { .. }) => {
+            None if matches!(
+                error,
+                ClientError::Server { .. } | ClientError::DevicesChanged { .. }
+            ) =>
+            {
                 self.retry_later(&error);
                 Ok(Outcome::Waiting)
             }
@@ -175,8 +179,14 @@ impl Client {
         kind: EnvelopeKind,
         plaintext: &[u8],
     ) -> Result<(u64, u64), ClientError> {
+        let news = self.device_news;
         for _ in 0..STALE_ROUNDS {
             let mut copies = self.encrypt_for_all(peer, plaintext).await?;
+            if self.device_news != news {
+                // The app hears of the new or changed device before anything is
+                // encrypted to it: these copies are dropped unsent.
+                return Err(ClientError::DevicesChanged { user_id: peer });
+            }
             if let Some(prefix) = self.clear_prefix.as_ref() {
                 // A media message names its blob in clear (see `media.rs`).
                 for copy in &mut copies {
@@ -219,7 +229,11 @@ impl Client {
         let missing: Vec<(u64, u32)> =
             error.missing_devices.iter().map(|d| (d.0.to_native(), d.1.to_native())).collect();
         for extra in error.extra_devices.iter() {
-            self.store.forget_device(extra.0.to_native(), extra.1.to_native())?;
+            // Gone, says the server: no more copies, but the pin stays (its word never
+            // erases an identity; a device coming back with other keys is reported).
+            let (user_id, device_id) = (extra.0.to_native(), extra.1.to_native());
+            self.store.retire_device(user_id, device_id)?;
+            self.store.set_unvouched(user_id, device_id, false)?;
         }
         for user in missing.iter().map(|d| d.0).collect::<BTreeSet<_>>() {
             let devices: Vec<u32> = missing.iter().filter(|d| d.0 == user).map(|d| d.1).collect();
@@ -235,6 +249,7 @@ impl Client {
         plaintext: &[u8],
     ) -> Result<Vec<DeviceCopy>, ClientError> {
         let me = (self.identity.user_id, self.identity.device_id);
+        self.recheck_unvouched(peer).await?;
         if self.store.known_devices(peer)?.is_empty() {
             // First contact: every device of the peer (the server says which).
             self.start_sessions(peer, &[]).await?;
@@ -246,7 +261,19 @@ impl Client {
             targets.extend(mine);
         }
         targets.retain(|d| *d != me);
-        let mut copies = Vec::with_capacity(targets.len());
+        // Devices the server lists that their primary did not sign: an empty copy each
+        // (the server wants one per device), never a ciphertext.
+        let mut unvouched: Vec<(u64, u32)> =
+            self.store.unvouched_devices(peer)?.into_iter().map(|d| (peer, d)).collect();
+        if peer != me.0 {
+            unvouched.extend(self.store.unvouched_devices(me.0)?.into_iter().map(|d| (me.0, d)));
+        }
+        targets.retain(|d| !unvouched.contains(d));
+        let mut copies = Vec::with_capacity(targets.len() + unvouched.len());
+        for &(user_id, device_id) in unvouched.iter().filter(|d| **d != me) {
+            let (e2e_type, ciphertext) = (E2eType::OlmMessage, Vec::new());
+            copies.push(DeviceCopy { user_id, device_id, e2e_type, ciphertext });
+        }
         for (user_id, device_id) in targets {
             let mut sessions = self.store.sessions(user_id, device_id)?;
             if sessions.is_empty() {

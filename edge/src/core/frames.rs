@@ -197,6 +197,9 @@ fn other_frame<S: Storage>(
     message: Message<'_>,
 ) {
     match message {
+        Message::PublishDeviceList(list) => {
+            keys::publish_device_list(shared, (conn, rid), me, &list.device_list)
+        }
         Message::ContactDiscover(discover) => {
             let hashes: Vec<PhoneHash> = discover.hashes.to_vec();
             parts.accounts.discover(shared, conn, rid, me.0, hashes)

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use tern_engine::{DeviceRecord, Shard, StateOp, Storage, WriteError};
 use tern_wire::messages::{
     ArchivedFetchBundles, ArchivedUploadKeys, Bundles, DeviceBundle, DeviceId, DeviceInfo,
-    DeviceList, KeysLow, KeysUploaded, NewDevice, UploadKeys, UserId,
+    DeviceList, Done, KeysLow, KeysUploaded, NewDevice, UploadKeys, UserId,
 };
 use tern_wire::MessageType;
 
@@ -192,11 +192,11 @@ impl Keys {
         &mut self,
         shared: &mut Shared<S>,
         token: u64,
-        answer: Result<Vec<DeviceBundle>, KeysRefusal>,
+        answer: Result<Bundles, KeysRefusal>,
     ) {
-        let Some((conn, rid, target)) = self.fetches.remove(&token) else { return };
+        let Some((conn, rid, _)) = self.fetches.remove(&token) else { return };
         match answer {
-            Ok(devices) => shared.conns.send(conn, rid, &Bundles { user_id: target, devices }),
+            Ok(bundles) => shared.conns.send(conn, rid, &bundles),
             Err(refusal) => {
                 shared.conns.refuse(conn, rid, MessageType::FetchBundles.code(), &refusal)
             }
@@ -217,21 +217,25 @@ pub fn serve_claim<S: Storage>(
     }
 }
 
+/// The bundles of `target`'s devices (`wanted`, or all), each with a one-time key claimed
+/// from its stock, and the account's signed device list as stored.
 fn claim_bundles<S: Storage>(
     shared: &mut Shared<S>,
     target: UserId,
     wanted: &[DeviceId],
-) -> Result<(Vec<DeviceBundle>, Waits), KeysRefusal> {
+) -> Result<(Bundles, Waits), KeysRefusal> {
     let shard_id = home_shard_of_user(target);
     let handle = shared.shards.local(shard_id).cloned().ok_or(KeysRefusal::NoSuchUser)?;
-    let devices: Vec<DeviceRecord> = shared
+    let (devices, device_list): (Vec<DeviceRecord>, Vec<u8>) = shared
         .shards
         .with_account(target, |a| {
-            a.devices
+            let devices = a
+                .devices
                 .iter()
                 .filter(|d| wanted.is_empty() || wanted.contains(&d.device_id))
                 .cloned()
-                .collect()
+                .collect();
+            (devices, a.device_list.clone())
         })
         .ok_or(KeysRefusal::NoSuchUser)?;
     let mut bundles = Vec::with_capacity(devices.len());
@@ -264,7 +268,39 @@ fn claim_bundles<S: Storage>(
             fallback_key: device.fallback_key,
         });
     }
-    Ok((bundles, waits))
+    Ok((Bundles { user_id: target, devices: bundles, device_list }, waits))
+}
+
+/// The most bytes a signed device list may have: 16 devices of 68 bytes, the header
+/// and the signature take 1,185; the rest is room for a later format.
+pub const DEVICE_LIST_BYTES_MAX: usize = 4096;
+
+/// The primary device publishes its signed device list: stored with the account as
+/// bytes the server never reads, served with every `Bundles` of the account, answered
+/// `Done` once durable.
+pub fn publish_device_list<S: Storage>(
+    shared: &mut Shared<S>,
+    (conn, rid): (ConnId, u32),
+    me: (UserId, DeviceId),
+    device_list: &[u8],
+) {
+    let ty = MessageType::PublishDeviceList.code();
+    if me.1 != 1 {
+        return shared.conns.refuse(conn, rid, ty, &KeysRefusal::NotPrimary);
+    }
+    if device_list.len() > DEVICE_LIST_BYTES_MAX {
+        let refusal = KeysRefusal::DeviceListTooLarge {
+            bytes: device_list.len(),
+            max: DEVICE_LIST_BYTES_MAX,
+        };
+        return shared.conns.refuse(conn, rid, ty, &refusal);
+    }
+    let op = StateOp::SetDeviceList { user_id: me.0, device_list: device_list.to_vec() };
+    match shared.shards.apply_for(me.0, op) {
+        Some(Ok(wait)) => shared.reply_when_durable(conn, rid, &Done {}, vec![wait]),
+        Some(Err(error)) => shared.conns.refuse(conn, rid, ty, &StorageRefusal::of(&error)),
+        None => shared.conns.refuse(conn, rid, ty, &KeysRefusal::NoSuchUser),
+    }
 }
 
 /// A device asks for its account's devices.

@@ -12,7 +12,7 @@
 use std::marker::PhantomData;
 
 use tern_wire::messages::{
-    ContactMatch, DeviceBundle, DeviceId, E2eType, EnvelopeKind, GroupId, GroupInfo, GroupUpdate,
+    Bundles, ContactMatch, DeviceId, E2eType, EnvelopeKind, GroupId, GroupInfo, GroupUpdate,
     GroupUpdated, MediaData, MediaId, MessageId, NewDevice, PhoneHash, Profile, SendAck, UserId,
 };
 
@@ -100,7 +100,7 @@ calls! {
     /// Remove the queued copies of messages deleted for everyone (answered once durable).
     UnqueueMessages(UnqueueMessages) -> ();
     /// Hand out a user's key bundles (one-time keys claimed; answered once durable).
-    ClaimBundles(ClaimBundles) -> Result<Vec<DeviceBundle>, KeysRefusal>;
+    ClaimBundles(ClaimBundles) -> Result<Bundles, KeysRefusal>;
     /// Take the device waiting with a linking code.
     ClaimLink(ClaimLink) -> Result<NewDevice, LinkRefusal>;
     /// A group change, checked and stored on the group's core (answered once durable).

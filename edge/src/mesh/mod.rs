@@ -9,7 +9,7 @@
 //!
 //! Three kinds of message:
 //! - a **call** ([`calls`]): a request whose answer has one type, fixed by the request's
-//!   type (`ClaimBundles` → `Result<Vec<DeviceBundle>, KeysRefusal>`); the server gets a
+//!   type (`ClaimBundles` → `Result<Bundles, KeysRefusal>`); the server gets a
 //!   typed [`calls::ReplyTo`] that can only carry that answer, the asker keeps a
 //!   continuation per call type, so a reply of the wrong kind cannot be written;
 //! - a **tell** ([`Tell`]): work that needs no answer (presence, typing, link results);

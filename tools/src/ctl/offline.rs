@@ -172,6 +172,9 @@ fn state_op_json(op: &StateOp) -> Value {
         StateOp::AddReport { report } => json!({
             "op": "AddReport", "reporter": report.reporter, "reported": report.reported,
         }),
+        StateOp::SetDeviceList { user_id, device_list } => json!({
+            "op": "SetDeviceList", "user_id": user_id, "bytes": device_list.len(),
+        }),
         StateOp::SetRegistrationFailures { failures } => json!({
             "op": "SetRegistrationFailures", "phone": failures.phone, "day": failures.day,
             "wrong_codes": failures.wrong_codes, "wrong_pins": failures.wrong_pins,

@@ -526,7 +526,8 @@ async fn send_text(client: &mut Client, to: u64, text: &str) -> Result<(), Clien
                         let client_id = message.client_id;
                         return Err(ClientError::Refused { code, reason, client_id });
                     }
-                    _ => {}
+                    // A new or changed device is shown before the text is sent to it.
+                    other => describe(client, other).await?.iter().for_each(|l| println!("{l}")),
                 }
             }
         };
@@ -766,6 +767,16 @@ fn now_ms() -> u64 {
     since.map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What to compare after a device change: the safety number with that user (with
+/// oneself, the devices to check instead).
+async fn safety_line(client: &mut Client, user_id: u64) -> Result<String, ClientError> {
+    if user_id == client.user_id() {
+        return Ok("    check it is yours: tern devices".into());
+    }
+    let number = client.safety_number(user_id).await?;
+    Ok(format!("    compare the safety number in person: {number}"))
+}
+
 /// The lines for an event a chat or `listen` shows as is (not a message of its own
 /// conversation, a tick, typing or the connection: those are `chat.rs`'s).
 pub(crate) async fn describe(
@@ -773,8 +784,20 @@ pub(crate) async fn describe(
     event: Event,
 ) -> Result<Vec<String>, ClientError> {
     let line = match event {
-        Event::IdentityChanged { user_id, device_id } => format!(
-            "  ! the identity key of {} (device {device_id}) changed: compare safety numbers",
+        Event::IdentityChanged { user_id, device_id } => {
+            let who = label(client, user_id);
+            let warning = format!("  ! the keys of {who}'s device {device_id} changed");
+            return Ok(vec![warning, safety_line(client, user_id).await?]);
+        }
+        Event::DeviceAdded { user_id, device_id } => {
+            let who = label(client, user_id);
+            let warning =
+                format!("  ! {who} has a new device {device_id} (signed by their primary device)");
+            return Ok(vec![warning, safety_line(client, user_id).await?]);
+        }
+        Event::DeviceUnverified { user_id, device_id } => format!(
+            "  ! the server lists a device {device_id} of {} that their primary device did not \
+             sign: it gets nothing readable",
             label(client, user_id)
         ),
         Event::Undecryptable { sender, reason } => format!(
