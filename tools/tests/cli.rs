@@ -256,6 +256,9 @@ fn discovery_profiles_and_blocks_from_the_command_line() {
     assert!(found.contains(&"+15593999999: not on Tern".to_string()), "{found:?}");
 
     one_shot(&server, &bob_db, &["profile", "--name", "Bob B.", "--about", "hello"]);
+    let hidden = one_shot(&server, &alice_db, &["profile", &bob.to_string()]);
+    assert!(hidden.iter().any(|l| l.contains("(hidden or unset)")), "not a contact: {hidden:?}");
+    one_shot(&server, &bob_db, &["contacts", &alice.to_string()]);
     let shown = one_shot(&server, &alice_db, &["profile", &bob.to_string()]);
     assert!(shown.iter().any(|l| l.contains("name:  Bob B.")), "{shown:?}");
     one_shot(&server, &bob_db, &["block", &alice.to_string()]);
@@ -362,9 +365,10 @@ fn search_takes_words_and_says_where_they_were_said() {
     let stores = tempfile::tempdir().unwrap();
     let mut server = Server::start(data.path(), &[]);
     let (alice_db, bob_db) = (stores.path().join("alice.db"), stores.path().join("bob.db"));
-    let _alice = register(&mut server, &alice_db, "+15596000001");
+    let alice = register(&mut server, &alice_db, "+15596000001");
     let bob = register(&mut server, &bob_db, "+15596000002");
     one_shot(&server, &bob_db, &["profile", "--name", "Bob"]);
+    one_shot(&server, &bob_db, &["contacts", &alice.to_string()]); // Names are for contacts.
     one_shot(
         &server,
         &alice_db,

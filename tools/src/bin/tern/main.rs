@@ -156,6 +156,12 @@ enum Command {
         #[arg(long, value_parser = ["on", "off"])]
         read_receipts: Option<String>,
     },
+    /// Replace this account's contact list: who sees the name, avatar, about text and
+    /// presence that privacy keeps for contacts (new accounts keep all of them so).
+    Contacts {
+        /// User ids.
+        users: Vec<u64>,
+    },
     /// Block a user (or unblock with --undo).
     Block {
         /// Whom.
@@ -637,6 +643,10 @@ async fn accounts(client: &mut Client, command: &Command) -> Result<(), ClientEr
             println!("read receipts: {}", on_off(privacy.read_receipts));
             println!("last seen: {:?}, online: {:?}", privacy.last_seen, privacy.online);
             println!("name: {:?}, about: {:?}", privacy.display_name, privacy.about);
+        }
+        Command::Contacts { users } => {
+            client.set_contacts(users).await?;
+            println!("{} contacts", users.len());
         }
         Command::Block { user, undo } => {
             client.block(*user, !undo).await?;
