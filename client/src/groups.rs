@@ -6,6 +6,11 @@
 //! it follows the last epoch this device applied, and its author was allowed to make it
 //! (an admin, except for leaving). The rules are the server's; checking them again is
 //! what keeps a compromised server from slipping in a listener.
+//!
+//! A device added to a group never takes the membership from the server: it starts from
+//! the signed change that added it (its author, an admin, and the members it added), and
+//! learns the rest from the adding admin's own view, sent to it end to end encrypted
+//! ([`encode_state`], accepted only over Olm from an admin of its view).
 
 use tern_wire::messages::{GroupChange, GroupChangeSigned, GroupId, UserId};
 
@@ -133,6 +138,62 @@ fn changed(
     Ok(group)
 }
 
+/// The members a signed `Add` change vouches for, for a device it added: the admin who
+/// made it and the users it added (its view until the admin's state arrives).
+pub fn joined_view(group_id: GroupId, epoch: u64, admin: UserId, added: &[UserId]) -> GroupView {
+    let mut members = vec![(admin, true)];
+    for user in added.iter().take(GROUP_MEMBERS_MAX - 1) {
+        if !members.iter().any(|(m, _)| m == user) {
+            members.push((*user, false));
+        }
+    }
+    GroupView { group_id, epoch, name: String::new(), members, needs_rotation: false }
+}
+
+/// Longest group name in a state message (the server's limit).
+const GROUP_NAME_BYTES_MAX: usize = 100;
+
+/// A group's state as an admin's device sends it to the members it added: group id,
+/// epoch (u64 LE each), name (u16 LE length, UTF-8), members (u16 LE count, then each
+/// user id u64 LE and an admin byte).
+pub fn encode_state(view: &GroupView) -> Vec<u8> {
+    let name = &view.name.as_bytes()[..view.name.len().min(GROUP_NAME_BYTES_MAX)];
+    let members = &view.members[..view.members.len().min(GROUP_MEMBERS_MAX)];
+    let mut out = Vec::with_capacity(20 + name.len() + 9 * members.len());
+    out.extend_from_slice(&view.group_id.to_le_bytes());
+    out.extend_from_slice(&view.epoch.to_le_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+    for (user, admin) in members {
+        out.extend_from_slice(&user.to_le_bytes());
+        out.push(u8::from(*admin));
+    }
+    out
+}
+
+/// Parses [`encode_state`]; `None` for anything else (too long, too many members).
+pub fn decode_state(bytes: &[u8]) -> Option<GroupView> {
+    let group_id = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let epoch = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    let name_len = usize::from(u16::from_le_bytes(bytes.get(16..18)?.try_into().ok()?));
+    if name_len > GROUP_NAME_BYTES_MAX {
+        return None;
+    }
+    let name = std::str::from_utf8(bytes.get(18..18 + name_len)?).ok()?.to_string();
+    let rest = bytes.get(18 + name_len..)?;
+    let count = usize::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?));
+    let entries = rest.get(2..)?;
+    if count > GROUP_MEMBERS_MAX || entries.len() != 9 * count {
+        return None;
+    }
+    let members = entries
+        .chunks_exact(9)
+        .map(|e| (u64::from_le_bytes(e[..8].try_into().expect("8 bytes")), e[8] != 0))
+        .collect();
+    Some(GroupView { group_id, epoch, name, members, needs_rotation: false })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +237,23 @@ mod tests {
         assert_eq!(full.members.len(), 256);
         let add = GroupChange::Add { members: vec![999] };
         assert_eq!(apply_change(Some(&full), 9, 2, 1, &add, 0), Err(GroupChangeError::TooLarge));
+    }
+
+    /// A joiner's first view is what the signed `Add` vouches for; a state message
+    /// survives its encoding and anything longer, shorter or over the limits is refused.
+    #[test]
+    fn a_joiner_starts_from_the_signed_add_and_states_decode_strictly() {
+        let joined = joined_view(9, 4, 1, &[5, 1, 5]);
+        assert_eq!(joined.members, vec![(1, true), (5, false)]);
+        let state = GroupView { epoch: 4, ..created() };
+        let bytes = encode_state(&state);
+        assert_eq!(decode_state(&bytes), Some(state));
+        assert_eq!(decode_state(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode_state(&[bytes.as_slice(), &[0]].concat()), None);
+        let long = GroupView { name: "x".repeat(101), ..created() };
+        let mut bytes = encode_state(&long);
+        bytes[16..18].copy_from_slice(&101u16.to_le_bytes());
+        bytes.splice(18..18 + 100, std::iter::repeat_n(b'x', 101));
+        assert_eq!(decode_state(&bytes), None);
     }
 }

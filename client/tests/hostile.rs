@@ -320,6 +320,8 @@ struct Tampering {
     impostor: Option<(u64, bool)>,
     /// The next `SendAck` becomes a `StaleDevices` error naming this device extra.
     extra: Option<(u64, u32)>,
+    /// Every `GroupInfo` lists this user as a member too.
+    listener: Option<u64>,
 }
 
 /// A server's answer as the hostile relay rewrites it, or `None` to pass it on.
@@ -355,6 +357,13 @@ fn tamper(
                 message: "that device is gone (it is not)".into(),
             };
             tern_wire::encode_frame(&mut out, header.request_id, header.flags, &error, max)
+        }
+        Message::GroupInfo(info) => {
+            let listener = rules.listener?;
+            let mut info: GroupInfo =
+                rkyv::deserialize::<GroupInfo, rkyv::rancor::Failure>(info).unwrap();
+            info.members.push(GroupMember { user_id: listener, admin: false, joined_ms: 0 });
+            tern_wire::encode_frame(&mut out, header.request_id, header.flags, &info, max)
         }
         _ => return None,
     }
@@ -442,8 +451,44 @@ async fn pins_hold_both_keys_and_outlive_the_servers_word() {
     let (changed, _) = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
     assert_eq!(changed, Event::IdentityChanged { user_id: bob_id, device_id: 1 });
 
-    *rules.lock().unwrap() = Tampering { impostor: Some((bob_id, true)), extra: Some((bob_id, 1)) };
+    let (impostor, extra) = (Some((bob_id, true)), Some((bob_id, 1)));
+    *rules.lock().unwrap() = Tampering { impostor, extra, listener: None };
     let sent = alice.send_text(bob_id, "are you still you?").await;
     let (changed, _) = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
     assert_eq!(changed, Event::IdentityChanged { user_id: bob_id, device_id: 1 }, "{sent:?}");
+}
+
+/// Carol is added to Alice's group through a relay that plays a malicious server and
+/// lists Mallory as a member in every group answer. Carol's view comes only from the
+/// signed change that added her and from Alice's own view, sent end to end encrypted:
+/// Mallory is not in it, so Carol's group key never goes to him. (Before: a joiner took
+/// the membership the server reported, Mallory included.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_joining_member_takes_the_membership_only_from_signed_changes() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15581601").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15581602").await;
+    let carol = register(&mut server, stores.path(), "carol", "+15581603").await;
+    let mallory = register(&mut server, stores.path(), "mallory", "+15581604").await;
+    let (bob_id, carol_id, mallory_id) = (bob.user_id(), carol.user_id(), mallory.user_id());
+    drop(carol);
+    let (relay, rules) = hostile_relay(server.addr).await;
+    rules.lock().unwrap().listener = Some(mallory_id);
+    let path = stores.path().join("carol.db");
+    let mut carol = Client::open(&path, &secret(), Some(Endpoint::tcp(relay))).await.unwrap();
+
+    let group = alice.create_group("club", &[bob_id]).await.unwrap();
+    alice.change_group(group, GroupChange::Add { members: vec![carol_id] }).await.unwrap();
+    let named = tokio::time::timeout(WAIT, async {
+        while carol.group(group).unwrap().is_none_or(|view| view.name != "club") {
+            carol.next_event().await.unwrap();
+        }
+    });
+    named.await.expect("Carol learns the group from Alice in time");
+    let view = carol.group(group).unwrap().unwrap();
+    let members: Vec<u64> = view.members.iter().map(|(m, _)| *m).collect();
+    assert!(!members.contains(&mallory_id), "the server slipped in a listener: {view:?}");
+    assert_eq!(members, vec![alice.user_id(), bob_id, carol_id], "{view:?}");
 }

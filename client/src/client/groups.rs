@@ -10,9 +10,10 @@
 use tern_wire::messages::*;
 use tern_wire::Message;
 
-use super::{server_error, Client, Event, CONTENT_GROUP_KEY};
+use super::{server_error, Client, Event, CONTENT_GROUP_KEY, CONTENT_GROUP_STATE};
 use crate::crypto::{group_session_id, verify_signature, GroupReceiver, GroupSender};
-use crate::groups::{apply_change, signed_bytes, GroupChangeError};
+use crate::groups::GroupChangeError;
+use crate::groups::{apply_change, decode_state, encode_state, joined_view, signed_bytes};
 use crate::store::{GroupView, Status, Store, StoredMessage};
 use crate::{ClientError, CryptoError};
 
@@ -68,6 +69,44 @@ impl Client {
         let applied = apply_change(view.as_ref(), group_id, epoch, me.0, &change, now_ms())
             .map_err(|e| ClientError::Protocol(format!("own group change: {e}")))?;
         self.store.save_group(&applied)?;
+        if let GroupChange::Add { members } = &change {
+            // The members added take the group's state from this admin, end to end
+            // encrypted, never from the server.
+            let mut state = vec![CONTENT_GROUP_STATE];
+            state.extend_from_slice(&encode_state(&applied));
+            for member in members.iter().filter(|m| **m != me.0) {
+                let client_id = Store::new_client_id()?;
+                self.send_encrypted(*member, client_id, EnvelopeKind::Control, &state).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's state from the admin who added this user, over Olm: it replaces the view
+    /// the signed change gave if the sender is an admin of that view, the state is not
+    /// older, and it names the sender as admin and this user as member.
+    pub(super) fn accept_group_state(
+        &mut self,
+        sender: (u64, u32),
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        let me = self.identity.user_id;
+        let Some(state) = decode_state(payload) else {
+            return Err(CryptoError::Decrypt("a malformed group state".into()).into());
+        };
+        let Some(view) = self.store.group(state.group_id)? else { return Ok(()) };
+        let from_admin = view.members.contains(&(sender.0, true));
+        let names = state.members.contains(&(sender.0, true))
+            && state.members.iter().any(|(m, _)| *m == me);
+        if !from_admin || !names || state.epoch < view.epoch {
+            let group_id = state.group_id;
+            let reason = "a group state not from an admin of this device's view".to_string();
+            self.events.push_back(Event::GroupChangeRejected { group_id, reason });
+            return Ok(());
+        }
+        let (group_id, epoch) = (state.group_id, state.epoch);
+        self.store.save_group(&GroupView { needs_rotation: view.needs_rotation, ..state })?;
+        self.events.push_back(Event::GroupChanged { group_id, epoch });
         Ok(())
     }
 
@@ -280,33 +319,6 @@ impl Client {
         Ok(message)
     }
 
-    /// The view of a group this device was just added to (see `on_group_event`).
-    async fn join_view(
-        &mut self,
-        group_id: u64,
-        epoch: u64,
-        actor: u64,
-    ) -> Result<GroupView, GroupChangeError> {
-        let reply = self.request(&GroupInfoRequest { group_id }).await;
-        let Ok(reply) = reply else { return Err(GroupChangeError::OutOfOrder(0)) };
-        let Message::GroupInfo(info) = reply.frame().message else {
-            return Err(GroupChangeError::OutOfOrder(0));
-        };
-        let members: Vec<(u64, bool)> =
-            info.members.iter().map(|m| (m.user_id.to_native(), m.admin)).collect();
-        let server_epoch = info.epoch.to_native();
-        if server_epoch < epoch {
-            return Err(GroupChangeError::OutOfOrder(server_epoch));
-        }
-        // Later changes the server already applied arrive as events and are skipped;
-        // the adding admin must still be an admin in what this device takes.
-        if server_epoch == epoch && !members.iter().any(|(m, admin)| *m == actor && *admin) {
-            return Err(GroupChangeError::NotAllowed);
-        }
-        let name = info.name.to_string();
-        Ok(GroupView { group_id, epoch: server_epoch, name, members, needs_rotation: false })
-    }
-
     /// A group change the server reports: verified (signature, order, rights) before it
     /// changes this device's view.
     pub(super) async fn on_group_event(&mut self, body: GroupEventBody) -> Result<(), ClientError> {
@@ -329,13 +341,15 @@ impl Client {
                 if view.as_ref().is_some_and(|v| v.epoch >= body.epoch) {
                     return Ok(()); // Already applied (this device's own change).
                 }
-                let added_me =
-                    matches!(&body.change, GroupChange::Add { members } if members.contains(&me.0));
-                if view.is_none() && added_me {
-                    // Joining: the history before is not this device's to verify. It takes
-                    // the membership the server reports, if the (signed) change that added
-                    // it came from an admin of that membership.
-                    self.join_view(body.group_id, body.epoch, actor.0).await
+                let added = match &body.change {
+                    GroupChange::Add { members } if members.contains(&me.0) => Some(members),
+                    _ => None,
+                };
+                if let (None, Some(added)) = (&view, added) {
+                    // Joining: only what the signed change says (its author, taken as
+                    // an admin, and the users it added); the rest comes from that admin,
+                    // end to end encrypted (`accept_group_state`), never the server.
+                    Ok(joined_view(body.group_id, body.epoch, actor.0, added))
                 } else {
                     let (group, epoch) = (body.group_id, body.epoch);
                     apply_change(view.as_ref(), group, epoch, actor.0, &body.change, now_ms())

@@ -10,7 +10,8 @@ use tern_wire::messages::*;
 use tern_wire::{EnvelopeContent, ErrorCode, Message, MessageType};
 
 use super::{unreachable_frame, Client, Event};
-use super::{CONTENT_DELETE, CONTENT_GROUP_KEY, CONTENT_HISTORY, CONTENT_MEDIA, CONTENT_TEXT};
+use super::{CONTENT_DELETE, CONTENT_GROUP_KEY, CONTENT_GROUP_STATE, CONTENT_HISTORY};
+use super::{CONTENT_MEDIA, CONTENT_TEXT};
 use crate::connection::{server_error, OwnedFrame};
 use crate::crypto::{prekey_session_id, PairSession};
 use crate::media::MediaDescriptor;
@@ -296,6 +297,7 @@ impl Client {
                 (CONTENT_MEDIA, &[][..])
             }
             Some((&CONTENT_GROUP_KEY, payload)) => (CONTENT_GROUP_KEY, payload),
+            Some((&CONTENT_GROUP_STATE, payload)) => (CONTENT_GROUP_STATE, payload),
             Some((&CONTENT_HISTORY, payload)) if sender.0 == self.identity.user_id => {
                 (CONTENT_HISTORY, payload)
             }
@@ -325,6 +327,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         match content {
             CONTENT_GROUP_KEY => self.accept_group_key(sender, payload)?,
+            CONTENT_GROUP_STATE => self.accept_group_state(sender, payload)?,
             CONTENT_HISTORY => {
                 if let Some((device, descriptor)) = payload.split_first_chunk::<4>() {
                     if u32::from_le_bytes(*device) == self.identity.device_id {

@@ -46,6 +46,9 @@ const CONTENT_MEDIA: u8 = 4;
 /// (4 bytes, LE), then the bundle's `media::MediaDescriptor`. Sent as a `Media`
 /// envelope to the user's own devices; the others ignore it.
 const CONTENT_HISTORY: u8 = 5;
+/// A plaintext carrying a group's state (`groups::encode_state`) as the admin who added
+/// this user sees it; only ever accepted over Olm from an admin of this device's view.
+const CONTENT_GROUP_STATE: u8 = 6;
 
 mod accounts;
 mod groups;
