@@ -183,6 +183,13 @@ fn three_people_live_with_tern() {
     let alice = people.register(&mut server, "Alice", "+15598000001");
     let bob = people.register(&mut server, "Bob", "+15598000002");
     let carol = people.register(&mut server, "Carol", "+15598000003");
+    // Names show to contacts only: the three know one another.
+    for (name, others) in
+        [("Alice", [bob, carol]), ("Bob", [alice, carol]), ("Carol", [alice, bob])]
+    {
+        let others = others.map(|id| id.to_string());
+        people.run(&server, name, &["contacts", &others[0], &others[1]]);
+    }
     let (alice_id, bob_id) = (alice.to_string(), bob.to_string());
     let me = people.run(&server, "Alice", &["whoami"]);
     assert!(me.contains(&format!("user {alice} device 1 phone +15598000001")), "{me}");
