@@ -1084,6 +1084,34 @@ impl Store {
         Ok(changed)
     }
 
+    /// Of `server_ids`, the outgoing messages `reader` may have a receipt for: a
+    /// one-to-one message to `reader` (when `group` is `None`), or a message to `group`
+    /// of which `reader` is a member. A receipt naming anything else (forged by a hostile
+    /// server, or about someone else's conversation) is not taken.
+    pub fn receiptable(
+        &self,
+        server_ids: &[u64],
+        reader: u64,
+        group: Option<u64>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut statement = self.db.prepare(
+            "SELECT COUNT(*) FROM messages m WHERE m.outgoing = 1 AND m.server_id = ?1 AND (
+                 (?3 = 0 AND m.group_id = 0 AND m.peer = ?2)
+                 OR (?3 != 0 AND m.group_id = ?3 AND EXISTS (SELECT 1 FROM group_members g
+                     WHERE g.group_id = m.group_id AND g.user_id = ?2)))",
+        )?;
+        let mut taken = Vec::new();
+        for &id in server_ids {
+            let group = group.unwrap_or(0) as i64;
+            let count: i64 =
+                statement.query_row(params![id as i64, reader as i64, group], |row| row.get(0))?;
+            if count > 0 {
+                taken.push(id);
+            }
+        }
+        Ok(taken)
+    }
+
     /// The group a stored message belongs to (0: a one-to-one conversation).
     pub fn group_of(&self, sender: (u64, u32), client_id: u64) -> Result<u64, StoreError> {
         let found: Option<i64> = self
@@ -1271,7 +1299,44 @@ fn insert_message(
 
 #[cfg(test)]
 mod tests {
-    use super::fts_query;
+    use super::*;
+
+    /// Receipts are taken only from whom a message went to: the peer of a one-to-one
+    /// message, a member of a group message's group (issue 20 item 8: a hostile server,
+    /// or a stranger, cannot move the ticks of a conversation they are not in).
+    #[test]
+    fn receipts_are_taken_only_from_whom_a_message_went_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = StoreSecret::Passphrase("correct horse".into());
+        let mut store = Store::open(&dir.path().join("s.db"), &secret).unwrap();
+        let (bob, carol, mallory, group) = (20, 30, 66, 0x5EED);
+        let message = |server_id, peer| StoredMessage {
+            server_id,
+            client_id: server_id,
+            peer,
+            sender: (10, 1),
+            outgoing: true,
+            text: "hi".into(),
+            time_ms: 1,
+            status: Status::Sent,
+        };
+        store.add_message(&message(1, bob)).unwrap();
+        store.add_group_message(group, &message(2, 0)).unwrap();
+        let members = vec![(10, true), (bob, false), (carol, false)];
+        let view = GroupView {
+            group_id: group,
+            epoch: 1,
+            name: "g".into(),
+            members,
+            needs_rotation: false,
+        };
+        store.save_group(&view).unwrap();
+        assert_eq!(store.receiptable(&[1, 2, 3], bob, None).unwrap(), vec![1]);
+        assert_eq!(store.receiptable(&[1], mallory, None).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.receiptable(&[2], carol, Some(group)).unwrap(), vec![2]);
+        assert_eq!(store.receiptable(&[2], mallory, Some(group)).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.receiptable(&[1], bob, Some(group)).unwrap(), Vec::<u64>::new());
+    }
 
     #[test]
     fn search_words_are_quoted_and_match_as_prefixes() {

@@ -201,7 +201,8 @@ impl Client {
         Ok(true)
     }
 
-    /// A delivered or read receipt: the ticks of this user's messages go up.
+    /// A delivered or read receipt: the ticks of this user's messages go up — only of
+    /// messages the receipt's reader was sent (its peer, or a member of its group).
     fn on_receipt(&mut self, body: &ArchivedReceiptBody) -> Result<(), ClientError> {
         let ids: Vec<u64> = body.message_ids.iter().map(|id| id.to_native()).collect();
         let status = match body.kind {
@@ -209,6 +210,11 @@ impl Client {
             _ => Status::Delivered,
         };
         let by = (body.by_user.to_native(), body.by_device.to_native());
+        let group = match &body.conversation {
+            ArchivedConversation::Group(group) => Some(group.to_native()),
+            ArchivedConversation::User(_) => None,
+        };
+        let ids = self.store.receiptable(&ids, by.0, group)?;
         for id in &ids {
             self.store.add_receipt(*id, by, status == Status::Read)?;
         }
