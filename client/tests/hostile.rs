@@ -11,7 +11,9 @@
 //! - Device lists are signed by the primary (item 10): a companion linked behind the
 //!   primary's back reads nothing until the primary signs it, then is announced; a relay
 //!   playing a malicious server that swaps a device's signing key, or calls a device
-//!   "extra" and then serves other keys for it, is caught by the pins.
+//!   "extra" and then serves other keys for it, is caught by the pins; only the primary
+//!   publishes the list, and bundles carry it as published; a joining group member takes
+//!   the membership from signed changes and its admin, not from the server.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -491,4 +493,49 @@ async fn a_joining_member_takes_the_membership_only_from_signed_changes() {
     let members: Vec<u64> = view.members.iter().map(|(m, _)| *m).collect();
     assert!(!members.contains(&mallory_id), "the server slipped in a listener: {view:?}");
     assert_eq!(members, vec![alice.user_id(), bob_id, carol_id], "{view:?}");
+}
+
+/// The server side of signed device lists: only the primary publishes one (a companion
+/// gets `Forbidden`), at most 4 KiB (`TooLarge`), and every `Bundles` of the account
+/// carries the bytes as published, unread. (Before: no such frame; bundles carried no
+/// list.)
+#[tokio::test(flavor = "current_thread")]
+async fn only_the_primary_publishes_the_device_list_and_bundles_carry_it() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let alice = register(&mut server, stores.path(), "alice", "+15581701").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15581702").await;
+    let bob_id = bob.user_id();
+    let endpoint = Endpoint::tcp(server.addr.to_string());
+    let pending = PendingLink::request(&endpoint, "laptop").await.unwrap();
+    let code = pending.code().to_string();
+    let laptop_db = stores.path().join("laptop.db");
+    let secret = secret();
+    let (approved, laptop) =
+        tokio::join!(bob.approve_link(&code), pending.wait(&laptop_db, &secret));
+    approved.unwrap();
+    drop((alice, bob, laptop.unwrap()));
+
+    let publish = |bytes: usize| PublishDeviceList { device_list: vec![7; bytes] };
+    let refusal = |frame: &OwnedFrame| match frame.frame().message {
+        Message::ErrorFrame(error) => tern_wire::ErrorCode::from_u16(error.code.to_native()),
+        _ => None,
+    };
+    let (mut laptop, _) = raw_device(&server, &laptop_db).await;
+    let id = laptop.send(&publish(100)).await.unwrap();
+    let answered = answer(&mut laptop, id).await;
+    assert_eq!(refusal(&answered), Some(tern_wire::ErrorCode::Forbidden));
+    let (mut primary, _) = raw_device(&server, &stores.path().join("bob.db")).await;
+    let id = primary.send(&publish(4097)).await.unwrap();
+    let answered = answer(&mut primary, id).await;
+    assert_eq!(refusal(&answered), Some(tern_wire::ErrorCode::TooLarge));
+    let id = primary.send(&publish(4096)).await.unwrap();
+    let Message::Done(_) = answer(&mut primary, id).await.frame().message else { panic!("done") };
+
+    let (mut other, _) = raw_device(&server, &stores.path().join("alice.db")).await;
+    let id = other.send(&FetchBundles { user_id: bob_id, device_ids: vec![2] }).await.unwrap();
+    let reply = answer(&mut other, id).await;
+    let Message::Bundles(bundles) = reply.frame().message else { panic!("no bundles") };
+    assert_eq!(bundles.device_list.as_slice(), &[7u8; 4096][..]);
 }

@@ -262,8 +262,12 @@ impl Client {
         };
         client.reconnect().await?;
         if client.identity.device_id == 1 && !client.store.device_list_published()? {
-            // A primary from before signed device lists (or whose first try failed).
-            client.publish_device_list().await?;
+            // A primary from before signed device lists (or whose first try failed). Not
+            // fatal: until it works (it is tried at every start), contacts trust only
+            // this device, not its companions.
+            if let Err(error @ ClientError::Store(_)) = client.publish_device_list().await {
+                return Err(error);
+            }
         }
         Ok(client)
     }
