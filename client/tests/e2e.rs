@@ -396,9 +396,14 @@ async fn a_changed_identity_is_reported_and_a_new_session_follows() {
     alice.send_text(bob_id, "before").await.unwrap();
     message_with(&mut bob, "before").await;
     let number_before = alice.safety_number(bob_id).await.unwrap();
+    bob.set_registration_lock(Some("4321")).await.unwrap();
     drop(bob);
-    // Bob reinstalls: the same number, a new device 1 with new keys.
-    let mut bob = register(&mut server, stores.path(), "bob-again", "+15580052").await;
+    // Bob reinstalls: the same number and account (his PIN proves it), a new device 1
+    // with new keys.
+    let pending = PendingRegistration::request_code(&endpoint(&server), "+15580052").await;
+    let pending = pending.unwrap().with_pin("4321");
+    let (code, path) = (server.code_for("+15580052"), stores.path().join("bob-again.db"));
+    let mut bob = pending.verify(&code, "bob-again", &path, &secret()).await.unwrap();
     assert_eq!(bob.user_id(), bob_id);
     alice.refresh_devices(bob_id).await.unwrap();
     let changed = until(&mut alice, |e| matches!(e, Event::IdentityChanged { .. })).await;
@@ -443,7 +448,10 @@ async fn a_client_rides_out_a_server_restart_and_resends_what_was_not_acknowledg
 async fn presence_deletions_and_a_full_mailbox_reach_the_app() {
     let data = data_dir();
     let stores = tempfile::tempdir().unwrap();
-    let mut server = Server::start(data.path(), &["--mailbox-max-messages", "20"]);
+    // One sender may fill the whole mailbox here (by default only its share: then the
+    // flood would be refused, not dropped), so that the drop reaches both apps.
+    let flags = ["--mailbox-max-messages", "20", "--mailbox-sender-share-percent", "100"];
+    let mut server = Server::start(data.path(), &flags);
     let mut alice = register(&mut server, stores.path(), "alice", "+15580071").await;
     let mut bob = register(&mut server, stores.path(), "bob", "+15580072").await;
     let (alice_id, bob_id) = (alice.user_id(), bob.user_id());
