@@ -75,6 +75,11 @@ struct Args {
     /// the client, not the balancer. Connections from anyone else have no header.
     #[arg(long, value_delimiter = ',')]
     proxy_protocol_from: Vec<std::net::IpAddr>,
+    /// Each client socket's kernel send and receive buffers at most, in KiB (0: the
+    /// kernel's autotuning, up to its tcp_wmem/tcp_rmem maximum per socket). Bounds what
+    /// clients that ask and never read cost the machine.
+    #[arg(long, default_value_t = 256)]
+    socket_buffer_kib: usize,
     /// Seconds between checkpoints and space reclaim of each changed shard.
     #[arg(long, default_value_t = 30.0)]
     maintenance_interval_s: f64,
@@ -291,6 +296,7 @@ fn server_config(args: Args) -> Option<ServerConfig> {
         code_webhook,
         max_connections: args.max_connections,
         proxy_protocol_from: args.proxy_protocol_from.clone(),
+        socket_buffer_bytes: args.socket_buffer_kib.saturating_mul(1024),
         core,
     })
 }

@@ -454,13 +454,29 @@ fn pipeline(mut tcp: TcpStream, frame: Vec<u8>, count: usize) -> JoinHandle<()> 
     })
 }
 
+/// Bytes queued in the kernel (to send and received unread) on the sockets of this
+/// machine whose local port is `port` (ternd's side of its connections), from
+/// `/proc/net/tcp`.
+fn kernel_queued(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let queued = table.lines().skip(1).filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        let bytes = u64::from_str_radix(tx, 16).ok()? + u64::from_str_radix(rx, 16).ok()?;
+        (local_port == port).then_some(bytes)
+    });
+    queued.sum()
+}
+
 /// Goal: a client that asks and never reads costs the server a bounded amount of
 /// memory, whatever it asks (hardening item 1: one such client grew ternd's RSS to
 /// gigabytes). Method: Mallory uploads a 1 MiB file, then pipelines 1,024 downloads of
 /// all of it and never reads; Eve pipelines 256,000 pings and key fetches before
 /// authenticating (the fetches answered `AuthRequired`) and never reads. For three
-/// seconds the server's output gauge stays within the per-connection bounds and its RSS
-/// within 128 MiB of where it started; Alice's message still reaches Bob.
+/// seconds the server's output gauge stays within the per-connection bounds, the
+/// kernel's queues of its sockets within their caps and its RSS within 128 MiB of where
+/// it started; Alice's message still reaches Bob.
 #[test]
 fn clients_that_ask_and_never_read_cost_bounded_memory() {
     let dir = data_dir();
@@ -486,17 +502,21 @@ fn clients_that_ask_and_never_read_cost_bounded_memory() {
     asks.extend(frame_bytes(8, &FetchBundles { user_id: alice.user_id, device_ids: vec![] }));
     let before_auth = pipeline(eve.tcp(), asks, 128_000);
 
-    let (mut most_kib, mut most_queued) = (0, 0);
+    let (mut most_kib, mut most_queued, mut most_in_kernel) = (0, 0, 0);
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
         let (_, metrics) = server.admin_get("/metrics");
         let line = metrics.lines().find(|l| l.starts_with("tern_outbound_bytes{")).unwrap();
         most_queued = most_queued.max(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap());
         most_kib = most_kib.max(server.rss_kib());
+        most_in_kernel = most_in_kernel.max(kernel_queued(server.addr.port()));
     }
     // Mallory: under the 1 MiB bound, then the 4 downloads in flight land (1 MiB each);
     // Eve: the bound plus one answer. Before the fix: every answer asked for.
     assert!(most_queued <= 8 << 20, "{most_queued} bytes queued for two silent clients");
+    // And the kernel's buffers of ternd's sockets: 256 KiB each way per socket
+    // (`--socket-buffer-kib`; before, autotuned to several MiB per socket).
+    assert!(most_in_kernel <= 3 << 20, "{most_in_kernel} bytes in ternd's socket queues");
     let grown_mib = most_kib.saturating_sub(started_kib) / 1024;
     assert!(grown_mib <= 128, "ternd grew by {grown_mib} MiB for two clients that never read");
 

@@ -108,6 +108,8 @@ pub struct Ctx {
     pub blobs: FsBlobs,
     /// Load balancers whose connections start with a PROXY protocol v2 header.
     pub proxy_protocol_from: Vec<std::net::IpAddr>,
+    /// Each client socket's kernel buffers, at most (0: no cap).
+    pub socket_buffer_bytes: usize,
     /// Connections leaving for other cores, sent with the next batch.
     pub leaving: RefCell<Vec<(u32, HandOff)>>,
     /// This core's TLS configuration, for the connections it accepts next (`None`: no

@@ -12,6 +12,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 
 use super::conn::connection;
+use super::socket_handoff;
 use super::ctx::{now, Ctx, ACCEPT_PAUSE};
 use super::wire::{Layers, Wire};
 use super::{ServerConfig, ServerError};
@@ -117,6 +118,11 @@ pub async fn accept_loop(listener: TcpListener, layers: Layers, ctx: Rc<Ctx>) {
             None => break,
         };
         let _ = stream.set_nodelay(true);
+        if ctx.socket_buffer_bytes > 0 {
+            if let Err(error) = socket_handoff::cap_buffers(&stream, ctx.socket_buffer_bytes) {
+                tracing::warn!(%error, "could not cap a client socket's buffers");
+            }
+        }
         let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
         if peer_ip.is_some_and(|ip| ctx.proxy_protocol_from.contains(&ip)) {
             // The client's address comes first, from the proxy: read it in a task of its

@@ -93,6 +93,9 @@ pub struct ServerConfig {
     /// Load balancers whose connections start with a PROXY protocol v2 header naming the
     /// client (`crate::proxy`); everyone else connects directly.
     pub proxy_protocol_from: Vec<IpAddr>,
+    /// Each client socket's kernel send and receive buffers, at most (0: the kernel's
+    /// autotuning, unbounded by ternd).
+    pub socket_buffer_bytes: usize,
     /// How often shards are checkpointed and their space reclaimed.
     pub maintenance_interval: Duration,
     /// Size of each log segment file.
@@ -451,6 +454,7 @@ fn make_ctx(
         }),
         tls_settings: config.tls.clone(),
         proxy_protocol_from: config.proxy_protocol_from.clone(),
+        socket_buffer_bytes: config.socket_buffer_bytes,
         read_buffer: RefCell::new(vec![0u8; READ_BUFFER_BYTES]),
     })
 }
@@ -518,15 +522,31 @@ async fn shut_down(ctx: &Rc<Ctx>) {
     }
 }
 
-/// Moving a socket between executors: its descriptor is duplicated (glommio's stream
-/// owns and closes the original) and the duplicate is adopted on the other core. The
-/// process's descriptor table is shared by its threads, so the number is valid there.
+/// What glommio's streams do not expose, done on their descriptors. Moving a socket
+/// between executors: its descriptor is duplicated (glommio's stream owns and closes
+/// the original) and the duplicate is adopted on the other core (the process's
+/// descriptor table is shared by its threads, so the number is valid there). And the
+/// kernel's buffers of a client socket, bounded.
 #[allow(unsafe_code)]
 mod socket_handoff {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
     use glommio::net::TcpStream;
+
+    /// Caps the kernel's send and receive buffers of `stream` at `bytes` each (the
+    /// kernel doubles the figure for its bookkeeping and stops autotuning them). Without
+    /// a cap each socket may grow to `tcp_wmem`/`tcp_rmem`'s maximum (4–6 MiB), so a few
+    /// hundred clients that ask and never read hold gigabytes of kernel memory and push
+    /// the whole machine's TCP into memory pressure, which slows every connection.
+    pub fn cap_buffers(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+        // SAFETY: the descriptor is `stream`'s, open for as long as `stream` is borrowed
+        // here; the borrowed handle does not outlive this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        let socket = socket2::SockRef::from(&fd);
+        socket.set_send_buffer_size(bytes)?;
+        socket.set_recv_buffer_size(bytes)
+    }
 
     /// Gives up `stream`, keeping its socket open as an owned descriptor.
     pub fn detach(stream: TcpStream) -> io::Result<OwnedFd> {
