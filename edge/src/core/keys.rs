@@ -18,7 +18,7 @@ use tern_wire::MessageType;
 use super::conns::ConnId;
 use super::shards::Waits;
 use super::shared::Shared;
-use crate::limits::{Rate, RateLimiter};
+use crate::limits::{HourlyWindow, Rate, RateLimiter};
 use crate::mesh::calls::ClaimBundles;
 use crate::mesh::ReplyTo;
 use crate::refusal::{retry_hint, KeysRefusal, SessionRefusal, StorageRefusal};
@@ -27,6 +27,11 @@ use crate::work::CheckPrekeys;
 
 /// A device is told to upload more one-time prekeys below this stock.
 pub const ONE_TIME_KEYS_LOW: u32 = 15;
+/// Fetches of one user's bundles that take one-time keys, per hour and core, from all
+/// requesters together (beyond: the fallback key; a session starts all the same, with
+/// a little less forward secrecy for its first message). A user rarely hears from more
+/// than a few new devices an hour; a fleet of accounts draining keys is held here.
+pub const ONE_TIME_KEY_FETCHES_PER_HOUR: u32 = 30;
 
 /// One-time keys one frame (a registration, a link request, an upload) may carry.
 pub const ONE_TIME_KEYS_PER_FRAME_MAX: usize = 100;
@@ -70,6 +75,11 @@ struct PendingUpload {
 #[derive(Debug)]
 pub struct Keys {
     fetch_limits: RateLimiter<(UserId, UserId)>,
+    /// Fetches of each user homed here that took one-time keys, in the last hour: past
+    /// [`ONE_TIME_KEY_FETCHES_PER_HOUR`] the bundles carry only the fallback key, so many
+    /// accounts together cannot drain a user's one-time keys (each pair has its own
+    /// limit, so one account per target was enough before).
+    one_time_fetches: HourlyWindow<UserId>,
     /// Fetches waiting for the target's core: token → (connection, request, target).
     fetches: HashMap<u64, (ConnId, u32, UserId)>,
     /// Uploads waiting for their signature check, by work token.
@@ -81,6 +91,7 @@ impl Keys {
     pub fn new(fetch_rate: Rate) -> Keys {
         Keys {
             fetch_limits: RateLimiter::new(fetch_rate),
+            one_time_fetches: HourlyWindow::new(ONE_TIME_KEY_FETCHES_PER_HOUR),
             fetches: HashMap::new(),
             uploads: HashMap::new(),
         }
@@ -206,23 +217,35 @@ impl Keys {
 
 /// Hands out the key bundles of `target` (homed here), answered once the claimed keys
 /// have left the stock durably. Devices whose stock runs low are told.
-pub fn serve_claim<S: Storage>(
-    shared: &mut Shared<S>,
-    call: ClaimBundles,
-    reply_to: Option<ReplyTo<ClaimBundles>>,
-) {
-    match claim_bundles(shared, call.target, &call.wanted) {
-        Ok((bundles, waits)) => shared.answer_when_durable(reply_to, Ok(bundles), waits),
-        Err(refusal) => shared.answer(reply_to, Err(refusal)),
+impl Keys {
+    /// On the target's core: its bundles, with one-time keys while the target's hourly
+    /// budget of such fetches lasts (the fallback key alone after it).
+    pub fn serve_claim<S: Storage>(
+        &mut self,
+        shared: &mut Shared<S>,
+        call: ClaimBundles,
+        reply_to: Option<ReplyTo<ClaimBundles>>,
+    ) {
+        let now_ms = shared.now_ms();
+        let with_one_time_keys = self.one_time_fetches.check(&call.target, now_ms).is_ok();
+        if with_one_time_keys {
+            self.one_time_fetches.record(call.target, now_ms);
+        }
+        match claim_bundles(shared, call.target, &call.wanted, with_one_time_keys) {
+            Ok((bundles, waits)) => shared.answer_when_durable(reply_to, Ok(bundles), waits),
+            Err(refusal) => shared.answer(reply_to, Err(refusal)),
+        }
     }
 }
 
 /// The bundles of `target`'s devices (`wanted`, or all), each with a one-time key claimed
-/// from its stock, and the account's signed device list as stored.
+/// from its stock (if `with_one_time_keys`), and the account's signed device list as
+/// stored.
 fn claim_bundles<S: Storage>(
     shared: &mut Shared<S>,
     target: UserId,
     wanted: &[DeviceId],
+    with_one_time_keys: bool,
 ) -> Result<(Bundles, Waits), KeysRefusal> {
     let shard_id = home_shard_of_user(target);
     let handle = shared.shards.local(shard_id).cloned().ok_or(KeysRefusal::NoSuchUser)?;
@@ -241,7 +264,10 @@ fn claim_bundles<S: Storage>(
     let mut bundles = Vec::with_capacity(devices.len());
     let mut waits = Vec::new();
     for device in devices {
-        let claimed = handle.borrow_mut().claim_one_time_key(target, device.device_id);
+        let claimed = match with_one_time_keys {
+            true => handle.borrow_mut().claim_one_time_key(target, device.device_id),
+            false => Ok(None),
+        };
         let one_time_key = match claimed {
             Ok(Some((key, seq))) => {
                 waits.push((shard_id, seq));

@@ -9,7 +9,6 @@ use tern_engine::Storage;
 
 use super::delivery::{receipts, store};
 use super::groups;
-use super::keys;
 use super::parts::Parts;
 use super::presence;
 use super::shared::Shared;
@@ -42,7 +41,7 @@ fn serve<S: Storage>(shared: &mut Shared<S>, parts: &mut Parts, request: Request
             store::serve_server_envelope(shared, call, reply_to)
         }
         Request::UnqueueMessages(call, reply_to) => receipts::serve_unqueue(shared, call, reply_to),
-        Request::ClaimBundles(call, reply_to) => keys::serve_claim(shared, call, reply_to),
+        Request::ClaimBundles(call, reply_to) => parts.keys.serve_claim(shared, call, reply_to),
         Request::ClaimLink(call, reply_to) => parts.linking.serve_claim(shared, call, reply_to),
         Request::ApplyGroupChange(call, reply_to) => {
             parts.groups.serve_change(shared, call, reply_to)

@@ -10,7 +10,7 @@ use tern_wire::messages::{
     PresenceSubscribe, ProfileGet, ReceiptKind, Registered, Report, ReportReason, SendAck,
     SendReceipt, SetContacts,
 };
-use tern_wire::messages::{Profile, ProfileSet, Visibility};
+use tern_wire::messages::{Bundles, FetchBundles, Profile, ProfileSet, Visibility};
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
 
 use crate::core::config::CoreConfig;
@@ -386,6 +386,25 @@ fn a_new_accounts_name_is_for_its_contacts() {
     assert_eq!(seen(&mut world, &mut s), None, "a stranger sees no name");
     a.request(&mut world, &SetContacts { user_ids: vec![stranger.user_id] }).access::<Done>();
     assert_eq!(seen(&mut world, &mut s), Some("Alice".to_string()), "a contact does");
+}
+
+#[test]
+fn many_accounts_together_cannot_drain_ones_one_time_keys() {
+    let mut world = world();
+    let target = register(&mut world, "+15550081", 60);
+    let fetch = FetchBundles { user_id: target.user_id, device_ids: vec![] };
+    let mut with_key = 0;
+    for n in 0..31 {
+        let requester = register(&mut world, &format!("+1555009{n:04}"), 0);
+        let mut r = login(&mut world, &requester);
+        let bundles = r.request(&mut world, &fetch);
+        let bundles = bundles.access::<Bundles>();
+        let key = bundles.devices[0].one_time_key.as_ref();
+        with_key += usize::from(key.is_some());
+        world.close(r.link);
+    }
+    // 30 an hour take one-time keys, the rest get the fallback key; 30 of 60 are left.
+    assert_eq!(with_key, 30);
 }
 
 #[test]
