@@ -539,3 +539,36 @@ async fn only_the_primary_publishes_the_device_list_and_bundles_carry_it() {
     let Message::Bundles(bundles) = reply.frame().message else { panic!("no bundles") };
     assert_eq!(bundles.device_list.as_slice(), &[7u8; 4096][..]);
 }
+
+/// Bob links a laptop (his primary signs it). Alice's next text finds it: the send
+/// stops before anything is encrypted to it, Alice's app gets `DeviceAdded` first, and
+/// the text goes out by itself after that, the laptop included. (Before: the new device
+/// got the text at once and no event said so.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_new_device_is_announced_before_anything_is_encrypted_to_it() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path(), &[]);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15581801").await;
+    let mut bob = register(&mut server, stores.path(), "bob", "+15581802").await;
+    let bob_id = bob.user_id();
+    alice.send_text(bob_id, "hi bob").await.unwrap();
+    until(&mut bob, |e| matches!(e, Event::Message(m) if m.text == "hi bob")).await;
+
+    let endpoint = Endpoint::tcp(server.addr.to_string());
+    let pending = PendingLink::request(&endpoint, "laptop").await.unwrap();
+    let code = pending.code().to_string();
+    let (laptop_db, secret) = (stores.path().join("laptop.db"), secret());
+    let (approved, laptop) =
+        tokio::join!(bob.approve_link(&code), pending.wait(&laptop_db, &secret));
+    approved.unwrap();
+    let mut laptop = laptop.unwrap();
+
+    let waiting = alice.send_text(bob_id, "who is there?").await.unwrap();
+    assert_eq!(waiting.status, tern_client::Status::Sending, "sent before the event");
+    let is_sent = |e: &Event| matches!(e, Event::Sent(m) if m.client_id == waiting.client_id);
+    let (_, before) = until(&mut alice, is_sent).await;
+    let added = Event::DeviceAdded { user_id: bob_id, device_id: 2 };
+    assert!(before.contains(&added), "{before:?}");
+    until(&mut laptop, |e| matches!(e, Event::Message(m) if m.text == "who is there?")).await;
+}

@@ -80,33 +80,36 @@ impl Client {
             wanted.push(1); // The primary's keys check the list.
         }
         let mut bundles = self.fetch_bundles(user_id, wanted).await?;
-        bundles.devices.sort_by_key(|b| b.device_id); // The primary first.
+        bundles.devices.sort_by_key(|b| b.device_id);
         let me = (self.identity.user_id, self.identity.device_id);
-        let mut list = None;
-        for bundle in &bundles.devices {
+        // The primary first: its keys check the list, which is checked (and remembered,
+        // so that a device it names later counts as new) whether or not a companion is
+        // in this answer.
+        if let Some(primary) = bundles.devices.iter().find(|b| b.device_id == 1) {
+            if (user_id, 1) != me {
+                self.start_session((user_id, 1), primary)?;
+            }
+        }
+        let list = self.verified_list(user_id, &bundles.device_list)?;
+        for bundle in bundles.devices.iter().filter(|b| b.device_id != 1) {
             let device = (user_id, bundle.device_id);
             if device == me {
                 continue;
             }
-            if bundle.device_id != 1 {
-                if list.is_none() {
-                    list = Some(self.verified_list(user_id, &bundles.device_list)?);
-                }
-                let Some(Some((list, before))) = list.as_ref() else {
-                    self.mark_unvouched(device)?;
-                    continue;
-                };
-                if !list.device(bundle.device_id).is_some_and(|d| d.matches(&identity_of(bundle))) {
-                    self.mark_unvouched(device)?;
-                    continue;
-                }
-                self.store.set_unvouched(user_id, bundle.device_id, false)?;
-                // New: named by this list and not by the one verified before it.
-                if before.as_ref().is_some_and(|ids| !ids.contains(&bundle.device_id)) {
-                    self.device_news += 1;
-                    let device_id = bundle.device_id;
-                    self.events.push_back(Event::DeviceAdded { user_id, device_id });
-                }
+            let Some((list, before)) = list.as_ref() else {
+                self.mark_unvouched(device)?;
+                continue;
+            };
+            if !list.device(bundle.device_id).is_some_and(|d| d.matches(&identity_of(bundle))) {
+                self.mark_unvouched(device)?;
+                continue;
+            }
+            self.store.set_unvouched(user_id, bundle.device_id, false)?;
+            // New: named by this list and not by the one verified before it.
+            if before.as_ref().is_some_and(|ids| !ids.contains(&bundle.device_id)) {
+                self.device_news += 1;
+                let device_id = bundle.device_id;
+                self.events.push_back(Event::DeviceAdded { user_id, device_id });
             }
             self.start_session(device, bundle)?;
         }
