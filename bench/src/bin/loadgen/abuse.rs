@@ -207,17 +207,61 @@ fn on_answer(
     }
 }
 
-/// Samples `pid`'s RSS (KiB) and open descriptors every 100 ms until `stop`; returns the
-/// peaks.
-async fn sample_peaks(pid: u32, stop: Arc<AtomicBool>) -> (u64, u64) {
-    let (mut rss, mut fds) = (0, 0);
+/// What a phase cost the machine: ternd's peak RSS (KiB) and descriptors, the peak of the
+/// kernel's TCP memory (pages, all sockets of the machine) and how much some of the
+/// kernel's TCP counters grew (all sockets too).
+#[derive(Clone, Default)]
+struct Peaks {
+    rss_kib: u64,
+    fds: u64,
+    tcp_mem_pages: u64,
+    kernel: BTreeMap<&'static str, u64>,
+}
+
+/// The kernel's TCP counters reported per phase: memory pressure, segments dropped for
+/// want of memory, retransmission timeouts.
+const TCP_COUNTERS: [&str; 5] =
+    ["TCPMemoryPressures", "TCPMemoryPressuresChrono", "TCPRcvQDrop", "PruneCalled", "TCPTimeouts"];
+
+/// The `TcpExt` counters of `/proc/net/netstat` named in [`TCP_COUNTERS`].
+fn tcp_counters() -> BTreeMap<&'static str, u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let mut counters = BTreeMap::new();
+    if let [names, values] = lines[..] {
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Some(&known) = TCP_COUNTERS.iter().find(|&&c| c == name) {
+                counters.insert(known, value.parse().unwrap_or(0));
+            }
+        }
+    }
+    counters
+}
+
+/// Pages of memory the kernel's TCP sockets hold (`/proc/net/sockstat`).
+fn tcp_mem_pages() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let tcp = text.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+    let mut fields = tcp.split_whitespace().skip_while(|f| *f != "mem");
+    fields.nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Samples `pid`'s RSS and open descriptors and the kernel's TCP memory every 100 ms
+/// until `stop`; returns the peaks and the TCP counters' growth.
+async fn sample_peaks(pid: u32, stop: Arc<AtomicBool>) -> Peaks {
+    let (before, mut peaks) = (tcp_counters(), Peaks::default());
     while !stop.load(Ordering::Relaxed) {
-        rss = rss.max(tern_bench::server::rss_kib(pid));
+        peaks.rss_kib = peaks.rss_kib.max(tern_bench::server::rss_kib(pid));
         let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-        fds = fds.max(open);
+        peaks.fds = peaks.fds.max(open);
+        peaks.tcp_mem_pages = peaks.tcp_mem_pages.max(tcp_mem_pages());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (rss, fds)
+    for (name, value) in tcp_counters() {
+        let grown = value.saturating_sub(before.get(name).copied().unwrap_or(0));
+        peaks.kernel.insert(name, grown);
+    }
+    peaks
 }
 
 /// What one phase measured.
@@ -239,8 +283,8 @@ struct PhaseResult {
     cpu_per_s: (f64, f64),
     /// The generator's timer lag while measuring (p99, max) in ms.
     lag: (f64, f64),
-    /// ternd's peak RSS (KiB) and descriptors over the phase.
-    peaks: (u64, u64),
+    /// ternd's and the kernel's peaks over the phase.
+    peaks: Peaks,
 }
 
 impl PhaseResult {
@@ -263,7 +307,12 @@ impl PhaseResult {
         self.closed += o.closed;
         self.drain_s = self.drain_s.max(o.drain_s);
         self.lag = (self.lag.0.max(o.lag.0), self.lag.1.max(o.lag.1));
-        self.peaks = (self.peaks.0.max(o.peaks.0), self.peaks.1.max(o.peaks.1));
+        self.peaks.rss_kib = self.peaks.rss_kib.max(o.peaks.rss_kib);
+        self.peaks.fds = self.peaks.fds.max(o.peaks.fds);
+        self.peaks.tcp_mem_pages = self.peaks.tcp_mem_pages.max(o.peaks.tcp_mem_pages);
+        for (name, n) in o.peaks.kernel {
+            *self.peaks.kernel.entry(name).or_insert(0) += n;
+        }
     }
 }
 
@@ -349,7 +398,7 @@ async fn honest_phase(
         drain_s,
         cpu_per_s: (cpu.0 / seconds, cpu.1 / seconds),
         lag,
-        peaks: (0, 0),
+        peaks: Peaks::default(),
     }
 }
 
@@ -595,7 +644,7 @@ async fn measured_attack(
     (result, tally)
 }
 
-fn spawn_sampler(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
+fn spawn_sampler(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Peaks>) {
     let stop = Arc::new(AtomicBool::new(false));
     (stop.clone(), tokio::spawn(sample_peaks(pid, stop)))
 }
@@ -605,7 +654,7 @@ fn p(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 fn print_phase(label: &str, r: &PhaseResult, base: Option<&PhaseResult>) {
-    let (rss, fds) = r.peaks;
+    let (rss, fds) = (r.peaks.rss_kib, r.peaks.fds);
     let ratio = |q: f64| {
         base.map_or(String::new(), |b| format!(" ({:.2}×)", p(&r.deliver, q) / p(&b.deliver, q)))
     };
@@ -627,6 +676,13 @@ fn print_phase(label: &str, r: &PhaseResult, base: Option<&PhaseResult>) {
         "{label}: CPU while measuring: ternd {:.2} s/s, generator {:.2} s/s (of 2 cores); \
          generator timer lag p99 {:.1} ms, max {:.1} ms",
         r.cpu_per_s.0, r.cpu_per_s.1, r.lag.0, r.lag.1,
+    );
+    println!(
+        "{label}: kernel (whole machine): TCP memory peak {} pages (tcp_mem: {}), TCP \
+         counters grew by {:?}",
+        r.peaks.tcp_mem_pages,
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").unwrap_or_default().trim(),
+        r.peaks.kernel,
     );
     let told = r.lost.iter().filter(|l| l.4).count();
     println!(
@@ -660,7 +716,7 @@ fn print_phase(label: &str, r: &PhaseResult, base: Option<&PhaseResult>) {
 }
 
 fn phase_json(r: &PhaseResult) -> Value {
-    let (rss, fds) = r.peaks;
+    let (rss, fds) = (r.peaks.rss_kib, r.peaks.fds);
     let lost_ids: Vec<String> =
         r.lost.iter().take(100).map(|l| format!("{}/{}→{}", l.0, l.1, l.2)).collect();
     json!({
@@ -682,6 +738,8 @@ fn phase_json(r: &PhaseResult) -> Value {
         "honest_refusals": r.refused,
         "peak_rss_kib": rss,
         "peak_fds": fds,
+        "peak_tcp_mem_pages": r.peaks.tcp_mem_pages,
+        "tcp_counters": r.peaks.kernel,
     })
 }
 
