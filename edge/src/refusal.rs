@@ -185,6 +185,9 @@ refusals! {
             "too many messages from this device; slow down",
         /// No such recipient.
         NoSuchUser => ErrorCode::NotFound, "no such user",
+        /// A recipient device's mailbox is full.
+        MailboxFull => ErrorCode::QuotaExceeded,
+            "the recipient's mailbox is full of undelivered messages; retry later",
         /// The sender holds its whole share of a recipient device's mailbox.
         OverMailboxShare => ErrorCode::QuotaExceeded,
             "the recipient's mailbox holds all the undelivered messages one sender may queue \
@@ -208,6 +211,7 @@ impl Refusal for SendRefusal {
     fn retry_after_ms(&self) -> u32 {
         match self {
             SendRefusal::RateLimited { retry_after_ms } => *retry_after_ms,
+            SendRefusal::MailboxFull | SendRefusal::OverMailboxShare => 60_000,
             SendRefusal::Storage { refusal } => refusal.retry_after_ms(),
             _ => 0,
         }

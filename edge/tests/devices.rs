@@ -17,22 +17,6 @@ fn phone_on_core(base: u64, core: u32) -> String {
         .unwrap()
 }
 
-/// Links a new device to the account `primary` is logged in as; returns its account.
-fn link(server: &Server, primary: &mut Client, user_id: UserId) -> Account {
-    let mut new = Client::connect(server.addr);
-    let device = NewDevice { name: "laptop".into(), keys: keys(5) };
-    let asked = new.send(&LinkRequest { device });
-    let code = new.next_of(MessageType::LinkCode);
-    let code = code.access::<LinkCode>().code.to_string();
-    assert_eq!(code.len(), 9);
-    primary.request(&LinkApprove { code }).access::<Done>();
-    let registered = new.response(asked);
-    let registered = registered.access::<Registered>();
-    assert_eq!(registered.user_id.to_native(), user_id);
-    assert!(!registered.new_account);
-    Account { user_id, device_id: registered.device_id.to_native(), token: registered.token }
-}
-
 #[test]
 fn a_linked_device_gets_its_own_copies_on_any_core() {
     let dir = data_dir();

@@ -12,8 +12,8 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
 
 use super::conn::connection;
-use super::socket_handoff;
 use super::ctx::{now, Ctx, ACCEPT_PAUSE};
+use super::socket_handoff;
 use super::wire::{Layers, Wire};
 use super::{ServerConfig, ServerError};
 use crate::proxy;

@@ -64,6 +64,7 @@ impl Received {
     pub fn error_code(&self) -> Option<ErrorCode> {
         match Message::validate(self.header.message_type, &self.payload) {
             Ok(Message::ErrorFrame(e)) => ErrorCode::from_u16(e.code.to_native()),
+            Ok(Message::SendError(e)) => ErrorCode::from_u16(e.code.to_native()),
             _ => None,
         }
     }
@@ -430,6 +431,22 @@ pub fn text(to: Account, client_message_id: u64, body: &[u8]) -> SendMessage {
             ciphertext: body.to_vec(),
         }],
     }
+}
+
+/// Links a new device to the account `primary` is logged in as; returns its account.
+pub fn link(server: &Server, primary: &mut Client, user_id: UserId) -> Account {
+    let mut new = Client::connect(server.addr);
+    let device = NewDevice { name: "laptop".into(), keys: keys(5) };
+    let asked = new.send(&LinkRequest { device });
+    let code = new.next_of(MessageType::LinkCode);
+    let code = code.access::<LinkCode>().code.to_string();
+    assert_eq!(code.len(), 9);
+    primary.request(&LinkApprove { code }).access::<Done>();
+    let registered = new.response(asked);
+    let registered = registered.access::<Registered>();
+    assert_eq!(registered.user_id.to_native(), user_id);
+    assert!(!registered.new_account);
+    Account { user_id, device_id: registered.device_id.to_native(), token: registered.token }
 }
 
 /// A temp data dir on the target file system.

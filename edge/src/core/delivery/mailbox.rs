@@ -3,12 +3,17 @@
 //! [`pump`] writes a connected device's durable envelopes into its output as `Deliver`
 //! frames (the stored bytes, unchanged), within its delivery window and the output
 //! bound, and is called whenever either may have room again. A `DeliveryAck` removes
-//! what the device received and sends **delivered** receipts to the senders. Before an
-//! envelope joins a full mailbox, [`make_room`] drops the oldest down to 90 % of each
-//! limit and announces it: a `Dropped` notice to the device, `SentDropped` to each
-//! sender. Never silent. One sender may fill only its share of a mailbox
-//! ([`within_sender_share`]), so it is a flooder's own messages that are refused, not
-//! everyone else's that are dropped.
+//! what the device received and sends **delivered** receipts to the senders.
+//!
+//! Quotas: a full mailbox takes nothing more from others ([`admit`]): their messages are
+//! refused, their receipts and notices dropped, and nothing it holds is dropped for them
+//! — a message a sender was told is stored stays stored (an abuse run with many
+//! flooding accounts showed drop-the-oldest losing honest, acknowledged messages). One
+//! sender may fill only its share of a mailbox ([`within_sender_share`]). Only the
+//! owner's own copies (its other devices' sync copies: a device that never comes back
+//! must not stop its user from sending) make room: [`make_room`] drops the oldest down
+//! to 90 % of each limit and announces it, a `Dropped` notice to the device and
+//! `SentDropped` to each sender. Never silent.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +29,7 @@ use super::server_envelope::{append_envelope_to, archive};
 use crate::core::conns::{ConnId, ConnState, OUTBOUND_BYTES_MAX};
 use crate::core::shared::Shared;
 use crate::mesh::calls::StoreServerEnvelope;
-use crate::refusal::StorageRefusal;
+use crate::refusal::{SendRefusal, StorageRefusal};
 use crate::routing::home_shard_of_user;
 
 /// Envelopes sent to a device and not yet acknowledged, at most. 256 keeps a fast
@@ -238,6 +243,33 @@ pub fn within_sender_share<S: Storage>(
     let max_entries = (shared.config.mailbox_max_messages * percent / 100).max(1);
     let max_bytes = shared.config.mailbox_max_bytes / 100 * percent;
     held.entries < max_entries && held.bytes + incoming <= max_bytes
+}
+
+/// Whether `sender` may add an envelope of about `incoming` bytes to `device`'s mailbox
+/// (homed here): within its share, and with room left. A full mailbox takes nothing more
+/// from others — nothing it holds is dropped for them, so what a sender was told is
+/// stored stays stored; its owner's own copies make room instead ([`make_room`]).
+pub fn admit<S: Storage>(
+    shared: &Shared<S>,
+    device: (UserId, DeviceId),
+    sender: UserId,
+    incoming: u64,
+) -> Result<(), SendRefusal> {
+    if sender == device.0 {
+        return Ok(());
+    }
+    if !within_sender_share(shared, device, sender, incoming) {
+        return Err(SendRefusal::OverMailboxShare);
+    }
+    let Some(handle) = shared.shards.home_of(device.0) else { return Ok(()) };
+    let mut shard = handle.borrow_mut();
+    let (len, bytes) = (shard.mailbox_len(device), shard.mailbox_bytes(device));
+    if len >= shared.config.mailbox_max_messages
+        || bytes + incoming > shared.config.mailbox_max_bytes
+    {
+        return Err(SendRefusal::MailboxFull);
+    }
+    Ok(())
 }
 
 /// What a full mailbox drops and who is told.

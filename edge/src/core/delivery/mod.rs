@@ -189,6 +189,10 @@ impl Delivery {
     ) -> Result<(), SendRefusal> {
         let (me, peer) = (meta.sender.0, meta.peer);
         let blocked = peer != me && shared.shards.blocked_by(peer, me);
+        for copy in send.copies.iter().filter(|c| !blocked && c.user_id.to_native() == peer) {
+            let device = (peer, copy.device_id.to_native());
+            mailbox::admit(shared, device, me, copy.ciphertext.len() as u64)?;
+        }
         let copies = send
             .copies
             .iter()

@@ -12,7 +12,7 @@ use tern_wire::messages::{
 };
 use tern_wire::EnvelopeRef;
 
-use super::mailbox::{make_room, within_sender_share};
+use super::mailbox::{admit, make_room};
 use super::server_envelope::append_envelope_to;
 use crate::core::shards::Waits;
 use crate::core::shared::Shared;
@@ -84,7 +84,10 @@ pub fn append_copies<'c, S: Storage>(
             tracing::error!(?owner, "a copy for a device homed on another core");
             continue;
         }
-        make_room(shared, owner, ciphertext.len() as u64);
+        if owner.0 == user_id {
+            // The sender's own devices' copies make room; others' were admitted.
+            make_room(shared, owner, ciphertext.len() as u64);
+        }
         let Some(handle) = shared.shards.local(shard_id).cloned() else { continue };
         let mut shard = handle.borrow_mut();
         // The conversation as the mailbox owner sees it: the other party.
@@ -148,11 +151,11 @@ fn store_copies<S: Storage>(
     if let Err(refusal) = check_copies(&expected, &given) {
         return (Err(refusal), Vec::new());
     }
-    let over_share = copies.iter().any(|c| {
-        !within_sender_share(shared, (peer, c.device_id), sender.0, c.ciphertext.len() as u64)
-    });
-    if over_share {
-        return (Err(SendRefusal::OverMailboxShare), Vec::new());
+    let admitted = copies
+        .iter()
+        .try_for_each(|c| admit(shared, (peer, c.device_id), sender.0, c.ciphertext.len() as u64));
+    if let Err(refusal) = admitted {
+        return (Err(refusal), Vec::new());
     }
     let copies = copies.iter().map(|c| ((peer, c.device_id), c.e2e_type, &c.ciphertext[..]));
     match append_copies(shared, wakeups, meta, copies) {
@@ -183,7 +186,7 @@ pub fn serve_server_envelope<S: Storage>(
 /// Appends a server-made envelope with an archived `body` to every device of
 /// `to_user`, homed here (nothing if there is no such user, for a receipt from someone
 /// `to_user` blocked, or for a read receipt to someone who turned read receipts off; not
-/// to devices where `from` holds its whole mailbox share).
+/// to devices whose mailbox is full or holds `from`'s whole share of it).
 pub fn append_server_envelope<S: Storage>(
     shared: &mut Shared<S>,
     to_user: UserId,
@@ -202,10 +205,8 @@ pub fn append_server_envelope<S: Storage>(
         }
     }
     let mut devices = shared.shards.devices_of(to_user).unwrap_or_default();
-    // A flooding reader's receipts (or adder's group events) past its share are dropped.
-    devices.retain(|device| within_sender_share(shared, *device, from.0, body.len() as u64));
-    for device in &devices {
-        make_room(shared, *device, body.len() as u64);
-    }
+    // Not to a full mailbox, nor past the sender's share of it: a receipt or a notice is
+    // dropped there (nothing the mailbox holds is dropped for it).
+    devices.retain(|device| admit(shared, *device, from.0, body.len() as u64).is_ok());
     append_envelope_to(shared, devices, from, kind, body)
 }

@@ -31,7 +31,7 @@ use tern_wire::MessageType;
 
 use self::admission::{added_users, Admission};
 use super::conns::ConnId;
-use super::delivery::mailbox::{make_room, tell_server_envelope, within_sender_share};
+use super::delivery::mailbox::{admit, make_room, tell_server_envelope};
 use super::delivery::server_envelope::archive;
 use super::shards::Waits;
 use super::shared::Shared;
@@ -461,7 +461,8 @@ fn store_for_shard<S: Storage>(
     if devices.is_empty() {
         return None;
     }
-    for device in &devices {
+    for device in devices.iter().filter(|d| d.0 == delivery.sender.0) {
+        // The sender's own other devices make room; the members' were admitted.
         make_room(shared, *device, delivery.body.len() as u64);
     }
     let handle = shared.shards.local(shard_id).cloned()?;
@@ -499,8 +500,9 @@ fn store_for_shard<S: Storage>(
     Some((shard_id, appended.record_seq))
 }
 
-/// The devices where the sender holds less than its mailbox share; for a message, the
-/// sender is told (`SentDropped`) which members' devices it could not reach.
+/// The devices whose mailbox admits the envelope (room left, the sender within its
+/// share); for a message, the sender is told (`SentDropped`) which members' devices it
+/// could not reach.
 fn within_share_or_told<S: Storage>(
     shared: &mut Shared<S>,
     delivery: &GroupDelivery,
@@ -508,7 +510,7 @@ fn within_share_or_told<S: Storage>(
 ) -> Vec<(UserId, DeviceId)> {
     let (sender, bytes) = (delivery.sender.0, delivery.body.len() as u64);
     let (within, over): (Vec<_>, Vec<_>) =
-        devices.into_iter().partition(|d| within_sender_share(shared, *d, sender, bytes));
+        devices.into_iter().partition(|d| admit(shared, *d, sender, bytes).is_ok());
     if delivery.kind == EnvelopeKind::GroupEvent {
         return within;
     }

@@ -241,8 +241,8 @@ fn a_retried_send_is_stored_once() {
 }
 
 #[test]
-fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
-    // One sender may fill the whole mailbox here: what is dropped is the oldest.
+fn a_full_mailbox_refuses_more_and_loses_nothing() {
+    // One sender may fill the whole mailbox here (no share), to reach its limit alone.
     let core = CoreConfig {
         mailbox_max_messages: 5,
         mailbox_sender_share_percent: 100,
@@ -252,28 +252,28 @@ fn a_full_mailbox_drops_the_oldest_and_says_how_many() {
     let alice = register(&mut world, "+15550021", 0);
     let bob = register(&mut world, "+15550022", 0);
     let mut a = login(&mut world, &alice);
-    let mut ids = Vec::new();
+    let mut refused = 0;
     for id in 1..=12u64 {
-        let ack = a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes()));
-        ids.push(ack.access::<SendAck>().server_message_id.to_native());
-    }
-    let mut b = login(&mut world, &bob);
-    let (texts, dropped) = drain(&mut world, &mut b);
-    assert!(texts.len() <= 5, "{} queued", texts.len());
-    assert_eq!(texts.len() as u64 + dropped, 12, "every message delivered or announced");
-    let kept: Vec<Vec<u8>> = (dropped + 1..=12).map(|i| format!("m{i}").into_bytes()).collect();
-    assert_eq!(texts, kept, "the newest are kept, in order");
-    let mut lost = Vec::new();
-    for frame in a.take_all(&mut world, MessageType::Deliver) {
-        if let Ok(EnvelopeContent::Notice(notice)) = frame.deliver().envelope.content() {
-            if let NoticeBody::SentDropped { message_ids, .. } =
-                rkyv::deserialize::<NoticeBody, Failure>(notice).unwrap()
-            {
-                lost.extend(message_ids);
+        let reply = a.request(&mut world, &text(&bob, id, format!("m{id}").as_bytes()));
+        match reply.error_code() {
+            None => drop(reply.access::<SendAck>()),
+            Some(code) => {
+                assert_eq!(code, ErrorCode::QuotaExceeded, "{}", reply.describe());
+                refused += 1;
             }
         }
     }
-    assert_eq!(lost, ids[..dropped as usize], "the sender learns exactly which were lost");
+    assert_eq!(refused, 7, "five fit; the rest are refused, not stored");
+    let mut b = login(&mut world, &bob);
+    let (texts, dropped) = drain(&mut world, &mut b);
+    let kept: Vec<Vec<u8>> = (1..=5).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!((texts, dropped), (kept, 0), "every acknowledged message, nothing dropped");
+    assert!(a
+        .take_all(&mut world, MessageType::Deliver)
+        .iter()
+        .all(|f| f.deliver().envelope.kind != tern_wire::messages::ArchivedEnvelopeKind::Notice));
+    // Read, the mailbox takes messages again.
+    a.request(&mut world, &text(&bob, 13, b"again")).access::<SendAck>();
 }
 
 #[test]
