@@ -179,9 +179,7 @@ impl Index {
             .filter(|(_, head_seq, entries)| {
                 head_seq.saturating_add(entries.len() as u64) < MAILBOX_SEQ_MAX
             })
-            .map(|(device, head_seq, entries)| {
-                (device, Mailbox { head_seq, entries, tally: None })
-            })
+            .map(|(device, head_seq, entries)| (device, Mailbox { head_seq, entries, tally: None }))
             .collect();
         let dropped = (mailboxes_before - mailboxes.len()) as u64;
         let index = Index {
