@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// The data directory format this build reads and writes.
-pub const DATA_DIR_FORMAT_VERSION: u32 = 1;
+pub const DATA_DIR_FORMAT_VERSION: u32 = 2;
 /// Largest shard count a directory may be created with (shard ids are 16 bits in
 /// message ids; 4096 is far beyond one machine's cores).
 pub const SHARD_COUNT_MAX: u32 = 4096;
@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(reopened.manifest(), created.manifest());
         assert!(reopened.shard_dir(3).ends_with("shard-0003"));
         let text = std::fs::read_to_string(dir.path().join("MANIFEST")).unwrap();
-        assert!(text.starts_with("tern-data-dir\nformat_version 1\nshard_count 8\n"));
+        assert!(text.starts_with("tern-data-dir\nformat_version 2\nshard_count 8\n"));
     }
 
     #[test]
@@ -297,12 +297,15 @@ mod tests {
         std::fs::write(&path, text.replace("shard_count 4", "shard_count 5")).unwrap();
         assert!(matches!(DataDir::open_existing(dir.path()), Err(ManifestError::Corrupt { .. })));
 
-        let future = Manifest { format_version: 2, shard_count: 1, created_ms: 0 };
-        std::fs::write(&path, future.to_text()).unwrap();
-        assert!(matches!(
-            DataDir::open_existing(dir.path()),
-            Err(ManifestError::UnsupportedVersion { found: 2 })
-        ));
+        for other in [1, 3] {
+            // Version 1 (before the state layout changed) and a future one: refused.
+            let manifest = Manifest { format_version: other, shard_count: 1, created_ms: 0 };
+            std::fs::write(&path, manifest.to_text()).unwrap();
+            assert!(matches!(
+                DataDir::open_existing(dir.path()),
+                Err(ManifestError::UnsupportedVersion { found }) if found == other
+            ));
+        }
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(
             DataDir::open_or_create(&DataDirLock::acquire(empty.path()).unwrap(), 0, 0),
