@@ -158,6 +158,10 @@ struct Args {
     /// core (`RateLimited` beyond).
     #[arg(long, default_value_t = 20)]
     link_requests_per_address_per_hour: u32,
+    /// Seconds a connection's output may sit over its 1 MiB bound with the client reading
+    /// none of it before the connection is closed with `NotReading`.
+    #[arg(long, default_value_t = 20.0)]
+    stalled_output_s: f64,
     /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
     /// 16 costs a phone well under a second).
     #[arg(long, default_value_t = 0)]
@@ -235,6 +239,7 @@ fn core_config(args: &Args) -> CoreConfig {
         code_budget_loopback: args.code_budget_loopback,
         pre_auth_per_address: args.pre_auth_per_address,
         link_requests_per_address_per_hour: args.link_requests_per_address_per_hour,
+        stall_timeout_ms: (args.stalled_output_s * 1000.0) as u64,
         push_insecure_endpoints: args.push_insecure_endpoints,
         push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),

@@ -476,11 +476,13 @@ fn kernel_queued(port: u16) -> u64 {
 /// authenticating (the fetches answered `AuthRequired`) and never reads. For three
 /// seconds the server's output gauge stays within the per-connection bounds, the
 /// kernel's queues of its sockets within their caps and its RSS within 128 MiB of where
-/// it started; Alice's message still reaches Bob.
+/// it started; then both are closed for output that stalled; Alice's message still
+/// reaches Bob.
 #[test]
 fn clients_that_ask_and_never_read_cost_bounded_memory() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &["--cores", "1", "--auth-deadline-s", "30"]);
+    let args = ["--cores", "1", "--auth-deadline-s", "30", "--stalled-output-s", "1"];
+    let mut server = Server::start(dir.path(), &args);
     let mallory = register(&mut server, "+15550361", 0);
     let (alice, bob) =
         (register(&mut server, "+15550362", 5), register(&mut server, "+15550363", 5));
@@ -519,6 +521,18 @@ fn clients_that_ask_and_never_read_cost_bounded_memory() {
     assert!(most_in_kernel <= 3 << 20, "{most_in_kernel} bytes in ternd's socket queues");
     let grown_mib = most_kib.saturating_sub(started_kib) / 1024;
     assert!(grown_mib <= 128, "ternd grew by {grown_mib} MiB for two clients that never read");
+    // Their output stalled (nothing read for a second, `--stalled-output-s`): both are
+    // closed with `NotReading`, not left paused until the idle timeout (before).
+    let connections = || {
+        let (_, metrics) = server.admin_get("/metrics");
+        let line = metrics.lines().find(|l| l.starts_with("tern_connections{")).unwrap();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never-readers still open");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let (mut a, mut b) = (login(&server, alice), login(&server, bob));
     a.request(&text(bob, 1, b"still here")).access::<SendAck>();

@@ -56,6 +56,9 @@ pub struct CoreConfig {
     /// Connections from one network address that have not authenticated yet, at most,
     /// per core (0: no limit; see `core::addresses`).
     pub pre_auth_per_address: u32,
+    /// How long a connection's output may sit over its bound with nothing read before it
+    /// is closed with `NotReading`.
+    pub stall_timeout_ms: u64,
     /// Devices asking to be linked per client address per hour, per core.
     pub link_requests_per_address_per_hour: u32,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
@@ -100,6 +103,7 @@ impl Default for CoreConfig {
             code_budget_loopback: false,
             pre_auth_per_address: 64,
             link_requests_per_address_per_hour: 20,
+            stall_timeout_ms: crate::core::conns::STALL_TIMEOUT_MS,
             code_pow_bits: 0,
             push_insecure_endpoints: false,
             push_allowed_hosts: Vec::new(),

@@ -34,6 +34,12 @@ pub const OUTBOUND_BYTES_MAX: usize = 1 << 20;
 /// Output that passes this anyway (pushes from others to a client that does not read)
 /// closes the connection with [`SessionRefusal::NotReading`].
 pub const OUTBOUND_HARD_BYTES_MAX: usize = 8 << 20;
+
+/// A connection whose output sits over [`OUTBOUND_BYTES_MAX`] this long with the socket
+/// taking none of it is closed with `NotReading` (its reading is paused, so without this
+/// it lived to the idle timeout, holding its buffers: the abuse run's never-readers).
+/// Any progress resets the clock, so a slow reader is not a stalled one.
+pub const STALL_TIMEOUT_MS: u64 = 20_000;
 /// The largest frame a connection may send before it authenticates (after `Hello`;
 /// before it, `HANDSHAKE_MAX_FRAME_BYTES`): a registration or link request with a full
 /// set of keys fits many times over; the negotiated limit applies once authenticated.
@@ -97,6 +103,9 @@ pub struct Conn {
     pub(super) link_asked: bool,
     /// Its address key while it counts as unauthenticated ([`PreAuthCounts`]).
     pre_auth_key: Option<IpAddr>,
+    /// Since when its output has been over [`OUTBOUND_BYTES_MAX`] with the socket taking
+    /// none of it (monotonic ms): past the stall timeout it is closed (`NotReading`).
+    stalled_since_ms: Option<u64>,
 }
 
 impl Conn {
@@ -119,6 +128,7 @@ impl Conn {
             downloads_in_flight: 0,
             link_asked: false,
             pre_auth_key: None,
+            stalled_since_ms: None,
         }
     }
 
@@ -139,14 +149,20 @@ impl Conn {
         }
     }
 
-    fn deadline_ms(&self, idle_timeout_ms: u64) -> u64 {
-        match (self.close_deadline_ms, self.state) {
-            (Some(close), _) => close,
+    fn deadline_ms(&self, idle_timeout_ms: u64, stall_timeout_ms: u64) -> u64 {
+        let deadline = match (self.close_deadline_ms, self.state) {
+            (Some(close), _) => return close,
             (None, ConnState::Authenticated { .. }) => {
                 self.last_frame_ms.saturating_add(idle_timeout_ms)
             }
             (None, _) => self.auth_deadline_ms,
-        }
+        };
+        deadline.min(self.stall_deadline_ms(stall_timeout_ms))
+    }
+
+    /// When its stalled output closes it (`u64::MAX`: not stalled).
+    fn stall_deadline_ms(&self, stall_timeout_ms: u64) -> u64 {
+        self.stalled_since_ms.map_or(u64::MAX, |since| since.saturating_add(stall_timeout_ms))
     }
 }
 
@@ -158,6 +174,8 @@ pub enum Expiry {
     /// It did not finish flushing before its close: dropped (the runtime sees
     /// [`Conns::must_abort`]).
     Aborted,
+    /// Its output stalled over the bound: it asks and does not read. Closed.
+    NotReading,
 }
 
 /// Connection counters (part of the core's metrics).
@@ -183,6 +201,8 @@ pub struct Conns {
     deadlines: BinaryHeap<Reverse<(u64, ConnId)>>,
     auth_deadline_ms: u64,
     idle_timeout_ms: u64,
+    /// How long output may sit over its bound with the socket taking none of it.
+    stall_timeout_ms: u64,
     max_connections: usize,
     /// Unauthenticated connections per address, and their limit.
     pre_auth: PreAuthCounts,
@@ -202,6 +222,7 @@ impl Conns {
             deadlines: BinaryHeap::new(),
             auth_deadline_ms,
             idle_timeout_ms,
+            stall_timeout_ms: STALL_TIMEOUT_MS,
             max_connections: usize::MAX,
             pre_auth: PreAuthCounts::new(0, false),
             counters: ConnCounters::default(),
@@ -231,6 +252,12 @@ impl Conns {
             self.close(id, now_ms);
         }
         id
+    }
+
+    /// How long output may sit over its bound with the socket taking none of it before
+    /// the connection is closed with `NotReading` (default [`STALL_TIMEOUT_MS`]).
+    pub fn set_stall_timeout_ms(&mut self, stall_timeout_ms: u64) {
+        self.stall_timeout_ms = stall_timeout_ms;
     }
 
     /// At most `max` unauthenticated connections per network address (0: no limit);
@@ -395,11 +422,22 @@ impl Conns {
     /// The socket (or a layer) took `n` bytes of the output; an emptied buffer's memory
     /// is freed (an idle connection holds none).
     pub fn consume(&mut self, conn: ConnId, n: usize) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.outbound.drain(..n.min(c.outbound.len()));
-            if c.outbound.is_empty() && c.outbound.capacity() > 0 {
-                c.outbound = Vec::new();
-            }
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.outbound.drain(..n.min(c.outbound.len()));
+        if c.outbound.is_empty() && c.outbound.capacity() > 0 {
+            c.outbound = Vec::new();
+        }
+        if n == 0 {
+            return;
+        }
+        // Progress: the stall clock starts again (its pending deadline finds it moved
+        // later), or stops under the bound.
+        let over = c.outbound.len() >= OUTBOUND_BYTES_MAX;
+        let armed = c.stalled_since_ms.is_some();
+        c.stalled_since_ms = over.then_some(self.now_ms);
+        if over && !armed {
+            let deadline = self.now_ms.saturating_add(self.stall_timeout_ms);
+            self.deadlines.push(Reverse((deadline, conn)));
         }
     }
 
@@ -419,6 +457,14 @@ impl Conns {
 
     /// Closes `conn` if its output passed the hard bound: it has not been reading.
     fn bound_output(&mut self, conn: ConnId) {
+        let now_ms = self.now_ms;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.outbound.len() >= OUTBOUND_BYTES_MAX && c.stalled_since_ms.is_none() {
+                c.stalled_since_ms = Some(now_ms);
+                let deadline = now_ms.saturating_add(self.stall_timeout_ms);
+                self.deadlines.push(Reverse((deadline, conn)));
+            }
+        }
         let over = self
             .conns
             .get(&conn)
@@ -569,6 +615,16 @@ impl Conns {
         self.deadlines.peek().map(|Reverse((deadline, _))| *deadline)
     }
 
+    /// Drops `conn` now, without flushing its output (for a client that does not read:
+    /// it would never take the rest, nor the error).
+    pub fn abort(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+            c.abort = true;
+            self.wake(conn);
+        }
+    }
+
     /// The connections whose deadline passed by `now_ms`, and what that means for each.
     pub fn take_expired(&mut self, now_ms: u64) -> Vec<(ConnId, Expiry)> {
         let mut expired = Vec::new();
@@ -578,7 +634,7 @@ impl Conns {
             }
             self.deadlines.pop();
             let Some(c) = self.conns.get_mut(&conn) else { continue };
-            let actual = c.deadline_ms(self.idle_timeout_ms);
+            let actual = c.deadline_ms(self.idle_timeout_ms, self.stall_timeout_ms);
             if actual > now_ms {
                 // It moved later (traffic, authentication): look again then.
                 self.deadlines.push(Reverse((actual, conn)));
@@ -588,6 +644,8 @@ impl Conns {
                 c.abort = true;
                 self.wake(conn);
                 expired.push((conn, Expiry::Aborted));
+            } else if c.stall_deadline_ms(self.stall_timeout_ms) <= now_ms {
+                expired.push((conn, Expiry::NotReading));
             } else {
                 expired.push((conn, Expiry::TimedOut));
             }

@@ -13,7 +13,7 @@ use tern_engine::{StateOp, Storage};
 use tern_wire::messages::{ArchivedAuth, ArchivedHello, AuthOk, KeysLow, Welcome};
 use tern_wire::{negotiate_max_frame_bytes, negotiate_version, Message, MessageType};
 
-use super::conns::{ConnId, ConnState, Expiry};
+use super::conns::{ConnId, ConnState, Expiry, OUTBOUND_BYTES_MAX};
 use super::keys::ONE_TIME_KEYS_LOW;
 use super::presence::Presence;
 use super::shared::Shared;
@@ -165,6 +165,12 @@ pub fn closed<S: Storage>(shared: &mut Shared<S>, presence: &mut Presence, conn:
 pub fn handle_timeout<S: Storage>(shared: &mut Shared<S>) {
     let now_ms = shared.now.mono_ms();
     for (conn, expiry) in shared.conns.take_expired(now_ms) {
+        if expiry == Expiry::NotReading {
+            shared.conns.counters_mut().protocol_errors += 1;
+            let refusal = SessionRefusal::NotReading { bytes: OUTBOUND_BYTES_MAX };
+            shared.conns.refuse(conn, 0, 0, &refusal); // Logged with it, if never read.
+            shared.conns.abort(conn);
+        }
         if expiry == Expiry::TimedOut {
             // A missed auth deadline is a failed connection; an idle one closing is not.
             transport_failed(shared, conn);
