@@ -3,12 +3,10 @@
 //! a TTL or a code's expiry) and the interleaving chosen by the seed. The binary-level
 //! tests in `edge/tests/` keep what needs the runtime: sockets, transports, signals.
 
-use rkyv::rancor::Failure;
 use tern_wire::messages::{
     ArchivedNoticeBody, Block, CodeSent, Conversation, DeliveryAck, Done, ErrorFrame, GroupChange,
-    GroupInfo, GroupInfoRequest, GroupUpdated, NoticeBody, Ping, Pong, PresenceEvent,
-    PresenceSubscribe, ProfileGet, ReceiptKind, Registered, Report, ReportReason, SendAck,
-    SendReceipt, SetContacts,
+    GroupInfo, GroupInfoRequest, GroupUpdated, Ping, Pong, PresenceEvent, PresenceSubscribe,
+    ProfileGet, ReceiptKind, Registered, Report, ReportReason, SendAck, SendReceipt, SetContacts,
 };
 use tern_wire::messages::{Bundles, FetchBundles, Profile, ProfileSet, Visibility};
 use tern_wire::{EnvelopeContent, ErrorCode, MessageType};
