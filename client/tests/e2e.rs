@@ -301,7 +301,9 @@ async fn tampered_and_replayed_ciphertexts_are_refused() {
 async fn keys_run_out_fall_back_and_are_refilled() {
     let data = data_dir();
     let stores = tempfile::tempdir().unwrap();
-    let mut server = Server::start(data.path(), &["--key-fetches-per-hour", "1000"]);
+    // Both fetch budgets high, so that one requester can drain Bob's keys here.
+    let budgets = ["--key-fetches-per-hour", "1000", "--one-time-key-fetches-per-hour", "1000"];
+    let mut server = Server::start(data.path(), &budgets);
     let alice = register(&mut server, stores.path(), "alice", "+15580031").await;
     let bob = register(&mut server, stores.path(), "bob", "+15580032").await;
     let bob_id = bob.user_id();

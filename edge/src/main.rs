@@ -181,6 +181,10 @@ struct Args {
     /// Key-bundle fetches allowed per (requester, target) pair per hour.
     #[arg(long, default_value_t = 10)]
     key_fetches_per_hour: u32,
+    /// Fetches of one user's bundles that hand out one-time keys, per hour and core, from
+    /// all requesters together; beyond, bundles carry the fallback key only.
+    #[arg(long, default_value_t = 30)]
+    one_time_key_fetches_per_hour: u32,
 }
 
 fn main() -> ExitCode {
@@ -229,6 +233,7 @@ fn core_config(args: &Args) -> CoreConfig {
             burst: f64::from(args.key_fetches_per_hour),
             per_second: f64::from(args.key_fetches_per_hour) / 3600.0,
         },
+        one_time_key_fetches_per_hour: args.one_time_key_fetches_per_hour,
         mailbox_max_messages: args.mailbox_max_messages.max(2),
         mailbox_max_bytes: args.mailbox_max_bytes,
         mailbox_sender_share_percent: args.mailbox_sender_share_percent,

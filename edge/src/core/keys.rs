@@ -28,9 +28,10 @@ use crate::work::CheckPrekeys;
 /// A device is told to upload more one-time prekeys below this stock.
 pub const ONE_TIME_KEYS_LOW: u32 = 15;
 /// Fetches of one user's bundles that take one-time keys, per hour and core, from all
-/// requesters together (beyond: the fallback key; a session starts all the same, with
-/// a little less forward secrecy for its first message). A user rarely hears from more
-/// than a few new devices an hour; a fleet of accounts draining keys is held here.
+/// requesters together, by default (`--one-time-key-fetches-per-hour`; beyond: the
+/// fallback key, and a session starts all the same, with a little less forward secrecy
+/// for its first message). A user rarely hears from more than a few new devices an
+/// hour; a fleet of accounts draining keys is held here.
 pub const ONE_TIME_KEY_FETCHES_PER_HOUR: u32 = 30;
 
 /// One-time keys one frame (a registration, a link request, an upload) may carry.
@@ -76,9 +77,9 @@ struct PendingUpload {
 pub struct Keys {
     fetch_limits: RateLimiter<(UserId, UserId)>,
     /// Fetches of each user homed here that took one-time keys, in the last hour: past
-    /// [`ONE_TIME_KEY_FETCHES_PER_HOUR`] the bundles carry only the fallback key, so many
-    /// accounts together cannot drain a user's one-time keys (each pair has its own
-    /// limit, so one account per target was enough before).
+    /// its limit ([`ONE_TIME_KEY_FETCHES_PER_HOUR`] by default) the bundles carry only
+    /// the fallback key, so many accounts together cannot drain a user's one-time keys
+    /// (each pair has its own limit, so one account per target was enough before).
     one_time_fetches: HourlyWindow<UserId>,
     /// Fetches waiting for the target's core: token → (connection, request, target).
     fetches: HashMap<u64, (ConnId, u32, UserId)>,
@@ -87,11 +88,12 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// Empty, with the per-pair fetch rate.
-    pub fn new(fetch_rate: Rate) -> Keys {
+    /// Empty, with the per-pair fetch rate and the per-user hourly budget of fetches
+    /// that take one-time keys.
+    pub fn new(fetch_rate: Rate, one_time_fetches_per_hour: u32) -> Keys {
         Keys {
             fetch_limits: RateLimiter::new(fetch_rate),
-            one_time_fetches: HourlyWindow::new(ONE_TIME_KEY_FETCHES_PER_HOUR),
+            one_time_fetches: HourlyWindow::new(one_time_fetches_per_hour),
             fetches: HashMap::new(),
             uploads: HashMap::new(),
         }
