@@ -27,7 +27,10 @@ pub struct CoreConfig {
     /// contact; draining someone's one-time keys needs many.
     pub fetch_rate: Rate,
     /// Fetches of one user's bundles that take one-time keys, per hour and core, from
-    /// all requesters together (the fallback key after).
+    /// all requesters together (beyond: the fallback key, and a session starts all the
+    /// same, with a little less forward secrecy for its first message). A user rarely
+    /// hears from more than a few new devices an hour; a fleet of accounts draining keys
+    /// is held here.
     pub one_time_key_fetches_per_hour: u32,
     /// Envelopes queued per device at most (the oldest are dropped, with notices).
     pub mailbox_max_messages: u64,
@@ -94,7 +97,7 @@ impl Default for CoreConfig {
             heartbeat_interval_ms: 30_000,
             send_rate: Rate { burst: 200.0, per_second: 50.0 },
             fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
-            one_time_key_fetches_per_hour: crate::core::keys::ONE_TIME_KEY_FETCHES_PER_HOUR,
+            one_time_key_fetches_per_hour: 30,
             mailbox_max_messages: 10_000,
             mailbox_max_bytes: 256 << 20,
             mailbox_sender_share_percent: 50,

@@ -27,12 +27,6 @@ use crate::work::CheckPrekeys;
 
 /// A device is told to upload more one-time prekeys below this stock.
 pub const ONE_TIME_KEYS_LOW: u32 = 15;
-/// Fetches of one user's bundles that take one-time keys, per hour and core, from all
-/// requesters together, by default (`--one-time-key-fetches-per-hour`; beyond: the
-/// fallback key, and a session starts all the same, with a little less forward secrecy
-/// for its first message). A user rarely hears from more than a few new devices an
-/// hour; a fleet of accounts draining keys is held here.
-pub const ONE_TIME_KEY_FETCHES_PER_HOUR: u32 = 30;
 
 /// One-time keys one frame (a registration, a link request, an upload) may carry.
 pub const ONE_TIME_KEYS_PER_FRAME_MAX: usize = 100;
@@ -77,7 +71,7 @@ struct PendingUpload {
 pub struct Keys {
     fetch_limits: RateLimiter<(UserId, UserId)>,
     /// Fetches of each user homed here that took one-time keys, in the last hour: past
-    /// its limit ([`ONE_TIME_KEY_FETCHES_PER_HOUR`] by default) the bundles carry only
+    /// its limit (`CoreConfig::one_time_key_fetches_per_hour`) the bundles carry only
     /// the fallback key, so many accounts together cannot drain a user's one-time keys
     /// (each pair has its own limit, so one account per target was enough before).
     one_time_fetches: HourlyWindow<UserId>,
