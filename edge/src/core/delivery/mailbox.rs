@@ -228,7 +228,7 @@ pub fn tell_server_envelope<S: Storage, T>(
 /// (homed here): a sender may hold its share of a mailbox's limits and no more, so that
 /// flooding somebody's mailbox refuses the flooder's messages instead of dropping
 /// everyone else's. The server and the device's own user are not held to it.
-pub fn within_sender_share<S: Storage>(
+fn within_sender_share<S: Storage>(
     shared: &Shared<S>,
     device: (UserId, DeviceId),
     sender: UserId,
