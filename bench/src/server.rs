@@ -27,6 +27,22 @@ pub fn start(binary: &Path, data_dir: &Path, extra: &[String]) -> Ternd {
     start_logged(binary, data_dir, extra, None)
 }
 
+/// Whether `binary`'s `--help` lists `flag` (a binary built before the flag existed is
+/// still measurable without it).
+pub fn knows_flag(binary: &Path, flag: &str) -> bool {
+    let help = Command::new(binary).arg("--help").output();
+    help.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
+}
+
+/// The per-device and per-connection budgets a load generator must not meet (it
+/// messages whoever it likes, as fast as it can), lifted, for the flags `binary` has.
+pub const LIFTED_BUDGETS: [&str; 2] = ["--stranger-sends-per-second", "--requests-per-second"];
+
+fn unlimited_budgets(binary: &Path) -> Vec<&'static str> {
+    let known = LIFTED_BUDGETS.into_iter().filter(|flag| knows_flag(binary, flag));
+    known.flat_map(|flag| [flag, "1000000"]).collect()
+}
+
 /// Starts `binary` as [`start`] does, and also copies every line of its log to `log`.
 pub fn start_logged(binary: &Path, data_dir: &Path, extra: &[String], log: Option<&Path>) -> Ternd {
     let mut child = Command::new(binary)
@@ -36,6 +52,7 @@ pub fn start_logged(binary: &Path, data_dir: &Path, extra: &[String], log: Optio
         .args(["--ws-listen", "off", "--wss-listen", "off", "--sends-per-second", "1000000"])
         .args(["--code-requests-per-hour", "1000000"])
         .args(["--code-requests-per-prefix-per-hour", "100000000"])
+        .args(unlimited_budgets(binary))
         .args(extra)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

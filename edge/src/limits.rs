@@ -2,7 +2,8 @@
 //!
 //! - [`RateLimiter`]: token buckets. A bucket holds up to `burst` tokens and refills at
 //!   `per_second`; an operation takes one token or is refused with the wait until the
-//!   next token. Idle full buckets are dropped.
+//!   next token. Idle full buckets are dropped. [`TokenBucket`] is one such bucket, for
+//!   an owner that keeps it itself (a connection's refusals).
 //! - [`HourlyWindow`]: at most `limit` events per key in any sliding hour (verification
 //!   codes per number, per number prefix, per network address: budgets an operator
 //!   states per hour). Keys with nothing in the last hour are dropped.
@@ -24,17 +25,49 @@ pub struct Rate {
     pub per_second: f64,
 }
 
+/// One token bucket; its owner passes the rate in (one rate serves many buckets).
 #[derive(Clone, Copy, Debug)]
-struct Bucket {
+pub struct TokenBucket {
     tokens: f64,
     updated_ms: u64,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now_ms`.
+    pub fn full(rate: Rate, now_ms: u64) -> TokenBucket {
+        TokenBucket { tokens: rate.burst, updated_ms: now_ms }
+    }
+
+    /// Takes a token, or returns how many milliseconds until one is available.
+    pub fn take(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
+        self.refill(rate, now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait_s = (1.0 - self.tokens) / rate.per_second;
+            Err((wait_s * 1000.0).ceil() as u64)
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now_ms: u64) {
+        let elapsed_s = now_ms.saturating_sub(self.updated_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed_s * rate.per_second).min(rate.burst);
+        self.updated_ms = now_ms;
+    }
+
+    /// Whether it would be full at `now_ms` (an idle key's bucket can be dropped).
+    fn full_at(&self, rate: Rate, now_ms: u64) -> bool {
+        let elapsed_s = now_ms.saturating_sub(self.updated_ms) as f64 / 1000.0;
+        self.tokens + elapsed_s * rate.per_second >= rate.burst
+    }
 }
 
 /// Token buckets by key.
 #[derive(Debug)]
 pub struct RateLimiter<K> {
     rate: Rate,
-    buckets: HashMap<K, Bucket>,
+    buckets: HashMap<K, TokenBucket>,
     last_sweep_ms: u64,
 }
 
@@ -51,18 +84,10 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn take(&mut self, key: K, now_ms: u64) -> Result<(), u64> {
         self.sweep(now_ms);
         let rate = self.rate;
-        let bucket =
-            self.buckets.entry(key).or_insert(Bucket { tokens: rate.burst, updated_ms: now_ms });
-        let elapsed_s = now_ms.saturating_sub(bucket.updated_ms) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed_s * rate.per_second).min(rate.burst);
-        bucket.updated_ms = now_ms;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait_s = (1.0 - bucket.tokens) / rate.per_second;
-            Err((wait_s * 1000.0).ceil() as u64)
-        }
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::full(rate, now_ms))
+            .take(rate, now_ms)
     }
 
     fn sweep(&mut self, now_ms: u64) {
@@ -71,10 +96,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
         self.last_sweep_ms = now_ms;
         let rate = self.rate;
-        self.buckets.retain(|_, b| {
-            let elapsed_s = now_ms.saturating_sub(b.updated_ms) as f64 / 1000.0;
-            b.tokens + elapsed_s * rate.per_second < rate.burst
-        });
+        self.buckets.retain(|_, b| !b.full_at(rate, now_ms));
     }
 }
 

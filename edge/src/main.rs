@@ -162,6 +162,11 @@ struct Args {
     /// none of it before the connection is closed with `NotReading`.
     #[arg(long, default_value_t = 20.0)]
     stalled_output_s: f64,
+    /// Requests an authenticated connection may make per second (bursts up to 10
+    /// seconds' worth); past it the connection is read no faster. Acknowledgements and
+    /// upload chunks do not count.
+    #[arg(long, default_value_t = 100.0)]
+    requests_per_second: f64,
     /// Leading zero bits of SHA-256 a client must find before a code is sent (0: off;
     /// 16 costs a phone well under a second).
     #[arg(long, default_value_t = 0)]
@@ -178,6 +183,10 @@ struct Args {
     /// Sends per device per second (steady rate; bursts up to 4 seconds' worth).
     #[arg(long, default_value_t = 50.0)]
     sends_per_second: f64,
+    /// 1:1 sends per device per second to users who never wrote to its account (steady
+    /// rate; bursts up to 12 seconds' worth).
+    #[arg(long, default_value_t = 5.0)]
+    stranger_sends_per_second: f64,
     /// Key-bundle fetches allowed per (requester, target) pair per hour.
     #[arg(long, default_value_t = 10)]
     key_fetches_per_hour: u32,
@@ -229,6 +238,10 @@ fn core_config(args: &Args) -> CoreConfig {
         max_frame_bytes: args.max_frame_bytes,
         code_requests_per_hour: args.code_requests_per_hour,
         send_rate: Rate { burst: args.sends_per_second * 4.0, per_second: args.sends_per_second },
+        stranger_send_rate: Rate {
+            burst: args.stranger_sends_per_second * 12.0,
+            per_second: args.stranger_sends_per_second,
+        },
         fetch_rate: Rate {
             burst: f64::from(args.key_fetches_per_hour),
             per_second: f64::from(args.key_fetches_per_hour) / 3600.0,
@@ -245,6 +258,10 @@ fn core_config(args: &Args) -> CoreConfig {
         pre_auth_per_address: args.pre_auth_per_address,
         link_requests_per_address_per_hour: args.link_requests_per_address_per_hour,
         stall_timeout_ms: (args.stalled_output_s * 1000.0) as u64,
+        request_rate: Rate {
+            burst: args.requests_per_second * 10.0,
+            per_second: args.requests_per_second,
+        },
         push_insecure_endpoints: args.push_insecure_endpoints,
         push_allowed_hosts: args.push_allowed_hosts.clone(),
         code_pow_bits: args.code_pow_bits.min(32),

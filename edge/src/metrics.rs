@@ -14,7 +14,7 @@ type ShardFamily = (&'static str, &'static str, fn(&tern_engine::ShardCounters) 
 type HistogramFamily = (&'static str, &'static str, fn(&CoreStats) -> &Histogram);
 
 /// The metrics with one sample per core, in the order they are rendered.
-const CORE_FAMILIES: [CoreFamily; 17] = [
+const CORE_FAMILIES: [CoreFamily; 18] = [
     ("tern_connections", "gauge", "Open client connections.", |c| c.connections),
     (
         "tern_connections_accepted_total",
@@ -94,6 +94,12 @@ const CORE_FAMILIES: [CoreFamily; 17] = [
         "counter",
         "Connections handed to the core of their phone number or user.",
         |c| c.counters.handed_over,
+    ),
+    (
+        "tern_connections_paced_total",
+        "counter",
+        "Times a connection's reading was paused for drawing refusals faster than allowed.",
+        |c| c.counters.connections_paced,
     ),
 ];
 

@@ -183,6 +183,9 @@ refusals! {
         /// The device's send budget.
         RateLimited { retry_after_ms: u32 } => ErrorCode::RateLimited,
             "too many messages from this device; slow down",
+        /// The device's budget of messages to people who never wrote to its account.
+        StrangerRate { retry_after_ms: u32 } => ErrorCode::RateLimited,
+            "too many messages to people who never wrote to this account; slow down",
         /// No such recipient.
         NoSuchUser => ErrorCode::NotFound, "no such user",
         /// A recipient device's mailbox is full.
@@ -211,6 +214,7 @@ impl Refusal for SendRefusal {
     fn retry_after_ms(&self) -> u32 {
         match self {
             SendRefusal::RateLimited { retry_after_ms } => *retry_after_ms,
+            SendRefusal::StrangerRate { retry_after_ms } => *retry_after_ms,
             SendRefusal::MailboxFull | SendRefusal::OverMailboxShare => 60_000,
             SendRefusal::Storage { refusal } => refusal.retry_after_ms(),
             _ => 0,

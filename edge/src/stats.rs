@@ -37,6 +37,8 @@ pub struct Counters {
     pub mesh_items_out: u64,
     /// Connections handed to another core (registration or auth belonged there).
     pub handed_over: u64,
+    /// Times a connection's reading was paced for drawing refusals past its budget.
+    pub connections_paced: u64,
     /// Connections accepted by this core's listeners (not those handed over to it).
     pub connections_accepted: u64,
     /// Connections that failed: a TLS or WebSocket handshake error or an auth deadline

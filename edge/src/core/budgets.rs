@@ -40,11 +40,14 @@ pub enum Costly {
     MediaBegin,
     /// `PresenceSubscribe`: up to 5,000 watches changed on every core.
     PresenceSubscribe,
+    /// `FetchBundles`: a call to the target's core, a claim that may be stored, and a
+    /// bundle of keys back (the one-time keys have a budget of their own per target).
+    FetchBundles,
 }
 
 impl Costly {
     /// Every kind, in the order of their buckets.
-    const ALL: [Costly; 12] = [
+    const ALL: [Costly; 13] = [
         Costly::Receipt,
         Costly::ProfileGet,
         Costly::GroupUpdate,
@@ -57,6 +60,7 @@ impl Costly {
         Costly::LinkApprove,
         Costly::MediaBegin,
         Costly::PresenceSubscribe,
+        Costly::FetchBundles,
     ];
 
     /// The kind of `message`, if it has a budget here.
@@ -74,6 +78,7 @@ impl Costly {
             Message::LinkApprove(_) => Costly::LinkApprove,
             Message::MediaBegin(_) => Costly::MediaBegin,
             Message::PresenceSubscribe(_) => Costly::PresenceSubscribe,
+            Message::FetchBundles(_) => Costly::FetchBundles,
             _ => return None,
         })
     }
@@ -97,6 +102,9 @@ impl Costly {
             // Clients subscribe again after each reconnection: a flapping network
             // reconnects often, a person's list changes rarely.
             Costly::PresenceSubscribe => (10.0, 1.0 / 10.0),
+            // A new group of 256 strangers is 256 fetches at once; people start a few
+            // conversations a minute.
+            Costly::FetchBundles => (300.0, 5.0),
         };
         Rate { burst, per_second }
     }
@@ -116,6 +124,7 @@ impl Costly {
             Costly::LinkApprove => "link approvals",
             Costly::MediaBegin => "uploads begun",
             Costly::PresenceSubscribe => "presence subscriptions",
+            Costly::FetchBundles => "key-bundle fetches",
         }
     }
 }

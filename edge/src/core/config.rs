@@ -23,6 +23,10 @@ pub struct CoreConfig {
     pub heartbeat_interval_ms: u32,
     /// Sends per device: a burst, then a steady rate (typed `RateLimited` beyond it).
     pub send_rate: Rate,
+    /// 1:1 sends per device to users who never wrote to its account (typed
+    /// `StrangerRate` beyond it): a person starts a few conversations a minute; a
+    /// spammer, or a fleet of accounts flooding one victim, many a second.
+    pub stranger_send_rate: Rate,
     /// Key-bundle fetches per (requester, target) pair: a client needs a handful per
     /// contact; draining someone's one-time keys needs many.
     pub fetch_rate: Rate,
@@ -65,6 +69,9 @@ pub struct CoreConfig {
     /// How long a connection's output may sit over its bound with nothing read before it
     /// is closed with `NotReading`.
     pub stall_timeout_ms: u64,
+    /// Requests an authenticated connection may make (a burst, then a steady rate);
+    /// past it the connection is not read until it may make one again.
+    pub request_rate: Rate,
     /// Devices asking to be linked per client address per hour, per core.
     pub link_requests_per_address_per_hour: u32,
     /// Leading zero bits a proof of work must have before a code is sent (0: none asked).
@@ -96,6 +103,7 @@ impl Default for CoreConfig {
             default_ttl_ms: 30 * 24 * 3600 * 1000,
             heartbeat_interval_ms: 30_000,
             send_rate: Rate { burst: 200.0, per_second: 50.0 },
+            stranger_send_rate: Rate { burst: 60.0, per_second: 5.0 },
             fetch_rate: Rate { burst: 10.0, per_second: 10.0 / 3600.0 },
             one_time_key_fetches_per_hour: 30,
             mailbox_max_messages: 10_000,
@@ -111,6 +119,7 @@ impl Default for CoreConfig {
             pre_auth_per_address: 64,
             link_requests_per_address_per_hour: 20,
             stall_timeout_ms: crate::core::conns::STALL_TIMEOUT_MS,
+            request_rate: crate::core::conns::REQUEST_RATE,
             code_pow_bits: 0,
             push_insecure_endpoints: false,
             push_allowed_hosts: Vec::new(),

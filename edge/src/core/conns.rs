@@ -10,9 +10,11 @@
 //! Deadlines live here too, on the caller's monotonic clock: the auth deadline (from
 //! the connection's start, carried across a hand-off), the idle timeout after auth (from
 //! the last *whole* frame: a client trickling bytes into a frame it never finishes still
-//! meets it), a linking code's lifetime, and a grace to flush before a close. One heap
-//! holds at most one entry per connection plus stale ones: a deadline that moved later is
-//! found stale when popped and pushed again, so traffic costs no heap work.
+//! meets it), a linking code's lifetime, a grace to flush before a close, and the end
+//! of a pause in reading for a connection that drew too many refusals. One heap holds
+//! one live entry per connection plus stale ones: a deadline that moved later is found
+//! stale when popped and pushed again, so traffic costs no heap work; one that moved
+//! earlier gets a new live entry, and the old one is dropped when popped.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -22,6 +24,7 @@ use tern_wire::messages::{DeviceId, ErrorFrame, SendError, UserId};
 use tern_wire::{encode_frame, Payload, WireSerializer, FLAG_RESPONSE, HANDSHAKE_MAX_FRAME_BYTES};
 
 use super::addresses::PreAuthCounts;
+use crate::limits::{Rate, TokenBucket};
 use crate::refusal::{Refusal, SendRefusal, SessionRefusal};
 
 /// A connection's id within its core.
@@ -47,6 +50,24 @@ pub const PRE_AUTH_MAX_FRAME_BYTES: u32 = 64 * 1024;
 /// Downloads one connection may have in flight; past it the connection is not read
 /// until one is answered (each answer can be a megabyte).
 pub const DOWNLOADS_IN_FLIGHT_MAX: u32 = 4;
+/// How many refusals a connection may draw before its reading is paced: a burst no
+/// working client reaches (a refusal answers a request it should not have made, or made
+/// too often), then a few a second. Past it the connection is not read until the
+/// bucket has a token again; the refusal itself still goes out. A client flooding
+/// refused requests (a budget's `RateLimited`, a stranger's `Forbidden`, `AuthRequired`
+/// before auth) is thereby slowed to this rate at no cost to the server: its requests
+/// wait in its own socket, and its writes block. Nothing is dropped.
+pub const REFUSAL_RATE: Rate = Rate { burst: 20.0, per_second: 2.0 };
+/// The requests an authenticated connection may make by default (every frame but the
+/// few that are never answered: acknowledgements, `Pong`s, upload chunks, which the
+/// mailbox and the upload queue already bound). Past it the connection is not read
+/// until a token is back: a client pipelining requests at line rate (pings, lookups)
+/// gets its answers at this pace and costs the server no more, however fast it writes.
+/// A person's client stays far below it (sends have their own, lower budget).
+pub const REQUEST_RATE: Rate = Rate { burst: 1000.0, per_second: 100.0 };
+/// Likewise before authentication, where a client needs a handful of frames (`Hello`,
+/// a registration or a link request, `Auth`).
+pub const PRE_AUTH_REQUEST_RATE: Rate = Rate { burst: 20.0, per_second: 2.0 };
 /// How long a closing connection may take to flush its last frames (an error, say)
 /// before it is dropped regardless.
 pub const CLOSE_GRACE_MS: u64 = 1000;
@@ -106,10 +127,19 @@ pub struct Conn {
     /// Since when its output has been over [`OUTBOUND_BYTES_MAX`] with the socket taking
     /// none of it (monotonic ms): past the stall timeout it is closed (`NotReading`).
     stalled_since_ms: Option<u64>,
+    /// The refusals it may still draw before its reading is paced ([`REFUSAL_RATE`]).
+    refusals: TokenBucket,
+    /// The requests it may still make before its reading is paced ([`REQUEST_RATE`]).
+    requests: TokenBucket,
+    /// Reading is paced until then (monotonic ms): it drew too many refusals or made
+    /// too many requests.
+    paced_until_ms: Option<u64>,
+    /// Its live entry in the deadline heap; other entries of it are stale.
+    scheduled_ms: Option<u64>,
 }
 
 impl Conn {
-    fn new(peer_ip: Option<IpAddr>, auth_deadline_ms: u64) -> Conn {
+    fn new(peer_ip: Option<IpAddr>, auth_deadline_ms: u64, now_ms: u64) -> Conn {
         Conn {
             state: ConnState::AwaitHello,
             outbound: Vec::new(),
@@ -129,14 +159,20 @@ impl Conn {
             link_asked: false,
             pre_auth_key: None,
             stalled_since_ms: None,
+            refusals: TokenBucket::full(REFUSAL_RATE, now_ms),
+            requests: TokenBucket::full(PRE_AUTH_REQUEST_RATE, now_ms),
+            paced_until_ms: None,
+            scheduled_ms: None,
         }
     }
 
     /// Whether reading waits: for the disk (an upload), for answers (downloads in
-    /// flight), or for the client to read its output. What it asks meanwhile stays in
-    /// its socket, so a client that asks and never reads costs a bounded amount.
+    /// flight), for the client to read its output, or for its refusals' pace. What it
+    /// asks meanwhile stays in its socket, so a client that asks and never reads costs
+    /// a bounded amount.
     pub fn reading_paused(&self) -> bool {
-        self.upload_queue_full
+        self.paced_until_ms.is_some()
+            || self.upload_queue_full
             || self.downloads_in_flight >= DOWNLOADS_IN_FLIGHT_MAX
             || self.outbound.len() >= OUTBOUND_BYTES_MAX
     }
@@ -157,7 +193,8 @@ impl Conn {
             }
             (None, _) => self.auth_deadline_ms,
         };
-        deadline.min(self.stall_deadline_ms(stall_timeout_ms))
+        let paced_until = self.paced_until_ms.unwrap_or(u64::MAX);
+        deadline.min(self.stall_deadline_ms(stall_timeout_ms)).min(paced_until)
     }
 
     /// When its stalled output closes it (`u64::MAX`: not stalled).
@@ -189,6 +226,8 @@ pub struct ConnCounters {
     pub protocol_errors: u64,
     /// Handed to another core.
     pub handed_over: u64,
+    /// Times a connection's reading was paced for drawing too many refusals.
+    pub paced: u64,
 }
 
 /// The connection table of one core.
@@ -203,6 +242,8 @@ pub struct Conns {
     idle_timeout_ms: u64,
     /// How long output may sit over its bound with the socket taking none of it.
     stall_timeout_ms: u64,
+    /// The requests an authenticated connection may make.
+    request_rate: Rate,
     max_connections: usize,
     /// Unauthenticated connections per address, and their limit.
     pre_auth: PreAuthCounts,
@@ -223,6 +264,7 @@ impl Conns {
             auth_deadline_ms,
             idle_timeout_ms,
             stall_timeout_ms: STALL_TIMEOUT_MS,
+            request_rate: REQUEST_RATE,
             max_connections: usize::MAX,
             pre_auth: PreAuthCounts::new(0, false),
             counters: ConnCounters::default(),
@@ -241,11 +283,11 @@ impl Conns {
         let id = self.next_id;
         self.next_id += 1;
         let deadline = auth_deadline_ms.unwrap_or(now_ms.saturating_add(self.auth_deadline_ms));
-        let mut c = Conn::new(peer_ip, deadline);
+        let mut c = Conn::new(peer_ip, deadline, now_ms);
         let (key, over) = self.pre_auth.admit(peer_ip);
         c.pre_auth_key = key;
+        schedule(&mut self.deadlines, &mut c, id, deadline);
         self.conns.insert(id, c);
-        self.deadlines.push(Reverse((deadline, id)));
         if over {
             self.refuse(id, 0, 0, &SessionRefusal::AddressBusy);
             self.note_failed(id);
@@ -262,6 +304,12 @@ impl Conns {
 
     /// At most `max` unauthenticated connections per network address (0: no limit);
     /// loopback ones count only with `count_loopback`.
+    /// The requests an authenticated connection may make, a burst then a steady rate.
+    pub fn set_request_rate(&mut self, rate: Rate) {
+        self.request_rate = rate;
+    }
+
+    /// Sets the budget of unauthenticated connections per address.
     pub fn set_pre_auth_per_address(&mut self, max: u32, count_loopback: bool) {
         self.pre_auth = PreAuthCounts::new(max, count_loopback);
     }
@@ -437,7 +485,7 @@ impl Conns {
         c.stalled_since_ms = over.then_some(self.now_ms);
         if over && !armed {
             let deadline = self.now_ms.saturating_add(self.stall_timeout_ms);
-            self.deadlines.push(Reverse((deadline, conn)));
+            schedule(&mut self.deadlines, c, conn, deadline);
         }
     }
 
@@ -462,7 +510,7 @@ impl Conns {
             if c.outbound.len() >= OUTBOUND_BYTES_MAX && c.stalled_since_ms.is_none() {
                 c.stalled_since_ms = Some(now_ms);
                 let deadline = now_ms.saturating_add(self.stall_timeout_ms);
-                self.deadlines.push(Reverse((deadline, conn)));
+                schedule(&mut self.deadlines, c, conn, deadline);
             }
         }
         let over = self
@@ -525,6 +573,7 @@ impl Conns {
     /// `failed_type`.
     pub fn refuse(&mut self, conn: ConnId, rid: u32, failed_type: u16, refusal: &dyn Refusal) {
         self.send(conn, rid, &error_frame(failed_type, refusal));
+        self.charge_refusal(conn);
     }
 
     /// A refused send, as the `SendError` the client matches to its message.
@@ -536,6 +585,51 @@ impl Conns {
         refusal: &SendRefusal,
     ) {
         self.send(conn, rid, &send_error(client_message_id, refusal));
+        self.charge_refusal(conn);
+    }
+
+    /// A refusal went to `conn`: one token from its bucket, and its reading paced until
+    /// the next token if none is left ([`REFUSAL_RATE`]).
+    fn charge_refusal(&mut self, conn: ConnId) {
+        self.charge(conn, |c| (&mut c.refusals, REFUSAL_RATE));
+    }
+
+    /// `conn` made a request (a frame that is answered, or acts on others): one token
+    /// from its bucket ([`REQUEST_RATE`], or [`PRE_AUTH_REQUEST_RATE`] before auth).
+    pub fn charge_request(&mut self, conn: ConnId, message: &tern_wire::Message<'_>) {
+        use tern_wire::Message as M;
+        if matches!(message, M::DeliveryAck(_) | M::DiscardAck(_) | M::Pong(_) | M::MediaChunk(_)) {
+            return;
+        }
+        let rate = self.request_rate;
+        self.charge(conn, |c| match c.state {
+            ConnState::Authenticated { .. } => (&mut c.requests, rate),
+            _ => (&mut c.requests, PRE_AUTH_REQUEST_RATE),
+        });
+    }
+
+    /// `conn` authenticated: its requests get the authenticated budget, full.
+    pub fn authenticated(&mut self, conn: ConnId) {
+        let (rate, now_ms) = (self.request_rate, self.now_ms);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.requests = TokenBucket::full(rate, now_ms);
+        }
+    }
+
+    /// Takes a token from the bucket `pick` names; paces `conn`'s reading until the
+    /// next token if none is left.
+    fn charge(&mut self, conn: ConnId, pick: impl FnOnce(&mut Conn) -> (&mut TokenBucket, Rate)) {
+        let now_ms = self.now_ms;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let (bucket, rate) = pick(c);
+        let Err(wait_ms) = bucket.take(rate, now_ms) else { return };
+        if c.paced_until_ms.is_some() {
+            return;
+        }
+        let until = now_ms.saturating_add(wait_ms);
+        c.paced_until_ms = Some(until);
+        self.counters.paced += 1;
+        schedule(&mut self.deadlines, c, conn, until);
     }
 
     // -- closing and failing -------------------------------------------------------------
@@ -553,7 +647,7 @@ impl Conns {
                 _ => c.auth_deadline_ms.max(grace),
             };
             c.close_deadline_ms = Some(deadline);
-            self.deadlines.push(Reverse((deadline, conn)));
+            schedule(&mut self.deadlines, c, conn, deadline);
         }
         self.wake(conn);
     }
@@ -634,10 +728,21 @@ impl Conns {
             }
             self.deadlines.pop();
             let Some(c) = self.conns.get_mut(&conn) else { continue };
+            if c.scheduled_ms != Some(deadline) {
+                continue; // Superseded by an earlier entry.
+            }
+            c.scheduled_ms = None;
+            let pace_over = c.paced_until_ms.is_some_and(|until| until <= now_ms);
+            if pace_over {
+                c.paced_until_ms = None; // Its pace allows a read again: not an expiry.
+            }
             let actual = c.deadline_ms(self.idle_timeout_ms, self.stall_timeout_ms);
             if actual > now_ms {
-                // It moved later (traffic, authentication): look again then.
-                self.deadlines.push(Reverse((actual, conn)));
+                // It moved later (traffic, authentication, a pace over): look again then.
+                schedule(&mut self.deadlines, c, conn, actual);
+                if pace_over {
+                    self.wake(conn);
+                }
                 continue;
             }
             if c.closing {
@@ -651,6 +756,21 @@ impl Conns {
             }
         }
         expired
+    }
+}
+
+/// Puts `conn`'s deadline in the heap unless its live entry comes no later: one live
+/// entry per connection (the rest are found stale when popped and dropped), however
+/// often its deadline moves.
+fn schedule(
+    deadlines: &mut BinaryHeap<Reverse<(u64, ConnId)>>,
+    c: &mut Conn,
+    conn: ConnId,
+    deadline: u64,
+) {
+    if c.scheduled_ms.is_none_or(|at| deadline < at) {
+        c.scheduled_ms = Some(deadline);
+        deadlines.push(Reverse((deadline, conn)));
     }
 }
 

@@ -37,6 +37,7 @@ pub fn handle<S: Storage>(
     shared.counters.frames_in += 1;
     let Some(state) = shared.conns.get(conn).map(|c| c.state) else { return };
     shared.conns.touch(conn, shared.now.mono_ms());
+    shared.conns.charge_request(conn, &frame.message);
     let rid = frame.header.request_id;
     let ty = frame.header.message_type.code();
     let now_ms = shared.now.mono_ms();

@@ -124,6 +124,7 @@ pub fn auth<S: Storage>(
         c.deliver_cursor = head;
         c.acked_through = head;
     }
+    shared.conns.authenticated(conn);
     shared.conns.touch(conn, shared.now.mono_ms());
     tracing::debug!(conn, user_id = device.0, device_id = device.1, pending, "authenticated");
     if !was_online {

@@ -410,6 +410,7 @@ impl<S: Storage> Core<S> {
             (conns.accepted, conns.failed);
         (counters.protocol_errors, counters.handed_over) =
             (conns.protocol_errors, conns.handed_over);
+        counters.connections_paced = conns.paced;
         (counters.mesh_batches_out, counters.mesh_items_out) = shared.outbox.sent();
         CoreStats {
             core: shared.shards.placement().index,

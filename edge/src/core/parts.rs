@@ -50,7 +50,7 @@ impl Parts {
         Parts {
             registration: Registration::new(config),
             linking: Linking::new(config),
-            delivery: Delivery::new(config.send_rate),
+            delivery: Delivery::new(config.send_rate, config.stranger_send_rate),
             keys: Keys::new(config.fetch_rate, config.one_time_key_fetches_per_hour),
             presence: Presence::default(),
             groups: Groups::default(),

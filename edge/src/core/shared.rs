@@ -82,6 +82,7 @@ impl<S: Storage> Shared<S> {
         let mut conns = Conns::new(config.auth_deadline_ms, config.idle_timeout_ms);
         conns.set_pre_auth_per_address(config.pre_auth_per_address, config.code_budget_loopback);
         conns.set_stall_timeout_ms(config.stall_timeout_ms);
+        conns.set_request_rate(config.request_rate);
         Shared {
             shards,
             conns,

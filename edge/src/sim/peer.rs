@@ -100,6 +100,11 @@ pub struct Peer {
     pub inbox: Vec<Received>,
 }
 
+/// How long [`Peer::request`] lets the clock run, a step at a time, while the server
+/// paces the peer's reading: 5 simulated minutes at most.
+const PACED_WAIT_STEP_MS: u64 = 100;
+const PACED_WAIT_STEPS_MAX: u32 = 3000;
+
 impl Peer {
     /// Connects and says `Hello`.
     pub fn connect(world: &mut World) -> Peer {
@@ -143,7 +148,18 @@ impl Peer {
     {
         let id = self.send(world, value);
         world.settle();
-        self.response(world, id).unwrap_or_else(|| {
+        // A client waits for its answer while the server paces its reading (it made
+        // requests or drew refusals faster than its budgets allow): time passes.
+        let mut answer = self.response(world, id);
+        for _ in 0..PACED_WAIT_STEPS_MAX {
+            if answer.is_some() || !world.reading_paused(self.link) {
+                break;
+            }
+            world.advance(PACED_WAIT_STEP_MS);
+            world.settle();
+            answer = self.response(world, id);
+        }
+        answer.unwrap_or_else(|| {
             let inbox: Vec<String> = self.inbox.iter().map(Received::describe).collect();
             panic!("no response to request {id}; inbox: {inbox:?}")
         })

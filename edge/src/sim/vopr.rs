@@ -46,6 +46,7 @@ impl Default for Options {
         // The run is about durability and order, not about the rate limits.
         let unlimited = Rate { burst: 1e9, per_second: 1e9 };
         (core.send_rate, core.fetch_rate) = (unlimited, unlimited);
+        core.stranger_send_rate = unlimited;
         core.code_requests_per_hour = 1_000;
         core.code_requests_per_prefix_per_hour = 100_000;
         core.code_requests_per_address_per_hour = 100_000;

@@ -210,6 +210,13 @@ impl World {
         self.abort_links();
     }
 
+    /// Whether the server is holding off reading `link` (its output, an upload, or its
+    /// pace of requests and refusals); only time passing, or the client reading, ends it.
+    pub fn reading_paused(&self, link: LinkId) -> bool {
+        let link = &self.links[link];
+        link.open && self.cores[link.core as usize].reading_paused(link.conn)
+    }
+
     /// A number below `bound` from the world's generator (0 when `bound` is 0).
     pub fn below(&mut self, bound: u64) -> u64 {
         if bound == 0 {

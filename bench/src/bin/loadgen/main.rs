@@ -297,8 +297,14 @@ async fn main() {
     extra.extend(args.cores.iter().flat_map(|cores| ["--cores".to_string(), cores.to_string()]));
     if args.scenario == "abuse" {
         // Registration stays relaxed (codes per number and prefix, as every scenario),
-        // but the send rate is ternd's own: the attackers must meet it.
+        // but the send rates are ternd's own: the attackers must meet them (the honest
+        // users write to random others a few times a second, under both).
         extra.extend(["--sends-per-second".to_string(), "50".to_string()]);
+        for (flag, default) in tern_bench::server::LIFTED_BUDGETS.into_iter().zip(["5", "100"]) {
+            if tern_bench::server::knows_flag(&args.ternd, flag) {
+                extra.extend([flag.to_string(), default.to_string()]);
+            }
+        }
     }
     extra.extend(args.ternd_arg.iter().cloned());
     let log = args.ternd_log.as_deref();

@@ -52,6 +52,8 @@ struct PendingSend {
 #[derive(Debug)]
 pub struct Delivery {
     send_limits: RateLimiter<(UserId, DeviceId)>,
+    /// 1:1 sends to users who never wrote to the sender's account.
+    stranger_limits: RateLimiter<(UserId, DeviceId)>,
     sends: HashMap<u64, PendingSend>,
     receipts: receipts::Receipts,
 }
@@ -66,10 +68,11 @@ pub enum Target {
 }
 
 impl Delivery {
-    /// Empty, with the per-device send rate.
-    pub fn new(send_rate: crate::limits::Rate) -> Delivery {
+    /// Empty, with the per-device send rates (to anyone, and to strangers).
+    pub fn new(send_rate: crate::limits::Rate, stranger_rate: crate::limits::Rate) -> Delivery {
         Delivery {
             send_limits: RateLimiter::new(send_rate),
+            stranger_limits: RateLimiter::new(stranger_rate),
             sends: HashMap::new(),
             receipts: Default::default(),
         }
@@ -141,6 +144,12 @@ impl Delivery {
             }
         }
         expect_copies(shared, me, peer, peer_is_local, given)?;
+        if peer != me.0 && !wrote_to(shared, peer, me.0) {
+            if let Err(wait_ms) = self.stranger_limits.take(me, shared.now_ms()) {
+                let retry_after_ms = crate::refusal::retry_hint(wait_ms);
+                return Err(SendRefusal::StrangerRate { retry_after_ms });
+            }
+        }
         if kind == EnvelopeKind::Media && peer != me.0 {
             grant_media(shared, media, me.0, peer, send);
         }
@@ -300,6 +309,16 @@ pub fn ttl_ms(config: &super::config::CoreConfig, ttl_s: u32) -> u64 {
         0 => config.default_ttl_ms,
         s => (u64::from(s) * 1000).min(config.default_ttl_ms),
     }
+}
+
+/// Whether `writer` ever sent a message to a device of `reader` (homed here): the
+/// shard's per-sender numbering, kept across restarts, says so. Those who never did are
+/// strangers to `reader`, and `reader`'s sends to them have a budget of their own.
+fn wrote_to<S: Storage>(shared: &Shared<S>, writer: UserId, reader: UserId) -> bool {
+    let Some(handle) = shared.shards.home_of(reader) else { return false };
+    let shard = handle.borrow();
+    let devices = shared.shards.devices_of(reader).unwrap_or_default();
+    devices.into_iter().any(|device| shard.next_conversation_seq(device, writer) > 1)
 }
 
 /// The copies must match the recipient's devices and the sender's other devices; those
