@@ -50,6 +50,19 @@ impl TokenBucket {
         }
     }
 
+    /// Takes a token even if none is left, for work that is done already (a frame
+    /// read and handled): the bucket goes into debt, and the answer is how many
+    /// milliseconds until it is out of it. So the sustained rate is exact however the
+    /// work arrives.
+    pub fn take_owing(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
+        self.refill(rate, now_ms);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            return Ok(());
+        }
+        Err((-self.tokens / rate.per_second * 1000.0).ceil() as u64)
+    }
+
     fn refill(&mut self, rate: Rate, now_ms: u64) {
         let elapsed_s = now_ms.saturating_sub(self.updated_ms) as f64 / 1000.0;
         self.tokens = (self.tokens + elapsed_s * rate.per_second).min(rate.burst);

@@ -622,7 +622,7 @@ impl Conns {
         let now_ms = self.now_ms;
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let (bucket, rate) = pick(c);
-        let Err(wait_ms) = bucket.take(rate, now_ms) else { return };
+        let Err(wait_ms) = bucket.take_owing(rate, now_ms) else { return };
         if c.paced_until_ms.is_some() {
             return;
         }
