@@ -156,6 +156,7 @@ fn a_shard_that_filled_the_disk_writes_again_once_space_is_back() {
     let Some(disk) = SmallDisk::mount(64) else { return };
     let dir = disk.path().join("data");
     let args = ["--segment-mib", "1", "--disk-reserve-mib", "0", "--cores", "1"];
+    let args = [args.as_slice(), &["--stranger-sends-per-second", "1000"]].concat();
     let mut server = Server::start(&dir, &args);
     let alice = register(&mut server, "+15620011", 0);
     let bob = register(&mut server, "+15620012", 0);

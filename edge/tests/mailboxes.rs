@@ -59,7 +59,8 @@ fn send_until_full(a: &mut Client, to: Account, ids: std::ops::Range<u64>, size:
 fn a_full_mailbox_refuses_more_and_only_own_copies_make_room() {
     let dir = data_dir();
     let limits = ["--mailbox-max-messages", "50", "--mailbox-max-bytes", "40000"];
-    let args = [limits.as_slice(), &["--mailbox-sender-share-percent", "100"]].concat();
+    let share = ["--mailbox-sender-share-percent", "100", "--stranger-sends-per-second", "1000"];
+    let args = [limits.as_slice(), &share].concat();
     let mut server = Server::start(dir.path(), &args);
     let alice = register(&mut server, "+15610001", 0);
     let bob = register(&mut server, "+15610002", 0);

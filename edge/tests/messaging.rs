@@ -232,7 +232,8 @@ fn sends_and_key_fetches_are_rate_limited() {
 #[test]
 fn delivery_stops_at_the_window_until_acked() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &["--sends-per-second", "10000"]);
+    let unlimited = ["--sends-per-second", "10000", "--stranger-sends-per-second", "10000"];
+    let mut server = Server::start(dir.path(), &unlimited);
     let alice = register(&mut server, "+15550081", 5);
     let bob = register(&mut server, "+15550082", 5);
     let mut a = login(&server, alice);
@@ -268,7 +269,8 @@ fn drain_deliveries(client: &mut Client, seqs: &mut Vec<u64>) {
 #[test]
 fn an_ack_beyond_what_was_delivered_loses_nothing() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &["--sends-per-second", "10000"]);
+    let unlimited = ["--sends-per-second", "10000", "--stranger-sends-per-second", "10000"];
+    let mut server = Server::start(dir.path(), &unlimited);
     let alice = register(&mut server, "+15550091", 5);
     let bob = register(&mut server, "+15550092", 5);
     let mut a = login(&server, alice);

@@ -304,7 +304,8 @@ fn a_toml_config_file_sets_flags_and_the_command_line_wins() {
 #[test]
 fn a_client_that_never_reads_does_not_grow_server_memory() {
     let dir = data_dir();
-    let mut server = Server::start(dir.path(), &["--sends-per-second", "100000"]);
+    let unlimited = ["--sends-per-second", "100000", "--stranger-sends-per-second", "100000"];
+    let mut server = Server::start(dir.path(), &unlimited);
     let alice = register(&mut server, "+15550151", 5);
     let bob = register(&mut server, "+15550152", 5);
     let _silent_bob = login(&server, bob); // never reads again

@@ -82,7 +82,9 @@ fn visit(server: &Server, bob: Account) {
 fn offline_devices_get_one_content_free_push_with_retries_and_pruning() {
     let dir = data_dir();
     // The receiver is on loopback over http: development endpoints.
-    let mut server = Server::start(dir.path(), &["--push-insecure-endpoints"]);
+    // Alice writes to Bob, who never wrote back, more than the budget for strangers.
+    let args = ["--push-insecure-endpoints", "--stranger-sends-per-second", "1000"];
+    let mut server = Server::start(dir.path(), &args);
     let script = Arc::new(Mutex::new(VecDeque::new()));
     let (url, seen) = receiver(script.clone());
     let alice = register(&mut server, "+15600001", 0);

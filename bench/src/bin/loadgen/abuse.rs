@@ -591,7 +591,20 @@ pub async fn run(
          attackers stopped"
     );
     result["attack"] = phase_json(&attack);
-    result["deliver_p99_ratio"] = json!(p(&attack.deliver, 0.99) / p(&baseline.deliver, 0.99));
+    let ratio = p(&attack.deliver, 0.99) / p(&baseline.deliver, 0.99);
+    result["deliver_p99_ratio"] = json!(ratio);
+    result["rss_bound_mib"] = json!(args.rss_bound_mib);
+    let verdict = |met: bool| if met { "met" } else { "NOT MET" };
+    let peak_mib = attack.peaks.rss_kib / 1024;
+    println!(
+        "goals: honest send→deliver p99 {ratio:.2}× the baseline (≤ 2×: {}); acknowledged \
+         and lost {} (0: {}); ternd peak RSS {peak_mib} MiB (≤ {} MiB: {})",
+        verdict(ratio <= 2.0),
+        attack.lost.len(),
+        verdict(attack.lost.is_empty()),
+        args.rss_bound_mib,
+        verdict(peak_mib <= args.rss_bound_mib),
+    );
     result["rss_after_kib"] = json!(rss_after_kib);
     result["outcomes"] = tally_json(&plan, &tally);
     result

@@ -111,6 +111,10 @@ struct Args {
     /// Abuse: milliseconds a hostile connection waits before it starts over.
     #[arg(long, default_value_t = 100)]
     hostile_pause_ms: u64,
+    /// Abuse: the bound ternd's RSS must stay under while attacked (the run says whether
+    /// it did, with the other goals: p99 within 2× of the baseline, nothing lost).
+    #[arg(long, default_value_t = 1024)]
+    rss_bound_mib: u64,
     /// Abuse: one-time prekeys each honest user registers with (drained by key fetches).
     #[arg(long, default_value_t = 20)]
     one_time_keys: usize,
