@@ -1,4 +1,5 @@
-//! The SDK as people live with it (issue 19): one bad send never blocks a device, a note
+//! The SDK as people live with it (issue 19): one bad send never blocks a device, nor
+//! one that must wait another conversation, a note
 //! to self reaches one's other devices, an idle connection stays up, a clean server stop
 //! is a drop the client rides out, and the store file keeps no plaintext. Against a real
 //! `ternd` on loopback; every wait is bounded.
@@ -171,6 +172,44 @@ async fn a_clean_server_stop_is_ridden_out_and_waiting_messages_are_sent() {
     let (event, _) = until(&mut bob, |e| matches!(e, Event::Message(_))).await;
     let Event::Message(message) = event else { unreachable!() };
     assert_eq!(message.text, "while it was down");
+}
+
+/// Goal: a message that must wait holds back only its own conversation (before, the
+/// first waiting message stopped the whole outbox: one recipient's full mailbox held
+/// every other conversation for the server's 60 s). Method: Bob's mailbox takes two
+/// messages; Alice fills it and a third waits (`QuotaExceeded`); the server stops and
+/// Alice writes to Carol meanwhile. After the restart her outbox holds Bob's third, then
+/// Carol's: Carol's goes out at once, Bob's still waits.
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiting_message_holds_back_only_its_own_conversation() {
+    let data = data_dir();
+    let stores = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", tern_testkit::free_port());
+    let mailbox = ["--mailbox-max-messages", "2", "--mailbox-sender-share-percent", "100"];
+    let flags = [["--listen", listen.as_str()].as_slice(), &mailbox].concat();
+    let mut server = Server::start(data.path(), &flags);
+    let mut alice = register(&mut server, stores.path(), "alice", "+15581051").await;
+    let bob = register(&mut server, stores.path(), "bob", "+15581052").await;
+    let carol = register(&mut server, stores.path(), "carol", "+15581053").await;
+    let (bob_id, carol_id) = (bob.user_id(), carol.user_id());
+    drop((bob, carol));
+    for text in ["one", "two"] {
+        assert_eq!(alice.send_text(bob_id, text).await.unwrap().status, Status::Sent);
+    }
+    assert_eq!(alice.send_text(bob_id, "three").await.unwrap().status, Status::Sending);
+    assert!(server.terminate().success());
+    until(&mut alice, |e| matches!(e, Event::Disconnected { .. })).await;
+    let queued = alice.send_text(carol_id, "hi Carol").await.unwrap();
+    assert_eq!(queued.status, Status::Sending);
+
+    tern_testkit::wait_until_bindable(listen.parse().unwrap());
+    let _server = Server::start(data.path(), &flags);
+    let (event, _) = until(&mut alice, |e| matches!(e, Event::Sent(_))).await;
+    let Event::Sent(sent) = event else { unreachable!() };
+    assert_eq!(sent.text, "hi Carol");
+    let to_bob = alice.history(bob_id, 10).unwrap();
+    let three = to_bob.iter().find(|m| m.text == "three").expect("kept");
+    assert_eq!(three.status, Status::Sending, "still waiting for Bob's mailbox");
 }
 
 #[tokio::test(flavor = "current_thread")]

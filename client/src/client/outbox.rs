@@ -3,11 +3,13 @@
 //! A text is stored (status `Sending`) before it leaves, so a crash or a drop re-sends
 //! it, with the same client message id, after the next login. What the server answers
 //! decides its fate, one message at a time: a sent tick; a passing refusal (rate limit,
-//! full disk, the server failing or stopping: `crate::is_transient`), after which it
-//! waits and is sent again with backoff; or a permanent one (no such user, not allowed,
-//! too large, ...), after which it is marked `Failed` with the server's reason and never
-//! sent again. So one bad message never blocks the messages after it. A text too long
-//! for one frame is refused before it is stored.
+//! full disk or mailbox, the server failing or stopping: `crate::is_transient`), after
+//! which it waits and is sent again with backoff; or a permanent one (no such user, not
+//! allowed, too large, ...), after which it is marked `Failed` with the server's reason
+//! and never sent again. So one bad message never blocks the messages after it, and
+//! one that must wait holds back only the later messages of its own conversation (a
+//! recipient's full mailbox, or the budget for people who never wrote back, does not
+//! stop the others). A text too long for one frame is refused before it is stored.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -29,6 +31,11 @@ pub const TEXT_MAX_BYTES: usize = 64 * 1024;
 
 /// Rounds of "refresh the device list and encrypt again" before a send gives up.
 const STALE_ROUNDS: usize = 4;
+
+/// Conversations held back in one round of the outbox before the round stops: a wait
+/// that is the device's own (its send rate) holds every conversation, and trying them
+/// all would only draw refusals.
+const HELD_CONVERSATIONS_MAX: usize = 3;
 
 /// What became of one attempt to send a stored message.
 enum Outcome {
@@ -148,17 +155,31 @@ impl Client {
             }
             _ => super::link::jittered(Duration::from_secs(1)),
         };
-        self.link.resend_at = Some(Instant::now() + after);
+        // Several messages may wait in one round: the outbox goes again at the earliest.
+        let at = Instant::now() + after;
+        self.link.resend_at = Some(self.link.resend_at.map_or(at, |earlier| earlier.min(at)));
     }
 
     /// Sends the outbox in order: each message gets its sent tick ([`Event::Sent`]) or
-    /// fails alone ([`Event::SendFailed`]); the first one that must wait stops the round
-    /// (order is kept), to go on after a reconnection or the server's delay.
+    /// fails alone ([`Event::SendFailed`]); one that must wait holds back the later
+    /// messages to the same peer (order is kept per conversation) until a reconnection or
+    /// the server's delay, and the others go on. A lost connection, or a few held
+    /// conversations ([`HELD_CONVERSATIONS_MAX`]), stop the round.
     pub(super) async fn resend_unsent(&mut self) -> Result<(), ClientError> {
+        let mut held = BTreeSet::new();
         for message in self.store.unsent()? {
+            if held.contains(&message.peer) {
+                continue;
+            }
             match self.attempt(message.clone()).await? {
                 Outcome::Sent(sent) => self.events.push_back(Event::Sent(sent)),
-                Outcome::Waiting => break,
+                Outcome::Waiting if self.connection.is_none() => break,
+                Outcome::Waiting => {
+                    held.insert(message.peer);
+                    if held.len() >= HELD_CONVERSATIONS_MAX {
+                        break;
+                    }
+                }
                 Outcome::Failed { reason, .. } => {
                     let message = StoredMessage { status: Status::Failed, ..message };
                     self.events.push_back(Event::SendFailed { message, reason });
