@@ -2,7 +2,16 @@
 # Peers, side by side: Tern's load generator and the same scenarios against Mosquitto
 # (MQTT QoS 1), Redis Streams and NATS JetStream, in one session on this machine.
 #
-#   bench/peers/run.sh [online] [drain] [groups]      (default: all three)
+#   bench/peers/run.sh [online] [drain] [groups] [open]   (default: all four)
+#
+# Pinned mode (the default, PINNED=1): every server runs on CPU 0 (`taskset -c 0`; Tern
+# with `--cores 1`) and every generator on CPU 1, so that no server shares a core with its
+# load and Tern gets exactly the one core the single-threaded peers use. PINNED=0 lets
+# servers and generators share both cores (the older two-core figures).
+#
+# `open` is the moderate-load table: open loop at RATES (1000 5000 20000) msg/s over USERS
+# users, and the floor (2 users, one message in flight); latencies count from each
+# message's intended send time. Tern only for now: peerbench has no open loop yet.
 #
 # Installs the peers with apt if they are missing, builds ternd, loadgen and peerbench
 # (release), then for each scenario runs Tern (loadgen starts its own ternd) and each peer,
@@ -30,7 +39,20 @@ DRAIN_MESSAGES=${DRAIN_MESSAGES:-100}
 GROUPS_=${GROUPS_:-50}
 GROUP_SIZE=${GROUP_SIZE:-256}
 GROUP_MESSAGES=${GROUP_MESSAGES:-20}
-SCENARIOS=${*:-online drain groups}
+RATES=${RATES:-1000 5000 20000}
+PINNED=${PINNED:-1}
+SCENARIOS=${*:-online drain groups open}
+if ((PINNED)); then
+    SERVER_CPUS=(taskset -c 0)
+    GENERATOR_CPUS=(taskset -c 1)
+    TERN_PINNING=(--ternd-cpus 0 --cores 1)
+    PLACEMENT="pinned: server on CPU 0, generator on CPU 1"
+else
+    SERVER_CPUS=()
+    GENERATOR_CPUS=()
+    TERN_PINNING=()
+    PLACEMENT="unpinned: server and generator share both cores"
+fi
 OUT=target/peers
 RESULTS=$OUT/results.txt
 MQTT_ADDR=127.0.0.1:18830
@@ -89,7 +111,7 @@ max_queued_messages 0
 max_inflight_messages 20
 log_dest file $dir/mosquitto.log
 CONF
-    mosquitto -c "$dir/mosquitto.conf" &
+    "${SERVER_CPUS[@]}" mosquitto -c "$dir/mosquitto.conf" &
     SERVER_PID=$!
     wait_port "$MQTT_ADDR"
 }
@@ -97,7 +119,7 @@ CONF
 start_redis() {
     local dir
     dir=$(fresh_dir "redis-$1")
-    redis-server --bind "${REDIS_ADDR%:*}" --port "${REDIS_ADDR#*:}" --dir "$dir" \
+    "${SERVER_CPUS[@]}" redis-server --bind "${REDIS_ADDR%:*}" --port "${REDIS_ADDR#*:}" --dir "$dir" \
         --appendonly yes --appendfsync "$1" --save "" --protected-mode no \
         --maxclients 10000 --logfile "$dir/redis.log" &
     SERVER_PID=$!
@@ -112,7 +134,7 @@ listen: $NATS_ADDR
 max_payload: 1MB
 jetstream { store_dir: "$dir/js" }
 CONF
-    nats-server -c "$dir/nats.conf" -l "$dir/nats.log" &
+    "${SERVER_CPUS[@]}" nats-server -c "$dir/nats.conf" -l "$dir/nats.log" &
     SERVER_PID=$!
     wait_port "$NATS_ADDR"
 }
@@ -122,7 +144,7 @@ peer() {
     local name=$1 addr=$2 label=$3 scenario=$4
     shift 4
     echo "== $name [$label] $scenario (load: $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$RESULTS"
-    ./target/release/peerbench --peer "$name" --addr "$addr" --label "$label" \
+    "${GENERATOR_CPUS[@]}" ./target/release/peerbench --peer "$name" --addr "$addr" --label "$label" \
         --scenario "$scenario" --server-pid "$SERVER_PID" "$@" | tee -a "$RESULTS"
     stop_server
 }
@@ -130,7 +152,7 @@ peer() {
 tern() {
     echo "== tern [fdatasync before sent] $1 (load: $(cut -d' ' -f1-3 /proc/loadavg))" \
         | tee -a "$RESULTS"
-    ./target/release/loadgen "${@:2}" | tee -a "$RESULTS"
+    "${GENERATOR_CPUS[@]}" ./target/release/loadgen "${TERN_PINNING[@]}" "${@:2}" | tee -a "$RESULTS"
 }
 
 run_all() {
@@ -153,7 +175,8 @@ run_all() {
 }
 
 versions="$(mosquitto -h | head -1); $(redis-server --version | cut -d' ' -f1-3)"
-echo "=== $(date -u +%FT%TZ) $(nproc) cores; $versions; $(nats-server --version)" | tee -a "$RESULTS"
+echo "=== $(date -u +%FT%TZ) $(nproc) cores, $PLACEMENT; $versions; $(nats-server --version)" \
+    | tee -a "$RESULTS"
 for scenario in $SCENARIOS; do
     case $scenario in
     online) run_all online --users "$USERS" --seconds "$SECONDS_" --window "$WINDOW" ;;
@@ -162,7 +185,14 @@ for scenario in $SCENARIOS; do
         run_all groups --users $((USERS + GROUPS_)) --groups "$GROUPS_" \
             --group-size "$GROUP_SIZE" --group-messages "$GROUP_MESSAGES"
         ;;
-    *) echo "unknown scenario $scenario (online, drain, groups)" >&2 && exit 2 ;;
+    open)
+        for rate in $RATES; do
+            tern "open loop $rate msg/s" --users "$USERS" --seconds "$SECONDS_" \
+                --window "$WINDOW" --rate "$rate"
+        done
+        tern "floor (2 users, 1 in flight)" --users 2 --seconds "$SECONDS_" --window 1
+        ;;
+    *) echo "unknown scenario $scenario (online, drain, groups, open)" >&2 && exit 2 ;;
     esac
 done
 grep '^JSON ' "$RESULTS" | sed 's/^JSON //' >"$OUT/results.jsonl"

@@ -22,9 +22,10 @@ pub struct Ternd {
     pub codes: Codes,
 }
 
-/// Starts `binary` on `data_dir` with loopback listeners (TCP, TLS) and `extra` flags.
-pub fn start(binary: &Path, data_dir: &Path, extra: &[String]) -> Ternd {
-    start_logged(binary, data_dir, extra, None)
+/// Starts `binary` on `data_dir` with loopback listeners (TCP, TLS) and `extra` flags,
+/// on the CPUs `cpus` names if given (`taskset -c`, which execs it: the pid is ternd's).
+pub fn start(binary: &Path, data_dir: &Path, extra: &[String], cpus: Option<&str>) -> Ternd {
+    start_logged(binary, data_dir, extra, None, cpus)
 }
 
 /// Whether `binary`'s `--help` lists `flag` (a binary built before the flag existed is
@@ -44,8 +45,22 @@ fn unlimited_budgets(binary: &Path) -> Vec<&'static str> {
 }
 
 /// Starts `binary` as [`start`] does, and also copies every line of its log to `log`.
-pub fn start_logged(binary: &Path, data_dir: &Path, extra: &[String], log: Option<&Path>) -> Ternd {
-    let mut child = Command::new(binary)
+pub fn start_logged(
+    binary: &Path,
+    data_dir: &Path,
+    extra: &[String],
+    log: Option<&Path>,
+    cpus: Option<&str>,
+) -> Ternd {
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", cpus]).arg(binary);
+            taskset
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--admin", "off"])

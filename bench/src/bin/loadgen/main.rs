@@ -151,6 +151,11 @@ struct Args {
     /// made while the commit runs are reported apart (0: no upload).
     #[arg(long, default_value_t = 0)]
     commit_mib: usize,
+    /// Run ternd on these CPUs only (`taskset -c`, e.g. `0`): with `--cores 1` and the
+    /// generator pinned elsewhere (`taskset -c 1 loadgen ...`), no server shares a core
+    /// with its load
+    #[arg(long)]
+    ternd_cpus: Option<String>,
     /// `ternd --cores` (default: ternd's own, every CPU).
     #[arg(long)]
     cores: Option<u32>,
@@ -312,7 +317,8 @@ async fn main() {
     }
     extra.extend(args.ternd_arg.iter().cloned());
     let log = args.ternd_log.as_deref();
-    let ternd = tern_bench::server::start_logged(&args.ternd, data_dir.path(), &extra, log);
+    let cpus = args.ternd_cpus.as_deref();
+    let ternd = tern_bench::server::start_logged(&args.ternd, data_dir.path(), &extra, log, cpus);
     let (mut child, addr, codes) = (ternd.child, ternd.addr, ternd.codes);
 
     // Register everyone (sequentially: registration is not what is measured).
@@ -338,7 +344,7 @@ async fn main() {
         "drain" => store_and_forward(&args, addr, &accounts).await,
         "recovery" => {
             let restart = |binary: &std::path::Path| {
-                tern_bench::server::start(binary, data_dir.path(), &extra)
+                tern_bench::server::start(binary, data_dir.path(), &extra, cpus)
             };
             crash_recovery(&args, &mut child, restart, addr, &accounts, data_dir.path()).await
         }
@@ -411,18 +417,20 @@ async fn one_to_one(
             let mut rng = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut out = Vec::new();
             let mut authed = false;
+            // Coordinated-omission-safe: a tick missed (the generator busy, the window
+            // full) is still due, and each message's latency counts from its tick, the
+            // time it was meant to go, not the time it went.
             let mut ticker = interval.map(|i| {
                 let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
             });
-            let mut due = 0usize;
+            let mut due: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
             loop {
                 if authed && running.load(Ordering::Relaxed) {
-                    let budget = if ticker.is_some() { due } else { usize::MAX };
-                    let mut spent = 0;
-                    while in_flight.len() < window && spent < budget {
-                        spent += 1;
+                    let open_loop = ticker.is_some();
+                    while in_flight.len() < window && (!open_loop || !due.is_empty()) {
+                        let intended = due.pop_front();
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
@@ -430,14 +438,13 @@ async fn one_to_one(
                         if peer == user_id {
                             peer = user_ids[(index + 1) % user_ids.len()];
                         }
-                        let t = now_us(epoch);
+                        let t = intended.unwrap_or_else(|| now_us(epoch));
                         let mut body = vec![0u8; message_bytes.max(8)];
                         body[..8].copy_from_slice(&t.to_le_bytes());
                         encode_text(&mut out, next_id, peer, &body);
                         in_flight.insert(next_id, t);
                         next_id += 1;
                     }
-                    due -= spent.min(due);
                 }
                 if !out.is_empty() {
                     if writer.write_all(&out).await.is_err() {
@@ -455,8 +462,9 @@ async fn one_to_one(
                             Ok(Ok(n)) if n > 0 => n,
                             _ => break,
                         },
-                        _ = ticker.tick() => {
-                            due += 1;
+                        tick = ticker.tick() => {
+                            let since_epoch = tick.into_std().saturating_duration_since(epoch);
+                            due.push_back(since_epoch.as_micros() as u64);
                             continue;
                         }
                     },
@@ -518,6 +526,7 @@ async fn one_to_one(
     tokio::time::sleep(Duration::from_secs(2)).await;
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
+    let (server_cpu0, generator_cpu0) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let sampler = args.sample_file.clone().map(|path| {
         let (stats, running) = (stats.clone(), running.clone());
         tokio::spawn(sample_server(path, pid, data_dir.to_path_buf(), stats, running))
@@ -525,6 +534,8 @@ async fn one_to_one(
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
+    let server_cpu_s = cpu_seconds(pid) - server_cpu0;
+    let generator_cpu_s = cpu_seconds(std::process::id()) - generator_cpu0;
     running.store(false, Ordering::Relaxed);
     for task in tasks {
         let _ = task.await;
@@ -563,6 +574,13 @@ async fn one_to_one(
         ms(&d, 0.99),
         ms(&d, 0.999)
     );
+    let server_cpu_us_per_message = server_cpu_s * 1e6 / delivered.max(1) as f64;
+    println!(
+        "server CPU {:.2} s/s, {server_cpu_us_per_message:.1} µs per delivered message; \
+         generator {:.2} s/s",
+        server_cpu_s / elapsed,
+        generator_cpu_s / elapsed,
+    );
     let mut commit = json!(null);
     if args.commit_mib > 0 {
         let from = stats.commit_from_us.load(Ordering::Relaxed);
@@ -597,6 +615,9 @@ async fn one_to_one(
         "errors": stats.errors.load(Ordering::Relaxed),
         "sent_ms": quantiles(&s),
         "deliver_ms": quantiles(&d),
+        "server_cpu_per_s": server_cpu_s / elapsed,
+        "server_cpu_us_per_message": server_cpu_us_per_message,
+        "generator_cpu_per_s": generator_cpu_s / elapsed,
     })
 }
 
