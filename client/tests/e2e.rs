@@ -420,8 +420,7 @@ async fn a_client_rides_out_a_server_restart_and_resends_what_was_not_acknowledg
     let data = data_dir();
     let stores = tempfile::tempdir().unwrap();
     // A fixed port, so that the restarted server is where the clients expect it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", tern_testkit::free_port());
     let mut server = Server::start(data.path(), &["--listen", &listen]);
     let mut alice = register(&mut server, stores.path(), "alice", "+15580061").await;
     let bob = register(&mut server, stores.path(), "bob", "+15580062").await;

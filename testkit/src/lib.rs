@@ -271,10 +271,26 @@ pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     hits
 }
 
-/// A free loopback port, for a server that must come back on the same address.
+/// A free loopback port, for a server that must come back on the same address: below
+/// the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default), so
+/// that no other test's server, binding port 0 for a listener of its own, is handed it
+/// while this one is down. (One was: with SO_REUSEPORT on both, the two servers shared
+/// the port and the client's reconnection reached the other's TLS listener.)
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("bound").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Test binaries run at the same time: each starts at its own place in the range.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..SPAN {
+        let offset = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = (FIRST + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Waits until `address` can be bound by a fresh socket without SO_REUSEADDR, which is
