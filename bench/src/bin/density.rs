@@ -100,7 +100,7 @@ async fn main() {
     }
     std::fs::create_dir_all(&args.work_dir).unwrap();
     let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
-    let mut ternd = start(&args.ternd, data_dir.path(), &[]);
+    let mut ternd = start(&args.ternd, data_dir.path(), &[], None);
     let pid = ternd.child.id();
 
     let started = Instant::now();
