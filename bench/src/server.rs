@@ -28,11 +28,13 @@ pub fn start(binary: &Path, data_dir: &Path, extra: &[String], cpus: Option<&str
     start_logged(binary, data_dir, extra, None, cpus)
 }
 
-/// Whether `binary`'s `--help` lists `flag` (a binary built before the flag existed is
-/// still measurable without it).
-pub fn knows_flag(binary: &Path, flag: &str) -> bool {
+/// Those of `flags` that `binary`'s `--help` lists, from one run of it (a binary built
+/// before a flag existed is still measurable without it).
+pub fn known_flags(binary: &Path, flags: &[&'static str]) -> Vec<&'static str> {
     let help = Command::new(binary).arg("--help").output();
-    help.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
+    let help = help.map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let help = help.unwrap_or_default();
+    flags.iter().copied().filter(|flag| help.contains(flag)).collect()
 }
 
 /// The per-device and per-connection budgets a load generator must not meet (it
@@ -40,8 +42,8 @@ pub fn knows_flag(binary: &Path, flag: &str) -> bool {
 pub const LIFTED_BUDGETS: [&str; 2] = ["--stranger-sends-per-second", "--requests-per-second"];
 
 fn unlimited_budgets(binary: &Path) -> Vec<&'static str> {
-    let known = LIFTED_BUDGETS.into_iter().filter(|flag| knows_flag(binary, flag));
-    known.flat_map(|flag| [flag, "1000000"]).collect()
+    let known = known_flags(binary, &LIFTED_BUDGETS);
+    known.into_iter().flat_map(|flag| [flag, "1000000"]).collect()
 }
 
 /// Starts `binary` as [`start`] does, and also copies every line of its log to `log`.

@@ -11,7 +11,8 @@
 //! the connection's start, carried across a hand-off), the idle timeout after auth (from
 //! the last *whole* frame: a client trickling bytes into a frame it never finishes still
 //! meets it), a linking code's lifetime, a grace to flush before a close, and the end
-//! of a pause in reading for a connection that drew too many refusals. One heap holds
+//! of a pause in reading for a connection that made requests or drew refusals faster
+//! than its budgets. One heap holds
 //! one live entry per connection plus stale ones: a deadline that moved later is found
 //! stale when popped and pushed again, so traffic costs no heap work; one that moved
 //! earlier gets a new live entry, and the old one is dropped when popped.
@@ -167,7 +168,7 @@ impl Conn {
     }
 
     /// Whether reading waits: for the disk (an upload), for answers (downloads in
-    /// flight), for the client to read its output, or for its refusals' pace. What it
+    /// flight), for the client to read its output, or for its budgets' pace. What it
     /// asks meanwhile stays in its socket, so a client that asks and never reads costs
     /// a bounded amount.
     pub fn reading_paused(&self) -> bool {
@@ -226,7 +227,8 @@ pub struct ConnCounters {
     pub protocol_errors: u64,
     /// Handed to another core.
     pub handed_over: u64,
-    /// Times a connection's reading was paced for drawing too many refusals.
+    /// Times a connection's reading was paced for making requests or drawing refusals
+    /// faster than its budgets.
     pub paced: u64,
 }
 
@@ -302,14 +304,13 @@ impl Conns {
         self.stall_timeout_ms = stall_timeout_ms;
     }
 
-    /// At most `max` unauthenticated connections per network address (0: no limit);
-    /// loopback ones count only with `count_loopback`.
     /// The requests an authenticated connection may make, a burst then a steady rate.
     pub fn set_request_rate(&mut self, rate: Rate) {
         self.request_rate = rate;
     }
 
-    /// Sets the budget of unauthenticated connections per address.
+    /// At most `max` unauthenticated connections per network address (0: no limit);
+    /// loopback ones count only with `count_loopback`.
     pub fn set_pre_auth_per_address(&mut self, max: u32, count_loopback: bool) {
         self.pre_auth = PreAuthCounts::new(max, count_loopback);
     }

@@ -309,8 +309,10 @@ async fn main() {
         // but the send rates are ternd's own: the attackers must meet them (the honest
         // users write to random others a few times a second, under both).
         extra.extend(["--sends-per-second".to_string(), "50".to_string()]);
-        for (flag, default) in tern_bench::server::LIFTED_BUDGETS.into_iter().zip(["5", "100"]) {
-            if tern_bench::server::knows_flag(&args.ternd, flag) {
+        use tern_bench::server::{known_flags, LIFTED_BUDGETS};
+        let known = known_flags(&args.ternd, &LIFTED_BUDGETS);
+        for (flag, default) in LIFTED_BUDGETS.into_iter().zip(["5", "100"]) {
+            if known.contains(&flag) {
                 extra.extend([flag.to_string(), default.to_string()]);
             }
         }

@@ -21,7 +21,7 @@ pub mod store;
 
 use std::collections::HashMap;
 
-use tern_engine::Storage;
+use tern_engine::{AccountRecord, Storage};
 use tern_wire::messages::{
     ArchivedConversation, ArchivedE2eType, ArchivedEnvelopeKind, ArchivedSendMessage, DeviceId,
     EnvelopeKind, MediaId, SendAck, UserId,
@@ -317,8 +317,9 @@ pub fn ttl_ms(config: &super::config::CoreConfig, ttl_s: u32) -> u64 {
 fn wrote_to<S: Storage>(shared: &Shared<S>, writer: UserId, reader: UserId) -> bool {
     let Some(handle) = shared.shards.home_of(reader) else { return false };
     let shard = handle.borrow();
-    let devices = shared.shards.devices_of(reader).unwrap_or_default();
-    devices.into_iter().any(|device| shard.next_conversation_seq(device, writer) > 1)
+    let wrote = |device: DeviceId| shard.next_conversation_seq((reader, device), writer) > 1;
+    let any_device = |account: &AccountRecord| account.devices.iter().any(|d| wrote(d.device_id));
+    shared.shards.with_account(reader, any_device).unwrap_or(false)
 }
 
 /// The copies must match the recipient's devices and the sender's other devices; those
