@@ -116,18 +116,28 @@ const SHARD_COUNTERS: [ShardFamily; 4] = [
 ];
 
 /// The histograms with one set of samples per core, in the order they are rendered.
-const HISTOGRAMS: [HistogramFamily; 3] = [
+const HISTOGRAMS: [HistogramFamily; 5] = [
     ("tern_send_to_sent_seconds", "Time from a send arriving to its sent tick (durable).", |c| {
-        &c.send_to_sent
+        &c.histograms.send_to_sent
     }),
     (
         "tern_send_to_deliver_seconds",
         "Time from a send being accepted to its delivery to a connected device.",
-        |c| &c.send_to_deliver,
+        |c| &c.histograms.send_to_deliver,
     ),
     ("tern_commit_batch_records", "Records per group commit (write + fdatasync).", |c| {
-        &c.commit_batch_records
+        &c.histograms.commit_batch_records
     }),
+    (
+        "tern_commit_wait_seconds",
+        "Time from the first record waiting for a commit to the start of its commit round.",
+        |c| &c.histograms.commit_wait,
+    ),
+    (
+        "tern_commit_round_seconds",
+        "One commit round: the writes and fdatasyncs of every shard with records.",
+        |c| &c.histograms.commit_round,
+    ),
 ];
 
 /// The metrics of every core in Prometheus text format: `tern_` prefix, `_total`

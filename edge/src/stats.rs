@@ -6,7 +6,7 @@
 
 use tern_engine::ShardCounters;
 
-use crate::histogram::Histogram;
+use crate::histogram::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 
 /// Counters exported as metrics (each is also in [`CoreStats`]).
 #[derive(Clone, Debug, Default)]
@@ -64,12 +64,45 @@ pub struct CoreStats {
     pub shards: Vec<(u32, ShardCounters)>,
     /// Shards of this core that refuse writes since an I/O error, with the error.
     pub failed_shards: Vec<(u32, String)>,
-    /// Send → sent tick, seconds.
+    /// Latencies, stage by stage, and commit batch sizes.
+    pub histograms: Histograms,
+}
+
+/// Latency and batch histograms: the whole path of a message, and its stages, so a tail
+/// can be traced to the stage that makes it (`docs/OPERATIONS.md`, "Where a message's
+/// time goes").
+#[derive(Clone, Debug)]
+pub struct Histograms {
+    /// Send → sent tick (durable), seconds.
     pub send_to_sent: Histogram,
-    /// Send → delivered to a connection, seconds.
+    /// Send → written to the recipient's connection, seconds (ms resolution).
     pub send_to_deliver: Histogram,
     /// Records per group commit.
     pub commit_batch_records: Histogram,
+    /// The first append waiting for a commit → that commit round's start, seconds: what
+    /// a record waits for the round in flight to finish.
+    pub commit_wait: Histogram,
+    /// One commit round: every shard's write and fdatasync, seconds.
+    pub commit_round: Histogram,
+}
+
+impl Histograms {
+    /// Empty histograms.
+    pub fn new() -> Histograms {
+        Histograms {
+            send_to_sent: Histogram::new(LATENCY_BUCKETS_S),
+            send_to_deliver: Histogram::new(LATENCY_BUCKETS_S),
+            commit_batch_records: Histogram::new(BATCH_BUCKETS),
+            commit_wait: Histogram::new(LATENCY_BUCKETS_S),
+            commit_round: Histogram::new(LATENCY_BUCKETS_S),
+        }
+    }
+}
+
+impl Default for Histograms {
+    fn default() -> Histograms {
+        Histograms::new()
+    }
 }
 
 /// Disk use as the runtime measured it (the core itself does no I/O).

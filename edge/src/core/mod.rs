@@ -300,6 +300,14 @@ impl<S: Storage> Core<S> {
         self.shared.histograms.commit_batch_records.observe(records as f64);
     }
 
+    /// Counts one commit round: how long its first record waited for it to start, and
+    /// how long it took (microseconds).
+    pub fn observe_commit_round(&mut self, waited_us: u64, took_us: u64) {
+        let histograms = &mut self.shared.histograms;
+        histograms.commit_wait.observe(waited_us as f64 / 1e6);
+        histograms.commit_round.observe(took_us as f64 / 1e6);
+    }
+
     // -- outputs -----------------------------------------------------------------------
 
     /// The next connection whose driver has something to do.
@@ -420,9 +428,7 @@ impl<S: Storage> Core<S> {
             disk: shared.disk.clone(),
             shards: owned.into_iter().map(|(id, s)| (id, s.borrow().counters().clone())).collect(),
             failed_shards,
-            send_to_sent: shared.histograms.send_to_sent.clone(),
-            send_to_deliver: shared.histograms.send_to_deliver.clone(),
-            commit_batch_records: shared.histograms.commit_batch_records.clone(),
+            histograms: shared.histograms.clone(),
         }
     }
 

@@ -16,10 +16,9 @@ use super::durable::{Durability, Release};
 use super::effects::Effects;
 use super::outbox::Outbox;
 use super::shards::{Shards, Waits};
-use crate::histogram::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_S};
 use crate::mesh::{Call, ReplyTo};
 use crate::secrets::Random;
-use crate::stats::{Counters, DiskUsage};
+use crate::stats::{Counters, DiskUsage, Histograms};
 
 /// The time of an event, from the caller: wall time for what is stored and shown,
 /// monotonic time for deadlines and latencies.
@@ -36,17 +35,6 @@ impl Now {
     pub fn mono_ms(&self) -> u64 {
         self.mono_us / 1000
     }
-}
-
-/// Latency and batch histograms.
-#[derive(Clone, Debug)]
-pub struct Histograms {
-    /// Send → sent tick (durable), seconds.
-    pub send_to_sent: Histogram,
-    /// Send → written to the recipient's connection, seconds (ms resolution).
-    pub send_to_deliver: Histogram,
-    /// Records per group commit.
-    pub commit_batch_records: Histogram,
 }
 
 /// What every subsystem of one core works through.
@@ -90,11 +78,7 @@ impl<S: Storage> Shared<S> {
             outbox: Outbox::new(here),
             effects: Effects::default(),
             counters: Counters::default(),
-            histograms: Histograms {
-                send_to_sent: Histogram::new(LATENCY_BUCKETS_S),
-                send_to_deliver: Histogram::new(LATENCY_BUCKETS_S),
-                commit_batch_records: Histogram::new(BATCH_BUCKETS),
-            },
+            histograms: Histograms::new(),
             disk: DiskUsage::default(),
             config,
             random,

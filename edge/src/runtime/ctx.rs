@@ -90,6 +90,9 @@ pub struct Ctx {
     pub core: Rc<RefCell<Core<UringStorage>>>,
     /// Wakes the committer.
     pub commit_needed: Notify,
+    /// When the first record of the next commit round started waiting for it
+    /// (monotonic µs; `None`: nothing waits), for the commit-wait histogram.
+    pub commit_asked_us: Cell<Option<u64>>,
     /// Wakes the mesh sender.
     pub mesh_needed: Notify,
     /// Raised when the server stops.
@@ -153,6 +156,9 @@ impl Ctx {
             effects.push(effect);
         }
         if core.has_pending_writes() {
+            if self.commit_asked_us.get().is_none() {
+                self.commit_asked_us.set(Some(now().mono_us));
+            }
             self.commit_needed.notify();
         }
         if core.has_mesh_output() {

@@ -433,6 +433,7 @@ fn make_ctx(
     Ok(Ctx {
         core: Rc::new(RefCell::new(core)),
         commit_needed: Notify::default(),
+        commit_asked_us: Cell::new(None),
         mesh_needed: Notify::default(),
         stopping: Notify::default(),
         timer_changed: Notify::default(),

@@ -100,6 +100,8 @@ pub async fn committer(ctx: Rc<Ctx>) {
     loop {
         ctx.commit_needed.wait().await;
         loop {
+            let started_us = now().mono_us;
+            let asked_us = ctx.commit_asked_us.take().unwrap_or(started_us);
             let shards = ctx.core.borrow().owned_shards();
             let commits: Vec<_> = shards
                 .into_iter()
@@ -110,7 +112,13 @@ pub async fn committer(ctx: Rc<Ctx>) {
             for commit in commits {
                 commit.await;
             }
-            ctx.core.borrow_mut().handle_durable(now());
+            let done = now();
+            if committed_any {
+                let (waited, took) =
+                    (started_us - asked_us.min(started_us), done.mono_us - started_us);
+                ctx.core.borrow_mut().observe_commit_round(waited, took);
+            }
+            ctx.core.borrow_mut().handle_durable(done);
             ctx.kick();
             if !committed_any {
                 break;

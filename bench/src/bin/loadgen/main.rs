@@ -40,6 +40,7 @@ use tern_wire::messages::*;
 use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -170,6 +171,9 @@ struct Stats {
     errors: AtomicU64,
     send_to_sent: Mutex<Histogram<u64>>,
     send_to_deliver: Mutex<Histogram<u64>>,
+    /// Open loop: a message's intended send time → its bytes handed to the socket (the
+    /// generator's own lateness, included in the latencies above).
+    lateness: Mutex<Histogram<u64>>,
     /// `--commit-mib`: when the commit was sent and answered (µs since the epoch; 0: not
     /// yet), and the latencies of sends made in between.
     commit_from_us: AtomicU64,
@@ -186,6 +190,7 @@ impl Stats {
             errors: AtomicU64::new(0),
             send_to_sent: Mutex::new(Histogram::new(3).unwrap()),
             send_to_deliver: Mutex::new(Histogram::new(3).unwrap()),
+            lateness: Mutex::new(Histogram::new(3).unwrap()),
             commit_from_us: AtomicU64::new(0),
             commit_to_us: AtomicU64::new(0),
             during_commit_sent: Mutex::new(Histogram::new(3).unwrap()),
@@ -296,9 +301,21 @@ fn now_us(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    // One worker thread per CPU the generator may use: two workers time-sliced on the one
+    // CPU of a pinned run (`taskset -c 1`) put scheduler quanta of milliseconds into the
+    // latencies measured.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("the generator's runtime starts")
+        .block_on(run(args));
+}
+
+async fn run(args: Args) {
     std::fs::create_dir_all(&args.work_dir).unwrap();
     let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
     let bench_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
@@ -400,14 +417,21 @@ async fn one_to_one(
         tokio::spawn(upload_then_commit(addr, account, mib, epoch, commit_at, stats))
     });
     let user_ids: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
+    let mut schedules = (args.rate > 0).then(|| {
+        let (senders, receivers): (Vec<_>, std::collections::VecDeque<UnboundedReceiver<u64>>) =
+            (0..accounts.len()).map(|_| unbounded_channel()).unzip();
+        let (rate, running) = (args.rate, running.clone());
+        std::thread::spawn(move || pacer(rate, senders, epoch, running));
+        receivers
+    });
     let mut tasks = Vec::new();
     for (index, (user_id, token)) in accounts.into_iter().enumerate() {
         let (stats, running, measuring, user_ids) =
             (stats.clone(), running.clone(), measuring.clone(), user_ids.clone());
         let (window, message_bytes) = (args.window, args.message_bytes);
-        // Open loop: each user sends one message per `interval` (if its window allows).
-        let interval =
-            (args.rate > 0).then(|| Duration::from_secs_f64(args.users as f64 / args.rate as f64));
+        // Open loop: the pacer hands this user the intended send time of each of its
+        // messages (one per `users / rate` seconds).
+        let mut schedule = schedules.as_mut().map(|s| s.pop_front().expect("one per user"));
         tasks.push(tokio::spawn(async move {
             let (stream, mut decoder) = handshake(addr).await;
             let (mut reader, mut writer) = stream.into_split();
@@ -419,18 +443,14 @@ async fn one_to_one(
             let mut rng = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut out = Vec::new();
             let mut authed = false;
-            // Coordinated-omission-safe: a tick missed (the generator busy, the window
-            // full) is still due, and each message's latency counts from its tick, the
-            // time it was meant to go, not the time it went.
-            let mut ticker = interval.map(|i| {
-                let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                t
-            });
+            // Coordinated-omission-safe: a message whose time came while the window was
+            // full is still due, and its latency counts from the time it was meant to
+            // go, not the time it went.
             let mut due: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+            let mut oldest_intended = None;
             loop {
                 if authed && running.load(Ordering::Relaxed) {
-                    let open_loop = ticker.is_some();
+                    let open_loop = schedule.is_some();
                     while in_flight.len() < window && (!open_loop || !due.is_empty()) {
                         let intended = due.pop_front();
                         rng ^= rng << 13;
@@ -441,6 +461,9 @@ async fn one_to_one(
                             peer = user_ids[(index + 1) % user_ids.len()];
                         }
                         let t = intended.unwrap_or_else(|| now_us(epoch));
+                        if intended.is_some() {
+                            oldest_intended.get_or_insert(t);
+                        }
                         let mut body = vec![0u8; message_bytes.max(8)];
                         body[..8].copy_from_slice(&t.to_le_bytes());
                         encode_text(&mut out, next_id, peer, &body);
@@ -453,20 +476,28 @@ async fn one_to_one(
                         break;
                     }
                     out.clear();
+                    if let Some(t) = oldest_intended.take() {
+                        if measuring.load(Ordering::Relaxed) {
+                            let late = now_us(epoch).saturating_sub(t);
+                            let _ = stats.lateness.lock().unwrap().record(late);
+                        }
+                    }
                 }
                 if !running.load(Ordering::Relaxed) && in_flight.is_empty() {
                     break;
                 }
                 let read = tokio::time::timeout(Duration::from_secs(2), reader.read(&mut buffer));
-                let n = match &mut ticker {
-                    Some(ticker) => tokio::select! {
+                let n = match &mut schedule {
+                    Some(schedule) => tokio::select! {
                         result = read => match result {
                             Ok(Ok(n)) if n > 0 => n,
                             _ => break,
                         },
-                        tick = ticker.tick() => {
-                            let since_epoch = tick.into_std().saturating_duration_since(epoch);
-                            due.push_back(since_epoch.as_micros() as u64);
+                        intended = schedule.recv() => {
+                            due.extend(intended);
+                            while let Ok(intended) = schedule.try_recv() {
+                                due.push_back(intended);
+                            }
                             continue;
                         }
                     },
@@ -576,6 +607,15 @@ async fn one_to_one(
         ms(&d, 0.99),
         ms(&d, 0.999)
     );
+    let late = stats.lateness.lock().unwrap();
+    if args.rate > 0 {
+        println!(
+            "generator lateness (tick → written) p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms",
+            ms(&late, 0.5),
+            ms(&late, 0.99),
+            ms(&late, 0.999)
+        );
+    }
     let server_cpu_us_per_message = server_cpu_s * 1e6 / delivered.max(1) as f64;
     println!(
         "server CPU {:.2} s/s, {server_cpu_us_per_message:.1} µs per delivered message; \
@@ -617,10 +657,33 @@ async fn one_to_one(
         "errors": stats.errors.load(Ordering::Relaxed),
         "sent_ms": quantiles(&s),
         "deliver_ms": quantiles(&d),
+        "generator_lateness_ms": quantiles(&late),
         "server_cpu_per_s": server_cpu_s / elapsed,
         "server_cpu_us_per_message": server_cpu_us_per_message,
         "generator_cpu_per_s": generator_cpu_s / elapsed,
     })
+}
+
+/// The open loop's clock: message `i` is due at `epoch + i / rate`, from user
+/// `i % users`, and its intended time (µs since `epoch`) goes to that user's task. One
+/// thread sleeping to the microsecond keeps the schedule for everyone: per-user tokio
+/// intervals round every deadline up to tokio's millisecond timer wheel and wake late
+/// under load, which had put 1–5 ms of the generator's own lateness into the latencies.
+fn pacer(rate: u64, users: Vec<UnboundedSender<u64>>, epoch: Instant, running: Arc<AtomicBool>) {
+    let start = now_us(epoch);
+    let mut next = 0u64;
+    while running.load(Ordering::Relaxed) {
+        let due_us = start + next * 1_000_000 / rate;
+        let now = now_us(epoch);
+        if due_us > now {
+            std::thread::sleep(Duration::from_micros(due_us - now));
+            continue;
+        }
+        // Everything due by now goes at once (a sleep overran, or the rate is high).
+        let user = (next % users.len() as u64) as usize;
+        let _ = users[user].send(due_us);
+        next += 1;
+    }
 }
 
 /// p50, p99 and p999 of a histogram of microseconds, in milliseconds (for the JSON line).
