@@ -130,14 +130,12 @@ const HISTOGRAMS: [HistogramFamily; 5] = [
     }),
     (
         "tern_commit_wait_seconds",
-        "Time from the first record waiting for a commit to the start of its commit round.",
+        "Time from a record asking for a commit of its idle shard to the commit's start.",
         |c| &c.histograms.commit_wait,
     ),
-    (
-        "tern_commit_round_seconds",
-        "One commit round: the writes and fdatasyncs of every shard with records.",
-        |c| &c.histograms.commit_round,
-    ),
+    ("tern_commit_seconds", "One shard's commit: its write and fdatasync.", |c| {
+        &c.histograms.commit
+    }),
 ];
 
 /// The metrics of every core in Prometheus text format: `tern_` prefix, `_total`

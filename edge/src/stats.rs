@@ -79,11 +79,12 @@ pub struct Histograms {
     pub send_to_deliver: Histogram,
     /// Records per group commit.
     pub commit_batch_records: Histogram,
-    /// The first append waiting for a commit → that commit round's start, seconds: what
-    /// a record waits for the round in flight to finish.
+    /// A record that asked for a commit while none ran for its shard → that commit's
+    /// start, seconds (the committer's wake-up; a record appended during a commit waits
+    /// for it to end, then goes in the next).
     pub commit_wait: Histogram,
-    /// One commit round: every shard's write and fdatasync, seconds.
-    pub commit_round: Histogram,
+    /// One shard's commit: its write and fdatasync, seconds.
+    pub commit: Histogram,
 }
 
 impl Histograms {
@@ -94,7 +95,7 @@ impl Histograms {
             send_to_deliver: Histogram::new(LATENCY_BUCKETS_S),
             commit_batch_records: Histogram::new(BATCH_BUCKETS),
             commit_wait: Histogram::new(LATENCY_BUCKETS_S),
-            commit_round: Histogram::new(LATENCY_BUCKETS_S),
+            commit: Histogram::new(LATENCY_BUCKETS_S),
         }
     }
 }

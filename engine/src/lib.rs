@@ -19,6 +19,7 @@ pub mod body;
 mod error;
 mod handle;
 pub mod manifest;
+pub mod prefetch;
 pub mod record;
 mod shard;
 pub mod state;

@@ -219,3 +219,39 @@ fn a_removed_envelope_is_never_served_again_after_restarts() {
     shard.borrow_mut().ack(alice, 4).unwrap();
     assert!(read_all(&shard, alice).is_empty());
 }
+
+/// A mailbox ack answers nobody, so it asks for no commit of its own (it rides with the
+/// next one); an envelope does. An ack lost to a power cut before that commit only
+/// delivers again what the device had acknowledged.
+#[test]
+fn an_ack_alone_asks_for_no_commit_and_a_lost_one_redelivers() {
+    let disk = tern_engine::SimStorage::new(512);
+    let shard = open(disk.clone(), small_config());
+    let device = (42, 1);
+    let sent = envelope(7, 1, 100, b"hello");
+    shard.borrow_mut().append_envelope(&sent, &[device]).unwrap();
+    assert!(shard.borrow().needs_commit(), "an envelope is awaited");
+    block_on(shard.commit()).unwrap();
+
+    shard.borrow_mut().ack(device, 0).unwrap();
+    assert!(shard.borrow().has_pending(), "the ack waits for a commit");
+    assert!(!shard.borrow().needs_commit(), "but starts none");
+    assert!(read_all(&shard, device).is_empty(), "acknowledged: gone from the mailbox");
+
+    // Power cut before any commit took the ack: the envelope is delivered again.
+    drop(shard);
+    let after = disk.power_cut(|_, _| tern_engine::PowerCut::DropAll);
+    let shard = open(after.clone(), small_config());
+    assert_eq!(read_all(&shard, device).len(), 1);
+
+    // The next envelope's commit carries an ack appended before it.
+    shard.borrow_mut().ack(device, 0).unwrap();
+    shard.borrow_mut().append_envelope(&envelope(7, 2, 101, b"again"), &[device]).unwrap();
+    assert!(shard.borrow().needs_commit());
+    block_on(shard.commit()).unwrap();
+    assert!(!shard.borrow().has_pending());
+    drop(shard);
+    let shard = open(after.power_cut(|_, _| tern_engine::PowerCut::DropAll), small_config());
+    let left: Vec<Vec<u8>> = read_all(&shard, device).into_iter().map(|(_, b)| b).collect();
+    assert_eq!(left, vec![b"again".to_vec()]);
+}

@@ -300,12 +300,12 @@ impl<S: Storage> Core<S> {
         self.shared.histograms.commit_batch_records.observe(records as f64);
     }
 
-    /// Counts one commit round: how long its first record waited for it to start, and
-    /// how long it took (microseconds).
-    pub fn observe_commit_round(&mut self, waited_us: u64, took_us: u64) {
+    /// Counts one shard's commit: how long its first record waited for it to start, and
+    /// how long its write and fdatasync took (microseconds).
+    pub fn observe_commit(&mut self, waited_us: u64, took_us: u64) {
         let histograms = &mut self.shared.histograms;
         histograms.commit_wait.observe(waited_us as f64 / 1e6);
-        histograms.commit_round.observe(took_us as f64 / 1e6);
+        histograms.commit.observe(took_us as f64 / 1e6);
     }
 
     // -- outputs -----------------------------------------------------------------------

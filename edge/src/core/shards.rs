@@ -64,9 +64,10 @@ impl<S: Storage> Shards<S> {
         owned.filter_map(|(id, s)| Some((id as u32, s.clone()?))).collect()
     }
 
-    /// Whether any owned shard has records waiting for a commit.
+    /// Whether any owned shard has records someone waits for (a mailbox `Ack` alone
+    /// waits for the next commit, or the runtime's lazy flush).
     pub fn has_pending_writes(&self) -> bool {
-        self.handles.iter().flatten().any(|s| s.borrow().has_pending())
+        self.handles.iter().flatten().any(|s| s.borrow().needs_commit())
     }
 
     /// The durable sequence number of every shard (0 for those of other cores).

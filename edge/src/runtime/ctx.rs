@@ -90,9 +90,11 @@ pub struct Ctx {
     pub core: Rc<RefCell<Core<UringStorage>>>,
     /// Wakes the committer.
     pub commit_needed: Notify,
-    /// When the first record of the next commit round started waiting for it
-    /// (monotonic µs; `None`: nothing waits), for the commit-wait histogram.
+    /// When a record first asked the committer for a commit since it last woke
+    /// (monotonic µs), for the commit-wait histogram.
     pub commit_asked_us: Cell<Option<u64>>,
+    /// The shards with a commit task running.
+    pub committing: RefCell<std::collections::HashSet<u32>>,
     /// Wakes the mesh sender.
     pub mesh_needed: Notify,
     /// Raised when the server stops.

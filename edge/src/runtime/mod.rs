@@ -383,6 +383,16 @@ async fn open_shards(
     shard_dirs: &[PathBuf],
     config: &ServerConfig,
 ) -> Result<Vec<Option<ShardHandle<UringStorage>>>, ServerError> {
+    let owned_dirs = shard_dirs.iter().enumerate();
+    let owned_dirs =
+        owned_dirs.filter(|(id, _)| placement.core_of_shard(*id as u32) == placement.index);
+    // A cold start overlaps reading the log with replaying it (`tern_engine::prefetch`);
+    // the thread ends when it has read this core's segments.
+    if let Err(error) =
+        tern_engine::prefetch::read_ahead(owned_dirs.map(|(_, d)| d.clone()).collect())
+    {
+        tracing::warn!(%error, "could not start reading the log ahead; recovery reads it itself");
+    }
     let mut shards = Vec::with_capacity(shard_dirs.len());
     for (shard_id, dir) in shard_dirs.iter().enumerate() {
         let shard_id = shard_id as u32;
@@ -434,6 +444,7 @@ fn make_ctx(
         core: Rc::new(RefCell::new(core)),
         commit_needed: Notify::default(),
         commit_asked_us: Cell::new(None),
+        committing: RefCell::default(),
         mesh_needed: Notify::default(),
         stopping: Notify::default(),
         timer_changed: Notify::default(),

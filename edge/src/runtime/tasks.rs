@@ -89,46 +89,72 @@ fn reload_tls(ctx: &Ctx) {
     }
 }
 
-/// Commits whatever this core's shards accumulated, as long as there is something, then
-/// lets the core release durable replies and deliver. Group commit: appends that arrive
-/// while a commit is in flight go into the next one. The shards with pending records are
-/// committed all at once, each in its own task: their writes and fdatasyncs are in
-/// flight together (io_uring), so a round costs about one fdatasync instead of one per
-/// shard in turn (a core owns several shards; 8 in a row had put ~2 ms under every sent
-/// tick at low load).
+/// Starts a commit task for each shard of this core with records someone waits for and
+/// no commit task yet. Each shard commits on its own: a commit takes everything the shard
+/// has pending, and appends that arrive meanwhile form its next one (group commit, no
+/// timer), and what a commit made durable is released as soon as it is done. A round
+/// over every shard at once (the design before issue 21) made each reply wait for the
+/// slowest of up to 8 concurrent fdatasyncs, and a record arriving during a round for
+/// the whole round.
 pub async fn committer(ctx: Rc<Ctx>) {
     loop {
         ctx.commit_needed.wait().await;
-        loop {
-            let started_us = now().mono_us;
-            let asked_us = ctx.commit_asked_us.take().unwrap_or(started_us);
-            let shards = ctx.core.borrow().owned_shards();
-            let commits: Vec<_> = shards
-                .into_iter()
-                .filter(|(_, shard)| shard.borrow().has_pending())
-                .map(|(_, shard)| glommio::spawn_local(commit_shard(ctx.clone(), shard)))
-                .collect();
-            let committed_any = !commits.is_empty();
-            for commit in commits {
-                commit.await;
-            }
-            let done = now();
-            if committed_any {
-                let (waited, took) =
-                    (started_us - asked_us.min(started_us), done.mono_us - started_us);
-                ctx.core.borrow_mut().observe_commit_round(waited, took);
-            }
-            ctx.core.borrow_mut().handle_durable(done);
-            ctx.kick();
-            if !committed_any {
-                break;
+        let asked_us = ctx.commit_asked_us.take();
+        let shards = ctx.core.borrow().owned_shards();
+        for (shard_id, shard) in shards {
+            if shard.borrow().needs_commit() {
+                start_commits(&ctx, shard_id, shard, asked_us);
             }
         }
     }
 }
 
+/// Commits `shard` as long as it has records someone waits for, unless a task does so
+/// already. `asked_us`: when the first of those records asked for a commit.
+fn start_commits(
+    ctx: &Rc<Ctx>,
+    shard_id: u32,
+    shard: ShardHandle<UringStorage>,
+    asked_us: Option<u64>,
+) {
+    if !ctx.committing.borrow_mut().insert(shard_id) {
+        return;
+    }
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        let mut asked_us = asked_us;
+        loop {
+            let started_us = now().mono_us;
+            commit_shard(&ctx, &shard).await;
+            let done = now();
+            let waited = started_us.saturating_sub(asked_us.take().unwrap_or(started_us));
+            let mut core = ctx.core.borrow_mut();
+            core.observe_commit(waited, done.mono_us - started_us);
+            core.handle_durable(done);
+            drop(core);
+            ctx.kick();
+            if !shard.borrow().needs_commit() {
+                break;
+            }
+        }
+        ctx.committing.borrow_mut().remove(&shard_id);
+    })
+    .detach();
+}
+
+/// Commits what waits in shards that hold only mailbox acks (no commit started for
+/// them): once a second, so an acknowledged delivery is durable within about a second.
+fn flush_lazy(ctx: &Rc<Ctx>) {
+    let shards = ctx.core.borrow().owned_shards();
+    for (shard_id, shard) in shards {
+        if shard.borrow().has_pending() {
+            start_commits(ctx, shard_id, shard, None);
+        }
+    }
+}
+
 /// Commits one shard's pending records and counts the batch.
-async fn commit_shard(ctx: Rc<Ctx>, shard: ShardHandle<UringStorage>) {
+async fn commit_shard(ctx: &Rc<Ctx>, shard: &ShardHandle<UringStorage>) {
     let records_before = shard.borrow().counters().committed_records;
     match shard.commit().await {
         Ok(_) => {}
@@ -228,6 +254,7 @@ pub async fn refresh_stats(ctx: Rc<Ctx>, disk: DiskPaths) {
         let index = ctx.core.borrow().placement().index;
         let usage = disk.measure();
         ctx.core.borrow_mut().set_disk_usage(usage);
+        flush_lazy(&ctx);
         retry_stalled(&ctx).await;
         if index != 0 {
             ctx.core.borrow_mut().push_stats_to(0);

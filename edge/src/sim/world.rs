@@ -50,6 +50,8 @@ const DISK_ALIGNMENT: u32 = 512;
 const SETTLE_EVENTS_MAX: usize = 1_000_000;
 /// Connections a simulated core accepts.
 const CONNECTIONS_PER_CORE: usize = 100_000;
+/// How often the runtime commits shards that hold only mailbox acks (`flush_lazy`).
+const LAZY_FLUSH_MS: u64 = 1_000;
 
 /// How a simulated server is built.
 #[derive(Clone, Debug)]
@@ -205,6 +207,15 @@ impl World {
             if due {
                 self.cores[index].handle_timeout(now);
                 self.kick(index as u32);
+            }
+        }
+        // The runtime's lazy flush: mailbox acks, which start no commit, are committed
+        // within about a second (`runtime/tasks.rs`, `flush_lazy`).
+        let lazy_flush_due = now.mono_ms() / LAZY_FLUSH_MS != (now.mono_ms() - ms) / LAZY_FLUSH_MS;
+        for index in 0..self.cores.len() as u32 {
+            let owned = self.cores[index as usize].owned_shards();
+            if lazy_flush_due && owned.iter().any(|(_, shard)| shard.borrow().has_pending()) {
+                self.commit(index);
             }
         }
         self.abort_links();
@@ -518,8 +529,8 @@ impl World {
         }
     }
 
-    /// One group commit of every shard of `core` with pending records, then the core
-    /// learns what became durable (`runtime/tasks.rs`'s committer).
+    /// One group commit of every shard of `core` with pending records (awaited or not),
+    /// then the core learns what became durable (`runtime/tasks.rs`'s committer).
     fn commit(&mut self, index: u32) {
         let core = &mut self.cores[index as usize];
         for (shard_id, shard) in core.owned_shards() {

@@ -64,6 +64,11 @@ pub(crate) struct Log<S: Storage> {
     /// Where the next batch starts when `pending` is empty.
     next_batch_start: (u32, u64),
     commit_in_flight: bool,
+    /// Whether a pending record is awaited: anything but an `Ack`. An `Ack` record
+    /// answers nobody, so it rides with the next commit instead of starting one (a lost
+    /// one only delivers again what the device had acknowledged; the client drops the
+    /// copy as a duplicate). At low load this saves a commit round per delivery.
+    awaited_pending: bool,
     /// The last record of the commit in flight.
     in_flight_last_seq: u64,
     next_record_seq: u64,
@@ -129,6 +134,7 @@ impl<S: Storage> Log<S> {
             pending: Vec::new(),
             next_batch_start: batch_start,
             commit_in_flight: false,
+            awaited_pending: false,
             in_flight_last_seq: 0,
             next_record_seq,
             poisoned: None,
@@ -161,6 +167,12 @@ impl<S: Storage> Log<S> {
     /// would spin on a full disk; whoever retries calls commit when space may be back.
     pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty() && self.stalled.is_none()
+    }
+
+    /// Whether a pending record is awaited (anything but an `Ack`): the committer starts
+    /// a commit for these at once, and lets `Ack`-only batches wait for the next one.
+    pub(crate) fn needs_commit(&self) -> bool {
+        self.awaited_pending && self.has_pending()
     }
 
     /// The sequence number of the next record.
@@ -203,6 +215,7 @@ impl<S: Storage> Log<S> {
         if let Some(error) = self.write_error() {
             return Err(error.clone());
         }
+        self.awaited_pending |= record_type != RecordType::Ack;
         // Lay the record out straight at the end of the current batch: almost always it
         // fits, and then nothing is copied again.
         let seq = self.next_record_seq;
@@ -387,6 +400,7 @@ impl<S: Storage> Log<S> {
         // The stalled batches first: the pending ones were laid out after them.
         let mut batches = std::mem::take(&mut self.retry);
         batches.append(&mut self.pending);
+        self.awaited_pending = false;
         let last = batches.last().expect("non-empty");
         self.next_batch_start = (last.segment_id, last.start_offset + last.bytes.len() as u64);
         self.commit_in_flight = true;

@@ -420,6 +420,13 @@ impl<S: Storage> Shard<S> {
         self.log.has_pending()
     }
 
+    /// Whether a pending record is awaited by someone (anything but a mailbox `Ack`,
+    /// which rides with the next commit): a server commits these at once, and the rest
+    /// within its lazy-flush bound.
+    pub fn needs_commit(&self) -> bool {
+        self.log.needs_commit()
+    }
+
     /// The sequence number of the last record appended (durable or not).
     pub fn appended_seq(&self) -> u64 {
         self.log.next_record_seq() - 1

@@ -334,6 +334,14 @@ async fn run(args: Args) {
             }
         }
     }
+    if matches!(args.scenario.as_str(), "drain" | "recovery") {
+        // Ten senders fill every mailbox: each may fill all of it (the per-sender share
+        // of issue 20 refused the fill past half of `--mailbox-max-messages`).
+        let flag = "--mailbox-sender-share-percent";
+        if tern_bench::server::known_flags(&args.ternd, &[flag]).contains(&flag) {
+            extra.extend([flag.to_string(), "100".to_string()]);
+        }
+    }
     extra.extend(args.ternd_arg.iter().cloned());
     let log = args.ternd_log.as_deref();
     let cpus = args.ternd_cpus.as_deref();
@@ -955,7 +963,8 @@ async fn fill_mailboxes(args: &Args, addr: SocketAddr, accounts: &[(u64, [u8; 32
                 while let Some(frame) = decoder.next_frame().expect("server frames decode") {
                     match frame.message {
                         Message::SendAck(_) => in_flight -= 1,
-                        Message::SendError(_) | Message::ErrorFrame(_) => panic!("send refused"),
+                        Message::SendError(e) => panic!("send refused: {:?}", e.code),
+                        Message::ErrorFrame(e) => panic!("refused: {:?}", e.code),
                         _ => {}
                     }
                 }
