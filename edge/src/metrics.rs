@@ -130,7 +130,7 @@ const HISTOGRAMS: [HistogramFamily; 5] = [
     }),
     (
         "tern_commit_wait_seconds",
-        "Time from a record asking for a commit of its idle shard to the commit's start.",
+        "Time from the first record asking for a commit round to the round's start.",
         |c| &c.histograms.commit_wait,
     ),
     ("tern_commit_seconds", "One shard's commit: its write and fdatasync.", |c| {

@@ -79,9 +79,9 @@ pub struct Histograms {
     pub send_to_deliver: Histogram,
     /// Records per group commit.
     pub commit_batch_records: Histogram,
-    /// A record that asked for a commit while none ran for its shard → that commit's
-    /// start, seconds (the committer's wake-up; a record appended during a commit waits
-    /// for it to end, then goes in the next).
+    /// The first record asking for a commit round → the round's start, seconds (the
+    /// committer's wake-up; a record appended during a round waits for it to end, then
+    /// goes in the next).
     pub commit_wait: Histogram,
     /// One shard's commit: its write and fdatasync, seconds.
     pub commit: Histogram,

@@ -93,8 +93,9 @@ pub struct Ctx {
     /// When a record first asked the committer for a commit since it last woke
     /// (monotonic µs), for the commit-wait histogram.
     pub commit_asked_us: Cell<Option<u64>>,
-    /// The shards with a commit task running.
-    pub committing: RefCell<std::collections::HashSet<u32>>,
+    /// Set by the once-a-second lazy flush: the next commit round also takes the shards
+    /// that hold only mailbox acks.
+    pub flush_lazy: Cell<bool>,
     /// Wakes the mesh sender.
     pub mesh_needed: Notify,
     /// Raised when the server stops.

@@ -444,7 +444,7 @@ fn make_ctx(
         core: Rc::new(RefCell::new(core)),
         commit_needed: Notify::default(),
         commit_asked_us: Cell::new(None),
-        committing: RefCell::default(),
+        flush_lazy: Cell::new(false),
         mesh_needed: Notify::default(),
         stopping: Notify::default(),
         timer_changed: Notify::default(),

@@ -89,72 +89,59 @@ fn reload_tls(ctx: &Ctx) {
     }
 }
 
-/// Starts a commit task for each shard of this core with records someone waits for and
-/// no commit task yet. Each shard commits on its own: a commit takes everything the shard
-/// has pending, and appends that arrive meanwhile form its next one (group commit, no
-/// timer), and what a commit made durable is released as soon as it is done. A round
-/// over every shard at once (the design before issue 21) made each reply wait for the
-/// slowest of up to 8 concurrent fdatasyncs, and a record arriving during a round for
-/// the whole round.
+/// Commits this core's shards in rounds, as long as some have records someone waits for,
+/// then lets the core release durable replies and deliver. A round commits every shard
+/// with awaited records at once, each in its own task, so their writes and fdatasyncs
+/// are in flight together (io_uring) and a round costs about one fdatasync; appends that
+/// arrive meanwhile form the next round (group commit, no timer). Two alternatives were
+/// measured and dropped (docs/BENCHMARKS.md, issue 21): a commit loop per shard, which
+/// made more, smaller commits, and releasing each shard's replies as soon as it is
+/// durable, which scans every parked reply once per shard instead of once per round;
+/// both cost 30–45 % more CPU per message at saturation.
 pub async fn committer(ctx: Rc<Ctx>) {
     loop {
         ctx.commit_needed.wait().await;
-        let asked_us = ctx.commit_asked_us.take();
-        let shards = ctx.core.borrow().owned_shards();
-        for (shard_id, shard) in shards {
-            if shard.borrow().needs_commit() {
-                start_commits(&ctx, shard_id, shard, asked_us);
-            }
-        }
-    }
-}
-
-/// Commits `shard` as long as it has records someone waits for, unless a task does so
-/// already. `asked_us`: when the first of those records asked for a commit.
-fn start_commits(
-    ctx: &Rc<Ctx>,
-    shard_id: u32,
-    shard: ShardHandle<UringStorage>,
-    asked_us: Option<u64>,
-) {
-    if !ctx.committing.borrow_mut().insert(shard_id) {
-        return;
-    }
-    let ctx = ctx.clone();
-    glommio::spawn_local(async move {
-        let mut asked_us = asked_us;
+        let mut asked_us = ctx.commit_asked_us.take();
         loop {
-            let started_us = now().mono_us;
-            commit_shard(&ctx, &shard).await;
-            let done = now();
-            let waited = started_us.saturating_sub(asked_us.take().unwrap_or(started_us));
-            let mut core = ctx.core.borrow_mut();
-            core.observe_commit(waited, done.mono_us - started_us);
-            core.handle_durable(done);
-            drop(core);
+            // Shards holding only mailbox acks wait for the lazy flush.
+            let lazy_too = ctx.flush_lazy.take();
+            let shards = ctx.core.borrow().owned_shards();
+            let commits: Vec<_> = shards
+                .into_iter()
+                .filter(|(_, shard)| {
+                    let shard = shard.borrow();
+                    shard.needs_commit() || (lazy_too && shard.has_pending())
+                })
+                .map(|(_, shard)| glommio::spawn_local(commit_shard(ctx.clone(), shard, asked_us)))
+                .collect();
+            for commit in commits {
+                commit.await;
+            }
+            ctx.core.borrow_mut().handle_durable(now());
             ctx.kick();
-            if !shard.borrow().needs_commit() {
+            let owned = ctx.core.borrow().owned_shards();
+            if !owned.iter().any(|(_, shard)| shard.borrow().needs_commit()) {
                 break;
             }
-        }
-        ctx.committing.borrow_mut().remove(&shard_id);
-    })
-    .detach();
-}
-
-/// Commits what waits in shards that hold only mailbox acks (no commit started for
-/// them): once a second, so an acknowledged delivery is durable within about a second.
-fn flush_lazy(ctx: &Rc<Ctx>) {
-    let shards = ctx.core.borrow().owned_shards();
-    for (shard_id, shard) in shards {
-        if shard.borrow().has_pending() {
-            start_commits(ctx, shard_id, shard, None);
+            asked_us = ctx.commit_asked_us.take();
         }
     }
 }
 
-/// Commits one shard's pending records and counts the batch.
-async fn commit_shard(ctx: &Rc<Ctx>, shard: &ShardHandle<UringStorage>) {
+/// Commits what waits in shards that hold only mailbox acks (which start no commit):
+/// once a second, so an acknowledged delivery is durable within about a second.
+fn flush_lazy(ctx: &Rc<Ctx>) {
+    let owned = ctx.core.borrow().owned_shards();
+    if owned.iter().any(|(_, shard)| shard.borrow().has_pending()) {
+        ctx.flush_lazy.set(true);
+        ctx.commit_needed.notify();
+    }
+}
+
+/// Commits one shard's pending records and counts the batch and its timing. `asked_us`:
+/// when a record first asked for this round.
+async fn commit_shard(ctx: Rc<Ctx>, shard: ShardHandle<UringStorage>, asked_us: Option<u64>) {
+    let started_us = now().mono_us;
     let records_before = shard.borrow().counters().committed_records;
     match shard.commit().await {
         Ok(_) => {}
@@ -166,10 +153,15 @@ async fn commit_shard(ctx: &Rc<Ctx>, shard: &ShardHandle<UringStorage>) {
             tracing::error!(%error, "commit failed; the shard refuses writes until restart")
         }
     }
+    let done = now();
     let records = shard.borrow().counters().committed_records - records_before;
+    let mut core = ctx.core.borrow_mut();
     if records > 0 {
-        ctx.core.borrow_mut().observe_commit_batch(records);
+        core.observe_commit_batch(records);
+        let waited = started_us.saturating_sub(asked_us.unwrap_or(started_us));
+        core.observe_commit(waited, done.mono_us - started_us);
     }
+    drop(core);
 }
 
 /// Sends each other core one batch per loop turn: the core's outbox and the connections
