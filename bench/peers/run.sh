@@ -11,7 +11,7 @@
 #
 # `open` is the moderate-load table: open loop at RATES (1000 5000 20000) msg/s over USERS
 # users, and the floor (2 users, one message in flight); latencies count from each
-# message's intended send time. Tern only for now: peerbench has no open loop yet.
+# message's intended send time (both generators pace with `tern_bench::pacer`).
 #
 # Installs the peers with apt if they are missing, builds ternd, loadgen and peerbench
 # (release), then for each scenario runs Tern (loadgen starts its own ternd) and each peer,
@@ -166,6 +166,13 @@ run_all() {
             --group-size "$GROUP_SIZE" --group-messages "$GROUP_MESSAGES"
         ;;
     esac
+    run_peers "$scenario" "$@"
+}
+
+# Every peer, each started afresh, in one scenario with peerbench's flags.
+run_peers() {
+    local scenario=$1
+    shift
     start_mqtt && peer mqtt "$MQTT_ADDR" "QoS 1, autosave 1800 s" "$scenario" "$@"
     start_redis always && peer redis "$REDIS_ADDR" "appendfsync always" "$scenario" "$@"
     start_redis everysec && peer redis "$REDIS_ADDR" "appendfsync everysec" "$scenario" "$@"
@@ -189,8 +196,11 @@ for scenario in $SCENARIOS; do
         for rate in $RATES; do
             tern "open loop $rate msg/s" --users "$USERS" --seconds "$SECONDS_" \
                 --window "$WINDOW" --rate "$rate"
+            run_peers online --users "$USERS" --seconds "$SECONDS_" --window "$WINDOW" \
+                --rate "$rate"
         done
         tern "floor (2 users, 1 in flight)" --users 2 --seconds "$SECONDS_" --window 1
+        run_peers online --users 2 --seconds "$SECONDS_" --window 1
         ;;
     *) echo "unknown scenario $scenario (online, drain, groups, open)" >&2 && exit 2 ;;
     esac

@@ -122,10 +122,21 @@ pub fn start_logged(
 
 /// A process's resident memory in KiB (`/proc/PID/status`).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A process's anonymous resident memory in KiB (`RssAnon`: its heap and stacks, without
+/// the mapped files that `VmRSS` also counts, such as the log segments a restarted
+/// `ternd` replayed through a memory map).
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }

@@ -1,7 +1,10 @@
 //! Connection density: how many idle authenticated connections one `ternd` holds and
-//! what each costs. Registers `--users` accounts, then opens one authenticated idle
-//! connection per account (plain TCP or TLS 1.3), from source addresses 127.0.0.1,
-//! 127.0.0.2, ... (`--sources`, past one address's ephemeral ports), and reports the
+//! what each costs, and what a registered account costs while offline. Registers
+//! `--users` accounts, restarts ternd on the same data directory and compares its
+//! anonymous memory with an empty server's (memory per offline account), then opens one
+//! authenticated idle connection per account (plain TCP or TLS 1.3), from source
+//! addresses 127.0.0.1, 127.0.0.2, ... (`--sources`, past one address's ephemeral
+//! ports), and reports the
 //! server's RSS before and after (memory per connection), the kernel's slab growth (both
 //! ends of each loopback connection), and the connect rate. One process holds at most
 //! about 19,900 descriptors here: 19,000 connections fit in one generator and one ternd.
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tern_bench::proto::{authenticate, register, try_hello};
-use tern_bench::server::{rss_kib, slab_kib, start};
+use tern_bench::server::{rss_anon_kib, rss_kib, slab_kib, start};
 use tern_wire::messages::Token;
 use tern_wire::ErrorCode;
 use tokio::net::{TcpSocket, TcpStream};
@@ -101,7 +104,8 @@ async fn main() {
     std::fs::create_dir_all(&args.work_dir).unwrap();
     let data_dir = tempfile::tempdir_in(&args.work_dir).unwrap();
     let mut ternd = start(&args.ternd, data_dir.path(), &[], None);
-    let pid = ternd.child.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let anon_empty = rss_anon_kib(ternd.child.id());
 
     let started = Instant::now();
     let mut accounts = Vec::with_capacity(args.users);
@@ -116,7 +120,21 @@ async fn main() {
         }
     }
     eprintln!("registered {} users in {:.1} s", args.users, started.elapsed().as_secs_f64());
+    // What a registered, offline account costs: ternd's anonymous memory after a restart
+    // on the same data directory (so nothing of the registrations' traffic is left, only
+    // the state rebuilt from the log) against a ternd on an empty one.
+    let _ = ternd.child.kill();
+    let _ = ternd.child.wait();
+    ternd = start(&args.ternd, data_dir.path(), &[], None);
+    let pid = ternd.child.id();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let anon_accounts = rss_anon_kib(pid);
+    let per_account = anon_accounts.saturating_sub(anon_empty) as f64 * 1024.0 / args.users as f64;
+    println!(
+        "{} registered accounts, offline: ternd's anonymous memory {anon_empty} KiB (empty) \
+         → {anon_accounts} KiB after a restart = {per_account:.0} bytes per account",
+        args.users
+    );
     let (rss_before, slab_before) = (rss_kib(pid), slab_kib());
 
     let cert = data_dir.path().join("tls/dev-cert.pem");
@@ -164,7 +182,8 @@ async fn main() {
         "{{\"scenario\":\"density\",\"transport\":\"{transport}\",\"connections\":{held},\
          \"refused\":{refused},\"processes\":{},\
          \"connect_per_s\":{:.0},\"rss_before_kib\":{rss_before},\"rss_after_kib\":{rss_after},\
-         \"bytes_per_connection\":{per_conn:.0},\"slab_bytes_per_connection\":{slab_per_conn:.0}}}",
+         \"bytes_per_connection\":{per_conn:.0},\"slab_bytes_per_connection\":{slab_per_conn:.0},\
+         \"bytes_per_offline_account\":{per_account:.0}}}",
         args.processes.max(1),
         n / connect_s
     );

@@ -10,7 +10,9 @@
 //! Scenarios:
 //! - `online`: `--users` users all connected, each with at most `--window` sends
 //!   unacknowledged, 100-byte messages to random others for `--seconds`; delivered msg/s,
-//!   send→ack (the peer's durable ack) and send→deliver percentiles.
+//!   send→ack (the peer's durable ack) and send→deliver percentiles. With `--rate R` it
+//!   is an open loop, as `loadgen --rate`: R messages a second in total, paced by
+//!   `tern_bench::pacer`, latencies from each message's intended time.
 //! - `drain`: the users are offline; `DRAIN_SENDERS` senders queue `--drain-messages` to
 //!   each; then all users connect (at most `CONNECT_PARALLEL` handshakes at a time) and
 //!   read everything: time until the last is delivered, msg/s.
@@ -41,6 +43,7 @@ use clap::Parser;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use tern_bench::server::cpu_seconds;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -76,6 +79,10 @@ struct Args {
     /// Online: sends in flight per user.
     #[arg(long, default_value_t = 8)]
     window: usize,
+    /// Online: open loop at this many messages a second in total (0: closed loop, as
+    /// fast as the window allows); latencies count from each message's intended time.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Bytes per message (the first 8 are the send time).
     #[arg(long, default_value_t = 100)]
     message_bytes: usize,
@@ -102,7 +109,8 @@ struct Args {
 /// Counters and histograms shared by every user task.
 struct Recorder {
     epoch: Instant,
-    running: AtomicBool,
+    /// Shared with the pacer's thread, which stops with the run.
+    running_flag: Arc<AtomicBool>,
     measuring: AtomicBool,
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -115,7 +123,7 @@ impl Recorder {
     fn new() -> Arc<Recorder> {
         Arc::new(Recorder {
             epoch: Instant::now(),
-            running: AtomicBool::new(true),
+            running_flag: Arc::new(AtomicBool::new(true)),
             measuring: AtomicBool::new(false),
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -130,12 +138,16 @@ impl Recorder {
     }
 
     fn running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
+        self.running_flag.load(Ordering::Relaxed)
     }
 
     /// A message body stamped with the current time; returns (time, body).
     fn body(&self, bytes: usize) -> (u64, Vec<u8>) {
-        let t = self.now();
+        self.body_at(self.now(), bytes)
+    }
+
+    /// A message body stamped with `t` (µs since the epoch); returns (t, body).
+    fn body_at(&self, t: u64, bytes: usize) -> (u64, Vec<u8>) {
         let mut body = vec![0u8; bytes.max(8)];
         body[..8].copy_from_slice(&t.to_le_bytes());
         (t, body)
@@ -162,6 +174,58 @@ impl Recorder {
 
     fn delivered_count(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
+    }
+}
+
+/// When a user's sending loop may send: in the closed loop whenever its window has room,
+/// in the open loop (`--rate`) when the pacer (`tern_bench::pacer`, as `loadgen` uses)
+/// says a message is due, stamped with the time it was due.
+struct Turns {
+    schedule: Option<UnboundedReceiver<u64>>,
+    due: VecDeque<u64>,
+}
+
+impl Turns {
+    /// One user's turns for each of `users` (the pacer started if `rate` > 0).
+    fn for_users(rec: &Recorder, rate: u64, users: usize) -> Vec<Turns> {
+        let schedules: Vec<Option<UnboundedReceiver<u64>>> = if rate > 0 {
+            let running = rec.running_flag.clone();
+            tern_bench::pacer::start(rate, users, rec.epoch, running)
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            (0..users).map(|_| None).collect()
+        };
+        schedules.into_iter().map(|schedule| Turns { schedule, due: VecDeque::new() }).collect()
+    }
+
+    /// The stamp of a message that may go now: the current time in the closed loop, the
+    /// oldest due time in the open loop (`None`: nothing is due).
+    fn next(&mut self, rec: &Recorder) -> Option<u64> {
+        match &mut self.schedule {
+            None => Some(rec.now()),
+            Some(schedule) => {
+                tern_bench::pacer::drain(schedule, &mut self.due);
+                self.due.pop_front()
+            }
+        }
+    }
+
+    /// Whether the pacer says when to send (`--rate`).
+    fn is_open_loop(&self) -> bool {
+        self.schedule.is_some()
+    }
+
+    /// Waits until a message is due (never, in the closed loop).
+    async fn wait(&mut self) {
+        match &mut self.schedule {
+            None => std::future::pending().await,
+            Some(schedule) => match schedule.recv().await {
+                Some(intended) => self.due.push_back(intended),
+                None => std::future::pending().await,
+            },
+        }
     }
 }
 
@@ -223,7 +287,7 @@ async fn online_clock(args: &Args, rec: &Recorder, tasks: Vec<JoinHandle<()>>) {
     rec.measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     let (cpu1, gen1) = cpu_pair(args);
-    rec.running.store(false, Ordering::Relaxed);
+    rec.running_flag.store(false, Ordering::Relaxed);
     join_all(tasks, Duration::from_secs(10)).await;
     let sent = rec.sent.load(Ordering::Relaxed) as f64 / elapsed;
     let delivered = rec.delivered_count() as f64 / elapsed;
@@ -231,12 +295,14 @@ async fn online_clock(args: &Args, rec: &Recorder, tasks: Vec<JoinHandle<()>>) {
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (server_cpu, gen_cpu) = ((cpu1 - cpu0) / elapsed * 100.0, (gen1 - gen0) / elapsed * 100.0);
     println!(
-        "{} [{}] users {} window {} size {} B, {elapsed:.0} s: sent {sent:.0} msg/s, delivered \
-         {delivered:.0} msg/s, errors {}; CPU peer {server_cpu:.0}% generator {gen_cpu:.0}%",
+        "{} [{}] users {} window {} rate {} size {} B, {elapsed:.0} s: sent {sent:.0} msg/s, \
+         delivered {delivered:.0} msg/s, errors {}; CPU peer {server_cpu:.0}% generator \
+         {gen_cpu:.0}%",
         args.peer,
         args.label,
         args.users,
         args.window,
+        args.rate,
         args.message_bytes,
         rec.errors.load(Ordering::Relaxed),
     );
@@ -254,19 +320,23 @@ async fn online_clock(args: &Args, rec: &Recorder, tasks: Vec<JoinHandle<()>>) {
     );
     println!(
         "JSON {{\"peer\":\"{}\",\"label\":\"{}\",\"scenario\":\"online\",\"users\":{},\
-         \"window\":{},\"seconds\":{elapsed:.1},\"sent_per_s\":{sent:.0},\
+         \"window\":{},\"rate\":{},\"seconds\":{elapsed:.1},\"sent_per_s\":{sent:.0},\
          \"delivered_per_s\":{delivered:.0},\"ack_p50_ms\":{:.3},\"ack_p99_ms\":{:.3},\
          \"ack_p999_ms\":{:.3},\"deliver_p50_ms\":{:.3},\"deliver_p99_ms\":{:.3},\
+         \"deliver_p999_ms\":{:.3},\"server_cpu_us_per_message\":{:.1},\
          \"errors\":{},\"peer_cpu_pct\":{server_cpu:.0},\"generator_cpu_pct\":{gen_cpu:.0}}}",
         args.peer,
         args.label,
         args.users,
         args.window,
+        args.rate,
         ms(&a, 0.5),
         ms(&a, 0.99),
         ms(&a, 0.999),
         ms(&d, 0.5),
         ms(&d, 0.99),
+        ms(&d, 0.999),
+        (cpu1 - cpu0) * 1e6 / (delivered * elapsed).max(1.0),
         rec.errors.load(Ordering::Relaxed),
     );
 }
@@ -427,8 +497,11 @@ mod mqtt {
             "online" => {
                 let ids = (0..n).map(|i| (format!("u{i}"), vec![format!("u/{i}")])).collect();
                 let users = connect_users(args.addr, ids).await;
+                let turns = Turns::for_users(&rec, args.rate, n);
                 let mut tasks = Vec::new();
-                for (i, (client, mut events)) in users.into_iter().enumerate() {
+                for (i, ((client, mut events), mut turns)) in
+                    users.into_iter().zip(turns).enumerate()
+                {
                     let (rec, window, bytes) = (rec.clone(), args.window, args.message_bytes);
                     tasks.push(tokio::spawn(async move {
                         // QoS 1 PUBACKs come back in PUBLISH order (MQTT 3.1.1, 4.6).
@@ -437,8 +510,9 @@ mod mqtt {
                         loop {
                             if rec.running() {
                                 while in_flight.len() < window {
+                                    let Some(t) = turns.next(&rec) else { break };
                                     let to = pick(&mut rng, i, n);
-                                    let (t, body) = rec.body(bytes);
+                                    let (t, body) = rec.body_at(t, bytes);
                                     let topic = format!("u/{to}");
                                     if client
                                         .try_publish(topic, QoS::AtLeastOnce, false, body)
@@ -451,7 +525,11 @@ mod mqtt {
                             } else if in_flight.is_empty() {
                                 break;
                             }
-                            match timeout(Duration::from_secs(2), events.poll()).await {
+                            let event = tokio::select! {
+                                event = timeout(Duration::from_secs(2), events.poll()) => event,
+                                () = turns.wait() => continue,
+                            };
+                            match event {
                                 Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
                                     if let Some(t) = in_flight.pop_front() {
                                         rec.acked(t);
@@ -461,6 +539,10 @@ mod mqtt {
                                     rec.delivered(&p.payload)
                                 }
                                 Ok(Ok(_)) => {}
+                                // Two quiet seconds: the run is over, or (open loop) this
+                                // user has nothing in flight and nothing came for it.
+                                Err(_) if !rec.running() => break,
+                                Err(_) if turns.is_open_loop() && in_flight.is_empty() => {}
                                 _ => {
                                     rec.error();
                                     break;
@@ -601,7 +683,7 @@ mod mqtt {
                     .await;
                 let elapsed = start.elapsed().as_secs_f64();
                 let cpu1 = cpu_pair(&args);
-                rec.running.store(false, Ordering::Relaxed);
+                rec.running_flag.store(false, Ordering::Relaxed);
                 groups_report(&args, &rec, size, elapsed, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1));
                 join_all(tasks, Duration::from_secs(5)).await;
             }
@@ -663,7 +745,8 @@ mod redis_streams {
                 let pairs = futures_util::stream::iter(0..n)
                     .map(|_| async { (connect(&client).await, connect(&client).await) });
                 let pairs: Vec<_> = pairs.buffered(CONNECT_PARALLEL).collect().await;
-                for (i, (send, mut read)) in pairs.into_iter().enumerate() {
+                let turns = Turns::for_users(&rec, args.rate, n);
+                for (i, ((send, mut read), mut turns)) in pairs.into_iter().zip(turns).enumerate() {
                     let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
                     tasks.push(tokio::spawn(async move {
                         let rec = sender;
@@ -672,8 +755,9 @@ mod redis_streams {
                         loop {
                             if rec.running() {
                                 while in_flight.len() < window {
+                                    let Some(t) = turns.next(&rec) else { break };
                                     let to = pick(&mut rng, i, n);
-                                    let (t, body) = rec.body(bytes);
+                                    let (t, body) = rec.body_at(t, bytes);
                                     let mut conn = send.clone();
                                     in_flight.push(async move {
                                         (t, xadd(&mut conn, format!("u:{to}"), body).await)
@@ -682,7 +766,15 @@ mod redis_streams {
                             } else if in_flight.is_empty() {
                                 break;
                             }
-                            match in_flight.next().await {
+                            if in_flight.is_empty() {
+                                turns.wait().await;
+                                continue;
+                            }
+                            let done = tokio::select! {
+                                done = in_flight.next() => done,
+                                () = turns.wait() => continue,
+                            };
+                            match done {
                                 Some((t, true)) => rec.acked(t),
                                 _ => rec.error(),
                             }
@@ -807,7 +899,7 @@ mod redis_streams {
                     .await;
                 let elapsed = start.elapsed().as_secs_f64();
                 let cpu1 = cpu_pair(&args);
-                rec.running.store(false, Ordering::Relaxed);
+                rec.running_flag.store(false, Ordering::Relaxed);
                 groups_report(&args, &rec, size, elapsed, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1));
                 join_all(tasks, Duration::from_secs(5)).await;
             }
@@ -939,7 +1031,8 @@ mod nats {
                 let addr = args.addr;
                 let users = futures_util::stream::iter(0..n).map(|i| user(addr, i));
                 let users: Vec<_> = users.buffered(CONNECT_PARALLEL).collect().await;
-                for (i, (client, sub)) in users.into_iter().enumerate() {
+                let turns = Turns::for_users(&rec, args.rate, n);
+                for (i, ((client, sub), mut turns)) in users.into_iter().zip(turns).enumerate() {
                     let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
                     let js = jetstream::new(client.clone());
                     tasks.push(tokio::spawn(async move {
@@ -949,8 +1042,9 @@ mod nats {
                         loop {
                             if rec.running() {
                                 while in_flight.len() < window {
+                                    let Some(t) = turns.next(&rec) else { break };
                                     let to = pick(&mut rng, i, n);
-                                    let (t, body) = rec.body(bytes);
+                                    let (t, body) = rec.body_at(t, bytes);
                                     let js = js.clone();
                                     in_flight.push(async move {
                                         let ack = match js
@@ -966,7 +1060,15 @@ mod nats {
                             } else if in_flight.is_empty() {
                                 break;
                             }
-                            match in_flight.next().await {
+                            if in_flight.is_empty() {
+                                turns.wait().await;
+                                continue;
+                            }
+                            let done = tokio::select! {
+                                done = in_flight.next() => done,
+                                () = turns.wait() => continue,
+                            };
+                            match done {
                                 Some((t, true)) => rec.acked(t),
                                 _ => rec.error(),
                             }
@@ -1065,7 +1167,7 @@ mod nats {
                     .await;
                 let elapsed = start.elapsed().as_secs_f64();
                 let cpu1 = cpu_pair(&args);
-                rec.running.store(false, Ordering::Relaxed);
+                rec.running_flag.store(false, Ordering::Relaxed);
                 groups_report(&args, &rec, size, elapsed, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1));
                 join_all(tasks, Duration::from_secs(5)).await;
             }

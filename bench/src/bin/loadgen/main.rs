@@ -40,7 +40,6 @@ use tern_wire::messages::*;
 use tern_wire::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -426,11 +425,8 @@ async fn one_to_one(
     });
     let user_ids: Arc<Vec<u64>> = Arc::new(accounts.iter().map(|a| a.0).collect());
     let mut schedules = (args.rate > 0).then(|| {
-        let (senders, receivers): (Vec<_>, std::collections::VecDeque<UnboundedReceiver<u64>>) =
-            (0..accounts.len()).map(|_| unbounded_channel()).unzip();
-        let (rate, running) = (args.rate, running.clone());
-        std::thread::spawn(move || pacer(rate, senders, epoch, running));
-        receivers
+        let schedules = tern_bench::pacer::start(args.rate, accounts.len(), epoch, running.clone());
+        schedules.into_iter().collect::<std::collections::VecDeque<_>>()
     });
     let mut tasks = Vec::new();
     for (index, (user_id, token)) in accounts.into_iter().enumerate() {
@@ -503,9 +499,7 @@ async fn one_to_one(
                         },
                         intended = schedule.recv() => {
                             due.extend(intended);
-                            while let Ok(intended) = schedule.try_recv() {
-                                due.push_back(intended);
-                            }
+                            tern_bench::pacer::drain(schedule, &mut due);
                             continue;
                         }
                     },
@@ -670,28 +664,6 @@ async fn one_to_one(
         "server_cpu_us_per_message": server_cpu_us_per_message,
         "generator_cpu_per_s": generator_cpu_s / elapsed,
     })
-}
-
-/// The open loop's clock: message `i` is due at `epoch + i / rate`, from user
-/// `i % users`, and its intended time (µs since `epoch`) goes to that user's task. One
-/// thread sleeping to the microsecond keeps the schedule for everyone: per-user tokio
-/// intervals round every deadline up to tokio's millisecond timer wheel and wake late
-/// under load, which had put 1–5 ms of the generator's own lateness into the latencies.
-fn pacer(rate: u64, users: Vec<UnboundedSender<u64>>, epoch: Instant, running: Arc<AtomicBool>) {
-    let start = now_us(epoch);
-    let mut next = 0u64;
-    while running.load(Ordering::Relaxed) {
-        let due_us = start + next * 1_000_000 / rate;
-        let now = now_us(epoch);
-        if due_us > now {
-            std::thread::sleep(Duration::from_micros(due_us - now));
-            continue;
-        }
-        // Everything due by now goes at once (a sleep overran, or the rate is high).
-        let user = (next % users.len() as u64) as usize;
-        let _ = users[user].send(due_us);
-        next += 1;
-    }
 }
 
 /// p50, p99 and p999 of a histogram of microseconds, in milliseconds (for the JSON line).
