@@ -229,6 +229,47 @@ impl Turns {
     }
 }
 
+/// User `i` of `n`'s sends to a peer whose send is a future saying whether the peer
+/// acknowledged it (Redis `XADD`, a JetStream publish): at most `window` in flight, of
+/// `bytes` each, when `turns` allows; ends when the run stops and nothing is in flight.
+async fn send_acked<F, Fut>(
+    rec: Arc<Recorder>,
+    mut turns: Turns,
+    (i, n, window, bytes): (usize, usize, usize, usize),
+    mut publish: F,
+) where
+    F: FnMut(usize, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut in_flight = FuturesUnordered::new();
+    let mut rng = seed(i);
+    loop {
+        if rec.running() {
+            while in_flight.len() < window {
+                let Some(t) = turns.next(&rec) else { break };
+                let to = pick(&mut rng, i, n);
+                let (t, body) = rec.body_at(t, bytes);
+                let acked = publish(to, body);
+                in_flight.push(async move { (t, acked.await) });
+            }
+        } else if in_flight.is_empty() {
+            break;
+        }
+        if in_flight.is_empty() {
+            turns.wait().await;
+            continue;
+        }
+        let done = tokio::select! {
+            done = in_flight.next() => done,
+            () = turns.wait() => continue,
+        };
+        match done {
+            Some((t, true)) => rec.acked(t),
+            _ => rec.error(),
+        }
+    }
+}
+
 /// The recipient of user `i`'s next message: `loadgen`'s xorshift and rule.
 fn pick(rng: &mut u64, i: usize, n: usize) -> usize {
     *rng ^= *rng << 13;
@@ -746,40 +787,13 @@ mod redis_streams {
                     .map(|_| async { (connect(&client).await, connect(&client).await) });
                 let pairs: Vec<_> = pairs.buffered(CONNECT_PARALLEL).collect().await;
                 let turns = Turns::for_users(&rec, args.rate, n);
-                for (i, ((send, mut read), mut turns)) in pairs.into_iter().zip(turns).enumerate() {
-                    let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
-                    tasks.push(tokio::spawn(async move {
-                        let rec = sender;
-                        let mut in_flight = FuturesUnordered::new();
-                        let mut rng = seed(i);
-                        loop {
-                            if rec.running() {
-                                while in_flight.len() < window {
-                                    let Some(t) = turns.next(&rec) else { break };
-                                    let to = pick(&mut rng, i, n);
-                                    let (t, body) = rec.body_at(t, bytes);
-                                    let mut conn = send.clone();
-                                    in_flight.push(async move {
-                                        (t, xadd(&mut conn, format!("u:{to}"), body).await)
-                                    });
-                                }
-                            } else if in_flight.is_empty() {
-                                break;
-                            }
-                            if in_flight.is_empty() {
-                                turns.wait().await;
-                                continue;
-                            }
-                            let done = tokio::select! {
-                                done = in_flight.next() => done,
-                                () = turns.wait() => continue,
-                            };
-                            match done {
-                                Some((t, true)) => rec.acked(t),
-                                _ => rec.error(),
-                            }
-                        }
-                    }));
+                for (i, ((send, mut read), turns)) in pairs.into_iter().zip(turns).enumerate() {
+                    let publish = move |to: usize, body: Vec<u8>| {
+                        let mut conn = send.clone();
+                        async move { xadd(&mut conn, format!("u:{to}"), body).await }
+                    };
+                    let user = (i, n, args.window, args.message_bytes);
+                    tasks.push(tokio::spawn(send_acked(rec.clone(), turns, user, publish)));
                     let rec = rec.clone();
                     tasks.push(tokio::spawn(async move {
                         let (keys, mut last) = (vec![format!("u:{i}")], vec!["0-0".to_string()]);
@@ -1032,48 +1046,19 @@ mod nats {
                 let users = futures_util::stream::iter(0..n).map(|i| user(addr, i));
                 let users: Vec<_> = users.buffered(CONNECT_PARALLEL).collect().await;
                 let turns = Turns::for_users(&rec, args.rate, n);
-                for (i, ((client, sub), mut turns)) in users.into_iter().zip(turns).enumerate() {
-                    let (sender, window, bytes) = (rec.clone(), args.window, args.message_bytes);
+                for (i, ((client, sub), turns)) in users.into_iter().zip(turns).enumerate() {
                     let js = jetstream::new(client.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let rec = sender;
-                        let mut in_flight = FuturesUnordered::new();
-                        let mut rng = seed(i);
-                        loop {
-                            if rec.running() {
-                                while in_flight.len() < window {
-                                    let Some(t) = turns.next(&rec) else { break };
-                                    let to = pick(&mut rng, i, n);
-                                    let (t, body) = rec.body_at(t, bytes);
-                                    let js = js.clone();
-                                    in_flight.push(async move {
-                                        let ack = match js
-                                            .publish(format!("u.{to}"), body.into())
-                                            .await
-                                        {
-                                            Ok(ack) => ack.await.is_ok(),
-                                            Err(_) => false,
-                                        };
-                                        (t, ack)
-                                    });
-                                }
-                            } else if in_flight.is_empty() {
-                                break;
-                            }
-                            if in_flight.is_empty() {
-                                turns.wait().await;
-                                continue;
-                            }
-                            let done = tokio::select! {
-                                done = in_flight.next() => done,
-                                () = turns.wait() => continue,
-                            };
-                            match done {
-                                Some((t, true)) => rec.acked(t),
-                                _ => rec.error(),
+                    let publish = move |to: usize, body: Vec<u8>| {
+                        let js = js.clone();
+                        async move {
+                            match js.publish(format!("u.{to}"), body.into()).await {
+                                Ok(ack) => ack.await.is_ok(),
+                                Err(_) => false,
                             }
                         }
-                    }));
+                    };
+                    let user = (i, n, args.window, args.message_bytes);
+                    tasks.push(tokio::spawn(send_acked(rec.clone(), turns, user, publish)));
                     let idle = Duration::from_millis(500);
                     tasks.push(tokio::spawn(read(rec.clone(), client, sub, usize::MAX, idle)));
                 }

@@ -119,8 +119,7 @@ pub async fn committer(ctx: Rc<Ctx>) {
             }
             ctx.core.borrow_mut().handle_durable(now());
             ctx.kick();
-            let owned = ctx.core.borrow().owned_shards();
-            if !owned.iter().any(|(_, shard)| shard.borrow().needs_commit()) {
+            if !ctx.core.borrow().has_pending_writes() {
                 break;
             }
             asked_us = ctx.commit_asked_us.take();
