@@ -199,3 +199,28 @@ pub fn log_bytes(data_dir: &Path) -> LogBytes {
     }
     total
 }
+
+/// The bytes a restarted `ternd` on `data_dir` keeps of its active segments in memory:
+/// the engine holds each shard's active segment, up to its last written byte rounded up to
+/// a 4 KiB block, in a buffer of its own (anonymous memory, bounded per shard by the
+/// segment size), so a measure of memory per account must leave it out.
+pub fn active_segment_bytes(data_dir: &Path) -> u64 {
+    let Ok(shards) = std::fs::read_dir(data_dir) else { return 0 };
+    let mut total = 0;
+    for shard in shards.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("shard-")) {
+        let Ok(files) = std::fs::read_dir(shard.path()) else { continue };
+        let active = files
+            .flatten()
+            .filter_map(|e| {
+                let id = tern_engine::record::parse_segment_file_name(e.file_name().to_str()?)?;
+                Some((id, e.path()))
+            })
+            .max();
+        if let Some((_, path)) = active {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            let written = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1);
+            total += written.div_ceil(4096) * 4096;
+        }
+    }
+    total
+}

@@ -34,8 +34,9 @@ pub fn default_privacy() -> PrivacySettings {
 /// The state tables of one shard.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StateTables {
-    /// Accounts by user id.
-    pub accounts: HashMap<UserId, AccountRecord>,
+    /// Accounts by user id, boxed: the table's buckets (about twice as many as accounts,
+    /// by its load factor) then hold a pointer each, not a whole record.
+    pub accounts: HashMap<UserId, Box<AccountRecord>>,
     /// User id by phone number.
     pub phones: HashMap<String, UserId>,
     /// Groups by id.
@@ -151,7 +152,7 @@ impl StateTables {
         self.phones.insert(phone.to_owned(), user_id);
         self.accounts.insert(
             user_id,
-            AccountRecord {
+            Box::new(AccountRecord {
                 user_id,
                 phone: phone.to_owned(),
                 created_ms,
@@ -163,7 +164,7 @@ impl StateTables {
                 privacy: default_privacy(),
                 last_seen_ms: 0,
                 device_list: Vec::new(),
-            },
+            }),
         );
     }
 
@@ -188,7 +189,7 @@ impl StateTables {
 
     /// An account.
     pub fn account(&self, user_id: UserId) -> Option<&AccountRecord> {
-        self.accounts.get(&user_id)
+        self.accounts.get(&user_id).map(|a| &**a)
     }
 
     /// The user registered with a phone number.
@@ -209,6 +210,9 @@ impl StateTables {
 /// Adds or replaces a device of an account, keeping devices in id order.
 fn put_device(account: &mut AccountRecord, device: &DeviceRecord) {
     account.devices.retain(|d| d.device_id != device.device_id);
+    // Exactly one more slot: a device record is ~300 bytes, and a vector's first growth
+    // reserves four, so most accounts (one device) would carry three empty ones.
+    account.devices.reserve_exact(1);
     account.devices.push(device.clone());
     account.devices.sort_by_key(|d| d.device_id);
 }
@@ -219,6 +223,9 @@ fn add_one_time_keys(device: &mut DeviceRecord, keys: &[SignedPrekey]) {
     // quadratic in what a client uploads).
     let mut held: std::collections::HashSet<u64> =
         device.one_time_keys.iter().map(|k| k.key_id).collect();
+    // Room for this upload and no more (a doubling vector would leave up to half of the
+    // stock's ~100 bytes a key empty).
+    device.one_time_keys.reserve_exact(keys.len());
     for key in keys {
         if held.insert(key.key_id) {
             device.one_time_keys.push(key.clone());

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tern_bench::proto::{authenticate, register, try_hello};
-use tern_bench::server::{rss_anon_kib, rss_kib, slab_kib, start};
+use tern_bench::proto::{authenticate, register_with_keys, try_hello};
+use tern_bench::server::{active_segment_bytes, rss_anon_kib, rss_kib, slab_kib, start};
 use tern_wire::messages::Token;
 use tern_wire::ErrorCode;
 use tokio::net::{TcpSocket, TcpStream};
@@ -47,6 +47,14 @@ struct Args {
     /// Where the temporary data directory goes (a real file system: O_DIRECT).
     #[arg(long, default_value = "target/loadgen")]
     work_dir: PathBuf,
+    /// One-time prekeys each account's device uploads at registration (the SDK keeps a
+    /// stock of 50, `tern_client::crypto::ONE_TIME_KEY_STOCK`; 0 shows the account alone).
+    #[arg(long, default_value_t = 50)]
+    one_time_keys: usize,
+    /// Only register the accounts and measure what they cost offline; open no connection.
+    /// The data directory is kept (printed) for a closer look, e.g. a heap profile.
+    #[arg(long)]
+    accounts_only: bool,
     /// Generator processes holding the connections (each its share of `--users`).
     #[arg(long, default_value_t = 1)]
     processes: usize,
@@ -111,9 +119,11 @@ async fn main() {
     let mut accounts = Vec::with_capacity(args.users);
     let indexes: Vec<usize> = (0..args.users).collect();
     for chunk in indexes.chunks(64) {
+        let keys = args.one_time_keys;
         let jobs = chunk.iter().map(|&i| {
             let (addr, codes) = (ternd.addr, ternd.codes.clone());
-            tokio::spawn(async move { register(addr, &format!("+1556{i:07}"), &codes).await })
+            let phone = format!("+1556{i:07}");
+            tokio::spawn(async move { register_with_keys(addr, &phone, &codes, keys).await })
         });
         for job in jobs.collect::<Vec<_>>() {
             accounts.push(job.await.expect("registration"));
@@ -129,12 +139,23 @@ async fn main() {
     let pid = ternd.child.id();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let anon_accounts = rss_anon_kib(pid);
-    let per_account = anon_accounts.saturating_sub(anon_empty) as f64 * 1024.0 / args.users as f64;
+    // The active segments' buffers are the log's newest bytes, bounded per shard by the
+    // segment size whatever the number of accounts: counted apart.
+    let active_kib = active_segment_bytes(data_dir.path()) / 1024;
+    let grown_kib = anon_accounts.saturating_sub(anon_empty);
+    let per_account = grown_kib.saturating_sub(active_kib) as f64 * 1024.0 / args.users as f64;
     println!(
-        "{} registered accounts, offline: ternd's anonymous memory {anon_empty} KiB (empty) \
-         → {anon_accounts} KiB after a restart = {per_account:.0} bytes per account",
-        args.users
+        "{} registered accounts ({} one-time keys each), offline: ternd's anonymous memory \
+         {anon_empty} KiB (empty) → {anon_accounts} KiB after a restart, of which {active_kib} \
+         KiB are the active segments' buffers = {per_account:.0} bytes per account",
+        args.users, args.one_time_keys,
     );
+    if args.accounts_only {
+        let _ = ternd.child.kill();
+        let _ = ternd.child.wait();
+        println!("data directory kept: {}", data_dir.keep().display());
+        return;
+    }
     let (rss_before, slab_before) = (rss_kib(pid), slab_kib());
 
     let cert = data_dir.path().join("tls/dev-cert.pem");

@@ -117,7 +117,7 @@ pub struct StateSnapshot {
 
 impl StateSnapshot {
     fn of(tables: &StateTables) -> StateSnapshot {
-        let mut accounts: Vec<_> = tables.accounts.values().cloned().collect();
+        let mut accounts: Vec<_> = tables.accounts.values().map(|a| AccountRecord::clone(a)).collect();
         accounts.sort_by_key(|a| a.user_id);
         let mut groups: Vec<_> = tables.groups.values().cloned().collect();
         groups.sort_by_key(|g| g.group_id);
@@ -134,7 +134,7 @@ impl StateSnapshot {
     pub fn into_tables(self) -> StateTables {
         let phones = self.accounts.iter().map(|a| (a.phone.clone(), a.user_id)).collect();
         StateTables {
-            accounts: self.accounts.into_iter().map(|a| (a.user_id, a)).collect(),
+            accounts: self.accounts.into_iter().map(|a| (a.user_id, Box::new(a))).collect(),
             phones,
             groups: self
                 .groups
