@@ -207,7 +207,8 @@ pub fn log_bytes(data_dir: &Path) -> LogBytes {
 pub fn active_segment_bytes(data_dir: &Path) -> u64 {
     let Ok(shards) = std::fs::read_dir(data_dir) else { return 0 };
     let mut total = 0;
-    for shard in shards.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("shard-")) {
+    for shard in shards.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+    {
         let Ok(files) = std::fs::read_dir(shard.path()) else { continue };
         let active = files
             .flatten()

@@ -234,7 +234,9 @@ pub struct ConnCounters {
 
 /// The connection table of one core.
 pub struct Conns {
-    conns: HashMap<ConnId, Conn>,
+    /// Boxed: the table's spare buckets (up to half of them, by its load factor) then
+    /// hold a pointer each, not a whole connection.
+    conns: HashMap<ConnId, Box<Conn>>,
     next_id: ConnId,
     /// The connection of each online device homed here (one per device).
     online: BTreeMap<(UserId, DeviceId), ConnId>,
@@ -289,7 +291,7 @@ impl Conns {
         let (key, over) = self.pre_auth.admit(peer_ip);
         c.pre_auth_key = key;
         schedule(&mut self.deadlines, &mut c, id, deadline);
-        self.conns.insert(id, c);
+        self.conns.insert(id, Box::new(c));
         if over {
             self.refuse(id, 0, 0, &SessionRefusal::AddressBusy);
             self.note_failed(id);
@@ -332,17 +334,17 @@ impl Conns {
                 self.online.remove(&device);
             }
         }
-        Some(c)
+        Some(*c)
     }
 
     /// A connection.
     pub fn get(&self, conn: ConnId) -> Option<&Conn> {
-        self.conns.get(&conn)
+        self.conns.get(&conn).map(|c| &**c)
     }
 
     /// A connection, to change.
     pub fn get_mut(&mut self, conn: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(&conn)
+        self.conns.get_mut(&conn).map(|c| &mut **c)
     }
 
     /// Open connections.

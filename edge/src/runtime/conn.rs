@@ -39,60 +39,70 @@ enum Wait {
 
 /// Moves bytes for one connection until it closes or moves to another core. `unread`:
 /// frame bytes already received (from the core that handed the connection over).
-pub async fn connection(
+///
+/// A plain function returning an `async move` block, not an `async fn`: an `async fn`
+/// keeps each argument twice in its task (the captured argument and the body's binding
+/// of it), and a task lives as long as its connection.
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
+pub fn connection(
     ctx: Rc<Ctx>,
     conn: ConnId,
     mut stream: TcpStream,
     mut wire: Wire,
     unread: Vec<u8>,
-) {
-    let mut decoder = FrameDecoder::new(ctx.core.borrow().max_frame_bytes(conn));
-    let mut frames = Vec::new();
-    let (mut moving_to, mut held) = (None, false);
-    if !unread.is_empty() {
-        decoder.feed(&unread);
-        (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
-    }
-    while moving_to.is_none() {
-        let wait = Wait::Anything { held };
-        let event = std::future::poll_fn(|cx| {
-            let mut buffer = ctx.read_buffer.borrow_mut();
-            poll_connection(&ctx, conn, &mut stream, &mut wire, &mut buffer, cx, wait)
-        })
-        .await;
-        match event {
-            Event::Read(n) => {
-                let buffer = ctx.read_buffer.borrow();
-                let bytes = match wire.received(&buffer[..n], &mut frames) {
-                    Ok(bytes) => bytes,
-                    Err(error) => {
-                        drop(buffer);
-                        layer_failed(&ctx, conn, &mut wire, error);
-                        continue;
-                    }
-                };
-                decoder.feed(bytes);
-                drop(buffer);
-                // The layers' scratch space is used within this read only.
-                release_if_empty(&mut frames);
-                release_if_empty(&mut wire.inner);
-                (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
-                decoder.release_if_drained();
-            }
-            Event::Resume => {
-                (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
-                decoder.release_if_drained();
-            }
-            Event::Wrote(n) => wrote(&ctx, conn, &mut wire, n),
-            Event::Closed => break,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let mut decoder = FrameDecoder::new(ctx.core.borrow().max_frame_bytes(conn));
+        let mut frames = Vec::new();
+        let (mut moving_to, mut held) = (None, false);
+        if !unread.is_empty() {
+            decoder.feed(&unread);
+            (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
         }
+        drop(unread); // Not kept in the task for the connection's life.
+        while moving_to.is_none() {
+            let wait = Wait::Anything { held };
+            let event = std::future::poll_fn(|cx| {
+                let mut buffer = ctx.read_buffer.borrow_mut();
+                poll_connection(&ctx, conn, &mut stream, &mut wire, &mut buffer, cx, wait)
+            })
+            .await;
+            match event {
+                Event::Read(n) => {
+                    let buffer = ctx.read_buffer.borrow();
+                    let bytes = match wire.received(&buffer[..n], &mut frames) {
+                        Ok(bytes) => bytes,
+                        Err(error) => {
+                            drop(buffer);
+                            layer_failed(&ctx, conn, &mut wire, error);
+                            continue;
+                        }
+                    };
+                    decoder.feed(bytes);
+                    drop(buffer);
+                    // The layers' scratch space is used within this read only.
+                    release_if_empty(&mut frames);
+                    release_if_empty(&mut wire.inner);
+                    (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
+                    decoder.release_if_drained();
+                }
+                Event::Resume => {
+                    (moving_to, held) = handle_frames(&ctx, conn, &mut decoder);
+                    decoder.release_if_drained();
+                }
+                Event::Wrote(n) => wrote(&ctx, conn, &mut wire, n),
+                Event::Closed => break,
+            }
+        }
+        ctx.wakers.borrow_mut().remove(&conn);
+        if let Some(to) = moving_to {
+            // Boxed: a hand-over is rare, and inline its state (a second socket, wire and
+            // decoder) would double every connection task's size.
+            return Box::pin(hand_over(&ctx, conn, stream, wire, decoder, to)).await;
+        }
+        ctx.core.borrow_mut().handle_closed(conn, now());
+        ctx.kick();
     }
-    ctx.wakers.borrow_mut().remove(&conn);
-    if let Some(to) = moving_to {
-        return hand_over(&ctx, conn, stream, wire, decoder, to).await;
-    }
-    ctx.core.borrow_mut().handle_closed(conn, now());
-    ctx.kick();
 }
 
 /// A TLS or WebSocket error: a WebSocket message over the frame limit gets the typed

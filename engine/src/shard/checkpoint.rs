@@ -117,7 +117,8 @@ pub struct StateSnapshot {
 
 impl StateSnapshot {
     fn of(tables: &StateTables) -> StateSnapshot {
-        let mut accounts: Vec<_> = tables.accounts.values().map(|a| AccountRecord::clone(a)).collect();
+        let mut accounts: Vec<_> =
+            tables.accounts.values().map(|a| AccountRecord::clone(a)).collect();
         accounts.sort_by_key(|a| a.user_id);
         let mut groups: Vec<_> = tables.groups.values().cloned().collect();
         groups.sort_by_key(|g| g.group_id);
