@@ -6,6 +6,9 @@
 use std::io;
 use std::sync::Arc;
 
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, InsufficientSizeError, UnbufferedStatus};
+
 use crate::websocket::WsLayer;
 
 /// Output a layer (TLS, WebSocket) holds for the socket before it takes more of the
@@ -16,7 +19,7 @@ pub const LAYERED_BYTES_MAX: usize = 256 * 1024;
 /// layered on it. Inbound: socket → TLS → WebSocket → frames. Outbound: frames →
 /// WebSocket → TLS → socket.
 pub struct Wire {
-    pub(super) tls: Option<Box<rustls::ServerConnection>>,
+    pub(super) tls: Option<Box<TlsLayer>>,
     pub(super) ws: Option<WsLayer>,
     /// WebSocket output waiting for TLS to take it (only with both layers).
     pub(super) layered: Vec<u8>,
@@ -44,9 +47,7 @@ impl Wire {
         max_frame_bytes: u32,
     ) -> io::Result<Wire> {
         let tls = match tls {
-            Some(config) => {
-                Some(Box::new(rustls::ServerConnection::new(config).map_err(io::Error::other)?))
-            }
+            Some(config) => Some(Box::new(TlsLayer::new(config)?)),
             None => None,
         };
         let ws = websocket.then(|| WsLayer::new(max_frame_bytes as usize));
@@ -61,7 +62,7 @@ impl Wire {
     /// what the core says waits in the layer until it completes.
     pub fn is_handshaking(&self) -> bool {
         !self.failed
-            && (self.tls.as_ref().is_some_and(|tls| tls.is_handshaking())
+            && (self.tls.as_ref().is_some_and(|tls| tls.handshaking)
                 || self.ws.as_ref().is_some_and(|ws| ws.is_handshaking()))
     }
 
@@ -79,27 +80,7 @@ impl Wire {
             None => bytes,
             Some(tls) => {
                 self.inner.clear();
-                let mut rest = bytes;
-                while !rest.is_empty() {
-                    tls.read_tls(&mut rest)?;
-                    let state = tls.process_new_packets();
-                    // Queue whatever rustls wants to say (handshake, alerts) even on error.
-                    while tls.wants_write() {
-                        tls.write_tls(&mut self.out)?;
-                    }
-                    let state = state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    let mut available = state.plaintext_bytes_to_read();
-                    while available > 0 {
-                        let start = self.inner.len();
-                        self.inner.resize(start + available, 0);
-                        let n = io::Read::read(&mut tls.reader(), &mut self.inner[start..])?;
-                        self.inner.truncate(start + n);
-                        available -= n;
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                }
+                tls.received(bytes, &mut self.inner, &mut self.out)?;
                 &self.inner
             }
         };
@@ -124,22 +105,211 @@ impl Wire {
             (None, _) => (0, Some(outbound)),
         };
         let Some(tls) = &mut self.tls else { return Ok(taken) };
-        let taken = match for_tls {
-            Some(outbound) if !outbound.is_empty() => {
-                io::Write::write(&mut tls.writer(), outbound)?
-            }
-            Some(_) => 0,
+        match for_tls {
+            Some(outbound) => tls.encrypt(outbound, &mut self.out),
             None => {
-                if !self.layered.is_empty() {
-                    let n = io::Write::write(&mut tls.writer(), &self.layered)?;
-                    self.layered.drain(..n);
-                }
-                taken
+                let n = tls.encrypt(&self.layered, &mut self.out)?;
+                self.layered.drain(..n);
+                Ok(taken)
+            }
+        }
+    }
+}
+
+/// Plaintext encrypted at once, at most: what the socket's output holds stays near
+/// [`LAYERED_BYTES_MAX`].
+const ENCRYPT_BYTES_MAX: usize = 64 * 1024;
+
+/// TLS on rustls's unbuffered API. The wire holds the received bytes itself, and only
+/// while a record is incomplete: rustls's buffered connection keeps a 4 KiB receive
+/// buffer for the connection's whole life, which was 40 % of an idle TLS connection's
+/// memory (`docs/BENCHMARKS.md`, "Memory per account and per connection").
+pub struct TlsLayer {
+    conn: UnbufferedServerConnection,
+    /// Bytes received and not yet processed: the start of an incomplete record.
+    incoming: Vec<u8>,
+    /// The handshake is not done: application data cannot go out yet.
+    handshaking: bool,
+}
+
+/// What one step of processing decided.
+enum Step {
+    /// Ask rustls again.
+    Again,
+    /// Nothing more to do until more bytes come (or, for output, a plaintext was taken).
+    Done(usize),
+}
+
+impl TlsLayer {
+    fn new(config: Arc<rustls::ServerConfig>) -> io::Result<TlsLayer> {
+        let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
+        Ok(TlsLayer { conn, incoming: Vec::new(), handshaking: true })
+    }
+
+    /// Bytes from the socket: their application data goes to `plaintext`, and whatever
+    /// rustls answers (handshake records, alerts, tickets) to `out`. On an error the
+    /// alert is in `out` too.
+    fn received(
+        &mut self,
+        bytes: &[u8],
+        plaintext: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        self.incoming.extend_from_slice(bytes);
+        let result = loop {
+            match self.step(Some(plaintext), &[], out) {
+                Ok(Step::Again) => {}
+                Ok(Step::Done(_)) => break Ok(()),
+                Err(error) => break Err(error),
             }
         };
-        while tls.wants_write() {
-            tls.write_tls(&mut self.out)?;
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new(); // An idle connection keeps no receive buffer.
         }
-        Ok(taken)
+        result
     }
+
+    /// Encrypts the start of `plaintext` into `out` once the handshake allows it;
+    /// returns how many bytes it took.
+    fn encrypt(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+        if plaintext.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Step::Done(taken) = self.step(None, plaintext, out)? {
+                return Ok(taken);
+            }
+        }
+    }
+
+    /// One call into rustls and the handling of the state it reports. Reading
+    /// (`plaintext` given) processes `incoming`; writing passes no input and encrypts
+    /// the start of `outbound` when rustls may send application data.
+    fn step(
+        &mut self,
+        plaintext: Option<&mut Vec<u8>>,
+        outbound: &[u8],
+        out: &mut Vec<u8>,
+    ) -> io::Result<Step> {
+        let reading = plaintext.is_some();
+        let input: &mut [u8] = if reading { &mut self.incoming } else { &mut [] };
+        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(input);
+        let step = match state {
+            Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                self.handshaking = false;
+                // Writing: nothing is left unread, as reading takes every record.
+                let Some(plaintext) = plaintext else { return Ok(Step::Done(0)) };
+                while let Some(record) = traffic.next_record() {
+                    plaintext.extend_from_slice(record.map_err(invalid_data)?.payload);
+                }
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                append(out, |buffer| encode.encode(buffer).map_err(EncodeFailed::from))?;
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                transmit.done(); // The records are in `out`, for the socket.
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                self.handshaking = false;
+                let taken = if reading { 0 } else { outbound.len().min(ENCRYPT_BYTES_MAX) };
+                if taken > 0 {
+                    let chunk = &outbound[..taken];
+                    append(out, |buffer| {
+                        traffic.encrypt(chunk, buffer).map_err(EncodeFailed::from)
+                    })?;
+                }
+                Ok(Step::Done(taken))
+            }
+            // Waiting for the peer, or it closed (the socket's end follows).
+            Ok(_) => Ok(Step::Done(0)),
+            Err(error) => Err(error),
+        };
+        if reading {
+            self.incoming.drain(..discard);
+        }
+        step.map_err(|error| {
+            self.queue_alerts(out);
+            invalid_data(error)
+        })
+    }
+
+    /// After an error: the alert rustls queued goes to `out`.
+    fn queue_alerts(&mut self, out: &mut Vec<u8>) {
+        loop {
+            match self.conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    let encoded =
+                        append(out, |buffer| encode.encode(buffer).map_err(EncodeFailed::from));
+                    if encoded.is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => return,
+            }
+        }
+    }
+}
+
+/// rustls's "the buffer is too small" (with the size it needs), or another failure.
+enum EncodeFailed {
+    TooSmall(usize),
+    Other(String),
+}
+
+impl From<rustls::unbuffered::EncodeError> for EncodeFailed {
+    fn from(error: rustls::unbuffered::EncodeError) -> EncodeFailed {
+        match error {
+            rustls::unbuffered::EncodeError::InsufficientSize(InsufficientSizeError {
+                required_size,
+            }) => EncodeFailed::TooSmall(required_size),
+            other => EncodeFailed::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<rustls::unbuffered::EncryptError> for EncodeFailed {
+    fn from(error: rustls::unbuffered::EncryptError) -> EncodeFailed {
+        match error {
+            rustls::unbuffered::EncryptError::InsufficientSize(InsufficientSizeError {
+                required_size,
+            }) => EncodeFailed::TooSmall(required_size),
+            other => EncodeFailed::Other(other.to_string()),
+        }
+    }
+}
+
+/// Appends what `write` writes to `out`, growing it to the size rustls asks for.
+fn append(
+    out: &mut Vec<u8>,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, EncodeFailed>,
+) -> io::Result<()> {
+    let start = out.len();
+    let mut room = 1024;
+    loop {
+        out.resize(start + room, 0);
+        match write(&mut out[start..]) {
+            Ok(written) => {
+                out.truncate(start + written);
+                return Ok(());
+            }
+            Err(EncodeFailed::TooSmall(required)) if required > room => room = required,
+            Err(EncodeFailed::TooSmall(required)) => {
+                out.truncate(start);
+                let error = format!("TLS asked for {required} bytes after {room}");
+                return Err(io::Error::other(error));
+            }
+            Err(EncodeFailed::Other(error)) => {
+                out.truncate(start);
+                return Err(io::Error::other(format!("TLS could not encode a record: {error}")));
+            }
+        }
+    }
+}
+
+fn invalid_data(error: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
 }
