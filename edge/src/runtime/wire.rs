@@ -205,7 +205,7 @@ impl TlsLayer {
                 Ok(Step::Again)
             }
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                append(out, |buffer| encode.encode(buffer).map_err(EncodeFailed::from))?;
+                append(out, 1024, |buffer| encode.encode(buffer).map_err(EncodeFailed::from))?;
                 Ok(Step::Again)
             }
             Ok(ConnectionState::TransmitTlsData(transmit)) => {
@@ -217,7 +217,9 @@ impl TlsLayer {
                 let taken = if reading { 0 } else { outbound.len().min(ENCRYPT_BYTES_MAX) };
                 if taken > 0 {
                     let chunk = &outbound[..taken];
-                    append(out, |buffer| {
+                    // A record per 16 KiB of plaintext, each with its header and tag.
+                    let room = taken + taken.div_ceil(16 * 1024) * 32;
+                    append(out, room, |buffer| {
                         traffic.encrypt(chunk, buffer).map_err(EncodeFailed::from)
                     })?;
                 }
@@ -241,8 +243,9 @@ impl TlsLayer {
         loop {
             match self.conn.process_tls_records(&mut []).state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let encoded =
-                        append(out, |buffer| encode.encode(buffer).map_err(EncodeFailed::from));
+                    let encoded = append(out, 1024, |buffer| {
+                        encode.encode(buffer).map_err(EncodeFailed::from)
+                    });
                     if encoded.is_err() {
                         return;
                     }
@@ -285,10 +288,11 @@ impl From<rustls::unbuffered::EncryptError> for EncodeFailed {
 /// Appends what `write` writes to `out`, growing it to the size rustls asks for.
 fn append(
     out: &mut Vec<u8>,
+    room_hint: usize,
     mut write: impl FnMut(&mut [u8]) -> Result<usize, EncodeFailed>,
 ) -> io::Result<()> {
     let start = out.len();
-    let mut room = 1024;
+    let mut room = room_hint;
     loop {
         out.resize(start + room, 0);
         match write(&mut out[start..]) {
