@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_wire::messages::{Hello, Ping};
+use tern_wire::messages::{ArchivedRedirect, Hello, Ping};
 use tern_wire::{
     decode_frame, encode_frame, ErrorCode, Frame, FrameDecoder, Message, Payload, WireSerializer,
     ABSOLUTE_MAX_FRAME_BYTES, DEFAULT_MAX_FRAME_BYTES, HELLO_MAGIC,
@@ -54,6 +54,10 @@ pub enum Trust {
     Certificate(Vec<u8>),
 }
 
+/// `Redirect`s followed in a row before giving up (a shard map in flux can bounce a
+/// request between nodes for a moment; more than this is a broken cluster).
+pub const REDIRECTS_MAX: usize = 3;
+
 /// The version byte of [`Endpoint::encode`].
 const ENDPOINT_ENCODING_V1: u8 = 1;
 
@@ -75,6 +79,25 @@ impl Endpoint {
             other => other.clone(),
         };
         Ok(Endpoint { tls, ..self.clone() })
+    }
+
+    /// The same kind of endpoint (framing, trust, plaintext rule) at the node a
+    /// [`Redirect`](tern_wire::messages::Redirect) names; an error when that node has no
+    /// listener of this kind.
+    pub fn redirected(&self, redirect: &ArchivedRedirect) -> Result<Endpoint, ClientError> {
+        let (address, kind) = match (self.tls.is_some(), self.websocket) {
+            (false, false) => (redirect.tcp.as_str(), "TCP"),
+            (true, false) => (redirect.tls.as_str(), "TLS"),
+            (false, true) => (redirect.ws.as_str(), "WebSocket"),
+            (true, true) => (redirect.wss.as_str(), "WebSocket-over-TLS"),
+        };
+        if address.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "the cluster sent this request to node {}, which has no {kind} listener",
+                redirect.node.as_str()
+            )));
+        }
+        Ok(Endpoint { address: address.to_owned(), ..self.clone() })
     }
 
     /// Bytes for the store: version, flags (WebSocket, plaintext allowed), trust kind
@@ -275,6 +298,34 @@ impl Connection {
     /// Sends a ping (the server's idle clock restarts; its `Pong` is ignored).
     pub async fn ping(&mut self) -> Result<(), ClientError> {
         self.send(&Ping { nonce: u64::from(self.next_request_id) }).await.map(drop)
+    }
+
+    /// Connects to `endpoint` and sends `request`, following the cluster's `Redirect`s
+    /// to the node that owns what it needs (at most [`REDIRECTS_MAX`]); returns that
+    /// connection, the endpoint it reached and the answer.
+    pub async fn open_at_home<T>(
+        endpoint: &Endpoint,
+        request: &T,
+        backlog: &mut VecDeque<OwnedFrame>,
+    ) -> Result<(Connection, Endpoint, OwnedFrame), ClientError>
+    where
+        T: Payload + for<'a, 'b> rkyv::Serialize<WireSerializer<'a, 'b>>,
+    {
+        let mut endpoint = endpoint.clone();
+        for _ in 0..=REDIRECTS_MAX {
+            let mut connection = Connection::open(&endpoint).await?;
+            let id = connection.send(request).await?;
+            let reply = connection.answer(id, backlog).await?;
+            if let Message::Redirect(redirect) = reply.frame().message {
+                endpoint = endpoint.redirected(redirect)?;
+                continue;
+            }
+            return Ok((connection, endpoint, reply));
+        }
+        Err(ClientError::Protocol(format!(
+            "redirected more than {REDIRECTS_MAX} times in a row: the cluster's shard map \
+             is not settling"
+        )))
     }
 
     /// Reads until the answer to request `id`, keeping everything else in `backlog`. An

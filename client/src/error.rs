@@ -159,9 +159,10 @@ pub enum FileError {
 
 /// Whether a server's refusal of a message may pass, so that sending it again later can
 /// work: rate limits (after `retry_after_ms`), a full disk or quota, the server failing,
-/// stopping or timing out. Every other code (no such user, not allowed, too large, bad
-/// argument, a code this SDK does not know, ...) is permanent: that message fails and
-/// is never sent again, so that one bad message never blocks the messages after it.
+/// stopping or timing out, a cluster's shard not reachable yet. Every other code (no
+/// such user, not allowed, too large, bad argument, a code this SDK does not know, ...)
+/// is permanent: that message fails and is never sent again, so that one bad message
+/// never blocks the messages after it.
 pub fn is_transient(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -171,6 +172,7 @@ pub fn is_transient(code: ErrorCode) -> bool {
             | ErrorCode::Internal
             | ErrorCode::ShuttingDown
             | ErrorCode::Timeout
+            | ErrorCode::ShardUnavailable
     )
 }
 

@@ -10,7 +10,7 @@ use clap::Parser;
 use tern_edge::code_sender::WebhookUrl;
 use tern_edge::core::config::CoreConfig;
 use tern_edge::limits::Rate;
-use tern_edge::runtime::{run, PushMode, ServerConfig};
+use tern_edge::runtime::{run, ClusterSettings, PushMode, ServerConfig};
 use tern_edge::tls::{CertSource, TlsSettings};
 
 /// Tern's messaging server.
@@ -194,6 +194,26 @@ struct Args {
     /// all requesters together; beyond, bundles carry the fallback key only.
     #[arg(long, default_value_t = 30)]
     one_time_key_fetches_per_hour: u32,
+    /// Join a cluster whose control plane is in etcd:
+    /// `etcd://host:port[,host:port...]/name`. Without it ternd is a single node and
+    /// needs no etcd. The cluster is created by the first node with this data
+    /// directory's shard count; every node's must be the same.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This node's id in the cluster (letters, digits, `-`, `_`); needed with `--cluster`.
+    #[arg(long, requires = "cluster")]
+    node_id: Option<String>,
+    /// The host name or address clients are sent to for this node's users (default:
+    /// each listener's address, which must then not be a wildcard).
+    #[arg(long, requires = "cluster")]
+    advertise_host: Option<String>,
+    /// A new cluster places its shards once this many nodes are up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    cluster_initial_nodes: u32,
+    /// Seconds the node's etcd lease lives without renewal: a stopped node is gone from
+    /// the cluster this long after (a node that stops cleanly leaves at once).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=3600))]
+    cluster_lease_s: i64,
 }
 
 fn main() -> ExitCode {
@@ -279,6 +299,7 @@ fn core_config(args: &Args) -> CoreConfig {
 /// when an address or the code webhook does not parse.
 fn server_config(args: Args) -> Option<ServerConfig> {
     let core = core_config(&args);
+    let cluster = cluster_settings(&args)?;
     // Every address is checked, so one run names every bad one.
     let (Some(admin), Some(tls_listen), Some(ws_listen), Some(wss_listen)) = (
         optional_address("--admin", &args.admin),
@@ -325,7 +346,34 @@ fn server_config(args: Args) -> Option<ServerConfig> {
         proxy_protocol_from: args.proxy_protocol_from.clone(),
         socket_buffer_bytes: args.socket_buffer_kib.saturating_mul(1024),
         core,
+        cluster,
     })
+}
+
+/// The cluster to join, `Some(None)` for a single node, or `None` (after telling the
+/// operator) when `--cluster` does not parse or comes without `--node-id`.
+fn cluster_settings(args: &Args) -> Option<Option<ClusterSettings>> {
+    let Some(url) = &args.cluster else { return Some(None) };
+    let (endpoints, name) = match ClusterSettings::parse_url(url) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("ternd: --cluster {error}");
+            return None;
+        }
+    };
+    let node = args.node_id.clone().unwrap_or_default();
+    if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        eprintln!("ternd: --cluster needs --node-id, of letters, digits, - and _");
+        return None;
+    }
+    Some(Some(ClusterSettings {
+        endpoints,
+        name,
+        node,
+        initial_nodes: args.cluster_initial_nodes,
+        lease_ttl_s: args.cluster_lease_s,
+        advertise_host: args.advertise_host.clone(),
+    }))
 }
 
 /// Whether the plaintext listeners may take their addresses: loopback always, any other

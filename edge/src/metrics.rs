@@ -14,7 +14,7 @@ type ShardFamily = (&'static str, &'static str, fn(&tern_engine::ShardCounters) 
 type HistogramFamily = (&'static str, &'static str, fn(&CoreStats) -> &Histogram);
 
 /// The metrics with one sample per core, in the order they are rendered.
-const CORE_FAMILIES: [CoreFamily; 18] = [
+const CORE_FAMILIES: [CoreFamily; 19] = [
     ("tern_connections", "gauge", "Open client connections.", |c| c.connections),
     (
         "tern_connections_accepted_total",
@@ -54,6 +54,12 @@ const CORE_FAMILIES: [CoreFamily; 18] = [
         "counter",
         "Connections refused or closed for bad input.",
         |c| c.counters.protocol_errors,
+    ),
+    (
+        "tern_redirects_total",
+        "counter",
+        "Auth and registration requests answered with a Redirect to the owning node.",
+        |c| c.counters.redirects,
     ),
     (
         "tern_mesh_batches_sent_total",

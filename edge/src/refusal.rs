@@ -64,6 +64,35 @@ pub fn retry_hint(ms: u64) -> u32 {
     ms.min(u64::from(u32::MAX)) as u32
 }
 
+/// A cluster node, asked for something homed on another node (a user's keys or
+/// profile): nodes do not reach each other yet (no node-to-node mesh: issue 22), so the
+/// request is refused with a hint to retry, never answered as if the user did not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OtherNodeRefusal {
+    /// The shard that holds what was asked for.
+    pub shard: u32,
+}
+
+impl fmt::Display for OtherNodeRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this is homed on shard {}, on another node of the cluster, which this node \
+             cannot reach yet; retry later",
+            self.shard
+        )
+    }
+}
+
+impl Refusal for OtherNodeRefusal {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::ShardUnavailable
+    }
+    fn retry_after_ms(&self) -> u32 {
+        60_000
+    }
+}
+
 refusals! {
     /// The shard would not take a write.
     #[derive(Copy)]
@@ -146,6 +175,10 @@ refusals! {
         Unreadable => ErrorCode::Malformed, "unreadable",
         /// The request reached a core that does not own what it needs (a routing bug).
         WrongCore => ErrorCode::Internal, "the request reached the wrong core; retry",
+        /// A cluster node, asked for a shard no live node owns yet (the cluster is
+        /// forming, or the owner's lease lapsed).
+        ShardUnplaced { shard: u32 } => ErrorCode::ShardUnavailable,
+            "no node of the cluster serves shard {shard} yet; retry shortly",
         /// Undecodable input (the decoder's error).
         Malformed { code: ErrorCode, why: String } => *code, "{why}",
     }
@@ -160,6 +193,7 @@ impl Refusal for SessionRefusal {
             SessionRefusal::ShuttingDown | SessionRefusal::TooManyConnections => 1000,
             SessionRefusal::AddressBusy => 1000,
             SessionRefusal::WrongCore => 1000,
+            SessionRefusal::ShardUnplaced { .. } => 1000,
             SessionRefusal::OverBudget { retry_after_ms, .. } => *retry_after_ms,
             _ => 0,
         }
@@ -188,6 +222,11 @@ refusals! {
             "too many messages to people who never wrote to this account; slow down",
         /// No such recipient.
         NoSuchUser => ErrorCode::NotFound, "no such user",
+        /// A cluster node: the recipient is homed on another node, and nodes do not
+        /// reach each other yet (no node-to-node mesh: issue 22).
+        OtherNode { shard: u32 } => ErrorCode::ShardUnavailable,
+            "the recipient is homed on shard {shard}, on another node of the cluster, which \
+             this node cannot reach yet; retry later",
         /// A recipient device's mailbox is full.
         MailboxFull => ErrorCode::QuotaExceeded,
             "the recipient's mailbox is full of undelivered messages; retry later",
@@ -217,6 +256,7 @@ impl Refusal for SendRefusal {
             SendRefusal::StrangerRate { retry_after_ms } => *retry_after_ms,
             SendRefusal::MailboxFull | SendRefusal::OverMailboxShare => 60_000,
             SendRefusal::Storage { refusal } => refusal.retry_after_ms(),
+            SendRefusal::OtherNode { .. } => 60_000,
             _ => 0,
         }
     }
@@ -409,6 +449,11 @@ refusals! {
             "a group name of {bytes} bytes; at most {max}",
         /// No such group.
         NoSuchGroup => ErrorCode::NotFound, "no such group",
+        /// A cluster node: the group or one of its members is homed on another node,
+        /// and nodes do not reach each other yet (no node-to-node mesh: issue 22).
+        OtherNode { shard: u32 } => ErrorCode::ShardUnavailable,
+            "the group or one of its members is homed on shard {shard}, on another node of \
+             the cluster, which this node cannot reach yet; retry later",
         /// A stale epoch.
         StaleEpoch => ErrorCode::Conflict, "the group changed meanwhile; refresh",
         /// Not a member.
@@ -434,6 +479,12 @@ refusals! {
 impl Refusal for GroupRefusal {
     fn code(&self) -> ErrorCode {
         self.error_code()
+    }
+    fn retry_after_ms(&self) -> u32 {
+        match self {
+            GroupRefusal::OtherNode { .. } => 60_000,
+            _ => 0,
+        }
     }
 }
 

@@ -5,6 +5,9 @@
 //! function"), so that the cluster can later put a node in front of the core without
 //! touching the callers. Pure functions over ids: stable across builds and machines.
 
+use std::sync::Arc;
+
+use tern_cluster::{ClusterMap, NodeInfo};
 use tern_wire::messages::{GroupId, MediaId, UserId};
 
 /// A node of the cluster (0: this process; a single node has only 0).
@@ -58,6 +61,56 @@ impl Placement {
     }
 }
 
+/// Which node owns each shard, as this core last heard it from the control thread
+/// (`tern_cluster::ControlPlane`, through `runtime::tasks::follow_cluster`). A single
+/// node owns every shard.
+#[derive(Clone, Debug, Default)]
+pub enum Homes {
+    /// `ternd` without `--cluster`.
+    #[default]
+    Single,
+    /// A node of a cluster.
+    Cluster {
+        /// This node's id.
+        node: String,
+        /// The latest map: an immutable snapshot, replaced whole on every change.
+        map: Arc<ClusterMap>,
+    },
+}
+
+/// Where a shard lives, for a request that needs it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Home<'a> {
+    /// On this node.
+    Here,
+    /// On another live node.
+    Node {
+        /// Its id.
+        id: &'a str,
+        /// How it registered.
+        info: &'a NodeInfo,
+        /// The owner's epoch in the shard map.
+        epoch: u64,
+    },
+    /// On no live node: not placed yet, or its owner's lease lapsed.
+    Nowhere,
+}
+
+impl Homes {
+    /// Where `shard` lives.
+    pub fn of_shard(&self, shard: u32) -> Home<'_> {
+        let Homes::Cluster { node, map } = self else { return Home::Here };
+        match map.shards.get(&shard) {
+            Some(owner) if owner.node == *node => Home::Here,
+            Some(owner) => match map.nodes.get_key_value(&owner.node) {
+                Some((id, info)) => Home::Node { id, info, epoch: owner.epoch },
+                None => Home::Nowhere,
+            },
+            None => Home::Nowhere,
+        }
+    }
+}
+
 /// The home shard of a user: its id carries it in the top 16 bits.
 pub fn home_shard_of_user(user_id: UserId) -> u32 {
     (user_id >> 48) as u32
@@ -104,5 +157,25 @@ mod tests {
         assert_eq!(spread.len(), 8, "64 numbers reach every one of 8 shards");
         assert_eq!(home_shard_of_user(3 << 48 | 77), 3);
         assert_eq!(home_shard_of_media(&[0, 5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]), 5);
+    }
+
+    #[test]
+    fn a_shard_lives_here_on_a_live_node_or_nowhere() {
+        use tern_cluster::{Listeners, ShardOwner};
+        assert_eq!(Homes::Single.of_shard(7), Home::Here);
+        let mut map = ClusterMap::default();
+        let info = NodeInfo { listeners: Listeners::tcp("b:7400"), cores: 2, capacity: 1 };
+        map.nodes
+            .insert("a".into(), NodeInfo { listeners: Listeners::tcp("a:7400"), ..info.clone() });
+        map.nodes.insert("b".into(), info.clone());
+        map.shards.insert(0, ShardOwner { node: "a".into(), epoch: 1 });
+        map.shards.insert(1, ShardOwner { node: "b".into(), epoch: 3 });
+        map.shards.insert(2, ShardOwner { node: "gone".into(), epoch: 1 });
+        let homes = Homes::Cluster { node: "a".into(), map: Arc::new(map) };
+        assert_eq!(homes.of_shard(0), Home::Here);
+        assert_eq!(homes.of_shard(1), Home::Node { id: "b", info: &info, epoch: 3 });
+        // Owned by a node whose lease lapsed, or not placed yet: nobody serves it.
+        assert_eq!(homes.of_shard(2), Home::Nowhere);
+        assert_eq!(homes.of_shard(3), Home::Nowhere);
     }
 }

@@ -21,6 +21,8 @@ pub struct Counters {
     pub receipts_delivered: u64,
     /// Connections closed for a protocol error.
     pub protocol_errors: u64,
+    /// Session requests sent to another node of the cluster (`Redirect`).
+    pub redirects: u64,
     /// Envelopes dropped from full mailboxes (each one announced).
     pub dropped_envelopes: u64,
     /// Verification codes sent.

@@ -3,6 +3,7 @@
 //! development code sender writes, killed on drop (its log is printed if the test
 //! failed). Shared by the edge's, the SDK's and the CLI's tests.
 
+pub mod etcd;
 pub mod ledger;
 
 use std::io::{BufRead, BufReader, Read, Write};

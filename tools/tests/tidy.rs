@@ -21,7 +21,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name == "target" || name.starts_with('.') {
+        // vendor/: other projects' code, kept as they wrote it (VENDORED.md there).
+        if name == "target" || name == "vendor" || name.starts_with('.') {
             continue;
         }
         if path.is_dir() {

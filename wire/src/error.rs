@@ -188,4 +188,5 @@ error_codes! {
     27 => InvalidSignature: "A key or group change signature does not verify.",
     28 => InvalidArgument: "A field has a value outside its range.",
     29 => NotReading: "Output piled up unread past its bound; the connection is closed.",
+    30 => ShardUnavailable: "A cluster's shard is not served from here yet; retry later.",
 }

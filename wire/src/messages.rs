@@ -267,6 +267,30 @@ payload! {
     pub struct Done {}
 }
 
+payload! {
+    /// The answer to `Auth`, `RequestCode` or `Verify` on a node of a
+    /// cluster that does not own the shard the request needs: that shard's owner and how
+    /// to reach it. The client connects there and asks again (a single node never
+    /// sends it).
+    pub struct Redirect {
+        /// The shard map epoch of that owner: a client holding a redirect with a higher
+        /// epoch for the same shard keeps that one.
+        pub epoch: u64,
+        /// The shard the request needs.
+        pub shard: u32,
+        /// The owning node's id.
+        pub node: String,
+        /// Its plain TCP listener, `host:port` ("" when it has none).
+        pub tcp: String,
+        /// Its TLS listener ("" when none).
+        pub tls: String,
+        /// Its WebSocket listener ("" when none).
+        pub ws: String,
+        /// Its WebSocket-over-TLS listener ("" when none).
+        pub wss: String,
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Registration and devices
 // ---------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ round_trip_tests! {
     round_trip_pong: Pong,
     round_trip_error_frame: ErrorFrame,
     round_trip_done: Done,
+    round_trip_redirect: Redirect,
     round_trip_request_code: RequestCode,
     round_trip_code_sent: CodeSent,
     round_trip_pow_challenge: PowChallenge,

@@ -28,6 +28,7 @@ macro_rules! frame_types {
             0x0006 => Pong,
             0x0007 => ErrorFrame,
             0x0008 => Done,
+            0x0009 => Redirect,
             // Registration and devices.
             0x0101 => RequestCode,
             0x0102 => CodeSent,

@@ -65,15 +65,19 @@ impl Client {
     /// envelopes by itself.
     pub async fn reconnect(&mut self) -> Result<(), ClientError> {
         self.connection = None;
-        let mut connection = Connection::open(&self.endpoint).await?;
         let auth = Auth {
             user_id: self.identity.user_id,
             device_id: self.identity.device_id,
             token: self.identity.token,
         };
-        let id = connection.send(&auth).await?;
-        let reply = connection.answer(id, &mut self.backlog).await?;
+        let (connection, home, reply) =
+            Connection::open_at_home(&self.endpoint, &auth, &mut self.backlog).await?;
         let Message::AuthOk(ok) = reply.frame().message else { return Err(server_error(&reply)) };
+        if home != self.endpoint {
+            // A cluster sent this account to its home node: go there first next time.
+            self.store.save_endpoint(&home.encode())?;
+            self.endpoint = home;
+        }
         self.link.pending = ok.mailbox_pending.to_native();
         self.connection = Some(connection);
         self.link.retry_at = None;

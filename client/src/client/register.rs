@@ -29,23 +29,22 @@ pub struct PendingRegistration {
 impl PendingRegistration {
     /// Asks the server to send a verification code to `phone`.
     pub async fn request_code(endpoint: &Endpoint, phone: &str) -> Result<Self, ClientError> {
-        let mut connection = Connection::open(endpoint).await?;
-        let mut proof_of_work = None;
+        let request = |proof_of_work| RequestCode {
+            phone: phone.into(),
+            channel: CodeChannel::Sms,
+            locale: "en".into(),
+            proof_of_work,
+        };
+        // On a cluster, the node that owns the number's shard answers (and verifies).
+        let (mut connection, endpoint, mut reply) =
+            Connection::open_at_home(endpoint, &request(None), &mut VecDeque::new()).await?;
         // A server defending against SMS pumping may ask for a proof of work first.
         for _ in 0..3 {
-            let request = RequestCode {
-                phone: phone.into(),
-                channel: CodeChannel::Sms,
-                locale: "en".into(),
-                proof_of_work: proof_of_work.take(),
-            };
-            let id = connection.send(&request).await?;
-            let reply = connection.answer(id, &mut VecDeque::new()).await?;
-            match reply.frame().message {
+            let proof_of_work = match reply.frame().message {
                 Message::CodeSent(sent) => {
                     return Ok(PendingRegistration {
                         connection,
-                        endpoint: endpoint.clone(),
+                        endpoint,
                         phone: phone.into(),
                         expires_in_s: sent.expires_in_s.to_native(),
                         pin: None,
@@ -54,12 +53,20 @@ impl PendingRegistration {
                 Message::PowChallenge(challenge) => {
                     let bytes = challenge.challenge.to_vec();
                     let nonce = tern_wire::accounts::solve_pow(&bytes, challenge.difficulty_bits);
-                    proof_of_work = Some(ProofOfWork { challenge: bytes, nonce });
+                    ProofOfWork { challenge: bytes, nonce }
                 }
                 _ => return Err(server_error(&reply)),
-            }
+            };
+            let id = connection.send(&request(Some(proof_of_work))).await?;
+            reply = connection.answer(id, &mut VecDeque::new()).await?;
         }
         Err(ClientError::Protocol("the server kept asking for proofs of work".into()))
+    }
+
+    /// Where the registration goes on: the endpoint given, or on a cluster the node
+    /// that owns the number (where the code was sent from and the device will live).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Gives the number's registration-lock PIN (needed when it has one).

@@ -29,8 +29,8 @@ use super::shared::Shared;
 use super::wakeups::Wakeups;
 use crate::mesh::calls::{FindPhones, ReadProfile};
 use crate::mesh::ReplyTo;
-use crate::refusal::{retry_hint, AccountRefusal, StorageRefusal};
-use crate::routing::home_shard_of_user;
+use crate::refusal::{retry_hint, AccountRefusal, OtherNodeRefusal, StorageRefusal};
+use crate::routing::{home_shard_of_user, Home};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Characters of a report's comment kept.
@@ -232,6 +232,10 @@ impl Accounts {
                 MessageType::ProfileGet.code(),
                 &AccountRefusal::NoSuchUser,
             );
+        }
+        if shared.homes.of_shard(shard) != Home::Here {
+            let refusal = OtherNodeRefusal { shard };
+            return shared.conns.refuse(conn, rid, MessageType::ProfileGet.code(), &refusal);
         }
         let token = shared
             .outbox

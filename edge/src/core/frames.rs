@@ -55,6 +55,8 @@ pub fn handle<S: Storage>(
             shared.conns.send(conn, rid, &Pong { nonce: ping.nonce.to_native() })
         }
         (_, Message::Pong(_)) => {}
+        (ConnState::Open, message)
+            if handshake::answered_by_another_node(shared, conn, rid, &message) => {}
         (ConnState::Open, Message::RequestCode(request)) => {
             parts.registration.request_code(shared, conn, rid, request)
         }

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 
 use tern_engine::{StateOp, Storage};
-use tern_wire::messages::{ArchivedAuth, ArchivedHello, AuthOk, KeysLow, Welcome};
+use tern_wire::messages::{ArchivedAuth, ArchivedHello, AuthOk, KeysLow, Redirect, Welcome};
 use tern_wire::{negotiate_max_frame_bytes, negotiate_version, Message, MessageType};
 
 use super::conns::{ConnId, ConnState, Expiry, OUTBOUND_BYTES_MAX};
@@ -19,7 +19,7 @@ use super::presence::Presence;
 use super::shared::Shared;
 use super::wakeups::Wakeups;
 use crate::refusal::SessionRefusal;
-use crate::routing::{home_shard_of_phone, home_shard_of_user};
+use crate::routing::{home_shard_of_phone, home_shard_of_user, Home};
 
 /// What a connection takes along to another core (its socket and transport state
 /// travel beside it, in the runtime). Only a connection past `Hello` and not yet
@@ -71,18 +71,63 @@ pub fn route<S: Storage>(shared: &Shared<S>, conn: ConnId, message: &Message<'_>
     if shared.conns.get(conn)?.state != ConnState::Open {
         return None;
     }
-    let shards = shared.shards.count();
-    let shard = match message {
-        Message::RequestCode(request) => home_shard_of_phone(request.phone.as_str(), shards),
-        Message::Verify(verify) => home_shard_of_phone(verify.phone.as_str(), shards),
-        Message::Auth(auth) => home_shard_of_user(auth.user_id.to_native()),
-        _ => return None,
-    };
-    if !shared.shards.exists(shard) {
-        return None; // No such user: answered here.
+    let shard = shard_needed(shared, message)?;
+    if !shared.shards.exists(shard) || shared.homes.of_shard(shard) != Home::Here {
+        return None; // No such user, or another node's: answered here.
     }
     let core = shared.shards.placement().core_of_shard(shard);
     (core != shared.shards.placement().index).then_some(core)
+}
+
+/// The shard a session request needs: the phone number's for registration, the user's
+/// home shard for auth.
+fn shard_needed<S: Storage>(shared: &Shared<S>, message: &Message<'_>) -> Option<u32> {
+    let shards = shared.shards.count();
+    match message {
+        Message::RequestCode(request) => Some(home_shard_of_phone(request.phone.as_str(), shards)),
+        Message::Verify(verify) => Some(home_shard_of_phone(verify.phone.as_str(), shards)),
+        Message::Auth(auth) => Some(home_shard_of_user(auth.user_id.to_native())),
+        _ => None,
+    }
+}
+
+/// On a node of a cluster: answers a session request whose shard another node owns
+/// with a [`Redirect`] to it, or one no live node owns with `ShardUnavailable`; returns
+/// whether it did (the connection stays open either way, so the client may ask again).
+pub fn answered_by_another_node<S: Storage>(
+    shared: &mut Shared<S>,
+    conn: ConnId,
+    rid: u32,
+    message: &Message<'_>,
+) -> bool {
+    let Some(shard) = shard_needed(shared, message) else { return false };
+    if !shared.shards.exists(shard) {
+        return false;
+    }
+    let redirect = match shared.homes.of_shard(shard) {
+        Home::Here => return false,
+        Home::Node { id, info, epoch } => Ok(Redirect {
+            epoch,
+            shard,
+            node: id.to_owned(),
+            tcp: info.listeners.tcp.clone(),
+            tls: info.listeners.tls.clone(),
+            ws: info.listeners.ws.clone(),
+            wss: info.listeners.wss.clone(),
+        }),
+        Home::Nowhere => Err(SessionRefusal::ShardUnplaced { shard }),
+    };
+    match redirect {
+        Ok(redirect) => {
+            shared.counters.redirects += 1;
+            shared.conns.send(conn, rid, &redirect);
+        }
+        Err(refusal) => {
+            let ty = message.message_type().code();
+            shared.conns.refuse(conn, rid, ty, &refusal);
+        }
+    }
+    true
 }
 
 /// Authenticates `conn` as a device homed here; returns whether it succeeded (the

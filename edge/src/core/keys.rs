@@ -21,8 +21,8 @@ use super::shared::Shared;
 use crate::limits::{HourlyWindow, Rate, RateLimiter};
 use crate::mesh::calls::ClaimBundles;
 use crate::mesh::ReplyTo;
-use crate::refusal::{retry_hint, KeysRefusal, SessionRefusal, StorageRefusal};
-use crate::routing::home_shard_of_user;
+use crate::refusal::{retry_hint, KeysRefusal, OtherNodeRefusal, SessionRefusal, StorageRefusal};
+use crate::routing::{home_shard_of_user, Home};
 use crate::work::CheckPrekeys;
 
 /// A device is told to upload more one-time prekeys below this stock.
@@ -187,6 +187,9 @@ impl Keys {
         let shard = home_shard_of_user(target);
         if !shared.shards.exists(shard) {
             return shared.conns.refuse(conn, rid, ty, &KeysRefusal::NoSuchUser);
+        }
+        if shared.homes.of_shard(shard) != Home::Here {
+            return shared.conns.refuse(conn, rid, ty, &OtherNodeRefusal { shard });
         }
         let wanted = fetch.device_ids.iter().map(|d| d.to_native()).collect();
         let token =

@@ -144,6 +144,11 @@ impl<S: Storage> Core<S> {
         conn
     }
 
+    /// A new map of the cluster (a node of one): which node owns each shard from now on.
+    pub fn set_homes(&mut self, homes: crate::routing::Homes) {
+        self.shared.homes = homes;
+    }
+
     /// The core that must handle `message` from `conn`, if it is not this one.
     pub fn route(&self, conn: ConnId, message: &Message<'_>) -> Option<u32> {
         handshake::route(&self.shared, conn, message)

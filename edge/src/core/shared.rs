@@ -17,6 +17,7 @@ use super::effects::Effects;
 use super::outbox::Outbox;
 use super::shards::{Shards, Waits};
 use crate::mesh::{Call, ReplyTo};
+use crate::routing::Homes;
 use crate::secrets::Random;
 use crate::stats::{Counters, DiskUsage, Histograms};
 
@@ -61,6 +62,8 @@ pub struct Shared<S: Storage> {
     pub random: Random,
     /// The time of the event being handled.
     pub now: Now,
+    /// Which node owns each shard (a single node: this one).
+    pub homes: Homes,
 }
 
 impl<S: Storage> Shared<S> {
@@ -83,6 +86,7 @@ impl<S: Storage> Shared<S> {
             config,
             random,
             now: Now { unix_ms: 0, mono_us: 0 },
+            homes: Homes::default(),
         }
     }
 

@@ -42,9 +42,12 @@ use crate::routing::Placement;
 use ctx::{now, Ctx, Notify, READ_BUFFER_BYTES};
 use listen::{accept_loop, open_files_limit, Addresses};
 use webhook::WebhookCodeSender;
+
+pub use cluster::ClusterSettings;
 use wire::{Layers, Wire};
 
 mod admin;
+mod cluster;
 mod conn;
 mod ctx;
 mod listen;
@@ -104,6 +107,8 @@ pub struct ServerConfig {
     pub dedup_entries_per_shard: usize,
     /// Protocol limits.
     pub core: CoreConfig,
+    /// The cluster this node joins (`None`: a single node, no etcd).
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// How pushes are sent.
@@ -191,6 +196,14 @@ pub enum ServerError {
         /// The address.
         address: SocketAddr,
     },
+    /// Joining the cluster failed (`--cluster`).
+    Cluster(tern_cluster::ClusterError),
+    /// A node of a cluster listens on a wildcard address and was given no
+    /// `--advertise-host`: clients could not be sent to it.
+    Advertise {
+        /// The listener's address.
+        address: SocketAddr,
+    },
 }
 
 impl std::fmt::Display for ServerError {
@@ -204,6 +217,12 @@ impl std::fmt::Display for ServerError {
                 f,
                 "{address}: address in use by another process; stop it or choose another \
                  address (port 0 picks a free one)"
+            ),
+            ServerError::Cluster(e) => write!(f, "--cluster: {e}"),
+            ServerError::Advertise { address } => write!(
+                f,
+                "--cluster: {address} is a wildcard address; give --advertise-host, the name \
+                 or address clients reach this node at"
             ),
         }
     }
@@ -241,7 +260,12 @@ struct CoreSetup {
     reload: ReloadSignal,
     /// Told once this core's listeners are bound (the "ready" line waits for all).
     ready: std::sync::mpsc::Sender<()>,
+    /// A node of a cluster: its id and the shard maps to follow.
+    cluster: Option<Following>,
 }
+
+/// A node's id and the receiver of its cluster's maps.
+type Following = (String, tokio::sync::watch::Receiver<std::sync::Arc<tern_cluster::ClusterMap>>);
 
 /// Runs the server until the process is stopped.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
@@ -273,7 +297,16 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         crate::tls::server_config(&config.tls).map_err(ServerError::Io)?;
     }
     let shard_dirs: Vec<PathBuf> = (0..shard_count).map(|id| data_dir.shard_dir(id)).collect();
-    let outcome = start_cores(&config, cores, cpus, shard_dirs, addresses, tls);
+    // A node of a cluster joins before its cores start, so that the first connection
+    // already meets the shard map. Dropping the plane (after the cores stopped) leaves.
+    let plane = match &config.cluster {
+        Some(settings) => Some(cluster::join(settings, &addresses, cores, shard_count)?),
+        None => None,
+    };
+    let following = plane.as_ref().zip(config.cluster.as_ref());
+    let following = following.map(|(plane, settings)| (settings.node.clone(), plane.subscribe()));
+    let outcome = start_cores(&config, cores, cpus, shard_dirs, addresses, tls, following);
+    drop(plane);
     drop(reservations);
     drop(lock);
     outcome
@@ -288,6 +321,7 @@ fn start_cores(
     shard_dirs: Vec<PathBuf>,
     addresses: Addresses,
     tls: bool,
+    cluster: Option<Following>,
 ) -> Result<(), ServerError> {
     // SIGINT/SIGTERM set a flag every core checks: stop accepting, flush, exit 0.
     let stop = StopSignal::install().map_err(ServerError::Io)?;
@@ -307,6 +341,7 @@ fn start_cores(
             // SIGHUP: each core re-reads the certificate (see `Ctx::tls`).
             reload: ReloadSignal::install().map_err(ServerError::Io)?,
             ready: ready.clone(),
+            cluster: cluster.clone(),
         };
         // Blob I/O and CPU-heavy checks run beside the core, on any CPU: a 100 MiB
         // commit must not take the core's own CPU from its users.
@@ -334,8 +369,19 @@ fn start_cores(
 }
 
 async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
-    let CoreSetup { index, cores, shard_dirs, config, addresses, tls, mesh, stop, reload, ready } =
-        setup;
+    let CoreSetup {
+        index,
+        cores,
+        shard_dirs,
+        config,
+        addresses,
+        tls,
+        mesh,
+        stop,
+        reload,
+        ready,
+        cluster: following,
+    } = setup;
     let (senders, receivers) = mesh
         .join()
         .await
@@ -353,6 +399,10 @@ async fn serve(setup: CoreSetup) -> Result<(), ServerError> {
     glommio::spawn_local(tasks::watch_signals(stop, reload, ctx.clone())).detach();
     glommio::spawn_local(tasks::mesh_out(ctx.clone(), senders)).detach();
     glommio::spawn_local(tasks::timers(ctx.clone())).detach();
+    if let Some((node, maps)) = following {
+        ctx.core.borrow_mut().set_homes(cluster::homes(&node, &maps));
+        glommio::spawn_local(cluster::follow(ctx.clone(), node, maps)).detach();
+    }
     let receivers = Rc::new(receivers);
     for peer in (0..cores).filter(|peer| *peer != index) {
         glommio::spawn_local(tasks::mesh_in(ctx.clone(), receivers.clone(), peer)).detach();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tern_tools::ctl::{offline, online};
+use tern_tools::ctl::{cluster, offline, online};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,6 +98,22 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7401")]
         admin: String,
     },
+    /// A cluster's control plane, read from etcd.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes, their shards, the controller, and shards without a live owner (exit 1).
+    Status {
+        /// etcd client endpoints, comma-separated.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        etcd: String,
+        /// The cluster's name.
+        #[arg(long)]
+        cluster: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -114,6 +130,9 @@ fn main() -> ExitCode {
         Command::Backup { dir, dest } => offline::backup(&dir, &dest),
         Command::Stats { admin } => online::stats(&admin),
         Command::Top { admin } => online::top(&admin),
+        Command::Cluster(ClusterCommand::Status { etcd, cluster: name }) => {
+            cluster::status(&etcd, &name)
+        }
     };
     match result {
         Ok(outcome) => outcome.exit_code(),

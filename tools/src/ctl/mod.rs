@@ -1,6 +1,7 @@
 //! The commands of `ternctl`: `offline` reads a data directory (never writing to it),
-//! `online` reads a live server's admin port.
+//! `online` reads a live server's admin port, `cluster` reads a cluster's keys in etcd.
 
+pub mod cluster;
 pub mod offline;
 pub mod online;
 

@@ -35,7 +35,7 @@ use crate::limits::RateLimiter;
 use crate::mesh::calls::{StoreCopies, Stored};
 use crate::mesh::{EnvelopeMeta, OwnedCopy};
 use crate::refusal::{SendRefusal, StorageRefusal};
-use crate::routing::home_shard_of_user;
+use crate::routing::{home_shard_of_user, Home};
 
 /// A send to a user homed elsewhere, waiting for the recipient's core.
 #[derive(Debug)]
@@ -128,6 +128,9 @@ impl Delivery {
         let peer_shard = home_shard_of_user(peer);
         if !shared.shards.exists(peer_shard) {
             return Err(SendRefusal::NoSuchUser);
+        }
+        if shared.homes.of_shard(peer_shard) != Home::Here {
+            return Err(SendRefusal::OtherNode { shard: peer_shard });
         }
         // An account has at most a handful of devices: sorted vectors beat hash sets here.
         let mut given: Vec<(UserId, DeviceId)> =

@@ -40,7 +40,7 @@ use crate::limits::DailyCount;
 use crate::mesh::calls::{ApplyGroupChange, OrderGroupMessage, ReadGroup};
 use crate::mesh::{EnvelopeMeta, GroupDelivery, GroupMembership, ReplyTo};
 use crate::refusal::{GroupRefusal, SessionRefusal, StorageRefusal};
-use crate::routing::{home_shard_of_group, home_shard_of_user, Address};
+use crate::routing::{home_shard_of_group, home_shard_of_user, Address, Home};
 
 /// Groups one account may create per day (counted on its home core when asked, given
 /// back when the group's core refuses): a group is a record kept until its last member
@@ -175,6 +175,10 @@ impl Groups {
         rid: u32,
         call: OrderGroupMessage,
     ) {
+        let shard = home_shard_of_group(call.group_id, shared.shards.count());
+        if shared.homes.of_shard(shard) != Home::Here {
+            return shared.conns.refuse(conn, rid, 0, &GroupRefusal::OtherNode { shard });
+        }
         let to = group_address(shared, call.group_id);
         let token = shared.outbox.ask(to, call);
         self.sends.insert(token, (conn, rid));
@@ -256,6 +260,14 @@ impl Groups {
         };
         if !group.members.iter().any(|m| m.user_id == meta.sender.0) {
             return shared.answer(reply_to, Err(GroupRefusal::NotMember));
+        }
+        let elsewhere = group
+            .members
+            .iter()
+            .map(|m| home_shard_of_user(m.user_id))
+            .find(|shard| shared.homes.of_shard(*shard) != Home::Here);
+        if let Some(shard) = elsewhere {
+            return shared.answer(reply_to, Err(GroupRefusal::OtherNode { shard }));
         }
         let (server_message_id, noted, duplicate) = match order(shared, &handle, shard_id, &meta) {
             Ok(ordered) => ordered,
