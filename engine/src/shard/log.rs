@@ -39,6 +39,17 @@ const SPARE_BUFFERS_MAX: usize = 2;
 /// Space reserved at the end of a batch for its `Commit` record.
 const COMMIT_RESERVE_BYTES: u64 = 64;
 
+/// The preallocated size of a new shard's first segment (or `segment_bytes`, if
+/// smaller). Each next segment doubles the last, up to `segment_bytes`: a shard that
+/// holds little costs little disk (a node holds hundreds of shards, most of them
+/// quiet), and a busy one reaches full-size segments after a few rolls.
+pub(crate) const FIRST_SEGMENT_BYTES: u64 = 1 << 20;
+
+/// The size of a new shard's first segment.
+pub(crate) fn first_segment_bytes(config: &ShardConfig) -> u64 {
+    config.segment_bytes.min(FIRST_SEGMENT_BYTES)
+}
+
 /// Records laid out for one write, in one segment.
 #[derive(Debug)]
 struct PendingBatch {
@@ -49,13 +60,19 @@ struct PendingBatch {
     records: u32,
     /// The batch opens its segment (and carries its header): the file is created first.
     new_segment: bool,
+    /// The size of the batch's segment (its file is preallocated to it).
+    capacity: u64,
 }
 
 /// The write side of one shard's log.
 pub(crate) struct Log<S: Storage> {
     storage: S,
     shard_id: u32,
+    /// The largest segment (`ShardConfig::segment_bytes`): the bound on a record.
     segment_bytes: u64,
+    /// The size of the segment at the write head (segments grow from
+    /// [`FIRST_SEGMENT_BYTES`] to `segment_bytes`).
+    head_capacity: u64,
     alignment: u32,
     /// The file of the segment being written.
     active_file: Rc<S::File>,
@@ -99,7 +116,6 @@ pub(crate) enum CommitStep<S: Storage> {
 pub(crate) struct CommitJob<S: Storage> {
     storage: S,
     active_file: Rc<S::File>,
-    segment_bytes: u64,
     last_seq: u64,
     batches: Vec<PendingBatch>,
     /// The batches were written before, and failed for lack of space: a segment file
@@ -115,13 +131,13 @@ pub(crate) struct CommitOutcome<F> {
 
 impl<S: Storage> Log<S> {
     /// A log whose next batch starts at `batch_start` (segment, offset) of the segment
-    /// open as `active_file`, and whose next record is `next_record_seq` (everything
-    /// before it is durable).
+    /// open as `active_file` (`active_capacity` bytes long), and whose next record is
+    /// `next_record_seq` (everything before it is durable).
     pub(crate) fn new(
         storage: S,
         config: &ShardConfig,
         alignment: u32,
-        active_file: Rc<S::File>,
+        (active_file, active_capacity): (Rc<S::File>, u64),
         batch_start: (u32, u64),
         next_record_seq: u64,
     ) -> Log<S> {
@@ -129,6 +145,7 @@ impl<S: Storage> Log<S> {
             storage,
             shard_id: config.shard_id,
             segment_bytes: config.segment_bytes,
+            head_capacity: active_capacity,
             alignment,
             active_file,
             pending: Vec::new(),
@@ -222,7 +239,7 @@ impl<S: Storage> Log<S> {
         let (segment_id, offset) = self.write_head();
         let usable = self.segment_bytes - SEGMENT_HEADER_BYTES as u64 - COMMIT_RESERVE_BYTES;
         let limit = usable - u64::from(self.alignment);
-        let segment_bytes = self.segment_bytes;
+        let head_capacity = self.head_capacity;
         let mut body = std::mem::take(&mut self.body_scratch);
         let batch = self.pending_batch_at_head();
         let start = batch.bytes.len();
@@ -243,7 +260,7 @@ impl<S: Storage> Log<S> {
             self.drop_empty_batch();
             return Err(WriteError::RecordTooLarge { record_bytes });
         }
-        if offset + record_bytes + COMMIT_RESERVE_BYTES <= segment_bytes {
+        if offset + record_bytes + COMMIT_RESERVE_BYTES <= head_capacity {
             batch.records += 1;
             self.next_record_seq += 1;
             self.body_scratch = body;
@@ -288,8 +305,8 @@ impl<S: Storage> Log<S> {
         }
 
         let (segment_id, offset) = self.write_head();
-        if offset + record_bytes + COMMIT_RESERVE_BYTES > self.segment_bytes {
-            self.open_next_segment_batch(segments);
+        if offset + record_bytes + COMMIT_RESERVE_BYTES > self.head_capacity {
+            self.open_segment_batch_for(segments, record_bytes);
         }
         let seq = self.next_record_seq;
         let (segment_id_now, offset) = self.write_head();
@@ -315,6 +332,7 @@ impl<S: Storage> Log<S> {
                 first_seq: self.next_record_seq,
                 records: 0,
                 new_segment: false,
+                capacity: self.head_capacity,
             });
         }
         self.pending.last_mut().expect("just ensured")
@@ -323,6 +341,19 @@ impl<S: Storage> Log<S> {
     /// Closes the current batch with its `Commit` record and starts one at the beginning
     /// of the next segment (whose header it carries).
     pub(crate) fn open_next_segment_batch(&mut self, segments: &mut Segments) {
+        self.open_segment_batch_for(segments, 0);
+    }
+
+    /// Like [`Log::open_next_segment_batch`], with a next segment big enough for a
+    /// record of `record_bytes`: twice the last one, or more for the record, at most
+    /// `segment_bytes`.
+    fn open_segment_batch_for(&mut self, segments: &mut Segments, record_bytes: u64) {
+        let needed = first_record_offset(self.alignment)
+            + record_bytes
+            + COMMIT_RESERVE_BYTES
+            + u64::from(self.alignment);
+        let grown = self.head_capacity.saturating_mul(2).max(needed);
+        self.head_capacity = align_up(grown, 4096).min(self.segment_bytes);
         if !self.pending.is_empty() {
             self.close_last_batch(segments);
         }
@@ -344,6 +375,7 @@ impl<S: Storage> Log<S> {
             first_seq: self.next_record_seq,
             records: 0,
             new_segment: true,
+            capacity: self.head_capacity,
         });
         segments.note_opened(next_segment);
     }
@@ -408,7 +440,6 @@ impl<S: Storage> Log<S> {
         Some(CommitJob {
             storage: self.storage.clone(),
             active_file: self.active_file.clone(),
-            segment_bytes: self.segment_bytes,
             last_seq: self.next_record_seq - 1,
             batches,
             retry: self.stalled.is_some(),
@@ -440,7 +471,7 @@ impl<S: Storage> Log<S> {
                 let map = self.storage.map(&name).map_err(|e| {
                     self.poison(WriteError::from_io("mapping a sealed segment", &e))
                 })?;
-                segments.roll(map, batch.segment_id, self.segment_bytes as usize);
+                segments.roll(map, batch.segment_id, batch.capacity as usize);
                 self.active_file = file;
             }
             segments.append_committed(batch.segment_id, batch.start_offset, &batch.bytes);
@@ -497,7 +528,7 @@ impl<S: Storage> CommitJob<S> {
                 }
                 let new_file = self
                     .storage
-                    .create(&name, self.segment_bytes)
+                    .create(&name, batch.capacity)
                     .await
                     .map_err(|e| WriteError::from_io("creating a segment", &e))?;
                 file = Rc::new(new_file);

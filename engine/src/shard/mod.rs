@@ -458,7 +458,7 @@ impl<S: Storage> Shard<S> {
             parts.storage,
             &config,
             parts.alignment,
-            parts.active_file,
+            (parts.active_file, parts.active_capacity),
             batch_start,
             parts.next_record_seq,
         );

@@ -31,6 +31,7 @@ use super::dedup::Dedup;
 use super::ids::MessageIds;
 use super::index::Index;
 use super::loc::{Loc, MAILBOX_SEQ_MAX};
+use super::log::first_segment_bytes;
 use super::segments::Segments;
 use crate::body::{
     ArchivedAckRecord, ArchivedEnvelopeRecord, ArchivedRemoveRecord, ArchivedStateOp, MailboxSlot,
@@ -52,6 +53,8 @@ pub(crate) struct RecoveredParts<S: Storage> {
     pub(crate) alignment: u32,
     /// The file of the active (last) segment.
     pub(crate) active_file: Rc<S::File>,
+    /// Its size: the log rolls to the next segment past it.
+    pub(crate) active_capacity: u64,
     /// The segments, the active one ending at its committed end (aligned).
     pub(crate) segments: Segments,
     /// The next record sequence number: every record before it is durable.
@@ -103,7 +106,7 @@ pub(crate) async fn recover<S: Storage + Clone>(
         maps.insert(id as u32, map);
     }
     let last_id = last_id as u32;
-    let active = open_active_segment(&storage, &maps[&last_id], last_id, alignment).await?;
+    let active = open_active_segment(&storage, config, &maps[&last_id], last_id, alignment).await?;
     let mut sealed = maps.clone();
     sealed.remove(&last_id);
     let mut parts = RecoveredParts::new(storage, config, alignment, sealed, active, snapshot);
@@ -207,9 +210,11 @@ async fn fresh_shard<S: Storage>(
     let covered = Covered::of(snapshot.as_ref());
     let segment_id = covered.segments.keys().next_back().map_or(1, |id| id + 1);
     let next_record_seq = snapshot.as_ref().map_or(1, |s| s.next_record_seq);
+    // A new shard starts small (`log::FIRST_SEGMENT_BYTES`); its segments grow as it fills.
+    let capacity = first_segment_bytes(config);
     let (file, buffer) =
-        create_segment(&storage, config, alignment, segment_id, next_record_seq).await?;
-    let active = ActiveSegment { segment_id, file, buffer, torn_tails: 0 };
+        create_segment(&storage, capacity, config, alignment, segment_id, next_record_seq).await?;
+    let active = ActiveSegment { segment_id, file, buffer, capacity, torn_tails: 0 };
     let mut parts =
         RecoveredParts::new(storage, config, alignment, BTreeMap::new(), active, snapshot);
     parts.counters.corrupt_records += bad_checkpoints;
@@ -222,6 +227,8 @@ struct ActiveSegment<F> {
     file: F,
     /// Its bytes up to the committed end, padded with zeros to the write alignment.
     buffer: Vec<u8>,
+    /// Its size (the file's preallocated length, at most `segment_bytes`).
+    capacity: u64,
     /// 1 if its last batch was torn and cut.
     torn_tails: u64,
 }
@@ -230,6 +237,7 @@ struct ActiveSegment<F> {
 /// whatever lies past it.
 async fn open_active_segment<S: Storage>(
     storage: &S,
+    config: &ShardConfig,
     last_map: &Mapped,
     last_id: u32,
     alignment: u32,
@@ -265,7 +273,10 @@ async fn open_active_segment<S: Storage>(
         file.write_at(&block, start).await.map_err(io_error("zeroing a torn tail"))?;
         file.sync_data().await.map_err(io_error("syncing a truncated segment"))?;
     }
-    Ok(ActiveSegment { segment_id: last_id, file, buffer, torn_tails })
+    // Its size is its file's: segments grow, and a smaller `segment_bytes` than when it
+    // was made caps it (a file shortened by a copy only makes the log roll sooner).
+    let capacity = (last_map.len() as u64).min(config.segment_bytes);
+    Ok(ActiveSegment { segment_id: last_id, file, buffer, capacity, torn_tails })
 }
 
 impl<S: Storage> RecoveredParts<S> {
@@ -294,6 +305,7 @@ impl<S: Storage> RecoveredParts<S> {
             storage,
             alignment,
             active_file: Rc::new(active.file),
+            active_capacity: active.capacity,
             segments,
             next_record_seq,
             index: restored.index,
@@ -490,16 +502,14 @@ fn envelope_ref_of(envelope: &ArchivedEnvelope) -> EnvelopeRef<'_> {
 /// Creates a segment and makes its header durable (file, data and directory).
 async fn create_segment<S: Storage>(
     storage: &S,
+    capacity: u64,
     config: &ShardConfig,
     alignment: u32,
     segment_id: u32,
     first_record_seq: u64,
 ) -> Result<(S::File, Vec<u8>), OpenError> {
     let name = segment_file_name(u64::from(segment_id));
-    let file = storage
-        .create(&name, config.segment_bytes)
-        .await
-        .map_err(io_error("creating a segment"))?;
+    let file = storage.create(&name, capacity).await.map_err(io_error("creating a segment"))?;
     let header = SegmentHeader {
         shard_id: config.shard_id,
         segment_id: u64::from(segment_id),
