@@ -11,12 +11,14 @@
 //!   "Cluster control plane").
 //! - `map.rs`: the map as a node sees it, rebuilt from the keys.
 //! - `placement.rs`: the controller's pure decision: which node gets each unowned shard.
+//! - `certs.rs`: development certificates for the node mesh (`ternctl cluster init`).
 //! - `control.rs`: the control thread: join, lease keep-alive, watch, election and the
 //!   controller's compare-and-swap writes.
 //!
 //! What this does not do yet (issue 22): move an owned shard (a move streams its data
 //! first), and tell the cores to serve or refuse shards by the map.
 
+pub mod certs;
 mod control;
 mod keys;
 mod map;

@@ -1,7 +1,8 @@
 //! `ternctl cluster status` against a real etcd (`tern_testkit::etcd`): a cluster not
 //! created is a problem (exit 1); two joined nodes with every shard placed are in order
 //! (exit 0) and the report names each node with its shard count and the controller; a
-//! node that left leaves shards without a live owner (exit 1).
+//! node that left leaves shards without a live owner (exit 1). `ternctl cluster init`
+//! writes a development CA and node certificates, and never overwrites them.
 
 use std::process::Command;
 use std::time::Duration;
@@ -63,4 +64,30 @@ fn cluster_status_reports_nodes_shards_and_the_controller() {
     let (code, report) = status(&etcd);
     assert_eq!(code, 1, "{report}");
     assert!(report.contains("6 shards without a live owner"), "{report}");
+}
+
+#[test]
+fn cluster_init_writes_a_ca_and_node_certificates_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mesh");
+    let init = || {
+        Command::new(env!("CARGO_BIN_EXE_ternctl"))
+            .args(["cluster", "init", "--nodes", "a,b", "--out"])
+            .arg(&out)
+            .output()
+            .expect("ternctl runs")
+    };
+    let first = init();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    for name in ["ca.pem", "ca-key.pem", "a.pem", "a-key.pem", "b.pem", "b-key.pem"] {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(text.starts_with("-----BEGIN "), "{name}: {text}");
+    }
+    // A second run would overwrite the CA: refused, naming the file, nothing changed.
+    let ca = std::fs::read(out.join("ca.pem")).unwrap();
+    let second = init();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ca.pem exists: nothing was written"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("ca.pem")).unwrap(), ca);
 }

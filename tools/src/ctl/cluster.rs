@@ -1,5 +1,7 @@
 //! `ternctl cluster status`: a cluster's control plane as etcd holds it (nodes, their
 //! shards, the controller), read once without joining. Pure formatting beside one read.
+//! `ternctl cluster init`: development certificates for the node mesh
+//! (`tern_cluster::certs`).
 
 use tern_cluster::ClusterMap;
 
@@ -13,6 +15,23 @@ pub fn status(etcd: &str, cluster: &str) -> Result<Outcome, CtlError> {
     let (report, healthy) = describe(cluster, &map);
     print!("{report}");
     Ok(if healthy { Outcome::Ok } else { Outcome::Problem })
+}
+
+/// Writes a development CA and node certificates into `out`; prints what it wrote.
+pub fn init(
+    out: &std::path::Path,
+    nodes: &[String],
+    hosts: &[String],
+) -> Result<Outcome, CtlError> {
+    let certs = tern_cluster::certs::development(nodes, hosts)?;
+    for path in tern_cluster::certs::write(out, &certs)? {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "each node loads its <node>.pem and <node>-key.pem and trusts ca.pem; keep ca-key.pem \
+         off the nodes (it signs new ones)"
+    );
+    Ok(Outcome::Ok)
 }
 
 /// The report, and whether every shard has a live owner.
