@@ -31,19 +31,9 @@ impl Keys {
         format!("{}config", self.prefix)
     }
 
-    /// All node keys.
-    pub fn nodes(&self) -> String {
-        format!("{}nodes/", self.prefix)
-    }
-
     /// One node's key.
     pub fn node(&self, node: &str) -> String {
         format!("{}nodes/{node}", self.prefix)
-    }
-
-    /// All shard keys.
-    pub fn shards(&self) -> String {
-        format!("{}shards/", self.prefix)
     }
 
     /// One shard's key (zero-padded, so that keys sort as shards do).

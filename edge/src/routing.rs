@@ -97,6 +97,11 @@ pub enum Home<'a> {
 }
 
 impl Homes {
+    /// Whether this node serves `shard` (a single node serves them all).
+    pub fn serves(&self, shard: u32) -> bool {
+        self.of_shard(shard) == Home::Here
+    }
+
     /// Where `shard` lives.
     pub fn of_shard(&self, shard: u32) -> Home<'_> {
         let Homes::Cluster { node, map } = self else { return Home::Here };

@@ -30,7 +30,7 @@ use super::wakeups::Wakeups;
 use crate::mesh::calls::{FindPhones, ReadProfile};
 use crate::mesh::ReplyTo;
 use crate::refusal::{retry_hint, AccountRefusal, OtherNodeRefusal, StorageRefusal};
-use crate::routing::{home_shard_of_user, Home};
+use crate::routing::home_shard_of_user;
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// Characters of a report's comment kept.
@@ -233,7 +233,7 @@ impl Accounts {
                 &AccountRefusal::NoSuchUser,
             );
         }
-        if shared.homes.of_shard(shard) != Home::Here {
+        if !shared.homes.serves(shard) {
             let refusal = OtherNodeRefusal { shard };
             return shared.conns.refuse(conn, rid, MessageType::ProfileGet.code(), &refusal);
         }

@@ -72,7 +72,7 @@ pub fn route<S: Storage>(shared: &Shared<S>, conn: ConnId, message: &Message<'_>
         return None;
     }
     let shard = shard_needed(shared, message)?;
-    if !shared.shards.exists(shard) || shared.homes.of_shard(shard) != Home::Here {
+    if !shared.shards.exists(shard) || !shared.homes.serves(shard) {
         return None; // No such user, or another node's: answered here.
     }
     let core = shared.shards.placement().core_of_shard(shard);

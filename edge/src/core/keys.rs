@@ -22,7 +22,7 @@ use crate::limits::{HourlyWindow, Rate, RateLimiter};
 use crate::mesh::calls::ClaimBundles;
 use crate::mesh::ReplyTo;
 use crate::refusal::{retry_hint, KeysRefusal, OtherNodeRefusal, SessionRefusal, StorageRefusal};
-use crate::routing::{home_shard_of_user, Home};
+use crate::routing::home_shard_of_user;
 use crate::work::CheckPrekeys;
 
 /// A device is told to upload more one-time prekeys below this stock.
@@ -188,7 +188,7 @@ impl Keys {
         if !shared.shards.exists(shard) {
             return shared.conns.refuse(conn, rid, ty, &KeysRefusal::NoSuchUser);
         }
-        if shared.homes.of_shard(shard) != Home::Here {
+        if !shared.homes.serves(shard) {
             return shared.conns.refuse(conn, rid, ty, &OtherNodeRefusal { shard });
         }
         let wanted = fetch.device_ids.iter().map(|d| d.to_native()).collect();

@@ -35,7 +35,7 @@ use crate::limits::RateLimiter;
 use crate::mesh::calls::{StoreCopies, Stored};
 use crate::mesh::{EnvelopeMeta, OwnedCopy};
 use crate::refusal::{SendRefusal, StorageRefusal};
-use crate::routing::{home_shard_of_user, Home};
+use crate::routing::home_shard_of_user;
 
 /// A send to a user homed elsewhere, waiting for the recipient's core.
 #[derive(Debug)]
@@ -129,7 +129,7 @@ impl Delivery {
         if !shared.shards.exists(peer_shard) {
             return Err(SendRefusal::NoSuchUser);
         }
-        if shared.homes.of_shard(peer_shard) != Home::Here {
+        if !shared.homes.serves(peer_shard) {
             return Err(SendRefusal::OtherNode { shard: peer_shard });
         }
         // An account has at most a handful of devices: sorted vectors beat hash sets here.

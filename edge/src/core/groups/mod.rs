@@ -40,7 +40,7 @@ use crate::limits::DailyCount;
 use crate::mesh::calls::{ApplyGroupChange, OrderGroupMessage, ReadGroup};
 use crate::mesh::{EnvelopeMeta, GroupDelivery, GroupMembership, ReplyTo};
 use crate::refusal::{GroupRefusal, SessionRefusal, StorageRefusal};
-use crate::routing::{home_shard_of_group, home_shard_of_user, Address, Home};
+use crate::routing::{home_shard_of_group, home_shard_of_user, Address};
 
 /// Groups one account may create per day (counted on its home core when asked, given
 /// back when the group's core refuses): a group is a record kept until its last member
@@ -176,7 +176,7 @@ impl Groups {
         call: OrderGroupMessage,
     ) {
         let shard = home_shard_of_group(call.group_id, shared.shards.count());
-        if shared.homes.of_shard(shard) != Home::Here {
+        if !shared.homes.serves(shard) {
             return shared.conns.refuse(conn, rid, 0, &GroupRefusal::OtherNode { shard });
         }
         let to = group_address(shared, call.group_id);
@@ -265,7 +265,7 @@ impl Groups {
             .members
             .iter()
             .map(|m| home_shard_of_user(m.user_id))
-            .find(|shard| shared.homes.of_shard(*shard) != Home::Here);
+            .find(|shard| !shared.homes.serves(*shard));
         if let Some(shard) = elsewhere {
             return shared.answer(reply_to, Err(GroupRefusal::OtherNode { shard }));
         }
